@@ -1,0 +1,83 @@
+"""lmshard's exceptions: one base class, each error says what to do about it.
+
+Every error carries a numbered ``code`` so the wire protocol can send it and the client can raise
+the same typed exception on the other side (see ``lmshard.protocol``).
+"""
+
+from __future__ import annotations
+
+
+class Error(Exception):
+    """Base class of every lmshard error."""
+
+    code = 1
+    hint = ""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.message = message
+        if hint is not None:
+            self.hint = hint
+        super().__init__(f"{message} ({self.hint})" if self.hint else message)
+
+
+class SchemaError(Error, ValueError):
+    """A schema declaration is invalid (duplicate table id or name, bad key kind, ...)."""
+
+    code = 10
+    hint = "fix the schema declaration"
+
+
+class UnknownTable(SchemaError):
+    """A table name or table id is not in the schema."""
+
+    code = 11
+    hint = "declare the table in the schema, or check the name"
+
+
+class KeyEncodingError(Error, ValueError):
+    """A key does not fit the table's declared key kind."""
+
+    code = 20
+    hint = "pass a key of the table's declared key kind"
+
+
+class CodecError(Error, ValueError):
+    """A value could not be encoded or decoded by the table's codec."""
+
+    code = 21
+    hint = "pass a value the table's codec can encode"
+
+
+class UniqueViolation(Error):
+    """A write would give a unique index two rows with one value; nothing was written."""
+
+    code = 30
+    hint = "another row already has this value; update or delete that row first"
+
+
+class ConflictError(Error):
+    """A compare-and-set found a different value than expected; nothing was written."""
+
+    code = 31
+    hint = "read the current value and retry"
+
+
+class StoreFull(Error):
+    """The store reached its map size cap (``max_map_size``); earlier data is intact."""
+
+    code = 40
+    hint = "raise max_map_size in the config, or delete data"
+
+
+class ReadOnlyError(Error):
+    """A write was attempted on a store opened read-only."""
+
+    code = 41
+    hint = "open the store writable, or send writes through the shard owner"
+
+
+class TransactionError(Error):
+    """A transaction was used after it ended, or in the wrong way."""
+
+    code = 42
+    hint = "use transactions as context managers and only inside their block"

@@ -1,0 +1,1 @@
+"""lmshardd: the lmshard daemon (shard owners, reader pool, monitor, backup)."""
