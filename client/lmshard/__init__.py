@@ -1,5 +1,39 @@
-"""lmshard: a typed, indexed table layer over LMDB, embedded or sharded behind a daemon."""
+"""lmshard: a typed, indexed table layer over LMDB, embedded or sharded behind a daemon.
+
+    schema = lmshard.Schema("app")
+    users = schema.table("users", table_id="...", key="uuid", value="cbor")
+    with lmshard.open("./data", schema) as store:
+        store.put(users, uid, {"email": "a@example.com"})
+"""
 
 from __future__ import annotations
 
+from lmshard.codecs import Codec, flatbuffers_codec, get_codec, register_codec
+from lmshard.errors import (
+    CodecError,
+    ConflictError,
+    Error,
+    KeyEncodingError,
+    NullIndexValue,
+    ReadOnlyError,
+    SchemaError,
+    SchemaMismatch,
+    StoreFull,
+    TransactionError,
+    UniqueViolation,
+    UnknownIndex,
+    UnknownTable,
+)
+from lmshard.schema import Index, Schema, Table
+from lmshard.store import Store, open
+from lmshard.txn import ReadTxn, WriteTxn, value_hash
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "Codec", "CodecError", "ConflictError", "Error", "Index", "KeyEncodingError",
+    "NullIndexValue", "ReadOnlyError", "ReadTxn", "Schema", "SchemaError", "SchemaMismatch",
+    "Store", "StoreFull", "Table", "TransactionError", "UniqueViolation", "UnknownIndex",
+    "UnknownTable", "WriteTxn", "flatbuffers_codec", "get_codec", "open", "register_codec",
+    "value_hash",
+]

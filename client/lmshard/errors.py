@@ -81,3 +81,24 @@ class TransactionError(Error):
 
     code = 42
     hint = "use transactions as context managers and only inside their block"
+
+
+class NullIndexValue(KeyEncodingError):
+    """An index function returned None for an index not declared nullable; nothing was written."""
+
+    code = 22
+    hint = "declare the index with nullable=True, or give the row a value for it"
+
+
+class UnknownIndex(SchemaError):
+    """An index name is not declared on the table."""
+
+    code = 12
+    hint = "declare the index on the table, or check the name"
+
+
+class SchemaMismatch(SchemaError):
+    """The data on disk was written with an incompatible declaration of a table."""
+
+    code = 13
+    hint = "keep a table's key kind and codec, or give the changed table a new table_id"

@@ -1,0 +1,54 @@
+"""Reopening LMDB environments in a forked child without touching the parent's reader slots.
+
+LMDB environments must not be used across ``fork()``. A child must open its own handle, and it
+must not ``close()`` the inherited one: ``mdb_env_close`` clears every reader slot carrying the
+opener's pid, which is the parent's, so the parent's live read transactions would lose their
+slots and the writer could reuse pages under them. py-lmdb's deallocator already skips the close
+in a child, but py-lmdb also refuses to open an environment whose files an open handle in this
+process still uses. That guard exists because two handles in one process share fcntl locks; an
+inherited handle holds no locks in the child, so for exactly those files the guard is lifted
+here, by tagging the child's identity of them with its pid.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lmdb
+
+try:  # py-lmdb >= 3 identifies open environments through this function
+    from lmdb import _envid
+except ImportError:  # older py-lmdb has no such guard
+    _envid = None
+
+_inherited: set[tuple[Any, ...]] = set()
+_kept_alive: list[Any] = []
+
+
+def forget_inherited(env: lmdb.Environment) -> None:
+    """In a forked child: never use ``env`` again, never close it, allow reopening its files."""
+    _kept_alive.append(env)  # its deallocator would be harmless, but keep it simple and inert
+    if _envid is None:
+        return
+    try:
+        path = env.path()
+    except lmdb.Error:
+        return
+    _inherited.update(_original_env_keys(path, True))
+
+
+if _envid is not None:
+    _original_env_keys = _envid.env_keys
+
+    def _env_keys(path: Any, subdir: bool) -> tuple[Any, ...]:
+        keys = _original_env_keys(path, subdir)
+        if _inherited and not _inherited.isdisjoint(keys):
+            return tuple(k + ("child", os.getpid()) for k in keys)
+        return keys
+
+    _envid.env_keys = _env_keys
+else:  # pragma: no cover
+
+    def _original_env_keys(path: Any, subdir: bool) -> tuple[Any, ...]:
+        return ()

@@ -1,0 +1,215 @@
+"""Schemas, tables and indexes: the declarations both the embedded store and the daemon use.
+
+A table is identified on disk by its UUID ``table_id``, never by its name, so renaming a table
+in code keeps its data. Keys are encoded by the table's key kind (``lmshard.keys``), values by
+its codec (``lmshard.codecs``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lmshard.codecs import Codec, get_codec
+from lmshard.errors import SchemaError, UnknownTable
+from lmshard.keys import KeyCodec, key_codec
+
+IndexFunction = Callable[[Any], Any]
+Migration = Callable[[Any], None]
+
+
+class Index:
+    """A secondary index: ``fn(value)`` gives the indexed value (a tuple for a composite index).
+
+    Unique indexes map each indexed value to one row key; non-unique ones keep every row key
+    (an LMDB dupsort database). With ``nullable=True`` rows whose indexed value is None are
+    left out of the index; without it a None value is an error.
+    """
+
+    __slots__ = ("name", "table", "fn", "unique", "nullable", "db_name")
+
+    def __init__(
+        self, table: Table, name: str, fn: IndexFunction, *, unique: bool, nullable: bool
+    ) -> None:
+        self.name = name
+        self.table = table
+        self.fn = fn
+        self.unique = unique
+        self.nullable = nullable
+        self.db_name = b"i/" + str(table.table_id).encode() + b"/" + name.encode()
+
+    def __repr__(self) -> str:
+        kind = "unique" if self.unique else "non-unique"
+        return f"<Index {self.table.name}.{self.name} {kind}{' nullable' if self.nullable else ''}>"
+
+
+class Table:
+    """A typed table: key kind, value codec, indexes, and how it is placed on shards.
+
+    ``shard_key`` is a function of the key giving the part that decides the shard (rows with
+    equal shard keys live together); ``pinned=True`` keeps the whole table on one shard.
+    """
+
+    def __init__(
+        self,
+        schema: Schema,
+        name: str,
+        table_id: uuid.UUID,
+        key: KeyCodec,
+        value: Codec,
+        *,
+        shard_key: Callable[[Any], Any] | None = None,
+        pinned: bool = False,
+        doc: str | None = None,
+    ) -> None:
+        self.schema = schema
+        self.name = name
+        self.table_id = table_id
+        self.key = key
+        self.value = value
+        self.shard_key = shard_key
+        self.pinned = pinned
+        self.doc = doc
+        self.indexes: dict[str, Index] = {}
+        self.db_name = b"t/" + str(table_id).encode()
+
+    def index(
+        self,
+        name: str,
+        fn: IndexFunction,
+        *,
+        unique: bool = False,
+        nullable: bool = False,
+    ) -> Index:
+        """Declare a secondary index maintained in the same transaction as each row."""
+        if not isinstance(name, str) or not name or "/" in name:
+            raise SchemaError(
+                f"index name {name!r} on table {self.name!r} is invalid",
+                hint="use a non-empty name without '/'",
+            )
+        if name in self.indexes:
+            raise SchemaError(
+                f"table {self.name!r} already has an index named {name!r}",
+                hint="give each index of a table its own name",
+            )
+        if not callable(fn):
+            raise SchemaError(
+                f"index {self.name}.{name}: the index function must be callable",
+                hint="pass a function of the row value, e.g. lambda v: v['email']",
+            )
+        if unique and not self.pinned and self.shard_key is not None:
+            raise SchemaError(
+                f"unique index {self.name}.{name} on a sharded table cannot be enforced",
+                hint="a unique index on a sharded table must derive from the shard key; "
+                "pin the table (pinned=True) or make the index non-unique",
+            )
+        idx = Index(self, name, fn, unique=unique, nullable=nullable)
+        self.indexes[name] = idx
+        return idx
+
+    def __repr__(self) -> str:
+        return f"<Table {self.name} id={self.table_id} key={self.key.spec!r} value={self.value.name}>"
+
+
+class Schema:
+    """A named set of tables with a version; migrations move stored data between versions."""
+
+    def __init__(self, name: str, version: int = 1) -> None:
+        if not isinstance(name, str) or not name:
+            raise SchemaError(f"schema name {name!r} is invalid", hint="use a non-empty string")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise SchemaError(f"schema version {version!r} is invalid", hint="use an int >= 1")
+        self.name = name
+        self.version = version
+        self.tables: dict[str, Table] = {}
+        self.by_id: dict[uuid.UUID, Table] = {}
+        self.migrations: dict[int, Migration] = {}
+
+    def table(
+        self,
+        name: str,
+        *,
+        table_id: str | uuid.UUID,
+        key: str | Sequence[str] = "bytes",
+        value: str | Codec = "cbor",
+        shard_key: Callable[[Any], Any] | None = None,
+        pinned: bool = False,
+        doc: str | None = None,
+    ) -> Table:
+        """Declare a table. ``table_id`` is a UUID and is what names the table on disk."""
+        if not isinstance(name, str) or not name:
+            raise SchemaError(f"table name {name!r} is invalid", hint="use a non-empty string")
+        try:
+            tid = table_id if isinstance(table_id, uuid.UUID) else uuid.UUID(str(table_id))
+        except ValueError:
+            raise SchemaError(
+                f"table {name!r}: table_id {table_id!r} is not a UUID",
+                hint="generate one with: python -c 'import uuid; print(uuid.uuid4())'",
+            ) from None
+        if name in self.tables:
+            raise SchemaError(
+                f"schema {self.name!r} already has a table named {name!r}",
+                hint="each table needs its own name",
+            )
+        if tid in self.by_id:
+            raise SchemaError(
+                f"tables {self.by_id[tid].name!r} and {name!r} share the table_id {tid}",
+                hint="each table needs its own UUID; the id names the table's data on disk",
+            )
+        if shard_key is not None and pinned:
+            raise SchemaError(
+                f"table {name!r} is both pinned and has a shard_key",
+                hint="a pinned table lives on one shard; drop shard_key or pinned",
+            )
+        if shard_key is not None and not callable(shard_key):
+            raise SchemaError(f"table {name!r}: shard_key must be a function of the key")
+        t = Table(
+            self,
+            name,
+            tid,
+            key_codec(tuple(key) if isinstance(key, list) else key),
+            get_codec(value),
+            shard_key=shard_key,
+            pinned=pinned,
+            doc=doc,
+        )
+        self.tables[name] = t
+        self.by_id[tid] = t
+        return t
+
+    def migration(self, from_version: int) -> Callable[[Migration], Migration]:
+        """Register ``fn(txn)`` that moves stored data from ``from_version`` to the next one.
+
+        The writer of a store (the embedded store, or each shard owner) runs the pending
+        migrations at open, all in one write transaction.
+        """
+        if not isinstance(from_version, int) or not 1 <= from_version < self.version:
+            raise SchemaError(
+                f"migration from version {from_version!r} does not fit schema version "
+                f"{self.version}",
+                hint="register migrations from 1 .. version-1",
+            )
+
+        def register(fn: Migration) -> Migration:
+            if from_version in self.migrations:
+                raise SchemaError(f"a migration from version {from_version} is already set")
+            self.migrations[from_version] = fn
+            return fn
+
+        return register
+
+    def __getitem__(self, name: str) -> Table:
+        try:
+            return self.tables[name]
+        except KeyError:
+            raise UnknownTable(
+                f"schema {self.name!r} has no table {name!r}",
+                hint=f"known tables: {', '.join(sorted(self.tables)) or '(none)'}",
+            ) from None
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.tables.values())
+
+    def __repr__(self) -> str:
+        return f"<Schema {self.name} v{self.version} tables={list(self.tables)}>"
