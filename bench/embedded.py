@@ -27,8 +27,8 @@ USERS_ID = "0b6f3f1c-96a5-4f0e-9d5e-1a2b3c4d5e6f"
 
 
 def record(i: int) -> dict[str, object]:
-    return {"id": i, "name": f"user{i}", "email": f"u{i}@example.com", "age": i % 90,
-            "score": i * 0.5, "tags": ["a", "b"]}
+    return {"id": i, "name": f"user-{i:08d}", "email": f"u{i}@example.com", "age": i % 90,
+            "score": i * 0.5, "city": "Berlin", "tags": ["alpha", "beta", "gamma"]}
 
 
 class Raw:
@@ -134,6 +134,25 @@ class Embedded:
         self.store.close()
 
 
+def run_round(
+    sysm: Raw | Embedded, name: str, note: Callable[[str, str, float], None],
+    rows: list[dict[str, object]], keys: list[int], emails: list[str], tmp: Path,
+) -> None:
+    n = len(rows)
+    note(name, "insert, 1,000 per txn", timed(lambda: sysm.insert(rows, 1000, False), n))
+    note(name, "point get, txn per get", timed(lambda: sysm.get_each(keys), n))
+    note(name, "point get, one read txn", timed(lambda: sysm.get_in_txn(keys), n))
+    note(name, "full scan", timed(sysm.scan, n))
+    if isinstance(sysm, Embedded):
+        sysm.add_index(tmp / "db")  # builds the unique index over existing rows
+        sysm.store.purge(sysm.users)
+    else:
+        with sysm.env.begin(write=True) as txn:
+            txn.drop(sysm.db, delete=False)
+    note(name, "insert with unique index", timed(lambda: sysm.insert(rows, 1000, True), n))
+    note(name, "unique index lookup", timed(lambda: sysm.lookup(emails), len(emails)))
+
+
 def timed(fn: Callable[[], object], n: int) -> float:
     t = time.perf_counter()
     fn()
@@ -162,18 +181,7 @@ def main() -> None:
             tmp = Path(tempfile.mkdtemp(prefix="lmshard-bench-"))
             try:
                 sysm = cls(tmp / "db")
-                note(cls.name, "insert, 1,000 per txn", timed(lambda: sysm.insert(rows, 1000, False), n))
-                note(cls.name, "point get, txn per get", timed(lambda: sysm.get_each(keys), n))
-                note(cls.name, "point get, one read txn", timed(lambda: sysm.get_in_txn(keys), n))
-                note(cls.name, "full scan", timed(sysm.scan, n))
-                if isinstance(sysm, Embedded):
-                    sysm.add_index(tmp / "db")  # builds the unique index over existing rows
-                    sysm.store.purge(sysm.users)
-                else:
-                    with sysm.env.begin(write=True) as txn:
-                        txn.drop(sysm.db, delete=False)
-                note(cls.name, "insert with unique index", timed(lambda: sysm.insert(rows, 1000, True), n))
-                note(cls.name, "unique index lookup", timed(lambda: sysm.lookup(emails), len(emails)))
+                run_round(sysm, cls.name, note, rows, keys, emails, tmp)
                 sysm.close()
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -39,7 +39,9 @@ text = st.text(max_size=20)
 def trees(scalars, keys):
     return st.recursive(
         scalars,
-        lambda children: st.lists(children, max_size=5) | st.dictionaries(keys, children, max_size=5),
+        lambda children: (
+            st.lists(children, max_size=5) | st.dictionaries(keys, children, max_size=5)
+        ),
         max_leaves=20,
     )
 
@@ -92,7 +94,7 @@ def test_msgpack_int_keys_and_bin_type():
 def test_cbor_types_beyond_json():
     codec = get_codec("cbor")
     value = {
-        "when": dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.timezone.utc),
+        "when": dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC),
         "ids": {1, 2, 3},
         "big": 2**100,
     }
@@ -121,7 +123,9 @@ def test_bytes_roundtrip(value):
 
 @pytest.mark.parametrize("value", ["text", 3, [1, 2], None])
 def test_bytes_rejects_non_bytes(value):
-    with pytest.raises(CodecError, match=f"bytes cannot encode a value of type {type(value).__name__}"):
+    with pytest.raises(
+        CodecError, match=f"bytes cannot encode a value of type {type(value).__name__}"
+    ):
         get_codec("bytes").dumps(value)
 
 
@@ -246,7 +250,9 @@ def test_numpy_structured_dtype():
 
 
 def test_numpy_structured_dtype_with_padding():
-    dtype = np.dtype({"names": ["a", "b"], "formats": ["u1", "<i8"], "offsets": [0, 8], "itemsize": 24})
+    dtype = np.dtype(
+        {"names": ["a", "b"], "formats": ["u1", "<i8"], "offsets": [0, 8], "itemsize": 24}
+    )
     arr = np.array([(1, -5), (2, 7)], dtype)
     out = np_roundtrip(arr)
     assert out.dtype.itemsize == 24 and out["b"].tolist() == [-5, 7]
@@ -402,6 +408,25 @@ def test_flatbuffers_loads_is_lazy():
     assert user.TagsLength() == 20_000
 
 
+def test_flatbuffers_loads_reads_no_field(monkeypatch):
+    data = USER.dumps(make_user(tags=["a", "b", "c"]))
+    reads: list[str] = []
+    table = flatbuffers.table.Table
+    for method in ("String", "Vector", "VectorLen", "Get", "Offset"):
+        original = getattr(table, method)
+
+        def spy(self, *args, _name=method, _original=original):
+            reads.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(table, method, spy)
+    user = USER.loads(data)
+    assert reads == []  # loads() only located the root table
+    assert user.Tags(1) == b"b"
+    # one field, read on access (Vector and String read their lengths/offsets with Get)
+    assert [name for name in reads if name != "Get"] == ["Offset", "Vector", "String"]
+
+
 def test_flatbuffers_loads_memoryview_without_copy():
     data = USER.dumps(make_user())
     view = memoryview(data)
@@ -500,6 +525,16 @@ def test_flatbuffers_codec_checks_builder_size():
 def test_flatbuffers_dumps_rejects_other_types(value):
     with pytest.raises(CodecError, match="flatbuffers:User cannot encode a value of type") as info:
         USER.dumps(value)
+    assert "UserT" in info.value.hint
+
+
+def test_flatbuffers_dumps_rejects_another_tables_object():
+    class MonsterT:  # e.g. the object-API class of another table: packing it would store garbage
+        def Pack(self, builder):
+            return builder.CreateString("not a user")
+
+    with pytest.raises(CodecError, match="cannot encode a value of type MonsterT") as info:
+        USER.dumps(MonsterT())
     assert "UserT" in info.value.hint
 
 
@@ -605,7 +640,7 @@ def test_unknown_codec_lists_known_names():
         assert name in message
 
 
-@pytest.mark.parametrize("bad", [object(), None, "not-a-codec-object".encode()])
+@pytest.mark.parametrize("bad", [object(), None, b"not-a-codec-object"])
 def test_non_codec_rejected(bad, codec_name):
     with pytest.raises(SchemaError, match="is not a codec"):
         register_codec(codec_name, bad)

@@ -135,7 +135,8 @@ def test_overwrite_and_delete_maintain_indexes(store: lmshard.Store) -> None:
 
 def test_non_unique_composite_index_keeps_every_row(store: lmshard.Store) -> None:
     for i in range(6):
-        store.put("users", uid(i), user(f"{i}@x.org", country="de" if i < 4 else "fr", age=20 + i % 2))
+        country = "de" if i < 4 else "fr"
+        store.put("users", uid(i), user(f"{i}@x.org", country=country, age=20 + i % 2))
     de20 = store.lookup("users", "by_country_age", ("de", 20))
     assert sorted(k for k, _ in de20) == [uid(0), uid(2)]
     de = store.lookup("users", "by_country_age", ("de",), prefix=True)

@@ -203,9 +203,7 @@ def _jsonable(obj: Any, text: bool = False, depth: int = 0) -> Any:
     if hasattr(obj, "_tab"):  # a lazy FlatBuffers table/struct without an object-API twin
         return _flatbuffers_accessors(obj, depth)
     if callable(getattr(obj, "Pack", None)) and hasattr(obj, "__dict__"):  # FlatBuffers "T" obj
-        return {
-            k: _jsonable(v, text, depth) for k, v in vars(obj).items() if not k.startswith("_")
-        }
+        return {k: _jsonable(v, text, depth) for k, v in vars(obj).items() if not k.startswith("_")}
     return str(obj)  # Decimal, UUID, Fraction, IP addresses, ...
 
 
@@ -436,15 +434,15 @@ class NumpyCodec:
             )
         )
         header += bytes(-len(header) % _NP_ALIGN)
-        if not arr.flags.c_contiguous:  # Fortran order, strided views (0-d is always contiguous)
-            arr = np.ascontiguousarray(arr)
         try:
-            data: Any = arr.reshape(-1).view(np.uint8)  # a view: joined without a copy
+            # A view of the data when it is C-contiguous, else (Fortran order, strided views) a
+            # C-order copy; join() then copies it once into the result.
+            data: Any = arr.reshape(-1).view(np.uint8)
         except ValueError:  # zero-itemsize dtypes
             data = arr.tobytes()
         return b"".join((header, data))
 
-    def loads(self, data: bytes | memoryview) -> Any:
+    def loads(self, data: bytes | bytearray | memoryview) -> Any:
         np = self._np
         try:
             tag, ndim, dlen = _NP_HEAD.unpack_from(data)
@@ -543,8 +541,8 @@ class FlatBuffersCodec:
         if not (callable(getattr(twin, "InitFromObj", None)) and hasattr(twin, "Pack")):
             twin = None
         self.name = f"flatbuffers:{cls_name}"
-        self.table_class = table_class
-        self.object_class: type | None = twin  # the --gen-object-api class, if generated
+        self.table_class: Any = table_class
+        self.object_class: Any = twin  # the --gen-object-api class (TableT), or None
         self.builder_size = builder_size
         self._get_root = get_root
 
@@ -560,7 +558,7 @@ class FlatBuffersCodec:
         if not 0 <= vtable <= size - 4:
             raise _decode_error(self.name, data, f"vtable offset {vtable} is out of bounds")
 
-    def loads(self, data: bytes | memoryview) -> Any:
+    def loads(self, data: bytes | bytearray | memoryview) -> Any:
         try:
             self._check_root(data)
             return self._get_root(data, 0)
@@ -605,8 +603,7 @@ class FlatBuffersCodec:
             builder.Finish(obj.Pack(builder))
         except (*_ENCODE_ERRORS, struct.error, AttributeError, IndexError) as exc:
             raise CodecError(
-                f"{self.name} cannot encode this {type(obj).__name__}: "
-                f"{type(exc).__name__}: {exc}",
+                f"{self.name} cannot encode this {type(obj).__name__}: {type(exc).__name__}: {exc}",
                 hint="check the types of its fields (str/bytes for strings, ints in range, lists "
                 "for vectors)",
             ) from exc
@@ -645,9 +642,7 @@ _lock = threading.Lock()
 
 def _check_codec(codec: Any) -> None:
     missing = [
-        attr
-        for attr in ("dumps", "loads", "to_json")
-        if not callable(getattr(codec, attr, None))
+        attr for attr in ("dumps", "loads", "to_json") if not callable(getattr(codec, attr, None))
     ]
     if not isinstance(getattr(codec, "name", None), str):
         missing.insert(0, "name")

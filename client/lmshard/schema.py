@@ -109,7 +109,8 @@ class Table:
         return idx
 
     def __repr__(self) -> str:
-        return f"<Table {self.name} id={self.table_id} key={self.key.spec!r} value={self.value.name}>"
+        spec = f"key={self.key.spec!r} value={self.value.name}"
+        return f"<Table {self.name} id={self.table_id} {spec}>"
 
 
 class Schema:

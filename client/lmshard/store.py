@@ -185,9 +185,7 @@ class Store:
             try:
                 meta_db = env.open_db(META_DB, txn=txn)
                 meta = dict(txn.cursor(db=meta_db).iternext())
-                tables = bind_tables(
-                    self.schema, lambda name, dupsort: env.open_db(name, txn=txn, dupsort=dupsort)
-                )
+                tables = bind_tables(self.schema, _db_opener(env, txn))
                 w = WriteTxn(txn, tables)
                 self._check_and_record(txn, meta_db, meta, w)
                 if self._on_open is not None:
@@ -474,6 +472,10 @@ class Store:
         }
 
 
+def _db_opener(env: lmdb.Environment, txn: lmdb.Transaction) -> Callable[[bytes, bool], Any]:
+    return lambda name, dupsort: env.open_db(name, txn=txn, dupsort=dupsort)
+
+
 def _db_bytes(s: dict[str, int], psize: int) -> int:
     return (s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]) * psize
 
@@ -489,6 +491,9 @@ def _begin_read(env: lmdb.Environment, buffers: bool = False) -> lmdb.Transactio
         # Another process grew the map: adopt its size (LMDB's documented answer).
         env.set_mapsize(0)
         return env.begin(buffers=buffers)
+
+
+_NO_KW: dict[str, Any] = {}
 
 
 class _ReplayingWriteTxn(WriteTxn):
@@ -524,8 +529,16 @@ class _ReplayingWriteTxn(WriteTxn):
         self._ops.append((fn, args, kw))
         return result
 
-    def put(self, *args: Any, **kw: Any) -> None:
-        return self._record(WriteTxn.put, args, kw)  # type: ignore[no-any-return]
+    def put(self, table: TableRef, key: Any, value: Any) -> None:
+        # The hot path of batched inserts: no generic dispatch, one frame down to LMDB.
+        if self._done:
+            raise TransactionError("this transaction has ended")
+        try:
+            WriteTxn._put(self, table, key, value)
+        except lmdb.MapFullError:
+            self._grow_and_replay()
+            self._retrying(WriteTxn._put, (table, key, value), {})
+        self._ops.append((WriteTxn._put, (table, key, value), _NO_KW))
 
     def put_raw(self, *args: Any, **kw: Any) -> None:
         return self._record(WriteTxn.put_raw, args, kw)  # type: ignore[no-any-return]

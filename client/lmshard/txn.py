@@ -250,6 +250,14 @@ class ReadTxn:
         matches on its leading elements (a tuple) and a str/bytes index on a string prefix."""
         b = self._tables[table]
         get, db, kdec, loads = self._txn.get, b.db, b.kdec, b.loads
+        if not prefix and value is not None:
+            bi = b.index(index)
+            if bi.unique:  # the common case, kept to two LMDB gets
+                rk = get(encode_index_value(value), db=bi.db)
+                if rk is None:
+                    return []
+                data = get(rk, db=db)
+                return [] if data is None else [(kdec(rk), loads(data))]
         out = []
         for rk in self.lookup_keys(table, index, value, prefix):
             data = get(rk, db=db)
