@@ -50,3 +50,16 @@ def user(email: str, country: str = "de", age: int = 30, **extra: object) -> dic
 
 def uid(n: int) -> uuid.UUID:
     return uuid.UUID(int=n)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[object]:
+    """Four real shard owner processes for one test; always stopped afterwards."""
+    from tests.cluster import Cluster
+
+    c = Cluster(tmp_path)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 import uuid
 
 import flatbuffers
@@ -89,6 +90,33 @@ def test_msgpack_int_keys_and_bin_type():
     codec = get_codec("msgpack")
     assert codec.loads(codec.dumps({1: "a", "b": b"\x00\xff"})) == {1: "a", "b": b"\x00\xff"}
     assert codec.dumps(b"x")[0] == 0xC4  # bin 8, not raw str (use_bin_type=True)
+
+
+def test_msgpack_failed_encode_leaves_no_residue():
+    codec = get_codec("msgpack")
+    for bad in ({"a": [1, 2, {3}]}, [1, 2, 2**65]):
+        with pytest.raises(CodecError):
+            codec.dumps(bad)
+        assert codec.dumps({"x": 1}) == b"\x81\xa1x\x01"  # not prefixed by the failed value
+
+
+def test_msgpack_threads_do_not_share_a_packer():
+    codec = get_codec("msgpack")
+    errors: list[object] = []
+
+    def work(n: int) -> None:
+        value = {"thread": n, "payload": list(range(n, n + 50))}
+        for _ in range(300):
+            if codec.loads(codec.dumps(value)) != value:
+                errors.append(n)
+                return
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
 
 
 def test_cbor_types_beyond_json():
@@ -281,6 +309,21 @@ def test_numpy_fortran_and_strided_input():
     assert np.array_equal(out, fortran)
     strided = np.arange(40).reshape(5, 8)[::2, 1::3]
     assert np.array_equal(np_roundtrip(strided), strided)
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_numpy_large_arrays(order):
+    # >= 64 KiB takes the copy-once path (a view of the data joined to the header)
+    arr = np.asarray(rng.random((300, 70)), order=order).astype(">f4", order=order)
+    assert arr.nbytes >= 1 << 16
+    out = np_roundtrip(arr)
+    assert np.array_equal(out, arr)
+    strided = np.arange(200_000, dtype="int64").reshape(400, 500)[::3, ::2]
+    assert np.array_equal(np_roundtrip(strided), strided)
+
+
+def test_numpy_zero_itemsize_dtype():
+    np_roundtrip(np.zeros((2, 3), dtype="V0"))
 
 
 def test_numpy_loads_shares_the_buffer():

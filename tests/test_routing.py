@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lmshard.routing import DEFAULT_SLOTS, SlotMap, slot_of
+from lmshard.routing import DEFAULT_SLOTS, SlotMap, partition_hash, slot_of
 
 ROUTING_PY = Path(__file__).resolve().parents[1] / "client" / "lmshard" / "routing.py"
 
@@ -37,18 +37,26 @@ def test_default_slots():
         (b"a", 0xE8B7BE43),
     ],
 )
-def test_slot_of_is_crc32(partition, crc):
+def test_slot_of_is_mixed_crc32(partition, crc):
     assert zlib.crc32(partition) == crc  # the expectation itself is right
-    assert slot_of(partition, 1 << 32) == crc
-    assert slot_of(partition, 1024) == crc % 1024
-    assert slot_of(partition, 7) == crc % 7
+    mixed = ((crc * 0x9E3779B1) % 2**32) // 2**16
+    assert partition_hash(partition) == mixed
+    assert slot_of(partition, 1 << 16) == mixed
+    assert slot_of(partition, 1024) == mixed % 1024
+    assert slot_of(partition, 7) == mixed % 7
+
+
+def test_sequential_integer_keys_spread_over_every_shard():
+    m = SlotMap(4)
+    for start in (0, 1000, 2**40):
+        hit = {m.shard_of((start + i).to_bytes(8, "big")) for i in range(16)}
+        assert hit == {0, 1, 2, 3}
 
 
 def test_slot_of_hardcoded_slots():
     # Pinned values: if these change, every existing store routes keys to the wrong shard.
-    assert slot_of(b"123456789", 1024) == 294
-    assert slot_of(b"user:42", 1024) == zlib.crc32(b"user:42") % 1024
-    assert SlotMap(4).shard_of(b"123456789") == 1  # slot 294 -> shard 294 * 4 // 1024
+    assert slot_of(b"123456789", 1024) == 0xCBF43926 * 0x9E3779B1 % 2**32 // 2**16 % 1024 == 520
+    assert SlotMap(4).shard_of(b"123456789") == 2  # slot 520 -> shard 520 * 4 // 1024
 
 
 def test_slot_of_accepts_bytes_like_and_rejects_str():
@@ -168,7 +176,7 @@ def test_explicit_assignment():
     assert m.slot_counts() == [256] * 4
     assert not m.is_default()
     key = b"some key"
-    assert m.shard_of(key) == (zlib.crc32(key) % 1024) % 4
+    assert m.shard_of(key) == slot_of(key, 1024) % 4
 
 
 # -- SlotMap: validation ---------------------------------------------------------------------

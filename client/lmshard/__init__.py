@@ -8,16 +8,20 @@
 
 from __future__ import annotations
 
+from lmshard.client import Batch, Client, connect
 from lmshard.codecs import Codec, flatbuffers_codec, get_codec, register_codec
 from lmshard.errors import (
+    BatchPartiallyApplied,
     CodecError,
     ConflictError,
     Error,
     KeyEncodingError,
     NullIndexValue,
+    ProtocolError,
     ReadOnlyError,
     SchemaError,
     SchemaMismatch,
+    ShardUnavailable,
     StoreFull,
     TransactionError,
     UniqueViolation,
@@ -31,6 +35,7 @@ from lmshard.txn import ReadTxn, WriteTxn, value_hash
 __version__ = "0.1.0"
 
 __all__ = [
+    "Batch", "BatchPartiallyApplied", "Client", "ProtocolError", "ShardUnavailable", "connect",
     "Codec", "CodecError", "ConflictError", "Error", "Index", "KeyEncodingError",
     "NullIndexValue", "ReadOnlyError", "ReadTxn", "Schema", "SchemaError", "SchemaMismatch",
     "Store", "StoreFull", "Table", "TransactionError", "UniqueViolation", "UnknownIndex",

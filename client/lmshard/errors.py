@@ -102,3 +102,67 @@ class SchemaMismatch(SchemaError):
 
     code = 13
     hint = "keep a table's key kind and codec, or give the changed table a new table_id"
+
+
+class ProtocolError(Error):
+    """A frame could not be decoded or failed validation; nothing was applied."""
+
+    code = 60
+    hint = "send frames built by lmshard's client of the same protocol version"
+
+
+class ShardUnavailable(Error):
+    """A shard owner did not answer within the timeout, after every retry."""
+
+    code = 61
+    hint = "check that the shard owner runs (lmshard status) and its log"
+
+
+class LimitExceeded(ProtocolError):
+    """A frame, batch, key or value is over a configured limit; nothing was applied."""
+
+    code = 62
+    hint = "split the batch or the value"
+
+
+class InternalError(Error):
+    """The shard owner hit an unexpected error; the batch was not applied."""
+
+    code = 99
+    hint = "see the shard owner's log"
+
+
+def error_classes() -> dict[int, type[Error]]:
+    """Every error class by its wire code (the table both sides share)."""
+    out: dict[int, type[Error]] = {}
+    todo: list[type[Error]] = [Error]
+    while todo:
+        cls = todo.pop()
+        out.setdefault(cls.code, cls)
+        todo.extend(cls.__subclasses__())
+    return out
+
+
+def error_from_wire(code: int, message: str, hint: str | None) -> Error:
+    """Rebuild the typed exception a peer sent."""
+    cls = error_classes().get(code, Error)
+    err = cls.__new__(cls)
+    Error.__init__(err, message, hint=hint)
+    return err
+
+
+class BatchPartiallyApplied(Error):
+    """A batch spanning shards committed on some shards and failed on others.
+
+    Each shard's part is atomic; ``committed`` maps shard -> txn id, ``failed`` maps
+    shard -> the exception that shard's part raised.
+    """
+
+    code = 63
+    hint = "inspect .committed and .failed; retry or compensate the failed parts"
+
+    def __init__(self, message: str, *, committed: dict[int, int] | None = None,
+                 failed: dict[int, Error] | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.committed = committed or {}
+        self.failed = failed or {}

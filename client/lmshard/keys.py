@@ -19,17 +19,19 @@ kind           accepts                                       encoded as
 =============  ============================================  ==================================
 
 A tuple key concatenates its elements' encodings. Fixed-width elements need no delimiter. A str or
-bytes element that is not the last one is escaped (each 0x00 becomes 0x00 0xFF) and terminated with
-the two bytes 0x00 0x01; the last element is written raw.
+bytes element that is not the last one is escaped so that it contains no 0x00 byte (0x00 becomes
+0x01 0x01 and 0x01 becomes 0x01 0x02; order is kept since 01 01 < 01 02 < 02) and terminated with
+a single 0x00; the last element is written raw.
 
-Why 0x00 0x01 and not FoundationDB's single 0x00 terminator: in FoundationDB's tuple layer a
-terminator is always followed by a type-code byte, never 0xFF. Declared keys carry no type codes, so
-the next element may start with 0xFF and a lone 0x00 terminator would then read as an escaped NUL:
-``(b"\\x00", b"")`` and ``(b"", b"\\xff\\x00")`` would both encode to 00 FF 00, and
-``(b"", 2**64-1)`` would sort after ``(b"\\x00", 0)``. The terminator 0x00 0x01 (the choice of
-CockroachDB's key encoding) sorts below both an escaped NUL (00 FF) and any non-NUL byte, whatever
-follows it, and never occurs inside an escaped body, so order and decoding hold for any next
-element.
+Why not FoundationDB's escaping (0x00 -> 0x00 0xFF, terminator 0x00): there a terminator can also
+be the first byte of an escaped NUL, which breaks two things. (1) Declared keys carry no type codes,
+so the next element may start with 0xFF: ``(b"\\x00", b"")`` and ``(b"", b"\\xff\\x00")`` would
+both encode to 00 FF 00, and ``(b"", 2**64-1)`` would sort after ``(b"\\x00", 0)``. (2) Prefix
+scans: the prefix of ``("a",)`` would be 61 00, which ``("a\\x00", ...)`` (61 00 FF ...) also
+starts with (FoundationDB scans the range [prefix 00, prefix FF) rather than "starts with"). With
+no 0x00 inside an escaped body, the terminator is unambiguous and sorts below every body byte
+whatever follows it, so order, decoding and "starts with the prefix" all hold, and dropping the
+terminator still leaves a string prefix.
 
 LMDB keys are 1..511 bytes (511 is LMDB's compile-time maximum key size), so ``encode`` rejects an
 empty or longer encoding; a tuple of fixed-width kinds longer than 511 bytes is a SchemaError.
@@ -45,18 +47,17 @@ and an order-preserving body, FoundationDB-tuple-layer style. Across types the o
 so ``1`` and ``1.0`` (and ``True`` and ``1``) are different index values, and all ints sort before
 all floats. Within a type the order is Python's: ints are int64; floats use the IEEE-754 trick
 (flip all bits of a negative, flip the sign bit of a positive), -0.0 is stored as 0.0 and every NaN
-as one NaN that sorts after +inf; str and bytes are escaped (0x00 -> 0x00 0xFF) and always
-terminated, even when last, with a single 0x00 as in FoundationDB's tuple layer. One byte suffices
-here because what follows a terminator is always a type tag (never 0xFF) or the end of the value;
-so an encoded index value must be used whole (as LMDB key of a dupsort index), never with arbitrary
-bytes appended. Dropping the final 0x00 of an encoded str/bytes value gives the prefix of every
-value that starts with that string. Datetimes are stored as int64 microseconds since the epoch in
-UTC (a naive datetime means UTC; the full datetime range fits) and decode to aware UTC datetimes.
+as one NaN that sorts after +inf; str and bytes are escaped and terminated with 0x00 as in tuple
+keys, but always, even when last. Datetimes are stored as int64 microseconds since the epoch
+in UTC (a naive datetime means UTC; the full datetime range fits) and decode to aware UTC datetimes.
 
-A tuple (or list) index value is the concatenation of its elements' encodings, so the encoding of a
-tuple's leading elements (``encode_index_prefix``) is a prefix of the tuple's encoding. There is no
-tuple marker: a scalar ``v`` and the 1-tuple ``(v,)`` encode the same, and ``decode_index_value``
-returns the scalar for one element and a tuple for two or more. Nested tuples are rejected.
+A tuple (or list) index value is the concatenation of its elements' encodings. There is no tuple
+marker: a scalar ``v`` and the 1-tuple ``(v,)`` encode the same, and ``decode_index_value`` returns
+the scalar for one element and a tuple for two or more. Nested tuples are rejected.
+``encode_index_prefix(t)`` is the encoding of the tuple ``t``'s elements: exactly the index values
+whose leading elements equal ``t`` start with it. ``encode_index_prefix(s)`` for a str or bytes
+``s`` (not in a tuple) is a string prefix: the encoding without its terminator, which the values
+(or first elements) that are strings starting with ``s`` start with.
 """
 
 from __future__ import annotations
@@ -91,9 +92,7 @@ _INT64_MAX = (1 << 63) - 1
 _SIGN = 1 << 63  # added to an int64 so that negatives sort first (flips the sign bit)
 _ALL_ONES = (1 << 64) - 1
 
-_ESCAPED_NUL = b"\x00\xff"
-_KEY_TERMINATOR = b"\x00\x01"  # after a non-last str/bytes element of a tuple key
-_INDEX_TERMINATOR = b"\x00"  # after a str/bytes element of an index value
+_TERMINATOR = b"\x00"  # ends an escaped str/bytes element, which contains no 0x00
 
 _UTC = _dt.UTC
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_UTC)
@@ -130,24 +129,18 @@ def _size_error(what: str, data: bytes) -> KeyEncodingError:
     )
 
 
-def _read_key_escaped(data: bytes, pos: int) -> tuple[bytes, int]:
-    """Read a non-last str/bytes element of a tuple key: (unescaped body, position after)."""
-    # An escaped body never contains 00 01 and never ends in 00, so the first 00 01 ends it.
-    end = data.find(_KEY_TERMINATOR, pos)
-    if end < 0:
-        raise _malformed(data, "a str/bytes element has no terminator")
-    return data[pos:end].replace(_ESCAPED_NUL, b"\x00"), end + 2
+def _escape(raw: bytes) -> bytes:
+    """Escape a str/bytes element (00 -> 01 01, 01 -> 01 02) and terminate it with 00."""
+    return raw.replace(b"\x01", b"\x01\x02").replace(b"\x00", b"\x01\x01") + _TERMINATOR
 
 
-def _read_index_escaped(data: bytes, pos: int) -> tuple[bytes, int]:
-    """Read a str/bytes body of an index value: (unescaped body, position after)."""
-    # The terminator is the first 00 not followed by FF (a type tag or the end follows it).
-    end = data.find(b"\x00", pos)
-    while end >= 0 and data[end + 1 : end + 2] == b"\xff":
-        end = data.find(b"\x00", end + 2)
+def _read_escaped(data: bytes, pos: int) -> tuple[bytes, int]:
+    """Read an escaped, terminated element at ``pos``: (unescaped body, position after it)."""
+    end = data.find(_TERMINATOR, pos)  # an escaped body has no 00: the first 00 ends it
     if end < 0:
         raise _malformed(data, "a str/bytes element has no terminator")
-    return data[pos:end].replace(_ESCAPED_NUL, b"\x00"), end + 1
+    # 01 is always the first byte of a 2-byte escape, so these left-to-right scans stay aligned
+    return data[pos:end].replace(b"\x01\x01", b"\x00").replace(b"\x01\x02", b"\x01"), end + 1
 
 
 def _malformed(data: bytes | memoryview, why: str) -> KeyEncodingError:
@@ -527,10 +520,10 @@ def _tuple_codec(kinds: tuple[str, ...]) -> KeyCodec:
 
 
 def _escaping(enc: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
-    """Wrap a str/bytes encoder for a non-last tuple element: escape NULs and terminate."""
+    """Wrap a str/bytes encoder for a non-last tuple element: escape and terminate."""
 
     def encode(value: Any) -> bytes:
-        return enc(value).replace(b"\x00", _ESCAPED_NUL) + _KEY_TERMINATOR
+        return _escape(enc(value))
 
     return encode
 
@@ -584,7 +577,7 @@ def _tuple_decoder(kinds: tuple[str, ...]) -> Callable[[bytes | memoryview], tup
         pos = 0
         for dec, width in head:
             if width is None:
-                body, pos = _read_key_escaped(data, pos)
+                body, pos = _read_escaped(data, pos)
                 out.append(dec(body))
             else:
                 out.append(dec(data[pos : pos + width]))
@@ -653,11 +646,11 @@ def _ix_str(value: str) -> bytes:
             f"index value {_show(value)} is not encodable as UTF-8 (lone surrogate?)",
             hint="return a str of valid Unicode code points",
         ) from None
-    return _STR_B + raw.replace(b"\x00", _ESCAPED_NUL) + _INDEX_TERMINATOR
+    return _STR_B + _escape(raw)
 
 
 def _ix_bytes(value: bytes) -> bytes:
-    return _BYTES_B + bytes(value).replace(b"\x00", _ESCAPED_NUL) + _INDEX_TERMINATOR
+    return _BYTES_B + _escape(bytes(value))
 
 
 def _ix_uuid(value: uuid.UUID) -> bytes:
@@ -746,11 +739,18 @@ def encode_index_value(value: Any) -> bytes:
 
 
 def encode_index_prefix(prefix: Any) -> bytes:
-    """The bytes every encoded tuple whose first ``len(prefix)`` elements equal ``prefix`` begins
-    with (a scalar counts as a 1-tuple, ``()`` gives ``b""``)."""
+    """Bytes for an index prefix lookup (``startswith``, or the range [prefix, successor)).
+
+    A tuple/list: exactly the values whose first ``len(prefix)`` elements equal it start with
+    these bytes (``()`` gives ``b""``). A str or bytes: a string prefix, matching str/bytes values
+    (or first elements) that start with it. Any other scalar: the same as a 1-tuple.
+    """
     if type(prefix) is tuple or type(prefix) is list:
         return b"".join(map(_ix_element, prefix))
-    return _ix_element(prefix)
+    encoded = _ix_element(prefix)
+    if encoded[0] == _TAG_STR or encoded[0] == _TAG_BYTES:
+        return encoded[:-1]  # drop the terminator: a string prefix
+    return encoded
 
 
 def _rd_fixed(data: bytes, pos: int, width: int) -> bytes:
@@ -771,7 +771,7 @@ def _rd_float(data: bytes, pos: int) -> tuple[Any, int]:
 
 
 def _rd_str(data: bytes, pos: int) -> tuple[Any, int]:
-    body, pos = _read_index_escaped(data, pos)
+    body, pos = _read_escaped(data, pos)
     return body.decode(), pos
 
 
@@ -791,7 +791,7 @@ _IX_READERS: dict[int, Callable[[bytes, int], tuple[Any, int]]] = {
     _TAG_INT: _rd_int,
     _TAG_FLOAT: _rd_float,
     _TAG_STR: _rd_str,
-    _TAG_BYTES: _read_index_escaped,
+    _TAG_BYTES: _read_escaped,
     _TAG_UUID: _rd_uuid,
     _TAG_DATETIME: _rd_datetime,
 }

@@ -29,15 +29,23 @@ __all__ = ["DEFAULT_SLOTS", "SlotMap", "slot_of"]
 DEFAULT_SLOTS = 1024
 
 _crc32 = zlib.crc32
+_GOLDEN = 0x9E3779B1  # 2**32 / golden ratio, odd
 _DIGEST_TAG = b"lmshard.slotmap.v1\n"
 
 
-def slot_of(partition: bytes, slots: int) -> int:
-    """Return the slot (``0 <= slot < slots``) of ``partition`` (any bytes-like object).
+def partition_hash(partition: bytes) -> int:
+    """A stable 16-bit hash of ``partition``: the same on every host, version and process.
 
-    The hash is CRC-32 (``zlib.crc32``): the same on every host, Python version and process.
+    CRC-32 (``zlib.crc32``) is fast but linear over GF(2): keys that differ in a few low bits
+    (sequential integers) can land on only some of a range of slots. One multiplication by an
+    odd constant and taking the high half mixes every bit into the result (Fibonacci hashing).
     """
-    return _crc32(partition) % slots
+    return ((_crc32(partition) * _GOLDEN) & 0xFFFFFFFF) >> 16
+
+
+def slot_of(partition: bytes, slots: int) -> int:
+    """Return the slot (``0 <= slot < slots``) of ``partition`` (any bytes-like object)."""
+    return (((_crc32(partition) * _GOLDEN) & 0xFFFFFFFF) >> 16) % slots
 
 
 def _is_int(value: object) -> bool:
@@ -114,12 +122,12 @@ class SlotMap:
         return self._assignment[slot]
 
     def shard_of(self, partition: bytes) -> int:
-        """Return the shard that owns ``partition`` (bytes-like): one CRC-32, one index."""
-        return self._assignment[_crc32(partition) % self._slots]
+        """Return the shard that owns ``partition`` (bytes-like): one hash, one index."""
+        return self._assignment[(((_crc32(partition) * _GOLDEN) & 0xFFFFFFFF) >> 16) % self._slots]
 
     def slot_of(self, partition: bytes) -> int:
         """Return the slot of ``partition`` in this map."""
-        return _crc32(partition) % self._slots
+        return slot_of(partition, self._slots)
 
     def slots_of(self, shard: int) -> list[int]:
         """Return the slots that ``shard`` owns, ascending."""

@@ -95,7 +95,7 @@ class Store:
         max_readers: int = DEFAULT_MAX_READERS,
         create: bool = True,
         slow_txn_warning: float = DEFAULT_SLOW_TXN_WARNING,
-        on_open: Callable[[WriteTxn, dict[bytes, bytes]], None] | None = None,
+        on_open: Callable[[lmdb.Transaction, Any, dict[bytes, bytes]], None] | None = None,
     ) -> None:
         if not isinstance(schema, Schema):
             raise SchemaError(
@@ -187,9 +187,9 @@ class Store:
                 meta = dict(txn.cursor(db=meta_db).iternext())
                 tables = bind_tables(self.schema, _db_opener(env, txn))
                 w = WriteTxn(txn, tables)
-                self._check_and_record(txn, meta_db, meta, w)
+                self._check_and_record(env, txn, meta_db, meta, w)
                 if self._on_open is not None:
-                    self._on_open(w, meta)
+                    self._on_open(txn, meta_db, meta)
                 txn.commit()
                 return tables
             except lmdb.MapFullError:
@@ -200,7 +200,8 @@ class Store:
                 raise
 
     def _check_and_record(
-        self, txn: lmdb.Transaction, meta_db: Any, meta: dict[bytes, bytes], w: WriteTxn
+        self, env: lmdb.Environment, txn: lmdb.Transaction, meta_db: Any,
+        meta: dict[bytes, bytes], w: WriteTxn,
     ) -> None:
         schema = self.schema
         fmt = meta.get(b"format")
@@ -242,7 +243,7 @@ class Store:
             for gone in set(built) - set(t.indexes):
                 log.warning("index %s.%s is no longer declared: dropping it", t.name, gone)
                 name = b"i/" + str(t.table_id).encode() + b"/" + gone.encode()
-                w._txn.drop(w._txn.env.open_db(name, txn=w._txn, dupsort=not built[gone]["unique"]))
+                txn.drop(env.open_db(name, txn=txn, dupsort=not built[gone]["unique"]))
             record = dict(declared, name=t.name, indexes={
                 ix.name: {"unique": ix.unique, "nullable": ix.nullable}
                 for ix in t.indexes.values()
@@ -369,6 +370,19 @@ class Store:
             env.set_mapsize(0)
             txn = env.begin()
         data = txn.get(b.kenc(key), db=b.db)
+        txn.abort()
+        return default if data is None else b.loads(data)
+
+    def get_encoded(self, table: TableRef, key_bytes: bytes, default: Any = None) -> Any:
+        """``get`` for an already encoded key (the client's routed read path)."""
+        b = self._tables[table]
+        env = self._env or self._open_env()
+        try:
+            txn = env.begin()
+        except lmdb.MapResizedError:
+            env.set_mapsize(0)
+            txn = env.begin()
+        data = txn.get(key_bytes, db=b.db)
         txn.abort()
         return default if data is None else b.loads(data)
 

@@ -111,6 +111,7 @@ class TableMap(dict):  # type: ignore[type-arg]
         super().__init__()
         self.schema = schema
         for b in bound:
+            self[b] = b
             self[b.name] = b
             self[b.table] = b
             self[b.table.table_id] = b
@@ -227,21 +228,26 @@ class ReadTxn:
         self, table: TableRef, index: str, value: Any, prefix: bool = False
     ) -> list[bytes]:
         """Encoded row keys whose index value equals ``value`` (or starts with it)."""
-        b = self._tables[table]
-        bi = b.index(index)
         if value is None:
+            self._tables[table].index(index)
             return []
+        ivb = index_prefix(value) if prefix else encode_index_value(value)
+        return self.lookup_keys_raw(table, index, ivb, prefix)
+
+    def lookup_keys_raw(
+        self, table: TableRef, index: str, ivb: bytes, prefix: bool = False
+    ) -> list[bytes]:
+        """Row keys for an encoded index value, or for every value starting with it."""
+        bi = self._tables[table].index(index)
         cur = self._txn.cursor(db=bi.db)
         if not prefix:
-            ivb = encode_index_value(value)
             if bi.unique:
                 rk = self._txn.get(ivb, db=bi.db)
                 return [] if rk is None else [rk]
             if not cur.set_key(ivb):
                 return []
             return list(cur.iternext_dup(keys=False, values=True))
-        lo = index_prefix(value)
-        return [v for _, v in _range_items(cur, lo, prefix_end(lo), False)]
+        return [v for _, v in _range_items(cur, ivb, prefix_end(ivb), False)]
 
     def lookup(
         self, table: TableRef, index: str, value: Any, prefix: bool = False
@@ -511,6 +517,37 @@ class WriteTxn(ReadTxn):
                 )
             return False
         self._put(table, key, value)
+        return True
+
+    def incr_raw(self, table: TableRef, key_bytes: bytes, delta: int) -> int:
+        """``incr`` on an already encoded key (the shard owner's path)."""
+        b = self._tables[table]
+        return self.incr(table, b.kdec(key_bytes), delta)
+
+    def cas_raw(
+        self, table: TableRef, key_bytes: bytes, value_bytes: bytes,
+        expected_bytes: bytes | None, expected_hash: bytes | None,
+    ) -> bool:
+        """``cas`` with encoded key, value and expectation (the shard owner's path)."""
+        b = self._tables[table]
+        data = self._txn.get(key_bytes, db=b.db)
+        if expected_hash is not None:
+            ok = data is not None and value_hash(data) == expected_hash
+        elif expected_bytes is None:
+            ok = data is None
+        else:
+            ok = data is not None and (
+                data == expected_bytes or b.loads(data) == b.loads(expected_bytes)
+            )
+        if not ok:
+            if self._strict:
+                raise ConflictError(
+                    f"compare-and-set on {b.name} key "
+                    f"{b.table.key.to_json(b.kdec(key_bytes))!r}: "
+                    "the stored value is not the expected one"
+                )
+            return False
+        self.put_raw(table, key_bytes, value_bytes)
         return True
 
     def purge(self, table: TableRef) -> int:

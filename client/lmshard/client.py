@@ -1,0 +1,579 @@
+"""The client services import: routes writes to shard owners, reads shards in-process.
+
+``lmshard.connect(config)`` returns a ``Client`` with the embedded store's data API. Writes are
+encoded here, routed by the slot map to the owning shard, and sent over a DEALER socket; each
+batch carries (client id, sequence number) so a retry after a timeout (Lazy Pirate: close the
+socket, reconnect, resend the same sequence number) is applied once. Reads on the same host open
+each shard's environment read-only, once per process; elsewhere they go over the wire.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterator
+from operator import itemgetter
+from typing import Any
+
+import zmq
+
+from lmshard import protocol
+from lmshard.config import Config, load_config
+from lmshard.errors import (
+    BatchPartiallyApplied,
+    ConflictError,
+    Error,
+    ShardUnavailable,
+    TransactionError,
+    UnknownTable,
+    error_from_wire,
+)
+from lmshard.keys import encode_index_value
+from lmshard.schema import Schema, Table
+from lmshard.store import Store
+from lmshard.txn import index_prefix, prefix_end, value_hash
+
+log = logging.getLogger("lmshard.client")
+
+SCAN_PAGE = 1000
+"""Rows per page when a scan goes over the wire."""
+
+_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # ZeroMQ contexts and sockets must not cross fork(); the child builds its own on first use.
+    for client in list(_clients):
+        client._reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class ClientTable:
+    """A table as the client routes it: encoders, decoders and how a key picks its shard."""
+
+    __slots__ = ("table", "name", "tid", "kenc", "kdec", "kprefix", "dumps", "loads", "pinned",
+                 "shard_key")
+
+    def __init__(self, table: Table, shard_of: Callable[[bytes], int]) -> None:
+        self.table = table
+        self.name = table.name
+        self.tid = table.table_id.bytes
+        self.kenc = table.key.encode
+        self.kdec = table.key.decode
+        self.kprefix = table.key.encode_prefix
+        self.dumps = table.value.dumps
+        self.loads = table.value.loads
+        self.pinned: int | None = shard_of(self.tid) if table.pinned else None
+        self.shard_key = table.shard_key
+
+
+class _Conn:
+    """One thread's DEALER socket to one shard owner, with its own sequence numbers."""
+
+    __slots__ = ("sock", "seq")
+
+    def __init__(self, sock: zmq.Socket[bytes]) -> None:
+        self.sock = sock
+        self.seq = 0
+
+
+class Batch:
+    """Writes collected by ``Client.batch()`` and sent, one message per shard, on exit.
+
+    Bad keys and values raise at the call, before anything is sent. After the block,
+    ``results`` holds each op's result in call order and ``txn_ids`` each shard's txn id.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._parts: dict[int, list[list[Any]]] = {}
+        self._order: list[tuple[int, int]] = []
+        self.results: list[Any] = []
+        self.txn_ids: dict[int, int] = {}
+
+    def _add(self, table: Any, key: Any, op: int, arg: Any) -> None:
+        ct = self._client._table(table)
+        kb = ct.kenc(key)
+        shard = self._client._route(ct, key, kb)
+        part = self._parts.setdefault(shard, [])
+        self._order.append((shard, len(part)))
+        part.append([op, ct.tid, kb, arg])
+
+    def put(self, table: Any, key: Any, value: Any) -> None:
+        self._add(table, key, protocol.OP_PUT, self._client._table(table).dumps(value))
+
+    def delete(self, table: Any, key: Any) -> None:
+        self._add(table, key, protocol.OP_DELETE, None)
+
+    def incr(self, table: Any, key: Any, delta: int = 1) -> None:
+        if type(delta) is not int:
+            raise TransactionError(f"incr delta must be an int, not {type(delta).__name__}")
+        self._add(table, key, protocol.OP_INCR, delta)
+
+    def cas(self, table: Any, key: Any, value: Any, expected: Any = None, *,
+            expected_hash: bytes | None = None) -> None:
+        """Put ``value`` if the row holds ``expected`` (None: absent); a mismatch fails this
+        shard's part of the batch with ConflictError."""
+        ct = self._client._table(table)
+        if expected_hash is not None:
+            exp = [ct.dumps(value), protocol.CAS_HASH, bytes(expected_hash)]
+        elif expected is None:
+            exp = [ct.dumps(value), protocol.CAS_ABSENT, None]
+        else:
+            exp = [ct.dumps(value), protocol.CAS_VALUE, ct.dumps(expected)]
+        self._add(table, key, protocol.OP_CAS, exp)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None and self._order:
+            self._send()
+
+    def _send(self) -> None:
+        outcomes = self._client._write_parts(self._parts)
+        committed = {s: o[1][0] for s, o in outcomes.items() if o[0] is None}
+        failed = {s: o[0] for s, o in outcomes.items() if o[0] is not None}
+        self.txn_ids = committed
+        if failed:
+            if not committed:
+                raise next(iter(failed.values()))
+            raise BatchPartiallyApplied(
+                f"batch committed on shards {sorted(committed)} and failed on "
+                f"{sorted(failed)}: " + "; ".join(f"shard {s}: {e}" for s, e in failed.items()),
+                committed=committed, failed=failed,
+            )
+        self.results = [outcomes[s][1][1][i] for s, i in self._order]
+
+
+class Client:
+    """A connection to a running lmshard service; safe to share between threads."""
+
+    def __init__(
+        self,
+        config: Config | str | os.PathLike[str] | None = None,
+        schema: Schema | None = None,
+        *,
+        timeout_ms: int | None = None,
+        retries: int | None = None,
+        local_reads: bool | None = None,
+    ) -> None:
+        self.config = config if isinstance(config, Config) else load_config(config)
+        self.schema = schema if schema is not None else self.config.load_schema()
+        self.timeout_ms = self.config.timeout_ms if timeout_ms is None else timeout_ms
+        self.retries = self.config.retries if retries is None else retries
+        self.local_reads = self.config.local_reads if local_reads is None else local_reads
+        self.slot_map = self.config.slot_map
+        self.shards = self.config.shards
+        self._shard_of = self.slot_map.shard_of
+        self._tables: dict[Any, ClientTable] = {}
+        for t in self.schema.tables.values():
+            ct = ClientTable(t, self._shard_of)
+            self._tables[t] = self._tables[t.name] = self._tables[t.table_id] = ct
+        self._stores: list[Store | None] = [None] * self.shards
+        self._remote_only: set[int] = set()
+        self._store_lock = threading.Lock()
+        self._ctx: zmq.Context[Any] | None = None
+        self._tls = threading.local()
+        self._counters = {"batches_sent": 0, "ops_sent": 0, "retries": 0, "timeouts": 0,
+                          "remote_reads": 0}
+        self._closed = False
+        _clients.add(self)
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _reset_after_fork(self) -> None:
+        self._ctx = None
+        self._tls = threading.local()
+        self._store_lock = threading.Lock()
+
+    def _table(self, table: Any) -> ClientTable:
+        try:
+            return self._tables[table]
+        except KeyError:
+            raise UnknownTable(
+                f"no table {getattr(table, 'name', table)!r} in schema {self.schema.name!r}",
+                hint=f"known tables: {', '.join(sorted(self.schema.tables))}",
+            ) from None
+
+    def _route(self, ct: ClientTable, key: Any, kb: bytes) -> int:
+        if ct.pinned is not None:
+            return ct.pinned
+        if ct.shard_key is not None:
+            return self._shard_of(encode_index_value(ct.shard_key(key)))
+        return self._shard_of(kb)
+
+    def _conns(self) -> dict[int, _Conn]:
+        conns = getattr(self._tls, "conns", None)
+        if conns is None:
+            conns = self._tls.conns = {}
+            self._tls.client_id = uuid.uuid4().bytes
+        return conns  # type: ignore[no-any-return]
+
+    def _conn(self, shard: int) -> _Conn:
+        conns = self._conns()
+        conn = conns.get(shard)
+        if conn is None:
+            conn = conns[shard] = _Conn(self._socket(shard))
+        return conn
+
+    def _socket(self, shard: int) -> zmq.Socket[bytes]:
+        if self._closed:
+            raise TransactionError("this client is closed", hint="connect again")
+        if self._ctx is None:
+            self._ctx = zmq.Context()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.config.endpoint(shard))
+        return sock
+
+    def _reconnect(self, shard: int, conn: _Conn) -> None:
+        conn.sock.close(linger=0)
+        conn.sock = self._socket(shard)
+
+    def _request(self, shard: int, code: int, body: Any, *, write: bool) -> Any:
+        """Send one request to one shard and wait for its reply, with Lazy Pirate retries."""
+        return self._requests({shard: (code, body)}, write=write)[shard]
+
+    def _requests(self, parts: dict[int, tuple[int, Any]], *, write: bool) -> dict[int, Any]:
+        """Send requests to several shards at once, wait for every reply.
+
+        Returns shard -> result, or shard -> Error for a shard that answered with an error;
+        a shard that stays silent through every retry raises ShardUnavailable.
+        """
+        conns = {s: self._conn(s) for s in parts}
+        cid = self._tls.client_id if write else None
+        frames: dict[int, bytes] = {}
+        seqs: dict[int, int] = {}
+        for s, (code, body) in parts.items():
+            conn = conns[s]
+            conn.seq += 1
+            seqs[s] = conn.seq
+            frames[s] = protocol.pack_request(code, cid, conn.seq, body)
+        results: dict[int, Any] = {}
+        pending = set(parts)
+        for attempt in range(self.retries + 1):
+            for s in pending:
+                try:
+                    conns[s].sock.send(frames[s], zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    pass  # the queue to that peer is full: wait out the timeout, then retry
+            deadline = time.monotonic() + self.timeout_ms / 1000
+            poller = zmq.Poller()
+            by_sock = {}
+            for s in pending:
+                poller.register(conns[s].sock, zmq.POLLIN)
+                by_sock[conns[s].sock] = s
+            while pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                for sock, _ in poller.poll(left * 1000):
+                    s = by_sock[sock]
+                    seq, status, body = protocol.unpack_frame(sock.recv())
+                    if seq != seqs[s] or s not in pending:
+                        continue  # a late answer to an earlier attempt
+                    results[s] = body if status == 0 else error_from_wire(status, *body)
+                    pending.discard(s)
+                    poller.unregister(sock)
+            if not pending:
+                return results
+            self._counters["timeouts"] += len(pending)
+            if attempt < self.retries:
+                self._counters["retries"] += len(pending)
+                for s in pending:
+                    log.info("shard %d did not answer in %d ms: reconnecting, resending "
+                             "sequence %d", s, self.timeout_ms, seqs[s])
+                    self._reconnect(s, conns[s])
+        s = min(pending)
+        for p in pending:  # a fresh socket next time: no stale reply may be read as ours
+            self._reconnect(p, conns[p])
+        raise ShardUnavailable(
+            f"shard {s} at {self.config.endpoint(s)} did not answer within "
+            f"{self.timeout_ms} ms, {self.retries + 1} attempts",
+            hint="check that the shard owner runs: lmshard status; its log names the cause",
+        )
+
+    def _write_parts(
+        self, parts: dict[int, list[list[Any]]]
+    ) -> dict[int, tuple[Error | None, Any]]:
+        self._counters["batches_sent"] += len(parts)
+        self._counters["ops_sent"] += sum(len(p) for p in parts.values())
+        replies = self._requests({s: (2, ops) for s, ops in parts.items()}, write=True)
+        return {s: (r, None) if isinstance(r, Error) else (None, r) for s, r in replies.items()}
+
+    def _write_one(self, table: Any, key: Any, op: int, arg: Any) -> Any:
+        ct = self._table(table)
+        kb = ct.kenc(key)
+        shard = self._route(ct, key, kb)
+        self._counters["batches_sent"] += 1
+        self._counters["ops_sent"] += 1
+        r = self._request(shard, 2, [[op, ct.tid, kb, arg]], write=True)
+        if isinstance(r, Error):
+            raise r
+        return r[1][0]
+
+    def _local(self, shard: int) -> Store | None:
+        """The shard's environment opened read-only in this process, or None (remote reads)."""
+        st = self._stores[shard]
+        if st is not None or not self.local_reads or shard in self._remote_only:
+            return st
+        with self._store_lock:
+            st = self._stores[shard]
+            if st is None and shard not in self._remote_only:
+                path = self.config.shard_dir(shard)
+                try:
+                    st = Store(path, self.schema, readonly=True,
+                               max_readers=self.config.max_readers)
+                except Error as exc:
+                    log.warning("shard %d: reading through the owner, the files at %s cannot "
+                                "be opened here: %s", shard, path, exc)
+                    self._remote_only.add(shard)
+                    return None
+                self._stores[shard] = st
+        return st
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def put(self, table: Any, key: Any, value: Any) -> None:
+        """One acked write: returns once the owner committed it."""
+        self._write_one(table, key, protocol.OP_PUT, self._table(table).dumps(value))
+
+    def delete(self, table: Any, key: Any) -> bool:
+        return bool(self._write_one(table, key, protocol.OP_DELETE, None))
+
+    def incr(self, table: Any, key: Any, delta: int = 1) -> int:
+        """Atomically add ``delta`` on the owner; the new value."""
+        if type(delta) is not int:
+            raise TransactionError(f"incr delta must be an int, not {type(delta).__name__}")
+        return int(self._write_one(table, key, protocol.OP_INCR, delta))
+
+    def cas(self, table: Any, key: Any, value: Any, expected: Any = None, *,
+            expected_hash: bytes | None = None) -> bool:
+        """Put ``value`` only if the row holds ``expected`` (None: absent); False otherwise."""
+        b = Batch(self)
+        b.cas(table, key, value, expected, expected_hash=expected_hash)
+        try:
+            b._send()
+        except ConflictError:
+            return False
+        return True
+
+    def batch(self) -> Batch:
+        """Collect writes; on exit each shard's part is sent as one message and applied
+        atomically. A batch over several shards is atomic per shard, not across them."""
+        return Batch(self)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def get(self, table: Any, key: Any, default: Any = None) -> Any:
+        ct = self._tables.get(table) or self._table(table)
+        kb = ct.kenc(key)
+        shard = ct.pinned if ct.pinned is not None else (
+            self._shard_of(kb) if ct.shard_key is None else self._route(ct, key, kb))
+        st = self._stores[shard] or self._local(shard)
+        if st is not None:
+            return st.get_encoded(ct.table, kb, default)
+        data = self._remote(shard, 10, [ct.tid, kb])
+        return default if data is None else ct.loads(data)
+
+    def get_hash(self, table: Any, key: Any) -> bytes | None:
+        """The stored value's hash, for ``cas(..., expected_hash=)``."""
+        ct = self._table(table)
+        kb = ct.kenc(key)
+        shard = self._route(ct, key, kb)
+        st = self._local(shard)
+        if st is not None:
+            with st.read() as r:
+                data = r.get_raw(ct.table, kb)
+        else:
+            data = self._remote(shard, 10, [ct.tid, kb])
+        return None if data is None else value_hash(data)
+
+    def _remote(self, shard: int, code: int, body: Any) -> Any:
+        self._counters["remote_reads"] += 1
+        r = self._request(shard, code, body, write=False)
+        if isinstance(r, Error):
+            raise r
+        return r
+
+    def get_many(self, table: Any, keys: Any, default: Any = None) -> list[Any]:
+        ct = self._table(table)
+        keys = list(keys)
+        out: list[Any] = [default] * len(keys)
+        by_shard: dict[int, list[tuple[int, bytes]]] = {}
+        for i, key in enumerate(keys):
+            kb = ct.kenc(key)
+            by_shard.setdefault(self._route(ct, key, kb), []).append((i, kb))
+        for shard, items in by_shard.items():
+            st = self._local(shard)
+            if st is not None:
+                with st.read() as r:
+                    for i, kb in items:
+                        data = r.get_raw(ct.table, kb)
+                        if data is not None:
+                            out[i] = ct.loads(data)
+            else:
+                datas = self._remote(shard, 11, [ct.tid, [kb for _, kb in items]])
+                for (i, _), data in zip(items, datas, strict=True):
+                    if data is not None:
+                        out[i] = ct.loads(data)
+        return out
+
+    def exists(self, table: Any, key: Any) -> bool:
+        marker = object()
+        return self.get(table, key, marker) is not marker
+
+    def _bounds(self, ct: ClientTable, prefix: Any, start: Any, end: Any
+                ) -> tuple[bytes | None, bytes | None]:
+        lo = ct.kenc(start) if start is not None else None
+        hi = ct.kenc(end) if end is not None else None
+        if prefix is not None:
+            pb = ct.kprefix(prefix)
+            pe = prefix_end(pb)
+            lo = pb if lo is None or pb > lo else lo
+            if pe is not None and (hi is None or pe < hi):
+                hi = pe
+        return lo, hi
+
+    def _shards_for(self, ct: ClientTable) -> list[int]:
+        return [ct.pinned] if ct.pinned is not None else list(range(self.shards))
+
+    def _raw_range(self, shard: int, ct: ClientTable, lo: bytes | None, hi: bytes | None,
+                   reverse: bool) -> Iterator[tuple[bytes, bytes]]:
+        st = self._local(shard)
+        if st is not None:
+            with st.read() as r:
+                yield from r.scan_raw(ct.table, lo, hi, reverse)
+            return
+        while True:
+            items, more = self._remote(shard, 12, [ct.tid, lo, hi, reverse, SCAN_PAGE])
+            yield from ((k, v) for k, v in items)
+            if not more or not items:
+                return
+            last = items[-1][0]
+            if reverse:
+                hi = last
+            else:
+                lo = last + b"\x00"
+
+    def scan(self, table: Any, prefix: Any = None, start: Any = None, end: Any = None,
+             reverse: bool = False, limit: int | None = None,
+             where: Callable[[Any], bool] | None = None) -> Iterator[tuple[Any, Any]]:
+        """Yield (key, value) in key order across every shard (merged); ``end`` exclusive."""
+        ct = self._table(table)
+        lo, hi = self._bounds(ct, prefix, start, end)
+        streams = [self._raw_range(s, ct, lo, hi, reverse) for s in self._shards_for(ct)]
+        merged = streams[0] if len(streams) == 1 else heapq.merge(
+            *streams, key=itemgetter(0), reverse=reverse)
+        kdec, loads = ct.kdec, ct.loads
+        if limit is not None and limit <= 0:
+            return
+        n = 0
+        for k, v in merged:
+            value = loads(v)
+            if where is not None and not where(value):
+                continue
+            yield kdec(k), value
+            n += 1
+            if limit is not None and n >= limit:
+                return
+
+    def count(self, table: Any, prefix: Any = None, start: Any = None, end: Any = None) -> int:
+        ct = self._table(table)
+        lo, hi = self._bounds(ct, prefix, start, end)
+        total = 0
+        for shard in self._shards_for(ct):
+            st = self._local(shard)
+            if st is not None:
+                with st.read() as r:
+                    if lo is None and hi is None:
+                        total += r.count(ct.table)
+                    else:
+                        total += sum(1 for _ in r.scan_raw(ct.table, lo, hi))
+            else:
+                total += int(self._remote(shard, 14, [ct.tid, lo, hi]))
+        return total
+
+    def lookup(self, table: Any, index: str, value: Any, prefix: bool = False
+               ) -> list[tuple[Any, Any]]:
+        """Rows by index value, from every shard the table lives on, in key order."""
+        ct = self._table(table)
+        if index not in ct.table.indexes:
+            from lmshard.errors import UnknownIndex
+
+            raise UnknownIndex(f"table {ct.name!r} has no index {index!r}",
+                               hint=f"its indexes: {', '.join(ct.table.indexes) or '(none)'}")
+        if value is None:
+            return []
+        ivb = index_prefix(value) if prefix else encode_index_value(value)
+        rows: list[tuple[bytes, bytes]] = []
+        for shard in self._shards_for(ct):
+            st = self._local(shard)
+            if st is not None:
+                with st.read() as r:
+                    for rk in r.lookup_keys_raw(ct.table, index, ivb, prefix):
+                        data = r.get_raw(ct.table, rk)
+                        if data is not None:
+                            rows.append((rk, data))
+            else:
+                rows.extend(
+                    (k, v) for k, v in self._remote(shard, 13, [ct.tid, index, ivb, prefix]))
+        rows.sort(key=itemgetter(0))
+        return [(ct.kdec(k), ct.loads(v)) for k, v in rows]
+
+    def ping(self, shard: int) -> dict[str, Any]:
+        """The owner's health; raises ShardUnavailable when it does not answer."""
+        t = time.perf_counter()
+        r = self._remote(shard, 1, None)
+        r["rtt_ms"] = (time.perf_counter() - t) * 1000
+        return r  # type: ignore[no-any-return]
+
+    def stats(self) -> dict[str, Any]:
+        """Every shard's statistics (as its owner reports them) and this client's counters."""
+        shards: dict[int, Any] = {}
+        for s in range(self.shards):
+            try:
+                shards[s] = self._remote(s, 20, None)
+            except ShardUnavailable as exc:
+                shards[s] = {"error": str(exc)}
+        return {"shards": shards, "client": dict(self._counters)}
+
+    def close(self) -> None:
+        self._closed = True
+        for st in self._stores:
+            if st is not None:
+                st.close()
+        self._stores = [None] * self.shards
+        conns = getattr(self._tls, "conns", None) or {}
+        for conn in conns.values():
+            conn.sock.close(linger=0)
+        self._tls = threading.local()
+        if self._ctx is not None:
+            self._ctx.term() if not conns else self._ctx.destroy(linger=0)
+            self._ctx = None
+        _clients.discard(self)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(config: Config | str | os.PathLike[str] | None = None, schema: Schema | None = None,
+            **options: Any) -> Client:
+    """Connect to a running service described by ``config`` (a Config, a path, or None for
+    $LMSHARD_CONFIG / config/lmshard.toml). Options: timeout_ms, retries, local_reads."""
+    return Client(config, schema, **options)
+

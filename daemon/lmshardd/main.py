@@ -1,0 +1,42 @@
+"""``lmshardd``: the daemon's processes, each started by supervisord (one program per role)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from lmshard.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lmshardd", description="lmshard daemon processes")
+    ap.add_argument("-c", "--config", help="config file (default: $LMSHARD_CONFIG or "
+                    "config/lmshard.toml)")
+    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = ap.add_subparsers(dest="role", required=True)
+    owner = sub.add_parser("owner", help="own and serve one shard")
+    owner.add_argument("--shard", type=int, required=True, help="shard number, from 0")
+    args = ap.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+    )
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"lmshardd: {exc}", file=sys.stderr)
+        return 2
+    if args.role == "owner":
+        from lmshardd.owner import run_owner
+
+        if not 0 <= args.shard < config.shards:
+            print(f"lmshardd: --shard {args.shard} is not in 0..{config.shards - 1} "
+                  f"(config {config.path})", file=sys.stderr)
+            return 2
+        return run_owner(config, args.shard)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

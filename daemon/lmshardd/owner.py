@@ -1,0 +1,343 @@
+"""The shard owner: the one process that writes a shard's LMDB environment.
+
+It binds a ROUTER socket and loops: drain every request waiting, apply all write batches in one
+LMDB write transaction (group commit), each batch in a nested transaction so a failing batch
+fails alone, commit, then answer each batch with its outcome and the txn id it committed in.
+The last applied sequence number per client, with its reply, is written in the same transaction,
+so a retried batch is answered again but applied once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import lmdb
+import msgpack
+import zmq
+
+from lmshard import protocol
+from lmshard.config import Config
+from lmshard.errors import Error, InternalError, ProtocolError, SchemaMismatch, StoreFull
+from lmshard.store import Store, grow_map
+from lmshard.txn import ReadTxn, WriteTxn
+
+log = logging.getLogger("lmshardd.owner")
+
+MAX_GROUP = 1024
+"""Most requests drained into one group commit."""
+POLL_MS = 100
+"""How long the loop waits for requests before it looks at signals and housekeeping."""
+READER_CHECK_INTERVAL = 1.0
+"""Seconds between reader_check() calls, which free slots of crashed reader processes."""
+CLIENTS_DB = b"__clients__"
+
+
+@dataclass
+class OwnerCounters:
+    """What the owner has done since it started (published by the monitoring channel)."""
+
+    started: float = field(default_factory=time.time)
+    batches: int = 0
+    failed_batches: int = 0
+    duplicate_batches: int = 0
+    ops: int = 0
+    commits: int = 0
+    reads: int = 0
+    bad_frames: int = 0
+    last_txn_id: int = 0
+    last_commit_time: float = 0.0
+    commit_seconds: list[float] = field(default_factory=list)
+    group_sizes: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if not isinstance(v, list)}
+        d["uptime"] = time.time() - self.started
+        return d
+
+
+class ShardOwner:
+    """Owns shard ``shard`` of ``config``: opens its environment and serves its socket."""
+
+    def __init__(self, config: Config, shard: int, schema: Any = None) -> None:
+        if not 0 <= shard < config.shards:
+            raise ValueError(f"shard {shard} is not in 0..{config.shards - 1}")
+        self.config = config
+        self.shard = shard
+        self.schema = schema if schema is not None else config.load_schema()
+        self.path = config.shard_dir(shard)
+        self.store = Store(
+            self.path,
+            self.schema,
+            map_size=config.map_size,
+            max_map_size=config.max_map_size,
+            sync=config.sync,
+            metasync=config.metasync,
+            max_readers=config.max_readers,
+            on_open=self._check_identity,
+        )
+        self.env = self.store.env
+        self.tables = self.store._tables
+        self.clients_db = self.env.open_db(CLIENTS_DB)
+        self.counters = OwnerCounters(last_txn_id=self.env.info()["last_txnid"])
+        self.stopping = False
+        self.ctx = zmq.Context.instance()
+        self.sock: zmq.Socket[bytes] | None = None
+        self._unpack = msgpack.Unpacker  # keeps the import honest for type checkers
+
+    def _check_identity(
+        self, txn: lmdb.Transaction, meta_db: Any, meta: dict[bytes, bytes]
+    ) -> None:
+        """Refuse to serve a shard directory that belongs to another shard or slot map."""
+        digest = self.config.slot_map.digest().encode()
+        shard = str(self.shard).encode()
+        if b"shard_id" in meta and meta[b"shard_id"] != shard:
+            raise SchemaMismatch(
+                f"{self.path} holds shard {meta[b'shard_id'].decode()}, the config says "
+                f"shard {self.shard}",
+                hint="check data_dir and the shard number; never move shard directories",
+            )
+        if b"slot_map" in meta and meta[b"slot_map"] != digest:
+            raise SchemaMismatch(
+                f"{self.path} was written with a different slot map than the config's",
+                hint="restore the slot map the data was written with; changing it needs a "
+                "migration of rows between shards",
+            )
+        txn.put(b"shard_id", shard, db=meta_db)
+        txn.put(b"slot_map", digest, db=meta_db)
+        txn.put(b"shards", str(self.config.shards).encode(), db=meta_db)
+
+    # -- serving -----------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_SIZE + 1024)
+        endpoint = self.config.endpoint(self.shard)
+        if endpoint.startswith("ipc://"):
+            os.makedirs(os.path.dirname(endpoint[6:]), mode=0o700, exist_ok=True)
+        sock.bind(endpoint)
+        self.sock = sock
+        log.info("shard %d serving %s on %s (pid %d)", self.shard, self.path, endpoint,
+                 os.getpid())
+
+    def install_signal_handlers(self) -> None:
+        def stop(signum: int, frame: Any) -> None:
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+    def serve_forever(self) -> None:
+        """Serve until SIGTERM/SIGINT; the commit in progress finishes and is answered."""
+        if self.sock is None:
+            self.bind()
+        assert self.sock is not None
+        sock = self.sock
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        next_check = time.monotonic() + READER_CHECK_INTERVAL
+        while not self.stopping:
+            if poller.poll(POLL_MS):
+                self.serve_once(sock)
+            now = time.monotonic()
+            if now >= next_check:
+                stale = self.env.reader_check()
+                if stale:
+                    log.info("freed %d reader slots of dead processes", stale)
+                next_check = now + READER_CHECK_INTERVAL
+        log.info("shard %d stopping: last txn %d", self.shard, self.counters.last_txn_id)
+        self.close()
+
+    def serve_once(self, sock: zmq.Socket[bytes]) -> int:
+        """Drain waiting requests, group-commit the writes, answer everything. Returns count."""
+        writes: list[tuple[bytes, bytes | None, int, list[tuple]]] = []
+        others: list[tuple[bytes, int, protocol.Command, Any]] = []
+        n = 0
+        while n < MAX_GROUP:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            n += 1
+            if len(frames) != 2:
+                self.counters.bad_frames += 1
+                if len(frames) > 2 or not frames:
+                    continue  # not a DEALER peer speaking our protocol: drop it
+            ident, frame = frames[0], frames[-1]
+            seq = 0
+            try:
+                code, client_id, seq, body = protocol.unpack_request(frame)
+                cmd = protocol.BY_CODE.get(code)
+                if cmd is None:
+                    raise ProtocolError(f"unknown command code {code}")
+                args = cmd.validate(self.tables, body)
+            except Error as exc:
+                self.counters.bad_frames += 1
+                sock.send_multipart([ident, protocol.pack_error(seq, exc)])
+                continue
+            except Exception as exc:  # validation must never take the owner down
+                self.counters.bad_frames += 1
+                err = ProtocolError(f"invalid request: {type(exc).__name__}: {exc}")
+                sock.send_multipart([ident, protocol.pack_error(seq, err)])
+                continue
+            if cmd.writes:
+                writes.append((ident, client_id, seq, args))
+            else:
+                others.append((ident, seq, cmd, args))
+        if writes:
+            for ident, reply in self.commit_group(writes):
+                sock.send_multipart([ident, reply])
+        for ident, seq, cmd, args in others:
+            sock.send_multipart([ident, self.answer(seq, cmd, args)])
+        return n
+
+    def commit_group(
+        self, batches: list[tuple[bytes, bytes | None, int, list[tuple]]]
+    ) -> list[tuple[bytes, bytes]]:
+        """Apply every batch in one write transaction; the replies to send after commit."""
+        started = time.perf_counter()
+        while True:
+            txn = self.env.begin(write=True)
+            try:
+                outcomes = self._apply_all(txn, batches)
+                txn_id = txn.id()
+                txn.commit()
+                break
+            except lmdb.MapFullError:
+                txn.abort()
+                try:
+                    grow_map(self.env, self.config.max_map_size, str(self.path))
+                except StoreFull as full:
+                    # Past the cap: no batch of this group is applied; each gets the error.
+                    self.counters.failed_batches += len(batches)
+                    return [(b[0], protocol.pack_error(b[2], full)) for b in batches]
+            except BaseException:
+                txn.abort()
+                raise
+        c = self.counters
+        c.commits += 1
+        c.last_txn_id = txn_id
+        c.last_commit_time = time.time()
+        c.commit_seconds.append(time.perf_counter() - started)
+        c.group_sizes.append(len(batches))
+        if len(c.commit_seconds) > 4096:
+            del c.commit_seconds[:2048], c.group_sizes[:2048]
+        replies = []
+        for (ident, _cid, seq, _ops), (status, body) in zip(batches, outcomes, strict=True):
+            if status == 0 and body[0] is None:
+                body = [txn_id, body[1]]
+            replies.append((ident, protocol.pack_reply(seq, status, body)))
+        return replies
+
+    def _apply_all(
+        self, txn: lmdb.Transaction, batches: list[tuple[bytes, bytes | None, int, list[tuple]]]
+    ) -> list[tuple[int, Any]]:
+        outcomes: list[tuple[int, Any]] = []
+        c = self.counters
+        env, clients_db = self.env, self.clients_db
+        txn_id = txn.id()
+        for _ident, cid, seq, ops in batches:
+            if cid is not None:
+                rec = txn.get(cid, db=clients_db)
+                if rec is not None:
+                    last_seq, status, body = msgpack.unpackb(rec, raw=False)
+                    if seq <= last_seq:
+                        c.duplicate_batches += 1
+                        if seq == last_seq:
+                            outcomes.append((status, body))
+                        else:
+                            outcomes.append((0, [None, None]))  # long since applied
+                        continue
+            child = env.begin(write=True, parent=txn)
+            try:
+                results = protocol.apply_ops(WriteTxn(child, self.tables, strict=True), ops)
+                child.commit()
+                outcome: tuple[int, Any] = (0, [txn_id, results])
+                c.batches += 1
+                c.ops += len(ops)
+            except lmdb.MapFullError:
+                child.abort()
+                raise
+            except Error as exc:
+                child.abort()
+                outcome = (exc.code, [exc.message, exc.hint])
+                c.failed_batches += 1
+            except Exception as exc:
+                child.abort()
+                log.exception("batch from client %s failed unexpectedly", cid and cid.hex())
+                err = InternalError(f"{type(exc).__name__}: {exc}")
+                outcome = (err.code, [err.message, err.hint])
+                c.failed_batches += 1
+            if cid is not None:
+                txn.put(cid, msgpack.packb([seq, outcome[0], outcome[1]], use_bin_type=True),
+                        db=clients_db)
+            outcomes.append(outcome)
+        return outcomes
+
+    def answer(self, seq: int, cmd: protocol.Command, args: Any) -> bytes:
+        """Serve a read command (or ping/stats) from a fresh snapshot."""
+        self.counters.reads += 1
+        try:
+            if cmd.name == "ping":
+                return protocol.pack_reply(seq, 0, self.health())
+            if cmd.name == "stats":
+                return protocol.pack_reply(seq, 0, self.stats())
+            assert cmd.handle is not None
+            with self.store.read() as r:
+                return protocol.pack_reply(seq, 0, cmd.handle(r, args))
+        except Error as exc:
+            return protocol.pack_error(seq, exc)
+        except Exception as exc:
+            log.exception("read command %s failed", cmd.name)
+            return protocol.pack_error(seq, InternalError(f"{type(exc).__name__}: {exc}"))
+
+    def health(self) -> dict[str, Any]:
+        info = self.env.info()
+        psize = self.env.stat()["psize"]
+        return {
+            "shard": self.shard,
+            "pid": os.getpid(),
+            "txn_id": info["last_txnid"],
+            "map_size": info["map_size"],
+            "map_used": (info["last_pgno"] + 1) * psize,
+            "max_map_size": self.config.max_map_size,
+            "readers": info["num_readers"],
+            "max_readers": info["max_readers"],
+            "uptime": time.time() - self.counters.started,
+            "last_commit": self.counters.last_commit_time,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        s = self.store.stats()
+        s["owner"] = self.counters.as_dict()
+        s["shard"] = self.shard
+        return s
+
+    def read(self) -> ReadTxn:  # for tests and tools in this process
+        return self.store.read()  # type: ignore[return-value]
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=1000)
+            self.sock = None
+        self.store.close()
+
+
+def run_owner(config: Config, shard: int) -> int:
+    """Entry point of ``lmshardd owner``: serve until told to stop; the exit status."""
+    try:
+        owner = ShardOwner(config, shard)
+    except Error as exc:
+        log.error("shard %d cannot start: %s", shard, exc)
+        return 2
+    owner.install_signal_handlers()
+    owner.bind()
+    owner.serve_forever()
+    return 0

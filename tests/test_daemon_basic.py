@@ -1,0 +1,132 @@
+"""The client against real shard owner processes: the data API, routing, errors."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+import lmshard
+from tests.cluster import Cluster
+
+
+def test_put_get_delete_incr_cas_through_owners(cluster: Cluster) -> None:
+    with cluster.client() as c:
+        uid = uuid.uuid4()
+        c.put("users", uid, {"email": "a@x.org", "n": 1})
+        assert c.get("users", uid) == {"email": "a@x.org", "n": 1}  # read-your-writes, locally
+        assert c.exists("users", uid)
+        assert c.lookup("users", "by_email", "a@x.org") == [(uid, {"email": "a@x.org", "n": 1})]
+        assert c.incr("counters", "hits") == 1
+        assert c.incr("counters", "hits", 9) == 10
+        assert c.cas("counters", "k", "v1") is True
+        assert c.cas("counters", "k", "v2") is False
+        assert c.cas("counters", "k", "v2", expected="v1") is True
+        h = c.get_hash("counters", "k")
+        assert h is not None and c.cas("counters", "k", "v3", expected_hash=h) is True
+        assert c.get("counters", "k") == "v3"
+        assert c.delete("users", uid) is True
+        assert c.delete("users", uid) is False
+        assert c.get("users", uid) is None
+        assert c.lookup("users", "by_email", "a@x.org") == []
+
+
+def test_rows_spread_over_shards_and_scans_merge_in_key_order(cluster: Cluster) -> None:
+    with cluster.client() as c:
+        with c.batch() as b:
+            for i in range(400):
+                b.put("blobs", i, b"%d" % i)
+        assert len(b.txn_ids) == 4  # the batch was split over every shard
+        per_shard = [c._local(s).count("blobs") for s in range(4)]  # type: ignore[union-attr]
+        assert sum(per_shard) == 400 and min(per_shard) > 50
+        assert [k for k, _ in c.scan("blobs")] == list(range(400))
+        assert [k for k, _ in c.scan("blobs", start=10, end=15)] == [10, 11, 12, 13, 14]
+        assert [k for k, _ in c.scan("blobs", reverse=True, limit=3)] == [399, 398, 397]
+        assert c.count("blobs") == 400
+        assert c.get_many("blobs", [5, 1000, 7]) == [b"5", None, b"7"]
+
+
+def test_shard_key_keeps_a_series_on_one_shard(cluster: Cluster) -> None:
+    with cluster.client() as c:
+        with c.batch() as b:
+            for series in ("cpu", "mem", "disk"):
+                for t in range(50):
+                    b.put("events", (series, t), {"v": t})
+        assert c.count("events", prefix=("cpu",)) == 50
+        holders = [s for s in range(4) if c._local(s).count("events", prefix=("cpu",))]  # type: ignore[union-attr]
+        assert len(holders) == 1
+        assert [k for k, _ in c.scan("events", prefix=("mem",), limit=2)] == [("mem", 0), ("mem", 1)]
+
+
+def test_remote_reads_match_local_reads(cluster: Cluster) -> None:
+    with cluster.client() as c, cluster.client(local_reads=False) as r:
+        with c.batch() as b:
+            for i in range(3000):
+                b.put("items", i, {"group": i % 7, "i": i})
+        assert r.get("items", 5) == c.get("items", 5)
+        assert r.get_many("items", [1, 2, 99999]) == c.get_many("items", [1, 2, 99999])
+        assert list(r.scan("items")) == list(c.scan("items"))  # pages of 1,000 over the wire
+        assert r.count("items") == c.count("items") == 3000
+        assert r.count("items", start=100, end=200) == 100
+        assert r.lookup("items", "by_group", 3) == c.lookup("items", "by_group", 3)
+        assert len(r.lookup("items", "by_group", 3)) == len(range(3, 3000, 7))
+        assert r.stats()["client"]["remote_reads"] > 0
+        assert c.stats()["client"]["remote_reads"] == 4  # only the stats calls themselves
+
+
+def test_unique_violation_fails_the_batch_alone(cluster: Cluster) -> None:
+    with cluster.client() as c:
+        a, b2 = uuid.uuid4(), uuid.uuid4()
+        c.put("users", a, {"email": "dup@x.org"})
+        with pytest.raises(lmshard.UniqueViolation), c.batch() as b:
+            b.put("users", b2, {"email": "other@x.org"})
+            b.put("users", uuid.uuid4(), {"email": "dup@x.org"})
+        assert c.get("users", b2) is None  # the whole (single-shard) batch was left out
+
+
+def test_batch_over_shards_reports_partial_outcome(cluster: Cluster) -> None:
+    with cluster.client() as c:
+        c.put("counters", "taken", "x")
+        with pytest.raises(lmshard.BatchPartiallyApplied) as info, c.batch() as b:
+            for i in range(40):
+                b.put("blobs", i, b"ok")
+            b.cas("counters", "taken", "y")  # expects absent: fails its shard's part
+        err = info.value
+        assert len(err.failed) == 1 and len(err.committed) >= 2
+        (failed_shard, exc), = err.failed.items()
+        assert isinstance(exc, lmshard.ConflictError)
+        committed_rows = sum(1 for i in range(40) if c.get("blobs", i) == b"ok")
+        assert 0 < committed_rows < 40
+
+
+def test_bad_input_is_refused_before_sending(cluster: Cluster) -> None:
+    with cluster.client() as c:
+        with pytest.raises(lmshard.KeyEncodingError):
+            c.put("blobs", -1, b"x")
+        with pytest.raises(lmshard.CodecError):
+            c.put("counters", "k", object())
+        with pytest.raises(lmshard.UnknownTable):
+            c.put("nope", 1, 1)
+        with pytest.raises(lmshard.KeyEncodingError), c.batch() as b:
+            b.put("blobs", 1, b"fine")
+            b.put("blobs", "not an int", b"x")
+        assert c.get("blobs", 1) is None  # nothing of the failed batch was sent
+
+
+def test_stopped_shard_is_named_in_the_error(cluster: Cluster) -> None:
+    cluster.kill(2)
+    with cluster.client(timeout_ms=200, retries=1) as c:
+        key = next(i for i in range(1000) if c.slot_map.shard_of(i.to_bytes(8, "big")) == 2)
+        with pytest.raises(lmshard.ShardUnavailable, match="shard 2 at ipc://"):
+            c.put("blobs", key, b"x")
+        assert c.stats()["client"]["retries"] >= 1
+
+
+def test_owner_refuses_another_shards_directory(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from lmshardd.owner import ShardOwner
+
+    cl = Cluster(tmp_path, shards=2)
+    ShardOwner(cl.config, 0).close()
+    (cl.config.data_dir / "shard-00").rename(cl.config.data_dir / "shard-01")
+    with pytest.raises(lmshard.SchemaMismatch, match="holds shard 0"):
+        ShardOwner(cl.config, 1)
