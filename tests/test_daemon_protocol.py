@@ -1,0 +1,133 @@
+"""The owner's side of the wire: idempotent retries, group commit isolation, hostile frames."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+
+import msgpack
+import zmq
+
+from lmshard import protocol
+from lmshard.errors import ProtocolError, UniqueViolation
+from tests.cluster import Cluster
+from tests.schemas import COUNTERS_ID, USERS_ID
+
+
+def _dealer(cluster: Cluster, shard: int) -> zmq.Socket[bytes]:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    sock.connect(cluster.config.endpoint(shard))
+    return sock
+
+
+def _reply(sock: zmq.Socket[bytes]) -> list:
+    return protocol.unpack_frame(sock.recv())
+
+
+def _incr_op(cluster: Cluster, key: str) -> tuple[int, list]:
+    with cluster.client() as c:
+        ct = c._table("counters")
+        kb = ct.kenc(key)
+        return c._route(ct, key, kb), [protocol.OP_INCR, uuid.UUID(COUNTERS_ID).bytes, kb, 5]
+
+
+def test_retried_batch_is_applied_once_and_answered_again(cluster: Cluster) -> None:
+    shard, op = _incr_op(cluster, "retry")
+    cid = os.urandom(16)
+    frame = protocol.pack_request(2, cid, 7, [op])
+    sock = _dealer(cluster, shard)
+    sock.send(frame)
+    first = _reply(sock)
+    sock.close()
+    # Lazy Pirate: a new socket (new identity) resends the very same sequence number.
+    sock = _dealer(cluster, shard)
+    sock.send(frame)
+    second = _reply(sock)
+    assert first[1] == 0 and first == second  # same txn id, same result: the cached reply
+    assert first[2][1] == [5]
+    sock.send(protocol.pack_request(2, cid, 8, [op]))
+    assert _reply(sock)[2][1] == [10]  # the next sequence number is applied
+    sock.send(protocol.pack_request(2, cid, 6, [op]))
+    assert _reply(sock)[1] == 0  # an older retry is acknowledged, not applied
+    with cluster.client() as c:
+        assert c.get("counters", "retry") == 10
+    sock.close()
+
+
+def test_bad_batch_fails_alone_inside_one_group_commit(cluster: Cluster) -> None:
+    with cluster.client() as c:
+        users = c._table("users")
+        shard = users.pinned
+        assert shard is not None
+        taken = uuid.uuid4()
+        c.put("users", taken, {"email": "taken@x.org"})
+    tid = uuid.UUID(USERS_ID).bytes
+    socks = [_dealer(cluster, shard) for _ in range(5)]
+    keys = [uuid.uuid4() for _ in socks]
+    for s in socks:  # connect every socket before the owner is paused
+        s.send(protocol.pack_request(1, None, 1, None))
+        _reply(s)
+    os.kill(cluster.pid(shard), signal.SIGSTOP)
+    try:
+        for i, (s, k) in enumerate(zip(socks, keys, strict=True)):
+            email = "taken@x.org" if i == 2 else f"u{i}@x.org"
+            op = [protocol.OP_PUT, tid, k.bytes, users.dumps({"email": email})]
+            s.send(protocol.pack_request(2, os.urandom(16), 1, [op]))
+        time.sleep(0.3)  # every frame is queued at the paused owner
+    finally:
+        os.kill(cluster.pid(shard), signal.SIGCONT)
+    replies = [_reply(s) for s in socks]
+    assert replies[2][1] == UniqueViolation.code
+    ok = [r for i, r in enumerate(replies) if i != 2]
+    assert all(r[1] == 0 for r in ok)
+    assert len({r[2][0] for r in ok}) == 1  # one commit: the same txn id for all four
+    with cluster.client() as c:
+        assert [c.get("users", k) is not None for k in keys] == [True, True, False, True, True]
+    for s in socks:
+        s.close()
+
+
+def test_hostile_frames_get_typed_errors_and_the_owner_keeps_serving(cluster: Cluster) -> None:
+    sock = _dealer(cluster, 0)
+    good_tid = uuid.UUID(COUNTERS_ID).bytes
+    bad_frames = [
+        b"",
+        b"\x09" + msgpack.packb([2, None, 1, []]),  # wrong protocol version
+        b"\x01\xc1",  # never-used msgpack byte
+        b"\x01" + msgpack.packb({"a": 1}),
+        b"\x01" + msgpack.packb([2, None, 1]),
+        b"\x01" + msgpack.packb([999, None, 1, None]),  # unknown command
+        b"\x01" + msgpack.packb([2, b"short", 1, []]),  # client id not 16 bytes
+        b"\x01" + msgpack.packb([2, None, -1, []]),
+        protocol.pack_request(2, None, 1, [[1, b"x" * 16, b"k", b"v"]]),  # unknown table
+        protocol.pack_request(2, None, 1, [[1, good_tid, b"", b"v"]]),  # empty key
+        protocol.pack_request(2, None, 1, [[1, good_tid, b"k" * 600, b"v"]]),  # key too long
+        protocol.pack_request(2, None, 1, [[1, good_tid, b"k", "not bytes"]]),
+        protocol.pack_request(2, None, 1, [[7, good_tid, b"k", b"v"]]),  # unknown op
+        protocol.pack_request(2, None, 1, [[4, good_tid, b"k", 2**64 - 1]]),  # incr out of range
+        protocol.pack_request(12, None, 1, [good_tid, None, None, False, 10**9]),
+    ]
+    for frame in bad_frames:
+        sock.send(frame)
+        seq, status, body = _reply(sock)
+        assert status >= ProtocolError.code or status in (11, 13), (frame, status, body)
+        assert isinstance(body[0], str) and body[0]
+    sock.send_multipart([b"a", b"b", b"c"])  # not our framing at all: dropped silently
+    sock.send(protocol.pack_request(1, None, 42, None))
+    seq, status, body = _reply(sock)
+    assert (seq, status) == (42, 0) and body["shard"] == 0
+    with cluster.client() as c:
+        assert c.count("counters") == 0  # nothing was half-written
+    sock.close()
+
+
+def test_protocol_doc_is_generated_from_the_registry() -> None:
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+    assert doc.read_text() == protocol.render_markdown(), (
+        "docs/protocol.md is stale: run python -m lmshard.protocol > docs/protocol.md")
