@@ -1,0 +1,176 @@
+"""lmshard's daemon against raw in-process py-lmdb, side by side in one run.
+
+    python bench/daemon.py [--rows 200000] [--rounds 3] [--shards 4]
+
+Starts real shard owner processes (sync on), then measures:
+- batched writes through the daemon (1,000 ops per batch) from 1 and 4 client processes,
+  against raw in-process py-lmdb inserts of the same records (1,000 per txn, sync on);
+- single acked puts from 1 and 8 concurrent client processes (group commit at work);
+- local point gets through the client (routed, read-only env in-process) against raw gets.
+Prints medians over rounds and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cbor2
+import lmdb
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import lmshard  # noqa: E402
+from tests.cluster import Cluster  # noqa: E402
+
+
+def record(i: int) -> dict[str, object]:
+    return {"id": i, "name": f"user-{i:08d}", "email": f"u{i}@example.com", "age": i % 90,
+            "score": i * 0.5, "city": "Berlin", "tags": ["alpha", "beta", "gamma"]}
+
+
+def raw_insert(path: Path, n: int) -> float:
+    env = lmdb.open(str(path), map_size=1 << 31, max_dbs=4, sync=True)
+    db = env.open_db(b"rows")
+    dumps = cbor2.dumps
+    t = time.perf_counter()
+    for s in range(0, n, 1000):
+        with env.begin(write=True) as txn:
+            for i in range(s, min(s + 1000, n)):
+                txn.put(i.to_bytes(8, "big"), dumps(record(i)), db=db)
+    rate = n / (time.perf_counter() - t)
+    env.close()
+    return rate
+
+
+def raw_gets(path: Path, keys: list[int]) -> float:
+    env = lmdb.open(str(path), map_size=1 << 31, max_dbs=4, readonly=True, lock=True)
+    db = env.open_db(b"rows", create=False)
+    loads = cbor2.loads
+    t = time.perf_counter()
+    for k in keys:
+        txn = env.begin(db=db)
+        loads(txn.get(k.to_bytes(8, "big")))
+        txn.abort()
+    rate = len(keys) / (time.perf_counter() - t)
+    env.close()
+    return rate
+
+
+def _batch_writer(config: str, start: int, n: int, go: mp.Event, q: mp.Queue) -> None:  # type: ignore[name-defined]
+    with lmshard.connect(config) as c:
+        c.ping(0)
+        go.wait()
+        t = time.perf_counter()
+        for s in range(start, start + n, 1000):
+            with c.batch() as b:
+                for i in range(s, min(s + 1000, start + n)):
+                    b.put("items", i, record(i))
+        q.put((n, time.perf_counter() - t))
+
+
+def _single_putter(config: str, start: int, n: int, go: mp.Event, q: mp.Queue) -> None:  # type: ignore[name-defined]
+    with lmshard.connect(config) as c:
+        c.ping(0)
+        go.wait()
+        t = time.perf_counter()
+        for i in range(start, start + n):
+            c.put("blobs", i, b"x" * 100)
+        q.put((n, time.perf_counter() - t))
+
+
+def _getter(config: str, keys: list[int], go: mp.Event, q: mp.Queue) -> None:  # type: ignore[name-defined]
+    with lmshard.connect(config) as c:
+        get = c.get
+        get("items", keys[0])
+        go.wait()
+        t = time.perf_counter()
+        for k in keys:
+            get("items", k)
+        q.put((len(keys), time.perf_counter() - t))
+
+
+def in_processes(target, args_list) -> float:  # type: ignore[no-untyped-def]
+    """Run workers in separate processes started together; aggregate ops/s over the span."""
+    ctx = mp.get_context("spawn")
+    go, q = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*a, go, q)) for a in args_list]
+    for p in procs:
+        p.start()
+    time.sleep(1.0)  # let every worker connect and warm up
+    go.set()
+    results = [q.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+    total = sum(n for n, _ in results)
+    return total / max(dt for _, dt in results)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--single", type=int, default=2000, help="acked puts per client")
+    args = ap.parse_args()
+    n = args.rows
+    rng = random.Random(3)
+    keys = [rng.randrange(n) for _ in range(n)]
+    res: dict[str, list[float]] = {}
+
+    def note(name: str, rate: float) -> None:
+        res.setdefault(name, []).append(rate)
+        print(f"  {name:<44} {rate:>12,.0f} ops/s", flush=True)
+
+    for rnd in range(args.rounds):
+        print(f"round {rnd + 1}/{args.rounds}", flush=True)
+        tmp = Path(tempfile.mkdtemp(prefix="lmsb-"))
+        cl = Cluster(tmp, shards=args.shards, map_size="256MiB", timeout_ms=20000, retries=2)
+        try:
+            note("raw py-lmdb insert, 1,000/txn, sync", raw_insert(tmp / "raw", n))
+            cl.start()
+            cfg = str(cl.config_path)
+            note("daemon batched, 1 client", in_processes(_batch_writer, [(cfg, 0, n)]))
+            with cl.client() as c:
+                for s in range(args.shards):
+                    c._local(s)  # noqa: SLF001 - only to purge between rounds below
+            per = n // 4
+            note("daemon batched, 4 clients",
+                 in_processes(_batch_writer, [(cfg, 10**7 + i * per, per) for i in range(4)]))
+            note("raw py-lmdb get, txn per get", raw_gets(tmp / "raw", keys))
+            note("client local get (routed)", in_processes(_getter, [(cfg, keys)]))
+            m = args.single
+            note("acked single put, 1 client",
+                 in_processes(_single_putter, [(cfg, 0, m)]))
+            note("acked single put, 8 clients",
+                 in_processes(_single_putter, [(cfg, 10**6 * (i + 1), m) for i in range(8)]))
+        finally:
+            cl.stop()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    med = {k: statistics.median(v) for k, v in res.items()}
+    raw_ins, raw_get = med["raw py-lmdb insert, 1,000/txn, sync"], med["raw py-lmdb get, txn per get"]
+    print(f"\n{n:,} records of ~{len(cbor2.dumps(record(1)))} B CBOR, {args.shards} shards, "
+          f"sync on, {args.rounds} rounds, medians (lmdb {lmdb.__version__})\n")
+    print(f"{'workload':<44} {'ops/s':>12}  ratio")
+    for k, v in med.items():
+        ratio = ""
+        if k.startswith("daemon batched"):
+            ratio = f"{v / raw_ins:.2f}x raw insert (target 0.6x)"
+        elif k.startswith("client local get"):
+            ratio = f"{v / raw_get:.2f}x raw get (target 0.8x)"
+        elif k == "acked single put, 8 clients":
+            ratio = f"{v / med['acked single put, 1 client']:.2f}x one client (target 4x)"
+        print(f"{k:<44} {v:>12,.0f}  {ratio}")
+
+
+if __name__ == "__main__":
+    main()
