@@ -73,7 +73,7 @@ def _batch_writer(config: str, start: int, n: int, go: mp.Event, q: mp.Queue) ->
         for s in range(start, start + n, 1000):
             with c.batch() as b:
                 for i in range(s, min(s + 1000, start + n)):
-                    b.put("items", i, record(i))
+                    b.put("records", i, record(i))
         q.put((n, time.perf_counter() - t))
 
 
@@ -90,11 +90,11 @@ def _single_putter(config: str, start: int, n: int, go: mp.Event, q: mp.Queue) -
 def _getter(config: str, keys: list[int], go: mp.Event, q: mp.Queue) -> None:  # type: ignore[name-defined]
     with lmshard.connect(config) as c:
         get = c.get
-        get("items", keys[0])
+        get("records", keys[0])
         go.wait()
         t = time.perf_counter()
         for k in keys:
-            get("items", k)
+            get("records", k)
         q.put((len(keys), time.perf_counter() - t))
 
 

@@ -21,3 +21,6 @@ counters = schema.table("counters", table_id=COUNTERS_ID, key="str", value="cbor
 blobs = schema.table("blobs", table_id=BLOBS_ID, key="uint64", value="bytes")
 items = schema.table("items", table_id=ITEMS_ID, key="uint64", value="cbor")
 items.index("by_group", lambda v: v["group"])
+# Plain rows, no index: the benchmarks' table.
+records = schema.table("records", table_id="7d1f0c3a-5e2b-4a8c-9f6d-0b1e2c3d4a06", key="uint64",
+                       value="cbor")

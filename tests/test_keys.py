@@ -154,7 +154,7 @@ def test_scalar_round_trip(kind: str, data: st.DataObject) -> None:
 
 
 @pytest.mark.parametrize("kind", KEY_KINDS)
-@settings(max_examples=40)
+@settings(max_examples=30)
 @given(data=st.data())
 def test_scalar_order(kind: str, data: st.DataObject) -> None:
     keys = data.draw(st.lists(values(kind, nonempty=True), min_size=2, max_size=12))
@@ -220,7 +220,7 @@ def test_int_like_keys_are_accepted() -> None:
 
 
 @pytest.mark.parametrize("spec", NAMED_SPECS)
-@settings(max_examples=25)
+@settings(max_examples=20)
 @given(data=st.data())
 def test_named_tuple_round_trip_and_order(spec: tuple[str, ...], data: st.DataObject) -> None:
     codec = key_codec(spec)
@@ -231,7 +231,7 @@ def test_named_tuple_round_trip_and_order(spec: tuple[str, ...], data: st.DataOb
     assert_order_preserved(keys, codec.encode)
 
 
-@settings(max_examples=100)
+@settings(max_examples=60)
 @given(data=st.data())
 def test_random_tuple_round_trip_and_order(data: st.DataObject) -> None:
     spec = data.draw(specs)
@@ -281,7 +281,7 @@ def _element_prefix_match(kind: str, key_value, prefix_value) -> bool:
     return key_value == prefix_value
 
 
-@settings(max_examples=100)
+@settings(max_examples=60)
 @given(data=st.data())
 def test_tuple_prefix_property(data: st.DataObject) -> None:
     spec = data.draw(st.one_of(st.sampled_from(NAMED_SPECS), specs))
@@ -301,7 +301,7 @@ def test_tuple_prefix_property(data: st.DataObject) -> None:
 
 
 @pytest.mark.parametrize("kind", ["str", "bytes"])
-@settings(max_examples=80)
+@settings(max_examples=50)
 @given(data=st.data())
 def test_prefix_near_misses(kind: str, data: st.DataObject) -> None:
     """A prefix element that is a truncation or extension of the key's never matches it."""
@@ -602,7 +602,7 @@ def test_index_tuples_round_trip_and_order(data: st.DataObject) -> None:
         assert (keyed[i] == keyed[i + 1]) == (encoded[i] == encoded[i + 1])
 
 
-@settings(max_examples=150)
+@settings(max_examples=100)
 @given(data=st.data())
 def test_index_prefix_property(data: st.DataObject) -> None:
     shape = data.draw(shapes)
