@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-from lmshard import protocol
+from lmshard import protocol, security
 from lmshard.config import Config, load_config
 from lmshard.errors import (
     BatchPartiallyApplied,
@@ -234,7 +234,9 @@ class Client:
             self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.config.endpoint(shard))
+        endpoint = self.config.endpoint(shard)
+        security.secure_client(sock, self.config, endpoint)
+        sock.connect(endpoint)
         return sock
 
     def _reconnect(self, shard: int, conn: _Conn) -> None:

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
 from lmshard.config import ConfigError, load_config
+
+ROLES = (
+    ("readers", "lmshardd.readers", "serve remote reads from every shard (the reader pool)"),
+    ("monitor", "lmshardd.monitor", "collect every shard's stats; serve Prometheus /metrics"),
+)
+"""Optional roles: each module provides add_arguments(parser) and run(config, args) -> int."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="role", required=True)
     owner = sub.add_parser("owner", help="own and serve one shard")
     owner.add_argument("--shard", type=int, required=True, help="shard number, from 0")
+    roles = {}
+    for role, module, text in ROLES:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        roles[role] = mod
+        mod.add_arguments(sub.add_parser(role, help=text))
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=args.log_level, stream=sys.stderr,
@@ -35,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(config {config.path})", file=sys.stderr)
             return 2
         return run_owner(config, args.shard)
-    return 2
+    return int(roles[args.role].run(config, args))
 
 
 if __name__ == "__main__":

@@ -14,13 +14,13 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import lmdb
 import msgpack
 import zmq
 
-from lmshard import protocol
+from lmshard import protocol, security
 from lmshard.config import Config
 from lmshard.errors import Error, InternalError, ProtocolError, SchemaMismatch, StoreFull
 from lmshard.store import Store, grow_map
@@ -35,6 +35,30 @@ POLL_MS = 100
 READER_CHECK_INTERVAL = 1.0
 """Seconds between reader_check() calls, which free slots of crashed reader processes."""
 CLIENTS_DB = b"__clients__"
+
+
+class Channel(Protocol):
+    """Something an owner serves beside its write socket (stats publishing, backups).
+
+    Channels run in the owner's loop thread: ``sockets()`` are polled with the write socket,
+    ``on_readable`` is called when one has input, ``tick`` after every loop turn, and
+    ``after_commit`` after each group commit. A channel may set ``owner.paused`` to hold
+    write batches back (they wait in the socket) for a consistent cut.
+    """
+
+    def sockets(self) -> list[zmq.Socket[bytes]]: ...
+
+    def on_readable(self, sock: zmq.Socket[bytes]) -> None: ...
+
+    def tick(self, now: float) -> None: ...
+
+    def after_commit(self, batches: int, ops: int, seconds: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+CHANNEL_MODULES = ("lmshardd.stats", "lmshardd.backup")
+"""Modules whose ``make_channel(owner)`` adds a channel to every owner, when present."""
 
 
 @dataclass
@@ -85,6 +109,8 @@ class ShardOwner:
         self.clients_db = self.env.open_db(CLIENTS_DB)
         self.counters = OwnerCounters(last_txn_id=self.env.info()["last_txnid"])
         self.stopping = False
+        self.paused = False
+        self.channels: list[Channel] = []
         self.ctx = zmq.Context.instance()
         self.sock: zmq.Socket[bytes] | None = None
         self._unpack = msgpack.Unpacker  # keeps the import honest for type checkers
@@ -122,10 +148,29 @@ class ShardOwner:
         endpoint = self.config.endpoint(self.shard)
         if endpoint.startswith("ipc://"):
             os.makedirs(os.path.dirname(endpoint[6:]), mode=0o700, exist_ok=True)
+        security.secure_server(sock, self.config, endpoint)
         sock.bind(endpoint)
         self.sock = sock
         log.info("shard %d serving %s on %s (pid %d)", self.shard, self.path, endpoint,
                  os.getpid())
+
+    def add_channel(self, channel: Channel) -> None:
+        self.channels.append(channel)
+
+    def load_channels(self) -> None:
+        """Add the channels of every available channel module (see CHANNEL_MODULES)."""
+        import importlib
+
+        for name in CHANNEL_MODULES:
+            try:
+                mod = importlib.import_module(name)
+            except ModuleNotFoundError as exc:
+                if exc.name != name:
+                    raise
+                continue
+            channel = mod.make_channel(self)
+            if channel is not None:
+                self.add_channel(channel)
 
     def install_signal_handlers(self) -> None:
         def stop(signum: int, frame: Any) -> None:
@@ -142,11 +187,22 @@ class ShardOwner:
         sock = self.sock
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        extra: dict[Any, Channel] = {}
+        for ch in self.channels:
+            for csock in ch.sockets():
+                poller.register(csock, zmq.POLLIN)
+                extra[csock] = ch
         next_check = time.monotonic() + READER_CHECK_INTERVAL
         while not self.stopping:
-            if poller.poll(POLL_MS):
+            ready = dict(poller.poll(POLL_MS))
+            for csock, ch in extra.items():
+                if csock in ready:
+                    ch.on_readable(csock)
+            if sock in ready and not self.paused:
                 self.serve_once(sock)
             now = time.monotonic()
+            for ch in self.channels:
+                ch.tick(now)
             if now >= next_check:
                 stale = self.env.reader_check()
                 if stale:
@@ -225,8 +281,11 @@ class ShardOwner:
         c.commits += 1
         c.last_txn_id = txn_id
         c.last_commit_time = time.time()
-        c.commit_seconds.append(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        c.commit_seconds.append(seconds)
         c.group_sizes.append(len(batches))
+        for ch in self.channels:
+            ch.after_commit(len(batches), sum(len(b[3]) for b in batches), seconds)
         if len(c.commit_seconds) > 4096:
             del c.commit_seconds[:2048], c.group_sizes[:2048]
         replies = []
@@ -324,6 +383,9 @@ class ShardOwner:
         return self.store.read()  # type: ignore[return-value]
 
     def close(self) -> None:
+        for ch in self.channels:
+            ch.close()
+        self.channels = []
         if self.sock is not None:
             self.sock.close(linger=1000)
             self.sock = None
@@ -338,6 +400,7 @@ def run_owner(config: Config, shard: int) -> int:
         log.error("shard %d cannot start: %s", shard, exc)
         return 2
     owner.install_signal_handlers()
+    owner.load_channels()
     owner.bind()
     owner.serve_forever()
     return 0
