@@ -17,6 +17,12 @@ and a ratio against the first variant:
 4. Time series: appending points and reading a range back.
 
 Run it from the repository root (it imports the FlatBuffers test schema from tests/fbs).
+
+    python bench/orm_costs.py --raw
+
+times only raw py-lmdb with cbor2 (puts in batches of 1,000, then point gets in one read
+transaction) and imports nothing else, so it also runs on interpreters lmshard does not support
+yet (the guide's PyPy figures).
 """
 
 from __future__ import annotations
@@ -34,9 +40,43 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import flatbuffers
+import cbor2
 import lmdb
-import numpy as np
+
+
+def raw_main(rows: int = 100_000, rounds: int = 5) -> None:
+    """Raw py-lmdb + cbor2, what lmshard sits on; needs nothing newer than Python 3.9."""
+    data = [{"id": i, "name": f"user-{i:08d}", "email": f"u{i}@example.com", "age": i % 90,
+             "tags": ["alpha", "beta"]} for i in range(rows)]
+    puts, gets = [], []
+    for _ in range(rounds):
+        d = tempfile.mkdtemp(prefix="lmshard-orm-bench-")
+        env = lmdb.open(d, map_size=1 << 30, max_dbs=4)
+        db = env.open_db(b"rows")
+        t = time.perf_counter()
+        for s in range(0, rows, 1000):
+            with env.begin(write=True) as txn:
+                for r in data[s : s + 1000]:
+                    txn.put(r["id"].to_bytes(8, "big"), cbor2.dumps(r), db=db)
+        puts.append(rows / (time.perf_counter() - t))
+        t = time.perf_counter()
+        with env.begin(db=db) as txn:
+            for i in range(rows):
+                cbor2.loads(txn.get(i.to_bytes(8, "big")))
+        gets.append(rows / (time.perf_counter() - t))
+        env.close()
+        shutil.rmtree(d, ignore_errors=True)
+    print(f"{platform.python_implementation()} {platform.python_version()}, lmdb "
+          f"{lmdb.__version__}; {rows:,} rows, {rounds} rounds, medians: "
+          f"put {statistics.median(puts):,.0f} rows/s, get {statistics.median(gets):,.0f} rows/s")
+
+
+if __name__ == "__main__" and "--raw" in sys.argv:
+    raw_main()
+    sys.exit(0)
+
+import flatbuffers  # noqa: E402
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "client"), str(ROOT)]
@@ -136,40 +176,48 @@ def index_round(results: Results, rows: list[dict[str, Any]], rnd: int) -> None:
 # -- 2. codecs -------------------------------------------------------------------------------
 
 
+def each(fn: Callable[[Any], object], items: list[Any]) -> Callable[[], None]:
+    """A loop calling ``fn`` on every item, results dropped (keeping them would time the
+    allocator, not the codec)."""
+
+    def run() -> None:
+        for x in items:
+            fn(x)
+
+    return run
+
+
 def codec_round(results: Results, rows: list[dict[str, Any]]) -> None:
     n = min(len(rows), 20_000)
     sample = rows[:n]
     fb = lmshard.flatbuffers_codec(User)
     fb_objs = [user_t(r) for r in sample]
-    arr = np.linspace(0.0, 1.0, 1024)
+    arrays = [np.linspace(0.0, 1.0, 1024)] * max(n // 10, 1)
     np_codec = lmshard.get_codec("numpy")
     scaled = scaled_codec(8)
     amounts = [Decimal(i).scaleb(-8) + Decimal("12345") for i in range(n)]
     for name in ("cbor", "msgpack", "json"):
         c = lmshard.get_codec(name)
         blobs = [c.dumps(r) for r in sample]
-        note(results, "encode", name, rate(lambda c=c: [c.dumps(r) for r in sample], n))
-        note(results, "decode", name, rate(lambda c=c, b=blobs: [c.loads(x) for x in b], n))
+        note(results, "encode", name, rate(each(c.dumps, sample), n))
+        note(results, "decode", name, rate(each(c.loads, blobs), n))
         note(results, "size", name, statistics.mean(map(len, blobs)))
     fb_blobs = [fb.dumps(o) for o in fb_objs]
-    note(results, "encode", "flatbuffers (object API Pack)",
-         rate(lambda: [fb.dumps(o) for o in fb_objs], n))
+    note(results, "encode", "flatbuffers (object API Pack)", rate(each(fb.dumps, fb_objs), n))
     note(results, "decode", "flatbuffers lazy, read 1 field",
-         rate(lambda: [fb.loads(x).Email() for x in fb_blobs], n))
+         rate(each(lambda x: fb.loads(x).Email(), fb_blobs), n))
     note(results, "decode", "flatbuffers full unpack (UserT)",
-         rate(lambda: [UserT.InitFromObj(fb.loads(x)) for x in fb_blobs], n))
+         rate(each(lambda x: UserT.InitFromObj(fb.loads(x)), fb_blobs), n))
     note(results, "size", "flatbuffers", statistics.mean(map(len, fb_blobs)))
-    m = max(n // 10, 1)
-    arr_blob = np_codec.dumps(arr)
-    note(results, "encode", "numpy, 1,024 float64", rate(lambda: [np_codec.dumps(arr)
-                                                                  for _ in range(m)], m))
-    note(results, "decode", "numpy, 1,024 float64", rate(lambda: [np_codec.loads(arr_blob)
-                                                                  for _ in range(m)], m))
-    note(results, "size", "numpy, 1,024 float64", len(arr_blob))
+    arr_blobs = [np_codec.dumps(a) for a in arrays]
+    note(results, "encode", "numpy, 1,024 float64", rate(each(np_codec.dumps, arrays),
+                                                         len(arrays)))
+    note(results, "decode", "numpy, 1,024 float64", rate(each(np_codec.loads, arr_blobs),
+                                                         len(arrays)))
+    note(results, "size", "numpy, 1,024 float64", len(arr_blobs[0]))
     s_blobs = [scaled.dumps(a) for a in amounts]
-    note(results, "encode", "scaled:8 Decimal", rate(lambda: [scaled.dumps(a) for a in amounts], n))
-    note(results, "decode", "scaled:8 Decimal", rate(lambda: [scaled.loads(b) for b in s_blobs],
-                                                     n))
+    note(results, "encode", "scaled:8 Decimal", rate(each(scaled.dumps, amounts), n))
+    note(results, "decode", "scaled:8 Decimal", rate(each(scaled.loads, s_blobs), n))
     note(results, "size", "scaled:8 Decimal", 8)
 
 
@@ -292,6 +340,8 @@ def main() -> None:
     ap.add_argument("--unbuffered", type=int, default=1_000,
                     help="rows for the one-txn-per-put variant (it is slow with sync=True)")
     ap.add_argument("--points", type=int, default=1_000_000, help="time series points")
+    ap.add_argument("--raw", action="store_true",
+                    help="only raw py-lmdb + cbor2 (handled before lmshard is imported)")
     args = ap.parse_args()
     rows = [record(i) for i in range(args.rows)]
     results: Results = {}

@@ -88,8 +88,8 @@ def test_no_hint_when_many_rows_match_or_none(store: lmshard.Store) -> None:
 
 def test_the_index_count_check_refuses_a_superset(store: lmshard.Store) -> None:
     fill(store, ROWS)
-    # Rows 1 and 5 (both "de", ages 21 and 22): they share country, so without the transaction the prefix
-    # lookup on ("de",) looks plausible, but it would return 1,485 rows, not 2.
+    # Rows 1 and 5 (both "de", ages 21 and 22) share a country: without the transaction the
+    # prefix lookup on ("de",) looks plausible, but it would return 1,485 rows, not 2.
     where = lambda v: v["email"] in ("1@x.org", "5@x.org")  # noqa: E731
     assert scan_hint(store, where)[1] is None
     loose = scan_hint(store, where, with_txn=False)[1]
@@ -171,3 +171,34 @@ def test_store_put_of_a_large_value_logs_the_warning(
         store.put("blobs", 2, b"x" * LARGE_VALUE_WARNING)
     logged = [rec.getMessage() for rec in caplog.records if rec.name == "lmshard.hints"]
     assert len(logged) == 1 and logged[0].startswith("table blobs")
+
+
+def test_ranking_without_a_transaction() -> None:
+    schema = lmshard.Schema("rank")
+    t = schema.table("items", table_id="0b1c2d3e-4f5a-4b6c-8d7e-9f0a1b2c3d4e", key="uint64")
+    t.index("by_group", lambda v: v["g"])
+    t.index("by_group_kind", lambda v: (v["g"], v["k"]))
+    t.index("by_serial", lambda v: v["serial"], unique=True)
+    n = INDEX_HINT_MIN_ROWS
+
+    def best(*rows: dict[str, int]) -> str:
+        hint = index_hint(t, n, list(rows), n)
+        assert hint is not None
+        return hint.split("use ")[1]
+
+    # one row: every index has one value for it; a unique lookup is the one that fits
+    assert best({"g": 1, "k": 2, "serial": 9}) == "store.lookup('items', 'by_serial', 9)"
+    # same group and kind: the narrowest whole-value lookup
+    assert best({"g": 1, "k": 2, "serial": 9}, {"g": 1, "k": 2, "serial": 10}) == (
+        "store.lookup('items', 'by_group_kind', (1, 2))"
+    )
+    # same group, different kinds: a whole value beats a composite prefix
+    assert best({"g": 1, "k": 2, "serial": 9}, {"g": 1, "k": 3, "serial": 10}) == (
+        "store.lookup('items', 'by_group', 1)"
+    )
+    t2 = lmshard.Schema("rank2").table("items", table_id=t.table_id, key="uint64")
+    t2.index("by_group_kind", lambda v: (v["g"], v["k"]))
+    hint = index_hint(t2, n, [{"g": 1, "k": 2}, {"g": 1, "k": 3}], n)
+    assert hint is not None and hint.endswith("'by_group_kind', (1,), prefix=True)")
+    # an index function failing on a row, or giving None, disqualifies that index only
+    assert index_hint(t2, n, [{"g": 1}], n) is None

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import lmshard
-from lmshard.scaled import INT64_MAX, INT64_MIN, ScaledCodec, Scaled, ScaleError, scaled_codec
+from lmshard.scaled import INT64_MAX, INT64_MIN, Scaled, ScaledCodec, ScaleError, scaled_codec
 
 PRICES_ID = "3f0c2a9e-8d41-4b6a-9c1e-5a7d2b4c6e08"
 

@@ -259,3 +259,29 @@ def test_appends_from_threads_to_their_own_series(setup) -> None:  # type: ignor
         t.join()
     for i in range(4):
         assert len(ticks.range(store, f"s{i}")[0]) == 40
+
+
+class WithoutReadTxns:
+    """The shape of the daemon client's data API: get, scan and batch, no read transactions."""
+
+    def __init__(self, store: lmshard.Store) -> None:
+        self.get, self.scan, self.batch = store.get, store.scan, store.batch
+
+
+def test_works_with_a_store_api_without_read_transactions(setup) -> None:  # type: ignore[no-untyped-def]
+    store, ticks, _ = setup
+    client = WithoutReadTxns(store)
+    assert not hasattr(client, "read")
+    ticks.append(client, "a", [1, 2, 3, 5, 8], [1.0, 2.0, 3.0, 5.0, 8.0])
+    ticks.append(client, "a", [13, 21], [13.0, 21.0])
+    assert ticks.range(client, "a", 2, 13)[0].tolist() == [2, 3, 5, 8]
+    assert ticks.info(client, "a") == {"last": 21, "tail_start": 8, "points": 7}
+    with pytest.raises(OutOfOrder):
+        ticks.append(client, "a", [20], [0.0])
+    assert ticks.drop(client, "a") == 7 and store.count("ticks") == 0
+
+
+def test_a_series_lives_on_one_shard() -> None:
+    _, ticks, _ = make()
+    shard_key = ticks.table.shard_key
+    assert shard_key is not None and shard_key(("web-1", 123)) == "web-1"

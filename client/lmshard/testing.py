@@ -58,7 +58,7 @@ def assert_consistent(source: Store | ReadTxn) -> None:
         )
 
 
-class _Problems(list):  # type: ignore[type-arg]
+class _Problems(list[str]):
     def __init__(self, limit: int) -> None:
         super().__init__()
         self.limit = limit
@@ -83,14 +83,14 @@ def _verify(r: ReadTxn, limit: int) -> list[str]:
     return list(problems)
 
 
-def _show_key(b: BoundTable, kb: bytes) -> str:
+def _show_key(b: BoundTable, kb: bytes | memoryview) -> str:
     try:
-        return repr(b.table.key.to_json(b.kdec(kb)))
+        return repr(b.table.key.to_json(b.kdec(bytes(kb))))
     except Exception:
         return f"0x{bytes(kb).hex()}"
 
 
-def _show_ivb(ivb: bytes) -> str:
+def _show_ivb(ivb: bytes | memoryview) -> str:
     try:
         return repr(decode_index_value(bytes(ivb)))
     except Exception:

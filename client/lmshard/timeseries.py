@@ -12,13 +12,18 @@ before starting a new one and change the head with a compare-and-set in the same
 writers appending to one series at once cannot interleave their points: one of them retries,
 and its points must then still come after the other's.
 
-Everything goes through ``store.read()`` and ``store.batch()``, so it works with the embedded
-store and with anything else that offers the same data API.
+Writes go through ``store.batch()``, reads through ``store.read()`` where the store has read
+transactions (the embedded store) and through its ``get``/``scan`` otherwise (the daemon client).
+Reads need no snapshot for correctness: a series only grows at its end, and an append whose view
+of the head went stale fails its compare-and-set and is retried. A series' rows share a shard
+(``shard_key`` is the series id), so each append is one atomic batch on a sharded store too.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -43,6 +48,17 @@ class OutOfOrder(Error, ValueError):
     stored point; nothing was written."""
 
     hint = "append points in time order; a series only grows at its end"
+
+
+@contextmanager
+def _reading(store: Any) -> Iterator[Any]:
+    """A read transaction where the store has them, else the store itself (get, scan)."""
+    read = getattr(store, "read", None)
+    if read is None:
+        yield store
+    else:
+        with read() as r:
+            yield r
 
 
 def _ns(t: Any) -> int:
@@ -82,6 +98,10 @@ def _ns_array(timestamps: Any) -> np.ndarray:
     return arr
 
 
+def _series_of(key: Any) -> Any:
+    return key[0]
+
+
 class TimeSeries:
     """A table of time series: ``append`` points, read a ``range``, ``downsample`` it."""
 
@@ -110,6 +130,7 @@ class TimeSeries:
             table_id=table_id,
             key=(series_key, "timestamp"),
             value="numpy",
+            shard_key=_series_of,
             doc=doc
             or f"time series: (series {series_key}, chunk start ns) -> chunk record with "
             f"columns t (int64 ns) and v ({self.dtype}); head row at timestamp {HEAD_TS}",
@@ -142,7 +163,7 @@ class TimeSeries:
     def info(self, store: Any, series: Any) -> dict[str, int] | None:
         """The series' head: its ``last`` timestamp, ``points`` count and ``tail_start`` (the key
         timestamp of its last chunk); None for a series without points."""
-        with store.read() as r:
+        with _reading(store) as r:
             head = r.get(self.table, (series, HEAD_TS))
         if head is None:
             return None
@@ -158,7 +179,7 @@ class TimeSeries:
         t = self.table
         chunks = []
         if hi is None or lo is None or lo < hi:
-            with store.read() as r:
+            with _reading(store) as r:
                 first = (series, HEAD_TS + 1)
                 if lo is not None and lo > HEAD_TS:
                     first = (series, lo)
@@ -265,7 +286,7 @@ class TimeSeries:
     def _append_once(self, store: Any, series: Any, ts: np.ndarray, vs: np.ndarray) -> None:
         t, n, size = self.table, len(ts), self.chunk_rows
         head_key = (series, HEAD_TS)
-        with store.read() as r:
+        with _reading(store) as r:
             head = r.get(t, head_key)
             tail = None if head is None else r.get(t, (series, int(head[1])))
         if head is not None and ts[0] <= head[0]:
@@ -298,7 +319,7 @@ class TimeSeries:
         """Delete every point of a series (its chunk rows and head) in one batch; returns the
         number of points it had."""
         t = self.table
-        with store.read() as r:
+        with _reading(store) as r:
             keys = [k for k, _ in r.scan(t, prefix=(series,))]
             head = r.get(t, (series, HEAD_TS))
         with store.batch() as b:

@@ -15,6 +15,7 @@ from typing import Any
 
 import lmdb
 
+from lmshard import hints
 from lmshard.errors import (
     ConflictError,
     KeyEncodingError,
@@ -28,6 +29,7 @@ from lmshard.keys import encode_index_prefix, encode_index_value
 from lmshard.schema import Index, Schema, Table
 
 TableRef = Table | str | uuid.UUID
+LARGE_VALUE = hints.LARGE_VALUE_WARNING
 
 
 def value_hash(data: bytes) -> bytes:
@@ -205,6 +207,11 @@ class ReadTxn:
         kdec, loads = b.kdec, b.loads
         if where is None and limit is None:
             return ((kdec(k), loads(v)) for k, v in items)
+        if where is not None:
+            rows = int(self._txn.stat(b.db)["entries"])
+            if rows >= hints.INDEX_HINT_MIN_ROWS:
+                decoded = ((kdec(k), loads(v)) for k, v in items)
+                return hints.watch_where_scan(decoded, b.table, where, limit, rows, self)
         return _filtered(items, kdec, loads, where, limit)
 
     def scan_raw(
@@ -411,6 +418,8 @@ class WriteTxn(ReadTxn):
         b = self._tables[table]
         kb = b.kenc(key)
         vb = b.dumps(value)
+        if len(vb) >= LARGE_VALUE:
+            hints.large_value_warning(b.name, len(vb))
         if b.indexes:
             self._put_indexed(b, kb, vb, value)
         else:
@@ -419,6 +428,8 @@ class WriteTxn(ReadTxn):
     def put_raw(self, table: TableRef, key_bytes: bytes, value_bytes: bytes) -> None:
         """Store already encoded bytes (the shard owner's path); indexes are still kept."""
         b = self._tables[table]
+        if len(value_bytes) >= LARGE_VALUE:
+            hints.large_value_warning(b.name, len(value_bytes))
         if b.indexes:
             self._put_indexed(b, key_bytes, value_bytes, b.loads(value_bytes))
         else:
