@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[test,dev]'
 	touch $(STAMP)
 
+# Serve config/lmshard.toml (4 shards under ./var) in the foreground; Ctrl-C stops it.
 run: $(STAMP)
-	$(PY) -m lmshard.demo
+	$(PY) -m lmshard.cli supervisord-conf -c config/lmshard.toml
+	exec $(PY) -m lmshard.cli up --foreground -c config/lmshard.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
