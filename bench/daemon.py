@@ -157,7 +157,8 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
     med = {k: statistics.median(v) for k, v in res.items()}
-    raw_ins, raw_get = med["raw py-lmdb insert, 1,000/txn, sync"], med["raw py-lmdb get, txn per get"]
+    raw_ins = med["raw py-lmdb insert, 1,000/txn, sync"]
+    raw_get = med["raw py-lmdb get, txn per get"]
     print(f"\n{n:,} records of ~{len(cbor2.dumps(record(1)))} B CBOR, {args.shards} shards, "
           f"sync on, {args.rounds} rounds, medians (lmdb {lmdb.__version__})\n")
     print(f"{'workload':<44} {'ops/s':>12}  ratio")

@@ -16,6 +16,7 @@ Every command finds the config by ``-c``, then ``$LMSHARD_CONFIG``, then
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -379,7 +380,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
     p.add_argument("--seconds", type=float, default=10.0, help="how long (default 10)")
     p.set_defaults(func=cmd_demo)
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        mod.add_parsers(sub)
     return ap
+
+
+COMMAND_MODULES = (
+    "lmshard.monitoring", "lmshard.cli_backup", "lmshard.cli_keys", "lmshard.cli_bench",
+)
+"""Modules adding their own subcommands via ``add_parsers(subparsers)``; each sets ``func``."""
 
 
 def main(argv: list[str] | None = None) -> int:
