@@ -377,3 +377,14 @@ def test_unknown_index_is_clear(store: lmshard.Store) -> None:
 
 def test_make_schema_is_reusable() -> None:
     assert make_schema().tables.keys() == make_schema().tables.keys()
+
+
+def test_transactions_used_after_their_block_say_so(store: lmshard.Store) -> None:
+    with store.read() as r:
+        pass
+    with pytest.raises(lmshard.TransactionError, match="ended"):
+        r.get("blobs", 1)
+    with store.write() as w:
+        w.put("blobs", 1, b"x")
+    with pytest.raises(lmshard.TransactionError, match="ended"):
+        w.get("blobs", 1)

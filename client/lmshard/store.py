@@ -28,7 +28,7 @@ from lmshard.errors import (
 )
 from lmshard.forksafe import forget_inherited
 from lmshard.schema import Schema
-from lmshard.txn import ReadTxn, TableMap, TableRef, WriteTxn, bind_tables
+from lmshard.txn import ENDED, ReadTxn, TableMap, TableRef, WriteTxn, bind_tables
 
 log = logging.getLogger("lmshard.store")
 
@@ -315,10 +315,12 @@ class Store:
         """A read snapshot. With ``buffers=True`` values are decoded straight from the map
         (zero-copy; lazy FlatBuffers objects stay valid only inside the block)."""
         txn = _begin_read(self._env or self._open_env(), buffers)
+        r = ReadTxn(txn, self._tables)
         try:
-            yield ReadTxn(txn, self._tables)
+            yield r
         finally:
             txn.abort()
+            r._txn = ENDED
 
     @contextmanager
     def write(self) -> Iterator[WriteTxn]:
@@ -577,14 +579,16 @@ class _ReplayingWriteTxn(WriteTxn):
         while True:
             try:
                 self._txn.commit()
-                return
+                break
             except lmdb.MapFullError:
                 self._grow_and_replay()
+        self._txn = ENDED
 
     def _abort(self) -> None:
         if not self._done:
             self._done = True
             self._txn.abort()
+        self._txn = ENDED
 
 
 def open(path: str | os.PathLike[str], schema: Schema, **options: Any) -> Store:  # noqa: A001

@@ -139,6 +139,19 @@ def bind_tables(schema: Schema, open_db: Callable[[bytes, bool], Any]) -> TableM
     return TableMap(schema, bound)
 
 
+class _Ended:
+    """Stands in for the LMDB transaction once a block has ended, with a clear error."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise TransactionError(
+            "this transaction has ended",
+            hint="use a transaction only inside its with-block",
+        )
+
+
+ENDED = _Ended()
+
+
 class ReadTxn:
     """Reads inside one LMDB snapshot. Use it as a context manager, only inside its block."""
 

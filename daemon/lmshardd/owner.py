@@ -9,6 +9,7 @@ so a retried batch is answered again but applied once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -389,6 +390,10 @@ class ShardOwner:
         if self.sock is not None:
             self.sock.close(linger=1000)
             self.sock = None
+            endpoint = self.config.endpoint(self.shard)
+            if endpoint.startswith("ipc://"):  # leave no stale socket file for the next start
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(endpoint[6:])
         self.store.close()
 
 
