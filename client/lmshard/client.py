@@ -280,7 +280,7 @@ class Client:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                for sock, _ in poller.poll(left * 1000):
+                for sock, _ in poller.poll(max(1, int(left * 1000))):
                     s = by_sock[sock]
                     seq, status, body = protocol.unpack_frame(sock.recv())
                     if seq != seqs[s] or s not in pending:
