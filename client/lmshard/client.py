@@ -218,7 +218,7 @@ class Client:
         if conns is None:
             conns = self._tls.conns = {}
             self._tls.client_id = uuid.uuid4().bytes
-        return conns  # type: ignore[no-any-return]
+        return conns
 
     def _conn(self, shard: int) -> _Conn:
         conns = self._conns()
@@ -539,7 +539,7 @@ class Client:
         t = time.perf_counter()
         r = self._remote(shard, 1, None)
         r["rtt_ms"] = (time.perf_counter() - t) * 1000
-        return r  # type: ignore[no-any-return]
+        return r
 
     def stats(self) -> dict[str, Any]:
         """Every shard's statistics (as its owner reports them) and this client's counters."""

@@ -20,7 +20,7 @@ import lmdb
 try:  # py-lmdb >= 3 identifies open environments through this function
     from lmdb import _envid
 except ImportError:  # older py-lmdb has no such guard
-    _envid = None
+    _envid = None  # type: ignore[assignment]
 
 _inherited: set[tuple[Any, ...]] = set()
 _kept_alive: list[Any] = []

@@ -146,7 +146,7 @@ def _value(vb: Any) -> bytes:
 
 def _bound(b: Any, x: Any) -> bytes | None:
     _need(x is None or (type(x) is bytes and len(x) <= MAX_KEY_SIZE), "range bound must be bytes")
-    return x  # type: ignore[no-any-return]
+    return x
 
 
 def validate_ops(tables: TableMap, ops: Any, max_ops: int = MAX_OPS_PER_BATCH) -> list[tuple]:
@@ -322,7 +322,7 @@ def _v_scan(tables: TableMap, body: Any) -> tuple[Any, Any, Any, bool, int]:
 
 def _h_scan(r: ReadTxn, args: tuple[Any, Any, Any, bool, int]) -> list[Any]:
     b, lo, hi, reverse, limit = args
-    items = []
+    items: list[list[bytes]] = []
     for kv in r.scan_raw(b, lo, hi, reverse):
         if len(items) == limit:
             return [items, True]

@@ -169,7 +169,7 @@ class Schema:
             self,
             name,
             tid,
-            key_codec(tuple(key) if isinstance(key, list) else key),
+            key_codec(key if isinstance(key, str) else tuple(key)),
             get_codec(value),
             shard_key=shard_key,
             pinned=pinned,
@@ -209,7 +209,7 @@ class Schema:
                 hint=f"known tables: {', '.join(sorted(self.tables)) or '(none)'}",
             ) from None
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self):
         return iter(self.tables.values())
 
     def __repr__(self) -> str:

@@ -492,7 +492,7 @@ def _db_opener(env: lmdb.Environment, txn: lmdb.Transaction) -> Callable[[bytes,
     return lambda name, dupsort: env.open_db(name, txn=txn, dupsort=dupsort)
 
 
-def _db_bytes(s: dict[str, int], psize: int) -> int:
+def _db_bytes(s: Any, psize: int) -> int:
     return (s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]) * psize
 
 
@@ -500,13 +500,13 @@ def _spec(spec: Any) -> Any:
     return list(spec) if isinstance(spec, tuple) else spec
 
 
-def _begin_read(env: lmdb.Environment, buffers: bool = False) -> lmdb.Transaction:
+def _begin_read(env: lmdb.Environment, buffers: bool = False) -> Any:
     try:
-        return env.begin(buffers=buffers)
+        return env.begin(buffers=buffers)  # type: ignore[call-overload]
     except lmdb.MapResizedError:
         # Another process grew the map: adopt its size (LMDB's documented answer).
         env.set_mapsize(0)
-        return env.begin(buffers=buffers)
+        return env.begin(buffers=buffers)  # type: ignore[call-overload]
 
 
 _NO_KW: dict[str, Any] = {}
@@ -557,22 +557,22 @@ class _ReplayingWriteTxn(WriteTxn):
         self._ops.append((WriteTxn._put, (table, key, value), _NO_KW))
 
     def put_raw(self, *args: Any, **kw: Any) -> None:
-        return self._record(WriteTxn.put_raw, args, kw)  # type: ignore[no-any-return]
+        return self._record(WriteTxn.put_raw, args, kw)
 
     def delete(self, *args: Any, **kw: Any) -> bool:
-        return self._record(WriteTxn.delete, args, kw)  # type: ignore[no-any-return]
+        return self._record(WriteTxn.delete, args, kw)
 
     def delete_raw(self, *args: Any, **kw: Any) -> bool:
-        return self._record(WriteTxn.delete_raw, args, kw)  # type: ignore[no-any-return]
+        return self._record(WriteTxn.delete_raw, args, kw)
 
     def incr(self, *args: Any, **kw: Any) -> int:
-        return self._record(WriteTxn.incr, args, kw)  # type: ignore[no-any-return]
+        return self._record(WriteTxn.incr, args, kw)
 
     def cas(self, *args: Any, **kw: Any) -> bool:
-        return self._record(WriteTxn.cas, args, kw)  # type: ignore[no-any-return]
+        return self._record(WriteTxn.cas, args, kw)
 
     def purge(self, *args: Any, **kw: Any) -> int:
-        return self._record(WriteTxn.purge, args, kw)  # type: ignore[no-any-return]
+        return self._record(WriteTxn.purge, args, kw)
 
     def _commit(self) -> None:
         self._done = True

@@ -13,8 +13,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import lmdb
-
 from lmshard import hints
 from lmshard.errors import (
     ConflictError,
@@ -106,7 +104,7 @@ class BoundTable:
             ) from None
 
 
-class TableMap(dict):  # type: ignore[type-arg]
+class TableMap(dict):
     """Table name, ``Table`` object or table UUID -> ``BoundTable``, with a helpful miss."""
 
     def __init__(self, schema: Schema, bound: list[BoundTable]) -> None:
@@ -157,7 +155,7 @@ class ReadTxn:
 
     __slots__ = ("_txn", "_tables", "__weakref__")
 
-    def __init__(self, txn: lmdb.Transaction, tables: TableMap) -> None:
+    def __init__(self, txn: Any, tables: TableMap) -> None:
         self._txn = txn
         self._tables = tables
 
@@ -341,7 +339,7 @@ def _json_safe(v: Any) -> Any:
 
 
 def _range_items(
-    cur: lmdb.Cursor, lo: bytes | None, hi: bytes | None, reverse: bool
+    cur: Any, lo: bytes | None, hi: bytes | None, reverse: bool
 ) -> Iterator[tuple[bytes, bytes]]:
     if not reverse:
         if lo is None:
@@ -366,7 +364,7 @@ def _range_items(
     return _down_to(cur.iterprev(), lo)
 
 
-def _range_keys(cur: lmdb.Cursor, lo: bytes | None, hi: bytes | None) -> Iterator[bytes]:
+def _range_keys(cur: Any, lo: bytes | None, hi: bytes | None) -> Iterator[bytes]:
     positioned = cur.first() if lo is None else cur.set_range(lo)
     if not positioned:
         return
@@ -419,7 +417,7 @@ class WriteTxn(ReadTxn):
 
     __slots__ = ("_strict",)
 
-    def __init__(self, txn: lmdb.Transaction, tables: TableMap, *, strict: bool = False) -> None:
+    def __init__(self, txn: Any, tables: TableMap, *, strict: bool = False) -> None:
         super().__init__(txn, tables)
         self._strict = strict
 
@@ -593,7 +591,7 @@ def _old_entry(bi: BoundIndex, old_value: Any) -> bytes | None:
         return None
 
 
-def _drop_entry(txn: lmdb.Transaction, bi: BoundIndex, ivb: bytes, kb: bytes) -> None:
+def _drop_entry(txn: Any, bi: BoundIndex, ivb: bytes, kb: bytes) -> None:
     if bi.unique:
         if txn.get(ivb, db=bi.db) == kb:
             txn.delete(ivb, db=bi.db)

@@ -112,7 +112,7 @@ class ShardOwner:
         self.stopping = False
         self.paused = False
         self.channels: list[Channel] = []
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context[Any] = zmq.Context.instance()
         self.sock: zmq.Socket[bytes] | None = None
         self._unpack = msgpack.Unpacker  # keeps the import honest for type checkers
 
