@@ -388,3 +388,33 @@ def test_transactions_used_after_their_block_say_so(store: lmshard.Store) -> Non
         w.put("blobs", 1, b"x")
     with pytest.raises(lmshard.TransactionError, match="ended"):
         w.get("blobs", 1)
+
+
+def test_unique_indexes_that_shards_cannot_enforce_are_refused() -> None:
+    s = lmshard.Schema("x")
+    orders = s.table("orders", table_id=uuid.uuid4(), key=("uuid", "uint64"),
+                     shard_key=lambda k: k[0])
+    with pytest.raises(lmshard.SchemaError, match="cannot be enforced"):
+        orders.index("by_number", lambda v: (v["user"], v["number"]), unique=True)
+    orders.index("by_number", lambda v: (v["user"], v["number"]), unique=True,
+                 shard_key=lambda v: v["user"])
+    s.check_sharded(4)  # derived from the shard key: fine
+    plain = s.table("plain", table_id=uuid.uuid4(), key="uint64")
+    plain.index("by_email", lambda v: v["email"], unique=True)
+    s.check_sharded(1)  # one shard enforces everything
+    with pytest.raises(lmshard.SchemaError, match=r"plain\.by_email cannot be enforced over 4"):
+        s.check_sharded(4)
+
+
+def test_index_shard_key_is_checked_on_write(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    s = lmshard.Schema("x")
+    orders = s.table("orders", table_id=uuid.uuid4(), key=("uuid", "uint64"),
+                     shard_key=lambda k: k[0])
+    orders.index("by_number", lambda v: (v["user"], v["number"]), unique=True,
+                 shard_key=lambda v: v["user"])
+    u = uuid.uuid4()
+    with lmshard.open(tmp_path / "s", s) as store:
+        store.put("orders", (u, 1), {"user": u, "number": 7})
+        with pytest.raises(lmshard.KeyEncodingError, match="shard_key"):
+            store.put("orders", (u, 2), {"user": uuid.uuid4(), "number": 8})
+        assert store.count("orders") == 1

@@ -173,6 +173,7 @@ class Client:
         self.timeout_ms = self.config.timeout_ms if timeout_ms is None else timeout_ms
         self.retries = self.config.retries if retries is None else retries
         self.local_reads = self.config.local_reads if local_reads is None else local_reads
+        self.schema.check_sharded(self.config.shards)
         self.slot_map = self.config.slot_map
         self.shards = self.config.shards
         self._shard_of = self.slot_map.shard_of

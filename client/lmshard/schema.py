@@ -27,7 +27,7 @@ class Index:
     left out of the index; without it a None value is an error.
     """
 
-    __slots__ = ("name", "table", "fn", "unique", "nullable", "db_name")
+    __slots__ = ("name", "table", "fn", "unique", "nullable", "db_name", "shard_key")
 
     def __init__(
         self, table: Table, name: str, fn: IndexFunction, *, unique: bool, nullable: bool
@@ -37,6 +37,7 @@ class Index:
         self.fn = fn
         self.unique = unique
         self.nullable = nullable
+        self.shard_key: Callable[[Any], Any] | None = None
         self.db_name = b"i/" + str(table.table_id).encode() + b"/" + name.encode()
 
     def __repr__(self) -> str:
@@ -81,8 +82,14 @@ class Table:
         *,
         unique: bool = False,
         nullable: bool = False,
+        shard_key: Callable[[Any], Any] | None = None,
     ) -> Index:
-        """Declare a secondary index maintained in the same transaction as each row."""
+        """Declare a secondary index maintained in the same transaction as each row.
+
+        On a table sharded by ``shard_key`` a unique index can only be enforced when equal index
+        values always live on one shard: pass ``shard_key``, a function of the row value giving
+        the same shard key as the table's ``shard_key(key)`` (it is checked on every write).
+        """
         if not isinstance(name, str) or not name or "/" in name:
             raise SchemaError(
                 f"index name {name!r} on table {self.name!r} is invalid",
@@ -98,15 +105,33 @@ class Table:
                 f"index {self.name}.{name}: the index function must be callable",
                 hint="pass a function of the row value, e.g. lambda v: v['email']",
             )
-        if unique and not self.pinned and self.shard_key is not None:
+        if shard_key is not None and (not callable(shard_key) or self.shard_key is None):
             raise SchemaError(
-                f"unique index {self.name}.{name} on a sharded table cannot be enforced",
-                hint="a unique index on a sharded table must derive from the shard key; "
-                "pin the table (pinned=True) or make the index non-unique",
+                f"index {self.name}.{name}: shard_key is a function of the row value, and only "
+                "for a table declared with its own shard_key",
+            )
+        if unique and self.shard_key is not None and shard_key is None:
+            raise SchemaError(
+                f"unique index {self.name}.{name} on a table sharded by shard_key cannot be "
+                "enforced: rows with one index value may live on different shards",
+                hint="pass shard_key=<function of the value giving the row's shard key> so "
+                "equal values share a shard, pin the table (pinned=True), or drop unique",
             )
         idx = Index(self, name, fn, unique=unique, nullable=nullable)
+        idx.shard_key = shard_key
         self.indexes[name] = idx
         return idx
+
+    @property
+    def sharded(self) -> bool:
+        """Whether rows spread over shards (not pinned to one)."""
+        return not self.pinned
+
+    def unenforceable_unique_indexes(self) -> list[Index]:
+        """Unique indexes that one shard alone cannot enforce once rows spread over shards."""
+        if self.pinned:
+            return []
+        return [ix for ix in self.indexes.values() if ix.unique and ix.shard_key is None]
 
     def __repr__(self) -> str:
         spec = f"key={self.key.spec!r} value={self.value.name}"
@@ -199,6 +224,20 @@ class Schema:
             return fn
 
         return register
+
+    def check_sharded(self, shards: int) -> None:
+        """Refuse a schema whose unique indexes could be broken across ``shards`` shards."""
+        if shards <= 1:
+            return
+        bad = [ix for t in self.tables.values() for ix in t.unenforceable_unique_indexes()]
+        if bad:
+            names = ", ".join(f"{ix.table.name}.{ix.name}" for ix in bad)
+            raise SchemaError(
+                f"unique index {names} cannot be enforced over {shards} shards: rows with one "
+                "index value may land on different shards, and each shard checks only its own",
+                hint="pin the table (pinned=True), or declare the table's shard_key and the "
+                "index's shard_key so equal values share a shard, or drop unique",
+            )
 
     def __getitem__(self, name: str) -> Table:
         try:

@@ -449,6 +449,9 @@ class WriteTxn(ReadTxn):
     def _put_indexed(self, b: BoundTable, kb: bytes, vb: bytes, value: Any) -> None:
         txn = self._txn
         new = [(bi, bi.encode(value)) for bi in b.indexes]
+        for bi, _ in new:
+            if bi.index.shard_key is not None:
+                _check_index_shard_key(b, bi, kb, value)
         for bi, ivb in new:
             if bi.unique and ivb is not None:
                 holder = txn.get(ivb, db=bi.db)
@@ -580,6 +583,18 @@ class WriteTxn(ReadTxn):
         for bi in b.indexes:
             self._txn.drop(bi.db, delete=False)
         return n
+
+
+def _check_index_shard_key(b: BoundTable, bi: BoundIndex, kb: bytes, value: Any) -> None:
+    row_shard_key = b.table.shard_key(b.kdec(kb))  # type: ignore[misc]
+    index_shard_key = bi.index.shard_key(value)  # type: ignore[misc]
+    if encode_index_value(row_shard_key) != encode_index_value(index_shard_key):
+        raise KeyEncodingError(
+            f"index {b.name}.{bi.name}: its shard_key gives {index_shard_key!r} for this row, "
+            f"the table's shard_key gives {row_shard_key!r}",
+            hint="the index's shard_key must give the row's own shard key, or uniqueness "
+            "cannot be checked on one shard",
+        )
 
 
 def _old_entry(bi: BoundIndex, old_value: Any) -> bytes | None:

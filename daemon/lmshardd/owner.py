@@ -94,6 +94,7 @@ class ShardOwner:
         self.config = config
         self.shard = shard
         self.schema = schema if schema is not None else config.load_schema()
+        self.schema.check_sharded(config.shards)
         self.path = config.shard_dir(shard)
         self.store = Store(
             self.path,
