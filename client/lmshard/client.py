@@ -245,8 +245,43 @@ class Client:
         conn.sock = self._socket(shard)
 
     def _request(self, shard: int, code: int, body: Any, *, write: bool) -> Any:
-        """Send one request to one shard and wait for its reply, with Lazy Pirate retries."""
-        return self._requests({shard: (code, body)}, write=write)[shard]
+        """Send one request to one shard and wait for its reply, with Lazy Pirate retries.
+
+        The one-shard case of ``_requests``, kept lean: it is every single put's path.
+        """
+        conn = self._conn(shard)
+        conn.seq += 1
+        seq = conn.seq
+        frame = protocol.pack_request(code, self._tls.client_id if write else None, seq, body)
+        timeout = self.timeout_ms / 1000
+        for attempt in range(self.retries + 1):
+            sock = conn.sock
+            try:
+                sock.send(frame, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                pass  # the queue to that peer is full: wait out the timeout, then retry
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sock.poll(max(1, int(left * 1000))):
+                    break
+                rseq, status, rbody = protocol.unpack_frame(sock.recv())
+                if rseq == seq:
+                    return rbody if status == 0 else error_from_wire(status, *rbody)
+            self._counters["timeouts"] += 1
+            if attempt < self.retries:
+                self._counters["retries"] += 1
+                log.info("shard %d did not answer in %d ms: reconnecting, resending "
+                         "sequence %d", shard, self.timeout_ms, seq)
+            self._reconnect(shard, conn)
+        raise self._unavailable(shard)
+
+    def _unavailable(self, shard: int) -> ShardUnavailable:
+        return ShardUnavailable(
+            f"shard {shard} at {self.config.endpoint(shard)} did not answer within "
+            f"{self.timeout_ms} ms, {self.retries + 1} attempts",
+            hint="check that the shard owner runs: lmshard status; its log names the cause",
+        )
 
     def _requests(self, parts: dict[int, tuple[int, Any]], *, write: bool) -> dict[int, Any]:
         """Send requests to several shards at once, wait for every reply.
@@ -298,14 +333,9 @@ class Client:
                     log.info("shard %d did not answer in %d ms: reconnecting, resending "
                              "sequence %d", s, self.timeout_ms, seqs[s])
                     self._reconnect(s, conns[s])
-        s = min(pending)
         for p in pending:  # a fresh socket next time: no stale reply may be read as ours
             self._reconnect(p, conns[p])
-        raise ShardUnavailable(
-            f"shard {s} at {self.config.endpoint(s)} did not answer within "
-            f"{self.timeout_ms} ms, {self.retries + 1} attempts",
-            hint="check that the shard owner runs: lmshard status; its log names the cause",
-        )
+        raise self._unavailable(min(pending))
 
     def _write_parts(
         self, parts: dict[int, list[list[Any]]]
