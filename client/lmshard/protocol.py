@@ -23,6 +23,7 @@ from typing import Any
 import msgpack
 
 from lmshard.errors import (
+    CodecError,
     Error,
     LimitExceeded,
     ProtocolError,
@@ -112,6 +113,9 @@ def _need(cond: bool, what: str) -> None:
 
 def _table(tables: TableMap, tid: Any) -> Any:
     _need(type(tid) is bytes and len(tid) == 16, "table id must be 16 bytes (a UUID)")
+    b = tables.by_tid.get(tid)
+    if b is not None:
+        return b
     try:
         return tables[uuid.UUID(bytes=tid)]
     except UnknownTable:
@@ -137,10 +141,20 @@ def _key(b: Any, kb: Any) -> bytes:
     return kb
 
 
-def _value(vb: Any) -> bytes:
-    _need(type(vb) is bytes, "value must be bytes")
+def _value(b: Any, vb: Any) -> bytes:
+    if type(vb) is not bytes:
+        raise ProtocolError("value must be bytes")
     if len(vb) > MAX_VALUE_SIZE:
         raise LimitExceeded(f"value of {len(vb):,} bytes is over {MAX_VALUE_SIZE:,} bytes")
+    if not b.indexes:  # with indexes the owner decodes the value anyway, when it applies it
+        try:
+            b.loads(vb)
+        except Exception:
+            raise CodecError(
+                f"the value for table {b.name!r} does not decode with its codec "
+                f"{b.table.value.name!r}; nothing was stored",
+                hint="send values encoded by the table's codec",
+            ) from None
     return vb
 
 
@@ -150,18 +164,33 @@ def _bound(b: Any, x: Any) -> bytes | None:
 
 
 def validate_ops(tables: TableMap, ops: Any, max_ops: int = MAX_OPS_PER_BATCH) -> list[tuple]:
-    """Check every op of a write batch before any is applied: ``(op, bound table, key, arg)``."""
+    """Check every op of a write batch before any is applied: ``(op, bound table, key, arg)``.
+
+    The owner's hottest loop: the common case (a put of a known table) is checked inline, every
+    unusual case falls through to the helpers that build the precise error.
+    """
     _need(type(ops) is list, "a write body is an array of ops")
     if len(ops) > max_ops:
         raise LimitExceeded(f"batch of {len(ops):,} ops is over the limit of {max_ops:,}")
+    by_tid = tables.by_tid
     out = []
+    append = out.append
     for op in ops:
         _need(type(op) is list and len(op) == 4, "an op is [code, table id, key, arg]")
         code, tid, kb, arg = op
-        b = _table(tables, tid)
-        kb = _key(b, kb)
+        b = by_tid.get(tid) if type(tid) is bytes else None
+        if b is None:
+            b = _table(tables, tid)
+        if type(kb) is not bytes or not 0 < len(kb) <= MAX_KEY_SIZE:
+            kb = _key(b, kb)
+        else:
+            try:
+                b.kdec(kb)
+            except Exception:
+                raise ProtocolError(
+                    f"key bytes do not decode as {b.table.key.spec!r}") from None
         if code == OP_PUT:
-            arg = _value(arg)
+            arg = _value(b, arg)
         elif code == OP_DELETE:
             _need(arg is None, "delete takes no argument")
         elif code == OP_INCR:
@@ -169,12 +198,12 @@ def validate_ops(tables: TableMap, ops: Any, max_ops: int = MAX_OPS_PER_BATCH) -
         elif code == OP_CAS:
             _need(type(arg) is list and len(arg) == 3, "cas arg is [value, kind, expected]")
             value, kind, expected = arg
-            _value(value)
+            _value(b, value)
             _need(kind in (CAS_ABSENT, CAS_VALUE, CAS_HASH), "cas kind must be 0, 1 or 2")
             _need(kind == CAS_ABSENT or type(expected) is bytes, "cas expectation must be bytes")
         else:
             raise ProtocolError(f"unknown op code {code!r:.20}")
-        out.append((code, b, kb, arg))
+        append((code, b, kb, arg))
     return out
 
 

@@ -110,6 +110,7 @@ class TableMap(dict):
     def __init__(self, schema: Schema, bound: list[BoundTable]) -> None:
         super().__init__()
         self.schema = schema
+        self.by_tid: dict[bytes, BoundTable] = {b.table.table_id.bytes: b for b in bound}
         for b in bound:
             self[b] = b
             self[b.name] = b
