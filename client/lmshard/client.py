@@ -107,7 +107,22 @@ class Batch:
         part.append([op, ct.tid, kb, arg])
 
     def put(self, table: Any, key: Any, value: Any) -> None:
-        self._add(table, key, protocol.OP_PUT, self._client._table(table).dumps(value))
+        # The hot path of batched writes: _add inlined.
+        client = self._client
+        ct = client._tables.get(table) or client._table(table)
+        kb = ct.kenc(key)
+        vb = ct.dumps(value)
+        if ct.pinned is not None:
+            shard = ct.pinned
+        elif ct.shard_key is None:
+            shard = client._shard_of(kb)
+        else:
+            shard = client._route(ct, key, kb)
+        part = self._parts.get(shard)
+        if part is None:
+            part = self._parts[shard] = []
+        self._order.append((shard, len(part)))
+        part.append([protocol.OP_PUT, ct.tid, kb, vb])
 
     def delete(self, table: Any, key: Any) -> None:
         self._add(table, key, protocol.OP_DELETE, None)
