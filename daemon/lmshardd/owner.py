@@ -197,14 +197,16 @@ class ShardOwner:
         sock = self.sock
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        paused_poller = zmq.Poller()  # while paused, waiting writes must not wake the loop
         extra: dict[Any, Channel] = {}
         for ch in self.channels:
             for csock in ch.sockets():
                 poller.register(csock, zmq.POLLIN)
+                paused_poller.register(csock, zmq.POLLIN)
                 extra[csock] = ch
         next_check = time.monotonic() + READER_CHECK_INTERVAL
         while not self.stopping:
-            ready = dict(poller.poll(POLL_MS))
+            ready = dict((paused_poller if self.paused else poller).poll(POLL_MS))
             for csock, ch in extra.items():
                 if csock in ready:
                     ch.on_readable(csock)
