@@ -202,7 +202,7 @@ class Client:
         self._ctx: zmq.Context[Any] | None = None
         self._tls = threading.local()
         self._counters = {"batches_sent": 0, "ops_sent": 0, "retries": 0, "timeouts": 0,
-                          "remote_reads": 0}
+                          "remote_reads": 0, "batches_failed": 0, "unavailable": 0}
         self._closed = False
         _clients.add(self)
 
@@ -292,6 +292,7 @@ class Client:
         raise self._unavailable(shard)
 
     def _unavailable(self, shard: int) -> ShardUnavailable:
+        self._counters["unavailable"] += 1
         return ShardUnavailable(
             f"shard {shard} at {self.config.endpoint(shard)} did not answer within "
             f"{self.timeout_ms} ms, {self.retries + 1} attempts",
@@ -358,6 +359,7 @@ class Client:
         self._counters["batches_sent"] += len(parts)
         self._counters["ops_sent"] += sum(len(p) for p in parts.values())
         replies = self._requests({s: (2, ops) for s, ops in parts.items()}, write=True)
+        self._counters["batches_failed"] += sum(isinstance(r, Error) for r in replies.values())
         return {s: (r, None) if isinstance(r, Error) else (None, r) for s, r in replies.items()}
 
     def _write_one(self, table: Any, key: Any, op: int, arg: Any) -> Any:
@@ -368,6 +370,7 @@ class Client:
         self._counters["ops_sent"] += 1
         r = self._request(shard, 2, [[op, ct.tid, kb, arg]], write=True)
         if isinstance(r, Error):
+            self._counters["batches_failed"] += 1
             raise r
         return r[1][0]
 

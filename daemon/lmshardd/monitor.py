@@ -1,0 +1,366 @@
+"""``lmshardd monitor``: follow every shard's stats; serve Prometheus ``/metrics`` and ``/stats``.
+
+The monitor subscribes to every owner's ``stat.<shard>`` messages (``lmshard.monitoring``),
+keeps the latest one and a short history per shard, and serves them:
+
+- over HTTP (``--http HOST:PORT``, default 127.0.0.1:9464): ``/metrics`` in the Prometheus text
+  format (or OpenMetrics, if the scraper asks), rendered by prometheus_client from a custom
+  collector; ``/stats`` as JSON (the same document ``lmshard stats --json`` prints);
+- on ``monitor.endpoint`` (ZeroMQ ROUTER, secured like every lmshard socket): the snapshot as
+  msgpack, for ``lmshard stats``, which finds the monitor through the config this way.
+
+A shard whose messages stop is stale: ``lmshard_shard_up`` 0 and ``lmshard_stats_age_seconds``
+growing; its other series are left out (a gap, not zeros) until it reports again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgpack
+import zmq
+from prometheus_client.core import CollectorRegistry, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+
+from lmshard import monitoring, security
+from lmshard.config import Config
+from lmshard.errors import Error
+
+log = logging.getLogger("lmshardd.monitor")
+
+DEFAULT_HTTP = "127.0.0.1:9464"
+"""Where ``/metrics`` and ``/stats`` are served (9464: a port commonly used by exporters)."""
+POLL_MS = 100
+"""How long the loop waits for messages before it looks at signals."""
+QUANTILE_LABELS = (("p50", "0.5"), ("p99", "0.99"))
+"""Message quantile fields and their Prometheus ``quantile`` label."""
+
+
+def parse_http(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> (host, port); ValueError if malformed."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--http {text!r}: expected HOST:PORT, e.g. {DEFAULT_HTTP}")
+    return host, int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# Prometheus
+# --------------------------------------------------------------------------------------------
+
+
+def _nan(x: Any) -> float:
+    return math.nan if x is None else float(x)
+
+
+class SnapshotCollector:
+    """A prometheus_client collector over a function returning a board snapshot."""
+
+    def __init__(self, snapshot: Any) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.snapshot()
+        yield from metric_families(snap)
+
+
+def metric_families(snap: dict[str, Any]) -> list[Metric]:
+    """The Prometheus metric families of a snapshot (the list in docs/monitoring.md)."""
+    shard_l = ["shard"]
+
+    def gauge(name: str, doc: str, unit: str = "") -> GaugeMetricFamily:
+        return GaugeMetricFamily(name, doc, labels=shard_l, unit=unit)
+
+    def counter(name: str, doc: str) -> Metric:
+        return Metric(name, doc, "counter")
+
+    up = gauge("lmshard_shard_up", "1 if the shard's stats arrived within stale_after seconds")
+    age = gauge("lmshard_stats_age_seconds",
+                "seconds since the shard's last stats message (since monitor start if none)")
+    shards = GaugeMetricFamily("lmshard_shards", "shards in the config")
+    shards.add_metric([], snap["shards_total"])
+    bad = counter("lmshard_monitor_bad_messages", "stats messages the monitor refused")
+    bad.add_sample("lmshard_monitor_bad_messages_total", {}, snap.get("bad_messages", 0))
+    received = counter("lmshard_stats_messages", "stats messages received from the shard")
+    counters = {
+        "ops": counter("lmshard_writes", "write ops committed"),
+        "batches": counter("lmshard_batches", "write batches committed and acked"),
+        "failed_batches": counter("lmshard_failed_batches",
+                                  "write batches answered with an error (nothing applied)"),
+        "duplicate_batches": counter("lmshard_duplicate_batches",
+                                     "retried batches answered again without applying them"),
+        "reads": counter("lmshard_reads", "read, ping and stats requests the owner served"),
+        "bad_frames": counter("lmshard_bad_frames", "request frames the owner refused"),
+        "dropped": counter("lmshard_stats_dropped", "stats messages the owner dropped"),
+    }
+    latency = Metric("lmshard_commit_latency_seconds",
+                     "group commit duration; quantiles over the last stats window", "summary")
+    group = Metric("lmshard_group_batches",
+                   "batches per group commit; quantiles over the last stats window", "summary")
+    per_batch = Metric("lmshard_batch_ops",
+                       "ops per acked batch; quantiles over the last stats window", "summary")
+    latency_max = gauge("lmshard_commit_latency_max_seconds",
+                        "longest group commit in the last stats window")
+    depth = gauge("lmshard_queue_depth",
+                  "batches drained into the last group commit of the window (0 if none)")
+    depth_max = gauge("lmshard_queue_depth_max",
+                      "most batches drained into one group commit in the window")
+    gauges = {
+        "map_size": gauge("lmshard_map_size_bytes", "LMDB map size now"),
+        "map_used": gauge("lmshard_map_used_bytes", "bytes of the map in use (pages)"),
+        "max_map_size": gauge("lmshard_map_max_bytes", "map size the owner may grow to"),
+        "readers_used": gauge("lmshard_reader_slots_used", "LMDB reader slots held"),
+        "readers_active": gauge("lmshard_read_transactions",
+                                "reader slots in an open read transaction"),
+        "max_readers": gauge("lmshard_reader_slots_max", "LMDB reader slot limit"),
+        "last_txn_id": gauge("lmshard_last_txn_id", "last committed LMDB transaction id"),
+        "started": gauge("lmshard_start_time_seconds", "unix time the owner started"),
+        "uptime": gauge("lmshard_uptime_seconds", "seconds since the owner started"),
+    }
+    rows = GaugeMetricFamily("lmshard_table_rows", "rows in a table on the shard",
+                             labels=["shard", "table"])
+
+    for entry in snap["shards"]:
+        sl = [str(entry["shard"])]
+        labels = {"shard": sl[0]}
+        up.add_metric(sl, 1 if entry["up"] else 0)
+        age.add_metric(sl, entry["age"])
+        received.add_sample("lmshard_stats_messages_total", labels, entry["messages"])
+        s = entry.get("stats")
+        if not entry["up"] or not s:
+            continue  # stale: no numbers rather than old or zero ones
+        for key, family in counters.items():
+            family.add_sample(family.name + "_total", labels, s.get(key, 0))
+        lat = s["commit_seconds"]
+        for field, q in QUANTILE_LABELS:
+            latency.add_sample(latency.name, labels | {"quantile": q}, _nan(lat.get(field)))
+            group.add_sample(group.name, labels | {"quantile": q},
+                             _nan(s["group_size"].get(field)))
+            per_batch.add_sample(per_batch.name, labels | {"quantile": q},
+                                 _nan(s["ops_per_batch"].get(field)))
+        latency.add_sample(latency.name + "_count", labels, s.get("commits", 0))
+        latency.add_sample(latency.name + "_sum", labels, lat.get("sum", 0.0))
+        group.add_sample(group.name + "_count", labels, s.get("commits", 0))
+        group.add_sample(group.name + "_sum", labels,
+                         s.get("batches", 0) + s.get("failed_batches", 0)
+                         + s.get("duplicate_batches", 0))
+        per_batch.add_sample(per_batch.name + "_count", labels, s.get("batches", 0))
+        per_batch.add_sample(per_batch.name + "_sum", labels, s.get("ops", 0))
+        latency_max.add_metric(sl, _nan(lat.get("max")))
+        depth.add_metric(sl, s.get("queue_depth", 0))
+        depth_max.add_metric(sl, s.get("queue_depth_max", 0))
+        for key, family in gauges.items():
+            if s.get(key) is not None:
+                family.add_metric(sl, s[key])
+        for table, n in sorted(s["tables"].items()):
+            rows.add_metric([sl[0], table], n)
+    return [shards, up, age, received, bad, *counters.values(), latency, latency_max, group,
+            per_batch, depth, depth_max, *gauges.values(), rows]
+
+
+# --------------------------------------------------------------------------------------------
+# The monitor
+# --------------------------------------------------------------------------------------------
+
+
+class Monitor:
+    """A board fed by a subscriber, served over HTTP and on ``monitor.endpoint``."""
+
+    def __init__(self, config: Config, *, stale_after: float | None = None) -> None:
+        self.config = config
+        self.board = monitoring.StatsBoard(config, stale_after=stale_after)
+        self.lock = threading.Lock()
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.subscriber = monitoring.StatsSubscriber(config, self.ctx)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(SnapshotCollector(self.snapshot))
+        self.query: zmq.Socket[bytes] | None = None
+        self.http: ThreadingHTTPServer | None = None
+        self.http_url: str | None = None
+        self.started = time.time()
+        self.stopping = False
+
+    def snapshot(self, history: bool = True) -> dict[str, Any]:
+        with self.lock:
+            snap = self.board.snapshot(history=history)
+        snap["monitor"] = {"pid": os.getpid(), "started": self.started, "http": self.http_url,
+                           "endpoint": self.config.monitor_endpoint}
+        return snap
+
+    def metrics(self, accept: str | None) -> tuple[bytes, str]:
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+    # -- serving -----------------------------------------------------------------------------
+
+    def start_http(self, host: str, port: int) -> None:
+        monitor = self
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "lmshard-monitor"
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                path = urlsplit(self.path).path
+                if path == "/metrics":
+                    body, ctype = monitor.metrics(self.headers.get("Accept"))
+                elif path == "/stats":
+                    body = json.dumps(monitor.snapshot(), sort_keys=True).encode()
+                    ctype = "application/json"
+                elif path == "/":
+                    body = (b"lmshard monitor: /metrics (Prometheus), /stats (JSON)\n")
+                    ctype = "text/plain; charset=utf-8"
+                else:
+                    self.send_error(404, "try /metrics or /stats")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                log.debug("http %s: " + format, self.address_string(), *args)
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        server = Server((host, port), Handler)
+        bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        self.http_url = f"http://{shown}:{bound_port}"
+        self.http = server
+        threading.Thread(target=server.serve_forever, name="monitor-http", daemon=True).start()
+        if not _is_loopback(host):
+            log.warning("serving /metrics and /stats on %s, a non-loopback address, without "
+                        "authentication", self.http_url)
+        log.info("serving %s/metrics and %s/stats", self.http_url, self.http_url)
+
+    def bind_query(self) -> None:
+        endpoint = self.config.monitor_endpoint
+        sock: zmq.Socket[bytes] = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, 1024)
+        if endpoint.startswith("ipc://"):
+            os.makedirs(os.path.dirname(endpoint[6:]), mode=0o700, exist_ok=True)
+        try:
+            security.secure_server(sock, self.config, endpoint)
+            sock.bind(endpoint)
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        self.query = sock
+        self.subscriber.poller.register(sock, zmq.POLLIN)
+        log.info("answering snapshot requests on %s", endpoint)
+
+    def _answer_queries(self) -> None:
+        assert self.query is not None
+        while True:
+            try:
+                frames = self.query.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 2 or frames[-1] != monitoring.MONITOR_REQUEST:
+                with self.lock:
+                    self.board.bad_messages += 1
+                continue  # not our peer: no answer
+            body = msgpack.packb(self.snapshot(), use_bin_type=True)
+            with contextlib.suppress(zmq.Again):
+                self.query.send_multipart([*frames[:-1], body], zmq.NOBLOCK)
+
+    def serve_forever(self) -> None:
+        sub = self.subscriber
+        while not self.stopping:
+            ready = dict(sub.poller.poll(POLL_MS))
+            if self.query is not None and self.query in ready:
+                self._answer_queries()
+            for sock in ready:
+                if sock in sub.socks:
+                    with self.lock:
+                        sub.take(sock, self.board)
+
+    def close(self) -> None:
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
+            self.http = None
+        if self.query is not None:
+            self.query.close(linger=0)
+            self.query = None
+            endpoint = self.config.monitor_endpoint
+            if endpoint.startswith("ipc://"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(endpoint[6:])
+        self.subscriber.close()
+        self.ctx.term()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--http", default=DEFAULT_HTTP, metavar="HOST:PORT",
+        help=f"serve /metrics and /stats here (default {DEFAULT_HTTP}; port 0 picks a free "
+        "one, shown in the log and in /stats)")
+    parser.add_argument(
+        "--stale-after", type=float, metavar="S",
+        help=f"seconds without a message before a shard counts as down (default "
+        f"{monitoring.STALE_INTERVALS:g} x monitor.stats_interval)")
+
+
+def run(config: Config, args: argparse.Namespace) -> int:
+    """Entry point of ``lmshardd monitor``: serve until SIGTERM/SIGINT; the exit status."""
+    try:
+        host, port = parse_http(args.http)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    if args.stale_after is not None and not args.stale_after > 0:
+        log.error("--stale-after %r: expected seconds > 0", args.stale_after)
+        return 2
+    try:
+        monitor = Monitor(config, stale_after=args.stale_after)
+    except (zmq.ZMQError, Error) as exc:
+        log.error("monitor cannot start: %s", exc)
+        return 2
+    try:
+        try:
+            monitor.bind_query()
+            monitor.start_http(host, port)
+        except (OSError, zmq.ZMQError, Error) as exc:
+            log.error("monitor cannot start: %s", exc)
+            return 2
+
+        def stop(signum: int, frame: Any) -> None:
+            monitor.stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        log.info("following %d shards' stats (stale after %g s)", config.shards,
+                 monitor.board.stale_after)
+        monitor.serve_forever()
+        return 0
+    finally:
+        monitor.close()

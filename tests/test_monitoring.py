@@ -1,0 +1,468 @@
+"""Shard stats: the message, the owner's channel, the monitor (Prometheus and JSON), stats/top.
+
+The process tests run real shard owners (tests.cluster.Cluster) publishing every 0.2 s and a
+real ``lmshardd monitor``; they wait for conditions, never for fixed times.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+from prometheus_client.core import CollectorRegistry
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from lmshard import monitoring
+from lmshardd import monitor, stats
+from tests.cluster import Cluster
+
+INTERVAL = 0.2
+"""Stats interval of the test owners: stale after 0.6 s."""
+WAIT = 15.0
+"""Longest wait for any condition (generous: the machine may be busy)."""
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = WAIT) -> Any:
+    """Call ``probe`` until it returns something truthy; that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def body(shard: int = 0, **fields: Any) -> dict[str, Any]:
+    """A well-formed stats message body, as an owner would publish it."""
+    b: dict[str, Any] = {
+        "v": 1, "shard": shard, "pid": 100 + shard, "seq": 0, "time": time.time(),
+        "started": time.time() - 5, "uptime": 5.0, "interval": 1.0, "window": 1.0,
+        "ops": 1000, "batches": 10, "failed_batches": 1, "duplicate_batches": 0, "commits": 8,
+        "reads": 3, "bad_frames": 0,
+        "rates": {"writes": 1000.0, "batches": 10.0, "failed": 1.0, "commits": 8.0},
+        "commit_seconds": {"p50": 0.001, "p99": 0.004, "max": 0.005, "sum": 0.02},
+        "group_size": {"p50": 1.0, "p99": 2.0, "max": 2},
+        "ops_per_batch": {"p50": 100.0, "p99": 100.0, "max": 100.0},
+        "queue_depth": 1, "queue_depth_max": 2, "map_size": 1 << 26, "map_used": 1 << 20,
+        "max_map_size": 1 << 30, "page_size": 4096, "readers_used": 2, "readers_active": 1,
+        "max_readers": 126, "tables": {"blobs": 1000, "users": 0}, "last_txn_id": 9,
+        "last_commit_time": time.time(), "dropped": 0, "publish_seconds": 0.0001,
+    }
+    b.update(fields)
+    return b
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Iterator[Any]:
+    """A 3-shard config; nothing runs (its run directory is removed afterwards)."""
+    cl = Cluster(tmp_path, shards=3, stats_interval=INTERVAL)
+    try:
+        yield cl.config
+    finally:
+        shutil.rmtree(cl.run_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The message and the board
+# --------------------------------------------------------------------------------------------
+
+
+def test_decode_takes_good_messages_and_refuses_bad_ones() -> None:
+    frames = monitoring.encode(2, body(2))
+    assert frames[0] == b"stat.2"
+    assert monitoring.decode(frames, 2)["ops"] == 1000
+    bad = {
+        "one frame": [frames[1]],
+        "other topic": [b"stats.2", frames[1]],
+        "topic not a number": [b"stat.x", frames[1]],
+        "another shard's endpoint": frames,  # decoded as if it came from shard 1
+        "not msgpack": [b"stat.2", b"\xc1\xc1"],
+        "not a map": [b"stat.2", msgpack.packb([1, 2])],
+        "future version": monitoring.encode(2, body(2, v=2)),
+        "body names another shard": [b"stat.2", msgpack.packb(body(3))],
+        "negative counter": monitoring.encode(2, body(2, ops=-1)),
+        "missing quantiles": monitoring.encode(2, body(2, commit_seconds=None)),
+        "a rate that is text": monitoring.encode(2, body(2, rates={"writes": "fast"})),
+        "a row count that is negative": monitoring.encode(2, body(2, tables={"blobs": -1})),
+        "no uptime": monitoring.encode(2, body(2, uptime=None)),
+    }
+    for why, frames_ in bad.items():
+        with pytest.raises(ValueError):
+            monitoring.decode(frames_, 1 if why == "another shard's endpoint" else 2)
+
+
+def test_board_shows_a_silent_shard_as_stale_with_its_age_growing(config: Any) -> None:
+    now = [100.0]
+    board = monitoring.StatsBoard(config, clock=lambda: now[0])
+    assert board.stale_after == pytest.approx(3 * INTERVAL)
+    board.update(0, body(0))
+    board.update(1, body(1))
+    now[0] += 0.1
+    snap = board.snapshot()
+    assert [s["up"] for s in snap["shards"]] == [True, True, False]
+    assert snap["shards"][2]["seen"] is False and snap["shards"][2]["stats"] is None
+    board.update(0, body(0, seq=1))
+    now[0] += 0.55  # shard 1 last reported 0.65 s ago: past stale_after
+    snap = board.snapshot()
+    assert [s["up"] for s in snap["shards"]] == [True, False, False]
+    age = snap["shards"][1]["age"]
+    now[0] += 1.0
+    assert board.snapshot()["shards"][1]["age"] == pytest.approx(age + 1.0)
+    assert snap["shards_up"] == 1
+    board.update(0, body(0, pid=999, seq=0))  # the owner restarted
+    assert board.shards[0].restarts == 1 and len(board.shards[0].history) == 3
+    json.dumps(board.snapshot())  # the /stats document is plain data
+
+
+def test_quantiles_nearest_rank_and_weighted() -> None:
+    values = [float(i) for i in range(1, 101)]
+    q = stats.quantiles(values)
+    assert q == {"p50": 51.0, "p99": 100.0, "max": 100.0}
+    assert stats.quantiles([]) == {"p50": None, "p99": None, "max": None}
+    # 99 batches of 10 ops committed as one group, 1 batch of 1000 ops alone.
+    w = stats.weighted_quantiles([(10.0, 99), (1000.0, 1)])
+    assert w == {"p50": 10.0, "p99": 1000.0, "max": 1000.0}
+
+
+# --------------------------------------------------------------------------------------------
+# Prometheus and the views, from a made-up snapshot
+# --------------------------------------------------------------------------------------------
+
+
+def snapshot_with_a_stale_shard(config: Any) -> dict[str, Any]:
+    now = [0.0]
+    board = monitoring.StatsBoard(config, clock=lambda: now[0])
+    board.update(0, body(0))
+    board.update(1, body(1, map_used=900 << 20, readers_used=110))  # 88% of 1 GiB, 87% of slots
+    board.update(2, body(2))
+    now[0] = 1.0
+    board.update(0, body(0, seq=1))
+    board.update(1, body(1, seq=1, map_used=900 << 20, readers_used=110))
+    snap = board.snapshot()
+    assert not snap["shards"][2]["up"]
+    return snap
+
+
+def test_metrics_follow_prometheus_conventions_and_leave_stale_shards_out(config: Any) -> None:
+    snap = snapshot_with_a_stale_shard(config)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(monitor.SnapshotCollector(lambda: snap))
+    text = generate_latest(registry).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["lmshard_writes"].type == "counter"
+    assert families["lmshard_commit_latency_seconds"].type == "summary"
+    assert families["lmshard_map_used_bytes"].type == "gauge"
+    up = {s.labels["shard"]: s.value for s in families["lmshard_shard_up"].samples}
+    assert up == {"0": 1.0, "1": 1.0, "2": 0.0}
+    writes = {s.labels["shard"]: s.value for s in families["lmshard_writes"].samples}
+    assert writes == {"0": 1000.0, "1": 1000.0}  # shard 2 is stale: no sample, not 0
+    p99 = [s for s in families["lmshard_commit_latency_seconds"].samples
+           if s.labels.get("quantile") == "0.99" and s.labels["shard"] == "0"]
+    assert p99[0].value == 0.004
+    rows = {(s.labels["shard"], s.labels["table"]): s.value
+            for s in families["lmshard_table_rows"].samples}
+    assert rows[("0", "blobs")] == 1000.0
+    assert families["lmshard_stats_age_seconds"].samples[2].value == 1.0
+    for name in families:
+        assert name.startswith("lmshard_")
+
+
+def test_top_frame_shows_every_shard_and_warns_about_limits(config: Any) -> None:
+    from rich.console import Console
+
+    snap = snapshot_with_a_stale_shard(config)
+    rows = [monitoring.shard_row(e) for e in snap["shards"]]
+    assert rows[0]["map_level"] == 0 and rows[1]["map_level"] == 1
+    assert rows[1]["readers_level"] == 1  # 110/126 = 87%: warn, not yet alert (95%)
+    assert rows[2]["cells"]["writes/s"] == "-"  # the stale shard's rate is not shown as 0
+    assert rows[2]["cells"]["acked"] == "10"  # its last known counters are
+    console = Console(file=io.StringIO(), width=200, force_terminal=True, record=True)
+    console.print(monitoring.render_top(snap))
+    text = console.export_text(clear=False)
+    lines = [line.split() for line in text.splitlines()]
+    assert {ln[0] for ln in lines if ln and ln[0] in ("0", "1", "2")} >= {"0", "1", "2"}
+    assert "STALE" in text and "shards 1: map or reader slots above 80%" in text
+    styled = console.export_text(styles=True)
+    assert "\x1b[1;33m" in styled  # bold yellow, the warning colour
+    plain = monitoring.render_text(snap)
+    assert "STALE" in plain and "rows per table" in plain
+
+
+def test_docs_list_every_metric_and_message_field(config: Any) -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "monitoring.md").read_text()
+    for family in monitor.metric_families(snapshot_with_a_stale_shard(config)):
+        name = family.name + ("_total" if family.type == "counter" else "")
+        assert f"| `{name}` | {family.type} |" in doc, name
+    for fields, meaning in monitoring.MESSAGE_FIELDS:
+        assert f"| {fields} | {meaning} |" in doc, fields
+
+
+# --------------------------------------------------------------------------------------------
+# The owner's channel, in this process
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def owner(tmp_path: Path) -> Iterator[Any]:
+    from lmshardd.owner import ShardOwner
+
+    cl = Cluster(tmp_path, shards=1, stats_interval=INTERVAL)
+    o = ShardOwner(cl.config, 0)
+    try:
+        yield o
+    finally:
+        o.close()
+        shutil.rmtree(cl.run_dir, ignore_errors=True)
+
+
+def test_channel_window_quantiles_sampling_and_no_blocking(owner: Any) -> None:
+    ch = stats.make_channel(owner)
+    assert ch is not None
+    owner.add_channel(ch)
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    try:
+        sub.setsockopt(zmq.RCVHWM, 2)
+        sub.subscribe(b"stat.0")
+        sub.connect(owner.config.stat_endpoint(0))
+        deadline = time.monotonic() + WAIT
+        while not sub.poll(50):  # the slow joiner: publish until the subscription is in
+            assert time.monotonic() < deadline
+            ch.publish(time.monotonic())
+        while sub.poll(0):
+            sub.recv_multipart()
+        for i in range(1, 101):
+            ch.after_commit(batches=1 + i % 2, ops=10 * (1 + i % 2), seconds=i / 1000)
+        ch.after_commit(batches=5, ops=50, seconds=0.0005)
+        ch.publish(time.monotonic())
+        assert sub.poll(int(WAIT * 1000))
+        msg = monitoring.decode(sub.recv_multipart(), 0)
+        assert msg["commit_seconds"]["p50"] == pytest.approx(0.050)
+        assert msg["commit_seconds"]["max"] == pytest.approx(0.100)
+        assert msg["group_size"]["max"] == 5 and msg["queue_depth"] == 0  # no real commit
+        assert msg["ops_per_batch"]["p50"] == 10.0 and msg["ops_per_batch"]["max"] == 10.0
+        assert msg["tables"]["blobs"] == 0 and msg["readers_used"] >= 0
+        assert msg["map_used"] > 0 and msg["max_map_size"] == owner.config.max_map_size
+
+        # Many commits in one window: the sample thins itself out and stays representative.
+        for i in range(stats.MAX_SAMPLES * 5):
+            ch.after_commit(batches=1, ops=1, seconds=(i % 100 + 1) / 1000)
+        assert len(ch._samples) < stats.MAX_SAMPLES
+        # A subscriber that never reads: publishing goes on and never waits for it.
+        for _ in range(3000):
+            ch.publish(time.monotonic())
+        assert sub.poll(int(WAIT * 1000))
+        first = monitoring.decode(sub.recv_multipart(), 0)
+        assert first["commit_seconds"]["p50"] == pytest.approx(0.050, abs=0.005)
+        assert first["commit_seconds"]["max"] == pytest.approx(0.100)
+        received = 1
+        while sub.poll(200):
+            sub.recv_multipart()
+            received += 1
+        assert received < 3000  # dropped at the high-water marks, never waited for
+    finally:
+        sub.close(linger=0)
+        ctx.term()
+
+
+def test_stats_can_be_switched_off(owner: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(monitoring.ENV_SWITCH, "0")
+    assert stats.make_channel(owner) is None
+    monkeypatch.setenv(monitoring.ENV_SWITCH, "1")
+    ch = stats.make_channel(owner)
+    assert ch is not None
+    ch.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Real processes
+# --------------------------------------------------------------------------------------------
+
+
+class RecordingBoard(monitoring.StatsBoard):
+    """A board that also keeps every message it was given."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.all: list[list[dict[str, Any]]] = [[] for _ in range(config.shards)]
+
+    def update(self, shard: int, body: dict[str, Any], now: float | None = None) -> None:
+        super().update(shard, body, now)
+        self.all[shard].append(body)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, stats_interval=INTERVAL)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def test_published_counters_equal_the_writes(cluster: Cluster) -> None:
+    n, per_batch = 10_000, 250
+    board = RecordingBoard(cluster.config)
+    with monitoring.StatsSubscriber(cluster.config) as sub:
+        sub.follow(board, WAIT, until_all=True)
+        assert board.seen_all()
+        before = [b.last for b in board.shards]
+        with cluster.client() as c:
+            for start in range(0, n, per_batch):
+                with c.batch() as b:
+                    for i in range(start, start + per_batch):
+                        b.put("blobs", i, b"v%d" % i)
+            sent = c.stats()["client"]
+
+        def all_counted() -> bool:
+            sub.poll(board, 100)
+            return sum(s.last["ops"] for s in board.shards if s.last) == n
+
+        wait_for("the published ops to reach the writes", all_counted)
+        sub.follow(board, INTERVAL * 1.5)  # one more message each: nothing more is counted
+    lasts = [s.last for s in board.shards]
+    assert all(m is not None for m in lasts)
+    assert sum(m["ops"] for m in lasts) == n == sent["ops_sent"]
+    assert sum(m["batches"] for m in lasts) == sent["batches_sent"]
+    assert sum(m["failed_batches"] + m["duplicate_batches"] for m in lasts) == 0
+    assert sum(m["tables"]["blobs"] for m in lasts) == n
+    for shard, (first, last) in enumerate(zip(before, lasts, strict=True)):
+        assert last["tables"]["blobs"] == last["ops"]  # one row per op, on its own shard
+        assert last["last_txn_id"] >= last["commits"] > 0
+        assert last["uptime"] > first["uptime"] and last["pid"] == cluster.pid(shard)
+        assert 0 < last["map_used"] <= last["map_size"] <= last["max_map_size"]
+        assert 1 <= last["readers_used"] <= last["max_readers"]
+        msgs = [m for m in board.all[shard] if m["seq"] > first["seq"]]
+        assert [m["seq"] for m in msgs] == list(range(first["seq"] + 1, last["seq"] + 1))
+        # The rates, summed over the windows, give back the counters.
+        assert sum(m["rates"]["writes"] * m["window"] for m in msgs) == pytest.approx(
+            last["ops"] - first["ops"])
+        busy = [m for m in msgs if m["rates"]["batches"] > 0]
+        assert busy and all(m["commit_seconds"]["p50"] is not None for m in busy)
+        assert max(m["ops_per_batch"]["max"] for m in busy) <= per_batch
+        assert max(m["queue_depth_max"] for m in msgs) >= 1
+
+
+def get(url: str) -> tuple[str, str]:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read().decode(), r.headers["Content-Type"]
+
+
+def metric_samples(url: str, name: str) -> dict[str, float]:
+    text, _ = get(url + "/metrics")
+    for family in text_string_to_metric_families(text):
+        if family.name == name:
+            return {s.labels["shard"]: s.value for s in family.samples
+                    if s.name in (name, name + "_total")}
+    return {}
+
+
+@pytest.fixture
+def monitor_proc(cluster: Cluster) -> Iterator[subprocess.Popen[bytes]]:
+    log = cluster.base / "monitor.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lmshardd.main", "-c", str(cluster.config_path), "monitor",
+             "--http", "127.0.0.1:0"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_monitor_metrics_stats_and_a_killed_shard(
+    cluster: Cluster, monitor_proc: subprocess.Popen[bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = str(cluster.config_path)
+
+    def all_up() -> dict[str, Any] | None:
+        assert monitor_proc.poll() is None, (cluster.base / "monitor.log").read_text()
+        snap = monitoring.query_monitor(cluster.config)
+        return snap if snap and snap["shards_up"] == 4 else None
+
+    url = wait_for("the monitor to see every shard", all_up)["monitor"]["http"]
+    assert url.startswith("http://127.0.0.1:")
+    with cluster.client() as c, c.batch() as b:
+        for i in range(2000):
+            b.put("blobs", i, b"x")
+    wait_for("/metrics to count the writes",
+             lambda: sum(metric_samples(url, "lmshard_writes").values()) == 2000)
+
+    text, ctype = get(url + "/metrics")
+    assert ctype.startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("lmshard_shard_up", "lmshard_stats_age_seconds", "lmshard_writes",
+                 "lmshard_batches", "lmshard_failed_batches", "lmshard_commit_latency_seconds",
+                 "lmshard_map_used_bytes", "lmshard_map_max_bytes", "lmshard_reader_slots_used",
+                 "lmshard_table_rows", "lmshard_queue_depth", "lmshard_last_txn_id"):
+        assert name in families, name
+    doc = json.loads(get(url + "/stats")[0])
+    assert [s["shard"] for s in doc["shards"]] == [0, 1, 2, 3]
+    assert sum(s["stats"]["tables"]["blobs"] for s in doc["shards"]) == 2000
+
+    cluster.kill(1)
+    wait_for("shard 1 to go stale",
+             lambda: metric_samples(url, "lmshard_shard_up").get("1") == 0.0)
+    age1 = metric_samples(url, "lmshard_stats_age_seconds")["1"]
+    wait_for("shard 1's age to grow",
+             lambda: metric_samples(url, "lmshard_stats_age_seconds")["1"] > age1 + INTERVAL)
+    writes = metric_samples(url, "lmshard_writes")
+    assert set(writes) == {"0", "2", "3"}  # no zero for the dead shard: no sample at all
+    assert metric_samples(url, "lmshard_shard_up") == {"0": 1.0, "1": 0.0, "2": 1.0, "3": 1.0}
+
+    # lmshard stats asks the monitor; exit status 1 because a shard is stale.
+    capsys.readouterr()
+    assert monitoring.main(["stats", "--json", "-c", cfg]) == monitoring.EXIT_STALE
+    snap = json.loads(capsys.readouterr().out)
+    assert snap["source"] == "monitor"
+    assert [s["up"] for s in snap["shards"]] == [True, False, True, True]
+    assert monitoring.main(["stats", "-c", cfg]) == monitoring.EXIT_STALE
+    table = capsys.readouterr().out
+    assert "3/4 shards up" in table and "STALE" in table
+
+    # lmshard top --once, as a process: every shard, the dead one marked.
+    out = subprocess.run([sys.executable, "-m", "lmshard.monitoring", "top", "--once", "-c", cfg],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    first_cells = [line.split()[:2] for line in out.stdout.splitlines() if line.strip()]
+    states = {cells[0]: cells[1] for cells in first_cells if len(cells) == 2
+              and cells[0] in ("0", "1", "2", "3") and cells[1] in ("up", "NO", "STALE")}
+    assert states == {"0": "up", "1": "NO", "2": "up", "3": "up"}, out.stdout
+
+    # The shard comes back: up again, counting from 0 (a new process), its rows still there.
+    cluster.start(1)
+    wait_for("shard 1 to be up again",
+             lambda: metric_samples(url, "lmshard_shard_up").get("1") == 1.0)
+    assert metric_samples(url, "lmshard_writes")["1"] == 0.0
+    text, _ = get(url + "/metrics")
+    rows = {(s.labels["shard"], s.labels["table"]): s.value
+            for f in text_string_to_metric_families(text) if f.name == "lmshard_table_rows"
+            for s in f.samples}
+    assert rows[("1", "blobs")] == doc["shards"][1]["stats"]["tables"]["blobs"]
+
+    # Without the monitor, lmshard stats subscribes to the shards itself.
+    monitor_proc.send_signal(signal.SIGTERM)
+    assert monitor_proc.wait(timeout=30) == 0
+    assert not Path(cluster.config.monitor_endpoint[len("ipc://"):]).exists()
+    assert monitoring.main(["stats", "--json", "-c", cfg]) == 0
+    snap = json.loads(capsys.readouterr().out)
+    assert snap["source"] == "direct" and snap["shards_up"] == 4
+    assert sum(s["stats"]["ops"] for s in snap["shards"]) == sum(writes.values())
