@@ -44,6 +44,8 @@ DEFAULT_SLOW_TXN_WARNING = 1.0
 """Seconds a write transaction may stay open before a warning is logged."""
 SPARE_TXNS = 4
 """Read transaction handles py-lmdb keeps for reuse, which makes a read per call cheap."""
+MAP_RESIZE_RETRIES = 100
+"""Times a reader adopts a grown map size in a row before it gives up."""
 META_DB = b"__lmshard__"
 FORMAT_VERSION = 1
 
@@ -164,10 +166,14 @@ class Store:
 
     def _bind_readonly(self, env: lmdb.Environment) -> TableMap:
         def open_db(name: bytes, dupsort: bool) -> Any:
+            for _ in range(MAP_RESIZE_RETRIES):
+                try:
+                    return env.open_db(name, dupsort=dupsort, create=False)
+                except lmdb.MapResizedError:
+                    env.set_mapsize(0)
+                except lmdb.NotFoundError:
+                    break
             try:
-                return env.open_db(name, dupsort=dupsort, create=False)
-            except lmdb.MapResizedError:
-                env.set_mapsize(0)
                 return env.open_db(name, dupsort=dupsort, create=False)
             except lmdb.NotFoundError:
                 raise SchemaError(
@@ -369,8 +375,7 @@ class Store:
         try:
             txn = env.begin()
         except lmdb.MapResizedError:
-            env.set_mapsize(0)
-            txn = env.begin()
+            txn = _begin_read(env)
         data = txn.get(b.kenc(key), db=b.db)
         txn.abort()
         return default if data is None else b.loads(data)
@@ -382,8 +387,7 @@ class Store:
         try:
             txn = env.begin()
         except lmdb.MapResizedError:
-            env.set_mapsize(0)
-            txn = env.begin()
+            txn = _begin_read(env)
         data = txn.get(key_bytes, db=b.db)
         txn.abort()
         return default if data is None else b.loads(data)
@@ -501,12 +505,14 @@ def _spec(spec: Any) -> Any:
 
 
 def _begin_read(env: lmdb.Environment, buffers: bool = False) -> Any:
-    try:
-        return env.begin(buffers=buffers)  # type: ignore[call-overload]
-    except lmdb.MapResizedError:
-        # Another process grew the map: adopt its size (LMDB's documented answer).
-        env.set_mapsize(0)
-        return env.begin(buffers=buffers)  # type: ignore[call-overload]
+    for _ in range(MAP_RESIZE_RETRIES):
+        try:
+            return env.begin(buffers=buffers)  # type: ignore[call-overload]
+        except lmdb.MapResizedError:
+            # Another process grew the map: adopt its size (LMDB's documented answer). The
+            # writer may grow it again before we begin, so adopt as often as it takes.
+            env.set_mapsize(0)
+    return env.begin(buffers=buffers)  # type: ignore[call-overload]
 
 
 _NO_KW: dict[str, Any] = {}
