@@ -173,7 +173,7 @@ def validate_ops(tables: TableMap, ops: Any, max_ops: int = MAX_OPS_PER_BATCH) -
     if len(ops) > max_ops:
         raise LimitExceeded(f"batch of {len(ops):,} ops is over the limit of {max_ops:,}")
     by_tid = tables.by_tid
-    out = []
+    out: list[tuple] = []
     append = out.append
     for op in ops:
         _need(type(op) is list and len(op) == 4, "an op is [code, table id, key, arg]")
