@@ -33,7 +33,8 @@ from lmshard.errors import (
     UnknownTable,
     error_from_wire,
 )
-from lmshard.keys import encode_index_value
+from lmshard.keys import MAX_KEY_SIZE, encode_index_value
+from lmshard.remote import READ_CODES, ReaderPool
 from lmshard.schema import Schema, Table
 from lmshard.store import Store
 from lmshard.txn import index_prefix, prefix_end, value_hash
@@ -42,6 +43,8 @@ log = logging.getLogger("lmshard.client")
 
 SCAN_PAGE = 1000
 """Rows per page when a scan goes over the wire."""
+GET_MANY_CHUNK = 10_000
+"""Keys per remote get_many request; the chunks of one call are sent at once."""
 
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
@@ -203,6 +206,7 @@ class Client:
         self._tls = threading.local()
         self._counters = {"batches_sent": 0, "ops_sent": 0, "retries": 0, "timeouts": 0,
                           "remote_reads": 0, "batches_failed": 0, "unavailable": 0}
+        self._pool: ReaderPool | None = None
         self._closed = False
         _clients.add(self)
 
@@ -272,7 +276,7 @@ class Client:
         for attempt in range(self.retries + 1):
             sock = conn.sock
             try:
-                sock.send(frame, zmq.NOBLOCK, copy=False)
+                sock.send(frame, zmq.NOBLOCK, len(frame) < 65536)  # a copy is cheaper
             except zmq.Again:
                 pass  # the queue to that peer is full: wait out the timeout, then retry
             deadline = time.monotonic() + timeout
@@ -295,7 +299,8 @@ class Client:
         self._counters["unavailable"] += 1
         return ShardUnavailable(
             f"shard {shard} at {self.config.endpoint(shard)} did not answer within "
-            f"{self.timeout_ms} ms, {self.retries + 1} attempts",
+            f"{self.timeout_ms} ms, {self.retries + 1} attempts"
+            + security.auth_hint(self.config, self.config.endpoint(shard)),
             hint="check that the shard owner runs: lmshard status; its log names the cause",
         )
 
@@ -319,7 +324,7 @@ class Client:
         for attempt in range(self.retries + 1):
             for s in pending:
                 try:
-                    conns[s].sock.send(frames[s], zmq.NOBLOCK, copy=False)
+                    conns[s].sock.send(frames[s], zmq.NOBLOCK, len(frames[s]) < 65536)
                 except zmq.Again:
                     pass  # the queue to that peer is full: wait out the timeout, then retry
             deadline = time.monotonic() + self.timeout_ms / 1000
@@ -451,12 +456,37 @@ class Client:
             data = self._remote(shard, 10, [ct.tid, kb])
         return None if data is None else value_hash(data)
 
+    def _reader_pool(self) -> ReaderPool | None:
+        """The reader pool that serves this client's remote reads, or None when the service
+        runs none (``readers.count = 0``): then the shard owners answer them."""
+        if self._pool is None and self.config.readers > 0:
+            with self._store_lock:
+                if self._pool is None:
+                    self._pool = ReaderPool(self.config, timeout_ms=self.timeout_ms,
+                                            retries=self.retries)
+        return self._pool
+
     def _remote(self, shard: int, code: int, body: Any) -> Any:
         self._counters["remote_reads"] += 1
+        pool = self._reader_pool() if code in READ_CODES else None
+        if pool is not None:
+            return pool.request(shard, code, body)
         r = self._request(shard, code, body, write=False)
         if isinstance(r, Error):
             raise r
         return r
+
+    def _remote_many(self, parts: list[tuple[int, int, Any]]) -> list[Any]:
+        """Several remote reads, sent at once through the pool (or one owner at a time)."""
+        pool = self._reader_pool()
+        if pool is None:
+            return [self._remote(*part) for part in parts]
+        self._counters["remote_reads"] += len(parts)
+        replies = pool.requests(parts)
+        for r in replies:
+            if isinstance(r, Error):
+                raise r
+        return replies
 
     def get_many(self, table: Any, keys: Any, default: Any = None) -> list[Any]:
         ct = self._table(table)
@@ -466,6 +496,7 @@ class Client:
         for i, key in enumerate(keys):
             kb = ct.kenc(key)
             by_shard.setdefault(self._route(ct, key, kb), []).append((i, kb))
+        remote: list[tuple[int, list[tuple[int, bytes]]]] = []
         for shard, items in by_shard.items():
             st = self._local(shard)
             if st is not None:
@@ -475,7 +506,12 @@ class Client:
                         if data is not None:
                             out[i] = ct.loads(data)
             else:
-                datas = self._remote(shard, 11, [ct.tid, [kb for _, kb in items]])
+                for c in range(0, len(items), GET_MANY_CHUNK):
+                    remote.append((shard, items[c:c + GET_MANY_CHUNK]))
+        if remote:
+            replies = self._remote_many(
+                [(shard, 11, [ct.tid, [kb for _, kb in items]]) for shard, items in remote])
+            for (_, items), datas in zip(remote, replies, strict=True):
                 for (i, _), data in zip(items, datas, strict=True):
                     if data is not None:
                         out[i] = ct.loads(data)
@@ -507,6 +543,11 @@ class Client:
             with st.read() as r:
                 yield from r.scan_raw(ct.table, lo, hi, reverse)
             return
+        pool = self._reader_pool()
+        if pool is not None:
+            self._counters["remote_reads"] += 1
+            yield from pool.scan(shard, ct.tid, lo, hi, reverse, SCAN_PAGE)
+            return
         while True:
             items, more = self._remote(shard, 12, [ct.tid, lo, hi, reverse, SCAN_PAGE])
             yield from ((k, v) for k, v in items)
@@ -515,8 +556,12 @@ class Client:
             last = items[-1][0]
             if reverse:
                 hi = last
-            else:
+            elif len(last) < MAX_KEY_SIZE:
                 lo = last + b"\x00"
+            else:  # a bound longer than any key is refused; the next key differs earlier
+                lo = prefix_end(last)
+                if lo is None:
+                    return
 
     def scan(self, table: Any, prefix: Any = None, start: Any = None, end: Any = None,
              reverse: bool = False, limit: int | None = None,
@@ -544,6 +589,7 @@ class Client:
         ct = self._table(table)
         lo, hi = self._bounds(ct, prefix, start, end)
         total = 0
+        remote = []
         for shard in self._shards_for(ct):
             st = self._local(shard)
             if st is not None:
@@ -553,8 +599,8 @@ class Client:
                     else:
                         total += sum(1 for _ in r.scan_raw(ct.table, lo, hi))
             else:
-                total += int(self._remote(shard, 14, [ct.tid, lo, hi]))
-        return total
+                remote.append((shard, 14, [ct.tid, lo, hi]))
+        return total + sum(int(n) for n in self._remote_many(remote))
 
     def lookup(self, table: Any, index: str, value: Any, prefix: bool = False
                ) -> list[tuple[Any, Any]]:
@@ -569,6 +615,7 @@ class Client:
             return []
         ivb = index_prefix(value) if prefix else encode_index_value(value)
         rows: list[tuple[bytes, bytes]] = []
+        remote = []
         for shard in self._shards_for(ct):
             st = self._local(shard)
             if st is not None:
@@ -578,8 +625,9 @@ class Client:
                         if data is not None:
                             rows.append((rk, data))
             else:
-                rows.extend(
-                    (k, v) for k, v in self._remote(shard, 13, [ct.tid, index, ivb, prefix]))
+                remote.append((shard, 13, [ct.tid, index, ivb, prefix]))
+        for found in self._remote_many(remote):
+            rows.extend((k, v) for k, v in found)
         rows.sort(key=itemgetter(0))
         return [(ct.kdec(k), ct.loads(v)) for k, v in rows]
 
@@ -602,6 +650,9 @@ class Client:
 
     def close(self) -> None:
         self._closed = True
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         for st in self._stores:
             if st is not None:
                 st.close()

@@ -134,11 +134,19 @@ def _key(b: Any, kb: Any) -> bytes:
             "limit of LMDB)",
             hint="hash long keys or use a uint64/uuid surrogate key",
         )
-    try:
-        b.kdec(kb)
-    except Exception:
-        raise ProtocolError(f"key bytes do not decode as {b.table.key.spec!r}") from None
+    _canonical_key(b, kb)
     return kb
+
+
+def _canonical_key(b: Any, kb: bytes) -> None:
+    """The key must be an encoding the table's key kind produces: 3 bytes under a uint64 key
+    would decode, but sort and read back wrongly."""
+    try:
+        canonical = b.kenc(b.kdec(kb)) == kb
+    except Exception:
+        canonical = False
+    if not canonical:
+        raise ProtocolError(f"key bytes are not an encoded {b.table.key.spec!r} key")
 
 
 def _value(b: Any, vb: Any) -> bytes:
@@ -184,11 +192,7 @@ def validate_ops(tables: TableMap, ops: Any, max_ops: int = MAX_OPS_PER_BATCH) -
         if type(kb) is not bytes or not 0 < len(kb) <= MAX_KEY_SIZE:
             kb = _key(b, kb)
         else:
-            try:
-                b.kdec(kb)
-            except Exception:
-                raise ProtocolError(
-                    f"key bytes do not decode as {b.table.key.spec!r}") from None
+            _canonical_key(b, kb)
         if code == OP_PUT:
             arg = _value(b, arg)
         elif code == OP_DELETE:
@@ -373,7 +377,9 @@ def _v_lookup(tables: TableMap, body: Any) -> tuple[Any, str, bytes, bool]:
     b = _table(tables, body[0])
     _need(type(body[1]) is str, "index name must be a string")
     b.index(body[1])
-    _need(type(body[2]) is bytes and len(body[2]) <= MAX_KEY_SIZE, "index value must be bytes")
+    _need(type(body[2]) is bytes and len(body[2]) <= MAX_KEY_SIZE
+          and (len(body[2]) > 0 or body[3] is True),
+          f"index value must be 1..{MAX_KEY_SIZE} bytes (empty only as a prefix)")
     _need(type(body[3]) is bool, "prefix must be a bool")
     return b, body[1], body[2], body[3]
 
@@ -413,6 +419,32 @@ def _h_count(r: ReadTxn, args: tuple[Any, Any, Any]) -> int:
 def count(table_id: bytes, lo: bytes | None, hi: bytes | None) -> list[Any]:
     """Rows of a table, or of the key range ``lo <= key < hi``."""
     return [table_id, lo, hi]
+
+
+READ_COMMANDS = ("get", "get_many", "scan", "lookup", "count")
+"""The read commands the reader pool serves inside ``read``."""
+
+
+def _v_read(tables: TableMap, body: Any) -> tuple[int, Command, Any]:
+    """The envelope only: the reader pool checks the shard and runs the inner validate."""
+    _need(type(body) is list and len(body) == 3, "a read body is [shard, command code, body]")
+    shard, code, inner = body
+    _need(type(shard) is int and shard >= 0, "shard must be a non-negative int")
+    cmd = BY_CODE.get(code) if type(code) is int else None
+    _need(cmd is not None and cmd.name in READ_COMMANDS,
+          f"read carries one of {', '.join(READ_COMMANDS)}")
+    assert cmd is not None
+    return shard, cmd, inner
+
+
+@command("read", 15, request="[shard, command code, that command's body]",
+         reply="that command's reply body", validate=_v_read)
+def read(shard: int, code: int, body: Any) -> list[Any]:
+    """One read command (get 10, get_many 11, scan 12, lookup 13, count 14) for one shard,
+    for the reader pool (``lmshardd readers``), where any reader answers for any shard; the
+    inner command's body and reply are its own. The reader pool also answers ``ping`` with
+    its own health. Shard owners refuse ``read``: send the inner command to the owner."""
+    return [shard, code, body]
 
 
 @command("stats", 20, request="nil", reply="map: env, tables, owner counters",

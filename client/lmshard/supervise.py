@@ -43,7 +43,7 @@ DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
 TEMPLATE = DEPLOY_DIR / "supervisord.conf.template"
 EVENTLISTENER = DEPLOY_DIR / "eventlistener.py"
 
-ENABLED_ROLES = {"readers": False, "monitor": True}
+ENABLED_ROLES = {"readers": True, "monitor": True}
 """Roles besides ``owner`` whose programs are generated (if ``lmshardd ROLE`` also exists).
 The reader pool and monitor issues switch these on once their command lines in the template
 are right; until then those sections are written commented out."""

@@ -189,6 +189,9 @@ class LocalService:
         settings.setdefault("timeout_ms", 3000)
         settings.setdefault("retries", 4)
         settings.setdefault("sync", False)
+        # No reader pool unless asked: with readers.count > 0, clients without local files
+        # read through the pool, and this service starts shard owners only.
+        settings.setdefault("readers", 0)
         cfg = make_config(base_dir=self.base, shards=shards, schema=schema,
                           python_path=[str(p) for p in python_path],
                           data_dir=str(self.base / "data"), run_dir=str(self.run_dir), **settings)

@@ -375,7 +375,11 @@ class ShardOwner:
                 return protocol.pack_reply(seq, 0, self.health())
             if cmd.name == "stats":
                 return protocol.pack_reply(seq, 0, self.stats())
-            assert cmd.handle is not None
+            if cmd.handle is None:
+                return protocol.pack_error(seq, ProtocolError(
+                    f"shard owners do not serve command {cmd.name!r}",
+                    hint="send pool reads to the reader pool (lmshard.remote.ReaderPool), or "
+                    "the read command itself to the shard's owner"))
             with self.store.read() as r:
                 return protocol.pack_reply(seq, 0, cmd.handle(r, args))
         except Error as exc:
@@ -431,7 +435,12 @@ def run_owner(config: Config, shard: int) -> int:
         log.error("shard %d cannot start: %s", shard, exc)
         return 2
     owner.install_signal_handlers()
-    owner.load_channels()
-    owner.bind()
+    try:
+        owner.load_channels()
+        owner.bind()
+    except Error as exc:  # e.g. ConfigError: a network endpoint without CURVE keys
+        log.error("shard %d cannot serve: %s", shard, exc)
+        owner.close()
+        return 2
     owner.serve_forever()
     return 0

@@ -1,0 +1,476 @@
+"""The client side of the reader pool: remote reads from every shard, load-balanced.
+
+The pool is ``readers.count`` processes (``lmshardd readers --index I``), each with every shard
+open read-only and its own endpoint: reader 0 binds ``readers.endpoint`` itself, reader I the
+same endpoint with the port plus I (tcp) or ``-I`` before the file suffix (ipc), see
+``reader_endpoints``. There is no broker: a ``ReaderPool`` talks to the readers directly, one
+DEALER socket per reader and thread, so a request costs one hop each way, no broker can be
+lost, and reads scale with the number of readers. Each thread has a home reader picked at
+random (clients spread over the pool); the requests of one ``requests`` call go to consecutive
+readers at once. A reader that is not connected is skipped (``ZMQ_IMMEDIATE``); a request left
+unanswered is resent to the next reader after the timeout (Lazy Pirate: a new socket, the same
+request; reads are idempotent).
+
+On the wire a pool request is an ordinary request frame (``lmshard.protocol``) with command
+``read`` (code 15) and body ``[shard, command code, that command's body]``, where the command
+is one of the owner's read commands (get, get_many, scan, lookup, count) with its usual body
+and reply. ``ping`` (code 1, body nil) is answered by whichever reader gets it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from pathlib import PurePosixPath
+from typing import Any
+
+import zmq
+
+from lmshard import protocol, security
+from lmshard.config import Config, ConfigError, _split_host_port
+from lmshard.errors import Error, LimitExceeded, ProtocolError, ShardUnavailable, error_from_wire
+from lmshard.keys import MAX_KEY_SIZE
+from lmshard.txn import prefix_end
+
+log = logging.getLogger("lmshard.remote")
+
+READ = 15
+"""Command code of a pool request: body ``[shard, command code, body]``."""
+PING = 1
+READ_COMMANDS = ("get", "get_many", "scan", "lookup", "count")
+"""The owner's read commands the pool serves, by name."""
+READ_CODES = frozenset(protocol.COMMANDS[name].code for name in READ_COMMANDS)
+MAX_SOCKET_TIMEOUT_MS = 2**31 - 1
+"""ZeroMQ's socket timeouts are C ints (milliseconds)."""
+CONNECT_WAIT_MS = 250
+"""How long a send waits for a reader's connection before it tries the next reader."""
+ZERO_COPY_MIN = 65536
+"""Frames from this size on are sent without a copy (below it a copy is cheaper)."""
+SCAN_PAGE = 1000
+"""Rows per scan page the pool is asked for (the server caps pages at MAX_SCAN_PAGE)."""
+
+_registered = protocol.BY_CODE.get(READ)
+assert _registered is None or _registered.name == "read", (
+    f"command code {READ} is taken by {_registered.name!r}: pick another pool code")
+
+
+def parse_read_body(body: Any, shards: int) -> tuple[int, protocol.Command, Any]:
+    """Check a pool request's body ``[shard, code, body]``: the shard, the read command, and
+    the command's own body (which the caller validates with that command's ``validate``)."""
+    if type(body) is not list or len(body) != 3:
+        raise ProtocolError("a read body is [shard, command code, body]")
+    shard, code, inner = body
+    if type(shard) is not int or not 0 <= shard < shards:
+        raise ProtocolError(f"shard must be an int from 0 to {shards - 1}, not {shard!r:.20}")
+    cmd = protocol.BY_CODE.get(code) if type(code) is int else None
+    if cmd is None or cmd.name not in READ_COMMANDS:
+        raise ProtocolError(
+            f"the reader pool serves {', '.join(READ_COMMANDS)}; not command {code!r:.20}",
+            hint="send writes, ping and stats for a shard to its owner",
+        )
+    return shard, cmd, inner
+
+
+def read_body(shard: int, code: int, body: Any) -> list[Any]:
+    """The body of a pool request for one shard's read command."""
+    return [shard, code, body]
+
+
+def reader_endpoint(config: Config, index: int) -> str:
+    """The endpoint reader ``index`` binds: ``readers.endpoint`` for reader 0, then the port
+    plus ``index`` (tcp) or ``-<index>`` before the file suffix (ipc)."""
+    base = config.reader_endpoint
+    if index == 0:
+        return base
+    if base.startswith("tcp://"):
+        host, port = _split_host_port(base[len("tcp://"):])
+        host = f"[{host}]" if ":" in host else host
+        return f"tcp://{host}:{int(port) + index}"
+    path = PurePosixPath(base[len("ipc://"):])
+    return f"ipc://{path.with_name(f'{path.stem}-{index}{path.suffix}')}"
+
+
+def reader_endpoints(config: Config) -> list[str]:
+    """Every reader's endpoint, checked: ConfigError for a derived endpoint that collides with
+    another configured endpoint, passes port 65535 or the unix socket path limit."""
+    if config.readers < 1:
+        raise ConfigError(
+            "readers.count is 0: this service runs no reader pool",
+            key="readers.count", file=config.path,
+            hint="set readers.count >= 1 (and regenerate supervisord.conf), or read through "
+            "the shard owners",
+        )
+    taken = {ep: key for key, ep in config.all_endpoints() if key != "readers.endpoint"}
+    out = []
+    for i in range(config.readers):
+        ep = reader_endpoint(config, i)
+        what = f"reader {i}'s endpoint {ep}"
+        if ep.startswith("tcp://"):
+            port = int(_split_host_port(ep[len("tcp://"):])[1])
+            if port > 65535:
+                raise ConfigError(
+                    f"{what} is past port 65535", key="readers.endpoint", file=config.path,
+                    hint=f"reader I listens on the port of readers.endpoint plus I, for "
+                    f"I < readers.count ({config.readers}): lower the port",
+                )
+        else:
+            from lmshard.config import IPC_PATH_MAX
+
+            if len(os.fsencode(ep[len("ipc://"):])) > IPC_PATH_MAX:
+                raise ConfigError(
+                    f"{what} is longer than the unix socket limit of {IPC_PATH_MAX} bytes",
+                    key="readers.endpoint", file=config.path, hint="use a shorter run_dir",
+                )
+        if ep in taken:
+            raise ConfigError(
+                f"{what} is also {taken[ep]}", key="readers.endpoint", file=config.path,
+                hint=f"reader I listens on readers.endpoint's port plus I (I < "
+                f"{config.readers}): leave those ports free, e.g. move readers.endpoint to a "
+                "port range of its own",
+            )
+        out.append(ep)
+    return out
+
+
+_pools: weakref.WeakSet[ReaderPool] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # ZeroMQ contexts and sockets must not cross fork(); the child opens its own on first use.
+    for pool in list(_pools):
+        pool._ctx = None
+        pool._tls = threading.local()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _PoolConn:
+    """One thread's sockets, one per reader (made on first use), and its home reader."""
+
+    __slots__ = ("socks", "home", "seq")
+
+    def __init__(self, readers: int) -> None:
+        self.socks: list[zmq.Socket[bytes] | None] = [None] * readers
+        self.home = random.randrange(readers)  # spreads clients over the readers
+        self.seq = 0
+
+
+class ReaderPool:
+    """Remote reads through the reader pool; safe to share between threads (each thread has
+    its own sockets). ``request`` raises the typed error a reader answered with, and
+    ShardUnavailable when no reader answers through every retry.
+
+    Each thread sends to one home reader, picked at random, so many clients spread over the
+    pool while one client's requests find a reader that is already awake (on a busy host that
+    is a third faster than alternating); the parts of ``requests`` go to consecutive readers
+    and are served in parallel. A reader that is not connected is skipped at once; a request
+    that is not answered in time is resent to the next reader (Lazy Pirate), which becomes the
+    thread's new home.
+    """
+
+    def __init__(self, config: Config, *, timeout_ms: int | None = None,
+                 retries: int | None = None) -> None:
+        self.config = config
+        self.endpoints = reader_endpoints(config)
+        self.timeout_ms = config.timeout_ms if timeout_ms is None else timeout_ms
+        self.retries = config.retries if retries is None else retries
+        self.shards = config.shards
+        self.counters = {"requests": 0, "retries": 0, "timeouts": 0}
+        self._ctx: zmq.Context[Any] | None = None
+        self._tls = threading.local()
+        self._closed = False
+        _pools.add(self)
+
+    # -- sockets -----------------------------------------------------------------------------
+
+    def _socket(self, endpoint: str) -> zmq.Socket[bytes]:
+        if self._closed:
+            raise Error("this reader pool is closed", hint="make a new ReaderPool")
+        if self._ctx is None:
+            self._ctx = zmq.Context()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        # Sends wait for a connection instead of queueing for a reader that is down.
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_SIZE + 1024)
+        sock.setsockopt(zmq.RCVTIMEO, min(self.timeout_ms, MAX_SOCKET_TIMEOUT_MS))
+        try:
+            security.secure_client(sock, self.config, endpoint)
+            sock.connect(endpoint)
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        return sock
+
+    def _conn(self) -> _PoolConn:
+        conn: _PoolConn | None = getattr(self._tls, "conn", None)
+        if conn is None:
+            conn = self._tls.conn = _PoolConn(len(self.endpoints))
+        return conn
+
+    def _sock(self, conn: _PoolConn, i: int) -> zmq.Socket[bytes]:
+        sock = conn.socks[i]
+        if sock is None:
+            sock = conn.socks[i] = self._socket(self.endpoints[i])
+        return sock
+
+    def _drop(self, conn: _PoolConn, i: int) -> None:
+        sock = conn.socks[i]
+        if sock is not None:
+            sock.close(linger=0)
+            conn.socks[i] = None
+
+    def _send(self, conn: _PoolConn, i: int, frame: bytes, deadline: float) -> int | None:
+        """Send to reader ``i``, or the next connected one; the reader it went to, or None."""
+        m = len(self.endpoints)
+        copy = len(frame) < ZERO_COPY_MIN
+        for k in range(m):
+            j = (i + k) % m
+            fresh = conn.socks[j] is None
+            sock = self._sock(conn, j)
+            # A new socket gets a moment to connect; an old one that is not connected (its
+            # reader is down, ZeroMQ keeps reconnecting in the background) is skipped at once.
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            sock.setsockopt(zmq.SNDTIMEO, max(0, min(CONNECT_WAIT_MS, left_ms)) if fresh else 0)
+            try:
+                sock.send(frame, 0, copy)
+                return j
+            except zmq.Again:
+                continue
+        return None
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def request(self, shard: int, code: int, body: Any) -> Any:
+        """One read command for one shard; its reply body."""
+        conn: _PoolConn | None = getattr(self._tls, "conn", None)
+        sock = conn.socks[conn.home] if conn is not None else None
+        if sock is None or code not in READ_CODES or type(shard) is not int or not (
+                0 <= shard < self.shards):
+            r = self.requests([(shard, code, body)])[0]
+        else:  # the common case, kept lean: the home reader is connected
+            assert conn is not None
+            self.counters["requests"] += 1
+            seq, frame = self._frame(conn, READ, [shard, code, body])
+            parts = [(shard, code, body)]
+            attempts = self.retries + 1
+            rseq = None
+            try:
+                sock.send(frame, zmq.NOBLOCK, len(frame) < ZERO_COPY_MIN)
+            except zmq.Again:
+                pass  # not connected any more: the full path picks another reader
+            else:
+                try:
+                    rseq, status, rbody = protocol.unpack_frame(sock.recv())  # RCVTIMEO
+                except zmq.Again:  # one attempt timed out
+                    self.counters["timeouts"] += 1
+                    self._drop(conn, conn.home)
+                    conn.home = (conn.home + 1) % len(self.endpoints)
+                    attempts -= 1
+                    if not attempts:
+                        raise self._unavailable(parts) from None
+                    self.counters["retries"] += 1
+                except Error:
+                    pass  # an undecodable reply: ask again
+            if rseq == seq:
+                r = rbody if status == 0 else error_from_wire(status, *rbody)
+            else:  # not sent, not answered, or a stale reply: the full path
+                r = self._exchange(conn, [(seq, frame)], parts, attempts)[0]
+        if isinstance(r, Error):
+            raise r
+        return r
+
+    def requests(self, parts: Sequence[tuple[int, int, Any]]) -> list[Any]:
+        """Several read commands at once (they go to different readers); their reply bodies
+        in order, or the Error a reader answered with in place of a body."""
+        if not parts:
+            return []
+        frames = []
+        conn = self._conn()
+        for shard, code, body in parts:
+            if type(shard) is not int or not 0 <= shard < self.shards:
+                raise ValueError(f"shard {shard!r} out of range 0..{self.shards - 1}")
+            if code not in READ_CODES:
+                raise ValueError(f"the reader pool serves only {', '.join(READ_COMMANDS)}")
+            frames.append(self._frame(conn, READ, read_body(shard, code, body)))
+        self.counters["requests"] += len(frames)
+        return self._exchange(conn, frames, parts)
+
+    def ping(self) -> dict[str, Any]:
+        """The health of whichever reader answers: index, pid, shards open, counters."""
+        conn = self._conn()
+        t = time.perf_counter()
+        r = self._exchange(conn, [self._frame(conn, PING, None)], None)[0]
+        if isinstance(r, Error):
+            raise r
+        r["rtt_ms"] = (time.perf_counter() - t) * 1000
+        return r
+
+    def ping_each(self, timeout_ms: int | None = None) -> dict[int, dict[str, Any] | None]:
+        """Every reader's health by index, None for a reader that does not answer in time."""
+        timeout = self.timeout_ms if timeout_ms is None else timeout_ms
+        if self._ctx is None:
+            self._ctx = zmq.Context()
+        out: dict[int, dict[str, Any] | None] = {}
+        socks = []
+        try:
+            for i, ep in enumerate(self.endpoints):
+                s = self._ctx.socket(zmq.DEALER)
+                s.setsockopt(zmq.LINGER, 0)
+                socks.append(s)
+                security.secure_client(s, self.config, ep)
+                s.connect(ep)
+                s.send(protocol.pack_request(PING, None, i + 1, None))
+            deadline = time.monotonic() + timeout / 1000
+            poller = zmq.Poller()
+            for s in socks:
+                poller.register(s, zmq.POLLIN)
+            while len(out) < len(socks) and (left := deadline - time.monotonic()) > 0:
+                for s, _ in poller.poll(int(left * 1000) + 1):
+                    i = socks.index(s)
+                    try:
+                        seq, status, body = protocol.unpack_frame(s.recv())
+                    except Error:
+                        continue
+                    out[i] = body if status == 0 and seq == i + 1 else None
+                    poller.unregister(s)
+        finally:
+            for s in socks:
+                s.close(linger=0)
+        return {i: out.get(i) for i in range(len(self.endpoints))}
+
+    def _frame(self, conn: _PoolConn, code: int, body: Any) -> tuple[int, bytes]:
+        conn.seq += 1
+        frame = protocol.pack_request(code, None, conn.seq, body)
+        if len(frame) > protocol.MAX_FRAME_SIZE:
+            raise LimitExceeded(
+                f"request of {len(frame):,} bytes is over the frame limit of "
+                f"{protocol.MAX_FRAME_SIZE:,} bytes", hint="ask for fewer keys at once")
+        return conn.seq, frame
+
+    def _exchange(self, conn: _PoolConn, frames: list[tuple[int, bytes]],
+                  parts: Sequence[tuple[int, int, Any]] | None,
+                  attempts: int | None = None) -> list[Any]:
+        """Send the frames, wait for a reply to each; Lazy Pirate on timeout."""
+        m = len(self.endpoints)
+        index = {seq: n for n, (seq, _) in enumerate(frames)}
+        target = {seq: (conn.home + n) % m for n, (seq, _) in enumerate(frames)}
+        results: list[Any] = [None] * len(frames)
+        pending = set(index)
+        attempts = self.retries + 1 if attempts is None else attempts
+        for attempt in range(attempts):
+            deadline = time.monotonic() + self.timeout_ms / 1000
+            sent: dict[int, int] = {}
+            for seq, frame in frames:
+                if seq in pending:
+                    j = self._send(conn, target[seq], frame, deadline)
+                    if j is not None:
+                        sent[seq] = target[seq] = j
+            first = frames[0][0]
+            if first in sent:
+                conn.home = sent[first]
+            socks = {self._sock(conn, j) for j in sent.values()}
+            if socks:
+                self._receive(socks, pending, index, results, deadline)
+            else:  # no reader is connected: give them the rest of the timeout to come up
+                time.sleep(max(0.0, deadline - time.monotonic()))
+            if not pending:
+                return results
+            self.counters["timeouts"] += len(pending)
+            if attempt < attempts - 1:
+                self.counters["retries"] += len(pending)
+                log.info("the reader pool did not answer %d request(s) in %d ms: resending to "
+                         "the next reader", len(pending), self.timeout_ms)
+            for seq in pending:  # a fresh socket: no late reply is read as an answer
+                if seq in sent:
+                    self._drop(conn, sent[seq])
+                target[seq] = (target[seq] + 1) % m
+            conn.home = target[first] if first in pending else conn.home
+        raise self._unavailable(parts)
+
+    def _unavailable(self, parts: Sequence[tuple[int, int, Any]] | None) -> ShardUnavailable:
+        what = "ping" if parts is None else f"shards {sorted({p[0] for p in parts})}"
+        eps = self.endpoints
+        where = eps[0] if len(eps) == 1 else f"{eps[0]} .. {eps[-1]} ({len(eps)} readers)"
+        return ShardUnavailable(
+            f"the reader pool at {where} did not answer ({what}) within {self.timeout_ms} ms, "
+            f"{self.retries + 1} attempts" + security.auth_hint(self.config, eps[0]),
+            hint="check that the readers run (lmshard status; lmshard ctl status) and their logs",
+        )
+
+    @staticmethod
+    def _accept(data: bytes, pending: set[int], index: dict[int, int], results: list[Any]
+                ) -> None:
+        try:
+            seq, status, body = protocol.unpack_frame(data)
+            if seq not in pending:
+                return  # a late answer to an earlier attempt
+            results[index[seq]] = body if status == 0 else error_from_wire(status, *body)
+        except Exception:
+            log.warning("the reader pool sent an undecodable reply: dropped")
+            return
+        pending.discard(seq)
+
+    def _receive(self, socks: set[Any], pending: set[int], index: dict[int, int],
+                      results: list[Any], deadline: float) -> None:
+        poller = zmq.Poller()
+        for sock in socks:
+            poller.register(sock, zmq.POLLIN)
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            for sock, _ in poller.poll(max(1, int(left * 1000))):
+                while True:
+                    try:
+                        data = sock.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._accept(data, pending, index, results)
+
+    # -- paged scans -------------------------------------------------------------------------
+
+    def scan(self, shard: int, table_id: bytes, lo: bytes | None = None,
+             hi: bytes | None = None, reverse: bool = False, page: int = SCAN_PAGE
+             ) -> Iterator[tuple[bytes, bytes]]:
+        """Encoded (key, value) pairs of one shard with ``lo <= key < hi``, fetched a page at
+        a time. Each page is its own snapshot: rows written between pages may or may not
+        show up, rows are never repeated or skipped out of key order."""
+        scan_code = protocol.COMMANDS["scan"].code
+        page = max(1, min(page, protocol.MAX_SCAN_PAGE))
+        while True:
+            items, more = self.request(shard, scan_code, [table_id, lo, hi, reverse, page])
+            yield from ((k, v) for k, v in items)
+            if not more or not items:
+                return
+            last = items[-1][0]
+            if reverse:
+                hi = last
+            elif len(last) < MAX_KEY_SIZE:
+                lo = last + b"\x00"
+            else:  # no key is longer than MAX_KEY_SIZE: the next one differs before its end
+                lo = prefix_end(last)
+                if lo is None:
+                    return
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._closed = True
+        self._tls = threading.local()
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+            self._ctx = None
+        _pools.discard(self)
+
+    def __enter__(self) -> ReaderPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,316 @@
+"""``lmshardd readers --index I``: one process of the reader pool.
+
+Each reader opens every shard's LMDB environment read-only (at start, and on demand for a shard
+that does not exist yet, so readers may start before the owners) and serves the owners' read
+commands (get, get_many, scan pages, lookup, count) for clients that cannot map the files:
+clients on other hosts, or with ``local_reads = false``. supervisord runs ``readers.count`` of
+them (``numprocs``); reader I binds its own endpoint (``lmshard.remote.reader_endpoint``) and
+clients talk to the readers directly, spreading over them without a broker process, so reads
+scale with the number of readers (see docs/security.md and ``lmshard.remote`` for why there is
+no broker).
+
+Every frame is decoded with the wire protocol's limits and every body is checked by the read
+command's own ``validate`` against the target shard's tables before anything is read; a bad
+frame gets a typed error reply, a frame that is not our framing at all is dropped, and neither
+stops the process. Replies over the frame limit are answered with LimitExceeded instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import lmdb
+import zmq
+
+from lmshard import protocol, security
+from lmshard.config import Config
+from lmshard.errors import (
+    Error,
+    InternalError,
+    LimitExceeded,
+    ProtocolError,
+    SchemaMismatch,
+    ShardUnavailable,
+)
+from lmshard.remote import PING, READ, READ_COMMANDS, parse_read_body, reader_endpoints
+from lmshard.store import META_DB, Store
+
+log = logging.getLogger("lmshardd.readers")
+
+POLL_MS = 100
+"""How long the loop waits for a request before it looks at signals again."""
+REOPEN_INTERVAL = 0.2
+"""Seconds between attempts to open a shard that could not be opened yet."""
+HWM = 100_000
+"""Send and receive high-water marks of the reader's socket, in messages."""
+
+
+@dataclass
+class ReaderCounters:
+    """What the reader has done since it started (part of its ping reply)."""
+
+    started: float = field(default_factory=time.time)
+    requests: int = 0
+    errors: int = 0
+    bad_frames: int = 0
+    dropped: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["uptime"] = time.time() - self.started
+        return d
+
+
+class ShardView:
+    """One shard opened read-only on first use; reopened after a failure, at most once per
+    REOPEN_INTERVAL."""
+
+    def __init__(self, config: Config, shard: int, schema: Any) -> None:
+        self.config = config
+        self.shard = shard
+        self.schema = schema
+        self.path = config.shard_dir(shard)
+        self._store: Store | None = None
+        self._failed_at = 0.0
+        self._failure: Error | None = None
+
+    def store(self) -> Store:
+        if self._store is not None:
+            return self._store
+        now = time.monotonic()
+        if self._failure is not None and now - self._failed_at < REOPEN_INTERVAL:
+            raise self._failure
+        try:
+            st = Store(self.path, self.schema, readonly=True,
+                       max_readers=self.config.max_readers)
+        except Error as exc:
+            self._failed_at, self._failure = now, ShardUnavailable(
+                f"the reader pool cannot open shard {self.shard} at {self.path} yet: "
+                f"{exc.message}",
+                hint="the shard's owner creates it on its first start: check it runs")
+            log.warning("%s", self._failure.message)
+            raise self._failure from None
+        try:
+            self._check_identity(st)
+        except Error as exc:
+            st.close()
+            self._failed_at, self._failure = now, exc
+            log.error("%s", exc)
+            raise
+        self._store, self._failure = st, None
+        log.info("opened shard %d at %s read-only", self.shard, self.path)
+        return st
+
+    def _check_identity(self, st: Store) -> None:
+        """Refuse to serve a directory the owner recorded as another shard or slot map."""
+        env = st.env
+        with env.begin() as txn:
+            meta = env.open_db(META_DB, txn=txn, create=False)
+            shard_id = txn.get(b"shard_id", db=meta)
+            slot_map = txn.get(b"slot_map", db=meta)
+        if shard_id is not None and shard_id != str(self.shard).encode():
+            raise SchemaMismatch(
+                f"{self.path} holds shard {shard_id.decode()}, the config says {self.shard}",
+                hint="check data_dir; never move shard directories")
+        if slot_map is not None and slot_map != self.config.slot_map.digest().encode():
+            raise SchemaMismatch(
+                f"{self.path} was written with a different slot map than the config's",
+                hint="run the readers with the owners' config")
+
+    def forget_failure(self) -> None:
+        """Let the next request try to open the shard at once."""
+        self._failure = None
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+class Reader:
+    """One reader of the pool: serves read commands for every shard on its own endpoint."""
+
+    def __init__(self, config: Config, index: int = 0, schema: Any = None,
+                 context: zmq.Context[Any] | None = None) -> None:
+        endpoints = reader_endpoints(config)
+        if not 0 <= index < len(endpoints):
+            raise ValueError(f"reader index {index} is not in 0..{len(endpoints) - 1} "
+                             f"(readers.count = {config.readers})")
+        self.config = config
+        self.index = index
+        self.endpoint = endpoints[index]
+        self.schema = schema if schema is not None else config.load_schema()
+        self.shards = [ShardView(config, n, self.schema) for n in range(config.shards)]
+        self.counters = ReaderCounters()
+        self.stopping = False
+        self.ctx = context or zmq.Context()
+        self._own_ctx = context is None
+        self.sock: zmq.Socket[bytes] | None = None
+
+    def bind(self) -> None:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.RCVHWM, HWM)
+        sock.setsockopt(zmq.SNDHWM, HWM)
+        # A larger message makes ZeroMQ drop the connection before Python sees a byte of it.
+        sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_SIZE + 1024)
+        if self.endpoint.startswith("ipc://"):
+            os.makedirs(os.path.dirname(self.endpoint[6:]), mode=0o700, exist_ok=True)
+        try:
+            security.secure_server(sock, self.config, self.endpoint)
+            sock.bind(self.endpoint)
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        self.sock = sock
+        log.info("reader %d serving %d shards under %s on %s (pid %d)", self.index,
+                 self.config.shards, self.config.data_dir, self.endpoint, os.getpid())
+
+    # -- answering ----------------------------------------------------------------------------
+
+    def answer(self, frame: bytes) -> bytes:
+        """The reply to one request frame; never raises."""
+        c = self.counters
+        c.requests += 1
+        seq = 0
+        try:
+            code, _client_id, seq, body = protocol.unpack_request(frame)
+            if code == READ:
+                shard, cmd, inner = parse_read_body(body, self.config.shards)
+                store = self.shards[shard].store()
+                args = cmd.validate(store._tables, inner)
+            elif code == PING:
+                if body is not None:
+                    raise ProtocolError("ping takes no body")
+                return protocol.pack_reply(seq, 0, self.health())
+            else:
+                name = protocol.BY_CODE[code].name if code in protocol.BY_CODE else code
+                raise ProtocolError(
+                    f"the reader pool does not serve command {name!r:.20}; it serves "
+                    f"{', '.join(READ_COMMANDS)} (as command {READ}) and ping",
+                    hint="send writes, stats and shard pings to the shard owner")
+        except ShardUnavailable as exc:
+            c.errors += 1
+            return protocol.pack_error(seq, exc)
+        except Error as exc:
+            c.bad_frames += 1
+            return protocol.pack_error(seq, exc)
+        except Exception as exc:  # validation must never take the reader down
+            c.bad_frames += 1
+            return protocol.pack_error(
+                seq, ProtocolError(f"invalid request: {type(exc).__name__}: {exc}"))
+        try:
+            with store.read() as r:
+                reply = protocol.pack_reply(seq, 0, cmd.handle(r, args))  # type: ignore[misc]
+        except Error as exc:
+            c.errors += 1
+            return protocol.pack_error(seq, exc)
+        except lmdb.BadValsizeError as exc:  # validation let through what LMDB cannot look up
+            c.bad_frames += 1
+            return protocol.pack_error(seq, ProtocolError(
+                f"{cmd.name}: a key or index value LMDB cannot take ({exc})"))
+        except Exception as exc:
+            c.errors += 1
+            log.exception("read command %s on shard %d failed", cmd.name, shard)
+            return protocol.pack_error(seq, InternalError(f"{type(exc).__name__}: {exc}"))
+        if len(reply) > protocol.MAX_FRAME_SIZE:
+            c.errors += 1
+            return protocol.pack_error(seq, LimitExceeded(
+                f"the reply to {cmd.name} would be {len(reply):,} bytes, over the frame limit "
+                f"of {protocol.MAX_FRAME_SIZE:,} bytes",
+                hint="ask for fewer keys at once, or scan in pages"))
+        return reply
+
+    def serve_forever(self) -> None:
+        """Answer requests until ``stopping`` is set (SIGTERM/SIGINT); then close."""
+        if self.sock is None:
+            self.bind()
+        sock = self.sock
+        assert sock is not None
+        for view in self.shards:  # open what exists now; the rest is retried on demand
+            try:
+                view.store()
+            except Error:
+                view.forget_failure()
+        # A blocking receive with a timeout: no poll call per request, and the loop still
+        # looks at ``stopping`` every POLL_MS.
+        sock.setsockopt(zmq.RCVTIMEO, POLL_MS)
+        recv, send, answer = sock.recv_multipart, sock.send_multipart, self.answer
+        while not self.stopping:
+            try:
+                frames = recv()
+            except zmq.Again:
+                continue
+            if len(frames) != 2:  # not one frame from a DEALER: not our framing, drop it
+                self.counters.dropped += 1
+                continue
+            send([frames[0], answer(frames[1])])
+        log.info("reader %d stopping after %d requests", self.index, self.counters.requests)
+        self.close()
+
+    def health(self) -> dict[str, Any]:
+        """Index, pid, counters, and the txn id of every shard this reader can serve."""
+        txn_ids = {}
+        for view in self.shards:
+            try:  # also opens a shard whose owner has created it since
+                txn_ids[view.shard] = view.store().env.info()["last_txnid"]
+            except Exception:  # a health reply must not fail
+                pass
+        return {"reader": self.index, "pid": os.getpid(), "endpoint": self.endpoint,
+                "shards": self.config.shards, "txn_ids": txn_ids, **self.counters.as_dict()}
+
+    def install_signal_handlers(self) -> None:
+        def stop(signum: int, frame: Any) -> None:
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=1000)
+            self.sock = None
+        for view in self.shards:
+            view.close()
+        if self._own_ctx:
+            security.stop_authenticator(self.ctx)
+            self.ctx.term()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--index", type=int, default=0, metavar="I",
+        help="this reader's number, 0 .. readers.count - 1 (supervisord passes "
+        "%%(process_num)d); reader I binds readers.endpoint's port + I")
+
+
+def run(config: Config, args: argparse.Namespace) -> int:
+    """Entry point of ``lmshardd readers``: serve until told to stop; the exit status."""
+    index = args.index
+    if config.readers < 1:
+        log.error("readers.count is 0 in %s: the reader pool is switched off", config.path)
+        return 2
+    if not 0 <= index < config.readers:
+        log.error("--index %d is not in 0..%d (readers.count in %s)", index,
+                  config.readers - 1, config.path)
+        return 2
+    try:
+        reader = Reader(config, index)
+    except Error as exc:
+        log.error("reader %d cannot start: %s", index, exc)
+        return 2
+    try:
+        reader.bind()
+    except (Error, zmq.ZMQError) as exc:
+        log.error("reader %d cannot serve %s: %s", index, reader.endpoint, exc)
+        reader.close()
+        return 2
+    reader.install_signal_handlers()
+    reader.serve_forever()
+    return 0

@@ -1,0 +1,323 @@
+"""Fuzz the wire decoder and every command's validation against a live owner and reader pool.
+
+Hypothesis builds batches of frames: random bytes, random msgpack after the version byte, and
+valid requests of every command (writes, reads, pool reads, ping, stats) mutated by flipping,
+inserting and truncating bytes, swapping fields and putting values of the wrong type in any
+field. Each batch is sent at once, then every reply is read: each single-frame message must get
+exactly one well-formed reply (a result or a typed error), multi-frame messages are dropped,
+and afterwards the process still serves valid requests with the right data.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lmshard import protocol
+from lmshard.errors import InternalError, ProtocolError
+from lmshard.remote import READ, reader_endpoint
+from tests.cluster import Cluster
+from tests.schemas import schema
+from tests.test_readers import Readers
+
+BATCH = 100
+"""Frames sent before the replies are read."""
+EXAMPLES = 80
+"""Batches per target: 2 targets x 80 x 100 = 16,000 frames."""
+TABLES = list(schema.tables.values())
+
+_wrong = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(),
+    st.text(max_size=12), st.binary(max_size=24),
+    st.lists(st.integers(-5, 5), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(-(2**63), 2**63 - 1), max_size=2),
+)
+"""A value of some type, usually not the one a field wants."""
+
+
+def _key_values(table: Any) -> st.SearchStrategy[Any]:
+    kinds = table.key.spec if isinstance(table.key.spec, tuple) else (table.key.spec,)
+    parts = []
+    for kind in kinds:
+        if kind == "uuid":
+            parts.append(st.uuids())
+        elif kind == "str":
+            parts.append(st.text(max_size=16))
+        elif kind == "bytes":
+            parts.append(st.binary(max_size=16))
+        else:
+            parts.append(st.integers(0, 2**63 - 1))
+    return parts[0] if len(parts) == 1 else st.tuples(*parts)
+
+
+@st.composite
+def _key(draw: st.DrawFn, table: Any) -> bytes:
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.binary(max_size=40))
+    try:
+        return bytes(table.key.encode(draw(_key_values(table))))
+    except Exception:
+        return b"k"
+
+
+@st.composite
+def _table_and_key(draw: st.DrawFn) -> tuple[Any, bytes, bytes]:
+    table = draw(st.sampled_from(TABLES))
+    return table, table.table_id.bytes, draw(_key(table))
+
+
+@st.composite
+def _value(draw: st.DrawFn, table: Any) -> bytes:
+    row = {"email": draw(st.text(max_size=8)), "group": draw(st.sampled_from(["a", "b"])),
+           "n": draw(st.integers(0, 9))}
+    try:
+        return bytes(table.value.dumps(row if table.value.name != "bytes" else b"raw"))
+    except Exception:
+        return draw(st.binary(max_size=30))
+
+
+@st.composite
+def _read(draw: st.DrawFn) -> tuple[int, Any]:
+    """A valid read command: (code, body)."""
+    table, tid, kb = draw(_table_and_key())
+    bound = st.one_of(st.none(), _key(table))
+    code = draw(st.sampled_from([10, 11, 12, 13, 14]))
+    if code == 10:
+        return code, [tid, kb]
+    if code == 11:
+        return code, [tid, draw(st.lists(_key(table), max_size=5))]
+    if code == 12:
+        return code, [tid, draw(bound), draw(bound), draw(st.booleans()),
+                      draw(st.integers(1, 50))]
+    if code == 13:
+        index = draw(st.sampled_from(list(table.indexes) or ["none"]))
+        return code, [tid, index, draw(st.binary(max_size=12)), draw(st.booleans())]
+    return code, [tid, draw(bound), draw(bound)]
+
+
+@st.composite
+def _owner_request(draw: st.DrawFn) -> list[Any]:
+    seq = draw(st.integers(0, 2**20))
+    kind = draw(st.sampled_from(["write", "write", "read", "ping", "stats"]))
+    if kind == "write":
+        ops = []
+        for _ in range(draw(st.integers(1, 3))):
+            table, tid, kb = draw(_table_and_key())
+            op = draw(st.sampled_from([1, 2, 3, 4]))
+            arg: Any = {1: draw(_value(table)), 2: None, 4: draw(st.integers(-9, 9)),
+                        3: [draw(_value(table)), draw(st.sampled_from([0, 1, 2])),
+                            draw(st.one_of(st.none(), st.binary(max_size=16)))]}[op]
+            ops.append([op, tid, kb, arg])
+        return [2, draw(st.one_of(st.none(), st.binary(min_size=16, max_size=16))), seq, ops]
+    if kind == "read":
+        code, body = draw(_read())
+        return [code, None, seq, body]
+    return [1 if kind == "ping" else 20, None, seq, None]
+
+
+@st.composite
+def _pool_request(draw: st.DrawFn) -> list[Any]:
+    seq = draw(st.integers(0, 2**20))
+    if draw(st.integers(0, 9)) == 0:
+        return [1, None, seq, None]
+    code, body = draw(_read())
+    return [READ, None, seq, [draw(st.sampled_from([0, 1, 0, 1, 2, -1])), code, body]]
+
+
+def _paths(obj: Any, path: tuple[int, ...] = ()) -> Iterator[tuple[int, ...]]:
+    if isinstance(obj, list):
+        for i, item in enumerate(obj):
+            yield path + (i,)
+            yield from _paths(item, path + (i,))
+
+
+def _parent(obj: Any, path: tuple[int, ...]) -> list[Any]:
+    for i in path[:-1]:
+        obj = obj[i]
+    return obj  # type: ignore[no-any-return]
+
+
+@st.composite
+def _mutated(draw: st.DrawFn, request: st.SearchStrategy[list[Any]]) -> list[bytes]:
+    msg = draw(request)
+    how = draw(st.sampled_from(["none", "flip", "truncate", "insert", "swap", "wrong",
+                                "wrong", "drop", "multipart"]))
+    if how in ("swap", "wrong", "drop"):
+        paths = list(_paths(msg))
+        path = draw(st.sampled_from(paths))
+        parent = _parent(msg, path)
+        if how == "swap":
+            j = draw(st.integers(0, len(parent) - 1))
+            parent[path[-1]], parent[j] = parent[j], parent[path[-1]]
+        elif how == "wrong":
+            parent[path[-1]] = draw(_wrong)
+        else:
+            del parent[path[-1]]
+    frame = protocol.VERSION_BYTE + msgpack.packb(msg, use_bin_type=True)
+    if how == "flip":
+        for _ in range(draw(st.integers(1, 3))):
+            i = draw(st.integers(0, len(frame) - 1))
+            frame = frame[:i] + bytes([frame[i] ^ draw(st.integers(1, 255))]) + frame[i + 1:]
+    elif how == "truncate":
+        frame = frame[:draw(st.integers(0, len(frame) - 1))]
+    elif how == "insert":
+        i = draw(st.integers(0, len(frame)))
+        frame = frame[:i] + draw(st.binary(min_size=1, max_size=8)) + frame[i:]
+    elif how == "multipart":
+        return [frame, draw(st.binary(max_size=8))]
+    return [frame]
+
+
+_garbage = st.one_of(
+    st.binary(max_size=64),
+    st.binary(max_size=64).map(lambda b: protocol.VERSION_BYTE + b),
+    st.recursive(_wrong, lambda inner: st.lists(inner, max_size=4), max_leaves=8).map(
+        lambda obj: protocol.VERSION_BYTE + msgpack.packb(obj, use_bin_type=True)),
+).map(lambda frame: [frame])
+
+
+def _batches(request: st.SearchStrategy[list[Any]]) -> st.SearchStrategy[list[list[bytes]]]:
+    one = st.one_of(_mutated(request), _mutated(request), _mutated(request), _garbage)
+    return st.lists(one, min_size=BATCH, max_size=BATCH)
+
+
+class Target:
+    """One live process under fuzz: a DEALER to it, and a check of every reply."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVTIMEO, 10_000)
+        self.sock.connect(endpoint)
+        self.frames = 0
+        self.errors = 0
+        self.statuses: dict[int, int] = {}
+        self.known_internal: tuple[str, ...] = ()
+        self.known = 0
+
+    def exchange(self, batch: list[list[bytes]]) -> None:
+        expected = 0
+        for parts in batch:
+            self.sock.send_multipart(parts)
+            expected += len(parts) == 1
+        self.frames += len(batch)
+        for _ in range(expected):
+            reply = protocol.unpack_frame(self.sock.recv())  # raises if malformed
+            assert len(reply) == 3, reply
+            seq, status, body = reply
+            assert type(seq) is int and type(status) is int
+            if status == InternalError.code and self.known_internal and str(
+                    body[0]).startswith(self.known_internal):
+                self.known += 1  # a known, reported bug: not counted as an internal error
+                continue
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+            if status:
+                self.errors += 1
+                assert type(body) is list and len(body) == 2 and type(body[0]) is str, reply
+                assert body[1] is None or type(body[1]) is str, reply
+        assert not self.sock.poll(0), "more replies than single-frame requests"
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, Readers]]:
+    cluster = Cluster(tmp_path_factory.mktemp("fuzz"), shards=2, readers=1, sync=False)
+    readers = Readers(cluster)
+    try:
+        cluster.start()
+        readers.start()
+        yield cluster, readers
+    finally:
+        readers.stop()
+        cluster.stop()
+
+
+_settings = settings(max_examples=EXAMPLES, deadline=None, database=None,
+                     suppress_health_check=list(HealthCheck))
+
+
+def _still_serving(cluster: Cluster, readers: Readers) -> None:
+    assert all(p.poll() is None for p in cluster.procs.values())
+    assert all(p.poll() is None for p in readers.procs.values())
+    for log in readers.logs.values():
+        assert "Traceback" not in log.read_text(errors="replace"), log
+    for log in cluster.logs.values():
+        text = log.read_text(errors="replace")
+        assert "Traceback" not in text, log
+    from lmshard.remote import ReaderPool
+
+    with cluster.client() as c, ReaderPool(cluster.config) as pool:
+        key = f"after-fuzz-{os.getpid()}"
+        c.put("counters", key, 42)
+        ct = c._table("counters")
+        kb = ct.kenc(key)
+        assert pool.request(c._shard_of(kb), 10, [ct.tid, kb]) == ct.dumps(42)
+        for s in range(cluster.config.shards):
+            assert c.ping(s)["shard"] == s
+
+
+def test_owner_answers_or_drops_every_fuzzed_frame(live: tuple[Cluster, Readers]) -> None:
+    cluster, readers = live
+    target = Target(cluster.config.endpoint(0))
+
+    @_settings
+    @given(_batches(_owner_request()))
+    def run(batch: list[list[bytes]]) -> None:
+        target.exchange(batch)
+
+    try:
+        run()
+        assert target.frames >= EXAMPLES * BATCH and target.errors > target.frames // 4
+        assert target.statuses.get(0, 0) > EXAMPLES  # valid requests got through too
+        assert InternalError.code not in target.statuses, target.statuses
+    finally:
+        target.close()
+    _still_serving(cluster, readers)
+
+
+def test_reader_answers_or_drops_every_fuzzed_frame(live: tuple[Cluster, Readers]) -> None:
+    cluster, readers = live
+    with cluster.client() as c:  # something to find
+        with c.batch() as b:
+            for i in range(200):
+                b.put("items", i, {"group": "a" if i % 2 else "b", "n": i})
+                b.put("counters", f"c{i}", i)
+    target = Target(reader_endpoint(cluster.config, 0))
+
+    @_settings
+    @given(_batches(_pool_request()))
+    def run(batch: list[list[bytes]]) -> None:
+        target.exchange(batch)
+
+    try:
+        run()
+        assert target.frames >= EXAMPLES * BATCH and target.errors > target.frames // 4
+        assert target.statuses.get(0, 0) > EXAMPLES  # valid requests got through too
+        assert InternalError.code not in target.statuses, target.statuses
+    finally:
+        target.close()
+    _still_serving(cluster, readers)
+
+
+
+def test_an_exact_lookup_of_an_empty_index_value_is_a_protocol_error(
+        live: tuple[Cluster, Readers]) -> None:
+    cluster, _ = live
+    items = schema.tables["items"].table_id.bytes
+    target = Target(cluster.config.endpoint(0))
+    try:
+        target.sock.send(protocol.pack_request(13, None, 3, [items, "by_group", b"", False]))
+        seq, status, body = protocol.unpack_frame(target.sock.recv())
+    finally:
+        target.close()
+    assert status == ProtocolError.code, body

@@ -1,0 +1,410 @@
+"""The reader pool: real reader processes serving every read command for every shard."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+import lmshard
+from lmshard import protocol
+from lmshard.config import ConfigError, make_config
+from lmshard.errors import LimitExceeded, ProtocolError, SchemaMismatch, ShardUnavailable
+from lmshard.remote import READ, ReaderPool, reader_endpoint, reader_endpoints
+from tests.cluster import REPO, Cluster, env_for_children
+from tests.schemas import BLOBS_ID, COUNTERS_ID, ITEMS_ID
+
+BLOBS, COUNTERS, ITEMS = (uuid.UUID(x).bytes for x in (BLOBS_ID, COUNTERS_ID, ITEMS_ID))
+
+
+class Readers:
+    """``lmshardd readers --index I`` processes for a Cluster's config; always stopped."""
+
+    def __init__(self, cluster: Cluster, prefix: list[str] | None = None) -> None:
+        self.cluster = cluster
+        self.prefix = prefix or []
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.logs: dict[int, Path] = {}
+
+    def start(self, index: int | None = None, wait: bool = True) -> None:
+        indexes = range(self.cluster.config.readers) if index is None else [index]
+        for i in indexes:
+            self.logs[i] = self.cluster.base / f"reader-{i:02d}.log"
+            self.procs[i] = subprocess.Popen(
+                [*self.prefix, sys.executable, "-m", "lmshardd.main", "-c",
+                 str(self.cluster.config_path), "readers", "--index", str(i)],
+                stdout=open(self.logs[i], "ab"), stderr=subprocess.STDOUT, cwd=REPO,
+                env=env_for_children(),
+            )
+        if wait:
+            self.wait_ready(indexes)
+
+    def wait_ready(self, indexes: Any, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        with ReaderPool(self.cluster.config, timeout_ms=200, retries=0) as pool:
+            while True:
+                for i in indexes:
+                    if self.procs[i].poll() is not None:
+                        raise RuntimeError(f"reader {i} exited {self.procs[i].returncode}: "
+                                           f"{self.log(i)[-2000:]}")
+                health = pool.ping_each(200)
+                if all(health[i] is not None for i in indexes):
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"readers not ready: {health}")
+                time.sleep(0.05)
+
+    def log(self, index: int) -> str:
+        return self.logs[index].read_text(errors="replace")
+
+    def kill(self, index: int, sig: int = signal.SIGKILL) -> None:
+        self.procs[index].send_signal(sig)
+        self.procs[index].wait(timeout=30)
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture(scope="module")
+def pool_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, Readers]]:
+    """Two shard owners with data, two readers; shared by the read-only tests below."""
+    cluster = Cluster(tmp_path_factory.mktemp("pool"), shards=2, readers=2, sync=False)
+    readers = Readers(cluster)
+    try:
+        cluster.start()
+        with cluster.client() as c:
+            with c.batch() as b:
+                for i in range(500):
+                    b.put("blobs", i, b"v%d" % i)
+                for i in range(60):
+                    b.put("items", i, {"group": f"g{i % 3}", "n": i})
+                b.put("counters", "x" * 511, 1)  # the longest key LMDB takes
+                b.put("counters", "x" * 510 + "y", 2)
+                b.put("counters", "z", 3)
+        readers.start()
+        yield cluster, readers
+    finally:
+        readers.stop()
+        cluster.stop()
+
+
+def _shard(cluster: Cluster, table: str, key: Any) -> tuple[int, bytes]:
+    with cluster.client() as c:
+        ct = c._table(table)
+        kb = ct.kenc(key)
+        return c._route(ct, key, kb), kb
+
+
+def test_pool_serves_every_read_command(pool_cluster: tuple[Cluster, Readers]) -> None:
+    cluster, _ = pool_cluster
+    with ReaderPool(cluster.config) as pool, cluster.client() as c:
+        shard, kb = _shard(cluster, "blobs", 7)
+        assert pool.request(shard, 10, [BLOBS, kb]) == b"v7"
+        assert pool.request(shard, 10, [BLOBS, (10**6).to_bytes(8, "big")]) is None
+        keys = [i.to_bytes(8, "big") for i in range(500)]
+        owned = [k for k in keys if c._shard_of(k) == shard]
+        got = pool.request(shard, 11, [BLOBS, owned])
+        assert got == [b"v%d" % int.from_bytes(k, "big") for k in owned]
+        rows = sorted((k, v) for s in (0, 1) for k, v in pool.scan(s, BLOBS))
+        assert [int.from_bytes(k, "big") for k, _ in rows] == list(range(500))
+        lo, hi = (100).to_bytes(8, "big"), (130).to_bytes(8, "big")
+        total = sum(pool.request(s, 14, [BLOBS, lo, hi]) for s in (0, 1))
+        assert total == 30 and sum(pool.request(s, 14, [BLOBS, None, None]) for s in (0, 1)) == 500
+        items_shard = {s: pool.request(s, 13, [ITEMS, "by_group", _iv("g1"), False])
+                       for s in (0, 1)}
+        found = sorted(int.from_bytes(k, "big") for rows in items_shard.values() for k, _ in rows)
+        assert found == [i for i in range(60) if i % 3 == 1]
+        results = pool.requests([(0, 14, [BLOBS, None, None]), (1, 14, [BLOBS, None, None]),
+                                 (0, 10, [b"\x00" * 16, kb])])
+        assert results[0] + results[1] == 500
+        assert isinstance(results[2], lmshard.UnknownTable)
+
+
+def _iv(value: Any) -> bytes:
+    from lmshard.keys import encode_index_value
+
+    return encode_index_value(value)
+
+
+def test_scans_come_in_pages_forward_and_reverse(pool_cluster: tuple[Cluster, Readers]) -> None:
+    cluster, _ = pool_cluster
+    with ReaderPool(cluster.config) as pool:
+        for s in (0, 1):
+            whole = list(pool.scan(s, BLOBS))
+            assert list(pool.scan(s, BLOBS, page=7)) == whole
+            assert list(pool.scan(s, BLOBS, reverse=True, page=5)) == whole[::-1]
+            lo, hi = whole[10][0], whole[40][0]
+            assert list(pool.scan(s, BLOBS, lo, hi, page=4)) == whole[10:40]
+            assert list(pool.scan(s, BLOBS, lo, hi, reverse=True, page=3)) == whole[10:40][::-1]
+        # A page that ends on a key of LMDB's maximum length still continues past it.
+        counters = sorted(kv for s in (0, 1) for kv in pool.scan(s, COUNTERS, page=1))
+        assert [len(k) for k, _ in counters] == [511, 511, 1]
+
+
+def test_requests_are_spread_over_the_readers(pool_cluster: tuple[Cluster, Readers]) -> None:
+    cluster, _ = pool_cluster
+
+    def served(pool: ReaderPool) -> list[int]:
+        health = pool.ping_each()
+        return [health[i]["requests"] for i in (0, 1)]  # type: ignore[index]
+
+    with ReaderPool(cluster.config) as probe:
+        before = served(probe)
+        pools = [ReaderPool(cluster.config) for _ in range(16)]  # 16 clients, random homes
+        for pool in pools:
+            for i in range(10):
+                pool.request(i % 2, 10, [BLOBS, i.to_bytes(8, "big")])
+            pool.close()
+        after = served(probe)
+        per_reader = [a - b for a, b in zip(after, before, strict=True)]
+        assert sum(per_reader) >= 160 and min(per_reader) >= 20, per_reader
+        # The parts of one call go to different readers, served side by side.
+        before = after
+        probe.requests([(0, 14, [BLOBS, None, None]), (1, 14, [BLOBS, None, None])])
+        after = served(probe)
+        assert [a - b for a, b in zip(after, before, strict=True)] == [2, 2]  # +1 ping each
+
+
+def test_bad_requests_get_typed_errors_and_the_reader_keeps_serving(
+        pool_cluster: tuple[Cluster, Readers]) -> None:
+    cluster, readers = pool_cluster
+    ep = reader_endpoint(cluster.config, 1)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    sock.connect(ep)
+    op = [1, COUNTERS, b"k", b"v"]
+    bad = [
+        b"",
+        b"\x02" + msgpack.packb([READ, None, 1, [0, 10, [BLOBS, b"k"]]]),  # wrong version
+        b"\x01\xc1",
+        b"\x01" + msgpack.packb([READ, None, 1]),
+        protocol.pack_request(2, None, 1, [op]),  # a write: owners only
+        protocol.pack_request(20, None, 1, None),  # stats: owners only
+        protocol.pack_request(READ, None, 1, [0, 2, [op]]),  # a write inside a read
+        protocol.pack_request(READ, None, 1, [2, 10, [BLOBS, b"k" * 8]]),  # no shard 2
+        protocol.pack_request(READ, None, 1, [-1, 10, [BLOBS, b"k" * 8]]),
+        protocol.pack_request(READ, None, 1, [True, 10, [BLOBS, b"k" * 8]]),
+        protocol.pack_request(READ, None, 1, [0, 10, [b"x" * 16, b"k"]]),  # unknown table
+        protocol.pack_request(READ, None, 1, [0, 10, [COUNTERS, b"k" * 600]]),  # too long
+        protocol.pack_request(READ, None, 1, [0, 11, [BLOBS, [b"k" * 8] * 100_001]]),
+        protocol.pack_request(READ, None, 1, [0, 12, [BLOBS, None, None, False, 10**9]]),
+        protocol.pack_request(READ, None, 1, [0, 12, [BLOBS, None, None, 1, 10]]),
+        protocol.pack_request(READ, None, 1, [0, 13, [ITEMS, "nope", b"x", False]]),
+        protocol.pack_request(READ, None, 1, [0, 13, [ITEMS, "by_group", b"", False]]),
+        protocol.pack_request(READ, None, 1, [0, 14, [BLOBS, "lo", None]]),
+        protocol.pack_request(1, None, 1, "a body"),
+    ]
+    for frame in bad:
+        sock.send(frame)
+        seq, status, body = protocol.unpack_frame(sock.recv())
+        assert status >= ProtocolError.code or status in (11, 12), (frame[:60], status, body)
+        assert isinstance(body[0], str) and body[0]
+    sock.send_multipart([b"a", b"b", b"c"])  # not our framing: dropped
+    sock.send(protocol.pack_request(READ, None, 77, [0, 14, [BLOBS, None, None]]))
+    seq, status, body = protocol.unpack_frame(sock.recv())
+    assert (seq, status) == (77, 0) and body > 0
+    sock.close()
+    assert readers.procs[1].poll() is None
+
+
+def test_a_killed_reader_costs_a_retry_not_an_error(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, shards=1, readers=2, sync=False)
+    readers = Readers(cluster)
+    try:
+        cluster.start()
+        with cluster.client() as c:
+            c.put("blobs", 1, b"one")
+        readers.start()
+        with ReaderPool(cluster.config, timeout_ms=500, retries=3) as pool:
+            assert pool.request(0, 10, [BLOBS, (1).to_bytes(8, "big")]) == b"one"
+            readers.kill(0)
+            for _ in range(20):  # half of these would have gone to reader 0
+                assert pool.request(0, 10, [BLOBS, (1).to_bytes(8, "big")]) == b"one"
+            # A reader that takes a request and never answers (stopped): the request is sent
+            # again to the next reader after the timeout, which becomes the client's home.
+            stalled = ReaderPool(cluster.config, timeout_ms=300, retries=2)
+            stalled.request(0, 14, [BLOBS, None, None])  # connected
+            readers.start(0)
+            stalled._conn().home = 1
+            os.kill(readers.procs[1].pid, signal.SIGSTOP)
+            try:
+                assert stalled.request(0, 10, [BLOBS, (1).to_bytes(8, "big")]) == b"one"
+                assert stalled.counters["timeouts"] == 1 and stalled._conn().home == 0
+                parts = [(0, 14, [BLOBS, None, None])] * 2  # one of them to the stopped one
+                assert stalled.requests(parts) == [1, 1]
+            finally:
+                os.kill(readers.procs[1].pid, signal.SIGCONT)
+                stalled.close()
+            readers.kill(0)
+            readers.kill(1)
+            with ReaderPool(cluster.config, timeout_ms=100, retries=1) as down, \
+                    pytest.raises(ShardUnavailable, match="reader pool"):
+                down.request(0, 10, [BLOBS, (1).to_bytes(8, "big")])
+            readers.start(0)  # back: the same pool object reconnects
+            assert pool.request(0, 10, [BLOBS, (1).to_bytes(8, "big")]) == b"one"
+    finally:
+        readers.stop()
+        cluster.stop()
+
+
+def test_readers_may_start_before_the_owners(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, shards=1, readers=1, sync=False)
+    readers = Readers(cluster)
+    try:
+        readers.start()
+        with ReaderPool(cluster.config, timeout_ms=2000, retries=0) as pool:
+            with pytest.raises(ShardUnavailable, match="cannot open shard 0"):
+                pool.request(0, 10, [BLOBS, (1).to_bytes(8, "big")])
+            cluster.start()
+            with cluster.client() as c:
+                c.put("blobs", 1, b"one")
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    assert pool.request(0, 10, [BLOBS, (1).to_bytes(8, "big")]) == b"one"
+                    break
+                except ShardUnavailable:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.2)
+    finally:
+        readers.stop()
+        cluster.stop()
+
+
+def _readers_exit(cluster: Cluster, *args: str) -> tuple[int, str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmshardd.main", "-c", str(cluster.config_path), "readers",
+         *args], capture_output=True, text=True, cwd=REPO, env=env_for_children(), timeout=60)
+    return proc.returncode, proc.stderr
+
+
+def test_readers_command_line_is_checked(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path / "a", shards=1, readers=2)
+    try:
+        code, err = _readers_exit(cluster, "--index", "2")
+        assert code == 2 and "--index 2 is not in 0..1" in err
+        code, err = _readers_exit(cluster, "--index", "x")
+        assert code == 2 and "invalid int value" in err
+    finally:
+        cluster.stop()
+    off = Cluster(tmp_path / "b", shards=1, readers=0)
+    try:
+        code, err = _readers_exit(off)
+        assert code == 2 and "readers.count is 0" in err
+    finally:
+        off.stop()
+
+
+def test_reader_endpoints_are_derived_and_checked(tmp_path: Path) -> None:
+    cfg = make_config(base_dir=tmp_path, readers=3, reader_endpoint="tcp://10.0.0.5:5800")
+    assert reader_endpoints(cfg) == ["tcp://10.0.0.5:5800", "tcp://10.0.0.5:5801",
+                                     "tcp://10.0.0.5:5802"]
+    cfg = make_config(base_dir=tmp_path, readers=2, reader_endpoint="tcp://[::1]:7000")
+    assert reader_endpoints(cfg)[1] == "tcp://[::1]:7001"
+    cfg = make_config(base_dir=tmp_path, readers=2, run_dir="/r")
+    assert reader_endpoints(cfg) == ["ipc:///r/readers.sock", "ipc:///r/readers-1.sock"]
+    # config/example-multihost.toml's layout: readers on 5800, the monitor on 5801.
+    cfg = make_config(base_dir=tmp_path, readers=4, reader_endpoint="tcp://10.0.0.5:5800",
+                      monitor_endpoint="tcp://10.0.0.5:5801")
+    with pytest.raises(ConfigError, match="reader 1's endpoint tcp://10.0.0.5:5801 is also "
+                       "monitor.endpoint"):
+        reader_endpoints(cfg)
+    cfg = make_config(base_dir=tmp_path, readers=2, reader_endpoint="tcp://10.0.0.5:65535")
+    with pytest.raises(ConfigError, match="past port 65535"):
+        reader_endpoints(cfg)
+    cfg = make_config(base_dir=tmp_path, readers=0)
+    with pytest.raises(ConfigError, match="readers.count is 0"):
+        ReaderPool(cfg)
+
+
+# -- in-process: the Reader's answer() without sockets ------------------------------------------
+
+
+@pytest.fixture
+def reader_config(tmp_path: Path) -> Any:
+    from lmshardd.owner import ShardOwner
+
+    cfg = make_config(base_dir=tmp_path, shards=2, schema="tests.schemas:schema",
+                      python_path=[str(REPO)], data_dir=str(tmp_path / "data"),
+                      run_dir=str(tmp_path / "run"), readers=1, sync=False)
+    for shard in (0, 1):
+        owner = ShardOwner(cfg, shard)
+        with owner.store.write() as w:
+            for i in range(50):
+                w.put("blobs", i, b"x" * 1000)
+        owner.close()
+    return cfg
+
+
+def _answer(reader: Any, code: int, body: Any) -> list[Any]:
+    return protocol.unpack_frame(reader.answer(protocol.pack_request(code, None, 5, body)))
+
+
+def test_a_reply_over_the_frame_limit_is_refused(reader_config: Any,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmshardd.readers import Reader
+
+    reader = Reader(reader_config, 0)
+    keys = [i.to_bytes(8, "big") for i in range(50)]
+    seq, status, body = _answer(reader, READ, [0, 11, [BLOBS, keys]])
+    assert status == 0
+    monkeypatch.setattr(protocol, "MAX_FRAME_SIZE", 20_000)
+    seq, status, body = _answer(reader, READ, [0, 11, [BLOBS, keys]])
+    assert (seq, status) == (5, LimitExceeded.code) and "over the frame limit" in body[0]
+    reader.close()
+
+
+def test_a_reader_refuses_a_shard_directory_of_another_shard(reader_config: Any) -> None:
+    from lmshardd.readers import Reader
+
+    shutil.rmtree(reader_config.shard_dir(1))
+    shutil.copytree(reader_config.shard_dir(0), reader_config.shard_dir(1))
+    reader = Reader(reader_config, 0)
+    assert _answer(reader, READ, [0, 14, [BLOBS, None, None]])[1:] == [0, 50]
+    seq, status, body = _answer(reader, READ, [1, 14, [BLOBS, None, None]])
+    assert status == SchemaMismatch.code and "holds shard 0" in body[0]
+    reader.close()
+
+
+@pytest.mark.skipif(not hasattr(lmshard.Client, "_reader_pool"),
+                    reason="Client does not route remote reads through the reader pool yet")
+def test_a_client_without_local_files_reads_through_the_pool(
+        pool_cluster: tuple[Cluster, Readers]) -> None:
+    cluster, _ = pool_cluster
+    with cluster.client(local_reads=False) as remote, cluster.client() as local, \
+            ReaderPool(cluster.config) as pool:
+        before = sum(h["requests"] for h in pool.ping_each().values() if h)
+        assert remote.get("blobs", 7) == local.get("blobs", 7) == b"v7"
+        keys = list(range(0, 600, 7))
+        assert remote.get_many("blobs", keys) == local.get_many("blobs", keys)
+        assert list(remote.scan("blobs", start=20, end=300)) == list(
+            local.scan("blobs", start=20, end=300))
+        assert list(remote.scan("blobs", reverse=True, limit=5)) == list(
+            local.scan("blobs", reverse=True, limit=5))
+        assert list(remote.scan("counters")) == list(local.scan("counters"))
+        assert remote.count("blobs") == local.count("blobs") == 500
+        assert remote.count("blobs", start=100, end=130) == 30
+        assert remote.lookup("items", "by_group", "g2") == local.lookup("items", "by_group", "g2")
+        after = sum(h["requests"] for h in pool.ping_each().values() if h)
+        assert after - before >= 8  # the reads went to the readers, not the owners
+        assert remote.ping(0)["shard"] == 0  # pings still go to the owner

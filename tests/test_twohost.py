@@ -1,0 +1,218 @@
+"""Two hosts: shard owners and the reader pool in one network namespace, a client in another.
+
+The namespaces are joined by a veth pair with addresses in 10.201.N.0/24 that exist only inside
+them, so the only traffic is between the two "hosts", over tcp with CURVE. Needs root (we run
+as root here and in CI); skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lmshard.cli_keys import new_key_pair
+from lmshard.config import CurveConfig, make_config
+from tests.cluster import REPO, env_for_children
+
+SHARDS = 2
+READERS = 2
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def two_hosts() -> Iterator[tuple[str, str, str, str]]:
+    """(namespace A, address A, namespace B, address B), removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("creating network namespaces needs root")
+    if shutil.which("ip") is None:
+        pytest.skip("the ip command (iproute2) is not installed")
+    tag = f"{os.getpid() % 100000}"
+    ns_a, ns_b = f"lmsA{tag}", f"lmsB{tag}"
+    veth_a, veth_b = f"lmva{tag}", f"lmvb{tag}"
+    net = f"10.201.{os.getpid() % 200 + 20}"
+    addr_a, addr_b = f"{net}.1", f"{net}.2"
+    made: list[str] = []
+    try:
+        for ns in (ns_a, ns_b):
+            r = _ip("netns", "add", ns)
+            if r.returncode != 0:
+                pytest.skip(f"cannot create a network namespace: {r.stderr.strip()}")
+            made.append(ns)
+        steps = [
+            ("link", "add", veth_a, "netns", ns_a, "type", "veth", "peer", "name", veth_b,
+             "netns", ns_b),
+            ("-n", ns_a, "addr", "add", f"{addr_a}/24", "dev", veth_a),
+            ("-n", ns_b, "addr", "add", f"{addr_b}/24", "dev", veth_b),
+            ("-n", ns_a, "link", "set", veth_a, "up"),
+            ("-n", ns_b, "link", "set", veth_b, "up"),
+            ("-n", ns_a, "link", "set", "lo", "up"),
+            ("-n", ns_b, "link", "set", "lo", "up"),
+        ]
+        for step in steps:
+            r = _ip(*step)
+            assert r.returncode == 0, (step, r.stderr)
+        yield ns_a, addr_a, ns_b, addr_b
+    finally:
+        for ns in made:
+            _ip("netns", "del", ns)  # takes the veth pair with it
+
+
+CLIENT = textwrap.dedent("""
+    import json, sys, time
+    import lmshard
+    from lmshard.config import load_config
+    from lmshard.errors import ShardUnavailable
+    from lmshard.remote import ReaderPool
+
+    cfg, rogue = load_config(sys.argv[1]), load_config(sys.argv[2])
+    out = {}
+    with lmshard.connect(cfg, local_reads=False, timeout_ms=500, retries=0) as c, \\
+            ReaderPool(cfg, timeout_ms=500, retries=0) as pool:
+        deadline = time.monotonic() + 60
+        while True:  # the servers on the other host are still starting
+            try:
+                for s in range(cfg.shards):
+                    c.ping(s)
+                health = pool.ping_each(500).values()
+                if all(h is not None and len(h["txn_ids"]) == cfg.shards for h in health):
+                    break
+            except ShardUnavailable:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("servers not ready")
+            time.sleep(0.1)
+    with lmshard.connect(cfg, local_reads=False) as c, ReaderPool(cfg) as pool:
+        with c.batch() as b:
+            for i in range(300):
+                b.put("blobs", i, b"v%d" % i)
+            for i in range(30):
+                b.put("items", i, {"group": "g%d" % (i % 3), "n": i})
+        out["incr"] = c.incr("counters", "hits", 5)
+        out["owner_get"] = c.get("blobs", 7).decode()
+        ct, it = c._table("blobs"), c._table("items")
+        kb = ct.kenc(42)
+        out["get"] = pool.request(c._shard_of(kb), 10, [ct.tid, kb]).decode()
+        by = {}
+        for i in range(300):
+            by.setdefault(c._shard_of(ct.kenc(i)), []).append(ct.kenc(i))
+        got = pool.requests([(s, 11, [ct.tid, ks]) for s, ks in by.items()])
+        out["get_many"] = sum(v is not None for vs in got for v in vs)
+        out["scan"] = sorted(ct.kdec(k) for s in range(cfg.shards) for k, _ in
+                             pool.scan(s, ct.tid, page=64))
+        out["count"] = sum(pool.request(s, 14, [ct.tid, None, None])
+                           for s in range(cfg.shards))
+        from lmshard.keys import encode_index_value
+        out["lookup"] = sorted(it.kdec(k) for s in range(cfg.shards) for k, _ in
+                               pool.request(s, 13, [it.tid, "by_group", encode_index_value("g1"),
+                                                    False]))
+        out["readers"] = sorted(h["reader"] for h in pool.ping_each().values() if h)
+    try:
+        ReaderPool(rogue, timeout_ms=300, retries=1).request(0, 14, [ct.tid, None, None])
+        out["rogue_pool"] = "answered"
+    except ShardUnavailable as exc:
+        out["rogue_pool"] = str(exc)
+    try:
+        lmshard.connect(rogue, timeout_ms=300, retries=0).put("blobs", 1, b"x")
+        out["rogue_owner"] = "answered"
+    except ShardUnavailable as exc:
+        out["rogue_owner"] = str(exc)
+    print(json.dumps(out))
+""")
+
+
+def test_writes_and_remote_reads_across_hosts_with_curve(
+        two_hosts: tuple[str, str, str, str], tmp_path: Path) -> None:
+    ns_a, addr_a, ns_b, addr_b = two_hosts
+    keys = tmp_path / "keys"
+    server_pub, server_sec = new_key_pair("server", keys)
+    client_pub, client_sec = new_key_pair("client", keys)
+    rogue_pub, rogue_sec = new_key_pair("rogue", keys)
+    allowed = tmp_path / "allowed"
+    allowed.mkdir(mode=0o755)
+    shutil.copy(client_pub, allowed / "client.key")
+
+    def config(client_secret: Path, name: str) -> Path:
+        cfg = make_config(
+            base_dir=tmp_path, shards=SHARDS, readers=READERS, schema="tests.schemas:schema",
+            python_path=[str(REPO)], data_dir=str(tmp_path / "data"),
+            run_dir=str(tmp_path / "run"), sync=False,
+            endpoints=f"tcp://{addr_a}:{{port}}", base_port=15500,
+            stat_endpoints=f"tcp://{addr_a}:{{port}}", stat_base_port=15600,
+            backup_endpoints=f"tcp://{addr_a}:{{port}}", backup_base_port=15700,
+            reader_endpoint=f"tcp://{addr_a}:15800", monitor_endpoint=f"tcp://{addr_a}:15900",
+            curve=CurveConfig(server_secret_key=server_sec, server_public_key=server_pub,
+                              client_secret_key=client_secret, allowed_client_keys=allowed))
+        path = tmp_path / name
+        path.write_text(cfg.to_toml())
+        return path
+
+    cfg_path = config(client_sec, "lmshard.toml")
+    rogue_path = config(rogue_sec, "rogue.toml")
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT)
+    env = env_for_children()
+    logs: dict[str, Path] = {}
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def on_host_a(name: str, *args: str) -> None:
+        logs[name] = tmp_path / f"{name}.log"
+        procs.append(subprocess.Popen(
+            ["ip", "netns", "exec", ns_a, sys.executable, "-m", "lmshardd.main", "-c",
+             str(cfg_path), *args], stdout=open(logs[name], "wb"), stderr=subprocess.STDOUT,
+            cwd=REPO, env=env))
+
+    try:
+        for s in range(SHARDS):
+            on_host_a(f"owner-{s}", "owner", "--shard", str(s))
+        for i in range(READERS):
+            on_host_a(f"reader-{i}", "readers", "--index", str(i))
+        client = subprocess.run(
+            ["ip", "netns", "exec", ns_b, sys.executable, str(script), str(cfg_path),
+             str(rogue_path)], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+        server_logs = {n: p.read_text(errors="replace") for n, p in logs.items()}
+        assert client.returncode == 0, (client.stderr[-3000:], server_logs)
+        out = json.loads(client.stdout.strip().splitlines()[-1])
+        assert out["incr"] == 5 and out["owner_get"] == "v7" and out["get"] == "v42"
+        assert out["get_many"] == 300 and out["count"] == 300
+        assert out["scan"] == list(range(300))
+        assert out["lookup"] == [i for i in range(30) if i % 3 == 1]
+        assert out["readers"] == list(range(READERS))
+        rogue_key = rogue_pub.read_text().split('public-key = "')[1].split('"')[0]
+        assert "CURVE authentication may have failed" in out["rogue_pool"]
+        assert rogue_key in out["rogue_pool"]
+        assert out["rogue_owner"].startswith(f"shard 0 at tcp://{addr_a}:15500 did not answer")
+        # Both kinds of server logged the refusal, with the rogue's address and key.
+        deadline = time.monotonic() + 5
+        while True:
+            server_logs = {n: p.read_text(errors="replace") for n, p in logs.items()}
+            refused = [n for n, text in server_logs.items()
+                       if f"refused CURVE client at {addr_b}" in text and rogue_key in text]
+            if "owner-0" in refused and any(n.startswith("reader") for n in refused):
+                break
+            assert time.monotonic() < deadline, server_logs
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), {
+        n: p.read_text(errors="replace")[-1500:] for n, p in logs.items()}
