@@ -22,9 +22,18 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# lmshard against raw py-lmdb, zlmdb and Redis (docs/performance.md); BENCH_ARGS=--quick to try.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) bench/embedded.py
+	@if ! command -v redis-server >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
+	  else \
+	    echo "redis-server is missing and this is not root: the suite leaves Redis out" \
+	         "(sudo apt-get install redis-server)"; \
+	  fi; \
+	fi
+	$(PY) -m bench.suite $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

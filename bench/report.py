@@ -1,0 +1,423 @@
+"""The suite's output: the tables on the terminal, results.json, the chart, performance.md.
+
+Everything here reads the summary dict the suite builds (the same one saved as results.json),
+so docs/performance.md can be regenerated from a saved results file:
+
+    python -m bench.report docs/perf/results.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+SYSTEMS = ("raw", "zlmdb", "redis", "lmshard")
+LABELS = {"raw": "raw py-lmdb", "zlmdb": "zlmdb", "redis": "Redis", "lmshard": "lmshard"}
+COLORS = {"raw": "#7f7f7f", "zlmdb": "#1f77b4", "redis": "#d62728", "lmshard": "#2ca02c"}
+
+# (name, (workload, system), (workload, system), at least)
+TARGETS: tuple[tuple[str, tuple[str, str], tuple[str, str], float], ...] = (
+    ("local point gets vs raw py-lmdb", ("get", "lmshard"), ("get", "raw"), 0.8),
+    ("local point gets vs zlmdb", ("get", "lmshard"), ("get", "zlmdb"), 1.5),
+    ("local point gets vs Redis GET one-by-one", ("get", "lmshard"), ("get", "redis"), 40.0),
+    ("local point gets vs Redis MGET of 1,000", ("get", "lmshard"), ("get_many", "redis"), 1.5),
+    ("batched inserts vs raw py-lmdb in-process", ("insert", "lmshard"), ("insert", "raw"), 0.6),
+    ("batched inserts vs zlmdb", ("insert", "lmshard"), ("insert", "zlmdb"), 1.0),
+    ("batched inserts vs Redis pipelined SET", ("insert", "lmshard"), ("insert", "redis"), 2.0),
+    ("full scan vs raw py-lmdb", ("scan", "lmshard"), ("scan", "raw"), 0.7),
+    ("8 concurrent acked-put clients vs 1", ("put8", "lmshard"), ("put1", "lmshard"), 4.0),
+)
+
+
+def rate(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if x >= 1e6:
+        return f"{x / 1e6:.2f}M"
+    if x >= 1e4:
+        return f"{x / 1e3:.0f}k"
+    if x >= 1e3:
+        return f"{x / 1e3:.1f}k"
+    return f"{x:.0f}"
+
+
+def _cell(w: dict[str, Any], system: str) -> dict[str, Any] | None:
+    c = w["systems"].get(system)
+    return c if c and "median" in c else None
+
+
+def _median(summary: dict[str, Any], workload: str, system: str) -> float | None:
+    w = summary["workloads"].get(workload)
+    c = _cell(w, system) if w else None
+    return None if c is None else float(c["median"])
+
+
+def _rates(summary: dict[str, Any], workload: str, system: str) -> list[float]:
+    w = summary["workloads"].get(workload)
+    c = _cell(w, system) if w else None
+    return [] if c is None else list(c["rates"])
+
+
+def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target with its ratio of medians, the per-round ratios, and PASS/MISS."""
+    out = []
+    for name, (wa, sa), (wb, sb), goal in TARGETS:
+        a, b = _median(summary, wa, sa), _median(summary, wb, sb)
+        entry: dict[str, Any] = {"target": name, "goal": goal, "numerator": f"{wa}/{sa}",
+                                 "denominator": f"{wb}/{sb}"}
+        if a is None or b is None or b == 0:
+            entry.update(ratio=None, status="n/a")
+        else:
+            ra, rb = _rates(summary, wa, sa), _rates(summary, wb, sb)
+            entry.update(ratio=round(a / b, 3), status="PASS" if a / b >= goal else "MISS",
+                         per_round=[round(x / y, 3) for x, y in zip(ra, rb, strict=False) if y])
+        out.append(entry)
+    return out
+
+
+# -- tables (lists of rows) both the terminal and the markdown print ---------------------------
+
+
+def ops_rows(summary: dict[str, Any]) -> list[list[str]]:
+    rows = [["workload", "unit", *(LABELS[s] for s in SYSTEMS), "vs raw", "vs zlmdb",
+             "vs Redis"]]
+    for w in summary["workloads"].values():
+        lm = _cell(w, "lmshard")
+        cells, ratios = [], []
+        for s in SYSTEMS:
+            c = w["systems"].get(s)
+            cells.append(rate(c["median"]) if c and "median" in c else
+                         ("skipped" if c else "-"))
+        for s in ("raw", "zlmdb", "redis"):
+            c = _cell(w, s)
+            ratios.append(f"{lm['median'] / c['median']:.2f}x" if lm and c and c["median"]
+                          else "-")
+        rows.append([w["label"], w["unit"], *cells, *ratios])
+    return rows
+
+
+def latency_rows(summary: dict[str, Any]) -> list[list[str]]:
+    rows = [["workload", "system", "median ops/s", "p50 us", "p99 us", "per", "server RSS MiB",
+             "client RSS MiB"]]
+    for w in summary["workloads"].values():
+        for s in SYSTEMS:
+            c = _cell(w, s)
+            if c is None:
+                continue
+            rows.append([w["label"], LABELS[s], rate(c["median"]), _num(c["p50_us"]),
+                         _num(c["p99_us"]), w["per"], _num(c["server_rss_mib"]),
+                         _num(c["client_rss_mib"])])
+    return rows
+
+
+def target_rows(summary: dict[str, Any]) -> list[list[str]]:
+    rows = [["target", "at least", "ratio", "per round", "result"]]
+    for t in summary["targets"]:
+        per = ", ".join(f"{x:.2f}" for x in t.get("per_round", []))
+        rows.append([t["target"], f"{t['goal']:g}x",
+                     "-" if t["ratio"] is None else f"{t['ratio']:.2f}x", per or "-",
+                     t["status"]])
+    return rows
+
+
+def scaling_rows(sc: dict[str, Any], what: str) -> list[list[str]]:
+    rows = [["shards \\ clients", *(str(c) for c in sc["clients"])]]
+    for s in sc["shards"]:
+        by = sc[what].get(str(s), {})
+        rows.append([str(s), *(rate(by.get(str(c))) for c in sc["clients"])])
+    return rows
+
+
+def commit_rows(sc: dict[str, Any]) -> list[list[str]]:
+    rows = [["batch size", "lmshard p50 ms", "lmshard p99 ms", "lmshard rows/s",
+             "raw p50 ms", "raw p99 ms", "raw rows/s"]]
+    for c in sc["commit"]:
+        lm, raw = c["lmshard"], c["raw"]
+        rows.append([f"{c['batch']:,}", _num(lm["p50_ms"]), _num(lm["p99_ms"]),
+                     rate(lm["rows_per_s"]), _num(raw["p50_ms"]), _num(raw["p99_ms"]),
+                     rate(raw["rows_per_s"])])
+    return rows
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def text_table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for j, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])
+                               for i, c in enumerate(r)))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def md_table(rows: list[list[str]]) -> str:
+    head, *body = rows
+    out = ["| " + " | ".join(head) + " |",
+           "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(out)
+
+
+def load_line(meta: dict[str, Any]) -> str:
+    load, cores = meta["load"], meta["machine"]["cores"]
+    return (f"other processes used {load['others_cores']:.2f} of {cores} cores on average "
+            f"during the run (peak {load['others_peak_cores']:.2f}); the suite itself "
+            f"{load['suite_cores']:.2f}; load average at start "
+            f"{meta['machine']['load_at_start'][0]:.2f}")
+
+
+def print_all(summary: dict[str, Any]) -> None:
+    meta = summary["meta"]
+    sz = meta["sizes"]
+    print(f"\n{sz['rows']:,} records of ~100 B CBOR, {meta['rounds']} round(s); medians of "
+          "ops/s; ratios are lmshard / baseline")
+    if summary["workloads"]:
+        print("\n" + text_table(ops_rows(summary)))
+        print("\nLatency per operation (pooled over rounds) and peak RSS\n")
+        print(text_table(latency_rows(summary)))
+        skipped = [(w["label"], LABELS[s], c["skipped"]) for w in summary["workloads"].values()
+                   for s, c in w["systems"].items() if "skipped" in c]
+        for label, system, reason in skipped:
+            print(f"skipped: {label} / {system}: {reason}")
+        if any(t["status"] != "n/a" for t in summary["targets"]):
+            print("\nTargets\n")
+            print(text_table(target_rows(summary)))
+    sc = summary.get("scaling")
+    if sc:
+        print(f"\nScaling: batched writes, rows/s ({sc['rows']:,} new rows per cell, 1,000 "
+              "per batch)\n")
+        print(text_table(scaling_rows(sc, "writes")))
+        print(f"\nScaling: local point gets, gets/s ({sc['gets']:,} per cell)\n")
+        print(text_table(scaling_rows(sc, "gets_per_s")))
+        print("\nCommit latency by batch size (1 shard, fsync on; send to ack)\n")
+        print(text_table(commit_rows(sc)))
+    print(f"\nMachine load: {load_line(meta)}" + (
+        " -- LOADED: absolute numbers are noisy" if meta["load"]["loaded"] else ""))
+
+
+# -- files -------------------------------------------------------------------------------------
+
+
+def write(summary: dict[str, Any], out_dir: Path, md_path: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "results.json"]
+    written[0].write_text(json.dumps(summary, indent=1) + "\n")
+    chart = chart_png(summary, out_dir / "ops.png")
+    if chart is not None:
+        written.append(chart)
+    md_path.write_text(markdown(summary, chart, md_path.parent))
+    written.append(md_path)
+    return written
+
+
+def chart_png(summary: dict[str, Any], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart (pip install 'lmshard[bench]')")
+        return None
+    workloads = [w for w in summary["workloads"].values()
+                 if any(_cell(w, s) for s in SYSTEMS)]
+    if not workloads:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 0.62 * len(workloads) + 1.6))
+    height = 0.8 / len(SYSTEMS)
+    for j, s in enumerate(SYSTEMS):
+        ys, xs = [], []
+        for i, w in enumerate(workloads):
+            c = _cell(w, s)
+            if c is not None:
+                ys.append(i + (j - (len(SYSTEMS) - 1) / 2) * height)
+                xs.append(c["median"])
+        ax.barh(ys, xs, height=height, color=COLORS[s], label=LABELS[s])
+    ax.set_yticks(range(len(workloads)))
+    ax.set_yticklabels([f"{w['label']} [{w['unit']}]" for w in workloads], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("operations per second (log scale; median over rounds)")
+    meta = summary["meta"]
+    ax.set_title(f"lmshard and its peers, {meta['sizes']['rows']:,} records, "
+                 f"{meta['machine']['cores']} cores, {meta['date']}", fontsize=10)
+    ax.grid(axis="x", which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _versions(meta: dict[str, Any]) -> str:
+    p = meta["machine"]["packages"]
+    parts = [p.get(f"{s}_version", "") for s in SYSTEMS]
+    extra = [f"{n} {p[n]}" for n in ("cbor2", "msgpack", "pyzmq", "numpy") if p.get(n) != "-"]
+    return "; ".join(x for x in parts + extra if x)
+
+
+def markdown(summary: dict[str, Any], chart: Path | None, md_dir: Path) -> str:
+    meta, m = summary["meta"], summary["meta"]["machine"]
+    sz = meta["sizes"]
+    loaded = meta["load"]["loaded"]
+    lines: list[str] = [
+        "# Performance",
+        "",
+        "<!-- Generated by `make bench` (bench/report.py) from docs/perf/results.json; "
+        "edits here are overwritten. -->",
+        "",
+        "lmshard measured side by side with what its users would pick instead, in one run on "
+        "one machine: raw py-lmdb in-process (the ceiling: no table layer, no daemon), zlmdb's "
+        "ORM in-process, and Redis through redis-py. Ratios from one run are what count; "
+        "absolute numbers move with the machine.",
+        "",
+    ]
+    if loaded:
+        lines += [
+            f"> **Measured on a loaded machine.** {load_line(meta).capitalize()}. The absolute "
+            "numbers "
+            "below are lower and noisier than on an idle machine; the systems took turns "
+            "within each round, so the ratios suffer less, but they carry that noise too "
+            "(see the per-round ratios of the targets).",
+            "",
+        ]
+    lines += [
+        "## How to run",
+        "",
+        "```",
+        "make bench                       # full run (7-15 minutes); rewrites this page",
+        "make bench BENCH_ARGS=--quick    # the same, quick",
+        "lmshard bench --quick            # 20,000 records, one round: checks that all runs",
+        "lmshard bench --only get,insert  # some workloads (or systems, or `scaling`)",
+        "python -m bench.suite --list     # the workload names",
+        "```",
+        "",
+        "`make bench` installs the `bench` extra (zlmdb, redis-py, matplotlib) and, as root, "
+        "redis-server with apt when it is missing. Without redis-server the suite says so and "
+        "leaves Redis out; without zlmdb likewise.",
+        "",
+        "## Method",
+        "",
+        f"- Machine: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, Linux "
+        f"{m['kernel']}, data on {m['filesystem']}; Python {m['python']}. {meta['date']}.",
+        f"- Versions: {_versions(meta)}.",
+        f"- Data: {sz['rows']:,} records of about 100 bytes of CBOR (7 fields), uint64 keys; "
+        f"{sz['series']:,} event series of {sz['per_series']} rows under (str, uint64) keys; "
+        f"{sz['users']:,} users with a unique email index; {sz['ts_series']} time series of "
+        f"{sz['ts_points']:,} float64 points.",
+        f"- Rounds: {meta['rounds']}. Each round starts every system afresh (a new "
+        "directory, its own server processes), then runs each workload on each system in "
+        "turn, so the numbers a ratio compares are taken seconds apart; the order of the "
+        "systems reverses from one round to the next. Tables show the median over rounds.",
+        "- What is timed: each workload runs in fresh worker processes that open, connect "
+        "and warm up first, untimed, and are then released together; ops/s is items over the "
+        "wall-clock span from release to the last worker's end. Rows to write are built "
+        "before the clock starts; decoding every value read is inside it.",
+        "- Latency: slow operations (anything crossing a process, fsyncing or moving a "
+        "batch) are each timed; fast in-process ones (point gets, lookups) one in 16. p50 "
+        "and p99 pool the samples of all rounds and workers; a scan's latency is per 1,000 "
+        "rows. A clock read (~0.1 us here) is inside each sample.",
+        "- Memory: peak RSS (VmHWM) of the client worker (the largest, if several) and of the "
+        "servers (lmshard's shard owners or reader pool, summed; redis-server), reset before "
+        "each workload. LMDB readers count the mapped file pages they touch. Workers are "
+        "forked from a forkserver that has the common modules loaded (about 30 MiB); the "
+        "insert workers also hold the rows they are about to write.",
+        "- lmshard: 4 shard owner processes (`durability.sync = true`, map 1 GiB), clients "
+        "in their own processes with local reads (each shard opened read-only in-process); "
+        "remote gets go through the reader pool (2 reader processes) or the owner.",
+        "- raw py-lmdb: one environment, a named database per table, `sync=True`, a read "
+        "transaction per point get, per lookup and per get_many call; a hand-kept index "
+        "database for the unique lookups.",
+        "- zlmdb: `MapOidCbor` tables with an attached `MapStringOid` unique index, "
+        "`MapStringTimestampCbor` for events and time series chunks (zlmdb has no "
+        "(str, uint64) -> CBOR map), `sync=True`, a transaction per get as for raw.",
+        "- Redis: the suite's own redis-server on a unix socket. Bulk inserts run without "
+        "persistence (a pipeline of 1,000 SETs); acked puts, the mixed fleet and time series "
+        "appends with `appendonly yes` + `appendfsync always`, so an acknowledged write is on "
+        "disk as with the others. Gets are one GET per key; get_many is MGET of 1,000; the "
+        "full scan is SCAN + MGET (unordered); a series is a sorted set; a unique lookup is "
+        "two GETs (email -> id, id -> row); one-command-per-op workloads run "
+        f"{sz['one_by_one']:,} ops.",
+        "- Time series: lmshard's `TimeSeries` (1,024-point chunks, appends fill the tail "
+        "chunk and compare-and-set the series head); the peers store each append of 1,000 "
+        "points as one chunk of NumPy bytes keyed by (series, first timestamp) and find the "
+        f"chunks of a range the same way. A range query reads {sz['ts_window']:,} points.",
+        "",
+        "## Results",
+        "",
+        "Median operations per second; the ratios are lmshard / baseline.",
+        "",
+        md_table(ops_rows(summary)),
+        "",
+    ]
+    if chart is not None:
+        rel = chart.relative_to(md_dir) if chart.is_relative_to(md_dir) else chart
+        lines += [f"![ops/s per workload and system]({rel.as_posix()})", ""]
+    skipped = [(w["label"], LABELS[s], c["skipped"]) for w in summary["workloads"].values()
+               for s, c in w["systems"].items() if "skipped" in c]
+    if skipped:
+        lines += ["Skipped in this run:", ""]
+        lines += [f"- {label} / {system}: {reason}" for label, system, reason in skipped]
+        lines.append("")
+    lines += ["## Targets", "", md_table(target_rows(summary)), "",
+              "## Latency and memory", "", md_table(latency_rows(summary)), ""]
+    sc = summary.get("scaling")
+    if sc:
+        lines += [
+            "## Scaling",
+            "",
+            f"lmshard with 1, 2 and 4 shard owners (fsync on) and 1 to 8 client processes on "
+            f"{m['cores']} cores. Batched writes: {sc['rows']:,} new rows per cell in batches "
+            "of 1,000, split between the clients; rows/s:",
+            "",
+            md_table(scaling_rows(sc, "writes")),
+            "",
+            f"Local point gets: {sc['gets']:,} per cell split between the clients; gets/s:",
+            "",
+            md_table(scaling_rows(sc, "gets_per_s")),
+            "",
+            "Commit latency by batch size: one client, one shard, from sending the batch to "
+            "its ack (fsync included); raw py-lmdb committing the same batches in-process "
+            "with `sync=True` beside it:",
+            "",
+            md_table(commit_rows(sc)),
+            "",
+        ]
+    notes = md_dir / "perf" / "notes.md"
+    if notes.is_file():
+        lines += [notes.read_text().rstrip(), ""]
+    lines += [
+        "## Raw results",
+        "",
+        "[perf/results.json](perf/results.json) holds every round's rate, the latency "
+        "percentiles, the sizes, versions and the machine's load during the run. "
+        f"This run took {meta['wall_seconds'] / 60:.1f} minutes.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    default = Path(__file__).resolve().parent.parent / "docs" / "perf" / "results.json"
+    src = Path(args[0]) if args else default
+    summary = json.loads(src.read_text())
+    docs = src.parent.parent
+    md = docs / "performance.md"
+    chart = src.parent / "ops.png"
+    md.write_text(markdown(summary, chart if chart.exists() else None, docs))
+    print(f"wrote {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
