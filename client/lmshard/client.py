@@ -33,11 +33,11 @@ from lmshard.errors import (
     UnknownTable,
     error_from_wire,
 )
-from lmshard.keys import MAX_KEY_SIZE, encode_index_value
+from lmshard.keys import encode_index_value
 from lmshard.remote import READ_CODES, ReaderPool
 from lmshard.schema import Schema, Table
 from lmshard.store import Store
-from lmshard.txn import index_prefix, prefix_end, value_hash
+from lmshard.txn import filtered_rows, index_prefix, key_bounds, value_hash
 
 log = logging.getLogger("lmshard.client")
 
@@ -523,15 +523,7 @@ class Client:
 
     def _bounds(self, ct: ClientTable, prefix: Any, start: Any, end: Any
                 ) -> tuple[bytes | None, bytes | None]:
-        lo = ct.kenc(start) if start is not None else None
-        hi = ct.kenc(end) if end is not None else None
-        if prefix is not None:
-            pb = ct.kprefix(prefix)
-            pe = prefix_end(pb)
-            lo = pb if lo is None or pb > lo else lo
-            if pe is not None and (hi is None or pe < hi):
-                hi = pe
-        return lo, hi
+        return key_bounds(ct, prefix, start, end)
 
     def _shards_for(self, ct: ClientTable) -> list[int]:
         return [ct.pinned] if ct.pinned is not None else list(range(self.shards))
@@ -553,15 +545,10 @@ class Client:
             yield from ((k, v) for k, v in items)
             if not more or not items:
                 return
-            last = items[-1][0]
-            if reverse:
-                hi = last
-            elif len(last) < MAX_KEY_SIZE:
-                lo = last + b"\x00"
-            else:  # a bound longer than any key is refused; the next key differs earlier
-                lo = prefix_end(last)
-                if lo is None:
-                    return
+            bounds = protocol.next_page(items[-1][0], lo, hi, reverse)
+            if bounds is None:
+                return
+            lo, hi = bounds
 
     def scan(self, table: Any, prefix: Any = None, start: Any = None, end: Any = None,
              reverse: bool = False, limit: int | None = None,
@@ -572,18 +559,7 @@ class Client:
         streams = [self._raw_range(s, ct, lo, hi, reverse) for s in self._shards_for(ct)]
         merged = streams[0] if len(streams) == 1 else heapq.merge(
             *streams, key=itemgetter(0), reverse=reverse)
-        kdec, loads = ct.kdec, ct.loads
-        if limit is not None and limit <= 0:
-            return
-        n = 0
-        for k, v in merged:
-            value = loads(v)
-            if where is not None and not where(value):
-                continue
-            yield kdec(k), value
-            n += 1
-            if limit is not None and n >= limit:
-                return
+        yield from filtered_rows(merged, ct.kdec, ct.loads, where, limit)
 
     def count(self, table: Any, prefix: Any = None, start: Any = None, end: Any = None) -> int:
         ct = self._table(table)

@@ -454,6 +454,20 @@ def stats() -> None:
     return None
 
 
+def next_page(
+    last: bytes, lo: bytes | None, hi: bytes | None, reverse: bool
+) -> tuple[bytes | None, bytes | None] | None:
+    """The bounds of the next scan page after a page ending at key ``last``; None when no
+    key can follow it."""
+    if reverse:
+        return lo, last
+    if len(last) < MAX_KEY_SIZE:
+        return last + b"\x00", hi
+    # A bound longer than any key is refused; the next key differs before its end.
+    after = prefix_end(last)
+    return None if after is None else (after, hi)
+
+
 def range_for_prefix(prefix: bytes) -> tuple[bytes, bytes | None]:
     return prefix, prefix_end(prefix)
 

@@ -34,8 +34,6 @@ import zmq
 from lmshard import protocol, security
 from lmshard.config import Config, ConfigError, _split_host_port
 from lmshard.errors import Error, LimitExceeded, ProtocolError, ShardUnavailable, error_from_wire
-from lmshard.keys import MAX_KEY_SIZE
-from lmshard.txn import prefix_end
 
 log = logging.getLogger("lmshard.remote")
 
@@ -449,15 +447,10 @@ class ReaderPool:
             yield from ((k, v) for k, v in items)
             if not more or not items:
                 return
-            last = items[-1][0]
-            if reverse:
-                hi = last
-            elif len(last) < MAX_KEY_SIZE:
-                lo = last + b"\x00"
-            else:  # no key is longer than MAX_KEY_SIZE: the next one differs before its end
-                lo = prefix_end(last)
-                if lo is None:
-                    return
+            bounds = protocol.next_page(items[-1][0], lo, hi, reverse)
+            if bounds is None:
+                return
+            lo, hi = bounds
 
     # -- lifetime ----------------------------------------------------------------------------
 

@@ -192,15 +192,7 @@ class ReadTxn:
     def _bounds(
         self, b: BoundTable, prefix: Any, start: Any, end: Any
     ) -> tuple[bytes | None, bytes | None]:
-        lo = b.kenc(start) if start is not None else None
-        hi = b.kenc(end) if end is not None else None
-        if prefix is not None:
-            pb = b.kprefix(prefix)
-            pe = prefix_end(pb)
-            lo = pb if lo is None or pb > lo else lo
-            if pe is not None and (hi is None or pe < hi):
-                hi = pe
-        return lo, hi
+        return key_bounds(b, prefix, start, end)
 
     def scan(
         self,
@@ -224,7 +216,7 @@ class ReadTxn:
             if rows >= hints.INDEX_HINT_MIN_ROWS:
                 decoded = ((kdec(k), loads(v)) for k, v in items)
                 return hints.watch_where_scan(decoded, b.table, where, limit, rows, self)
-        return _filtered(items, kdec, loads, where, limit)
+        return filtered_rows(items, kdec, loads, where, limit)
 
     def scan_raw(
         self, table: TableRef, lo: bytes | None = None, hi: bytes | None = None,
@@ -318,6 +310,22 @@ class ReadTxn:
         }
 
 
+def key_bounds(
+    t: Any, prefix: Any, start: Any, end: Any
+) -> tuple[bytes | None, bytes | None]:
+    """Encoded ``lo <= key < hi`` for a scan of table ``t`` (anything with ``kenc`` and
+    ``kprefix``): ``start`` inclusive, ``end`` exclusive, narrowed to ``prefix``."""
+    lo = t.kenc(start) if start is not None else None
+    hi = t.kenc(end) if end is not None else None
+    if prefix is not None:
+        pb = t.kprefix(prefix)
+        pe = prefix_end(pb)
+        lo = pb if lo is None or pb > lo else lo
+        if pe is not None and (hi is None or pe < hi):
+            hi = pe
+    return lo, hi
+
+
 def index_prefix(value: Any) -> bytes:
     """Encoded prefix for an index lookup by prefix: a tuple's leading elements, or the
     beginning of a str/bytes value."""
@@ -389,7 +397,7 @@ def _down_to(items: Iterator[tuple[bytes, bytes]], lo: bytes) -> Iterator[tuple[
         yield k, v
 
 
-def _filtered(
+def filtered_rows(
     items: Iterator[tuple[bytes, bytes]],
     kdec: Callable[[bytes], Any],
     loads: Callable[[bytes], Any],
