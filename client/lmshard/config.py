@@ -58,6 +58,10 @@ ENV_VAR = "LMSHARD_CONFIG"
 DEFAULT_CONFIG = Path("config") / "lmshard.toml"
 
 MAX_SHARDS = 256
+MIN_STATS_INTERVAL = 0.01
+"""Shortest stats interval, in seconds: shorter would make the owners spin publishing."""
+MAX_TIMEOUT_MS = 3_600_000
+"""Longest client timeout: one hour (ZeroMQ timeouts are C ints of milliseconds)."""
 #: Upper bound for ``slots``: keeps slot maps small (one entry per slot) and digests cheap.
 MAX_SLOTS = 65536
 #: LMDB map sizes are rounded *up* to a multiple of this (the OS page size).
@@ -656,12 +660,13 @@ class _Checker:
             raise self.error(key, f"got {_describe(value)}; expected true or false")
         return value
 
-    def positive_float(self, key: str) -> float:
+    def positive_float(self, key: str, lo: float = 0.0) -> float:
         value = self.get(key)
+        expected = f"a number of seconds >= {lo}" if lo else "a number of seconds > 0"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.error(key, f"got {_describe(value)}; expected a number of seconds > 0")
-        if not 0 < value < float("inf"):
-            raise self.error(key, f"got {value!r}; expected a number of seconds > 0")
+            raise self.error(key, f"got {_describe(value)}; expected {expected}")
+        if not 0 < value < float("inf") or value < lo:
+            raise self.error(key, f"got {value!r}; expected {expected}")
         return float(value)
 
     def get_str(self, key: str, expected: str = "a string") -> str:
@@ -820,7 +825,7 @@ def _check_endpoint(chk: _Checker, key: str, endpoint: str, run_dir: Path) -> No
             )
     elif endpoint.startswith("tcp://"):
         host, port = _split_host_port(endpoint[len("tcp://") :])
-        if host in ("*", "") or host.startswith("*"):
+        if host in ("*", "", "0.0.0.0", "::", "[::]") or host.startswith("*"):
             raise chk.error(
                 key,
                 f"{endpoint!r} has no concrete host; {expected} (clients connect to the same "
@@ -952,8 +957,8 @@ def _build(raw: Mapping[str, Any], *, file: Path | None, base_dir: Path) -> Conf
         monitor_endpoint=chk.get_endpoint(
             "monitor.endpoint", chk.get_str("monitor.endpoint", "an endpoint string"), run_dir
         ),
-        stats_interval=chk.positive_float("monitor.stats_interval"),
-        timeout_ms=chk.get_int("client.timeout_ms", 1),
+        stats_interval=chk.positive_float("monitor.stats_interval", MIN_STATS_INTERVAL),
+        timeout_ms=chk.get_int("client.timeout_ms", 1, MAX_TIMEOUT_MS),
         retries=chk.get_int("client.retries", 0, 1000),
         local_reads=chk.get_bool("client.local_reads"),
         endpoints=chk.shard_endpoints("shard.endpoint", "shard.base_port", shards, run_dir),
