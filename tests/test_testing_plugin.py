@@ -154,3 +154,19 @@ def test_purge_all(store: lmshard.Store) -> None:
     assert verify_indexes(store) == []
     with store.read() as r:
         assert r.index_count("users", "by_email") == 0
+
+
+def test_local_service_that_cannot_start_leaves_no_owner_running(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import pytest
+
+    from lmshard.testing import LocalService
+
+    # The owners find this module in their working directory; this process cannot import it,
+    # so waiting for them fails after they started.
+    (tmp_path / "only_for_owners_schema.py").write_text(
+        "import lmshard\nschema = lmshard.Schema('x')\n")
+    monkeypatch.chdir(tmp_path)
+    svc = LocalService(tmp_path / "svc", "only_for_owners_schema:schema", shards=2)
+    with pytest.raises(Exception, match="only_for_owners_schema"), svc:
+        pass
+    assert svc.procs and all(p.poll() is not None for p in svc.procs.values())

@@ -262,7 +262,11 @@ class LocalService:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalService:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()  # never leave owners running when they could not all come up
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
