@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import lmdb
@@ -98,7 +99,7 @@ def _getter(config: str, keys: list[int], go: mp.Event, q: mp.Queue) -> None:  #
         q.put((len(keys), time.perf_counter() - t))
 
 
-def in_processes(target, args_list) -> float:  # type: ignore[no-untyped-def]
+def in_processes(target: Any, args_list: list[tuple[Any, ...]]) -> float:
     """Run workers in separate processes started together; aggregate ops/s over the span."""
     ctx = mp.get_context("spawn")
     go, q = ctx.Event(), ctx.Queue()

@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import lmshard  # noqa: E402
+from bench.daemon import in_processes  # noqa: E402
 from lmshard.config import load_config  # noqa: E402
 from lmshard.remote import ReaderPool  # noqa: E402
 from tests.cluster import Cluster  # noqa: E402
@@ -205,21 +206,6 @@ def _zmq_echo_client(endpoint: str, count: int, go: Any, q: Any) -> None:
         sock.send(frame)
         sock.recv()
     q.put((count, time.perf_counter() - t))
-
-
-def in_processes(target: Any, args_list: list[tuple[Any, ...]]) -> float:
-    """Run clients in separate processes started together; aggregate ops/s over the span."""
-    ctx = mp.get_context("spawn")
-    go, q = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=target, args=(*a, go, q)) for a in args_list]
-    for p in procs:
-        p.start()
-    time.sleep(1.0)  # every client connects and warms up first
-    go.set()
-    results = [q.get(timeout=600) for _ in procs]
-    for p in procs:
-        p.join()
-    return sum(n for n, _ in results) / max(dt for _, dt in results)
 
 
 def main() -> None:
