@@ -671,3 +671,36 @@ def test_bad_index_values_are_rejected(bad: object, match: str) -> None:
 def test_malformed_index_bytes_are_rejected(data: bytes) -> None:
     with pytest.raises(KeyEncodingError, match="malformed"):
         decode_index_value(data)
+
+
+# --- any_width: the shard owner's shortcut for "these bytes are a canonical key" ---------------
+
+ANY_WIDTH_SPECS = ["uint64", "int64", "timestamp", "uuid", "bytes", ("uint64", "uuid"),
+                   ("int64", "timestamp", "uint64")]
+
+
+@pytest.mark.parametrize("spec", ANY_WIDTH_SPECS, ids=str)
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_any_width_promise_holds_for_every_byte_string(spec: object, data: st.DataObject) -> None:
+    codec = key_codec(spec)  # type: ignore[arg-type]
+    width = codec.any_width
+    assert width is not None
+    size = data.draw(st.integers(1, 511)) if width == 0 else width
+    kb = data.draw(st.binary(min_size=size, max_size=size))
+    assert codec.encode(codec.decode(kb)) == kb
+
+
+@pytest.mark.parametrize("spec", ["str", ("str", "uint64"), ("bytes", "uint64"), ("bytes", "str")],
+                         ids=str)
+def test_any_width_is_unset_where_some_bytes_are_not_keys(spec: object) -> None:
+    codec = key_codec(spec)  # type: ignore[arg-type]
+    assert codec.any_width is None
+    bad = {"str": b"\xff\xfe", ("str", "uint64"): b"ab" + b"\x00" * 8,
+           ("bytes", "uint64"): b"a\x01\x09\x00" + b"\x00" * 8,
+           ("bytes", "str"): b"a\x01\x09\x00x"}[spec]
+    try:
+        canonical = codec.encode(codec.decode(bad)) == bad
+    except Exception:
+        canonical = False
+    assert not canonical

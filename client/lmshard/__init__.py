@@ -11,12 +11,14 @@ from __future__ import annotations
 from lmshard.client import Batch, Client, connect
 from lmshard.codecs import Codec, flatbuffers_codec, get_codec, register_codec
 from lmshard.errors import (
+    BatchesFailed,
     BatchPartiallyApplied,
     CodecError,
     ConflictError,
     Error,
     KeyEncodingError,
     NullIndexValue,
+    OutOfOrder,
     ProtocolError,
     ReadOnlyError,
     SchemaError,
@@ -31,11 +33,13 @@ from lmshard.errors import (
 from lmshard.schema import Index, Schema, Table
 from lmshard.store import Store, open
 from lmshard.txn import ReadTxn, WriteTxn, value_hash
+from lmshard.writer import Writer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Batch", "BatchPartiallyApplied", "Client", "ProtocolError", "ShardUnavailable", "connect",
+    "Batch", "BatchesFailed", "BatchPartiallyApplied", "Client", "OutOfOrder", "Writer",
+    "ProtocolError", "ShardUnavailable", "connect",
     "Codec", "CodecError", "ConflictError", "Error", "Index", "KeyEncodingError",
     "NullIndexValue", "ReadOnlyError", "ReadTxn", "Schema", "SchemaError", "SchemaMismatch",
     "Store", "StoreFull", "Table", "TransactionError", "UniqueViolation", "UnknownIndex",

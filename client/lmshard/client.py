@@ -38,6 +38,7 @@ from lmshard.remote import READ_CODES, ReaderPool
 from lmshard.schema import Schema, Table
 from lmshard.store import Store
 from lmshard.txn import filtered_rows, index_prefix, key_bounds, value_hash
+from lmshard.writer import Writer
 
 log = logging.getLogger("lmshard.client")
 
@@ -429,6 +430,13 @@ class Client:
         """Collect writes; on exit each shard's part is sent as one message and applied
         atomically. A batch over several shards is atomic per shard, not across them."""
         return Batch(self)
+
+    def writer(self, *, batch_size: int = 1000, window: int = 4) -> Writer:
+        """Pipelined bulk writes: ops are buffered per shard, sent as batches of ``batch_size``,
+        with up to ``window`` batches in flight per shard while the caller goes on. Batches of
+        one shard are applied in the order sent, each atomically; ``flush()`` (or the end of a
+        ``with`` block) waits for every ack. See ``lmshard.writer``."""
+        return Writer(self, batch_size=batch_size, window=window)
 
     # -- reads -------------------------------------------------------------------------------
 

@@ -125,6 +125,14 @@ class LimitExceeded(ProtocolError):
     hint = "split the batch or the value"
 
 
+class OutOfOrder(ProtocolError):
+    """A pipelined batch reached the owner before the batch it follows was applied (that one was
+    lost with a broken connection); nothing was applied."""
+
+    code = 64
+    hint = "resend the stream's unacknowledged batches, oldest first (lmshard's writer does)"
+
+
 class InternalError(Error):
     """The shard owner hit an unexpected error; the batch was not applied."""
 
@@ -166,3 +174,21 @@ class BatchPartiallyApplied(Error):
         super().__init__(message, hint=hint)
         self.committed = committed or {}
         self.failed = failed or {}
+
+
+class BatchesFailed(Error):
+    """Batches a pipelined writer sent were refused by their shards; every other batch of the
+    stream was applied.
+
+    ``failed`` lists (shard, number of ops, the exception that shard raised) per refused batch,
+    in the order they were sent; ``committed`` counts the batches applied.
+    """
+
+    code = 65
+    hint = "inspect .failed: each refused batch was applied not at all, the others fully"
+
+    def __init__(self, message: str, *, failed: list[tuple[int, int, Error]] | None = None,
+                 committed: int = 0, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.failed = failed or []
+        self.committed = committed

@@ -356,11 +356,15 @@ class KeyCodec:
     ``codec.encode(key)``), built for the declared kind so the hot path does no kind dispatch.
     """
 
-    __slots__ = ("spec", "encode", "decode", "_prefix", "_json")
+    __slots__ = ("spec", "encode", "decode", "_prefix", "_json", "any_width")
 
     spec: str | tuple[str, ...]
     encode: Callable[[Any], bytes]
     decode: Callable[[bytes | memoryview], Any]
+    any_width: int | None
+    """When every byte string of this length is a canonical key (``encode(decode(b)) == b``):
+    the kind's fixed width, 0 for a scalar ``bytes`` key (any 1..511 bytes), None when a key's
+    bytes must be decoded and re-encoded to know. The shard owner's fast path."""
 
     def __init__(
         self,
@@ -369,12 +373,14 @@ class KeyCodec:
         decode: Callable[[Any], Any],
         prefix: Callable[[Any], bytes],
         json: Callable[[Any], Any],
+        any_width: int | None = None,
     ) -> None:
         self.spec = spec
         self.encode = encode
         self.decode = decode
         self._prefix = prefix
         self._json = json
+        self.any_width = any_width
 
     def encode_prefix(self, prefix: Any) -> bytes:
         """The bytes every encoded key "starting with" ``prefix`` begins with (for prefix scans).
@@ -419,7 +425,7 @@ def _check_kind(kind: Any, spec: Any) -> str:
 def _scalar_codec(kind: str) -> KeyCodec:
     enc, dec, width, json = _KINDS[kind]
     if width is not None:  # never empty, never too long: the kind's encoder is the whole encode
-        return KeyCodec(kind, enc, dec, enc, json)
+        return KeyCodec(kind, enc, dec, enc, json, width)
 
     what = f"{kind} key"
 
@@ -431,7 +437,7 @@ def _scalar_codec(kind: str) -> KeyCodec:
 
     encode.__doc__ = f"Encode a {kind} key; KeyEncodingError if empty or over 511 bytes."
     # A prefix may be empty (scan everything); it is not checked against the key size limit.
-    return KeyCodec(kind, encode, dec, enc, json)
+    return KeyCodec(kind, encode, dec, enc, json, 0 if kind == "bytes" else None)
 
 
 def _tuple_codec(kinds: tuple[str, ...]) -> KeyCodec:
@@ -516,7 +522,8 @@ def _tuple_codec(kinds: tuple[str, ...]) -> KeyCodec:
         return [f(v) for f, v in zip(jsons, key, strict=True)]
 
     encode.__doc__ = f"Encode a {kinds!r} key; KeyEncodingError if malformed or over 511 bytes."
-    return KeyCodec(kinds, encode, decode, encode_prefix, to_json)
+    return KeyCodec(kinds, encode, decode, encode_prefix, to_json,
+                    None if variable else fixed_size)
 
 
 def _escaping(enc: Callable[[Any], bytes]) -> Callable[[Any], bytes]:

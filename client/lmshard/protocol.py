@@ -31,7 +31,7 @@ from lmshard.errors import (
     error_classes,
 )
 from lmshard.keys import MAX_KEY_SIZE
-from lmshard.txn import ReadTxn, TableMap, WriteTxn, prefix_end
+from lmshard.txn import LARGE_VALUE, ReadTxn, TableMap, WriteTxn, prefix_end
 
 PROTOCOL_VERSION = 1
 """Bumped on any incompatible change of the frame layout."""
@@ -44,6 +44,10 @@ MAX_VALUE_SIZE = 16 * 2**20
 """Largest value one op may carry: 16 MiB (LMDB allows more; large blobs belong elsewhere)."""
 MAX_SCAN_PAGE = 10_000
 """Most rows one scan reply carries; the client asks again from the next key."""
+
+PIPELINE_WINDOW = 8
+"""Most batches a pipelined writer keeps in flight per shard; the owner keeps this many replies
+per stream, so a batch resent after a lost connection is answered as it was the first time."""
 
 OP_PUT, OP_DELETE, OP_CAS, OP_INCR = 1, 2, 3, 4
 OP_NAMES = {OP_PUT: "put", OP_DELETE: "delete", OP_CAS: "cas", OP_INCR: "incr"}
@@ -192,7 +196,9 @@ def validate_ops(tables: TableMap, ops: Any, max_ops: int = MAX_OPS_PER_BATCH) -
         if type(kb) is not bytes or not 0 < len(kb) <= MAX_KEY_SIZE:
             kb = _key(b, kb)
         else:
-            _canonical_key(b, kb)
+            width = b.any_width
+            if width is None or (width and len(kb) != width):
+                _canonical_key(b, kb)
         if code == OP_PUT:
             arg = _value(b, arg)
         elif code == OP_DELETE:
@@ -214,10 +220,15 @@ def validate_ops(tables: TableMap, ops: Any, max_ops: int = MAX_OPS_PER_BATCH) -
 def apply_ops(w: WriteTxn, ops: list[tuple]) -> list[Any]:
     """Apply validated ops inside one (nested) write transaction; per-op results."""
     results: list[Any] = []
+    append = results.append
+    txn = w._txn  # noqa: SLF001 - the plain put of an index-free table, inlined below
     for code, b, kb, arg in ops:
         if code == OP_PUT:
-            w.put_raw(b, kb, arg)
-            results.append(None)
+            if b.indexes or len(arg) >= LARGE_VALUE:
+                w.put_raw(b, kb, arg)
+            else:
+                txn.put(kb, arg, db=b.db)
+            append(None)
         elif code == OP_DELETE:
             results.append(w.delete_raw(b, kb))
         elif code == OP_INCR:
@@ -290,6 +301,38 @@ def _v_write(tables: TableMap, body: Any) -> list[tuple]:
     return validate_ops(tables, body)
 
 
+class OrderedOps(list):
+    """The validated ops of a pipelined batch and the sequence number it must follow."""
+
+    __slots__ = ("after",)
+
+    def __init__(self, ops: list[tuple], after: int) -> None:
+        super().__init__(ops)
+        self.after = after
+
+
+def _v_write_after(tables: TableMap, body: Any) -> OrderedOps:
+    _need(type(body) is list and len(body) == 2, "a pipelined write body is [after, ops]")
+    after, ops = body
+    _need(type(after) is int and 0 <= after < 2**63, "after must be a sequence number")
+    return OrderedOps(validate_ops(tables, ops), after)
+
+
+def stored_reply(status: int, body: Any) -> Any:
+    """A write's reply body as the owner keeps it for retries: all-nil results as a count."""
+    if status == 0 and type(body) is list and len(body) == 2 and type(body[1]) is list \
+            and body[1].count(None) == len(body[1]):
+        return [body[0], len(body[1])]
+    return body
+
+
+def replayed_reply(status: int, body: Any) -> Any:
+    """The reply body ``stored_reply`` kept, as it was first sent."""
+    if status == 0 and type(body) is list and len(body) == 2 and type(body[1]) is int:
+        return [body[0], [None] * body[1]]
+    return body
+
+
 @command("write", 2, request="[[op, table id, key, arg], ...]",
          reply="[txn id, [result per op]]", writes=True, validate=_v_write)
 def write(ops: list[list[Any]]) -> list[list[Any]]:
@@ -304,6 +347,21 @@ def write(ops: list[list[Any]]) -> list[list[Any]]:
     The reply carries the shard's txn id the batch committed in. A retried batch (same client id
     and sequence number) is answered from the shard's meta table and not applied again."""
     return ops
+
+
+@command("write_after", 3, request="[after, [[op, table id, key, arg], ...]]",
+         reply="[txn id, [result per op]]", writes=True, validate=_v_write_after)
+def write_after(after: int, ops: list[list[Any]]) -> list[Any]:
+    """A batch of a pipelined stream: like ``write``, and applied only right after the batch
+    with sequence number ``after`` from the same client id (0: the stream's first batch).
+
+    A client keeps up to PIPELINE_WINDOW (8) batches in flight per shard on one connection, so
+    they arrive in order. If one is lost with a broken connection, the next is refused with
+    OutOfOrder (64) and nothing of it is applied; the client resends its unacknowledged batches
+    oldest first. The owner keeps the replies of the stream's last 8 batches in its meta table,
+    so a resent batch that was applied is answered again, not applied twice. A client id is
+    required."""
+    return [after, ops]
 
 
 def _v_get(tables: TableMap, body: Any) -> tuple[Any, bytes]:

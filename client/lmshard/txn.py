@@ -80,6 +80,7 @@ class BoundTable:
 
     __slots__ = (
         "table", "name", "db", "kenc", "kdec", "kprefix", "dumps", "loads", "indexes", "by_name",
+        "any_width",
     )
 
     def __init__(self, table: Table, db: Any, index_dbs: dict[str, Any]) -> None:
@@ -89,6 +90,7 @@ class BoundTable:
         self.kenc = table.key.encode
         self.kdec = table.key.decode
         self.kprefix = table.key.encode_prefix
+        self.any_width = table.key.any_width
         self.dumps = table.value.dumps
         self.loads = table.value.loads
         self.indexes = tuple(BoundIndex(ix, index_dbs[name]) for name, ix in table.indexes.items())

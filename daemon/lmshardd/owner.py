@@ -23,7 +23,14 @@ import zmq
 
 from lmshard import protocol, security
 from lmshard.config import Config
-from lmshard.errors import Error, InternalError, ProtocolError, SchemaMismatch, StoreFull
+from lmshard.errors import (
+    Error,
+    InternalError,
+    OutOfOrder,
+    ProtocolError,
+    SchemaMismatch,
+    StoreFull,
+)
 from lmshard.store import Store, grow_map
 from lmshard.txn import ReadTxn, WriteTxn
 
@@ -76,6 +83,7 @@ class OwnerCounters:
     batches: int = 0
     failed_batches: int = 0
     duplicate_batches: int = 0
+    out_of_order: int = 0
     ops: int = 0
     commits: int = 0
     reads: int = 0
@@ -330,17 +338,30 @@ class ShardOwner:
         env, clients_db = self.env, self.clients_db
         txn_id = txn.id()
         for _ident, cid, seq, ops in batches:
+            after = ops.after if type(ops) is protocol.OrderedOps else None
+            window: list[Any] = []
             if cid is not None:
                 rec = txn.get(cid, db=clients_db)
+                last_seq = 0
                 if rec is not None:
-                    last_seq, status, body = msgpack.unpackb(rec, raw=False)
+                    last_seq, status, body, *more = msgpack.unpackb(rec, raw=False)
                     if seq <= last_seq:
                         c.duplicate_batches += 1
-                        if seq == last_seq:
-                            outcomes.append((status, body))
-                        else:
-                            outcomes.append((0, [None, None]))  # long since applied
+                        outcomes.append(_replay(seq, last_seq, status, body, more))
                         continue
+                    if after is not None:  # the replies a resent pipelined batch may need
+                        window = [[last_seq, status, body], *(more[0] if more else [])]
+                if after is not None and (after != last_seq or seq <= after):
+                    c.out_of_order += 1
+                    err: Error = OutOfOrder(
+                        f"batch {seq} follows batch {after}, but the last batch applied from "
+                        f"this client is {last_seq}; nothing of batch {seq} was applied")
+                    outcomes.append((err.code, [err.message, err.hint]))
+                    continue
+            elif after is not None:
+                err = ProtocolError("a pipelined write needs a client id")
+                outcomes.append((err.code, [err.message, err.hint]))
+                continue
             child = env.begin(write=True, parent=txn)
             try:
                 results = protocol.apply_ops(WriteTxn(child, self.tables, strict=True), ops)
@@ -362,8 +383,10 @@ class ShardOwner:
                 outcome = (err.code, [err.message, err.hint])
                 c.failed_batches += 1
             if cid is not None:
-                txn.put(cid, msgpack.packb([seq, outcome[0], outcome[1]], use_bin_type=True),
-                        db=clients_db)
+                kept = [seq, outcome[0], protocol.stored_reply(*outcome)]
+                if after is not None:
+                    kept.append(window[:protocol.PIPELINE_WINDOW - 1])
+                txn.put(cid, msgpack.packb(kept, use_bin_type=True), db=clients_db)
             outcomes.append(outcome)
         return outcomes
 
@@ -425,6 +448,17 @@ class ShardOwner:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(endpoint[6:])
         self.store.close()
+
+
+def _replay(seq: int, last_seq: int, status: int, body: Any, more: list[Any]
+            ) -> tuple[int, Any]:
+    """The reply to a batch this client sent before: the kept one, or "applied long ago"."""
+    if seq == last_seq:
+        return status, protocol.replayed_reply(status, body)
+    for old_seq, old_status, old_body in (more[0] if more else []):
+        if old_seq == seq:
+            return old_status, protocol.replayed_reply(old_status, old_body)
+    return 0, [None, None]  # long since applied; its reply is no longer kept
 
 
 def run_owner(config: Config, shard: int) -> int:

@@ -1,0 +1,274 @@
+"""Pipelined bulk writes: ``Client.writer()`` keeps several batches in flight per shard.
+
+``Client.batch()`` sends one message per shard and waits for every ack, so the client sits idle
+while the owners apply and fsync. A ``Writer`` fills a buffer per shard, sends it as a batch when
+it holds ``batch_size`` ops, and goes on encoding while up to ``window`` batches per shard are
+in flight: the client's encoding, the owner's apply and the disk's fsync overlap.
+
+Each shard gets one stream: its own client id and DEALER socket, sequence numbers 1, 2, 3, ...,
+and every batch names the one it follows (protocol command ``write_after``). The owner applies a
+batch only right after the one it follows, so the batches of a stream are applied in the order
+they were sent even when a connection breaks: a batch that arrives after a lost one is refused
+(OutOfOrder) and the writer resends every unacknowledged batch oldest first, on a fresh socket.
+The owner keeps the replies of a stream's last ``PIPELINE_WINDOW`` batches, so a resent batch that
+was applied is answered again and not applied twice.
+
+Each batch is atomic on its shard. A batch the owner refuses (a unique violation, a bad value)
+is applied not at all, and the stream goes on; the writer raises ``BatchesFailed`` naming the
+refused batches at its next call (``put``, ``flush`` or the end of the ``with`` block).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from lmshard import protocol
+from lmshard.errors import (
+    BatchesFailed,
+    Error,
+    OutOfOrder,
+    ShardUnavailable,
+    TransactionError,
+    error_from_wire,
+)
+
+if TYPE_CHECKING:
+    from lmshard.client import Client
+
+log = logging.getLogger("lmshard.writer")
+
+_OUT_OF_ORDER = OutOfOrder.code
+
+
+class _Stream:
+    """One shard's ordered stream of batches: buffer, socket, and what is in flight."""
+
+    __slots__ = ("shard", "cid", "sock", "seq", "buf", "inflight", "attempts")
+
+    def __init__(self, shard: int, sock: zmq.Socket[bytes]) -> None:
+        self.shard = shard
+        self.cid = uuid.uuid4().bytes
+        self.sock = sock
+        self.seq = 0
+        self.buf: list[list[Any]] = []
+        # seq -> [frame, ops, deadline], in the order sent (dicts keep insertion order)
+        self.inflight: dict[int, list[Any]] = {}
+        self.attempts = 0
+
+
+class Writer:
+    """Buffered, pipelined writes through a ``Client``; use it from one thread.
+
+    ``put``, ``delete`` and ``incr`` encode at the call (bad keys and values raise there, nothing
+    sent); ``flush()`` sends what is buffered and waits until every batch is acknowledged; the
+    end of a ``with`` block flushes. After a clean flush every op is committed with the
+    configured durability. Per-op results are not returned: use ``Client.batch()`` for those.
+    """
+
+    def __init__(self, client: Client, *, batch_size: int = 1000, window: int = 4) -> None:
+        if type(batch_size) is not int or not 1 <= batch_size <= protocol.MAX_OPS_PER_BATCH:
+            raise TransactionError(
+                f"batch_size must be an int in 1..{protocol.MAX_OPS_PER_BATCH:,}, "
+                f"not {batch_size!r}")
+        if type(window) is not int or not 1 <= window <= protocol.PIPELINE_WINDOW:
+            raise TransactionError(
+                f"window must be an int in 1..{protocol.PIPELINE_WINDOW} (batches in flight "
+                f"per shard), not {window!r}")
+        self._client = client
+        self.batch_size = batch_size
+        self.window = window
+        self._streams: dict[int, _Stream] = {}
+        self._failed: list[tuple[int, int, Error]] = []
+        self.committed = 0
+        """Batches acknowledged as applied so far."""
+        self.ops_committed = 0
+        """Ops in those batches."""
+        self._closed = False
+
+    # -- ops -------------------------------------------------------------------------------------
+
+    def put(self, table: Any, key: Any, value: Any) -> None:
+        client = self._client
+        ct = client._tables.get(table) or client._table(table)
+        kb = ct.kenc(key)
+        vb = ct.dumps(value)
+        if ct.pinned is not None:
+            shard = ct.pinned
+        elif ct.shard_key is None:
+            shard = client._shard_of(kb)
+        else:
+            shard = client._route(ct, key, kb)
+        st = self._streams.get(shard) or self._stream(shard)
+        st.buf.append([protocol.OP_PUT, ct.tid, kb, vb])
+        if len(st.buf) >= self.batch_size:
+            self._send(st)
+
+    def delete(self, table: Any, key: Any) -> None:
+        self._add(table, key, protocol.OP_DELETE, None)
+
+    def incr(self, table: Any, key: Any, delta: int = 1) -> None:
+        if type(delta) is not int:
+            raise TransactionError(f"incr delta must be an int, not {type(delta).__name__}")
+        self._add(table, key, protocol.OP_INCR, delta)
+
+    def _add(self, table: Any, key: Any, op: int, arg: Any) -> None:
+        client = self._client
+        ct = client._table(table)
+        kb = ct.kenc(key)
+        st = self._stream(client._route(ct, key, kb))
+        st.buf.append([op, ct.tid, kb, arg])
+        if len(st.buf) >= self.batch_size:
+            self._send(st)
+
+    def flush(self) -> None:
+        """Send every buffered op and wait until every batch in flight is acknowledged;
+        BatchesFailed if a shard refused any batch since the last call that raised."""
+        for st in self._streams.values():
+            if st.buf:
+                self._send(st)
+        while any(st.inflight for st in self._streams.values()):
+            self._pump()
+        self._raise_failed()
+
+    def close(self) -> None:
+        """Close the writer's sockets; ops still buffered are dropped (``flush`` first)."""
+        if self._closed:
+            return
+        self._closed = True
+        for st in self._streams.values():
+            st.sock.close(linger=0)
+        self._streams.clear()
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if exc_type is None:
+                self.flush()
+        finally:
+            self.close()
+
+    # -- the stream machinery --------------------------------------------------------------------
+
+    def _stream(self, shard: int) -> _Stream:
+        st = self._streams.get(shard)
+        if st is None:
+            if self._closed:
+                raise TransactionError("this writer is closed",
+                                       hint="open another: client.writer()")
+            st = self._streams[shard] = _Stream(shard, self._client._socket(shard))
+        return st
+
+    def _send(self, st: _Stream) -> None:
+        self._raise_failed()
+        while len(st.inflight) >= self.window:
+            self._pump()
+            self._raise_failed()
+        ops, st.buf = st.buf, []
+        after = st.seq
+        st.seq += 1
+        frame = protocol.pack_request(3, st.cid, st.seq, [after, ops])
+        deadline = time.monotonic() + self._client.timeout_ms / 1000
+        st.inflight[st.seq] = [frame, ops, deadline]
+        counters = self._client._counters
+        counters["batches_sent"] += 1
+        counters["ops_sent"] += len(ops)
+        self._transmit(st, frame)
+
+    @staticmethod
+    def _transmit(st: _Stream, frame: bytes) -> None:
+        try:
+            st.sock.send(frame, zmq.NOBLOCK, len(frame) < 65536)
+        except zmq.Again:
+            pass  # the queue to that shard is full: the timeout resends it
+
+    def _pump(self) -> None:
+        """Wait for replies (up to the earliest deadline); handle them and any timeout."""
+        active = [st for st in self._streams.values() if st.inflight]
+        if not active:
+            return
+        now = time.monotonic()
+        first = min(next(iter(st.inflight.values()))[2] for st in active)
+        wait_ms = max(0, int((first - now) * 1000) + 1)
+        if len(active) == 1:
+            st = active[0]
+            if st.sock.poll(wait_ms):
+                self._receive(st)
+        else:
+            poller = zmq.Poller()
+            for st in active:
+                poller.register(st.sock, zmq.POLLIN)
+            ready = dict(poller.poll(wait_ms))
+            for st in active:
+                if st.sock in ready:
+                    self._receive(st)
+        now = time.monotonic()
+        for st in active:
+            if st.inflight and next(iter(st.inflight.values()))[2] <= now:
+                counters = self._client._counters
+                counters["timeouts"] += 1
+                self._resend(st, f"no answer in {self._client.timeout_ms} ms")
+
+    def _receive(self, st: _Stream) -> None:
+        """Take every reply waiting on the stream's socket."""
+        sock = st.sock
+        while True:
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            seq, status, body = protocol.unpack_frame(frame)
+            entry = st.inflight.get(seq)
+            if entry is None:
+                continue  # the answer to a batch sent twice: the first answer was taken
+            if status == _OUT_OF_ORDER:
+                self._resend(st, "a batch of the stream was lost")
+                return  # the old socket is gone, with whatever else it held
+            del st.inflight[seq]
+            if seq < min(st.inflight, default=seq + 1):
+                st.attempts = 0
+            if status == 0:
+                self.committed += 1
+                self.ops_committed += len(entry[1])
+            else:
+                err = error_from_wire(status, *body)
+                self._client._counters["batches_failed"] += 1
+                self._failed.append((st.shard, len(entry[1]), err))
+
+    def _resend(self, st: _Stream, why: str) -> None:
+        """Reconnect and resend every unacknowledged batch of the stream, oldest first."""
+        client = self._client
+        st.attempts += 1
+        if st.attempts > client.retries:
+            raise ShardUnavailable(
+                f"shard {st.shard} at {client.config.endpoint(st.shard)}: {why}, "
+                f"{st.attempts} attempts; {len(st.inflight)} batches of this writer are "
+                "unacknowledged (each applied fully or not at all)",
+                hint="check that the shard owner runs: lmshard status; its log names the cause",
+            )
+        client._counters["retries"] += 1
+        log.info("shard %d: %s: reconnecting, resending %d batches from sequence %d",
+                 st.shard, why, len(st.inflight), next(iter(st.inflight)))
+        st.sock.close(linger=0)
+        st.sock = client._socket(st.shard)
+        deadline = time.monotonic() + client.timeout_ms / 1000
+        for entry in st.inflight.values():
+            entry[2] = deadline
+            self._transmit(st, entry[0])
+
+    def _raise_failed(self) -> None:
+        if not self._failed:
+            return
+        failed, self._failed = self._failed, []
+        shard, nops, first = failed[0]
+        raise BatchesFailed(
+            f"{len(failed)} batch(es) refused ({sum(n for _, n, _ in failed):,} ops, none of "
+            f"them applied); the first, on shard {shard}: {first}",
+            failed=failed, committed=self.committed,
+        )
