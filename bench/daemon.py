@@ -4,7 +4,9 @@
 
 Starts real shard owner processes (sync on), then measures:
 - batched writes through the daemon (1,000 ops per batch) from 1 and 4 client processes,
-  against raw in-process py-lmdb inserts of the same records (1,000 per txn, sync on);
+  against raw in-process py-lmdb inserts of the same records (1,000 per txn, sync on): with
+  ``client.batch()`` (1,000 ops split per shard, every ack awaited before the next batch) and
+  with ``client.writer()`` (1,000 ops per shard batch, up to 4 batches in flight per shard);
 - single acked puts from 1 and 8 concurrent client processes (group commit at work);
 - local point gets through the client (routed, read-only env in-process) against raw gets.
 Prints medians over rounds and ratios.
@@ -78,6 +80,17 @@ def _batch_writer(config: str, start: int, n: int, go: mp.Event, q: mp.Queue) ->
         q.put((n, time.perf_counter() - t))
 
 
+def _pipelined_writer(config: str, start: int, n: int, go: mp.Event, q: mp.Queue) -> None:  # type: ignore[name-defined]
+    with lmshard.connect(config) as c:
+        c.ping(0)
+        go.wait()
+        t = time.perf_counter()
+        with c.writer(batch_size=1000, window=4) as w:
+            for i in range(start, start + n):
+                w.put("records", i, record(i))
+        q.put((n, time.perf_counter() - t))
+
+
 def _single_putter(config: str, start: int, n: int, go: mp.Event, q: mp.Queue) -> None:  # type: ignore[name-defined]
     with lmshard.connect(config) as c:
         c.ping(0)
@@ -146,6 +159,11 @@ def main() -> None:
             per = n // 4
             note("daemon batched, 4 clients",
                  in_processes(_batch_writer, [(cfg, 10**7 + i * per, per) for i in range(4)]))
+            note("daemon pipelined writer, 1 client",
+                 in_processes(_pipelined_writer, [(cfg, 2 * 10**7, n)]))
+            note("daemon pipelined writer, 4 clients",
+                 in_processes(_pipelined_writer,
+                              [(cfg, 3 * 10**7 + i * per, per) for i in range(4)]))
             note("raw py-lmdb get, txn per get", raw_gets(tmp / "raw", keys))
             note("client local get (routed)", in_processes(_getter, [(cfg, keys)]))
             m = args.single
@@ -165,7 +183,7 @@ def main() -> None:
     print(f"{'workload':<44} {'ops/s':>12}  ratio")
     for k, v in med.items():
         ratio = ""
-        if k.startswith("daemon batched"):
+        if k.startswith(("daemon batched", "daemon pipelined")):
             ratio = f"{v / raw_ins:.2f}x raw insert (target 0.6x)"
         elif k.startswith("client local get"):
             ratio = f"{v / raw_get:.2f}x raw get (target 0.8x)"
