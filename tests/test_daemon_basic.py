@@ -132,3 +132,28 @@ def test_owner_refuses_another_shards_directory(tmp_path) -> None:  # type: igno
     (cl.config.data_dir / "shard-00").rename(cl.config.data_dir / "shard-01")
     with pytest.raises(lmshard.SchemaMismatch, match="holds shard 0"):
         ShardOwner(cl.config, 1)
+
+
+def test_client_counters_add_up_over_threads_including_finished_ones(cluster: Cluster) -> None:
+    import threading
+
+    with cluster.client() as c:
+        def work(base: int) -> None:
+            for i in range(300):
+                c.put("blobs", base + i, b"x")
+            with c.batch() as b:
+                for i in range(300, 400):
+                    b.put("blobs", base + i, b"y")
+
+        for wave in range(2):  # the first wave's threads are gone when the second one counts
+            threads = [threading.Thread(target=work, args=((wave * 8 + t) * 1000,))
+                       for t in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        total = c.counters()
+        assert total["ops_sent"] == 16 * 400
+        assert total["batches_sent"] >= 16 * 301  # one per put, one per shard per batch
+        assert c.stats()["client"]["ops_sent"] == 16 * 400
+        assert c.count("blobs") == 16 * 400

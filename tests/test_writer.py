@@ -78,7 +78,7 @@ def test_writer_puts_every_row_and_keeps_each_shards_order(cluster: Cluster) -> 
                 for i in range(n):
                     w.put("records", i, {"i": i, "round": rnd})
                 w.incr("counters", "rounds")
-        assert w.committed == c._counters["batches_sent"]
+        assert w.committed == c.counters()["batches_sent"]
         assert w.ops_committed == 3 * n + 3
         assert c.count("records") == n
         # every key was written in three batches; the last one sent is the one that stays
@@ -104,7 +104,7 @@ def test_writer_rows_survive_owner_kills_applied_exactly_once(cluster: Cluster) 
                     # window fills and the writer waits), then kill it while they are in flight.
                     os.kill(cluster.pid(victim), signal.SIGSTOP)
                     threading.Timer(0.4, kill_and_restart).start()
-        assert c._counters["retries"] >= 2  # each kill cost the stream its batches in flight
+        assert c.counters()["retries"] >= 2  # each kill cost the stream its batches in flight
         assert c.count("records") == n
         assert all(v == {"i": k} for k, v in c.scan("records"))
         assert [c.get("counters", f"n{j}") for j in range(8)] == [n // 8] * 8
@@ -125,7 +125,7 @@ def test_refused_batch_is_applied_not_at_all_and_named(cluster: Cluster) -> None
         assert err.committed == 2
         present = [c.get("users", k) is not None for k in keys]
         assert present == [True] * 10 + [False] * 10 + [True] * 10
-        assert c._counters["batches_failed"] == 1
+        assert c.counters()["batches_failed"] == 1
 
 
 def test_writer_refuses_bad_input_at_the_call(cluster: Cluster) -> None:

@@ -38,7 +38,7 @@ def crash_writer(config_path: str, shard: int, worker: int, out: str, seconds: f
                     b.incr("counters", series, 1)
                 acked.append([n, b.txn_ids[shard]])
                 n += 1
-            retries = c._counters["retries"]
+            retries = c.counters()["retries"]
         result = {"series": series, "acked": acked, "error": None, "retries": retries}
     except BaseException:
         result = {"series": None, "acked": acked, "error": traceback.format_exc()}

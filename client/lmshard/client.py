@@ -88,6 +88,49 @@ class _Conn:
         self.seq = 0
 
 
+class _Counters:
+    """The client's counters, one dict per thread (``d[k] += 1`` from two threads at once can
+    lose a count); ``total()`` adds them up. Dicts of finished threads are folded into one."""
+
+    NAMES = ("batches_sent", "ops_sent", "retries", "timeouts", "remote_reads", "batches_failed",
+             "unavailable")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tls = threading.local()
+        self._live: list[tuple[weakref.ref[threading.Thread], dict[str, int]]] = []
+        self._done: dict[str, int] = dict.fromkeys(self.NAMES, 0)
+
+    def mine(self) -> dict[str, int]:
+        d: dict[str, int] | None = getattr(self._tls, "d", None)
+        if d is None:
+            d = self._tls.d = dict.fromkeys(self.NAMES, 0)
+            with self._lock:
+                self._fold()
+                self._live.append((weakref.ref(threading.current_thread()), d))
+        return d
+
+    def _fold(self) -> None:
+        keep = []
+        for ref, d in self._live:
+            thread = ref()
+            if thread is None or not thread.is_alive():
+                for k, v in d.items():
+                    self._done[k] += v
+            else:
+                keep.append((ref, d))
+        self._live = keep
+
+    def total(self) -> dict[str, int]:
+        with self._lock:
+            self._fold()
+            out = dict(self._done)
+            for _, d in self._live:
+                for k, v in d.items():
+                    out[k] += v
+        return out
+
+
 class Batch:
     """Writes collected by ``Client.batch()`` and sent, one message per shard, on exit.
 
@@ -205,15 +248,25 @@ class Client:
         self._store_lock = threading.Lock()
         self._ctx: zmq.Context[Any] | None = None
         self._tls = threading.local()
-        self._counters = {"batches_sent": 0, "ops_sent": 0, "retries": 0, "timeouts": 0,
-                          "remote_reads": 0, "batches_failed": 0, "unavailable": 0}
+        self._counts = _Counters()
         self._pool: ReaderPool | None = None
         self._closed = False
         _clients.add(self)
 
     # -- plumbing ----------------------------------------------------------------------------
 
+    @property
+    def _counters(self) -> dict[str, int]:
+        """This thread's counters (add to them here; read the sums with ``counters()``)."""
+        return self._counts.mine()
+
+    def counters(self) -> dict[str, int]:
+        """What this client did in this process: batches_sent, ops_sent, retries, timeouts,
+        remote_reads, batches_failed, unavailable (summed over its threads)."""
+        return self._counts.total()
+
     def _reset_after_fork(self) -> None:
+        self._counts = _Counters()  # the child counts its own work, with a lock of its own
         self._ctx = None
         self._tls = threading.local()
         self._store_lock = threading.Lock()
@@ -362,21 +415,23 @@ class Client:
     def _write_parts(
         self, parts: dict[int, list[list[Any]]]
     ) -> dict[int, tuple[Error | None, Any]]:
-        self._counters["batches_sent"] += len(parts)
-        self._counters["ops_sent"] += sum(len(p) for p in parts.values())
+        counters = self._counters
+        counters["batches_sent"] += len(parts)
+        counters["ops_sent"] += sum(len(p) for p in parts.values())
         replies = self._requests({s: (2, ops) for s, ops in parts.items()}, write=True)
-        self._counters["batches_failed"] += sum(isinstance(r, Error) for r in replies.values())
+        counters["batches_failed"] += sum(isinstance(r, Error) for r in replies.values())
         return {s: (r, None) if isinstance(r, Error) else (None, r) for s, r in replies.items()}
 
     def _write_one(self, table: Any, key: Any, op: int, arg: Any) -> Any:
         ct = self._table(table)
         kb = ct.kenc(key)
         shard = self._route(ct, key, kb)
-        self._counters["batches_sent"] += 1
-        self._counters["ops_sent"] += 1
+        counters = self._counters
+        counters["batches_sent"] += 1
+        counters["ops_sent"] += 1
         r = self._request(shard, 2, [[op, ct.tid, kb, arg]], write=True)
         if isinstance(r, Error):
-            self._counters["batches_failed"] += 1
+            counters["batches_failed"] += 1
             raise r
         return r[1][0]
 
@@ -630,7 +685,7 @@ class Client:
                 shards[s] = self._remote(s, 20, None)
             except ShardUnavailable as exc:
                 shards[s] = {"error": str(exc)}
-        return {"shards": shards, "client": dict(self._counters)}
+        return {"shards": shards, "client": self.counters()}
 
     def close(self) -> None:
         self._closed = True
