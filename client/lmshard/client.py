@@ -358,11 +358,13 @@ class Client:
             hint="check that the shard owner runs: lmshard status; its log names the cause",
         )
 
-    def _requests(self, parts: dict[int, tuple[int, Any]], *, write: bool) -> dict[int, Any]:
+    def _requests(self, parts: dict[int, tuple[int, Any]], *, write: bool,
+                  silent_ok: bool = False) -> dict[int, Any]:
         """Send requests to several shards at once, wait for every reply.
 
         Returns shard -> result, or shard -> Error for a shard that answered with an error;
-        a shard that stays silent through every retry raises ShardUnavailable.
+        a shard that stays silent through every retry raises ShardUnavailable (or, with
+        ``silent_ok``, gets a ShardUnavailable as its result).
         """
         conns = {s: self._conn(s) for s in parts}
         cid = self._tls.client_id if write else None
@@ -410,6 +412,9 @@ class Client:
                     self._reconnect(s, conns[s])
         for p in pending:  # a fresh socket next time: no stale reply may be read as ours
             self._reconnect(p, conns[p])
+        if silent_ok:
+            results.update((p, self._unavailable(p)) for p in pending)
+            return results
         raise self._unavailable(min(pending))
 
     def _write_parts(
@@ -679,12 +684,10 @@ class Client:
 
     def stats(self) -> dict[str, Any]:
         """Every shard's statistics (as its owner reports them) and this client's counters."""
-        shards: dict[int, Any] = {}
-        for s in range(self.shards):
-            try:
-                shards[s] = self._remote(s, 20, None)
-            except ShardUnavailable as exc:
-                shards[s] = {"error": str(exc)}
+        replies = self._requests({s: (20, None) for s in range(self.shards)}, write=False,
+                                 silent_ok=True)  # all at once: a dead shard costs one timeout
+        shards = {s: {"error": str(r)} if isinstance(r, Error) else r
+                  for s, r in sorted(replies.items())}
         return {"shards": shards, "client": self.counters()}
 
     def close(self) -> None:
