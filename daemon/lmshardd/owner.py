@@ -71,7 +71,7 @@ class Channel(Protocol):
     def close(self) -> None: ...
 
 
-CHANNEL_MODULES = ("lmshardd.stats", "lmshardd.backup")
+CHANNEL_MODULES = ("lmshardd.stats", "lmshardd.backup", "lmshardd.expiry")
 """Modules whose ``make_channel(owner)`` adds a channel to every owner, when present."""
 
 
@@ -337,6 +337,7 @@ class ShardOwner:
         c = self.counters
         env, clients_db = self.env, self.clients_db
         txn_id = txn.id()
+        now = int(time.time())
         for _ident, cid, seq, ops in batches:
             after = ops.after if type(ops) is protocol.OrderedOps else None
             window: list[Any] = []
@@ -351,6 +352,7 @@ class ShardOwner:
                         continue
                     if after is not None:  # the replies a resent pipelined batch may need
                         window = [[last_seq, status, body], *(more[0] if more else [])]
+                        del window[protocol.PIPELINE_WINDOW - 1:]
                 if after is not None and (after != last_seq or seq <= after):
                     c.out_of_order += 1
                     err: Error = OutOfOrder(
@@ -382,10 +384,8 @@ class ShardOwner:
                 err = InternalError(f"{type(exc).__name__}: {exc}")
                 outcome = (err.code, [err.message, err.hint])
                 c.failed_batches += 1
-            if cid is not None:
-                kept = [seq, outcome[0], protocol.stored_reply(*outcome)]
-                if after is not None:
-                    kept.append(window[:protocol.PIPELINE_WINDOW - 1])
+            if cid is not None:  # [seq, status, reply, older replies of a stream, when]
+                kept = [seq, outcome[0], protocol.stored_reply(*outcome), window, now]
                 txn.put(cid, msgpack.packb(kept, use_bin_type=True), db=clients_db)
             outcomes.append(outcome)
         return outcomes
@@ -455,7 +455,7 @@ def _replay(seq: int, last_seq: int, status: int, body: Any, more: list[Any]
     """The reply to a batch this client sent before: the kept one, or "applied long ago"."""
     if seq == last_seq:
         return status, protocol.replayed_reply(status, body)
-    for old_seq, old_status, old_body in (more[0] if more else []):
+    for old_seq, old_status, old_body in (more[0] if more and more[0] else []):
         if old_seq == seq:
             return old_status, protocol.replayed_reply(old_status, old_body)
     return 0, [None, None]  # long since applied; its reply is no longer kept
