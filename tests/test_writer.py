@@ -144,3 +144,15 @@ def test_writer_refuses_bad_input_at_the_call(cluster: Cluster) -> None:
         assert c.count("records") == 1 and c.count("counters") == 0
         with pytest.raises(TransactionError):
             w.put("records", 2, {})  # closed
+
+
+def test_closing_the_client_closes_an_unflushed_writer(cluster: Cluster) -> None:
+    c = cluster.client()
+    w = c.writer(batch_size=10)
+    for i in range(25):
+        w.put("records", i, {"i": i})  # two batches sent, five ops buffered
+    c.close()  # returns (a socket left open would make the context wait forever)
+    with pytest.raises(TransactionError):
+        w.put("records", 99, {})
+    with cluster.client() as c2:
+        assert c2.count("records") in (0, 10, 20)  # whole batches or nothing, never part

@@ -250,6 +250,7 @@ class Client:
         self._tls = threading.local()
         self._counts = _Counters()
         self._pool: ReaderPool | None = None
+        self._writers: weakref.WeakSet[Writer] = weakref.WeakSet()
         self._closed = False
         _clients.add(self)
 
@@ -496,7 +497,9 @@ class Client:
         with up to ``window`` batches in flight per shard while the caller goes on. Batches of
         one shard are applied in the order sent, each atomically; ``flush()`` (or the end of a
         ``with`` block) waits for every ack. See ``lmshard.writer``."""
-        return Writer(self, batch_size=batch_size, window=window)
+        w = Writer(self, batch_size=batch_size, window=window)
+        self._writers.add(w)
+        return w
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -692,6 +695,8 @@ class Client:
 
     def close(self) -> None:
         self._closed = True
+        for w in list(self._writers):  # their sockets belong to this client's context
+            w.close()
         if self._pool is not None:
             self._pool.close()
             self._pool = None
