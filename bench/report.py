@@ -333,7 +333,10 @@ def markdown(summary: dict[str, Any], chart: Path | None, md_dir: Path) -> str:
         "insert workers also hold the rows they are about to write.",
         "- lmshard: 4 shard owner processes (`durability.sync = true`, map 1 GiB), clients "
         "in their own processes with local reads (each shard opened read-only in-process); "
-        "remote gets go through the reader pool (2 reader processes) or the owner.",
+        "remote gets go through the reader pool (2 reader processes) or the owner. Batched "
+        "inserts go through `client.writer()` (batches of 1,000 ops per shard, up to 4 in "
+        "flight per shard, as Redis pipelines); their latency is the time a chunk of 1,000 rows "
+        "took to hand over, and the final flush (the last acks) is added to the last chunk.",
         "- raw py-lmdb: one environment, a named database per table, `sync=True`, a read "
         "transaction per point get, per lookup and per get_many call; a hand-kept index "
         "database for the unique lookups.",
