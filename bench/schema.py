@@ -73,7 +73,7 @@ records = schema.table("records", table_id=RECORDS_ID, key="uint64", value="cbor
 users = schema.table("users", table_id=USERS_ID, key="uint64", value="cbor", pinned=True)
 users.index("by_email", lambda v: v["email"], unique=True)
 events = schema.table("events", table_id=EVENTS_ID, key=("str", "uint64"), value="cbor",
-                      shard_key=lambda k: k[0])
+                      shard_key=1)
 
 try:
     from lmshard.timeseries import TimeSeries

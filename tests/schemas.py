@@ -14,7 +14,7 @@ schema = lmshard.Schema("fleet")
 # Pinned: the whole table on one shard, so its unique email index holds across all rows.
 users = schema.table("users", table_id=USERS_ID, key="uuid", value="cbor", pinned=True)
 users.index("by_email", lambda v: v["email"], unique=True)
-# Sharded by series: one series' events live together and a prefix scan stays on one shard.
+# Sharded by series: one series' events live together (a function, so scans read every shard).
 events = schema.table("events", table_id=EVENTS_ID, key=("str", "uint64"), value="msgpack",
                       shard_key=lambda k: k[0])
 counters = schema.table("counters", table_id=COUNTERS_ID, key="str", value="cbor")
@@ -24,3 +24,7 @@ items.index("by_group", lambda v: v["group"])
 # Plain rows, no index: the benchmarks' table.
 records = schema.table("records", table_id="7d1f0c3a-5e2b-4a8c-9f6d-0b1e2c3d4a06", key="uint64",
                        value="cbor")
+# Sharded by the key's first element, declared as such: a prefix scan naming the series reads
+# only the shard that holds it.
+readings = schema.table("readings", table_id="7d1f0c3a-5e2b-4a8c-9f6d-0b1e2c3d4a07",
+                        key=("str", "uint64"), value="msgpack", shard_key=1)

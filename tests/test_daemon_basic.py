@@ -160,3 +160,66 @@ def test_client_counters_add_up_over_threads_including_finished_ones(cluster: Cl
         assert total["batches_sent"] >= 16 * 301  # one per put, one per shard per batch
         assert c.stats()["client"]["ops_sent"] == 16 * 400
         assert c.count("blobs") == 16 * 400
+
+
+def test_int_shard_key_keeps_a_series_together_and_its_scans_on_one_shard(
+        cluster: Cluster) -> None:
+    series = [f"s{i}" for i in range(12)]
+    with cluster.client() as c:
+        with c.batch() as b:
+            for s in series:
+                for t in range(50):
+                    b.put("readings", (s, t), {"v": t})
+        homes = {}
+        for s in series:
+            found = [sh for sh in range(4) if c._local(sh).count("readings", prefix=(s,)) > 0]
+            assert len(found) == 1  # the whole series on one shard
+            homes[s] = found[0]
+        assert len(set(homes.values())) > 1  # and the series spread over shards
+    # Stop every owner but one: remote scans and counts of its series still answer, because
+    # they go to that shard alone (a fan-out would wait for the stopped ones and fail).
+    keep = homes["s0"]
+    for sh in range(4):
+        if sh != keep:
+            cluster.kill(sh)
+    with cluster.client(local_reads=False, timeout_ms=300, retries=0) as r:
+        mine = [s for s in series if homes[s] == keep]
+        for s in mine:
+            rows = list(r.scan("readings", prefix=(s,)))
+            assert rows == [((s, t), {"v": t}) for t in range(50)]
+            assert r.count("readings", prefix=s) == 50  # a scalar prefix is a 1-tuple
+            assert list(r.scan("readings", prefix=(s, 7))) == [((s, 7), {"v": 7})]
+        with pytest.raises(lmshard.ShardUnavailable):
+            list(r.scan("readings"))  # no prefix: every shard
+
+
+def test_int_shard_key_declarations_are_checked() -> None:
+    schema = lmshard.Schema("x")
+    tid = iter(f"00000000-0000-4000-8000-00000000000{i}" for i in range(1, 9))
+    for key, n in ((("str", "uint64"), 0), (("str", "uint64"), 2), ("str", 1), (("str",), 1)):
+        with pytest.raises(lmshard.SchemaError, match="shard_key"):
+            schema.table(f"t{n}{key}", table_id=next(tid), key=key, shard_key=n)
+    with pytest.raises(lmshard.SchemaError, match="function of the key or an int"):
+        schema.table("bad", table_id=next(tid), key=("str", "uint64"),
+                      shard_key="first")  # type: ignore[arg-type]
+    t = schema.table("ok", table_id=next(tid), key=("str", "str", "uint64"), shard_key=2)
+    assert t.shard_prefix == 2 and t.shard_key is not None
+    assert t.shard_key(("a", "b", 3)) == ("a", "b")
+
+
+def test_owner_refuses_a_changed_table_placement(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from lmshardd.owner import ShardOwner
+
+    def declared(**placement: object) -> lmshard.Schema:
+        s = lmshard.Schema("fleet")
+        s.table("t", table_id="00000000-0000-4000-8000-0000000000aa", key=("str", "uint64"),
+                **placement)  # type: ignore[arg-type]
+        return s
+
+    cl = Cluster(tmp_path, shards=2)
+    ShardOwner(cl.config, 0, schema=declared(shard_key=1)).close()
+    ShardOwner(cl.config, 0, schema=declared(shard_key=1)).close()  # unchanged: fine
+    for other in ({"shard_key": lambda k: k[0]}, {}, {"pinned": True}):
+        with pytest.raises(lmshard.SchemaMismatch, match="placed on shards by shard_key=1"):
+            ShardOwner(cl.config, 0, schema=declared(**other))
+    ShardOwner(cl.config, 0, schema=declared(shard_key=1)).close()  # nothing was recorded

@@ -63,7 +63,7 @@ class ClientTable:
     """A table as the client routes it: encoders, decoders and how a key picks its shard."""
 
     __slots__ = ("table", "name", "tid", "kenc", "kdec", "kprefix", "dumps", "loads", "pinned",
-                 "shard_key")
+                 "shard_key", "shard_prefix")
 
     def __init__(self, table: Table, shard_of: Callable[[bytes], int]) -> None:
         self.table = table
@@ -76,6 +76,7 @@ class ClientTable:
         self.loads = table.value.loads
         self.pinned: int | None = shard_of(self.tid) if table.pinned else None
         self.shard_key = table.shard_key
+        self.shard_prefix = table.shard_prefix
 
 
 class _Conn:
@@ -284,6 +285,8 @@ class Client:
     def _route(self, ct: ClientTable, key: Any, kb: bytes) -> int:
         if ct.pinned is not None:
             return ct.pinned
+        if ct.shard_prefix is not None:  # the key's leading elements, as encoded
+            return self._shard_of(ct.kprefix(tuple(key[:ct.shard_prefix])))
         if ct.shard_key is not None:
             return self._shard_of(encode_index_value(ct.shard_key(key)))
         return self._shard_of(kb)
@@ -596,8 +599,16 @@ class Client:
                 ) -> tuple[bytes | None, bytes | None]:
         return key_bounds(ct, prefix, start, end)
 
-    def _shards_for(self, ct: ClientTable) -> list[int]:
-        return [ct.pinned] if ct.pinned is not None else list(range(self.shards))
+    def _shards_for(self, ct: ClientTable, prefix: Any = None) -> list[int]:
+        """The shards rows of ``ct`` (under ``prefix``) can be on."""
+        if ct.pinned is not None:
+            return [ct.pinned]
+        n = ct.shard_prefix
+        if n is not None and prefix is not None:
+            p = prefix if isinstance(prefix, (tuple, list)) else (prefix,)
+            if len(p) >= n:  # every row under the prefix has these leading elements
+                return [self._shard_of(ct.kprefix(tuple(p[:n])))]
+        return list(range(self.shards))
 
     def _raw_range(self, shard: int, ct: ClientTable, lo: bytes | None, hi: bytes | None,
                    reverse: bool) -> Iterator[tuple[bytes, bytes]]:
@@ -627,7 +638,8 @@ class Client:
         """Yield (key, value) in key order across every shard (merged); ``end`` exclusive."""
         ct = self._table(table)
         lo, hi = self._bounds(ct, prefix, start, end)
-        streams = [self._raw_range(s, ct, lo, hi, reverse) for s in self._shards_for(ct)]
+        streams = [self._raw_range(s, ct, lo, hi, reverse)
+                   for s in self._shards_for(ct, prefix)]
         merged = streams[0] if len(streams) == 1 else heapq.merge(
             *streams, key=itemgetter(0), reverse=reverse)
         yield from filtered_rows(merged, ct.kdec, ct.loads, where, limit)
@@ -637,7 +649,7 @@ class Client:
         lo, hi = self._bounds(ct, prefix, start, end)
         total = 0
         remote = []
-        for shard in self._shards_for(ct):
+        for shard in self._shards_for(ct, prefix):
             st = self._local(shard)
             if st is not None:
                 with st.read() as r:

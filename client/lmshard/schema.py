@@ -45,6 +45,18 @@ class Index:
         return f"<Index {self.table.name}.{self.name} {kind}{' nullable' if self.nullable else ''}>"
 
 
+def _first(n: int) -> Callable[[Any], Any]:
+    """The shard key of ``shard_key=n``: the key's first element, or its first n as a tuple."""
+    if n == 1:
+        def first(key: Any) -> Any:
+            return key[0]
+    else:
+        def first(key: Any) -> Any:
+            return tuple(key[:n])
+    first.__doc__ = f"The first {n} element(s) of the key: the rows' shard key."
+    return first
+
+
 class Table:
     """A typed table: key kind, value codec, indexes, and how it is placed on shards.
 
@@ -70,10 +82,22 @@ class Table:
         self.key = key
         self.value = value
         self.shard_key = shard_key
+        self.shard_prefix: int | None = None
+        """When the shard key is the key's first n elements (``shard_key=n``): n. A prefix scan
+        naming at least those elements then reads one shard."""
         self.pinned = pinned
         self.doc = doc
         self.indexes: dict[str, Index] = {}
         self.db_name = b"t/" + str(table_id).encode()
+
+    @property
+    def placement(self) -> str:
+        """How rows find their shard, as the shards record it (a change moves rows)."""
+        if self.pinned:
+            return "pinned"
+        if self.shard_prefix is not None:
+            return f"shard_key={self.shard_prefix}"
+        return "shard_key function" if self.shard_key is not None else "key"
 
     def index(
         self,
@@ -159,11 +183,17 @@ class Schema:
         table_id: str | uuid.UUID,
         key: str | Sequence[str] = "bytes",
         value: str | Codec = "cbor",
-        shard_key: Callable[[Any], Any] | None = None,
+        shard_key: Callable[[Any], Any] | int | None = None,
         pinned: bool = False,
         doc: str | None = None,
     ) -> Table:
-        """Declare a table. ``table_id`` is a UUID and is what names the table on disk."""
+        """Declare a table. ``table_id`` is a UUID and is what names the table on disk.
+
+        ``shard_key``: rows whose shard keys are equal live on one shard. Either a function of
+        the key (its result is hashed), or, for a tuple key, an int n: the first n elements
+        (fewer than all), hashed as they are encoded in the key. With an int, a scan or count
+        whose prefix names those n elements reads one shard instead of every shard.
+        """
         if not isinstance(name, str) or not name:
             raise SchemaError(f"table name {name!r} is invalid", hint="use a non-empty string")
         try:
@@ -188,18 +218,37 @@ class Schema:
                 f"table {name!r} is both pinned and has a shard_key",
                 hint="a pinned table lives on one shard; drop shard_key or pinned",
             )
-        if shard_key is not None and not callable(shard_key):
-            raise SchemaError(f"table {name!r}: shard_key must be a function of the key")
+        codec = key_codec(key if isinstance(key, str) else tuple(key))
+        prefix_len: int | None = None
+        if type(shard_key) is int:
+            n = shard_key
+            width = len(codec.spec) if isinstance(codec.spec, tuple) else 0
+            if not 1 <= n < width:
+                raise SchemaError(
+                    f"table {name!r}: shard_key={n} names the first {n} key elements as the "
+                    "shard key, which must leave at least one element out, but the "
+                    + (f"key {codec.spec!r} has {width}" if width else
+                       f"key is a single {codec.spec!r}, not a tuple"),
+                    hint="use an int from 1 to one less than the number of key elements (to "
+                    "spread rows by the whole key, leave shard_key out), or a function of the key",
+                )
+            prefix_len = n
+            shard_key = _first(n)
+        elif shard_key is not None and not callable(shard_key):
+            raise SchemaError(
+                f"table {name!r}: shard_key must be a function of the key or an int (how many "
+                "leading elements of a tuple key decide the shard)")
         t = Table(
             self,
             name,
             tid,
-            key_codec(key if isinstance(key, str) else tuple(key)),
+            codec,
             get_codec(value),
             shard_key=shard_key,
             pinned=pinned,
             doc=doc,
         )
+        t.shard_prefix = prefix_len
         self.tables[name] = t
         self.by_id[tid] = t
         return t

@@ -250,7 +250,7 @@ class Store:
                 log.warning("index %s.%s is no longer declared: dropping it", t.name, gone)
                 name = b"i/" + str(t.table_id).encode() + b"/" + gone.encode()
                 txn.drop(env.open_db(name, txn=txn, dupsort=not built[gone]["unique"]))
-            record = dict(declared, name=t.name, indexes={
+            record = dict(declared, name=t.name, placement=t.placement, indexes={
                 ix.name: {"unique": ix.unique, "nullable": ix.nullable}
                 for ix in t.indexes.values()
             })

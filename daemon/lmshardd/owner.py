@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import cbor2
 import lmdb
 import msgpack
 import zmq
@@ -151,6 +152,17 @@ class ShardOwner:
                 hint="restore the slot map the data was written with; changing it needs a "
                 "migration of rows between shards",
             )
+        for t in self.schema.tables.values():
+            record = meta.get(b"table/" + str(t.table_id).encode())
+            was = cbor2.loads(record).get("placement") if record else None
+            if was is not None and was != t.placement:
+                raise SchemaMismatch(
+                    f"table {t.name!r} ({t.table_id}) was placed on shards by {was}, the "
+                    f"schema now declares {t.placement}: its rows would be looked for on "
+                    "other shards",
+                    hint="keep the table's pinned/shard_key declaration, or copy its rows "
+                    "into a new table declared the new way",
+                )
         txn.put(b"shard_id", shard, db=meta_db)
         txn.put(b"slot_map", digest, db=meta_db)
         txn.put(b"shards", str(self.config.shards).encode(), db=meta_db)
