@@ -105,8 +105,8 @@ def _read(draw: st.DrawFn) -> tuple[int, Any]:
 @st.composite
 def _owner_request(draw: st.DrawFn) -> list[Any]:
     seq = draw(st.integers(0, 2**20))
-    kind = draw(st.sampled_from(["write", "write", "read", "ping", "stats"]))
-    if kind == "write":
+    kind = draw(st.sampled_from(["write", "write", "write_after", "read", "ping", "stats"]))
+    if kind in ("write", "write_after"):
         ops = []
         for _ in range(draw(st.integers(1, 3))):
             table, tid, kb = draw(_table_and_key())
@@ -115,7 +115,10 @@ def _owner_request(draw: st.DrawFn) -> list[Any]:
                         3: [draw(_value(table)), draw(st.sampled_from([0, 1, 2])),
                             draw(st.one_of(st.none(), st.binary(max_size=16)))]}[op]
             ops.append([op, tid, kb, arg])
-        return [2, draw(st.one_of(st.none(), st.binary(min_size=16, max_size=16))), seq, ops]
+        cid = draw(st.one_of(st.none(), st.binary(min_size=16, max_size=16)))
+        if kind == "write_after":  # a pipelined batch: [after, ops]
+            return [3, cid, seq, [draw(st.integers(0, 2**20)), ops]]
+        return [2, cid, seq, ops]
     if kind == "read":
         code, body = draw(_read())
         return [code, None, seq, body]
