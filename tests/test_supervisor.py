@@ -135,7 +135,15 @@ def test_up_status_down_and_up_again(service: Service) -> None:
     assert not service.files.pidfile.exists()
     assert service.cli("status").returncode == cli.EXIT_NOT_RUNNING
 
+    # A program of the operator's own, in supervisord.d/: regenerating the config keeps it.
+    extra = service.toml.parent / "supervisord.d" / "extra.conf"
+    extra.parent.mkdir()
+    extra.write_text(f"[program:extra]\ncommand={sys.executable} -c "
+                     "'import time; time.sleep(3600)'\nstopsignal=KILL\n")
+    assert service.cli("supervisord-conf").returncode == 0
+    assert extra.exists()
     service.up()  # nothing left behind blocks the next start
+    assert service.rpc().getProcessInfo("extra")["statename"] == "RUNNING"
     second = service.pids()
     assert not set(first) & set(second)
     with lmshard.connect(service.toml) as c:
