@@ -10,6 +10,7 @@ import uuid
 import pytest
 import zmq
 
+import lmshard
 from lmshard import protocol
 from lmshard.errors import (
     BatchesFailed,
@@ -156,3 +157,15 @@ def test_closing_the_client_closes_an_unflushed_writer(cluster: Cluster) -> None
         w.put("records", 99, {})
     with cluster.client() as c2:
         assert c2.count("records") in (0, 10, 20)  # whole batches or nothing, never part
+
+
+def test_writer_names_a_shard_that_stays_down(cluster: Cluster) -> None:
+    cluster.kill(2)
+    with cluster.client(timeout_ms=200, retries=1) as c:
+        w = c.writer(batch_size=5, window=2)
+        with pytest.raises(lmshard.ShardUnavailable, match=r"shard 2 at ipc://.*unacknowledged"):
+            for i in range(1000):
+                w.put("records", i, {"i": i})
+            w.flush()
+        w.close()
+        assert c.counters()["retries"] == 1 and c.counters()["timeouts"] == 2
