@@ -252,34 +252,51 @@ class ReaderPool:
         if sock is None or code not in READ_CODES or type(shard) is not int or not (
                 0 <= shard < self.shards):
             r = self.requests([(shard, code, body)])[0]
-        else:  # the common case, kept lean: the home reader is connected
-            assert conn is not None
-            self.counters["requests"] += 1
-            seq, frame = self._frame(conn, READ, [shard, code, body])
-            parts = [(shard, code, body)]
-            attempts = self.retries + 1
-            rseq = None
-            try:
-                sock.send(frame, zmq.NOBLOCK, len(frame) < ZERO_COPY_MIN)
-            except zmq.Again:
-                pass  # not connected any more: the full path picks another reader
-            else:
-                try:
-                    rseq, status, rbody = protocol.unpack_frame(sock.recv())  # RCVTIMEO
-                except zmq.Again:  # one attempt timed out
-                    self.counters["timeouts"] += 1
-                    self._drop(conn, conn.home)
-                    conn.home = (conn.home + 1) % len(self.endpoints)
-                    attempts -= 1
-                    if not attempts:
-                        raise self._unavailable(parts) from None
-                    self.counters["retries"] += 1
-                except Error:
-                    pass  # an undecodable reply: ask again
+            if isinstance(r, Error):
+                raise r
+            return r
+        # The common case, kept lean: the home reader is connected and answers in time.
+        assert conn is not None
+        self.counters["requests"] += 1
+        seq, frame = self._frame(conn, READ, [shard, code, body])
+        try:
+            sock.send(frame, zmq.NOBLOCK, len(frame) < ZERO_COPY_MIN)
+        except zmq.Again:  # not connected any more: the full path picks another reader
+            return self._request_again(conn, seq, frame, shard, code, body, False)
+        try:
+            reply = sock.recv()  # RCVTIMEO
+        except zmq.Again:
+            return self._request_again(conn, seq, frame, shard, code, body, True)
+        try:
+            rseq, status, rbody = protocol.unpack_frame(reply)
             if rseq == seq:
-                r = rbody if status == 0 else error_from_wire(status, *rbody)
-            else:  # not sent, not answered, or a stale reply: the full path
-                r = self._exchange(conn, [(seq, frame)], parts, attempts)[0]
+                if status == 0:
+                    return rbody
+                err = error_from_wire(status, *rbody)
+            else:
+                err = None
+        except Exception:  # an undecodable reply: ask again
+            log.warning("the reader pool sent an undecodable reply: dropped")
+            err = None
+        if err is None:  # a stale or undecodable reply
+            return self._request_again(conn, seq, frame, shard, code, body, False)
+        raise err
+
+    def _request_again(self, conn: _PoolConn, seq: int, frame: bytes, shard: int, code: int,
+                       body: Any, timed_out: bool) -> Any:
+        """``request`` when its first attempt was not sent, not answered in time, or answered
+        with something else: the rest of the attempts through the full path."""
+        parts = [(shard, code, body)]
+        attempts = self.retries + 1
+        if timed_out:  # a fresh socket on the next reader: no late reply is read as an answer
+            self.counters["timeouts"] += 1
+            self._drop(conn, conn.home)
+            conn.home = (conn.home + 1) % len(self.endpoints)
+            attempts -= 1
+            if not attempts:
+                raise self._unavailable(parts)
+            self.counters["retries"] += 1
+        r = self._exchange(conn, [(seq, frame)], parts, attempts)[0]
         if isinstance(r, Error):
             raise r
         return r
