@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -323,15 +324,23 @@ def test_reader_endpoints_are_derived_and_checked(tmp_path: Path) -> None:
     assert reader_endpoints(cfg)[1] == "tcp://[::1]:7001"
     cfg = make_config(base_dir=tmp_path, readers=2, run_dir="/r")
     assert reader_endpoints(cfg) == ["ipc:///r/readers.sock", "ipc:///r/readers-1.sock"]
-    # config/example-multihost.toml's layout: readers on 5800, the monitor on 5801.
-    cfg = make_config(base_dir=tmp_path, readers=4, reader_endpoint="tcp://10.0.0.5:5800",
+    # Readers on 5800 and the monitor on 5801: reader 1 would take the monitor's port. The
+    # config refuses it when it is made (tests/test_config.py), and so does reader_endpoints
+    # for a Config that did not come through make_config or load_config.
+    with pytest.raises(ConfigError, match="reader 1's endpoint tcp://10.0.0.5:5801 is also "
+                       "used by monitor.endpoint"):
+        make_config(base_dir=tmp_path, readers=4, reader_endpoint="tcp://10.0.0.5:5800",
+                    monitor_endpoint="tcp://10.0.0.5:5801")
+    cfg = make_config(base_dir=tmp_path, readers=1, reader_endpoint="tcp://10.0.0.5:5800",
                       monitor_endpoint="tcp://10.0.0.5:5801")
     with pytest.raises(ConfigError, match="reader 1's endpoint tcp://10.0.0.5:5801 is also "
-                       "monitor.endpoint"):
-        reader_endpoints(cfg)
-    cfg = make_config(base_dir=tmp_path, readers=2, reader_endpoint="tcp://10.0.0.5:65535")
+                       "used by monitor.endpoint"):
+        reader_endpoints(dataclasses.replace(cfg, readers=4))
     with pytest.raises(ConfigError, match="past port 65535"):
-        reader_endpoints(cfg)
+        make_config(base_dir=tmp_path, readers=2, reader_endpoint="tcp://10.0.0.5:65535")
+    cfg = make_config(base_dir=tmp_path, readers=1, reader_endpoint="tcp://10.0.0.5:65535")
+    with pytest.raises(ConfigError, match="past port 65535"):
+        reader_endpoints(dataclasses.replace(cfg, readers=2))
     cfg = make_config(base_dir=tmp_path, readers=0)
     with pytest.raises(ConfigError, match="readers.count is 0"):
         ReaderPool(cfg)
