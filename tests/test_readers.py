@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -344,6 +345,53 @@ def test_reader_endpoints_are_derived_and_checked(tmp_path: Path) -> None:
     cfg = make_config(base_dir=tmp_path, readers=0)
     with pytest.raises(ConfigError, match="readers.count is 0"):
         ReaderPool(cfg)
+
+
+def test_a_bad_or_stale_reply_is_asked_again_not_raised(tmp_path: Path) -> None:
+    """ReaderPool.request against a ROUTER that answers each key's first request wrongly:
+    an undecodable frame, a reply to another sequence number, an error with a malformed body,
+    a reply of two fields.
+    Each is dropped and the request resent (reads are idempotent); the caller sees the answer,
+    no timeout is counted, and the requests that follow are answered in order."""
+    ep = f"ipc://{tmp_path}/reader.sock"
+    cfg = make_config(base_dir=tmp_path, readers=1, reader_endpoint=ep, timeout_ms=3000,
+                      retries=1)
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(ep)
+    first = {
+        b"garbage": lambda seq: b"\x01\xc1",  # 0xc1: never valid msgpack
+        b"stale": lambda seq: protocol.pack_reply(seq + 1000, 0, b"someone else's"),
+        b"bad error": lambda seq: protocol.pack_reply(seq, 40, "not [message, hint]"),
+        b"short": lambda seq: protocol.VERSION_BYTE + msgpack.packb([seq, 0]),  # 2 fields
+    }
+    seen: set[bytes] = set()
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            if not router.poll(50):
+                continue
+            ident, frame = router.recv_multipart()
+            _code, _cid, seq, (_shard, _rcode, (_tid, key)) = protocol.unpack_request(frame)
+            wrong = first.get(key) if key not in seen else None
+            seen.add(key)
+            router.send_multipart([ident, wrong(seq) if wrong else
+                                   protocol.pack_reply(seq, 0, b"value of " + key)])
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        with ReaderPool(cfg) as pool:
+            for key in (b"ok", *first, b"after", b"and after"):
+                assert pool.request(0, 10, [BLOBS, key]) == b"value of " + key
+            assert pool.counters["timeouts"] == 0
+    finally:
+        stop.set()
+        server.join()
+        router.close()
+        ctx.term()
 
 
 # -- in-process: the Reader's answer() without sockets ------------------------------------------
