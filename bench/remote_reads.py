@@ -180,15 +180,6 @@ def _client_one_by_one(config: str, keys: list[int], go: Any, q: Any) -> None:
         q.put((len(keys), time.perf_counter() - t))
 
 
-def _free_tcp_port(zmq: Any) -> int:
-    """A loopback port ZeroMQ picked and released (the echo server binds it right after)."""
-    sock = zmq.Context.instance().socket(zmq.ROUTER)
-    try:
-        return int(sock.bind_to_random_port("tcp://127.0.0.1"))
-    finally:
-        sock.close(linger=0)
-
-
 def _pool_get_many(config: str, keys: list[int], go: Any, q: Any) -> None:
     ct, routed = _routed(config, keys)
     pool = ReaderPool(load_config(config))
@@ -216,12 +207,16 @@ FLOOR_REPLY = b"\x01" + b"y" * 90
 """About the size of a pool get reply for these records."""
 
 
-def _zmq_echo_server(endpoint: str, kind: str = "router") -> None:
-    """Answers every request with FLOOR_REPLY: ROUTER (copy or not) or REP."""
+def _zmq_echo_server(endpoint: str, kind: str = "router", bound: Any = None) -> None:
+    """Answers every request with FLOOR_REPLY: ROUTER (copy or not) or REP. A tcp endpoint
+    without a port gets one picked by ZeroMQ, put on the ``bound`` queue."""
     import zmq
 
     sock = zmq.Context().socket(zmq.REP if kind == "rep" else zmq.ROUTER)
-    sock.bind(endpoint)
+    if bound is not None:
+        bound.put(f"{endpoint}:{sock.bind_to_random_port(endpoint)}")
+    else:
+        sock.bind(endpoint)
     if kind == "rep":
         while True:
             sock.recv()
@@ -414,7 +409,7 @@ def main() -> None:
              _unix_echo_server, (), _unix_echo_client, ()),
         ]
         if args.floors:
-            ipc, tcp = f"ipc://{run}/echo.sock", "tcp://127.0.0.1:{}"
+            ipc, tcp = f"ipc://{run}/echo.sock", "tcp://127.0.0.1"  # ZeroMQ picks the port
             floors += [
                 ("floor: DEALER/ROUTER ipc, RCVTIMEO", ipc, None, (), _zmq_echo_client,
                  ("rcvtimeo",)),
@@ -437,14 +432,14 @@ def main() -> None:
             if server is None:  # the server another entry started on the same endpoint
                 floor_pids[name] = next(floor_pids[f[0]] for f in floors if f[1] == ep)
                 continue
-            if ep.startswith("tcp://"):
-                import zmq
-
-                ep = floors[i][1].format(_free_tcp_port(zmq))
-                floors[i] = (name, ep, server, sargs, _client, _cargs)
-            proc = spawn.Process(target=server, args=(ep, *sargs), daemon=True)
+            bound = spawn.Queue() if ep.startswith("tcp://") else None
+            proc = spawn.Process(target=server, args=(ep, *sargs, bound) if bound is not None else
+                                 (ep, *sargs), daemon=True)
             proc.start()
             servers.append(proc)
+            if bound is not None:
+                ep = bound.get(timeout=60)
+                floors[i] = (name, ep, server, sargs, _client, _cargs)
             assert proc.pid is not None
             floor_pids[name] = proc.pid
             _wait_for(ep)
