@@ -14,7 +14,7 @@ fetched and decoded:
   ``Socket.poll``, a ``zmq.Poller`` per request) and copy=False;
 - one-by-one: a request per key (``ReaderPool.request`` get, and ``Client.get`` with local
   reads off; redis ``GET``), from 1 and from 4 client processes, and for lmshard with 1 and
-  with 2 readers serving;
+  with 2 readers serving, and with 2 readers started with ``--pin-cpu``;
 - batched: 1,000 keys per call (``get_many`` split per shard and sent to the pool at once;
   redis ``MGET`` and a pipeline of 1,000 ``GET``s).
 
@@ -386,6 +386,7 @@ def main() -> None:
     cluster = Cluster(tmp / "lms", shards=args.shards, readers=args.readers, sync=False,
                       map_size="256MiB")
     readers = Readers(cluster)
+    pinned = Readers(cluster, args=["--pin-cpu"])
     redis_proc, redis_sock, why = start_redis(tmp)
     if redis_proc is None:
         print(f"redis: {why}", flush=True)
@@ -477,9 +478,21 @@ def main() -> None:
             note("pool get_many of 1,000, 1 reader, 1 client", _pool_get_many,
                  [(cfg, keys(many))])
             readers.stop()
+            # lmshardd readers --pin-cpu: each reader and its ZeroMQ I/O thread on one CPU.
+            pinned.start()
+            reader_pids = [p.pid for p in pinned.procs.values()]
+            note("pool get one-by-one, 2 pinned readers, 1 client", _pool_one_by_one,
+                 [(cfg, keys(one))], reader_pids)
+            if have_redis:
+                note("redis GET one-by-one, 1 client, again", _redis_one_by_one,
+                     [(redis_sock, keys(one))], redis_pids)
+            note("pool get one-by-one, 2 pinned readers, 4 clients", _pool_one_by_one,
+                 [(cfg, keys(one)) for _ in range(4)], reader_pids)
+            pinned.stop()
     finally:
         for proc in servers:
             proc.terminate()
+        pinned.stop()
         readers.stop()
         cluster.stop()
         if redis_proc is not None:
@@ -506,6 +519,12 @@ def main() -> None:
          "bare pyzmq round trip (the floor), 1 client", 0.0),
         ("Client.get one-by-one (remote), 2 readers, 1 client",
          "redis GET one-by-one, 1 client", 0.0),
+        ("pool get one-by-one, 2 pinned readers, 1 client",
+         "redis GET one-by-one, 1 client, again", 2.0),
+        ("pool get one-by-one, 2 pinned readers, 1 client",
+         "pool get one-by-one, 2 readers, 1 client", 0.0),
+        ("pool get one-by-one, 2 pinned readers, 4 clients",
+         "pool get one-by-one, 2 readers, 4 clients", 0.0),
         # The ceiling of the first ratio: a pool get is this round trip plus work on both sides.
         ("bare pyzmq round trip (the floor), 1 client", "redis GET one-by-one, 1 client", 0.0),
         ("plain unix socket round trip (no ZeroMQ)", "redis GET one-by-one, 1 client", 0.0),

@@ -33,9 +33,11 @@ BLOBS, COUNTERS, ITEMS = (uuid.UUID(x).bytes for x in (BLOBS_ID, COUNTERS_ID, IT
 class Readers:
     """``lmshardd readers --index I`` processes for a Cluster's config; always stopped."""
 
-    def __init__(self, cluster: Cluster, prefix: list[str] | None = None) -> None:
+    def __init__(self, cluster: Cluster, prefix: list[str] | None = None,
+                 args: list[str] | None = None) -> None:
         self.cluster = cluster
         self.prefix = prefix or []
+        self.args = args or []
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.logs: dict[int, Path] = {}
 
@@ -45,7 +47,7 @@ class Readers:
             self.logs[i] = self.cluster.base / f"reader-{i:02d}.log"
             self.procs[i] = subprocess.Popen(
                 [*self.prefix, sys.executable, "-m", "lmshardd.main", "-c",
-                 str(self.cluster.config_path), "readers", "--index", str(i)],
+                 str(self.cluster.config_path), "readers", "--index", str(i), *self.args],
                 stdout=open(self.logs[i], "ab"), stderr=subprocess.STDOUT, cwd=REPO,
                 env=env_for_children(),
             )
@@ -315,6 +317,33 @@ def test_readers_command_line_is_checked(tmp_path: Path) -> None:
         assert code == 2 and "readers.count is 0" in err
     finally:
         off.stop()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+def test_pinned_readers_keep_every_thread_on_one_cpu(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, shards=1, readers=2, sync=False)
+    readers = Readers(cluster, args=["--pin-cpu"])
+    try:
+        cluster.start()
+        with cluster.client() as c:
+            c.put("blobs", 1, b"one")
+        readers.start()
+        cpus = sorted(os.sched_getaffinity(0))
+        for i, proc in readers.procs.items():
+            # The reader's own thread and ZeroMQ's (others, such as a BLAS pool started when
+            # the schema imported numpy, serve no request and may run anywhere).
+            task = Path(f"/proc/{proc.pid}/task")
+            threads = [int(t.name) for t in task.iterdir() if int(t.name) == proc.pid
+                       or (t / "comm").read_text().startswith("ZMQbg/IO")]
+            assert len(threads) >= 2
+            for tid in threads:
+                assert os.sched_getaffinity(tid) == {cpus[i % len(cpus)]}
+        with ReaderPool(cluster.config) as pool:
+            parts = [(0, 10, [BLOBS, (1).to_bytes(8, "big")])] * 2  # one to each reader
+            assert pool.requests(parts) == [b"one", b"one"]
+    finally:
+        readers.stop()
+        cluster.stop()
 
 
 def test_reader_endpoints_are_derived_and_checked(tmp_path: Path) -> None:
