@@ -308,10 +308,11 @@ def _run(store: Store, cmd: protocol.Command, args: Any) -> Any:
 
 
 def pin_to_cpu(index: int) -> int | None:
-    """Keep this process on one CPU, the ``index``-th (modulo) of those it may run on; the CPU,
-    or None where the OS cannot pin. Call it before the ZeroMQ context exists: its I/O thread
-    inherits the mask, so the hand-off between it and the reader's thread, twice per request,
-    stays on one core instead of waking a thread on another (docs/performance.md)."""
+    """Keep the calling thread, and every thread it starts from now on, on one CPU: the
+    ``index``-th (modulo) of those it may run on. The CPU, or None where the OS cannot pin.
+    Call it before the ZeroMQ context exists: its I/O thread inherits the mask, so the hand-off
+    between it and the reader's thread, twice per request, stays on one core instead of waking
+    a thread on another (docs/performance.md)."""
     if not hasattr(os, "sched_setaffinity"):
         return None
     cpus = sorted(os.sched_getaffinity(0))
