@@ -244,6 +244,8 @@ BAD = [
     ("[storage]\nmap_size = true", "storage.map_size", "got a boolean"),
     ("[storage]\nmax_map_size = 1.5", "storage.max_map_size", "got a float"),
     ("[storage]\nmax_readers = 0", "storage.max_readers", "expected an integer from 1"),
+    ("[storage]\nmax_readers = 65537", "storage.max_readers", "from 1 to 65536"),
+    ("[storage]\nmax_readers = 2147483647", "storage.max_readers", "131,072 MiB here"),
     ('schema = "lmshard.demo"', "schema", '"package.module:attr"'),
     ('schema = "lmshard demo:schema"', "schema", '"package.module:attr"'),
     ('schema = "lmshard.demo:"', "schema", '"package.module:attr"'),
@@ -303,6 +305,36 @@ BAD = [
     ),
     ("[shard]\nbase_port = 0", "shard.base_port", "expected an integer from 1 to 65535"),
     (f'run_dir = "{LONG_DIR}"', "readers.endpoint", "shorter run_dir"),
+    # Reader I of the pool listens on readers.endpoint's port plus I (tcp) or on
+    # <name>-I<suffix> (ipc): those derived endpoints must be free and valid too.
+    (
+        '[readers]\ncount = 2\nendpoint = "tcp://127.0.0.1:5800"\n'
+        '[monitor]\nendpoint = "tcp://127.0.0.1:5801"',
+        "readers.endpoint",
+        "reader 1's endpoint tcp://127.0.0.1:5801 is also used by monitor.endpoint",
+    ),
+    (
+        '[readers]\ncount = 3\nendpoint = "tcp://127.0.0.1:5498"\n'
+        '[shard]\nendpoint = "tcp://127.0.0.1:{port}"\nbase_port = 5500',
+        "readers.endpoint",
+        "reader 2's endpoint tcp://127.0.0.1:5500 is also used by shard.endpoint[0]",
+    ),
+    (
+        '[readers]\nendpoint = "ipc://{run_dir}/backup.sock"\n'
+        '[shard]\nbackup_endpoint = "ipc://{run_dir}/backup-{shard}.sock"',
+        "readers.endpoint",
+        "backup-1.sock is also used by shard.backup_endpoint[1]",
+    ),
+    (
+        '[readers]\ncount = 2\nendpoint = "tcp://127.0.0.1:65535"',
+        "readers.endpoint",
+        "reader 1's endpoint tcp://127.0.0.1:65536 is past port 65535",
+    ),
+    (
+        f'[readers]\nendpoint = "ipc:///tmp/{"d" * (IPC_PATH_MAX - 9)}/r.s"',
+        "readers.endpoint",
+        f"-1.s is {IPC_PATH_MAX + 2} bytes, longer than the unix socket limit",
+    ),
     (
         f'[shard]\nendpoint = "ipc://{LONG_DIR}/{{shard}}.sock"',
         "shard.endpoint",
@@ -608,3 +640,14 @@ def test_load_schema_broken_module(tmp_path, isolated_sys_path):
     with pytest.raises(ConfigError, match="RuntimeError: kaput") as info:
         load_config(path).load_schema()
     assert str(path) in str(info.value)
+
+
+def test_reader_slots_and_pool_endpoints_at_their_limits(tmp_path):
+    assert make_config(base_dir=tmp_path, max_readers=65536).max_readers == 65536
+    cfg = make_config(base_dir=tmp_path, readers=2, reader_endpoint="tcp://127.0.0.1:65534")
+    assert cfg.reader_endpoints() == ["tcp://127.0.0.1:65534", "tcp://127.0.0.1:65535"]
+    cfg = make_config(base_dir=tmp_path, readers=0, reader_endpoint="tcp://127.0.0.1:5800",
+                      monitor_endpoint="tcp://127.0.0.1:5801")
+    assert cfg.reader_endpoints() == []
+    # The multihost example spaces them apart: readers 5800..5803, the monitor on 5900.
+    assert load_config(MULTIHOST_FILE).reader_endpoints()[-1] == "tcp://10.0.0.5:5803"

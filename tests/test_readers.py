@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,9 +33,11 @@ BLOBS, COUNTERS, ITEMS = (uuid.UUID(x).bytes for x in (BLOBS_ID, COUNTERS_ID, IT
 class Readers:
     """``lmshardd readers --index I`` processes for a Cluster's config; always stopped."""
 
-    def __init__(self, cluster: Cluster, prefix: list[str] | None = None) -> None:
+    def __init__(self, cluster: Cluster, prefix: list[str] | None = None,
+                 args: list[str] | None = None) -> None:
         self.cluster = cluster
         self.prefix = prefix or []
+        self.args = args or []
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.logs: dict[int, Path] = {}
 
@@ -43,7 +47,7 @@ class Readers:
             self.logs[i] = self.cluster.base / f"reader-{i:02d}.log"
             self.procs[i] = subprocess.Popen(
                 [*self.prefix, sys.executable, "-m", "lmshardd.main", "-c",
-                 str(self.cluster.config_path), "readers", "--index", str(i)],
+                 str(self.cluster.config_path), "readers", "--index", str(i), *self.args],
                 stdout=open(self.logs[i], "ab"), stderr=subprocess.STDOUT, cwd=REPO,
                 env=env_for_children(),
             )
@@ -315,6 +319,33 @@ def test_readers_command_line_is_checked(tmp_path: Path) -> None:
         off.stop()
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+def test_pinned_readers_keep_every_thread_on_one_cpu(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, shards=1, readers=2, sync=False)
+    readers = Readers(cluster, args=["--pin-cpu"])
+    try:
+        cluster.start()
+        with cluster.client() as c:
+            c.put("blobs", 1, b"one")
+        readers.start()
+        cpus = sorted(os.sched_getaffinity(0))
+        for i, proc in readers.procs.items():
+            # The reader's own thread and ZeroMQ's (others, such as a BLAS pool started when
+            # the schema imported numpy, serve no request and may run anywhere).
+            task = Path(f"/proc/{proc.pid}/task")
+            threads = [int(t.name) for t in task.iterdir() if int(t.name) == proc.pid
+                       or (t / "comm").read_text().startswith("ZMQbg/IO")]
+            assert len(threads) >= 2
+            for tid in threads:
+                assert os.sched_getaffinity(tid) == {cpus[i % len(cpus)]}
+        with ReaderPool(cluster.config) as pool:
+            parts = [(0, 10, [BLOBS, (1).to_bytes(8, "big")])] * 2  # one to each reader
+            assert pool.requests(parts) == [b"one", b"one"]
+    finally:
+        readers.stop()
+        cluster.stop()
+
+
 def test_reader_endpoints_are_derived_and_checked(tmp_path: Path) -> None:
     cfg = make_config(base_dir=tmp_path, readers=3, reader_endpoint="tcp://10.0.0.5:5800")
     assert reader_endpoints(cfg) == ["tcp://10.0.0.5:5800", "tcp://10.0.0.5:5801",
@@ -323,18 +354,73 @@ def test_reader_endpoints_are_derived_and_checked(tmp_path: Path) -> None:
     assert reader_endpoints(cfg)[1] == "tcp://[::1]:7001"
     cfg = make_config(base_dir=tmp_path, readers=2, run_dir="/r")
     assert reader_endpoints(cfg) == ["ipc:///r/readers.sock", "ipc:///r/readers-1.sock"]
-    # config/example-multihost.toml's layout: readers on 5800, the monitor on 5801.
-    cfg = make_config(base_dir=tmp_path, readers=4, reader_endpoint="tcp://10.0.0.5:5800",
+    # Readers on 5800 and the monitor on 5801: reader 1 would take the monitor's port. The
+    # config refuses it when it is made (tests/test_config.py), and so does reader_endpoints
+    # for a Config that did not come through make_config or load_config.
+    with pytest.raises(ConfigError, match="reader 1's endpoint tcp://10.0.0.5:5801 is also "
+                       "used by monitor.endpoint"):
+        make_config(base_dir=tmp_path, readers=4, reader_endpoint="tcp://10.0.0.5:5800",
+                    monitor_endpoint="tcp://10.0.0.5:5801")
+    cfg = make_config(base_dir=tmp_path, readers=1, reader_endpoint="tcp://10.0.0.5:5800",
                       monitor_endpoint="tcp://10.0.0.5:5801")
     with pytest.raises(ConfigError, match="reader 1's endpoint tcp://10.0.0.5:5801 is also "
-                       "monitor.endpoint"):
-        reader_endpoints(cfg)
-    cfg = make_config(base_dir=tmp_path, readers=2, reader_endpoint="tcp://10.0.0.5:65535")
+                       "used by monitor.endpoint"):
+        reader_endpoints(dataclasses.replace(cfg, readers=4))
     with pytest.raises(ConfigError, match="past port 65535"):
-        reader_endpoints(cfg)
+        make_config(base_dir=tmp_path, readers=2, reader_endpoint="tcp://10.0.0.5:65535")
+    cfg = make_config(base_dir=tmp_path, readers=1, reader_endpoint="tcp://10.0.0.5:65535")
+    with pytest.raises(ConfigError, match="past port 65535"):
+        reader_endpoints(dataclasses.replace(cfg, readers=2))
     cfg = make_config(base_dir=tmp_path, readers=0)
     with pytest.raises(ConfigError, match="readers.count is 0"):
         ReaderPool(cfg)
+
+
+def test_a_bad_or_stale_reply_is_asked_again_not_raised(tmp_path: Path) -> None:
+    """ReaderPool.request against a ROUTER that answers each key's first request wrongly:
+    an undecodable frame, a reply to another sequence number, an error with a malformed body,
+    a reply of two fields.
+    Each is dropped and the request resent (reads are idempotent); the caller sees the answer,
+    no timeout is counted, and the requests that follow are answered in order."""
+    ep = f"ipc://{tmp_path}/reader.sock"
+    cfg = make_config(base_dir=tmp_path, readers=1, reader_endpoint=ep, timeout_ms=3000,
+                      retries=1)
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(ep)
+    first = {
+        b"garbage": lambda seq: b"\x01\xc1",  # 0xc1: never valid msgpack
+        b"stale": lambda seq: protocol.pack_reply(seq + 1000, 0, b"someone else's"),
+        b"bad error": lambda seq: protocol.pack_reply(seq, 40, "not [message, hint]"),
+        b"short": lambda seq: protocol.VERSION_BYTE + msgpack.packb([seq, 0]),  # 2 fields
+    }
+    seen: set[bytes] = set()
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            if not router.poll(50):
+                continue
+            ident, frame = router.recv_multipart()
+            _code, _cid, seq, (_shard, _rcode, (_tid, key)) = protocol.unpack_request(frame)
+            wrong = first.get(key) if key not in seen else None
+            seen.add(key)
+            router.send_multipart([ident, wrong(seq) if wrong else
+                                   protocol.pack_reply(seq, 0, b"value of " + key)])
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        with ReaderPool(cfg) as pool:
+            for key in (b"ok", *first, b"after", b"and after"):
+                assert pool.request(0, 10, [BLOBS, key]) == b"value of " + key
+            assert pool.counters["timeouts"] == 0
+    finally:
+        stop.set()
+        server.join()
+        router.close()
+        ctx.term()
 
 
 # -- in-process: the Reader's answer() without sockets ------------------------------------------

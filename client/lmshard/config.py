@@ -34,7 +34,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from lmshard.errors import Error
@@ -62,6 +62,11 @@ MIN_STATS_INTERVAL = 0.01
 """Shortest stats interval, in seconds: shorter would make the owners spin publishing."""
 MAX_TIMEOUT_MS = 3_600_000
 """Longest client timeout: one hour (ZeroMQ timeouts are C ints of milliseconds)."""
+MAX_READER_SLOTS = 65536
+"""Most LMDB reader slots per shard: each is 64 bytes of every shard's lock file (4 MiB here),
+far more than the read transactions one host keeps open at once."""
+READER_SLOT_SIZE = 64
+"""Bytes of a shard's lock file per reader slot (LMDB's MDB_reader, one cache line)."""
 #: Upper bound for ``slots``: keeps slot maps small (one entry per slot) and digests cheap.
 MAX_SLOTS = 65536
 #: LMDB map sizes are rounded *up* to a multiple of this (the OS page size).
@@ -266,6 +271,11 @@ class Config:
         out.append(("readers.endpoint", self.reader_endpoint))
         out.append(("monitor.endpoint", self.monitor_endpoint))
         return out
+
+    def reader_endpoints(self) -> list[str]:
+        """Every reader's endpoint, reader I's at index I (``reader_endpoint`` for I = 0; see
+        ``derive_reader_endpoint``); empty when ``readers.count`` is 0."""
+        return [derive_reader_endpoint(self.reader_endpoint, i) for i in range(self.readers)]
 
     def non_loopback_endpoints(self) -> list[tuple[str, str]]:
         """The tcp endpoints not on a loopback address, as ``(dotted key, endpoint)``.
@@ -783,6 +793,48 @@ class _Checker:
         return tuple(out)
 
 
+def derive_reader_endpoint(base: str, index: int) -> str:
+    """Reader ``index``'s endpoint in a pool whose ``readers.endpoint`` is ``base``: ``base``
+    for reader 0, then the port plus ``index`` (tcp) or ``-<index>`` before the file suffix
+    (ipc): ``ipc:///run/readers.sock`` -> ``ipc:///run/readers-1.sock``."""
+    if index == 0:
+        return base
+    if base.startswith("tcp://"):
+        host, port = _split_host_port(base[len("tcp://"):])
+        host = f"[{host}]" if ":" in host else host
+        return f"tcp://{host}:{int(port) + index}"
+    path = PurePosixPath(base[len("ipc://"):])
+    return f"ipc://{path.with_name(f'{path.stem}-{index}{path.suffix}')}"
+
+
+def check_reader_endpoints(config: Config) -> None:
+    """ConfigError (key ``readers.endpoint``) for a derived reader endpoint that passes port
+    65535 or the unix socket path limit, or that another configured endpoint also uses."""
+    taken = {ep: key for key, ep in config.all_endpoints() if key != "readers.endpoint"}
+    spread = (f"reader I listens on readers.endpoint's port plus I (tcp) or on <name>-I.<suffix> "
+              f"(ipc), for I < readers.count ({config.readers})")
+    for i, ep in enumerate(config.reader_endpoints()):
+        what = f"reader {i}'s endpoint {ep}"
+        if ep.startswith("tcp://"):
+            if int(_split_host_port(ep[len("tcp://"):])[1]) > 65535:
+                raise ConfigError(
+                    f"{what} is past port 65535; expected readers.endpoint's port plus "
+                    f"{config.readers - 1} to be at most 65535",
+                    key="readers.endpoint", file=config.path, hint=f"{spread}: lower the port")
+        elif (length := len(os.fsencode(ep[len("ipc://"):]))) > IPC_PATH_MAX:
+            raise ConfigError(
+                f"{what} is {length} bytes, longer than the unix socket limit; expected at "
+                f"most {IPC_PATH_MAX} bytes",
+                key="readers.endpoint", file=config.path, hint="use a shorter run_dir")
+        if ep in taken:
+            raise ConfigError(
+                f"{what} is also used by {taken[ep]}; expected every endpoint to be distinct",
+                key="readers.endpoint", file=config.path,
+                hint=f"{spread}: leave those free, e.g. give readers.endpoint a port range of "
+                "its own",
+            )
+
+
 def _split_host_port(address: str) -> tuple[str, str]:
     if address.startswith("["):
         host, sep, rest = address[1:].partition("]")
@@ -947,7 +999,7 @@ def _build(raw: Mapping[str, Any], *, file: Path | None, base_dir: Path) -> Conf
         max_map_size=max_map_size,
         sync=chk.get_bool("durability.sync"),
         metasync=chk.get_bool("durability.metasync"),
-        max_readers=chk.get_int("storage.max_readers", 1, 2**31 - 1),
+        max_readers=_max_readers(chk),
         schema=chk.get_schema("schema"),
         python_path=chk.get_paths("python_path"),
         readers=chk.get_int("readers.count", 0, 256),
@@ -980,7 +1032,24 @@ def _build(raw: Mapping[str, Any], *, file: Path | None, base_dir: Path) -> Conf
                 "distinct (use {shard} or {port} in patterns)",
             )
         seen[endpoint] = key
+    check_reader_endpoints(config)
     return config
+
+
+def _max_readers(chk: _Checker) -> int:
+    key = "storage.max_readers"
+    slots = chk.get(key)
+    if type(slots) is int and slots > MAX_READER_SLOTS:
+        raise chk.error(
+            key,
+            f"got {slots:,}; expected an integer from 1 to {MAX_READER_SLOTS} (every slot is "
+            f"{READER_SLOT_SIZE} bytes of each shard's lock file: "
+            f"{slots * READER_SLOT_SIZE / 2**20:,.0f} MiB here)",
+            hint="one slot per read transaction open at once on this host (reading processes "
+            "x threads, plus the reader pool) is enough; the default is "
+            f"{_SPEC[key].default}",
+        )
+    return chk.get_int(key, 1, MAX_READER_SLOTS)
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,13 +26,12 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator, Sequence
-from pathlib import PurePosixPath
 from typing import Any
 
 import zmq
 
 from lmshard import protocol, security
-from lmshard.config import Config, ConfigError, _split_host_port
+from lmshard.config import Config, ConfigError, check_reader_endpoints, derive_reader_endpoint
 from lmshard.errors import Error, LimitExceeded, ProtocolError, ShardUnavailable, error_from_wire
 
 log = logging.getLogger("lmshard.remote")
@@ -82,20 +81,13 @@ def read_body(shard: int, code: int, body: Any) -> list[Any]:
 def reader_endpoint(config: Config, index: int) -> str:
     """The endpoint reader ``index`` binds: ``readers.endpoint`` for reader 0, then the port
     plus ``index`` (tcp) or ``-<index>`` before the file suffix (ipc)."""
-    base = config.reader_endpoint
-    if index == 0:
-        return base
-    if base.startswith("tcp://"):
-        host, port = _split_host_port(base[len("tcp://"):])
-        host = f"[{host}]" if ":" in host else host
-        return f"tcp://{host}:{int(port) + index}"
-    path = PurePosixPath(base[len("ipc://"):])
-    return f"ipc://{path.with_name(f'{path.stem}-{index}{path.suffix}')}"
+    return derive_reader_endpoint(config.reader_endpoint, index)
 
 
 def reader_endpoints(config: Config) -> list[str]:
-    """Every reader's endpoint, checked: ConfigError for a derived endpoint that collides with
-    another configured endpoint, passes port 65535 or the unix socket path limit."""
+    """Every reader's endpoint, checked (``load_config`` has checked them already): ConfigError
+    for a derived endpoint that collides with another configured endpoint, passes port 65535
+    or the unix socket path limit, and when ``readers.count`` is 0."""
     if config.readers < 1:
         raise ConfigError(
             "readers.count is 0: this service runs no reader pool",
@@ -103,36 +95,8 @@ def reader_endpoints(config: Config) -> list[str]:
             hint="set readers.count >= 1 (and regenerate supervisord.conf), or read through "
             "the shard owners",
         )
-    taken = {ep: key for key, ep in config.all_endpoints() if key != "readers.endpoint"}
-    out = []
-    for i in range(config.readers):
-        ep = reader_endpoint(config, i)
-        what = f"reader {i}'s endpoint {ep}"
-        if ep.startswith("tcp://"):
-            port = int(_split_host_port(ep[len("tcp://"):])[1])
-            if port > 65535:
-                raise ConfigError(
-                    f"{what} is past port 65535", key="readers.endpoint", file=config.path,
-                    hint=f"reader I listens on the port of readers.endpoint plus I, for "
-                    f"I < readers.count ({config.readers}): lower the port",
-                )
-        else:
-            from lmshard.config import IPC_PATH_MAX
-
-            if len(os.fsencode(ep[len("ipc://"):])) > IPC_PATH_MAX:
-                raise ConfigError(
-                    f"{what} is longer than the unix socket limit of {IPC_PATH_MAX} bytes",
-                    key="readers.endpoint", file=config.path, hint="use a shorter run_dir",
-                )
-        if ep in taken:
-            raise ConfigError(
-                f"{what} is also {taken[ep]}", key="readers.endpoint", file=config.path,
-                hint=f"reader I listens on readers.endpoint's port plus I (I < "
-                f"{config.readers}): leave those ports free, e.g. move readers.endpoint to a "
-                "port range of its own",
-            )
-        out.append(ep)
-    return out
+    check_reader_endpoints(config)
+    return config.reader_endpoints()
 
 
 _pools: weakref.WeakSet[ReaderPool] = weakref.WeakSet()
@@ -252,34 +216,51 @@ class ReaderPool:
         if sock is None or code not in READ_CODES or type(shard) is not int or not (
                 0 <= shard < self.shards):
             r = self.requests([(shard, code, body)])[0]
-        else:  # the common case, kept lean: the home reader is connected
-            assert conn is not None
-            self.counters["requests"] += 1
-            seq, frame = self._frame(conn, READ, [shard, code, body])
-            parts = [(shard, code, body)]
-            attempts = self.retries + 1
-            rseq = None
-            try:
-                sock.send(frame, zmq.NOBLOCK, len(frame) < ZERO_COPY_MIN)
-            except zmq.Again:
-                pass  # not connected any more: the full path picks another reader
-            else:
-                try:
-                    rseq, status, rbody = protocol.unpack_frame(sock.recv())  # RCVTIMEO
-                except zmq.Again:  # one attempt timed out
-                    self.counters["timeouts"] += 1
-                    self._drop(conn, conn.home)
-                    conn.home = (conn.home + 1) % len(self.endpoints)
-                    attempts -= 1
-                    if not attempts:
-                        raise self._unavailable(parts) from None
-                    self.counters["retries"] += 1
-                except Error:
-                    pass  # an undecodable reply: ask again
+            if isinstance(r, Error):
+                raise r
+            return r
+        # The common case, kept lean: the home reader is connected and answers in time.
+        assert conn is not None
+        self.counters["requests"] += 1
+        seq, frame = self._frame(conn, READ, [shard, code, body])
+        try:
+            sock.send(frame, zmq.NOBLOCK, len(frame) < ZERO_COPY_MIN)
+        except zmq.Again:  # not connected any more: the full path picks another reader
+            return self._request_again(conn, seq, frame, shard, code, body, False)
+        try:
+            reply = sock.recv()  # RCVTIMEO
+        except zmq.Again:
+            return self._request_again(conn, seq, frame, shard, code, body, True)
+        try:
+            rseq, status, rbody = protocol.unpack_frame(reply)
             if rseq == seq:
-                r = rbody if status == 0 else error_from_wire(status, *rbody)
-            else:  # not sent, not answered, or a stale reply: the full path
-                r = self._exchange(conn, [(seq, frame)], parts, attempts)[0]
+                if status == 0:
+                    return rbody
+                err = error_from_wire(status, *rbody)
+            else:
+                err = None
+        except Exception:  # an undecodable reply: ask again
+            log.warning("the reader pool sent an undecodable reply: dropped")
+            err = None
+        if err is None:  # a stale or undecodable reply
+            return self._request_again(conn, seq, frame, shard, code, body, False)
+        raise err
+
+    def _request_again(self, conn: _PoolConn, seq: int, frame: bytes, shard: int, code: int,
+                       body: Any, timed_out: bool) -> Any:
+        """``request`` when its first attempt was not sent, not answered in time, or answered
+        with something else: the rest of the attempts through the full path."""
+        parts = [(shard, code, body)]
+        attempts = self.retries + 1
+        if timed_out:  # a fresh socket on the next reader: no late reply is read as an answer
+            self.counters["timeouts"] += 1
+            self._drop(conn, conn.home)
+            conn.home = (conn.home + 1) % len(self.endpoints)
+            attempts -= 1
+            if not attempts:
+                raise self._unavailable(parts)
+            self.counters["retries"] += 1
+        r = self._exchange(conn, [(seq, frame)], parts, attempts)[0]
         if isinstance(r, Error):
             raise r
         return r
