@@ -171,6 +171,17 @@ def test_down_removes_only_stale_sockets_and_up_refuses_a_live_one(
         listener.close()
 
 
+def test_down_removes_every_readers_stale_socket(short_dir: Path) -> None:
+    config = load_config(init(short_dir / "svc", "--readers", "3"))
+    paths = [Path(ep[len("ipc://"):]) for ep in config.reader_endpoints()]
+    assert len(set(paths)) == 3
+    for path in paths:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(path))  # closed without unlink, as a SIGKILLed reader leaves it
+    assert cli.main(["down", "-c", str(config.path)]) == 0
+    assert [p for p in paths if p.exists()] == []
+
+
 def test_ctl_passes_its_arguments_through() -> None:
     args = cli.build_parser().parse_args(["ctl", "-c", "x.toml", "tail", "-f", "lmshard:shard_01"])
     assert args.config == "x.toml" and args.args == ["tail", "-f", "lmshard:shard_01"]

@@ -513,8 +513,9 @@ def remove_stale_sockets(config: Config, files: SupervisorFiles) -> list[Path]:
 
 
 def _ipc_paths(config: Config) -> list[Path]:
-    return [Path(ep[len("ipc://"):]) for _key, ep in config.all_endpoints()
-            if ep.startswith("ipc://")]
+    """Every ipc socket file the service binds, each reader's included."""
+    eps = [ep for _key, ep in config.all_endpoints()] + config.reader_endpoints()
+    return sorted({Path(ep[len("ipc://"):]) for ep in eps if ep.startswith("ipc://")})
 
 
 def _listening(path: Path) -> bool:
