@@ -1,6 +1,6 @@
 """lmshard's daemon against raw in-process py-lmdb, side by side in one run.
 
-    python bench/daemon.py [--rows 200000] [--rounds 3] [--shards 4]
+    python bench/daemon.py [--rows 200000] [--rounds 3] [--shards 4] [--single-only]
 
 Starts real shard owner processes (sync on), then measures:
 - batched writes through the daemon (1,000 ops per batch) from 1 and 4 client processes,
@@ -9,13 +9,15 @@ Starts real shard owner processes (sync on), then measures:
   with ``client.writer()`` (1,000 ops per shard batch, up to 4 batches in flight per shard);
 - single acked puts from 1 and 8 concurrent client processes (group commit at work);
 - local point gets through the client (routed, read-only env in-process) against raw gets.
-Prints medians over rounds and ratios.
+Prints medians over rounds and ratios. With ``--single-only`` it runs the acked single puts
+alone, and for them prints the owners' batches per group commit and owner CPU per put.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import random
 import shutil
 import statistics
@@ -112,6 +114,31 @@ def _getter(config: str, keys: list[int], go: mp.Event, q: mp.Queue) -> None:  #
         q.put((len(keys), time.perf_counter() - t))
 
 
+def owner_figures(cl: Cluster) -> tuple[int, int, float]:
+    """Batches and group commits the owners have done, and their CPU seconds so far."""
+    with cl.client() as c:
+        shards = c.stats()["shards"]
+    batches = sum(s["owner"]["batches"] for s in shards.values())
+    commits = sum(s["owner"]["commits"] for s in shards.values())
+    cpu = 0.0
+    for s in range(cl.config.shards):
+        with open(f"/proc/{cl.pid(s)}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        cpu += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return batches, commits, cpu
+
+
+def group_figures(
+    before: tuple[int, int, float], after: tuple[int, int, float], show: bool
+) -> tuple[int, int, float]:
+    """Print (when ``show``) batches per group commit and owner CPU per put between the two."""
+    if show:
+        batches, commits, cpu = (a - b for a, b in zip(after, before, strict=True))
+        print(f"    {batches / max(commits, 1):.2f} batches per group commit, owners "
+              f"{cpu / max(batches, 1) * 1e6:.0f} us CPU per put", flush=True)
+    return after
+
+
 def in_processes(target: Any, args_list: list[tuple[Any, ...]]) -> float:
     """Run workers in separate processes started together; aggregate ops/s over the span."""
     ctx = mp.get_context("spawn")
@@ -134,6 +161,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--single", type=int, default=2000, help="acked puts per client")
+    ap.add_argument("--single-only", action="store_true",
+                    help="only the acked single puts, with group sizes and owner CPU per put")
     args = ap.parse_args()
     n = args.rows
     rng = random.Random(3)
@@ -149,35 +178,40 @@ def main() -> None:
         tmp = Path(tempfile.mkdtemp(prefix="lmsb-"))
         cl = Cluster(tmp, shards=args.shards, map_size="256MiB", timeout_ms=20000, retries=2)
         try:
-            note("raw py-lmdb insert, 1,000/txn, sync", raw_insert(tmp / "raw", n))
+            if not args.single_only:
+                note("raw py-lmdb insert, 1,000/txn, sync", raw_insert(tmp / "raw", n))
             cl.start()
             cfg = str(cl.config_path)
-            note("daemon batched, 1 client", in_processes(_batch_writer, [(cfg, 0, n)]))
-            with cl.client() as c:
-                for s in range(args.shards):
-                    c._local(s)  # noqa: SLF001 - only to purge between rounds below
-            per = n // 4
-            note("daemon batched, 4 clients",
-                 in_processes(_batch_writer, [(cfg, 10**7 + i * per, per) for i in range(4)]))
-            note("daemon pipelined writer, 1 client",
-                 in_processes(_pipelined_writer, [(cfg, 2 * 10**7, n)]))
-            note("daemon pipelined writer, 4 clients",
-                 in_processes(_pipelined_writer,
-                              [(cfg, 3 * 10**7 + i * per, per) for i in range(4)]))
-            note("raw py-lmdb get, txn per get", raw_gets(tmp / "raw", keys))
-            note("client local get (routed)", in_processes(_getter, [(cfg, keys)]))
+            if not args.single_only:
+                note("daemon batched, 1 client", in_processes(_batch_writer, [(cfg, 0, n)]))
+                with cl.client() as c:
+                    for s in range(args.shards):
+                        c._local(s)  # noqa: SLF001 - only to purge between rounds below
+                per = n // 4
+                note("daemon batched, 4 clients",
+                     in_processes(_batch_writer, [(cfg, 10**7 + i * per, per) for i in range(4)]))
+                note("daemon pipelined writer, 1 client",
+                     in_processes(_pipelined_writer, [(cfg, 2 * 10**7, n)]))
+                note("daemon pipelined writer, 4 clients",
+                     in_processes(_pipelined_writer,
+                                  [(cfg, 3 * 10**7 + i * per, per) for i in range(4)]))
+                note("raw py-lmdb get, txn per get", raw_gets(tmp / "raw", keys))
+                note("client local get (routed)", in_processes(_getter, [(cfg, keys)]))
             m = args.single
+            before = owner_figures(cl)
             note("acked single put, 1 client",
                  in_processes(_single_putter, [(cfg, 0, m)]))
+            before = group_figures(before, owner_figures(cl), args.single_only)
             note("acked single put, 8 clients",
                  in_processes(_single_putter, [(cfg, 10**6 * (i + 1), m) for i in range(8)]))
+            group_figures(before, owner_figures(cl), args.single_only)
         finally:
             cl.stop()
             shutil.rmtree(tmp, ignore_errors=True)
 
     med = {k: statistics.median(v) for k, v in res.items()}
-    raw_ins = med["raw py-lmdb insert, 1,000/txn, sync"]
-    raw_get = med["raw py-lmdb get, txn per get"]
+    raw_ins = med.get("raw py-lmdb insert, 1,000/txn, sync", 0.0)
+    raw_get = med.get("raw py-lmdb get, txn per get", 0.0)
     print(f"\n{n:,} records of ~{len(cbor2.dumps(record(1)))} B CBOR, {args.shards} shards, "
           f"sync on, {args.rounds} rounds, medians (lmdb {lmdb.__version__})\n")
     print(f"{'workload':<44} {'ops/s':>12}  ratio")

@@ -324,27 +324,32 @@ class Client:
     def _request(self, shard: int, code: int, body: Any, *, write: bool) -> Any:
         """Send one request to one shard and wait for its reply, with Lazy Pirate retries.
 
-        The one-shard case of ``_requests``, kept lean: it is every single put's path.
+        The one-shard case of ``_requests``, kept lean: it is every single put's path. The
+        wait is a blocking recv under RCVTIMEO (one poll inside libzmq); ``Socket.poll`` would
+        build a Poller and poll the socket several times per reply.
         """
         conn = self._conn(shard)
         conn.seq += 1
         seq = conn.seq
         frame = protocol.pack_request(code, self._tls.client_id if write else None, seq, body)
-        timeout = self.timeout_ms / 1000
         for attempt in range(self.retries + 1):
             sock = conn.sock
             try:
                 sock.send(frame, zmq.NOBLOCK, len(frame) < 65536)  # a copy is cheaper
             except zmq.Again:
                 pass  # the queue to that peer is full: wait out the timeout, then retry
-            deadline = time.monotonic() + timeout
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not sock.poll(max(1, int(left * 1000))):
+            wait_ms = self.timeout_ms
+            deadline = time.monotonic() + wait_ms / 1000
+            while wait_ms > 0:
+                sock.setsockopt(zmq.RCVTIMEO, wait_ms)
+                try:
+                    reply = sock.recv()
+                except zmq.Again:
                     break
-                rseq, status, rbody = protocol.unpack_frame(sock.recv())
+                rseq, status, rbody = protocol.unpack_frame(reply)
                 if rseq == seq:
                     return rbody if status == 0 else error_from_wire(status, *rbody)
+                wait_ms = int((deadline - time.monotonic()) * 1000)  # a late, stale reply
             self._counters["timeouts"] += 1
             if attempt < self.retries:
                 self._counters["retries"] += 1

@@ -34,6 +34,7 @@ from lmshard.errors import (
 )
 from lmshard.store import Store, grow_map
 from lmshard.txn import ReadTxn, WriteTxn
+from lmshardd.grouping import ActiveWriters, wait_readable
 
 log = logging.getLogger("lmshardd.owner")
 
@@ -47,9 +48,13 @@ CLIENTS_DB = b"__clients__"
 GROUP_LINGER_THRESHOLD = 1.2
 """Average batches per commit above which the owner waits briefly for more writers."""
 GROUP_LINGER_FRACTION = 0.3
-"""The wait, as a fraction of the average commit time."""
+"""The longest wait, as a fraction of the average commit time."""
 GROUP_LINGER_MAX = 0.001
 """Never wait longer than 1 ms for a group to fill."""
+ACTIVE_WRITER_WINDOW = 0.1
+"""Seconds a client counts as an active writer after its last batch; the owner stops waiting
+for a group to fill once it holds a batch from each."""
+_SNDMORE = int(zmq.SNDMORE)
 
 
 class Channel(Protocol):
@@ -129,6 +134,7 @@ class ShardOwner:
         self.paused = False
         self._group_avg = 1.0
         self._commit_avg = 0.0
+        self._writers = ActiveWriters(ACTIVE_WRITER_WINDOW)
         self.channels: list[Channel] = []
         self.ctx: zmq.Context[Any] = zmq.Context.instance()
         self.sock: zmq.Socket[bytes] | None = None
@@ -248,16 +254,27 @@ class ShardOwner:
         writes: list[tuple[bytes, bytes | None, int, list[tuple]]] = []
         others: list[tuple[bytes, int, protocol.Command, Any]] = []
         n = self._drain(sock, writes, others, MAX_GROUP)
-        if writes and self._group_avg > GROUP_LINGER_THRESHOLD and n < MAX_GROUP:
-            # Several writers are active: a moment's wait lets their next batches join this
-            # commit, so one fsync serves them all (it costs one writer a fraction of a commit).
-            time.sleep(min(GROUP_LINGER_MAX, self._commit_avg * GROUP_LINGER_FRACTION))
-            n += self._drain(sock, writes, others, MAX_GROUP - n)
         if writes:
+            now = time.monotonic()
+            self._writers.note(writes, now)
+            expected = self._writers.count(now)
+            if len(writes) < expected and self._group_avg > GROUP_LINGER_THRESHOLD:
+                # Other writers are active: a moment's wait lets their next batches join this
+                # commit, so one fsync serves them all. It ends once each active writer is in.
+                deadline = now + min(GROUP_LINGER_MAX, self._commit_avg * GROUP_LINGER_FRACTION)
+                while len(writes) < expected and n < MAX_GROUP:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not wait_readable(sock, left):
+                        break
+                    n += self._drain(sock, writes, others, MAX_GROUP - n)
+                self._writers.note(writes, now)
             self._group_avg += (len(writes) - self._group_avg) * 0.2
-            for ident, reply in self.commit_group(writes):
-                sock.send_multipart([ident, reply])
-            self._commit_avg += (self.counters.commit_seconds[-1] - self._commit_avg) * 0.2
+            started = time.perf_counter()
+            replies = self.commit_group(writes)
+            self._commit_avg += (time.perf_counter() - started - self._commit_avg) * 0.2
+            for ident, reply in replies:
+                sock.send(ident, _SNDMORE)
+                sock.send(reply)
         for ident, seq, cmd, args in others:
             sock.send_multipart([ident, self.answer(seq, cmd, args)])
         return n
