@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from operator import itemgetter
 from typing import Any
 
+import lmdb
 import zmq
 
 from lmshard import protocol, security
@@ -63,9 +64,9 @@ class ClientTable:
     """A table as the client routes it: encoders, decoders and how a key picks its shard."""
 
     __slots__ = ("table", "name", "tid", "kenc", "kdec", "kprefix", "dumps", "loads", "pinned",
-                 "shard_key", "shard_prefix")
+                 "shard_key", "shard_prefix", "local")
 
-    def __init__(self, table: Table, shard_of: Callable[[bytes], int]) -> None:
+    def __init__(self, table: Table, shard_of: Callable[[bytes], int], shards: int) -> None:
         self.table = table
         self.name = table.name
         self.tid = table.table_id.bytes
@@ -77,6 +78,9 @@ class ClientTable:
         self.pinned: int | None = shard_of(self.tid) if table.pinned else None
         self.shard_key = table.shard_key
         self.shard_prefix = table.shard_prefix
+        self.local: list[tuple[Any, Any] | None] = [None] * shards
+        """Per shard, (environment, database) of this table once the shard is open here: the
+        point get's fast path. Cleared after fork and on close."""
 
 
 class _Conn:
@@ -242,7 +246,7 @@ class Client:
         self._shard_of = self.slot_map.shard_of
         self._tables: dict[Any, ClientTable] = {}
         for t in self.schema.tables.values():
-            ct = ClientTable(t, self._shard_of)
+            ct = ClientTable(t, self._shard_of, self.shards)
             self._tables[t] = self._tables[t.name] = self._tables[t.table_id] = ct
         self._stores: list[Store | None] = [None] * self.shards
         self._remote_only: set[int] = set()
@@ -267,7 +271,12 @@ class Client:
         remote_reads, batches_failed, unavailable (summed over its threads)."""
         return self._counts.total()
 
+    def _forget_local_handles(self) -> None:
+        for ct in set(self._tables.values()):
+            ct.local = [None] * self.shards
+
     def _reset_after_fork(self) -> None:
+        self._forget_local_handles()  # the child's stores reopen their environments
         self._counts = _Counters()  # the child counts its own work, with a lock of its own
         self._ctx = None
         self._tls = threading.local()
@@ -516,8 +525,19 @@ class Client:
         kb = ct.kenc(key)
         shard = ct.pinned if ct.pinned is not None else (
             self._shard_of(kb) if ct.shard_key is None else self._route(ct, key, kb))
+        hit = ct.local[shard]
+        if hit is not None:  # the hot path: one read txn on this process's open environment
+            try:
+                txn = hit[0].begin(db=hit[1])
+            except lmdb.MapResizedError:  # the owner grew the map: the store adopts it
+                return self._stores[shard].get_encoded(  # type: ignore[union-attr]
+                    ct.table, kb, default)
+            data = txn.get(kb)
+            txn.abort()
+            return default if data is None else ct.loads(data)
         st = self._stores[shard] or self._local(shard)
         if st is not None:
+            ct.local[shard] = (st.env, st._tables[ct.table].db)
             return st.get_encoded(ct.table, kb, default)
         data = self._remote(shard, 10, [ct.tid, kb])
         return default if data is None else ct.loads(data)
@@ -717,6 +737,7 @@ class Client:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+        self._forget_local_handles()
         for st in self._stores:
             if st is not None:
                 st.close()
