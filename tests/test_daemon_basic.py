@@ -223,3 +223,33 @@ def test_owner_refuses_a_changed_table_placement(tmp_path) -> None:  # type: ign
         with pytest.raises(lmshard.SchemaMismatch, match="placed on shards by shard_key=1"):
             ShardOwner(cl.config, 0, schema=declared(**other))
     ShardOwner(cl.config, 0, schema=declared(shard_key=1)).close()  # nothing was recorded
+
+
+def test_client_local_reads_after_fork_use_the_childs_own_environment(cluster: Cluster) -> None:
+    import os
+
+    with cluster.client() as c:
+        c.put("records", 1, {"v": "parent"})
+        assert c.get("records", 1) == {"v": "parent"}  # this process's handles are cached
+        shard = c._route(c._table("records"), 1, (1).to_bytes(8, "big"))
+        parent_env = c._stores[shard].env  # type: ignore[union-attr]
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                c.put("records", 2, {"v": "child"})
+                ok = (c.get("records", 1) == {"v": "parent"}
+                      and c.get("records", 2) == {"v": "child"}
+                      and c._stores[shard].env is not parent_env  # type: ignore[union-attr]
+                      # the get went through the child's environment, not the inherited one
+                      # (whose reader slots would carry the parent's pid)
+                      and c._table("records").local[shard][0]  # type: ignore[index]
+                      is c._stores[shard].env)  # type: ignore[union-attr]
+                os.write(w, b"1" if ok else b"0")
+            finally:
+                os._exit(0)
+        os.close(w)
+        assert os.read(r, 1) == b"1"
+        os.waitpid(pid, 0)
+        assert c.get("records", 2) == {"v": "child"}
+        assert f"{os.getpid()} " in parent_env.readers()  # the child left our slot alone
