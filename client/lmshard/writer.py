@@ -80,6 +80,8 @@ class Writer:
                 f"window must be an int in 1..{protocol.PIPELINE_WINDOW} (batches in flight "
                 f"per shard), not {window!r}")
         self._client = client
+        self._tables = client._tables
+        self._shard_of = client._shard_of
         self.batch_size = batch_size
         self.window = window
         self._streams: dict[int, _Stream] = {}
@@ -93,16 +95,15 @@ class Writer:
     # -- ops -------------------------------------------------------------------------------------
 
     def put(self, table: Any, key: Any, value: Any) -> None:
-        client = self._client
-        ct = client._tables.get(table) or client._table(table)
+        ct = self._tables.get(table) or self._client._table(table)
         kb = ct.kenc(key)
         vb = ct.dumps(value)
         if ct.pinned is not None:
             shard = ct.pinned
         elif ct.shard_key is None:
-            shard = client._shard_of(kb)
+            shard = self._shard_of(kb)
         else:
-            shard = client._route(ct, key, kb)
+            shard = self._client._route(ct, key, kb)
         st = self._streams.get(shard) or self._stream(shard)
         st.buf.append([protocol.OP_PUT, ct.tid, kb, vb])
         if len(st.buf) >= self.batch_size:
