@@ -344,7 +344,7 @@ class Client:
         for attempt in range(self.retries + 1):
             sock = conn.sock
             try:
-                sock.send(frame, zmq.NOBLOCK, len(frame) < 65536)  # a copy is cheaper
+                sock.send(frame, zmq.NOBLOCK, len(frame) < protocol.ZERO_COPY_MIN)
             except zmq.Again:
                 pass  # the queue to that peer is full: wait out the timeout, then retry
             wait_ms = self.timeout_ms
@@ -398,7 +398,8 @@ class Client:
         for attempt in range(self.retries + 1):
             for s in pending:
                 try:
-                    conns[s].sock.send(frames[s], zmq.NOBLOCK, len(frames[s]) < 65536)
+                    conns[s].sock.send(frames[s], zmq.NOBLOCK,
+                                       len(frames[s]) < protocol.ZERO_COPY_MIN)
                 except zmq.Again:
                     pass  # the queue to that peer is full: wait out the timeout, then retry
             deadline = time.monotonic() + self.timeout_ms / 1000

@@ -45,6 +45,11 @@ MAX_VALUE_SIZE = 16 * 2**20
 MAX_SCAN_PAGE = 10_000
 """Most rows one scan reply carries; the client asks again from the next key."""
 
+ZERO_COPY_MIN = 4 * 2**20
+"""Frames from this size on are sent without a copy. Below it a copy is cheaper: sending a
+batch of 1,000 rows (about 110 KiB) with a copy took 10-15% less client CPU than pyzmq's
+zero-copy send, whose buffer release runs through a separate thread."""
+
 PIPELINE_WINDOW = 8
 """Most batches a pipelined writer keeps in flight per shard; the owner keeps this many replies
 per stream, so a batch resent after a lost connection is answered as it was the first time."""

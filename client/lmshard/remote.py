@@ -46,8 +46,6 @@ MAX_SOCKET_TIMEOUT_MS = 2**31 - 1
 """ZeroMQ's socket timeouts are C ints (milliseconds)."""
 CONNECT_WAIT_MS = 250
 """How long a send waits for a reader's connection before it tries the next reader."""
-ZERO_COPY_MIN = 65536
-"""Frames from this size on are sent without a copy (below it a copy is cheaper)."""
 SCAN_PAGE = 1000
 """Rows per scan page the pool is asked for (the server caps pages at MAX_SCAN_PAGE)."""
 
@@ -191,7 +189,7 @@ class ReaderPool:
     def _send(self, conn: _PoolConn, i: int, frame: bytes, deadline: float) -> int | None:
         """Send to reader ``i``, or the next connected one; the reader it went to, or None."""
         m = len(self.endpoints)
-        copy = len(frame) < ZERO_COPY_MIN
+        copy = len(frame) < protocol.ZERO_COPY_MIN
         for k in range(m):
             j = (i + k) % m
             fresh = conn.socks[j] is None
@@ -224,7 +222,7 @@ class ReaderPool:
         self.counters["requests"] += 1
         seq, frame = self._frame(conn, READ, [shard, code, body])
         try:
-            sock.send(frame, zmq.NOBLOCK, len(frame) < ZERO_COPY_MIN)
+            sock.send(frame, zmq.NOBLOCK, len(frame) < protocol.ZERO_COPY_MIN)
         except zmq.Again:  # not connected any more: the full path picks another reader
             return self._request_again(conn, seq, frame, shard, code, body, False)
         try:

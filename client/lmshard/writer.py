@@ -185,7 +185,7 @@ class Writer:
     @staticmethod
     def _transmit(st: _Stream, frame: bytes) -> None:
         try:
-            st.sock.send(frame, zmq.NOBLOCK, len(frame) < 65536)
+            st.sock.send(frame, zmq.NOBLOCK, len(frame) < protocol.ZERO_COPY_MIN)
         except zmq.Again:
             pass  # the queue to that shard is full: the timeout resends it
 
