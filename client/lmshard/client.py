@@ -294,8 +294,8 @@ class Client:
     def _route(self, ct: ClientTable, key: Any, kb: bytes) -> int:
         if ct.pinned is not None:
             return ct.pinned
-        if ct.shard_prefix is not None:  # the key's leading elements, as encoded
-            return self._shard_of(ct.kprefix(tuple(key[:ct.shard_prefix])))
+        if ct.shard_prefix is not None:
+            return self._leading_shard(ct, key)
         if ct.shard_key is not None:
             return self._shard_of(encode_index_value(ct.shard_key(key)))
         return self._shard_of(kb)
@@ -625,6 +625,11 @@ class Client:
                 ) -> tuple[bytes | None, bytes | None]:
         return key_bounds(ct, prefix, start, end)
 
+    def _leading_shard(self, ct: ClientTable, elements: Any) -> int:
+        """The shard of a ``shard_key=n`` table's rows whose key starts with ``elements``
+        (n or more of them): the first n, hashed as they are encoded in the key."""
+        return self._shard_of(ct.kprefix(tuple(elements[:ct.shard_prefix])))
+
     def _shards_for(self, ct: ClientTable, prefix: Any = None) -> list[int]:
         """The shards rows of ``ct`` (under ``prefix``) can be on."""
         if ct.pinned is not None:
@@ -633,7 +638,7 @@ class Client:
         if n is not None and prefix is not None:
             p = prefix if isinstance(prefix, (tuple, list)) else (prefix,)
             if len(p) >= n:  # every row under the prefix has these leading elements
-                return [self._shard_of(ct.kprefix(tuple(p[:n])))]
+                return [self._leading_shard(ct, p)]
         return list(range(self.shards))
 
     def _raw_range(self, shard: int, ct: ClientTable, lo: bytes | None, hi: bytes | None,

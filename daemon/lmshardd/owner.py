@@ -380,7 +380,7 @@ class ShardOwner:
                         outcomes.append(_replay(seq, last_seq, status, body, more))
                         continue
                     if after is not None:  # the replies a resent pipelined batch may need
-                        window = [[last_seq, status, body], *(more[0] if more else [])]
+                        window = [[last_seq, status, body], *_older_replies(more)]
                         del window[protocol.PIPELINE_WINDOW - 1:]
                 if after is not None and (after != last_seq or seq <= after):
                     c.out_of_order += 1
@@ -479,12 +479,18 @@ class ShardOwner:
         self.store.close()
 
 
+def _older_replies(more: list[Any]) -> list[Any]:
+    """The ``[seq, status, reply]`` kept for a stream's earlier batches, from the fields after a
+    client record's third (none in records written before streams had them)."""
+    return more[0] if more and more[0] else []
+
+
 def _replay(seq: int, last_seq: int, status: int, body: Any, more: list[Any]
             ) -> tuple[int, Any]:
     """The reply to a batch this client sent before: the kept one, or "applied long ago"."""
     if seq == last_seq:
         return status, protocol.replayed_reply(status, body)
-    for old_seq, old_status, old_body in (more[0] if more and more[0] else []):
+    for old_seq, old_status, old_body in _older_replies(more):
         if old_seq == seq:
             return old_status, protocol.replayed_reply(old_status, old_body)
     return 0, [None, None]  # long since applied; its reply is no longer kept
