@@ -57,7 +57,7 @@ def test_init_writes_config_dirs_and_supervisord_conf(short_dir: Path) -> None:
     assert (short_dir / "svc" / "var" / "log").is_dir()
 
     conf = read_conf(short_dir / "svc" / "supervisord.conf")
-    assert conf.get("group:lmshard", "programs") == "shard"
+    assert conf.get("group:lmshard", "programs") == "shard,readers,monitor"
     shard = dict(conf.items("program:shard"))
     assert shard["command"] == (f"{sys.executable} -m lmshardd.main -c {toml} owner "
                                 "--shard %(process_num)d")
@@ -73,19 +73,40 @@ def test_init_writes_config_dirs_and_supervisord_conf(short_dir: Path) -> None:
     assert conf.get("supervisorctl", "serverurl") == f"unix://{config.run_dir}/supervisor.sock"
     assert conf.has_section("rpcinterface:supervisor")
     assert not conf.has_section("inet_http_server")
-    # Not there yet: written commented out.
-    for section in ("program:readers", "program:monitor", "eventlistener:lmshard_alerts"):
-        assert not conf.has_section(section)
+    readers = dict(conf.items("program:readers"))
+    assert readers["command"] == (f"{sys.executable} -m lmshardd.main -c {toml} readers "
+                                  "--index %(process_num)d")
+    assert readers["numprocs"] == "1" and readers["process_name"] == "reader_%(process_num)02d"
+    assert conf.get("program:monitor", "command") == (
+        f"{sys.executable} -m lmshardd.main -c {toml} monitor")
+    listener = dict(conf.items("eventlistener:lmshard_alerts"))
+    assert listener["command"] == f"{sys.executable} {supervise.EVENTLISTENER}"
+    assert supervise.EVENTLISTENER.is_file()
+    assert listener["events"] == "PROCESS_STATE_EXITED,PROCESS_STATE_FATAL"
+    assert config.monitor_http == ("127.0.0.1", 9464)
+
+
+def test_no_readers_and_no_alerts_are_written_commented_out(short_dir: Path) -> None:
+    init(short_dir / "svc", "--readers", "0", "--no-alerts", "--monitor-http", "off")
+    conf = read_conf(short_dir / "svc" / "supervisord.conf")
+    assert conf.get("group:lmshard", "programs") == "shard,monitor"
+    assert not conf.has_section("program:readers")
+    assert not conf.has_section("eventlistener:lmshard_alerts")
+    text = (short_dir / "svc" / "supervisord.conf").read_text()
+    assert "(readers: off; readers.count is 0 in the config)" in text
+    assert "(alerts: off; switched off with --no-alerts" in text
+    assert load_config(short_dir / "svc" / "lmshard.toml").monitor_http is None
 
 
 def test_supervisord_itself_reads_the_generated_config(short_dir: Path) -> None:
     from supervisor.options import ServerOptions
 
-    init(short_dir / "svc", "--shards", "2", "--alerts")
+    init(short_dir / "svc", "--shards", "2")
     options = ServerOptions()
     options.realize(args=["-c", str(short_dir / "svc" / "supervisord.conf")])
     groups = {g.name: [p.name for p in g.process_configs] for g in options.process_group_configs}
-    assert groups == {"lmshard": ["shard_00", "shard_01"], "lmshard_alerts": ["lmshard_alerts"]}
+    assert groups == {"lmshard": ["shard_00", "shard_01", "reader_00", "reader_01", "monitor"],
+                      "lmshard_alerts": ["lmshard_alerts"]}
     group = next(g for g in options.process_group_configs if g.name == "lmshard")
     shard = group.process_configs[1]
     assert shard.command.endswith("owner --shard 1")
@@ -94,16 +115,16 @@ def test_supervisord_itself_reads_the_generated_config(short_dir: Path) -> None:
     assert [c["family"] for c in options.server_configs] == [socket.AF_UNIX]
 
 
-def test_generator_flags_switch_sections_on(short_dir: Path) -> None:
+def test_every_program_the_generator_writes_is_a_role_lmshardd_offers(short_dir: Path) -> None:
     config = load_config(init(short_dir / "svc"))
-    text = supervise.render_supervisord_conf(config, readers=True, monitor=True, alerts=True)
     conf = configparser.RawConfigParser(inline_comment_prefixes=(";",))
-    conf.read_string(text)
-    assert conf.get("group:lmshard", "programs") == "shard,readers,monitor"
+    conf.read_string(supervise.render_supervisord_conf(config))
     assert conf.get("program:readers", "numprocs") == "2"
-    assert "lmshardd.main" in conf.get("program:monitor", "command")
-    assert conf.get("eventlistener:lmshard_alerts", "events") == (
-        "PROCESS_STATE_EXITED,PROCESS_STATE_FATAL")
+    for program in supervise.PROGRAMS:
+        command = conf.get(f"program:{program}", "command").replace("%(process_num)d", "0")
+        argv = [*command.split(), "--help"]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (program, done.stderr)
 
 
 def test_init_refuses_to_overwrite_and_rejects_long_socket_paths(

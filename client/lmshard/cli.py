@@ -16,6 +16,7 @@ Every command finds the config by ``-c``, then ``$LMSHARD_CONFIG``, then
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -26,8 +27,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmshard import supervise
-from lmshard.config import ENV_VAR, Config, ConfigError, load_config, make_config
+from lmshard import preflight, supervise
+from lmshard.config import (
+    DEFAULT_MONITOR_HTTP,
+    ENV_VAR,
+    Config,
+    ConfigError,
+    load_config,
+    make_config,
+)
 from lmshard.errors import Error, ShardUnavailable
 from lmshard.supervise import GROUP, SupervisorError, SupervisorFiles
 
@@ -61,6 +69,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         config = make_config(
             base_dir=base, shards=args.shards, readers=args.readers, schema=args.schema,
             python_path=python_path, data_dir=str(base / "var" / "data"), run_dir=str(run_dir),
+            monitor_http=args.monitor_http,
         )
     except ConfigError as exc:
         if exc.key and "endpoint" in exc.key:
@@ -69,17 +78,20 @@ def cmd_init(args: argparse.Namespace) -> int:
                 hint="pass a shorter run directory: lmshard init DIR --run-dir /tmp/lmshard-NAME "
                 "(or /run/lmshard)") from exc
         raise
+    # Everything is checked and rendered before the first file is written: a failed init
+    # leaves nothing behind that would make the next one refuse.
+    config = dataclasses.replace(config, path=target)
+    preflight.check_schema(config)
     paths = [config.data_dir, config.run_dir, *config.python_path]
     inside = all(p.is_relative_to(base) for p in paths)
+    toml = config.to_toml(relative_to=base if inside else None)
+    conf_text = supervise.render_supervisord_conf(config, log_dir=log_dir,
+                                                  alerts=not args.no_alerts)
     base.mkdir(parents=True, exist_ok=True)
-    target.write_text(config.to_toml(relative_to=base if inside else None))
-    config = load_config(target)
-    conf = supervise.write_supervisord_conf(config, log_dir=log_dir, alerts=args.alerts)
+    target.write_text(toml)
+    conf = supervise.supervisord_conf_path(config)
+    conf.write_text(conf_text)
     supervise.ensure_dirs(config, SupervisorFiles.read(conf))
-    try:
-        config.load_schema()
-    except ConfigError as exc:
-        print(f"lmshard: warning: {exc}", file=sys.stderr)
     _say(f"wrote {target}\nwrote {conf}\ndata {config.data_dir}\nrun  {config.run_dir} (0700)\n"
          f"logs {log_dir}\nstart it with: lmshard up -c {target}")
     return 0
@@ -89,7 +101,8 @@ def cmd_supervisord_conf(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     log_dir = Path(args.log_dir).absolute() if args.log_dir else None
     out = Path(args.output).absolute() if args.output else None
-    path = supervise.write_supervisord_conf(config, log_dir=log_dir, alerts=args.alerts, out=out)
+    path = supervise.write_supervisord_conf(config, log_dir=log_dir, alerts=not args.no_alerts,
+                                            out=out)
     _say(f"wrote {path}")
     return 0
 
@@ -106,6 +119,13 @@ def _progress(up: int, total: int) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     files = _files(config)
+    if supervise.supervisord_pid(files) is None:
+        # Checked before supervisord starts: it would retry a failing process for many
+        # seconds before giving up, and an outdated supervisord.conf would run old programs.
+        preflight.check_all(config)
+        note = supervise.refresh_supervisord_conf(config)
+        if note:
+            _say(note)
     if args.foreground:
         return _up_foreground(config, files, args.timeout)
     pid = supervise.start_daemon(config, files)
@@ -320,6 +340,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def _alerts_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-alerts", action="store_true",
+                   help="leave out the eventlistener that reports crashed shard owners")
+    p.add_argument("--alerts", action="store_true", help=argparse.SUPPRESS)  # the default now
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="lmshard", description="Set up, run and inspect an lmshard service (supervisord).")
@@ -340,15 +366,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="sockets and pid files (default DIR/var/run; keep it "
                    "short: unix socket paths hold at most 107 bytes)")
     p.add_argument("--log-dir", help="log files (default DIR/var/log)")
-    p.add_argument("--alerts", action="store_true",
-                   help="enable the eventlistener that reports crashed shard owners")
+    p.add_argument("--monitor-http", default=DEFAULT_MONITOR_HTTP, metavar="HOST:PORT",
+                   help="where the monitor serves /metrics, or off (default "
+                   f"{DEFAULT_MONITOR_HTTP}; give each service on a host its own port)")
+    _alerts_flags(p)
     p.add_argument("--force", action="store_true", help="overwrite an existing lmshard.toml")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("supervisord-conf", parents=[with_config],
                        help="(re)write supervisord.conf for a config")
     p.add_argument("--log-dir", help="log files (default: var/log beside the data_dir)")
-    p.add_argument("--alerts", action="store_true", help="enable the alerts eventlistener")
+    _alerts_flags(p)
     p.add_argument("-o", "--output", help="write here instead of next to the config")
     p.set_defaults(func=cmd_supervisord_conf)
 

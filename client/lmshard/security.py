@@ -38,7 +38,8 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
-from lmshard.config import ConfigError, _is_loopback, _split_host_port
+from lmshard import config as config_module
+from lmshard.config import ConfigError, _split_host_port
 
 log = logging.getLogger("lmshard.security")
 
@@ -70,7 +71,7 @@ def is_loopback(endpoint: str) -> bool:
     if not is_tcp(endpoint):
         return False
     host, _port = _split_host_port(endpoint[len("tcp://"):])
-    return _is_loopback(host)
+    return config_module.is_loopback(host)
 
 
 def needs_curve(endpoint: str) -> bool:

@@ -81,6 +81,62 @@ def grow_map(env: lmdb.Environment, max_map_size: int, path: str) -> int:
     return new
 
 
+
+def read_meta(path: str | os.PathLike[str]) -> dict[bytes, bytes] | None:
+    """The records a store at ``path`` keeps about itself (format, schema, tables), read
+    without changing anything; None if there is no store there yet."""
+    if not Path(path, "data.mdb").is_file():
+        return None
+    env = lmdb.open(os.fspath(path), readonly=True, lock=False, max_dbs=MAX_DBS, subdir=True)
+    try:
+        with env.begin() as txn:
+            try:
+                meta_db = env.open_db(META_DB, txn=txn, create=False)
+            except lmdb.NotFoundError:
+                return {}
+            return dict(txn.cursor(db=meta_db).iternext())
+    finally:
+        env.close()
+
+
+def check_stored_schema(schema: Schema, meta: dict[bytes, bytes], path: Any) -> int:
+    """Refuse a store whose records (``read_meta``) conflict with ``schema``: another format or
+    schema name, a newer schema version, a table created with other key or value types. The
+    stored schema version (``schema.version`` for a new store)."""
+    fmt = meta.get(b"format")
+    if fmt is not None and int(fmt) != FORMAT_VERSION:
+        raise SchemaMismatch(
+            f"the store at {path} has format {fmt.decode()}, this lmshard reads "
+            f"format {FORMAT_VERSION}"
+        )
+    stored = cbor2.loads(meta[b"schema"]) if b"schema" in meta else None
+    if stored is not None and stored["name"] != schema.name:
+        raise SchemaMismatch(
+            f"the store at {path} belongs to schema {stored['name']!r}, not {schema.name!r}",
+            hint="open it with its own schema, or use another path",
+        )
+    version: int = stored["version"] if stored else schema.version
+    if version > schema.version:
+        raise SchemaMismatch(
+            f"the store at {path} is at schema version {version}, newer than this "
+            f"code's version {schema.version}",
+            hint="run the newer code, or restore a backup taken before the upgrade",
+        )
+    for t in schema.tables.values():
+        mkey = b"table/" + str(t.table_id).encode()
+        if mkey not in meta:
+            continue
+        record = cbor2.loads(meta[mkey])
+        declared = {"key": _spec(t.key.spec), "value": t.value.name}
+        for what in ("key", "value"):
+            if record[what] != declared[what]:
+                raise SchemaMismatch(
+                    f"table {t.name!r} ({t.table_id}) was created with {what} "
+                    f"{record[what]!r}, the schema now declares {declared[what]!r}"
+                )
+    return version
+
+
 class Store:
     """An open embedded store. Use ``lmshard.open()``; close it, or use it as a context manager."""
 
@@ -210,37 +266,11 @@ class Store:
         meta: dict[bytes, bytes], w: WriteTxn,
     ) -> None:
         schema = self.schema
-        fmt = meta.get(b"format")
-        if fmt is not None and int(fmt) != FORMAT_VERSION:
-            raise SchemaMismatch(
-                f"the store at {self.path} has format {fmt.decode()}, this lmshard reads "
-                f"format {FORMAT_VERSION}"
-            )
-        stored = cbor2.loads(meta[b"schema"]) if b"schema" in meta else None
-        if stored is not None and stored["name"] != schema.name:
-            raise SchemaMismatch(
-                f"the store at {self.path} belongs to schema {stored['name']!r}, "
-                f"not {schema.name!r}",
-                hint="open it with its own schema, or use another path",
-            )
-        version = stored["version"] if stored else schema.version
-        if version > schema.version:
-            raise SchemaMismatch(
-                f"the store at {self.path} is at schema version {version}, newer than this "
-                f"code's version {schema.version}",
-                hint="run the newer code, or restore a backup taken before the upgrade",
-            )
+        version = check_stored_schema(schema, meta, self.path)
         for t in schema.tables.values():
             mkey = b"table/" + str(t.table_id).encode()
             record = cbor2.loads(meta[mkey]) if mkey in meta else None
             declared = {"key": _spec(t.key.spec), "value": t.value.name}
-            if record is not None:
-                for what in ("key", "value"):
-                    if record[what] != declared[what]:
-                        raise SchemaMismatch(
-                            f"table {t.name!r} ({t.table_id}) was created with {what} "
-                            f"{record[what]!r}, the schema now declares {declared[what]!r}"
-                        )
             built = record.get("indexes", {}) if record else {}
             for ix in t.indexes.values():
                 flags = {"unique": ix.unique, "nullable": ix.nullable}

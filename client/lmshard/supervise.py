@@ -22,6 +22,7 @@ import time
 import xmlrpc.client
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -31,22 +32,25 @@ from lmshard.errors import ShardUnavailable
 from lmshard.schema import Schema
 
 GROUP = "lmshard"
-"""The supervisord group of every lmshard process."""
+"""The supervisord group of every lmshard program."""
+ALERTS = "lmshard_alerts"
+"""The alerts eventlistener's pool (supervisord keeps eventlisteners out of groups)."""
 SUPERVISORD_CONF = "supervisord.conf"
 """File name of the generated supervisord config, in the directory of the lmshard config."""
 SOCKET_NAME = "supervisor.sock"
 """supervisord's unix socket (supervisorctl, XML-RPC), in the run directory."""
 PIDFILE_NAME = "supervisord.pid"
 """supervisord's pid file, in the run directory."""
-DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
-"""The repository's deploy/ folder: the template and the example eventlistener."""
-TEMPLATE = DEPLOY_DIR / "supervisord.conf.template"
-EVENTLISTENER = DEPLOY_DIR / "eventlistener.py"
+DEPLOY = resources.files("lmshard") / "deploy"
+"""Package data: the supervisord template, the alerts eventlistener and a systemd unit (the
+checkout's ``deploy/`` is a link to this folder, the copy operators browse)."""
+TEMPLATE = Path(str(DEPLOY / "supervisord.conf.template"))
+EVENTLISTENER = Path(str(DEPLOY / "eventlistener.py"))
 
-ENABLED_ROLES = {"readers": True, "monitor": True}
-"""Roles besides ``owner`` whose programs are generated (if ``lmshardd ROLE`` also exists).
-The reader pool and monitor issues switch these on once their command lines in the template
-are right; until then those sections are written commented out."""
+PROGRAMS = ("shard", "readers", "monitor")
+"""The programs of group ``lmshard``, in start order: ``lmshardd owner`` once per shard, the
+reader pool (``lmshardd readers``, ``readers.count`` processes; none if 0), the monitor. The
+alerts eventlistener is a pool of its own (supervisord keeps eventlisteners out of groups)."""
 
 UP_TIMEOUT = 60.0
 """Seconds ``lmshard up`` waits for every owner to answer a ping."""
@@ -58,9 +62,8 @@ LOG_TAIL_LINES = 20
 """Lines of a process log shown when it does not come up."""
 
 _OFF_REASONS = {
-    "readers": "generated once `lmshardd readers` exists, see lmshard.supervise.ENABLED_ROLES",
-    "monitor": "generated once `lmshardd monitor` exists, see lmshard.supervise.ENABLED_ROLES",
-    "alerts": "switch on with `lmshard init --alerts` or `lmshard supervisord-conf --alerts`",
+    "readers": "readers.count is 0 in the config",
+    "alerts": "switched off with --no-alerts; `lmshard supervisord-conf` switches it on",
 }
 _BLOCK_RE = re.compile(r"^;@begin (\w+)\n(.*?)^;@end \1\n", re.M | re.S)
 _BAD_PATH_CHARS = set('\n\r";#')
@@ -100,15 +103,6 @@ def default_log_dir(config: Config) -> Path:
     return config.data_dir.parent / "log"
 
 
-def daemon_roles(python: str = sys.executable) -> set[str]:
-    """The roles ``lmshardd`` offers (``owner``, and later ``readers``, ``monitor``), from its
-    ``--help``; the client never imports the daemon package."""
-    out = subprocess.run([python, "-m", "lmshardd.main", "--help"], capture_output=True,
-                         text=True, timeout=60)
-    match = re.search(r"\{([\w,]+)\}", out.stdout)
-    return set(match.group(1).split(",")) if match else set()
-
-
 def _conf_value(path: Path | str, what: str) -> str:
     """A path as a supervisord config value: refused if the config syntax cannot carry it."""
     text = os.fspath(path)
@@ -125,16 +119,16 @@ def render_supervisord_conf(
     *,
     log_dir: Path | None = None,
     python: str = sys.executable,
-    readers: bool = False,
-    monitor: bool = False,
-    alerts: bool = False,
+    alerts: bool = True,
     template: Path = TEMPLATE,
 ) -> str:
     """The supervisord config for ``config`` (which must have been loaded from a file).
 
-    ``readers``/``monitor``/``alerts`` switch those sections on; switched off they are written
-    commented out. Paths are absolute; the command runs ``python -m lmshardd.main``, so pass the
-    interpreter of the venv lmshard is installed in (default: this one).
+    Every program of ``PROGRAMS`` is written (the reader pool only if ``readers.count`` > 0),
+    and the alerts eventlistener unless ``alerts`` is False; what is left out is written
+    commented out, with the reason. Paths are absolute; the commands run ``python -m
+    lmshardd.main``, so pass the interpreter of the venv lmshard is installed in (default: this
+    one).
     """
     assert config.path is not None, "render_supervisord_conf needs a config loaded from a file"
     log_dir = (log_dir or default_log_dir(config)).absolute()
@@ -144,7 +138,8 @@ def render_supervisord_conf(
             f"supervisord's socket {sock} is longer than the unix socket limit ({IPC_PATH_MAX} "
             "bytes)", hint="use a shorter run_dir in the config, e.g. /run/lmshard")
     config_file = _conf_value(config.path, "the config path")
-    programs = ["shard"] + (["readers"] if readers else []) + (["monitor"] if monitor else [])
+    readers = config.readers > 0
+    programs = [p for p in PROGRAMS if p != "readers" or readers]
     values = {
         "config": config_file,
         "config_arg": shlex.quote(config_file),
@@ -164,10 +159,10 @@ def render_supervisord_conf(
     except FileNotFoundError:
         raise SupervisorError(
             f"no supervisord template at {template}",
-            hint="lmshard needs the repository's deploy/ folder: install it editable "
-            "(pip install -e) from a checkout") from None
+            hint="the lmshard installation is incomplete (package data lmshard/deploy is "
+            "missing): reinstall lmshard") from None
     text = string.Template(source).substitute(values)
-    enabled = {"readers": readers, "monitor": monitor, "alerts": alerts}
+    enabled = {"readers": readers, "alerts": alerts}
 
     def block(match: re.Match[str]) -> str:
         name, body = match.group(1), match.group(2)
@@ -182,22 +177,35 @@ def render_supervisord_conf(
 
 
 def write_supervisord_conf(config: Config, *, log_dir: Path | None = None,
-                           alerts: bool = False, out: Path | None = None) -> Path:
+                           alerts: bool = True, out: Path | None = None) -> Path:
     """Render and write the supervisord config (default: next to the lmshard config)."""
-    wanted = {role for role, on in ENABLED_ROLES.items() if on}
-    roles = daemon_roles() if wanted else set()
-    text = render_supervisord_conf(
-        config,
-        log_dir=log_dir,
-        readers="readers" in wanted & roles and config.readers > 0,
-        monitor="monitor" in wanted & roles,
-        alerts=alerts,
-    )
+    text = render_supervisord_conf(config, log_dir=log_dir, alerts=alerts)
     path = out or supervisord_conf_path(config)
+    _write_atomically(path, text)
+    return path
+
+
+def refresh_supervisord_conf(config: Config) -> str | None:
+    """Rewrite the supervisord config next to ``config`` if it no longer matches what the
+    config (and this lmshard) generates, keeping its log directory and alerts choice; the
+    previous file is kept as ``supervisord.conf.old``. A note for the operator if rewritten."""
+    path = supervisord_conf_path(config)
+    files = SupervisorFiles.read(path)
+    old = path.read_text()
+    text = render_supervisord_conf(config, log_dir=files.log_dir,
+                                   alerts="[eventlistener:lmshard_alerts]" in old)
+    if text == old:
+        return None
+    _write_atomically(path.with_name(path.name + ".old"), old)
+    _write_atomically(path, text)
+    return (f"rewrote {path}: it did not match {config.path} (previous version kept as "
+            f"{path.name}.old)")
+
+
+def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-    return path
 
 
 @dataclass(frozen=True)
@@ -344,8 +352,12 @@ def wait_until_up(
                 raise SupervisorError(f"supervisord stopped answering on {files.socket}: {exc}; "
                                       f"see {files.logfile}") from exc
             by_shard = {shard_of_process(i): i for i in infos}
-            others_ok = all(i["statename"] == "RUNNING" for i in infos
-                            if i["group"] == GROUP and shard_of_process(i) is None)
+            others = [i for i in infos
+                      if i["group"] in (GROUP, ALERTS) and shard_of_process(i) is None]
+            for info in others:
+                if info["statename"] == "FATAL":
+                    raise _fatal(info)
+            others_ok = all(i["statename"] == "RUNNING" for i in others)
             for shard in range(config.shards):
                 info = by_shard.get(shard)
                 if info is None:
@@ -374,11 +386,20 @@ def wait_until_up(
                     shard = missing[0]
                     raise _not_up(shard, by_shard[shard],
                                   f"did not answer a ping within {timeout:g} s")
-                bad = next(i for i in infos if i["group"] == GROUP and i["statename"] != "RUNNING")
+                bad = next(i for i in others if i["statename"] != "RUNNING")
                 raise SupervisorError(
                     f"{bad['fullname']} is {bad['statename']} after {timeout:g} s; log "
                     f"{bad['stdout_logfile']}:\n{log_tail(bad['stdout_logfile'])}", hint="")
             time.sleep(0.1)
+
+
+def _fatal(info: dict[str, Any]) -> SupervisorError:
+    log = info.get("stdout_logfile") or info.get("stderr_logfile")
+    why = info.get("spawnerr") or info.get("description") or ""
+    return SupervisorError(
+        f"{info['fullname']} could not be started (FATAL{': ' + why if why else ''}); fix the "
+        f"cause its log shows, then `lmshard up` again; log {log or '(none)'}, last lines:\n"
+        f"{log_tail(log)}", hint="")
 
 
 def _not_up(shard: int, info: dict[str, Any], what: str) -> SupervisorError:

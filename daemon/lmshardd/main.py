@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
+from types import ModuleType
 
 from lmshard.config import ConfigError, load_config
+from lmshardd import monitor, readers
 
-ROLES = (
-    ("readers", "lmshardd.readers", "serve remote reads from every shard (the reader pool)"),
-    ("monitor", "lmshardd.monitor", "collect every shard's stats; serve Prometheus /metrics"),
+ROLES: tuple[tuple[str, ModuleType, str], ...] = (
+    ("readers", readers, "serve remote reads from every shard (the reader pool)"),
+    ("monitor", monitor, "collect every shard's stats; serve Prometheus /metrics"),
 )
-"""Optional roles: each module provides add_arguments(parser) and run(config, args) -> int."""
+"""Roles besides ``owner``: each module provides add_arguments(parser) and run(config, args)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,14 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     owner.add_argument("--shard", type=int, required=True, help="shard number, from 0")
     roles = {}
     for role, module, text in ROLES:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        roles[role] = mod
-        mod.add_arguments(sub.add_parser(role, help=text))
+        roles[role] = module
+        module.add_arguments(sub.add_parser(role, help=text))
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=args.log_level, stream=sys.stderr,
