@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -201,6 +202,77 @@ def test_top_frame_shows_every_shard_and_warns_about_limits(config: Any) -> None
     assert "\x1b[1;33m" in styled  # bold yellow, the warning colour
     plain = monitoring.render_text(snap)
     assert "STALE" in plain and "rows per table" in plain
+
+
+def render_at(snap: dict[str, Any], width: int) -> list[str]:
+    """``top``'s frame as a terminal ``width`` cells wide shows it (no styles)."""
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=width, force_terminal=True, record=True)
+    console.print(monitoring.render_top(snap))
+    return console.export_text().splitlines()
+
+
+def header_cells(lines: list[str]) -> list[str]:
+    """The shard table's headers (they are separated by 2 or more spaces, words by one)."""
+    row = next(line for line in lines if line.startswith("shard "))
+    return re.split(r" {2,}", row.strip())
+
+
+def test_top_columns_are_declared_once_with_distinct_priorities() -> None:
+    headers = [c.header for c in monitoring.TOP_COLUMNS]
+    assert headers[:-1] == list(monitoring.COLUMNS) and headers[-1] == "writes/s trend"
+    assert sorted(c.priority for c in monitoring.TOP_COLUMNS) == list(range(len(headers)))
+    assert all(c.width >= 1 for c in monitoring.TOP_COLUMNS)
+    # widths 5, 3, 4 in display order, priorities 0, 2, 1: the third goes before the second.
+    assert monitoring.fit_columns([5, 3, 4], [0, 2, 1], 16) == [0, 1, 2]
+    assert monitoring.fit_columns([5, 3, 4], [0, 2, 1], 15) == [0, 2]
+    assert monitoring.fit_columns([5, 3, 4], [0, 2, 1], 10) == [0]
+    assert monitoring.fit_columns([5, 3, 4], [0, 2, 1], 2) == [0]  # ``keep`` stays
+    assert monitoring.fit_columns([5, 3, 4], [0, 2, 1], 2, keep=2) == [0, 2]
+
+
+@pytest.mark.parametrize("width", [200, 160, 120, 100, 80, 72, 60, 40])
+def test_top_drops_whole_columns_by_priority_and_never_cuts_a_header(
+        config: Any, width: int) -> None:
+    snap = snapshot_with_a_stale_shard(config)
+    lines = render_at(snap, width)
+    assert max(len(line.rstrip()) for line in lines) <= width
+    assert not any("…" in line for line in lines), "\n".join(lines)
+    headers = header_cells(lines)
+    by_header = {c.header: c for c in monitoring.TOP_COLUMNS}
+    assert set(headers) <= set(by_header), headers  # whole headers only
+    assert headers == [c.header for c in monitoring.TOP_COLUMNS if c.header in headers]
+    # What is shown is the most important columns: no column is missing while a less
+    # important one shows.
+    shown = sorted(by_header[h].priority for h in headers)
+    assert shown == list(range(len(shown)))
+    assert headers[:2] == ["shard", "state"]
+    first = next(i for i, line in enumerate(lines) if line.startswith("shard "))
+    states = {line.split()[0]: line.split()[1] for line in lines[first + 1:first + 4]}
+    assert states == {"0": "up", "1": "up", "2": "STALE"}, "\n".join(lines)
+    if width >= 80:
+        assert {"writes/s", "batches/s", "commit ms p50/p99/max", "map %max"} <= set(headers)
+    if width >= 200:
+        assert headers == [c.header for c in monitoring.TOP_COLUMNS]
+    if width < 200:
+        assert len(headers) < len(monitoring.TOP_COLUMNS)
+
+
+def test_top_rows_table_shows_the_tables_that_fit(config: Any) -> None:
+    names = {f"table_number_{i:02d}": i * 1000 for i in range(12)}
+    now = [0.0]
+    board = monitoring.StatsBoard(config, clock=lambda: now[0])
+    for shard in range(3):
+        board.update(shard, body(shard, tables=names))
+    snap = board.snapshot()
+    narrow = render_at(snap, 80)
+    assert max(len(line.rstrip()) for line in narrow) <= 80
+    assert not any("…" in line for line in narrow)
+    assert "table_number_00" in "\n".join(narrow) and "table_number_11" not in "\n".join(narrow)
+    assert any("more tables not shown at this width" in line for line in narrow)
+    wide = "\n".join(render_at(snap, 400))
+    assert "table_number_11" in wide and "not shown" not in wide
 
 
 def test_docs_list_every_metric_and_message_field(config: Any) -> None:

@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import msgpack
 import zmq
@@ -570,39 +570,161 @@ def sparkline(values: list[float | None], width: int = 16) -> str:
 
 
 _LEVEL_STYLE = ("", "bold yellow", "bold red")
+_GAP = 2
+"""Spaces between two columns of ``top``'s tables (one cell of padding on either side)."""
+
+
+Justify = Literal["left", "right"]
+
+
+@dataclass(frozen=True)
+class TopColumn:
+    """One column of ``lmshard top``'s shard table (see :data:`TOP_COLUMNS`)."""
+
+    header: str
+    width: int
+    """Cells the column keeps even when its content is narrower (a steady layout)."""
+    priority: int
+    """0 is the last column dropped as the terminal narrows; the highest number goes first."""
+    cell: Callable[[dict[str, Any], dict[str, Any]], str]
+    """The cell's text, from the snapshot's entry and its :func:`shard_row`."""
+    style: Callable[[dict[str, Any]], str] | None = None
+    """The cell's style, from the :func:`shard_row`."""
+    justify: Justify = "right"
+
+
+def _cells(name: str) -> Callable[[dict[str, Any], dict[str, Any]], str]:
+    return lambda entry, row: str(row["cells"][name])
+
+
+def _trend(entry: dict[str, Any], row: dict[str, Any]) -> str:
+    return sparkline([h.get("writes") for h in entry.get("history") or []])
+
+
+TOP_COLUMNS: tuple[TopColumn, ...] = (
+    TopColumn("shard", 5, 0, _cells("shard"), justify="left"),
+    TopColumn("state", 12, 1, _cells("state"), justify="left",
+              style=lambda row: "green" if row["up"] else "bold red"),
+    TopColumn("writes/s", 8, 2, _cells("writes/s")),
+    TopColumn("batches/s", 9, 3, _cells("batches/s")),
+    TopColumn("ops/batch p50/p99", 17, 10, _cells("ops/batch p50/p99")),
+    TopColumn("commit ms p50/p99/max", 21, 4, _cells("commit ms p50/p99/max")),
+    TopColumn("queue", 9, 8, _cells("queue")),
+    TopColumn("acked", 6, 9, _cells("acked")),
+    TopColumn("failed", 6, 7, _cells("failed")),
+    TopColumn("map used/size", 15, 12, _cells("map used/size")),
+    TopColumn("map %max", 8, 5, _cells("map %max"),
+              style=lambda row: _LEVEL_STYLE[row["map_level"]]),
+    TopColumn("readers", 7, 6, _cells("readers"),
+              style=lambda row: _LEVEL_STYLE[row["readers_level"]]),
+    TopColumn("rows", 7, 13, _cells("rows")),
+    TopColumn("txn", 5, 14, _cells("txn")),
+    TopColumn("uptime", 6, 11, _cells("uptime")),
+    TopColumn("writes/s trend", 16, 15, _trend, justify="left"),
+)
+"""``lmshard top``'s shard table, in display order: every column of :data:`COLUMNS` and the
+trend. On a narrow terminal whole columns are dropped, highest ``priority`` first, until the
+rest fits; a header is never shortened. At 80 columns shard, state, writes/s, batches/s, commit
+latency and map %max remain."""
+
+
+def fit_columns(widths: list[int], priorities: list[int], available: int,
+                keep: int = 1) -> list[int]:
+    """Which columns fit in ``available`` cells (their indices, in display order).
+
+    Columns are taken by priority (lowest number first) while they fit, ``_GAP`` cells apart;
+    the first column that does not fit ends the choice, so what is shown is always the most
+    important ones. The ``keep`` most important are shown even if they do not fit.
+    """
+    chosen: list[int] = []
+    used = -_GAP
+    for rank, i in enumerate(sorted(range(len(widths)), key=lambda i: priorities[i])):
+        if rank >= keep and used + _GAP + widths[i] > available:
+            break
+        used += _GAP + widths[i]
+        chosen.append(i)
+    return sorted(chosen)
+
+
+def _fixed_table(headers: list[str], justify: list[Justify], widths: list[int], **kw: Any) -> Any:
+    """A borderless table whose columns are exactly ``widths`` wide (no squeezing, no …)."""
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, _GAP // 2), **kw)
+    for header, just, width in zip(headers, justify, widths, strict=True):
+        table.add_column(header, justify=just, width=width, min_width=width,
+                         overflow="fold")
+    return table
+
+
+def shard_table(snap: dict[str, Any], width: int) -> Any:
+    """``top``'s shard table for a terminal ``width`` cells wide (see :data:`TOP_COLUMNS`)."""
+    from rich.cells import cell_len
+    from rich.text import Text
+
+    rows = [(entry, shard_row(entry)) for entry in snap["shards"]]
+    texts = [[col.cell(entry, row) for col in TOP_COLUMNS] for entry, row in rows]
+    widths = [max([col.width, cell_len(col.header), *(cell_len(t[i]) for t in texts)])
+              for i, col in enumerate(TOP_COLUMNS)]
+    shown = fit_columns(widths, [col.priority for col in TOP_COLUMNS], width, keep=2)
+    table = _fixed_table([TOP_COLUMNS[i].header for i in shown],
+                         [TOP_COLUMNS[i].justify for i in shown], [widths[i] for i in shown])
+    for (_entry, row), cells in zip(rows, texts, strict=True):
+        styled = []
+        for i in shown:
+            style = TOP_COLUMNS[i].style
+            styled.append(Text(cells[i], style=style(row) if style else ""))
+        table.add_row(*styled, style="" if row["up"] else "dim")
+    return table
+
+
+def rows_table(snap: dict[str, Any], width: int) -> list[Any]:
+    """``top``'s rows per table and shard, as many tables as fit ``width``; [] without tables."""
+    from rich.cells import cell_len
+    from rich.text import Text
+
+    names, trows = table_rows(snap)
+    if not names:
+        return []
+    headers = ["shard", *names]
+    widths = [max([cell_len(h), *(cell_len(r[i]) for r in trows)])
+              for i, h in enumerate(headers)]
+    shown = fit_columns(widths, list(range(len(headers))), width, keep=2)
+    justify: list[Justify] = ["left" if i == 0 else "right" for i in shown]
+    table = _fixed_table([headers[i] for i in shown], justify, [widths[i] for i in shown],
+                         title="rows per table", title_justify="left")
+    for r in trows:
+        table.add_row(*(r[i] for i in shown))
+    parts: list[Any] = [Text(""), table]
+    if len(shown) < len(headers):
+        hidden = len(headers) - len(shown)
+        parts.append(Text(f"{hidden} more table{'s' if hidden > 1 else ''} not shown at this "
+                          "width (lmshard stats lists them)", style="dim"))
+    return parts
+
+
+class _AtWidth:
+    """A renderable built when rendered, for the width there is then: a resized terminal gets
+    a fitting layout at the next refresh."""
+
+    def __init__(self, build: Callable[[int], Any]) -> None:
+        self.build = build
+
+    def __rich_console__(self, console: Any, options: Any) -> Iterable[Any]:
+        from rich.console import Group
+
+        yield Group(*self.build(options.max_width))
 
 
 def render_top(snap: dict[str, Any]) -> Any:
-    """One frame of ``lmshard top``: a rich renderable (headline, shard table, rows table)."""
+    """One frame of ``lmshard top``: a rich renderable (headline, shard table, rows table),
+    laid out for the console's width when it is printed."""
     from rich.console import Group
-    from rich.table import Table
     from rich.text import Text
 
-    table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, 1))
-    for i, name in enumerate(COLUMNS):
-        table.add_column(name, justify="left" if i < 2 else "right", no_wrap=True)
-    table.add_column("writes/s trend", no_wrap=True)
-    for entry in snap["shards"]:
-        row = shard_row(entry)
-        cells: list[Any] = [row["cells"][c] for c in COLUMNS]
-        style = "" if row["up"] else "dim"
-        cells[1] = Text(cells[1], style="green" if row["up"] else "bold red")
-        for col, lvl in (("map %max", row["map_level"]), ("readers", row["readers_level"])):
-            idx = COLUMNS.index(col)
-            cells[idx] = Text(cells[idx], style=_LEVEL_STYLE[lvl])
-        trend = sparkline([h.get("writes") for h in entry.get("history") or []])
-        table.add_row(*cells, trend, style=style)
-    parts: list[Any] = [Text(headline(snap), style="bold"), table]
-    names, trows = table_rows(snap)
-    if names:
-        rows_table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, 1),
-                           title="rows per table", title_justify="left")
-        rows_table.add_column("shard", no_wrap=True)
-        for name in names:
-            rows_table.add_column(name, justify="right", no_wrap=True)
-        for r in trows:
-            rows_table.add_row(*r)
-        parts += [Text(""), rows_table]
+    parts: list[Any] = [Text(headline(snap), style="bold"),
+                        _AtWidth(lambda width: [shard_table(snap, width),
+                                                *rows_table(snap, width)])]
     warn = [e["shard"] for e in snap["shards"]
             if max(shard_row(e)["map_level"], shard_row(e)["readers_level"])]
     if warn:
