@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +28,23 @@ def make_schema() -> lmshard.Schema:
     schema.table("counters", table_id=COUNTERS_ID, key="str", value="cbor")
     schema.table("blobs", table_id=BLOBS_ID, key="uint64", value="bytes")
     return schema
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path, so ipc socket paths stay under the unix socket limit
+    (pytest's tmp_path may be too long for them)."""
+    d = Path(tempfile.mkdtemp(prefix="lms-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def run_dir(short_dir: Path) -> Path:
+    """A short run directory for a service's sockets."""
+    return short_dir
 
 
 @pytest.fixture

@@ -11,8 +11,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,15 +21,6 @@ from lmshard.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A directory with a short path, so ipc socket paths stay under the unix socket limit."""
-    d = Path(tempfile.mkdtemp(prefix="lms-"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def init(base: Path, *extra: str) -> Path:

@@ -369,6 +369,30 @@ def test_unknown_key_lists_known_keys(tmp_path):
     assert "known keys in [client]: timeout_ms, retries, local_reads" in str(info.value)
 
 
+@pytest.mark.parametrize(("snippet", "key", "meant", "not_meant"), [
+    # a value gets a key, even when a table's name is closer by letters, and vice versa
+    ("shardz = 4", "shardz", "shards", "shard"),
+    ("[shardd]\nendpoint = 'x'", "shardd", "shard", "shards"),
+    ("[shardz]\nendpoint = 'x'", "shardz", "shard", "shards"),
+    ("[shardss]\nendpoint = 'x'", "shardss", "shard", "shards"),
+    ("[durabilty]\nsync = true", "durabilty", "durability", None),
+    ("slotz = 1024", "slotz", "slots", "slot_map"),
+    ("[slot_mapp]\nruns = []", "slot_mapp", "slot_map", None),
+    ("[client]\nretrys = 2", "client.retrys", "client.retries", None),
+    # nothing of the fitting kind is close: the closest of the other kind, or the same leaf
+    ("storag = 1", "storag", "storage", None),
+    ("sync = false", "sync", "durability.sync", None),
+])
+def test_did_you_mean_suggests_the_kind_that_fits(tmp_path, snippet, key, meant, not_meant):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, snippet + "\n"))
+    message = str(info.value)
+    assert info.value.key == key
+    assert f"did you mean {meant!r}?" in message, message
+    if not_meant is not None:
+        assert f"did you mean {not_meant!r}" not in message, message
+
+
 def test_config_error_types():
     err = ConfigError("boom", key="shards", file=Path("/x.toml"))
     assert isinstance(err, Error)

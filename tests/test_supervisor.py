@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -80,14 +78,6 @@ def make_service(base: Path, run_dir: Path, *args: str) -> Service:
     config = load_config(toml)
     return Service(toml, config, supervise.SupervisorFiles.read(base / "supervisord.conf"))
 
-
-@pytest.fixture
-def run_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="lms-"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -246,6 +246,8 @@ def collect_status(config: Config, files: SupervisorFiles) -> dict[str, Any]:
                 "description": info["description"],
                 "log": info["stdout_logfile"] or info["stderr_logfile"] or None,
             }
+            if info["fullname"] == f"{GROUP}:monitor" and running:
+                entry["metrics"] = _metrics_url(config)
             shard = supervise.shard_of_process(info)
             if shard is not None:
                 entry["shard"] = shard
@@ -262,6 +264,15 @@ def collect_status(config: Config, files: SupervisorFiles) -> dict[str, Any]:
                         entry["health"] = h
             out["processes"].append(entry)
     return out
+
+
+def _metrics_url(config: Config) -> str | None:
+    """The monitor's /metrics URL as the running monitor reports it (port 0 resolved)."""
+    from lmshard.monitoring import query_monitor
+
+    snap = query_monitor(config, timeout_ms=supervise.PING_TIMEOUT_MS)
+    url = (snap or {}).get("monitor", {}).get("http")
+    return f"{url}/metrics" if url else None
 
 
 def _health_text(p: dict[str, Any]) -> str:
@@ -298,6 +309,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             pid = str(p["pid"] or "-")
             extra = (_health_text(p) if "shard" in p else "") or (
                 "" if p["state"] == "RUNNING" else p["description"])
+            if p.get("metrics"):
+                extra = f"serving {p['metrics']}"
             _say(f"{p['name']:<{width}}  {p['state']:<8}  pid {pid:<7}  "
                  f"up {_duration(p['uptime']):<9}  {extra}".rstrip())
     if not sup["running"]:

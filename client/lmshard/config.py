@@ -79,6 +79,8 @@ DEFAULT_STAT_ENDPOINT = "ipc://{run_dir}/stat-{shard:02d}.sock"
 DEFAULT_BACKUP_ENDPOINT = "ipc://{run_dir}/backup-{shard:02d}.sock"
 DEFAULT_READER_ENDPOINT = "ipc://{run_dir}/readers.sock"
 DEFAULT_MONITOR_ENDPOINT = "ipc://{run_dir}/monitor.sock"
+DEFAULT_MONITOR_HTTP = "127.0.0.1:9464"
+"""Where the monitor serves /metrics and /stats (9464: a port commonly used by exporters)."""
 
 
 class ConfigError(Error, ValueError):
@@ -139,6 +141,7 @@ _SPEC: dict[str, _Key] = {
     "readers.endpoint": _Key(DEFAULT_READER_ENDPOINT, "the reader pool's request endpoint"),
     "monitor.endpoint": _Key(DEFAULT_MONITOR_ENDPOINT, "the monitor's endpoint"),
     "monitor.stats_interval": _Key(1.0, "seconds between stat.<shard> messages"),
+    "monitor.http": _Key(DEFAULT_MONITOR_HTTP, 'HOST:PORT of /metrics and /stats, or "off"'),
     "client.timeout_ms": _Key(2000, "how long a client waits for an ack before retrying"),
     "client.retries": _Key(3, "retries after a timeout before the client gives up"),
     "client.local_reads": _Key(True, "read shards in-process via LMDB (same host only)"),
@@ -173,6 +176,7 @@ _FIELD_KEYS: dict[str, str] = {
     "reader_endpoint": "readers.endpoint",
     "monitor_endpoint": "monitor.endpoint",
     "stats_interval": "monitor.stats_interval",
+    "monitor_http": "monitor.http",
     "timeout_ms": "client.timeout_ms",
     "retries": "client.retries",
     "local_reads": "client.local_reads",
@@ -230,6 +234,8 @@ class Config:
     stat_endpoints: tuple[str, ...]
     backup_endpoints: tuple[str, ...]
     curve: CurveConfig | None = None
+    monitor_http: tuple[str, int] | None = ("127.0.0.1", 9464)
+    """(host, port) of the monitor's HTTP server; None: no HTTP server."""
 
     @classmethod
     def default(cls, *, base_dir: str | os.PathLike[str] | None = None, **overrides: Any) -> Config:
@@ -287,7 +293,7 @@ class Config:
         for key, ep in self.all_endpoints():
             if ep.startswith("tcp://"):
                 host, _port = _split_host_port(ep[len("tcp://") :])
-                if not _is_loopback(host):
+                if not is_loopback(host):
                     out.append((key, ep))
         return out
 
@@ -391,6 +397,7 @@ class Config:
                 [
                     ("endpoint", single_endpoint(self.monitor_endpoint, DEFAULT_MONITOR_ENDPOINT)),
                     ("stats_interval", self.stats_interval),
+                    ("http", format_http(self.monitor_http)),
                 ],
             ),
             (
@@ -714,6 +721,17 @@ class _Checker:
             raise self.error(key, f"got {size}; expected a size > 0")
         return -(-size // PAGE_SIZE) * PAGE_SIZE  # round up to whole pages
 
+    def get_http(self, key: str) -> tuple[str, int] | None:
+        value = self.get(key)
+        if value is False or value == "off":
+            return None
+        if not isinstance(value, str):
+            raise self.error(key, f'got {_describe(value)}; expected "HOST:PORT" or "off"')
+        try:
+            return parse_http(value)
+        except ValueError as exc:
+            raise self.error(key, str(exc)) from None
+
     def get_schema(self, key: str) -> str:
         value = self.get_str(key, 'a "package.module:attr" string')
         module, sep, attr = value.partition(":")
@@ -844,7 +862,26 @@ def _split_host_port(address: str) -> tuple[str, str]:
     return (host, port) if sep else (address, "")
 
 
-def _is_loopback(host: str) -> bool:
+def parse_http(text: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` (``"[::1]:PORT"`` for IPv6) -> (host, port); port 0 picks a free one.
+    ValueError naming what was expected if malformed."""
+    host, port = _split_host_port(text)
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"got {text!r}; expected HOST:PORT, e.g. {DEFAULT_MONITOR_HTTP!r}, "
+                         'or "off"')
+    return host, int(port)
+
+
+def format_http(address: tuple[str, int] | None) -> str:
+    """The inverse of ``parse_http`` (``"off"`` for None)."""
+    if address is None:
+        return "off"
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
     if host.lower() == "localhost":
         return True
     try:
@@ -918,15 +955,34 @@ def _flatten(chk: _Checker, table: Mapping[str, Any], prefix: str = "") -> None:
                     )
             chk.flat[key] = value
         else:
-            raise _unknown_key(chk, key, prefix)
+            raise _unknown_key(chk, key, prefix, value)
 
 
-def _unknown_key(chk: _Checker, key: str, prefix: str) -> ConfigError:
-    candidates = sorted(_SPEC) + sorted(_TABLES)
-    suggestion = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+def _closest(key: str, candidates: list[str], cutoff: float = 0.6) -> list[str]:
+    """The candidate most like ``key`` (difflib's ratio, at least ``cutoff``), as a list of at
+    most one; on a tie, the one in the same table as ``key``, then the first in sorted order."""
+    table = key.rpartition(".")[0]
+    best: tuple[float, bool] | None = None
+    found: list[str] = []
+    for cand in sorted(candidates):
+        m = difflib.SequenceMatcher(None, cand, key)
+        if m.real_quick_ratio() < cutoff or m.quick_ratio() < cutoff:
+            continue
+        score = (m.ratio(), cand.rpartition(".")[0] == table)
+        if score[0] >= cutoff and (best is None or score > best):
+            best, found = score, [cand]
+    return found
+
+
+def _unknown_key(chk: _Checker, key: str, prefix: str, value: Any) -> ConfigError:
+    # Suggest the kind of thing the file wrote: a table for a table (``[shardd]`` -> shard), a
+    # key for a value (``shardz = 4`` -> shards); the other kind only when nothing fits.
+    tables, keys = sorted(_TABLES), sorted(_SPEC)
+    fitting, other = (tables, keys) if isinstance(value, dict) else (keys, tables)
+    suggestion = _closest(key, fitting) or _closest(key, other)
     leaf = key.rpartition(".")[2]
     if not suggestion:
-        suggestion = [k for k in candidates if k.rpartition(".")[2] == leaf][:1]
+        suggestion = [k for k in fitting + other if k.rpartition(".")[2] == leaf][:1]
     table = prefix[:-1]
     siblings = [k.rpartition(".")[2] for k in _SPEC if k.rpartition(".")[0] == table]
     if not table:
@@ -1010,6 +1066,7 @@ def _build(raw: Mapping[str, Any], *, file: Path | None, base_dir: Path) -> Conf
             "monitor.endpoint", chk.get_str("monitor.endpoint", "an endpoint string"), run_dir
         ),
         stats_interval=chk.positive_float("monitor.stats_interval", MIN_STATS_INTERVAL),
+        monitor_http=chk.get_http("monitor.http"),
         timeout_ms=chk.get_int("client.timeout_ms", 1, MAX_TIMEOUT_MS),
         retries=chk.get_int("client.retries", 0, 1000),
         local_reads=chk.get_bool("client.local_reads"),

@@ -3,9 +3,10 @@
 The monitor subscribes to every owner's ``stat.<shard>`` messages (``lmshard.monitoring``),
 keeps the latest one and a short history per shard, and serves them:
 
-- over HTTP (``--http HOST:PORT``, default 127.0.0.1:9464): ``/metrics`` in the Prometheus text
-  format (or OpenMetrics, if the scraper asks), rendered by prometheus_client from a custom
-  collector; ``/stats`` as JSON (the same document ``lmshard stats --json`` prints);
+- over HTTP (``monitor.http`` in the config, default 127.0.0.1:9464; ``--http`` overrides it):
+  ``/metrics`` in the Prometheus text format (or OpenMetrics, if the scraper asks), rendered
+  by prometheus_client from a custom collector; ``/stats`` as JSON (the same document
+  ``lmshard stats --json`` prints);
 - on ``monitor.endpoint`` (ZeroMQ ROUTER, secured like every lmshard socket): the snapshot as
   msgpack, for ``lmshard stats``, which finds the monitor through the config this way.
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
 import json
 import logging
 import math
@@ -37,35 +37,16 @@ from prometheus_client.core import CollectorRegistry, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
 from lmshard import monitoring, security
-from lmshard.config import Config
+from lmshard.config import Config, format_http, is_loopback, parse_http
 from lmshard.errors import Error
+from lmshardd.owner import report_hangup
 
 log = logging.getLogger("lmshardd.monitor")
 
-DEFAULT_HTTP = "127.0.0.1:9464"
-"""Where ``/metrics`` and ``/stats`` are served (9464: a port commonly used by exporters)."""
 POLL_MS = 100
 """How long the loop waits for messages before it looks at signals."""
 QUANTILE_LABELS = (("p50", "0.5"), ("p99", "0.99"))
 """Message quantile fields and their Prometheus ``quantile`` label."""
-
-
-def parse_http(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> (host, port); ValueError if malformed."""
-    host, sep, port = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--http {text!r}: expected HOST:PORT, e.g. {DEFAULT_HTTP}")
-    return host, int(port)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,6 +184,7 @@ class Monitor:
         self.http_url: str | None = None
         self.started = time.time()
         self.stopping = False
+        self.hangup = False
 
     def snapshot(self, history: bool = True) -> dict[str, Any]:
         with self.lock:
@@ -255,7 +237,7 @@ class Monitor:
         self.http_url = f"http://{shown}:{bound_port}"
         self.http = server
         threading.Thread(target=server.serve_forever, name="monitor-http", daemon=True).start()
-        if not _is_loopback(host):
+        if not is_loopback(host):
             log.warning("serving /metrics and /stats on %s, a non-loopback address, without "
                         "authentication", self.http_url)
         log.info("serving %s/metrics and %s/stats", self.http_url, self.http_url)
@@ -295,6 +277,9 @@ class Monitor:
     def serve_forever(self) -> None:
         sub = self.subscriber
         while not self.stopping:
+            if self.hangup:  # SIGHUP: re-read the config and report it, between requests
+                self.hangup = False
+                report_hangup(self.config, "monitor", log)
             ready = dict(sub.poller.poll(POLL_MS))
             if self.query is not None and self.query in ready:
                 self._answer_queries()
@@ -321,8 +306,9 @@ class Monitor:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--http", default=DEFAULT_HTTP, metavar="HOST:PORT",
-        help=f"serve /metrics and /stats here (default {DEFAULT_HTTP}; port 0 picks a free "
+        "--http", metavar="HOST:PORT",
+        help="serve /metrics and /stats here, or \"off\" (default: monitor.http in the config; "
+        "port 0 picks a free "
         "one, shown in the log and in /stats)")
     parser.add_argument(
         "--stale-after", type=float, metavar="S",
@@ -332,11 +318,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(config: Config, args: argparse.Namespace) -> int:
     """Entry point of ``lmshardd monitor``: serve until SIGTERM/SIGINT; the exit status."""
-    try:
-        host, port = parse_http(args.http)
-    except ValueError as exc:
-        log.error("%s", exc)
-        return 2
+    address = config.monitor_http
+    if args.http is not None:
+        try:
+            address = None if args.http == "off" else parse_http(args.http)
+        except ValueError as exc:
+            log.error("--http: %s", exc)
+            return 2
     if args.stale_after is not None and not args.stale_after > 0:
         log.error("--stale-after %r: expected seconds > 0", args.stale_after)
         return 2
@@ -348,16 +336,28 @@ def run(config: Config, args: argparse.Namespace) -> int:
     try:
         try:
             monitor.bind_query()
-            monitor.start_http(host, port)
         except (OSError, zmq.ZMQError, Error) as exc:
             log.error("monitor cannot start: %s", exc)
             return 2
+        if address is None:
+            log.info("monitor.http is off: no /metrics")
+        else:
+            try:
+                monitor.start_http(*address)
+            except OSError as exc:
+                log.error("monitor cannot serve http on %s (monitor.http in %s): %s",
+                          format_http(address), config.path, exc.strerror or exc)
+                return 2
 
         def stop(signum: int, frame: Any) -> None:
             monitor.stopping = True
 
+        def hangup(signum: int, frame: Any) -> None:
+            monitor.hangup = True  # serve_forever re-reads the config between requests
+
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, hangup)
         log.info("following %d shards' stats (stale after %g s)", config.shards,
                  monitor.board.stale_after)
         monitor.serve_forever()

@@ -10,6 +10,7 @@ so a retried batch is answered again but applied once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -17,24 +18,25 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import cbor2
 import lmdb
 import msgpack
 import zmq
 
+from lmshard import config as config_module
 from lmshard import protocol, security
-from lmshard.config import Config
+from lmshard.config import Config, ConfigError, load_config
 from lmshard.errors import (
     Error,
     InternalError,
     OutOfOrder,
     ProtocolError,
-    SchemaMismatch,
     StoreFull,
 )
+from lmshard.shard_identity import check_shard_identity, identity_records
 from lmshard.store import Store, grow_map
 from lmshard.txn import ReadTxn, WriteTxn
 from lmshardd.grouping import ActiveWriters, wait_readable
+from lmshardd.stats import reader_slots
 
 log = logging.getLogger("lmshardd.owner")
 
@@ -131,6 +133,7 @@ class ShardOwner:
         self.clients_db = self.env.open_db(CLIENTS_DB)
         self.counters = OwnerCounters(last_txn_id=self.env.info()["last_txnid"])
         self.stopping = False
+        self.hangup = False
         self.paused = False
         self._group_avg = 1.0
         self._commit_avg = 0.0
@@ -144,34 +147,9 @@ class ShardOwner:
         self, txn: lmdb.Transaction, meta_db: Any, meta: dict[bytes, bytes]
     ) -> None:
         """Refuse to serve a shard directory that belongs to another shard or slot map."""
-        digest = self.config.slot_map.digest().encode()
-        shard = str(self.shard).encode()
-        if b"shard_id" in meta and meta[b"shard_id"] != shard:
-            raise SchemaMismatch(
-                f"{self.path} holds shard {meta[b'shard_id'].decode()}, the config says "
-                f"shard {self.shard}",
-                hint="check data_dir and the shard number; never move shard directories",
-            )
-        if b"slot_map" in meta and meta[b"slot_map"] != digest:
-            raise SchemaMismatch(
-                f"{self.path} was written with a different slot map than the config's",
-                hint="restore the slot map the data was written with; changing it needs a "
-                "migration of rows between shards",
-            )
-        for t in self.schema.tables.values():
-            record = meta.get(b"table/" + str(t.table_id).encode())
-            was = cbor2.loads(record).get("placement") if record else None
-            if was is not None and was != t.placement:
-                raise SchemaMismatch(
-                    f"table {t.name!r} ({t.table_id}) was placed on shards by {was}, the "
-                    f"schema now declares {t.placement}: its rows would be looked for on "
-                    "other shards",
-                    hint="keep the table's pinned/shard_key declaration, or copy its rows "
-                    "into a new table declared the new way",
-                )
-        txn.put(b"shard_id", shard, db=meta_db)
-        txn.put(b"slot_map", digest, db=meta_db)
-        txn.put(b"shards", str(self.config.shards).encode(), db=meta_db)
+        check_shard_identity(self.config, self.shard, self.schema, meta, self.path)
+        for key, value in identity_records(self.config, self.shard).items():
+            txn.put(key, value, db=meta_db)
 
     # -- serving -----------------------------------------------------------------------------
 
@@ -212,11 +190,16 @@ class ShardOwner:
         def stop(signum: int, frame: Any) -> None:
             self.stopping = True
 
+        def hangup(signum: int, frame: Any) -> None:
+            self.hangup = True  # the loop re-reads the config between requests
+
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, hangup)
 
     def serve_forever(self) -> None:
-        """Serve until SIGTERM/SIGINT; the commit in progress finishes and is answered."""
+        """Serve until SIGTERM/SIGINT; the commit in progress finishes and is answered. On
+        SIGHUP, re-read the config file and report what changed (see ``report_hangup``)."""
         if self.sock is None:
             self.bind()
         assert self.sock is not None
@@ -241,6 +224,9 @@ class ShardOwner:
             now = time.monotonic()
             for ch in self.channels:
                 ch.tick(now)
+            if self.hangup:
+                self.hangup = False
+                report_hangup(self.config, f"shard_{self.shard:02d}")
             if now >= next_check:
                 stale = self.env.reader_check()
                 if stale:
@@ -450,7 +436,9 @@ class ShardOwner:
             "map_size": info["map_size"],
             "map_used": (info["last_pgno"] + 1) * psize,
             "max_map_size": self.config.max_map_size,
-            "readers": info["num_readers"],
+            # slots held now, as /metrics shows them; num_readers is only a high-water mark
+            "readers": reader_slots(self.env)[0],
+            "readers_high_water": info["num_readers"],
             "max_readers": info["max_readers"],
             "uptime": time.time() - self.counters.started,
             "last_commit": self.counters.last_commit_time,
@@ -494,6 +482,84 @@ def _replay(seq: int, last_seq: int, status: int, body: Any, more: list[Any]
         if old_seq == seq:
             return old_status, protocol.replayed_reply(old_status, old_body)
     return 0, [None, None]  # long since applied; its reply is no longer kept
+
+
+# -- SIGHUP ----------------------------------------------------------------------------------
+# Every role (owner, reader, monitor) handles SIGHUP the same way: its handler only sets a flag,
+# and its loop, between requests, calls report_hangup. Nothing is re-opened or re-bound: each
+# process logs to stdout/stderr, captured by supervisord, so it has no log file to reopen, and
+# its settings take effect only when it starts.
+
+CONFIG_KEYS: dict[str, str] = {
+    **getattr(config_module, "_FIELD_KEYS", {}),  # config.py's own map, kept with its fields
+    "slot_map": "slot_map.runs",
+}
+"""``Config`` field -> the config file key it comes from (a field not listed: its own name)."""
+CLIENT_KEYS = frozenset({"client.timeout_ms", "client.retries", "client.local_reads"})
+"""Keys no lmshardd process uses: each client reads them when it loads the config."""
+
+
+def config_changes(old: Config, new: Config) -> list[str]:
+    """The config file keys whose values differ between ``old`` and ``new``, sorted."""
+    changed: set[str] = set()
+    for f in dataclasses.fields(Config):
+        if f.name == "path":
+            continue
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if a == b:
+            continue
+        if dataclasses.is_dataclass(a) or dataclasses.is_dataclass(b):  # a table: curve
+            kind = type(a) if a is not None else type(b)
+            changed.update(f"{f.name}.{sub.name}" for sub in dataclasses.fields(kind)
+                           if getattr(a, sub.name, None) != getattr(b, sub.name, None))
+        else:
+            changed.add(CONFIG_KEYS.get(f.name, f.name))
+    return sorted(changed)
+
+
+def supervisor_name(default: str) -> str:
+    """This process's supervisord name, ``group:name``: supervisord tells its children in
+    SUPERVISOR_GROUP_NAME and SUPERVISOR_PROCESS_NAME; ``lmshard:<default>`` otherwise."""
+    name = os.environ.get("SUPERVISOR_PROCESS_NAME")
+    if not name:
+        return f"lmshard:{default}"
+    return f"{os.environ.get('SUPERVISOR_GROUP_NAME') or name}:{name}"
+
+
+def report_hangup(config: Config, process: str, logger: logging.Logger = log
+                  ) -> list[str] | None:
+    """What a process does on SIGHUP: re-read its config file and log one line on ``logger``
+    saying whether it changed since the process read it at start. Nothing is applied: the
+    process keeps running with the config it started with. ``process`` is its supervisord name
+    without the group, e.g. ``shard_01``. The changed keys; None if the file does not load."""
+    if config.path is None:
+        logger.info("received SIGHUP: no config file to re-read (config built in-process)")
+        return []
+    try:
+        new = load_config(config.path)
+        changed = config_changes(config, new)
+    except Exception as exc:  # a broken file must not take a serving process down
+        why = str(exc) if isinstance(exc, ConfigError) else f"{config.path}: {exc!r}"
+        logger.warning("received SIGHUP: the config does not load, ignored (still running "
+                       "with the config read at start): %s", why)
+        return None
+    if not changed:
+        logger.info("received SIGHUP: config unchanged (%s)", config.path)
+        return changed
+    daemon = [k for k in changed if k not in CLIENT_KEYS]
+    client = [k for k in changed if k in CLIENT_KEYS]
+    parts = []
+    if daemon:
+        parts.append(f"{', '.join(daemon)} take{'s' if len(daemon) == 1 else ''} effect only "
+                     f"after a restart: `lmshard ctl restart {supervisor_name(process)}`")
+        if new.slot_map != config.slot_map:
+            parts.append("the slot map differs: owners refuse to start on data written with "
+                         "another one")
+    if client:
+        parts.append(f"{', '.join(client)} {'is' if len(client) == 1 else 'are'} read by "
+                     "clients when they load the config (no restart)")
+    logger.info("received SIGHUP: config %s changed: %s", config.path, "; ".join(parts))
+    return changed
 
 
 def run_owner(config: Config, shard: int) -> int:

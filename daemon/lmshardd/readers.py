@@ -41,6 +41,7 @@ from lmshard.errors import (
 from lmshard.remote import PING, READ, READ_COMMANDS, parse_read_body, reader_endpoints
 from lmshard.store import META_DB, Store
 from lmshard.txn import ReadTxn
+from lmshardd.owner import report_hangup
 
 log = logging.getLogger("lmshardd.readers")
 
@@ -150,6 +151,7 @@ class Reader:
         self.shards = [ShardView(config, n, self.schema) for n in range(config.shards)]
         self.counters = ReaderCounters()
         self.stopping = False
+        self.hangup = False
         self.ctx = context or zmq.Context()
         self._own_ctx = context is None
         self.sock: zmq.Socket[bytes] | None = None
@@ -228,7 +230,8 @@ class Reader:
         return reply
 
     def serve_forever(self) -> None:
-        """Answer requests until ``stopping`` is set (SIGTERM/SIGINT); then close."""
+        """Answer requests until ``stopping`` is set (SIGTERM/SIGINT); then close. When
+        ``hangup`` is set (SIGHUP), re-read the config and report it, between requests."""
         if self.sock is None:
             self.bind()
         sock = self.sock
@@ -245,6 +248,9 @@ class Reader:
         recv, send, more, answer = sock.recv, sock.send, sock.get, self.answer
         RCVMORE, SNDMORE, NOBLOCK = zmq.RCVMORE, zmq.SNDMORE, zmq.NOBLOCK
         while not self.stopping:
+            if self.hangup:
+                self.hangup = False
+                report_hangup(self.config, f"reader_{self.index:02d}", log)
             try:
                 ident = recv()
             except zmq.Again:
@@ -279,8 +285,12 @@ class Reader:
         def stop(signum: int, frame: Any) -> None:
             self.stopping = True
 
+        def hangup(signum: int, frame: Any) -> None:
+            self.hangup = True  # the loop re-reads the config between requests
+
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, hangup)
 
     def close(self) -> None:
         if self.sock is not None:

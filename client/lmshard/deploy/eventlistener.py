@@ -24,6 +24,7 @@ bytes of payload, answer ``RESULT 2\\nOK`` and start over. Nothing else may go t
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -82,6 +83,11 @@ def alert(event: str, payload: dict[str, str], message: str) -> None:
 
 
 def main() -> int:
+    # `supervisorctl signal HUP ...` must not kill the listener (SIGHUP's default action): it
+    # has no config or log file to re-read, so HUP means nothing to it. A handler that does
+    # nothing rather than SIG_IGN, because an ignored signal stays ignored in the alert
+    # commands it runs, while a handler is reset to the default there.
+    signal.signal(signal.SIGHUP, lambda signum, frame: None)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while True:
         stdout.write(b"READY\n")
