@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,11 @@ def fresh_copy(dest: Path) -> Path:
     return repo
 
 
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return resp.read().decode()
+
+
 def status(repo: Path) -> dict:
     done = subprocess.run([sys.executable, "-m", "lmshard.cli", "status", "--json", "-c",
                            str(repo / "config" / "lmshard.toml")],
@@ -67,16 +74,41 @@ def test_make_run_serves_the_default_config_until_ctrl_c() -> None:
         deadline = time.monotonic() + 60
         while True:
             st = status(repo)
-            procs = st.get("processes", [])
-            if len(procs) == 4 and all(p["health"] for p in procs):
+            everything = st.get("processes", [])
+            procs = [p for p in everything if "shard" in p]
+            if (len(procs) == 4 and all(p["health"] for p in procs)
+                    and all(p["state"] == "RUNNING" for p in everything)):
                 break
             assert make.poll() is None, (tmp / "make.out").read_text()
             assert time.monotonic() < deadline, (tmp / "make.out").read_text()
             time.sleep(0.2)
         assert [p["name"] for p in procs] == [f"lmshard:shard_{n:02d}" for n in range(4)]
+        assert sorted(p["name"] for p in everything if "shard" not in p) == [
+            "lmshard:monitor", "lmshard:reader_00", "lmshard:reader_01",
+            "lmshard_alerts:lmshard_alerts"]
         assert st["config"] == str(repo / "config" / "lmshard.toml")
         assert (repo / "var" / "data" / "shard-03").is_dir()
-        pids = [st["supervisord"]["pid"]] + [p["pid"] for p in procs]
+        pids = [st["supervisord"]["pid"]] + [p["pid"] for p in everything]
+
+        # The default config's monitor, where the README says it is.
+        metrics = "http://127.0.0.1:9464/metrics"
+        assert [p["metrics"] for p in everything if "metrics" in p] == [metrics]
+        deadline = time.monotonic() + 15
+        while 'lmshard_shard_up{shard="3"} 1.0' not in (body := fetch(metrics)):
+            assert time.monotonic() < deadline, body
+            time.sleep(0.2)
+
+        # Every python example of the README, twice, from the copy's root, as a newcomer would.
+        tour = "\n".join(re.findall(r"```python\n(.*?)```", (repo / "README.md").read_text(),
+                                    re.S))
+        for run in (1, 2):
+            done = subprocess.run([sys.executable, "-c", tour], cwd=repo, capture_output=True,
+                                  text=True, timeout=120)
+            assert done.returncode == 0, done.stdout + done.stderr
+            last = done.stdout.splitlines()[-1]
+            assert last.startswith("{'name': 'Ada', 'country': 'uk'} 10000 1 "), last
+            assert last.endswith(f" {run}")  # the counter counts the runs
+        assert not (repo / "data").exists()
 
         demo = subprocess.run([sys.executable, "-m", "lmshard.cli", "demo", "--workers", "2",
                                "--seconds", "1", "-c", str(repo / "config" / "lmshard.toml")],

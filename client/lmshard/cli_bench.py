@@ -1,9 +1,10 @@
 """``lmshard bench [--quick] [--only NAME] [--rounds N]``: the benchmark suite from the CLI.
 
 The suite itself lives in the source checkout's ``bench/`` folder (it compares lmshard with
-raw py-lmdb, zlmdb and Redis, so it is not part of the installed package); this command finds
-that folder beside the installed package (an editable install) or under the current directory
-and runs it. ``make bench`` does the same with the bench extra installed first.
+raw py-lmdb, zlmdb and Redis, so it is not part of the installed package). This command runs it
+only when this lmshard is the checkout's own code (an editable install): a wheel's lmshard never
+imports some checkout's ``bench/``, whose code may not match it. ``make bench`` does the same
+with the bench extra installed first.
 """
 
 from __future__ import annotations
@@ -18,22 +19,21 @@ SUITE = Path("bench") / "suite.py"
 """The suite, relative to a source checkout's root."""
 
 
-def find_checkout() -> Path | None:
-    """The source checkout holding bench/suite.py: beside this package, or the cwd or above."""
-    here = Path(__file__).resolve().parent.parent.parent  # client/lmshard/cli_bench.py -> root
-    for root in (here, Path.cwd(), *Path.cwd().parents):
-        if (root / SUITE).is_file():
-            return root
-    return None
+def find_checkout(package_file: str = __file__) -> Path | None:
+    """The source checkout this lmshard runs from (client/lmshard/ -> its root), if it holds
+    bench/suite.py; None for an installed package."""
+    root = Path(package_file).resolve().parent.parent.parent
+    return root if (root / SUITE).is_file() else None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     root = find_checkout()
     if root is None:
-        print("lmshard bench: the benchmark suite is in lmshard's source checkout (bench/), "
-              "which is not beside this installation nor under the current directory; clone "
-              "the repository and run `make bench` there, or run this command from it",
-              file=sys.stderr)
+        where = Path(__file__).resolve().parent
+        print(f"lmshard bench: the benchmark suite is not installed: this lmshard runs from "
+              f"{where}, an installed package, and the suite (bench/) ships only with the "
+              "source checkout. Clone the repository and run `make bench` there (it installs "
+              "lmshard editable with the bench extra).", file=sys.stderr)
         return 2
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
