@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import zmq
 
-from lmshard import protocol, security
+from lmshard import protocol, security, zap
 from lmshard.cli_keys import add_parsers, new_key_pair
 from lmshard.config import ConfigError, CurveConfig, make_config
 from lmshard.errors import ShardUnavailable
@@ -53,7 +53,7 @@ def ctx() -> Iterator[zmq.Context[Any]]:
     try:
         yield context
     finally:
-        security.stop_authenticator(context)
+        zap.stop_authenticator(context)
         context.destroy(linger=0)
 
 
@@ -220,7 +220,7 @@ def test_reader_pool_over_curve_and_the_client_error_names_the_key(
     finally:
         reader.stopping = True
         thread.join(10)
-        security.stop_authenticator(reader.ctx)
+        zap.stop_authenticator(reader.ctx)
 
 
 # -- lmshard keys new ---------------------------------------------------------------------------

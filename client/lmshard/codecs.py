@@ -25,6 +25,9 @@ process-wide registry that the embedded store and the shard daemon share. Built-
 ``flatbuffers_codec(TableClass)`` builds a codec for a flatc-generated table class; it is not
 registered automatically (register it under its ``name`` if a schema refers to it by name).
 
+numpy and flatbuffers (which imports numpy) are imported only once a numpy codec or a FlatBuffers
+codec is built, so ``import lmshard`` stays cheap for processes that use neither.
+
 Encoding or decoding failures raise :class:`~lmshard.errors.CodecError` naming the codec and the
 offending type. For speed, the cbor/msgpack/json codecs expose ``dumps``/``loads`` as plain
 attributes holding a closure that calls the C function inside a ``try`` (zero-cost in Python 3.11
@@ -54,7 +57,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import cbor2
-import flatbuffers
 import msgpack
 
 from lmshard.errors import CodecError, SchemaError
@@ -543,6 +545,12 @@ class FlatBuffersCodec:
         twin = getattr(sys.modules.get(table_class.__module__), f"{cls_name}T", None)
         if not (callable(getattr(twin, "InitFromObj", None)) and hasattr(twin, "Pack")):
             twin = None
+        # Imported here, not at module level: flatbuffers imports numpy, which would about double
+        # the time `import lmshard` takes in processes without a FlatBuffers table. (table_class's
+        # module has imported flatbuffers already, so this is only a lookup.)
+        import flatbuffers
+
+        self._flatbuffers = flatbuffers
         self.name = f"flatbuffers:{cls_name}"
         self.table_class: Any = table_class
         self.object_class: Any = twin  # the --gen-object-api class (TableT), or None
@@ -601,7 +609,7 @@ class FlatBuffersCodec:
                 f"{self.name} cannot encode a value of type {type(obj).__name__}",
                 hint=f"pass a {want} instance or a finished FlatBuffers buffer (bytes)",
             )
-        builder = flatbuffers.Builder(self.builder_size)
+        builder = self._flatbuffers.Builder(self.builder_size)
         try:
             builder.Finish(obj.Pack(builder))
         except (*_ENCODE_ERRORS, struct.error, AttributeError, IndexError) as exc:

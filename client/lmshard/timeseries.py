@@ -17,6 +17,9 @@ transactions (the embedded store) and through its ``get``/``scan`` otherwise (th
 Reads need no snapshot for correctness: a series only grows at its end, and an append whose view
 of the head went stale fails its compare-and-set and is retried. A series' rows share a shard
 (``shard_key`` is the series id), so each append is one atomic batch on a sharded store too.
+
+NumPy is imported by the functions that use it, not when this module is imported: importing it
+costs more than the rest of ``import lmshard``, and only processes that use time series need it.
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ from __future__ import annotations
 import datetime as _dt
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from lmshard.errors import ConflictError, Error, SchemaError
 from lmshard.schema import Schema, Table
 from lmshard.txn import value_hash
+
+if TYPE_CHECKING:
+    import numpy as np
 
 HEAD_TS = -(2**63)
 """The timestamp key of each series' head row; points cannot use it."""
@@ -39,7 +43,7 @@ DEFAULT_CHUNK_ROWS = 1024
 APPEND_ATTEMPTS = 3
 """Times append() retries after another writer appended to the same series in between."""
 
-Points = tuple[np.ndarray, np.ndarray]
+Points = tuple["np.ndarray", "np.ndarray"]
 AGGREGATES = ("mean", "sum", "min", "max", "first", "last", "count")
 
 
@@ -63,6 +67,8 @@ def _reading(store: Any) -> Iterator[Any]:
 
 def _ns(t: Any) -> int:
     """An instant as int nanoseconds since the epoch (naive datetimes are UTC)."""
+    import numpy as np
+
     if isinstance(t, bool):
         raise TypeError("a timestamp cannot be a bool")
     if isinstance(t, int | np.integer):
@@ -81,6 +87,8 @@ def _ns(t: Any) -> int:
 
 
 def _ns_array(timestamps: Any) -> np.ndarray:
+    import numpy as np
+
     arr = np.asarray(timestamps)
     if arr.dtype.kind == "M":
         arr = arr.astype("datetime64[ns]").view(np.int64)
@@ -112,6 +120,8 @@ class TimeSeries:
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         doc: str | None = None,
     ) -> None:
+        import numpy as np
+
         self.dtype = np.dtype(dtype)
         if self.dtype.hasobject:
             raise SchemaError(
@@ -139,6 +149,8 @@ class TimeSeries:
     # -- chunks -----------------------------------------------------------------------------
 
     def _chunk(self, ts: np.ndarray, vs: np.ndarray) -> np.ndarray:
+        import numpy as np
+
         n = len(ts)
         dtype = self._chunk_dtypes.get(n)
         if dtype is None:
@@ -152,6 +164,8 @@ class TimeSeries:
 
     @staticmethod
     def _head(last: int, tail_start: int, points: int) -> np.ndarray:
+        import numpy as np
+
         return np.array([last, tail_start, points], dtype=np.int64)
 
     # -- reading ----------------------------------------------------------------------------
@@ -170,6 +184,8 @@ class TimeSeries:
 
         Only the chunks overlapping the range are read, all from one snapshot.
         """
+        import numpy as np
+
         lo = None if start is None else _ns(start)
         hi = None if end is None else _ns(end)
         t = self.table
@@ -212,6 +228,8 @@ class TimeSeries:
         ``AGGREGATES``; "mean" gives float64, "count" int64, the others the series' dtype.
         Empty buckets are left out rather than filled.
         """
+        import numpy as np
+
         if how not in AGGREGATES:
             raise ValueError(f"how must be one of {', '.join(AGGREGATES)}, not {how!r}")
         if not isinstance(every_ns, int | np.integer) or every_ns <= 0:
@@ -245,6 +263,8 @@ class TimeSeries:
         after the series' last stored point, else OutOfOrder and nothing is written. Values are
         cast to the declared dtype when NumPy's "same_kind" casting allows it.
         """
+        import numpy as np
+
         ts = _ns_array(timestamps)
         vs = np.asarray(values)
         if vs.shape != ts.shape:
@@ -280,6 +300,8 @@ class TimeSeries:
         raise AssertionError("unreachable")
 
     def _append_once(self, store: Any, series: Any, ts: np.ndarray, vs: np.ndarray) -> None:
+        import numpy as np
+
         t, n, size = self.table, len(ts), self.chunk_rows
         head_key = (series, HEAD_TS)
         with _reading(store) as r:

@@ -28,7 +28,7 @@ from typing import Any
 import lmdb
 import zmq
 
-from lmshard import protocol, security
+from lmshard import protocol, security, zap
 from lmshard.config import Config
 from lmshard.errors import (
     Error,
@@ -299,7 +299,7 @@ class Reader:
         for view in self.shards:
             view.close()
         if self._own_ctx:
-            security.stop_authenticator(self.ctx)
+            zap.stop_authenticator(self.ctx)
             self.ctx.term()
 
 
