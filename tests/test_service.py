@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -215,3 +216,46 @@ def _import_schema(src: Path) -> lmshard.Schema:
         return importlib.reload(svcschema).schema  # type: ignore[no-any-return]
     finally:
         sys.path.remove(str(src))
+
+
+def test_clients_ride_through_a_restart_of_every_owner(tmp_path: Path, run_dir: Path) -> None:
+    """`lmshard ctl restart` stops an owner cleanly (its socket file goes) and starts it again:
+    a writer fails fast only when the service is down, not while supervisord restarts it."""
+    svc = make_service(tmp_path / "svc", run_dir, "--shards", "2")
+    try:
+        svc.up()
+        done = threading.Event()
+        errors: list[BaseException] = []
+        written: list[int] = []
+
+        def write() -> None:
+            with lmshard.connect(svc.toml) as c:
+                n = 0
+                while not done.is_set():
+                    try:
+                        c.put("blobs", n, b"x")
+                    except lmshard.ShardUnavailable as exc:
+                        errors.append(exc)
+                        return
+                    written.append(n)
+                    n += 1
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        try:
+            for name in ("lmshard:shard_00", "lmshard:shard_01"):
+                restart = lmshard_cli("ctl", "-c", str(svc.toml), "restart", name)
+                assert restart.returncode == 0, restart.stdout + restart.stderr
+        finally:
+            done.set()
+            writer.join(60)
+        assert errors == [] and len(written) > 10
+        with lmshard.connect(svc.toml) as c:
+            assert c.get_many("blobs", written) == [b"x"] * len(written)
+            assert svc.cli("down").returncode == 0
+            started = time.monotonic()
+            with pytest.raises(lmshard.ShardUnavailable, match="lmshard up"):
+                c.put("blobs", 10**9, b"never")  # the service is down: at once, not in 8 s
+            assert time.monotonic() - started < c.timeout_ms / 1000
+    finally:
+        svc.cli("down")

@@ -24,7 +24,7 @@ import lmdb
 import zmq
 
 from lmshard import protocol, security
-from lmshard.config import Config, load_config
+from lmshard.config import SUPERVISOR_SOCKET, Config, load_config
 from lmshard.errors import (
     BatchPartiallyApplied,
     ConflictError,
@@ -47,8 +47,24 @@ SCAN_PAGE = 1000
 """Rows per page when a scan goes over the wire."""
 GET_MANY_CHUNK = 10_000
 """Keys per remote get_many request; the chunks of one call are sent at once."""
+PROBE_MS = 50
+"""A request to an ipc endpoint that has no reply after this long checks that the owner's
+socket file exists; a missing file fails the request at once (ShardUnavailable) instead of
+after timeout_ms x (retries + 1). Replies faster than this cost no check."""
+PROBE_RECHECK_S = 0.01
+"""A socket file found missing by that check is looked for once more after this long."""
 
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _file_missing(path: str) -> bool:
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # e.g. no permission to look: let the request find out
+    return False
 
 
 def _after_fork_in_child() -> None:
@@ -86,11 +102,14 @@ class ClientTable:
 class _Conn:
     """One thread's DEALER socket to one shard owner, with its own sequence numbers."""
 
-    __slots__ = ("sock", "seq")
+    __slots__ = ("sock", "seq", "gone")
 
     def __init__(self, sock: zmq.Socket[bytes]) -> None:
         self.sock = sock
         self.seq = 0
+        self.gone = False
+        """The owner's socket file was missing when the last request failed: the next request
+        checks for it before sending anything."""
 
 
 class _Counters:
@@ -244,6 +263,11 @@ class Client:
         self.slot_map = self.config.slot_map
         self.shards = self.config.shards
         self._shard_of = self.slot_map.shard_of
+        self._ipc_paths: list[str | None] = [
+            ep[len("ipc://"):] if ep.startswith("ipc:///") else None
+            for ep in map(self.config.endpoint, range(self.shards))]
+        """Per shard, the owner's socket file when its endpoint is ipc, else None."""
+        self._supervisor_socket = os.fspath(self.config.run_dir / SUPERVISOR_SOCKET)
         self._tables: dict[Any, ClientTable] = {}
         for t in self.schema.tables.values():
             ct = ClientTable(t, self._shard_of, self.shards)
@@ -338,6 +362,10 @@ class Client:
         build a Poller and poll the socket several times per reply.
         """
         conn = self._conn(shard)
+        if conn.gone:  # the owner was not there last time: fail before sending if it still is not
+            if self._socket_missing(shard):
+                raise self._gone(shard)
+            conn.gone = False
         conn.seq += 1
         seq = conn.seq
         frame = protocol.pack_request(code, self._tls.client_id if write else None, seq, body)
@@ -349,12 +377,24 @@ class Client:
                 pass  # the queue to that peer is full: wait out the timeout, then retry
             wait_ms = self.timeout_ms
             deadline = time.monotonic() + wait_ms / 1000
+            probe = self._ipc_paths[shard] is not None
             while wait_ms > 0:
-                sock.setsockopt(zmq.RCVTIMEO, wait_ms)
+                # A first short wait, then (ipc) a look for the owner's socket file: a reply in
+                # time costs nothing more than before.
+                first = PROBE_MS if probe and wait_ms > PROBE_MS else wait_ms
+                sock.setsockopt(zmq.RCVTIMEO, first)
                 try:
                     reply = sock.recv()
                 except zmq.Again:
-                    break
+                    if first == wait_ms:
+                        break
+                    probe = False
+                    if self._socket_missing(shard, recheck=True):
+                        conn.gone = True
+                        self._reconnect(shard, conn)  # drops the queued request: none applies
+                        raise self._gone(shard) from None
+                    wait_ms = int((deadline - time.monotonic()) * 1000)
+                    continue
                 rseq, status, rbody = protocol.unpack_frame(reply)
                 if rseq == seq:
                     return rbody if status == 0 else error_from_wire(status, *rbody)
@@ -366,6 +406,34 @@ class Client:
                          "sequence %d", shard, self.timeout_ms, seq)
             self._reconnect(shard, conn)
         raise self._unavailable(shard)
+
+    def _socket_missing(self, shard: int, *, recheck: bool = False) -> bool:
+        """True when the shard's endpoint is ipc, its socket file does not exist and no
+        supervisord of this service runs: the service is down. (A stopped owner removes the
+        file; a crashed one leaves it, and the request keeps its retries, as supervisord
+        restarts a crashed owner; while supervisord runs, a missing file may be an owner it
+        is restarting, so the request keeps its retries too.) ``recheck``: look twice,
+        PROBE_RECHECK_S apart, as an owner starting over a crashed one's file removes that
+        file just before it binds its own."""
+        path = self._ipc_paths[shard]
+        if path is None or not _file_missing(path):
+            return False
+        if recheck:
+            time.sleep(PROBE_RECHECK_S)
+            if not _file_missing(path):
+                return False
+        return _file_missing(self._supervisor_socket)
+
+    def _gone(self, shard: int) -> ShardUnavailable:
+        self._counters["unavailable"] += 1
+        endpoint = self.config.endpoint(shard)
+        return ShardUnavailable(
+            f"shard {shard} at {endpoint} is not running: its socket file "
+            f"{self._ipc_paths[shard]} does not exist (failed at once, not after "
+            f"{self.timeout_ms} ms x {self.retries + 1} attempts)",
+            hint="start the service with `lmshard up`; `lmshard status` shows which shard "
+                 "owners run",
+        )
 
     def _unavailable(self, shard: int) -> ShardUnavailable:
         self._counters["unavailable"] += 1
@@ -385,6 +453,13 @@ class Client:
         ``silent_ok``, gets a ShardUnavailable as its result).
         """
         conns = {s: self._conn(s) for s in parts}
+        gone: set[int] = set()  # owners whose socket file is missing: failed at once
+        for s in parts:
+            if conns[s].gone:  # not there last time: nothing is sent if it still is not
+                if self._socket_missing(s):
+                    gone.add(s)
+                else:
+                    conns[s].gone = False
         cid = self._tls.client_id if write else None
         frames: dict[int, bytes] = {}
         seqs: dict[int, int] = {}
@@ -394,22 +469,39 @@ class Client:
             seqs[s] = conn.seq
             frames[s] = protocol.pack_request(code, cid, conn.seq, body)
         results: dict[int, Any] = {}
-        pending = set(parts)
+        pending = set(parts) - gone
         for attempt in range(self.retries + 1):
+            if not pending:
+                break
             for s in pending:
                 try:
                     conns[s].sock.send(frames[s], zmq.NOBLOCK,
                                        len(frames[s]) < protocol.ZERO_COPY_MIN)
                 except zmq.Again:
                     pass  # the queue to that peer is full: wait out the timeout, then retry
-            deadline = time.monotonic() + self.timeout_ms / 1000
+            now = time.monotonic()
+            deadline = now + self.timeout_ms / 1000
+            # After a short wait, a look for the socket file of each ipc owner still silent.
+            probe_at = (now + PROBE_MS / 1000
+                        if any(self._ipc_paths[s] is not None for s in pending) else None)
             poller = zmq.Poller()
             by_sock = {}
             for s in pending:
                 poller.register(conns[s].sock, zmq.POLLIN)
                 by_sock[conns[s].sock] = s
             while pending:
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                if probe_at is not None and now >= probe_at:
+                    probe_at = None
+                    for s in sorted(pending):
+                        if self._socket_missing(s, recheck=True):
+                            pending.discard(s)
+                            gone.add(s)
+                            conns[s].gone = True
+                            poller.unregister(conns[s].sock)
+                            self._reconnect(s, conns[s])  # drops the queued request
+                    continue
+                left = (deadline if probe_at is None else min(deadline, probe_at)) - now
                 if left <= 0:
                     break
                 for sock, _ in poller.poll(max(1, int(left * 1000))):
@@ -421,7 +513,7 @@ class Client:
                     pending.discard(s)
                     poller.unregister(sock)
             if not pending:
-                return results
+                break
             self._counters["timeouts"] += len(pending)
             if attempt < self.retries:
                 self._counters["retries"] += len(pending)
@@ -429,12 +521,16 @@ class Client:
                     log.info("shard %d did not answer in %d ms: reconnecting, resending "
                              "sequence %d", s, self.timeout_ms, seqs[s])
                     self._reconnect(s, conns[s])
+        if not pending and not gone:
+            return results
         for p in pending:  # a fresh socket next time: no stale reply may be read as ours
             self._reconnect(p, conns[p])
         if silent_ok:
+            results.update((g, self._gone(g)) for g in gone)
             results.update((p, self._unavailable(p)) for p in pending)
             return results
-        raise self._unavailable(min(pending))
+        first = min(gone | pending)
+        raise self._gone(first) if first in gone else self._unavailable(first)
 
     def _write_parts(
         self, parts: dict[int, list[list[Any]]]

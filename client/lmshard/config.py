@@ -79,6 +79,8 @@ DEFAULT_STAT_ENDPOINT = "ipc://{run_dir}/stat-{shard:02d}.sock"
 DEFAULT_BACKUP_ENDPOINT = "ipc://{run_dir}/backup-{shard:02d}.sock"
 DEFAULT_READER_ENDPOINT = "ipc://{run_dir}/readers.sock"
 DEFAULT_MONITOR_ENDPOINT = "ipc://{run_dir}/monitor.sock"
+SUPERVISOR_SOCKET = "supervisor.sock"
+"""supervisord's unix socket (supervisorctl, XML-RPC), in the run directory."""
 DEFAULT_MONITOR_HTTP = "127.0.0.1:9464"
 """Where the monitor serves /metrics and /stats (9464: a port commonly used by exporters)."""
 

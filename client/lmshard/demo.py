@@ -12,13 +12,14 @@ Three tables, each named on disk by its UUID:
 from __future__ import annotations
 
 import random
+import signal
 import time
 import traceback
 import uuid
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
-from typing import Any
+from multiprocessing.connection import Connection, wait
+from typing import Any, cast
 
 import lmshard
 
@@ -98,12 +99,61 @@ def run_worker(config_path: str, worker: int, seconds: float) -> WorkerResult:
     return result
 
 
+def _worker_main(out: Connection, config_path: str, worker: int, seconds: float) -> None:
+    """A worker process: ``run_worker``, its result sent back through ``out``."""
+    out.send(run_worker(config_path, worker, seconds))
+    out.close()
+
+
+def _exit_text(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "still running"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"killed by {name} (exit code {exitcode})"
+    return f"exited with code {exitcode}"
+
+
 def run(config_path: str, workers: int = 4, seconds: float = 10.0) -> dict[str, Any]:
-    """Run ``workers`` worker processes for ``seconds``; totals, and rows per shard after."""
+    """Run ``workers`` worker processes for ``seconds``; totals, and rows per shard after.
+
+    A worker that dies (killed, out of memory, a crash in an extension) is listed under
+    ``died`` and in ``failures`` with its exit code; the totals are those of the workers that
+    finished, which go on to the end whatever happens to the others.
+    """
     ctx = get_context("spawn")  # no ZeroMQ context or LMDB handle crosses a fork
-    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        futures = [pool.submit(run_worker, config_path, w, seconds) for w in range(workers)]
-        results = [f.result() for f in futures]
+    procs = []
+    waiting: dict[Connection, int] = {}
+    try:
+        for w in range(workers):
+            receive, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_worker_main, args=(send, config_path, w, seconds),
+                               name=f"lmshard-demo-{w}")
+            proc.start()
+            send.close()  # the worker holds the only write end: its death reads as EOF here
+            procs.append(proc)
+            waiting[receive] = w
+        by_worker: dict[int, WorkerResult] = {}
+        while waiting:
+            for ready in wait(list(waiting)):
+                receive = cast(Connection, ready)
+                w = waiting.pop(receive)
+                try:
+                    by_worker[w] = receive.recv()
+                except EOFError:
+                    pass  # it died before it could send its result
+                receive.close()
+    finally:
+        for proc in procs:
+            if proc.exitcode is None and waiting:  # interrupted: leave no worker behind
+                proc.terminate()
+            proc.join()
+    results = [by_worker[w] for w in sorted(by_worker)]
+    died = [{"worker": w, "pid": proc.pid, "exitcode": proc.exitcode}
+            for w, proc in enumerate(procs) if w not in by_worker]
     errors: dict[str, int] = {}
     for r in results:
         for name, n in r.errors.items():
@@ -115,23 +165,32 @@ def run(config_path: str, workers: int = 4, seconds: float = 10.0) -> dict[str, 
                 else {"error": st.get("error", "?")}) for s, st in stats.items()}
     return {
         "workers": workers,
+        "finished": len(results),
+        "died": died,
         "seconds": elapsed,
         "writes": sum(r.writes for r in results),
         "reads": sum(r.reads for r in results),
         "lookups": sum(r.lookups for r in results),
         "batches": sum(r.batches for r in results),
         "errors": errors,
-        "failures": [r.failure for r in results if r.failure],
+        "failures": [f"worker {r.worker} failed:\n{r.failure}" for r in results if r.failure]
+        + [f"worker {d['worker']} (pid {d['pid']}) died: {_exit_text(d['exitcode'])}; "
+           "its work is not in the totals" for d in died],
         "rows": rows,
     }
 
 
 def report(summary: dict[str, Any]) -> str:
-    """``run``'s summary as the text ``lmshard demo`` prints."""
+    """``run``'s summary as the text ``lmshard demo`` prints after its header line (the
+    command prints that one before the run: workers, seconds, config, shards)."""
     s = summary
     secs = s["seconds"]
+    finished = s.get("finished", s["workers"])
     lines = [
-        f"demo: {s['workers']} workers for {secs:.1f} s",
+        f"  seconds  {secs:>9.1f}",
+        f"  workers  {finished:>9}"
+        + (f"  of {s['workers']}: the totals are those of the {finished} that finished"
+           if finished != s["workers"] else ""),
         f"  writes   {s['writes']:>9}  {s['writes'] / secs:>9.0f}/s",
         f"  reads    {s['reads']:>9}  {s['reads'] / secs:>9.0f}/s",
         f"  batches  {s['batches']:>9}  {s['batches'] / secs:>9.0f}/s",
@@ -149,5 +208,11 @@ def report(summary: dict[str, Any]) -> str:
         else:
             lines.append(f"    {shard:>5} " + "".join(f"{counts.get(t, 0):>10}" for t in tables))
     for failure in s["failures"]:
-        lines.append("  a worker failed:\n" + failure)
+        lines.append("  " + failure)
+    if s["failures"]:
+        died = len(s.get("died", ()))
+        failed = len(s["failures"]) - died
+        what = [f"{n} of {s['workers']} workers {verb}"
+                for n, verb in ((died, "died"), (failed, "failed")) if n]
+        lines.append(f"demo failed: {', '.join(what)}")
     return "\n".join(lines)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lmshard.client import Client
-from lmshard.config import IPC_PATH_MAX, Config, ConfigError
+from lmshard.config import IPC_PATH_MAX, SUPERVISOR_SOCKET, Config, ConfigError
 from lmshard.errors import ShardUnavailable
 from lmshard.schema import Schema
 
@@ -37,8 +37,6 @@ ALERTS = "lmshard_alerts"
 """The alerts eventlistener's pool (supervisord keeps eventlisteners out of groups)."""
 SUPERVISORD_CONF = "supervisord.conf"
 """File name of the generated supervisord config, in the directory of the lmshard config."""
-SOCKET_NAME = "supervisor.sock"
-"""supervisord's unix socket (supervisorctl, XML-RPC), in the run directory."""
 PIDFILE_NAME = "supervisord.pid"
 """supervisord's pid file, in the run directory."""
 DEPLOY = resources.files("lmshard") / "deploy"
@@ -132,7 +130,7 @@ def render_supervisord_conf(
     """
     assert config.path is not None, "render_supervisord_conf needs a config loaded from a file"
     log_dir = (log_dir or default_log_dir(config)).absolute()
-    sock = config.run_dir / SOCKET_NAME
+    sock = config.run_dir / SUPERVISOR_SOCKET
     if len(os.fsencode(sock)) > IPC_PATH_MAX:
         raise SupervisorError(
             f"supervisord's socket {sock} is longer than the unix socket limit ({IPC_PATH_MAX} "
