@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +28,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lmshard import monitoring
 from lmshardd import monitor, stats
-from tests.cluster import Cluster
+from tests.cluster import WAIT, Cluster, wait_for
 
 INTERVAL = 0.2
 """Stats interval of the test owners: stale after 0.6 s."""
-WAIT = 15.0
-"""Longest wait for any condition (generous: the machine may be busy)."""
 
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = WAIT) -> Any:
-    """Call ``probe`` until it returns something truthy; that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def body(shard: int = 0, **fields: Any) -> dict[str, Any]:

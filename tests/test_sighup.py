@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,24 +29,11 @@ from lmshard import config as config_module
 from lmshard import monitoring, supervise
 from lmshard.config import Config
 from lmshard.remote import ReaderPool
-from tests.cluster import REPO, Cluster, env_for_children
+from tests.cluster import REPO, WAIT, Cluster, env_for_children, wait_for
 from tests.test_readers import Readers
 
-WAIT = 30.0
-"""Longest wait for any condition (generous: the machine may be busy)."""
 HUP_LINE = "received SIGHUP"
 
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = WAIT) -> Any:
-    """Call ``probe`` until it returns something truthy; that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def hup_lines(log: Path) -> list[str]:
