@@ -1,0 +1,191 @@
+"""Is a recorded history one the store was allowed to produce?
+
+Per key, linearizability of a register (read, write, delete, compare-and-set, increment), with
+the search of Wing and Gong as Lowe improved it and Porcupine implements it: walk the call and
+return events in time order, linearize an operation at its call if the model allows it,
+remember each (set of linearized operations, state) reached so no state is explored twice,
+and backtrack when a return is reached whose operation is not linearized yet. A key's
+operations are independent of other keys' (the store is linearizable per key), so each key is
+checked alone, which keeps the search small.
+
+What the outcomes allow (see ``history``): an ``ok`` operation took effect at one instant
+between its invocation and its completion; a ``fail`` one never did (a value only a failed
+write wrote must never be read: that is how a partly visible failed batch shows up); an
+``unknown`` one either took effect at one instant after its invocation or never (its
+completion is at infinity, so the search may also place it after everything else).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tests.faults.history import FAIL, OK, UNKNOWN, Op
+
+
+@dataclass
+class KeyResult:
+    key: str
+    ok: bool
+    ops: int
+    detail: str = ""
+
+
+@dataclass
+class Result:
+    """The verdict on a history: every key linearizable, and the anomalies found if not."""
+
+    keys: list[KeyResult] = field(default_factory=list)
+    anomalies: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.anomalies
+
+    @property
+    def ops(self) -> int:
+        return sum(k.ops for k in self.keys)
+
+
+def step(state: Any, op: Op) -> tuple[bool, Any]:
+    """The register model: is ``op`` allowed in ``state``, and the state after it."""
+    kind = op.kind
+    if kind == "write":
+        return True, op.value
+    if kind == "delete":
+        return True, None
+    if kind == "read":
+        return op.output == state, state
+    if kind == "incr":
+        new = (state or 0) + op.value
+        return (op.outcome == UNKNOWN or op.output == new), new
+    if kind == "cas":
+        expected, new = op.value
+        applies = state == expected
+        if op.outcome == UNKNOWN:
+            return True, new if applies else state
+        return op.output == applies, new if applies else state
+    raise ValueError(f"unknown op kind {kind!r}")
+
+
+class _Entry:
+    __slots__ = ("op", "index", "call", "match", "prev", "next")
+
+    def __init__(self, op: Op | None, index: int, call: bool) -> None:
+        self.op = op
+        self.index = index
+        self.call = call
+        self.match: _Entry | None = None
+        self.prev: _Entry | None = None
+        self.next: _Entry | None = None
+
+
+def _entries(ops: list[Op]) -> _Entry:
+    """The events of ``ops`` as a doubly linked list in time order (a call before a return at
+    the same instant: touching operations count as concurrent); its head sentinel."""
+    events: list[tuple[float, int, int]] = []
+    for i, op in enumerate(ops):
+        events.append((op.start, 0, i))
+        events.append((op.end, 1, i))
+    events.sort()
+    head = _Entry(None, -1, False)
+    calls: dict[int, _Entry] = {}
+    last = head
+    for _t, kind, i in events:
+        e = _Entry(ops[i], i, kind == 0)
+        if kind == 0:
+            calls[i] = e
+        else:
+            e.match = calls[i]
+            calls[i].match = e
+        last.next, e.prev, last = e, last, e
+    return head
+
+
+def _lift(e: _Entry) -> None:
+    """Take a call and its return out of the list."""
+    for x in (e, e.match):
+        assert x is not None and x.prev is not None
+        x.prev.next = x.next
+        if x.next is not None:
+            x.next.prev = x.prev
+
+
+def _unlift(e: _Entry) -> None:
+    for x in (e.match, e):
+        assert x is not None and x.prev is not None
+        x.prev.next = x
+        if x.next is not None:
+            x.next.prev = x
+
+
+def check_register(key: str, ops: list[Op], initial: Any = None) -> KeyResult:
+    """Linearizability of one key's operations (failed ones and unknown reads left out)."""
+    ops = [op for op in ops if op.outcome != FAIL
+           and not (op.kind == "read" and op.outcome == UNKNOWN)]
+    head = _entries(ops)
+    cache: set[tuple[int, Any]] = set()
+    stack: list[tuple[_Entry, Any]] = []
+    linearized = 0
+    state = initial
+    deepest = (0, "")
+    entry = head.next
+    while head.next is not None:
+        assert entry is not None
+        if entry.call:
+            assert entry.op is not None
+            allowed, new = step(state, entry.op)
+            bit = 1 << entry.index
+            if allowed and (linearized | bit, new) not in cache:
+                cache.add((linearized | bit, new))
+                stack.append((entry, state))
+                state, linearized = new, linearized | bit
+                _lift(entry)
+                entry = head.next
+                continue
+            entry = entry.next
+            continue
+        if len(stack) >= deepest[0]:
+            deepest = (len(stack), _describe(entry.op, state))
+        if not stack:
+            return KeyResult(key, False, len(ops), f"no order explains {deepest[1]}")
+        entry, state = stack.pop()
+        linearized &= ~(1 << entry.index)
+        _unlift(entry)
+        entry = entry.next
+    return KeyResult(key, True, len(ops))
+
+
+def _describe(op: Op | None, state: Any) -> str:
+    if op is None:
+        return "?"
+    return (f"{op.kind}({op.value!r}) -> {op.outcome} {op.output!r} by {op.process} in "
+            f"[{op.start:.6f}, {op.end:.6f}], the register holding {state!r} at best")
+
+
+def check_counter(key: str, ops: list[Op], final: int) -> list[str]:
+    """A counter's final value is the sum of its acked increments plus some of the unknown
+    ones (all deltas positive): anything else lost an increment or applied one twice."""
+    incrs = [op for op in ops if op.kind == "incr"]
+    acked = sum(op.value for op in incrs if op.outcome == OK)
+    unknown = sum(op.value for op in incrs if op.outcome == UNKNOWN)
+    if not acked <= final <= acked + unknown:
+        return [f"counter {key}: final value {final}, acked increments {acked}, unknown ones "
+                f"{unknown}: expected {acked} to {acked + unknown}"]
+    return []
+
+
+def check(ops: Iterable[Op], initial: dict[str, Any] | None = None) -> Result:
+    """Every key's register history (keys absent from ``initial`` start empty)."""
+    by_key: dict[str, list[Op]] = defaultdict(list)
+    for op in ops:
+        by_key[op.key].append(op)
+    result = Result()
+    for key in sorted(by_key):
+        r = check_register(key, by_key[key], (initial or {}).get(key))
+        result.keys.append(r)
+        if not r.ok:
+            result.anomalies.append(f"key {key}: {r.detail}")
+    return result

@@ -1,0 +1,133 @@
+"""The history checker on hand-made histories: the ones a correct store may produce pass, each
+kind of anomaly the fault campaign hunts fails (a checker that passes everything is no check)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from tests.faults import checker
+from tests.faults.history import FAIL, OK, UNKNOWN, Op, Recorder, load
+
+
+def op(kind: str, value: object, outcome: str, output: object, start: float, end: float,
+       process: str = "p", key: str = "k") -> Op:
+    return Op(process, key, kind, value, outcome, output, start,
+              math.inf if outcome == UNKNOWN else end)
+
+
+def linearizable(*ops: Op) -> bool:
+    return checker.check(ops).ok
+
+
+def test_sequential_writes_and_reads_pass_and_a_stale_read_fails() -> None:
+    w1 = op("write", "a", OK, None, 0, 1)
+    w2 = op("write", "b", OK, None, 2, 3)
+    assert linearizable(w1, w2, op("read", None, OK, "b", 4, 5))
+    # read after w2 was acked must not see a: real-time order
+    assert not linearizable(w1, w2, op("read", None, OK, "a", 4, 5))
+    # a read that began before w2 was acked may see either
+    assert linearizable(w1, w2, op("read", None, OK, "a", 2.5, 5))
+    assert linearizable(w1, w2, op("read", None, OK, "b", 2.5, 5))
+
+
+def test_concurrent_reads_must_agree_with_one_order() -> None:
+    w1 = op("write", "a", OK, None, 0, 1)
+    w2 = op("write", "b", OK, None, 2, 10, process="q")
+    # both reads overlap w2; the first sees b, then a later one sees a: no order allows it
+    r1 = op("read", None, OK, "b", 3, 4, process="r")
+    r2 = op("read", None, OK, "a", 5, 6, process="s")
+    assert not linearizable(w1, w2, r1, r2)
+    assert linearizable(w1, w2, op("read", None, OK, "a", 3, 4, process="r"),
+                        op("read", None, OK, "b", 5, 6, process="s"))
+
+
+def test_a_failed_write_is_never_visible_and_an_unknown_one_may_be() -> None:
+    w1 = op("write", "a", OK, None, 0, 1)
+    bad = op("write", "x", FAIL, None, 2, 3)
+    assert not linearizable(w1, bad, op("read", None, OK, "x", 4, 5))
+    assert linearizable(w1, bad, op("read", None, OK, "a", 4, 5))
+    lost = op("write", "y", UNKNOWN, None, 2, 0)
+    assert linearizable(w1, lost, op("read", None, OK, "y", 4, 5))
+    assert linearizable(w1, lost, op("read", None, OK, "a", 4, 5))
+    # ... but not both ways: once seen, an unknown write cannot be undone by nothing
+    assert not linearizable(w1, lost, op("read", None, OK, "y", 4, 5),
+                            op("read", None, OK, "a", 6, 7))
+
+
+def test_a_read_of_a_value_nobody_wrote_fails() -> None:
+    assert not linearizable(op("write", "a", OK, None, 0, 1), op("read", None, OK, "z", 2, 3))
+    assert linearizable(op("read", None, OK, None, 0, 1))  # an absent key reads None
+    assert not linearizable(op("write", "a", OK, None, 0, 1), op("read", None, OK, None, 2, 3))
+
+
+def test_deletes_and_compare_and_set() -> None:
+    w = op("write", "a", OK, None, 0, 1)
+    assert linearizable(w, op("delete", None, OK, None, 2, 3), op("read", None, OK, None, 4, 5))
+    assert linearizable(w, op("cas", ("a", "b"), OK, True, 2, 3), op("read", None, OK, "b", 4, 5))
+    # a cas that says it applied, from a state it could not apply in
+    assert not linearizable(w, op("cas", ("z", "b"), OK, True, 2, 3))
+    # a cas that says it did not apply although the value matched and nothing else ran
+    assert not linearizable(w, op("cas", ("a", "b"), OK, False, 2, 3))
+    # an unknown cas may or may not have applied
+    maybe = op("cas", ("a", "b"), UNKNOWN, None, 2, 0)
+    assert linearizable(w, maybe, op("read", None, OK, "b", 4, 5))
+    assert linearizable(w, maybe, op("read", None, OK, "a", 4, 5))
+
+
+def test_increments_must_add_up() -> None:
+    i1 = op("incr", 1, OK, 1, 0, 1)
+    i2 = op("incr", 1, OK, 2, 2, 3)
+    assert linearizable(i1, i2, op("read", None, OK, 2, 4, 5))
+    assert not linearizable(i1, i2, op("read", None, OK, 3, 4, 5))  # applied twice
+    assert not linearizable(i1, op("incr", 1, OK, 1, 2, 3))  # an increment lost
+    retried = op("incr", 1, UNKNOWN, None, 2, 0)
+    assert linearizable(i1, retried, op("read", None, OK, 2, 4, 5))
+    assert linearizable(i1, retried, op("read", None, OK, 1, 4, 5))
+    assert not linearizable(i1, retried, op("read", None, OK, 3, 4, 5))
+    assert checker.check_counter("c", [i1, i2, retried], 3) == []
+    assert checker.check_counter("c", [i1, i2, retried], 2) == []
+    assert checker.check_counter("c", [i1, i2, retried], 4) != []
+    assert checker.check_counter("c", [i1, i2, retried], 1) != []
+
+
+def test_keys_are_checked_apart_and_the_anomaly_names_its_key() -> None:
+    ops = [op("write", "a", OK, None, 0, 1, key="k1"), op("write", "b", OK, None, 0, 1, key="k2"),
+           op("read", None, OK, "a", 2, 3, key="k1"), op("read", None, OK, "a", 2, 3, key="k2")]
+    result = checker.check(ops)
+    assert not result.ok and len(result.anomalies) == 1
+    assert result.anomalies[0].startswith("key k2: no order explains read")
+    assert result.ops == 4
+
+
+def test_many_overlapping_writers_on_one_key() -> None:
+    """Six writers at once, sixty times, each round read after it: only the order in which
+    the last writer of each round comes last explains the reads."""
+    ops = []
+    t = 0.0
+    for round_ in range(60):
+        for p in range(6):
+            ops.append(op("write", f"{round_}-{p}", OK, None, t + p * 0.01, t + 1, process=f"w{p}"))
+        ops.append(op("read", None, OK, f"{round_}-5", t + 1.5, t + 1.6, process="r"))
+        t += 2
+    assert linearizable(*ops)
+    ops[-1] = op("read", None, OK, "58-5", t - 0.5, t - 0.4, process="r")  # an old round's
+    assert not linearizable(*ops)
+
+
+def test_recorded_files_load_with_killed_processes_as_unknown(tmp_path: Path) -> None:
+    with Recorder(tmp_path / "a.jsonl", "a") as rec:
+        i = rec.invoke("k", "write", "v1")
+        rec.complete(i, OK)
+        i = rec.invoke("k", "cas", ("v1", "v2"))
+        rec.complete(i, OK, True)
+        rec.invoke("k", "write", "v3")  # killed before the answer
+    (tmp_path / "a.jsonl").open("a").write('{"e":"inv')  # and mid-line
+    with Recorder(tmp_path / "b.jsonl", "b") as rec:
+        i = rec.invoke("k", "read")
+        rec.complete(i, OK, "v2")
+    ops = load([tmp_path / "a.jsonl", tmp_path / "b.jsonl"])
+    assert [(o.kind, o.outcome) for o in ops] == [
+        ("write", OK), ("cas", OK), ("write", UNKNOWN), ("read", OK)]
+    assert ops[1].value == ("v1", "v2") and ops[2].end == math.inf
+    assert checker.check(ops).ok
