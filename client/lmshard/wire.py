@@ -74,15 +74,19 @@ class Channel:
     def __iter__(self) -> Iterator[Message]:
         return iter(self.messages.values())
 
-    def markdown(self) -> str:
-        """This channel's section of docs/protocol.md."""
-        lines = [f"## {self.name}", "", self.doc.strip(), "", f"Frames: {self.frame.strip()}",
-                 "", "| code | message | sent by | fields | meaning |", "|---|---|---|---|---|"]
+    def table(self) -> str:
+        """The Markdown table of this channel's messages."""
+        lines = ["| code | message | sent by | fields | meaning |", "|---|---|---|---|---|"]
         for m in self:
             names = ", ".join(f.name for f in m.fields) + (" + data frame" if m.data else "")
             lines.append(f"| {m.code} | `{m.name}` | {m.sender} | {names or '-'} | "
                          f"{' '.join(m.doc.split())} |")
         return "\n".join(lines) + "\n"
+
+    def markdown(self) -> str:
+        """This channel's section of docs/protocol.md."""
+        return (f"## {self.name}\n\n{self.doc.strip()}\n\nFrames: {self.frame.strip()}\n\n"
+                + self.table())
 
 
 CHANNELS: dict[str, Channel] = {}
