@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench lint clean
+.PHONY: run test bench faults lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ bench: $(STAMP)
 	  fi; \
 	fi
 	$(PY) -m bench.suite $(BENCH_ARGS)
+
+# Histories under a nemesis, checked (tests/faults); FAULTS_ARGS="--minutes 10" for longer.
+faults: $(STAMP)
+	$(PY) -m tests.faults $(or $(FAULTS_ARGS),--histories 3)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,255 @@
+"""A history under a nemesis: a real service (supervisord, owners, readers, monitor), client
+processes recording every operation, faults injected at random moments, then the checks.
+
+One history: ``lmshard init`` + ``up`` in a fresh directory, ``workers`` client processes for
+``seconds``, a nemesis thread injecting one fault of ``kinds`` every 0.3-1.5 s, then every
+fault healed, the service left to settle, a final read of every key and counter, the unique
+index checked, and ``lmshard down``. The history goes to ``checker.check``; counters to
+``checker.check_counter``.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmshard
+from tests.faults import checker
+from tests.faults.history import OK, Op, load
+from tests.faults.schema import counters, rows
+from tests.faults.workload import COUNTERS, GROUPS, NAMES, TIMEOUT_MS, register, run_worker
+
+REPO = Path(__file__).resolve().parents[2]
+LMSHARD = Path(sys.executable).with_name("lmshard")
+"""The console script of this venv: the operator's command, whatever module implements it."""
+
+PAUSE_SECONDS = TIMEOUT_MS * 3 / 1000
+"""A SIGSTOPped process stays stopped longer than a client's timeout and retry."""
+
+FAULT_KINDS = ("kill-owner", "pause-owner", "kill-reader", "kill-monitor", "kill-client")
+
+
+@dataclass
+class Summary:
+    seed: int
+    seconds: float
+    operations: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    faults: Counter[str] = field(default_factory=Counter)
+    anomalies: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "seconds": self.seconds, "operations": self.operations,
+                "outcomes": dict(self.outcomes), "faults": dict(self.faults),
+                "anomalies": self.anomalies}
+
+
+def lmshard_cmd(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return subprocess.run([str(LMSHARD), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+
+
+class Service:
+    """A service of the campaign's schema in ``base`` (sockets in a short ``run_dir``)."""
+
+    def __init__(self, base: Path, run_dir: Path, shards: int = 3) -> None:
+        done = lmshard_cmd("init", str(base), "--shards", str(shards), "--readers", "2",
+                           "--schema", "tests.faults.schema:schema", "--python-path", str(REPO),
+                           "--run-dir", str(run_dir), "--monitor-http", "127.0.0.1:0")
+        if done.returncode != 0:
+            raise RuntimeError(done.stdout + done.stderr)
+        self.toml = base / "lmshard.toml"
+
+    def up(self) -> None:
+        done = lmshard_cmd("up", "-c", str(self.toml))
+        if done.returncode != 0:
+            raise RuntimeError(done.stdout + done.stderr)
+
+    def down(self) -> None:
+        lmshard_cmd("down", "-c", str(self.toml))
+
+    def processes(self) -> dict[str, int]:
+        """supervisord's RUNNING processes of the service: name -> pid."""
+        done = lmshard_cmd("status", "--json", "-c", str(self.toml))
+        status = json.loads(done.stdout)
+        return {p["name"]: p["pid"] for p in status["processes"]
+                if p["state"] == "RUNNING" and p["pid"]}
+
+    def healthy(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while lmshard_cmd("status", "-c", str(self.toml)).returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the service did not come back after the faults")
+            time.sleep(0.2)
+
+
+class Clients:
+    """The client processes; a killed one is replaced by a new process with a new name."""
+
+    def __init__(self, toml: Path, out: Path, seconds: float, rng: random.Random) -> None:
+        self.toml, self.out, self.rng = toml, out, rng
+        self.deadline = time.monotonic() + seconds
+        self.ctx = mp.get_context("spawn")
+        self.procs: list[mp.process.BaseProcess] = []
+        self.started = 0
+
+    def start(self) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0.5:
+            return
+        name = f"c{self.started}"
+        self.started += 1
+        p = self.ctx.Process(target=run_worker, args=(
+            str(self.toml), name, str(self.out / f"{name}.jsonl"), left,
+            self.rng.randrange(2**32)))
+        p.start()
+        self.procs.append(p)
+
+    def kill_one(self) -> bool:
+        alive = [p for p in self.procs if p.is_alive()]
+        if not alive:
+            return False
+        victim = self.rng.choice(alive)
+        assert victim.pid is not None
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(10)
+        self.start()
+        return True
+
+    def join(self) -> None:
+        for p in self.procs:
+            p.join(max(1.0, self.deadline - time.monotonic() + 60))
+            if p.is_alive():
+                p.kill()
+
+
+class Nemesis(threading.Thread):
+    """Injects one fault of ``kinds`` every 0.3-1.5 s until stopped; heals paused processes."""
+
+    def __init__(self, service: Service, clients: Clients, kinds: tuple[str, ...],
+                 rng: random.Random) -> None:
+        super().__init__(name="nemesis", daemon=True)
+        self.service, self.clients, self.kinds, self.rng = service, clients, kinds, rng
+        self.stop = threading.Event()
+        self.faults: Counter[str] = Counter()
+        self.paused: list[int] = []
+
+    def run(self) -> None:
+        while not self.stop.wait(self.rng.uniform(0.3, 1.5)):
+            kind = self.rng.choice(self.kinds)
+            if self.inject(kind):
+                self.faults[kind] += 1
+
+    def inject(self, kind: str) -> bool:
+        if kind == "kill-client":
+            return self.clients.kill_one()
+        prefix = {"kill-owner": "lmshard:shard_", "pause-owner": "lmshard:shard_",
+                  "kill-reader": "lmshard:reader_", "kill-monitor": "lmshard:monitor"}[kind]
+        try:
+            pids = [pid for name, pid in self.service.processes().items()
+                    if name.startswith(prefix)]
+        except (ValueError, subprocess.SubprocessError):
+            return False
+        if not pids:
+            return False
+        pid = self.rng.choice(pids)
+        try:
+            if kind == "pause-owner":
+                os.kill(pid, signal.SIGSTOP)
+                self.paused.append(pid)
+                self.stop.wait(PAUSE_SECONDS)
+                os.kill(pid, signal.SIGCONT)
+                self.paused.remove(pid)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def heal(self) -> None:
+        self.stop.set()
+        self.join(30)
+        for pid in self.paused:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
+def final_reads(toml: Path) -> tuple[list[Op], dict[str, int], list[str]]:
+    """Every register read once more after the faults (as ok reads at the end of the
+    history), every counter's value, and what is wrong with the unique index."""
+    ops: list[Op] = []
+    problems: list[str] = []
+    with lmshard.connect(toml) as c:
+        for g in GROUPS:
+            for n in NAMES:
+                start = time.monotonic()
+                got = c.get(rows, (g, n))
+                ops.append(Op("final", register(g, n), "read", None, OK,
+                              None if got is None else got["v"], start, time.monotonic()))
+            claims = [v for k, v in c.scan(rows, prefix=(g,)) if k[1].startswith("claim-")]
+            emails = Counter(v["email"] for v in claims)
+            problems += [f"group {g}: email {e} claimed by {n} rows" for e, n in emails.items()
+                         if n > 1]
+            for e in emails:
+                found = c.lookup(rows, "by_email", e)
+                if len([k for k, _ in found if k[0] == g]) != 1:
+                    problems.append(f"group {g}: index by_email {e} holds {found!r:.200}")
+        totals = {f"counter/{k}": int(c.get(counters, k) or 0) for k in COUNTERS}
+    return ops, totals, problems
+
+
+def run_history(seconds: float, kinds: tuple[str, ...] = FAULT_KINDS, workers: int = 4,
+                seed: int | None = None, keep: Path | None = None) -> Summary:
+    """One history; its summary (``anomalies`` empty when every check passed)."""
+    seed = random.randrange(2**32) if seed is None else seed
+    rng = random.Random(seed)
+    base = Path(tempfile.mkdtemp(prefix="lmsf-"))
+    summary = Summary(seed, seconds)
+    service = Service(base / "svc", base / "run")
+    try:
+        service.up()
+        out = base / "history"
+        out.mkdir()
+        clients = Clients(service.toml, out, seconds, rng)
+        for _ in range(workers):
+            clients.start()
+        nemesis = Nemesis(service, clients, kinds, rng)
+        nemesis.start()
+        time.sleep(seconds)
+        nemesis.heal()
+        clients.join()
+        service.healthy()
+        ops = load(sorted(out.glob("*.jsonl")))
+        last, totals, problems = final_reads(service.toml)
+        ops += last
+        result = checker.check(ops)
+        summary.operations = len(ops)
+        summary.outcomes = Counter(op.outcome for op in ops)
+        summary.faults = nemesis.faults
+        summary.anomalies = result.anomalies + problems
+        for key, final in totals.items():
+            summary.anomalies += checker.check_counter(
+                key, [op for op in ops if op.key == key], final)
+        return summary
+    finally:
+        service.down()
+        if keep is not None:
+            shutil.copytree(base, keep / f"history-{seed}", dirs_exist_ok=True)
+        shutil.rmtree(base, ignore_errors=True)
