@@ -280,3 +280,14 @@ def test_demo_refuses_a_service_with_another_schema(
     toml = init(short_dir / "svc")  # tests.schemas:schema
     assert cli.main(["demo", "-c", str(toml), "--seconds", "0.1"]) == EXIT_USAGE
     assert "lmshard.demo:schema" in capsys.readouterr().err
+
+
+def test_services_and_the_daemon_never_load_the_operator_tooling() -> None:
+    code = ("import importlib, pkgutil, sys, lmshard, lmshard.demo, lmshard.testing, lmshardd\n"
+            "for m in pkgutil.walk_packages(lmshardd.__path__, 'lmshardd.'):\n"
+            "    importlib.import_module(m.name)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('lmshard.ops')))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
