@@ -27,6 +27,7 @@ def find_checkout(package_file: str = __file__) -> Path | None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """``lmshard bench``: the checkout's suite, or exit status 2 saying why it cannot run."""
     root = find_checkout()
     if root is None:
         where = Path(__file__).resolve().parents[1]  # the lmshard package

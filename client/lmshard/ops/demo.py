@@ -202,6 +202,7 @@ def report(summary: dict[str, Any]) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """``lmshard demo``: the workload against a service that serves the demo schema."""
     config = load_config(args.config)
     if config.load_schema() is not schema:
         raise ConfigError(f"the service serves schema {config.schema!r}; the demo writes the "

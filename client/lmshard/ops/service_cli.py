@@ -43,6 +43,7 @@ from lmshard.ops.supervise.rpc import UP_TIMEOUT, supervisord_pid, wait_until_up
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    """``lmshard init DIR``: write DIR/lmshard.toml and DIR/supervisord.conf, make the dirs."""
     base = Path(args.dir).absolute()
     target = base / "lmshard.toml"
     if target.exists() and not args.force:
@@ -86,6 +87,7 @@ def _init_config(base: Path, args: argparse.Namespace) -> Config:
 
 
 def cmd_supervisord_conf(args: argparse.Namespace) -> int:
+    """``lmshard supervisord-conf``: (re)write supervisord.conf for a config."""
     config = load_config(args.config)
     log_dir = Path(args.log_dir).absolute() if args.log_dir else None
     out = Path(args.output).absolute() if args.output else None
@@ -104,6 +106,7 @@ def _progress(up: int, total: int) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    """``lmshard up``: check, start supervisord and wait until every shard answers."""
     config = load_config(args.config)
     files = service_files(config)
     if supervisord_pid(files) is None:
@@ -152,6 +155,7 @@ def _up_foreground(config: Config, files: SupervisorFiles, timeout: float) -> in
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    """``lmshard down``: stop supervisord and everything it runs."""
     config = load_config(args.config)
     files = service_files(config)
     running = supervisord_pid(files) is not None

@@ -131,6 +131,7 @@ def _healthy(status: dict[str, Any]) -> bool:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """``lmshard status``: one line per process with shard health, or JSON."""
     config = load_config(args.config)
     files = service_files(config)
     status = collect_status(config, files)
@@ -151,6 +152,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
+    """``lmshard ctl ARGS``: supervisorctl on this service's supervisord, in our place."""
     config = load_config(args.config)
     argv = supervisorctl_command(service_files(config), args.args)
     sys.stdout.flush()
