@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml | $(PY)
 
 # Serve config/lmshard.toml (4 shards under ./var) in the foreground; Ctrl-C stops it.
 run: $(STAMP)
-	$(PY) -m lmshard.cli supervisord-conf -c config/lmshard.toml
-	exec $(PY) -m lmshard.cli up --foreground -c config/lmshard.toml
+	$(PY) -m lmshard.ops.cli supervisord-conf -c config/lmshard.toml
+	exec $(PY) -m lmshard.ops.cli up --foreground -c config/lmshard.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -16,8 +16,16 @@ from pathlib import Path
 import pytest
 
 import lmshard
-from lmshard import cli, supervise
 from lmshard.config import load_config
+from lmshard.ops import cli
+from lmshard.ops.command import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_USAGE
+from lmshard.ops.supervise.conf import (
+    EVENTLISTENER,
+    PROGRAMS,
+    SupervisorFiles,
+    render_supervisord_conf,
+)
+from lmshard.ops.supervise.control import supervisorctl_command
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,8 +77,8 @@ def test_init_writes_config_dirs_and_supervisord_conf(short_dir: Path) -> None:
     assert conf.get("program:monitor", "command") == (
         f"{sys.executable} -m lmshardd.main -c {toml} monitor")
     listener = dict(conf.items("eventlistener:lmshard_alerts"))
-    assert listener["command"] == f"{sys.executable} {supervise.EVENTLISTENER}"
-    assert supervise.EVENTLISTENER.is_file()
+    assert listener["command"] == f"{sys.executable} {EVENTLISTENER}"
+    assert EVENTLISTENER.is_file()
     assert listener["events"] == "PROCESS_STATE_EXITED,PROCESS_STATE_FATAL"
     assert config.monitor_http == ("127.0.0.1", 9464)
 
@@ -107,9 +115,9 @@ def test_supervisord_itself_reads_the_generated_config(short_dir: Path) -> None:
 def test_every_program_the_generator_writes_is_a_role_lmshardd_offers(short_dir: Path) -> None:
     config = load_config(init(short_dir / "svc"))
     conf = configparser.RawConfigParser(inline_comment_prefixes=(";",))
-    conf.read_string(supervise.render_supervisord_conf(config))
+    conf.read_string(render_supervisord_conf(config))
     assert conf.get("program:readers", "numprocs") == "2"
-    for program in supervise.PROGRAMS:
+    for program in PROGRAMS:
         command = conf.get(f"program:{program}", "command").replace("%(process_num)d", "0")
         argv = [*command.split(), "--help"]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
@@ -120,13 +128,13 @@ def test_init_refuses_to_overwrite_and_rejects_long_socket_paths(
     short_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     init(short_dir / "svc")
-    assert cli.main(["init", str(short_dir / "svc")]) == cli.EXIT_USAGE
+    assert cli.main(["init", str(short_dir / "svc")]) == EXIT_USAGE
     assert "--force" in capsys.readouterr().err
     assert cli.main(["init", str(short_dir / "svc"), "--force", "--shards", "2"]) == 0
     assert load_config(short_dir / "svc" / "lmshard.toml").shards == 2
 
     deep = tmp_path / ("d" * 80)
-    assert cli.main(["init", str(deep)]) == cli.EXIT_USAGE
+    assert cli.main(["init", str(deep)]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "unix socket limit" in err and "--run-dir" in err
     assert not (deep / "lmshard.toml").exists()
@@ -139,22 +147,22 @@ def test_config_is_found_by_flag_env_then_default(
     capsys.readouterr()
     monkeypatch.delenv("LMSHARD_CONFIG", raising=False)
     monkeypatch.chdir(short_dir)
-    assert cli.main(["status"]) == cli.EXIT_USAGE  # no ./config/lmshard.toml
+    assert cli.main(["status"]) == EXIT_USAGE  # no ./config/lmshard.toml
     assert "no config file" in capsys.readouterr().err
 
     monkeypatch.setenv("LMSHARD_CONFIG", str(toml))
-    assert cli.main(["status", "--json"]) == cli.EXIT_NOT_RUNNING
+    assert cli.main(["status", "--json"]) == EXIT_NOT_RUNNING
     out = json.loads(capsys.readouterr().out)
     assert out["config"] == str(toml) and out["supervisord"]["running"] is False
 
     (short_dir / "config").mkdir()
     shutil.copy(toml, short_dir / "config" / "lmshard.toml")
     monkeypatch.delenv("LMSHARD_CONFIG")
-    assert cli.main(["status"]) == cli.EXIT_USAGE  # found, but no supervisord.conf beside it
+    assert cli.main(["status"]) == EXIT_USAGE  # found, but no supervisord.conf beside it
     assert "lmshard supervisord-conf" in capsys.readouterr().err
     assert cli.main(["supervisord-conf"]) == 0
     assert (short_dir / "config" / "supervisord.conf").is_file()
-    assert cli.main(["status", "-c", str(toml)]) == cli.EXIT_NOT_RUNNING
+    assert cli.main(["status", "-c", str(toml)]) == EXIT_NOT_RUNNING
     assert "not running" in capsys.readouterr().out
 
 
@@ -174,7 +182,7 @@ def test_down_removes_only_stale_sockets_and_up_refuses_a_live_one(
         assert "was not running" in out and f"removed stale socket {stale}" in out
         assert not stale.exists() and live.exists()
         # a listener without supervisord: an owner left over from a supervisord that died
-        assert cli.main(["up", "-c", str(config.path)]) == cli.EXIT_FAILED
+        assert cli.main(["up", "-c", str(config.path)]) == EXIT_FAILED
         assert f"listens on {live}" in capsys.readouterr().err
         assert not config.run_dir.joinpath("supervisor.sock").exists()
     finally:
@@ -195,16 +203,16 @@ def test_down_removes_every_readers_stale_socket(short_dir: Path) -> None:
 def test_ctl_passes_its_arguments_through() -> None:
     args = cli.build_parser().parse_args(["ctl", "-c", "x.toml", "tail", "-f", "lmshard:shard_01"])
     assert args.config == "x.toml" and args.args == ["tail", "-f", "lmshard:shard_01"]
-    files = supervise.SupervisorFiles(Path("/s/supervisord.conf"), Path("/r/s.sock"),
-                                      Path("/r/p"), Path("/l/s.log"), Path("/l"))
-    assert supervise.supervisorctl_command(files, args.args) == [
+    files = SupervisorFiles(Path("/s/supervisord.conf"), Path("/r/s.sock"), Path("/r/p"),
+                            Path("/l/s.log"), Path("/l"))
+    assert supervisorctl_command(files, args.args) == [
         sys.executable, "-m", "supervisor.supervisorctl", "-c", "/s/supervisord.conf",
         "tail", "-f", "lmshard:shard_01"]
 
 
 def test_ctl_runs_supervisorctl_on_the_generated_config(short_dir: Path) -> None:
     toml = init(short_dir / "svc")
-    done = subprocess.run([sys.executable, "-m", "lmshard.cli", "ctl", "-c", str(toml),
+    done = subprocess.run([sys.executable, "-m", "lmshard.ops.cli", "ctl", "-c", str(toml),
                            "status"], capture_output=True, text=True, timeout=60)
     # supervisorctl's own answer when nothing listens on the socket of *this* config
     assert "supervisor.sock no such file" in done.stdout + done.stderr
@@ -229,7 +237,7 @@ def test_eventlistener_speaks_the_protocol_and_alerts_on_crashes(tmp_path: Path)
         body = payload.encode()
         stdin += (f"ver:3.0 server:supervisor serial:{n} pool:lmshard_alerts poolserial:{n} "
                   f"eventname:{name} len:{len(body)}\n").encode() + body
-    done = subprocess.run([sys.executable, str(supervise.EVENTLISTENER)], input=stdin,
+    done = subprocess.run([sys.executable, str(EVENTLISTENER)], input=stdin,
                           capture_output=True, env=env, timeout=60)
     assert done.returncode == 0
     assert done.stdout == b"READY\nRESULT 2\nOK" * len(events) + b"READY\n"
@@ -270,5 +278,16 @@ def test_demo_refuses_a_service_with_another_schema(
     short_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     toml = init(short_dir / "svc")  # tests.schemas:schema
-    assert cli.main(["demo", "-c", str(toml), "--seconds", "0.1"]) == cli.EXIT_USAGE
+    assert cli.main(["demo", "-c", str(toml), "--seconds", "0.1"]) == EXIT_USAGE
     assert "lmshard.demo:schema" in capsys.readouterr().err
+
+
+def test_services_and_the_daemon_never_load_the_operator_tooling() -> None:
+    code = ("import importlib, pkgutil, sys, lmshard, lmshard.demo, lmshard.testing, lmshardd\n"
+            "for m in pkgutil.walk_packages(lmshardd.__path__, 'lmshardd.'):\n"
+            "    importlib.import_module(m.name)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('lmshard.ops')))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -28,7 +28,7 @@ def demo_service(tmp_path: Path) -> Iterator[LocalService]:
 
 def start_demo(svc: LocalService, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "lmshard.cli", "demo", "-c", str(svc.config_path), *args],
+        [sys.executable, "-m", "lmshard.ops.cli", "demo", "-c", str(svc.config_path), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
 
 

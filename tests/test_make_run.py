@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from lmshard import supervise
+from lmshard.ops.supervise.control import pid_alive
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,7 @@ def fetch(url: str) -> str:
 
 
 def status(repo: Path) -> dict:
-    done = subprocess.run([sys.executable, "-m", "lmshard.cli", "status", "--json", "-c",
+    done = subprocess.run([sys.executable, "-m", "lmshard.ops.cli", "status", "--json", "-c",
                            str(repo / "config" / "lmshard.toml")],
                           capture_output=True, text=True, timeout=60)
     return json.loads(done.stdout) if done.stdout.startswith("{") else {}
@@ -110,7 +110,7 @@ def test_make_run_serves_the_default_config_until_ctrl_c() -> None:
             assert last.endswith(f" {run}")  # the counter counts the runs
         assert not (repo / "data").exists()
 
-        demo = subprocess.run([sys.executable, "-m", "lmshard.cli", "demo", "--workers", "2",
+        demo = subprocess.run([sys.executable, "-m", "lmshard.ops.cli", "demo", "--workers", "2",
                                "--seconds", "1", "-c", str(repo / "config" / "lmshard.toml")],
                               capture_output=True, text=True, timeout=120)
         assert demo.returncode == 0, demo.stdout + demo.stderr
@@ -123,14 +123,14 @@ def test_make_run_serves_the_default_config_until_ctrl_c() -> None:
         make.wait(60)
         output = (tmp / "make.out").read_text()
         assert "lmshard stopped" in output, output
-        assert not [p for p in pids if supervise.pid_alive(p)]
+        assert not [p for p in pids if pid_alive(p)]
         assert not [p for p in (repo / "var" / "run").iterdir() if p.is_socket()]
         assert status(repo)["supervisord"]["running"] is False
     finally:
         if make.poll() is None:
             os.killpg(make.pid, signal.SIGKILL)
             make.wait()
-        subprocess.run([sys.executable, "-m", "lmshard.cli", "down", "-c",
+        subprocess.run([sys.executable, "-m", "lmshard.ops.cli", "down", "-c",
                         str(repo / "config" / "lmshard.toml")], capture_output=True, timeout=120)
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)

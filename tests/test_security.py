@@ -16,7 +16,7 @@ import pytest
 import zmq
 
 from lmshard import protocol, security, zap
-from lmshard.cli_keys import add_parsers, new_key_pair
+from lmshard.cli_keys import add_parsers, new_key_pair  # merge: becomes lmshard.ops.keys_cli
 from lmshard.config import ConfigError, CurveConfig, make_config
 from lmshard.errors import ShardUnavailable
 from lmshard.remote import ReaderPool

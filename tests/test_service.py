@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 import lmshard
-from lmshard import supervise
+from lmshard.ops.supervise.conf import SupervisorFiles
+from lmshard.ops.supervise.rpc import supervisord_pid
 from tests.test_supervisor import Service, make_service
 
 pytestmark = pytest.mark.slow
@@ -30,7 +31,7 @@ PREFLIGHT_SECONDS = 2.0
 
 
 def lmshard_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lmshard.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "lmshard.ops.cli", *args], capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -120,7 +121,7 @@ def test_up_refuses_a_monitor_port_another_process_holds(tmp_path: Path, run_dir
             done = svc.cli("up")
             assert done.returncode == 2, done.stdout + done.stderr
             assert f"monitor.http: 127.0.0.1:{port} is already in use" in done.stderr
-            assert supervise.supervisord_pid(svc.files) is None
+            assert supervisord_pid(svc.files) is None
         finally:
             svc.cli("down")
 
@@ -179,7 +180,7 @@ def test_up_refuses_a_schema_that_broke_or_moved_its_rows_before_starting_anythi
     write_schema(src, unique=False)
     assert lmshard_cli(*init_args(tmp_path / "svc", src, run_dir)).returncode == 0
     svc = Service(tmp_path / "svc" / "lmshard.toml", lmshard.config.load_config(
-        tmp_path / "svc" / "lmshard.toml"), supervise.SupervisorFiles.read(
+        tmp_path / "svc" / "lmshard.toml"), SupervisorFiles.read(
         tmp_path / "svc" / "supervisord.conf"))
     try:
         svc.up()
@@ -199,7 +200,7 @@ def test_up_refuses_a_schema_that_broke_or_moved_its_rows_before_starting_anythi
             assert time.monotonic() - started < PREFLIGHT_SECONDS, problem
             assert done.returncode in (1, 2), done.stdout
             assert words in done.stderr, done.stderr
-            assert supervise.supervisord_pid(svc.files) is None
+            assert supervisord_pid(svc.files) is None
         write_schema(src)
         svc.up()  # the schema the data was written with starts again
     finally:

@@ -26,8 +26,10 @@ import pytest
 
 import lmshard
 from lmshard import config as config_module
-from lmshard import monitoring, supervise
+from lmshard import monitoring
 from lmshard.config import Config
+from lmshard.ops.supervise.conf import SupervisorFiles
+from lmshard.ops.supervise.rpc import process_infos
 from lmshard.remote import ReaderPool
 from tests.cluster import REPO, WAIT, Cluster, env_for_children, wait_for
 from tests.test_readers import Readers
@@ -256,7 +258,7 @@ def test_monitor_keeps_serving_and_reports_the_config_on_sighup(tmp_path: Path) 
 
 
 def lmshard_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lmshard.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "lmshard.ops.cli", *args], capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL,
                           env=env_for_children())
 
@@ -273,13 +275,13 @@ def test_supervisorctl_signal_hup_leaves_every_process_running(tmp_path: Path,
     text = toml.read_text()
     # A free port for the monitor's HTTP server, where the config has the key.
     toml.write_text(re.sub(r'(?m)^http = "127\.0\.0\.1:9464"$', 'http = "127.0.0.1:0"', text))
-    files = supervise.SupervisorFiles.read(base / "supervisord.conf")
+    files = SupervisorFiles.read(base / "supervisord.conf")
     try:
         done = lmshard_cli("up", "-c", str(toml))
         assert done.returncode == 0, done.stdout + done.stderr
 
         def group_running() -> dict[str, dict[str, Any]] | None:
-            infos = {i["fullname"]: i for i in supervise.process_infos(files)}
+            infos = {i["fullname"]: i for i in process_infos(files)}
             if all(i["statename"] == "RUNNING" for i in infos.values()):
                 return infos
             return None

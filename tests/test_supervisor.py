@@ -22,8 +22,12 @@ from typing import Any
 import pytest
 
 import lmshard
-from lmshard import cli, supervise
 from lmshard.config import Config, load_config
+from lmshard.ops import cli
+from lmshard.ops.command import EXIT_NOT_RUNNING
+from lmshard.ops.supervise.conf import SupervisorFiles
+from lmshard.ops.supervise.control import pid_alive
+from lmshard.ops.supervise.rpc import rpc, shard_process, supervisord_pid
 from tests import workers
 
 pytestmark = pytest.mark.slow
@@ -35,21 +39,21 @@ REPO = Path(__file__).resolve().parent.parent
 class Service:
     toml: Path
     config: Config
-    files: supervise.SupervisorFiles
+    files: SupervisorFiles
 
     def cli(self, *args: str, env: dict[str, str] | None = None,
             timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run `lmshard ARGS -c CONFIG` in a new process, as an operator would."""
-        return subprocess.run([sys.executable, "-m", "lmshard.cli", *args, "-c", str(self.toml)],
-                              capture_output=True, text=True, timeout=timeout, env=env,
-                              stdin=subprocess.DEVNULL)
+        return subprocess.run([sys.executable, "-m", "lmshard.ops.cli", *args, "-c",
+                               str(self.toml)], capture_output=True, text=True, timeout=timeout,
+                              env=env, stdin=subprocess.DEVNULL)
 
     def up(self, **kw: Any) -> None:
         done = self.cli("up", **kw)
         assert done.returncode == 0, done.stdout + done.stderr
 
     def rpc(self) -> Any:
-        return supervise.rpc(self.files).supervisor
+        return rpc(self.files).supervisor
 
     def pids(self) -> list[int]:
         """supervisord's pid and every pid it runs."""
@@ -76,7 +80,7 @@ def make_service(base: Path, run_dir: Path, *args: str) -> Service:
                      *args]) == 0
     toml = base / "lmshard.toml"
     config = load_config(toml)
-    return Service(toml, config, supervise.SupervisorFiles.read(base / "supervisord.conf"))
+    return Service(toml, config, SupervisorFiles.read(base / "supervisord.conf"))
 
 
 
@@ -90,7 +94,7 @@ def service(tmp_path: Path, run_dir: Path) -> Iterator[Service]:
 
 
 def assert_gone(pids: list[int]) -> None:
-    alive = [p for p in pids if supervise.pid_alive(p)]
+    alive = [p for p in pids if pid_alive(p)]
     assert not alive, f"still running: {alive}"
 
 
@@ -128,7 +132,7 @@ def test_up_status_down_and_up_again(service: Service) -> None:
     assert_gone(first)
     assert service.sockets() == []
     assert not service.files.pidfile.exists()
-    assert service.cli("status").returncode == cli.EXIT_NOT_RUNNING
+    assert service.cli("status").returncode == EXIT_NOT_RUNNING
 
     # A program of the operator's own, in supervisord.d/: regenerating the config keeps it.
     extra = service.toml.parent / "supervisord.d" / "extra.conf"
@@ -155,7 +159,7 @@ def test_crash_drill_sigkilled_owner_is_restarted_and_writes_stay_exact(
     SIGKILLed three times; supervisord restarts it, the clients' retries go through, and the
     shard holds every acked batch once, and no half batch."""
     svc = make_service(tmp_path / "svc", run_dir, "--shards", "2", "--alerts")
-    victim, name = 1, supervise.shard_process(1)
+    victim, name = 1, shard_process(1)
     alerts = tmp_path / "alerts.txt"
     env = dict(os.environ, LMSHARD_ALERT_COMMAND=f'echo "$LMSHARD_EVENT $LMSHARD_PROCESS '
                f'$LMSHARD_PID" >> {alerts}')
@@ -216,7 +220,7 @@ def test_up_names_the_shard_that_does_not_come_up(tmp_path: Path, run_dir: Path)
         assert "shard 0 (lmshard:shard_00)" in done.stderr
         assert f"log {log}, last lines:" in done.stderr
         assert str(shard_dir) in done.stderr  # the owner's own words, from its log
-        assert supervise.supervisord_pid(svc.files) is None  # a failed up leaves nothing running
+        assert supervisord_pid(svc.files) is None  # a failed up leaves nothing running
         assert svc.sockets() == []
     finally:
         svc.cli("down")
@@ -224,7 +228,7 @@ def test_up_names_the_shard_that_does_not_come_up(tmp_path: Path, run_dir: Path)
 
 def test_foreground_up_stops_everything_on_sigterm(service: Service, tmp_path: Path) -> None:
     out = open(tmp_path / "fg.out", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "lmshard.cli", "up", "--foreground", "-c",
+    proc = subprocess.Popen([sys.executable, "-m", "lmshard.ops.cli", "up", "--foreground", "-c",
                              str(service.toml)], stdout=out, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     try:

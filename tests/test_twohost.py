@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from lmshard.cli_keys import new_key_pair
+from lmshard.cli_keys import new_key_pair  # merge: becomes lmshard.ops.keys_cli
 from lmshard.config import CurveConfig, make_config
 from tests.cluster import REPO, env_for_children
 

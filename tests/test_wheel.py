@@ -69,7 +69,7 @@ def test_a_wheel_in_a_fresh_venv_runs_a_service(tmp_path: Path, short_dir: Path)
     toml = home / "svc" / "lmshard.toml"
     conf = (home / "svc" / "supervisord.conf").read_text()
     assert f"{python} -m lmshardd.main" in conf
-    assert f"{python} {site / 'lmshard' / 'deploy' / 'eventlistener.py'}" in conf
+    assert f"{python} {site / 'lmshard' / 'ops' / 'templates' / 'eventlistener.py'}" in conf
     try:
         up = run([lmshard_cmd, "up", "-c", toml], cwd=home, env=env)
         assert up.returncode == 0, up.stdout + up.stderr

@@ -1,10 +1,15 @@
 """lmshard's exceptions: one base class, each error says what to do about it.
 
 Every error carries a numbered ``code`` so the wire protocol can send it and the client can raise
-the same typed exception on the other side (see ``lmshard.protocol``).
+the same typed exception on the other side (see ``lmshard.protocol``). ``ERRORS`` is the table
+of codes, declared here in one place whatever else was imported; docs/protocol.md lists it.
+An error class elsewhere that declares no code of its own travels as its nearest ancestor here.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 
 class Error(Exception):
@@ -34,6 +39,20 @@ class UnknownTable(SchemaError):
     hint = "declare the table in the schema, or check the name"
 
 
+class UnknownIndex(SchemaError):
+    """An index name is not declared on the table."""
+
+    code = 12
+    hint = "declare the index on the table, or check the name"
+
+
+class SchemaMismatch(SchemaError):
+    """The data on disk was written with an incompatible declaration of a table."""
+
+    code = 13
+    hint = "keep a table's key kind and codec, or give the changed table a new table_id"
+
+
 class KeyEncodingError(Error, ValueError):
     """A key does not fit the table's declared key kind."""
 
@@ -46,6 +65,13 @@ class CodecError(Error, ValueError):
 
     code = 21
     hint = "pass a value the table's codec can encode"
+
+
+class NullIndexValue(KeyEncodingError):
+    """An index function returned None for an index not declared nullable; nothing was written."""
+
+    code = 22
+    hint = "declare the index with nullable=True, or give the row a value for it"
 
 
 class UniqueViolation(Error):
@@ -83,25 +109,35 @@ class TransactionError(Error):
     hint = "use transactions as context managers and only inside their block"
 
 
-class NullIndexValue(KeyEncodingError):
-    """An index function returned None for an index not declared nullable; nothing was written."""
+class ConfigError(Error, ValueError):
+    """The config file is missing, unreadable, not TOML, or has a bad key or value.
 
-    code = 22
-    hint = "declare the index with nullable=True, or give the row a value for it"
+    ``key`` is the dotted key (``durability.sync``) or None; ``file`` the config file or None
+    (config built by ``make_config``); ``line`` is set for TOML syntax errors.
+    """
 
+    code = 50
+    hint = ""
 
-class UnknownIndex(SchemaError):
-    """An index name is not declared on the table."""
-
-    code = 12
-    hint = "declare the index on the table, or check the name"
-
-
-class SchemaMismatch(SchemaError):
-    """The data on disk was written with an incompatible declaration of a table."""
-
-    code = 13
-    hint = "keep a table's key kind and codec, or give the changed table a new table_id"
+    def __init__(
+        self,
+        message: str,
+        *,
+        key: str | None = None,
+        file: str | os.PathLike[str] | None = None,
+        line: int | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.key = key
+        self.file = Path(file) if file is not None else None
+        self.line = line
+        self.detail = message
+        prefix = ""
+        if file is not None:
+            prefix = f"{file}:{line}: " if line is not None else f"{file}: "
+        if key:
+            prefix += f"{key}: "
+        super().__init__(prefix + message, hint=hint)
 
 
 class ProtocolError(Error):
@@ -125,40 +161,6 @@ class LimitExceeded(ProtocolError):
     hint = "split the batch or the value"
 
 
-class OutOfOrder(ProtocolError):
-    """A pipelined batch reached the owner before the batch it follows was applied (that one was
-    lost with a broken connection); nothing was applied."""
-
-    code = 64
-    hint = "resend the stream's unacknowledged batches, oldest first (lmshard's writer does)"
-
-
-class InternalError(Error):
-    """The shard owner hit an unexpected error; the batch was not applied."""
-
-    code = 99
-    hint = "see the shard owner's log"
-
-
-def error_classes() -> dict[int, type[Error]]:
-    """Every error class by its wire code (the table both sides share)."""
-    out: dict[int, type[Error]] = {}
-    todo: list[type[Error]] = [Error]
-    while todo:
-        cls = todo.pop()
-        out.setdefault(cls.code, cls)
-        todo.extend(cls.__subclasses__())
-    return out
-
-
-def error_from_wire(code: int, message: str, hint: str | None) -> Error:
-    """Rebuild the typed exception a peer sent."""
-    cls = error_classes().get(code, Error)
-    err = cls.__new__(cls)
-    Error.__init__(err, message, hint=hint)
-    return err
-
-
 class BatchPartiallyApplied(Error):
     """A batch spanning shards committed on some shards and failed on others.
 
@@ -174,6 +176,14 @@ class BatchPartiallyApplied(Error):
         super().__init__(message, hint=hint)
         self.committed = committed or {}
         self.failed = failed or {}
+
+
+class OutOfOrder(ProtocolError):
+    """A pipelined batch reached the owner before the batch it follows was applied (that one was
+    lost with a broken connection); nothing was applied."""
+
+    code = 64
+    hint = "resend the stream's unacknowledged batches, oldest first (lmshard's writer does)"
 
 
 class BatchesFailed(Error):
@@ -192,3 +202,58 @@ class BatchesFailed(Error):
         super().__init__(message, hint=hint)
         self.failed = failed or []
         self.committed = committed
+
+
+class BackupError(Error):
+    """A backup, verify or restore could not be done; the message says which shard and why."""
+
+    code = 70
+    hint = "nothing was changed; fix the cause and run the command again"
+
+
+class InternalError(Error):
+    """The shard owner hit an unexpected error; the batch was not applied."""
+
+    code = 99
+    hint = "see the shard owner's log"
+
+
+ERRORS: tuple[type[Error], ...] = (
+    Error,
+    SchemaError, UnknownTable, UnknownIndex, SchemaMismatch,          # 1x the schema
+    KeyEncodingError, CodecError, NullIndexValue,                      # 2x keys and values
+    UniqueViolation, ConflictError,                                    # 3x a write's conditions
+    StoreFull, ReadOnlyError, TransactionError,                        # 4x the store
+    ConfigError,                                                       # 5x the config
+    ProtocolError, ShardUnavailable, LimitExceeded, BatchPartiallyApplied, OutOfOrder,
+    BatchesFailed,                                                     # 6x the wire
+    BackupError,                                                       # 7x backup and restore
+    InternalError,
+)
+"""Every error class with its wire code, in code order: the table both sides share."""
+
+
+def _by_code(classes: tuple[type[Error], ...]) -> dict[int, type[Error]]:
+    table: dict[int, type[Error]] = {}
+    for cls in classes:
+        if cls.code in table:
+            raise AssertionError(f"{cls.__name__} and {table[cls.code].__name__} share code "
+                                 f"{cls.code}")
+        table[cls.code] = cls
+    return table
+
+
+_BY_CODE = _by_code(ERRORS)
+
+
+def error_classes() -> dict[int, type[Error]]:
+    """Every error class by its wire code (``ERRORS`` as a mapping)."""
+    return dict(_BY_CODE)
+
+
+def error_from_wire(code: int, message: str, hint: str | None) -> Error:
+    """Rebuild the typed exception a peer sent (``Error`` for a code this side does not know)."""
+    cls = _BY_CODE.get(code, Error)
+    err = cls.__new__(cls)
+    Error.__init__(err, message, hint=hint)
+    return err

@@ -58,6 +58,7 @@ _HANDSHAKE_EVENTS: dict[int, str] = {
 
 
 def is_tcp(endpoint: str) -> bool:
+    """True for a ``tcp://`` endpoint (ipc endpoints are guarded by the run directory)."""
     return endpoint.startswith("tcp://")
 
 

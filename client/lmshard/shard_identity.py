@@ -4,7 +4,7 @@ serve it under another config or schema.
 An owner records, in its store's meta database, which shard it is, the slot map it routes by
 and how each table is placed on shards (``pinned``, ``shard_key``, by key). Rows written under
 one of these would be looked for on other shards under another, so the owner refuses to start,
-and ``lmshard up`` refuses before it starts anything (``lmshard.preflight``).
+and ``lmshard up`` refuses before it starts anything (``lmshard.ops.preflight``).
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ class _AllowList:
         self._keys: frozenset[bytes] = frozenset()
 
     def keys(self) -> frozenset[bytes]:
+        """The allowed keys, re-read if the directory changed; none if it cannot be read."""
         try:
             st = os.stat(self.path)
             stamp = (st.st_mtime_ns, st.st_ino)
@@ -65,6 +66,7 @@ class CurveAuthenticator(ThreadAuthenticator):
         self._peer = ("?", "?")
 
     def domain_for(self, directory: Path) -> str:
+        """The ZAP domain whose clients must hold a key in ``directory`` (one per directory)."""
         domain = ZAP_DOMAIN_PREFIX + hashlib.blake2b(
             str(directory).encode(), digest_size=8).hexdigest()
         self.allow_lists.setdefault(domain, _AllowList(directory))

@@ -110,4 +110,5 @@ class ExpiryChannel:
 
 
 def make_channel(owner: Any) -> ExpiryChannel:
+    """The expiry channel of ``owner`` (how the owner builds each of its channels)."""
     return ExpiryChannel(owner)

@@ -18,6 +18,7 @@ ROLES: tuple[tuple[str, ModuleType, str], ...] = (
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one daemon process in the role named on the command line; its exit status."""
     ap = argparse.ArgumentParser(prog="lmshardd", description="lmshard daemon processes")
     ap.add_argument("-c", "--config", help="config file (default: $LMSHARD_CONFIG or "
                     "config/lmshard.toml)")

@@ -20,16 +20,17 @@ SUITE = Path("bench") / "suite.py"
 
 
 def find_checkout(package_file: str = __file__) -> Path | None:
-    """The source checkout this lmshard runs from (client/lmshard/ -> its root), if it holds
-    bench/suite.py; None for an installed package."""
-    root = Path(package_file).resolve().parent.parent.parent
+    """The source checkout this lmshard runs from (client/lmshard/ops/ -> its root), if it
+    holds bench/suite.py; None for an installed package."""
+    root = Path(package_file).resolve().parents[3]
     return root if (root / SUITE).is_file() else None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """``lmshard bench``: the checkout's suite, or exit status 2 saying why it cannot run."""
     root = find_checkout()
     if root is None:
-        where = Path(__file__).resolve().parent
+        where = Path(__file__).resolve().parents[1]  # the lmshard package
         print(f"lmshard bench: the benchmark suite is not installed: this lmshard runs from "
               f"{where}, an installed package, and the suite (bench/) ships only with the "
               "source checkout. Clone the repository and run `make bench` there (it installs "

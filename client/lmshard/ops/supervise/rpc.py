@@ -1,0 +1,197 @@
+"""Talking to a running supervisord through its XML-RPC interface on its unix socket: whether it
+runs, what its processes are doing, and waiting until every shard owner answers a ping."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import xmlrpc.client
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lmshard.client import Client
+from lmshard.config import Config
+from lmshard.errors import ShardUnavailable
+from lmshard.ops.supervise import SupervisorError
+from lmshard.ops.supervise.conf import ALERTS, GROUP, SupervisorFiles
+from lmshard.schema import Schema
+
+UP_TIMEOUT = 60.0
+"""Seconds ``lmshard up`` waits for every owner to answer a ping."""
+PING_TIMEOUT_MS = 250
+"""How long one health ping waits for an owner."""
+LOG_TAIL_LINES = 20
+"""Lines of a process log shown when it does not come up."""
+POLL_INTERVAL = 0.1
+"""Seconds between two looks at supervisord's processes while waiting for them."""
+
+
+def rpc(files: SupervisorFiles) -> Any:
+    """An XML-RPC proxy for supervisord on its unix socket (``proxy.supervisor.getState()``)."""
+    from supervisor.xmlrpc import SupervisorTransport
+
+    transport = SupervisorTransport(None, None, f"unix://{files.socket}")
+    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+
+
+def supervisord_pid(files: SupervisorFiles) -> int | None:
+    """supervisord's pid if it answers on its socket, else None."""
+    if not files.socket.exists():
+        return None
+    try:
+        return int(rpc(files).supervisor.getPID())
+    except (OSError, xmlrpc.client.Error):
+        return None
+
+
+def process_infos(files: SupervisorFiles) -> list[dict[str, Any]]:
+    """supervisord's getAllProcessInfo, each with ``fullname`` (``group:name``) added."""
+    infos = rpc(files).supervisor.getAllProcessInfo()
+    for info in infos:
+        info["fullname"] = f"{info['group']}:{info['name']}"
+    return list(infos)
+
+
+def shard_process(shard: int) -> str:
+    """The supervisord name of shard ``shard``'s owner, e.g. ``lmshard:shard_01``."""
+    return f"{GROUP}:shard_{shard:02d}"
+
+
+def shard_of_process(info: dict[str, Any]) -> int | None:
+    """The shard number of an owner's process info, None for other processes."""
+    match = re.fullmatch(r"shard_(\d+)", info["name"])
+    return int(match.group(1)) if info["group"] == GROUP and match else None
+
+
+def health_client(config: Config) -> Client:
+    """A client that only pings: no schema import, no local LMDB, short timeout, no retries."""
+    return Client(config, Schema("lmshard-health"), timeout_ms=PING_TIMEOUT_MS, retries=0,
+                  local_reads=False)
+
+
+def log_tail(path: str | Path | None, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a log file, indented, or a note why there are none."""
+    if not path:
+        return "    (no log file)"
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode("utf-8", "replace")
+    except OSError as exc:
+        return f"    (cannot read {path}: {exc.strerror})"
+    tail = text.splitlines()[-lines:]
+    return "\n".join("    " + line for line in tail) if tail else "    (empty)"
+
+
+def wait_until_up(
+    config: Config,
+    files: SupervisorFiles,
+    *,
+    timeout: float = UP_TIMEOUT,
+    progress: Callable[[int, int], None] | None = None,
+    still_waiting: Callable[[], bool] = lambda: True,
+) -> None:
+    """Wait until every process of the group is RUNNING and every owner answers a ping (from
+    the pid supervisord started). Raises SupervisorError naming the first shard (or process)
+    that did not come up, with the end of its log. ``still_waiting()`` returning False (a
+    signal, or supervisord gone) stops the wait with SupervisorError too."""
+    deadline = time.monotonic() + timeout
+    up: set[int] = set()
+    shown = -1
+    with health_client(config) as client:
+        while True:
+            look = _Look.take(files)
+            others_ok = look.others_running()
+            for shard in range(config.shards):
+                if look.owner_answers(client, shard, answered=shard in up):
+                    up.add(shard)
+            if progress is not None and len(up) != shown:
+                shown = len(up)
+                progress(shown, config.shards)
+            if len(up) == config.shards and others_ok:
+                return
+            if not still_waiting():
+                raise SupervisorError("stopped waiting for the shards", hint="")
+            if time.monotonic() > deadline:
+                raise look.timed_out(config.shards, up, timeout)
+            time.sleep(POLL_INTERVAL)
+
+
+class _Look:
+    """One look at supervisord's processes while waiting for the service to come up."""
+
+    def __init__(self, files: SupervisorFiles, infos: list[dict[str, Any]]) -> None:
+        self.files = files
+        self.by_shard = {shard_of_process(i): i for i in infos}
+        self.others = [i for i in infos
+                       if i["group"] in (GROUP, ALERTS) and shard_of_process(i) is None]
+
+    @classmethod
+    def take(cls, files: SupervisorFiles) -> _Look:
+        try:
+            return cls(files, process_infos(files))
+        except (OSError, xmlrpc.client.Error) as exc:
+            raise SupervisorError(f"supervisord stopped answering on {files.socket}: {exc}; "
+                                  f"see {files.logfile}") from exc
+
+    def others_running(self) -> bool:
+        """Whether the reader pool, the monitor and the alerts listener all run; raises for the
+        first one that went FATAL."""
+        for info in self.others:
+            if info["statename"] == "FATAL":
+                raise _fatal(info)
+        return all(i["statename"] == "RUNNING" for i in self.others)
+
+    def owner_answers(self, client: Client, shard: int, *, answered: bool) -> bool:
+        """Whether ``shard``'s owner answers a ping from the pid supervisord started (pinged
+        only if it has not ``answered`` before); raises if supervisord has no such process, or
+        could not start it."""
+        info = self.by_shard.get(shard)
+        if info is None:
+            raise SupervisorError(f"supervisord has no process {shard_process(shard)}",
+                                  hint=f"regenerate {self.files.conf}: lmshard supervisord-conf")
+        if info["statename"] == "FATAL":
+            raise _not_up(shard, info, "could not be started (FATAL)")
+        if answered:
+            return True
+        if info["statename"] != "RUNNING":
+            return False
+        try:
+            return bool(client.ping(shard)["pid"] == info["pid"])
+        except ShardUnavailable:
+            return False
+
+    def timed_out(self, shards: int, up: set[int], timeout: float) -> SupervisorError:
+        """The error naming the first shard (else other process) still not up."""
+        missing = [s for s in range(shards) if s not in up]
+        if missing:
+            shard = missing[0]
+            return _not_up(shard, self.by_shard[shard],
+                           f"did not answer a ping within {timeout:g} s")
+        bad = next(i for i in self.others if i["statename"] != "RUNNING")
+        return SupervisorError(
+            f"{bad['fullname']} is {bad['statename']} after {timeout:g} s; log "
+            f"{bad['stdout_logfile']}:\n{log_tail(bad['stdout_logfile'])}", hint="")
+
+
+def _fatal(info: dict[str, Any]) -> SupervisorError:
+    log = info.get("stdout_logfile") or info.get("stderr_logfile")
+    why = info.get("spawnerr") or info.get("description") or ""
+    return SupervisorError(
+        f"{info['fullname']} could not be started (FATAL{': ' + why if why else ''}); fix the "
+        f"cause its log shows, then `lmshard up` again; log {log or '(none)'}, last lines:\n"
+        f"{log_tail(log)}", hint="")
+
+
+def _not_up(shard: int, info: dict[str, Any], what: str) -> SupervisorError:
+    state = info["statename"]
+    if info.get("description") or info.get("spawnerr"):
+        state += f" ({info.get('spawnerr') or info['description']})"
+    log = info.get("stdout_logfile") or "(none)"
+    return SupervisorError(
+        f"shard {shard} ({info['fullname']}) {what}: state {state}; fix the cause its log shows, "
+        f"then `lmshard up` again; log {log}, last lines:\n{log_tail(info.get('stdout_logfile'))}",
+        hint="")
