@@ -20,9 +20,24 @@ import pytest
 import zmq
 
 import lmshard
-from lmshard import backup, protocol
+from lmshard import backup_wire, protocol, wire
+from lmshard.backup_wire import (
+    CANCEL,
+    CHUNK,
+    CREDIT,
+    ERROR,
+    PAUSE,
+    PAUSED,
+    READY,
+    RESUME,
+    RESUMED,
+    SNAPSHOT,
+    decode,
+    pack,
+)
 from lmshard.cli import main as lmshard_main
 from lmshard.errors import ProtocolError
+from lmshard.ops import backup
 from lmshard.testing import LocalService
 from tests.cluster import Cluster
 from tests.workers import BATCH, series_on_shard
@@ -142,8 +157,8 @@ def _dealer(cluster: Cluster, shard: int) -> zmq.Socket[bytes]:
     return sock
 
 
-def _answer(sock: zmq.Socket[bytes]) -> tuple[backup.Message, list[Any]]:
-    m, _session, values, _data = backup.decode(sock.recv_multipart(), "owner")
+def _answer(sock: zmq.Socket[bytes]) -> tuple[wire.Message, list[Any]]:
+    m, _session, values, _data = decode(sock.recv_multipart(), "owner")
     return m, values
 
 
@@ -266,24 +281,24 @@ def test_no_consistent_backup_and_keep_retention(
 def test_pause_is_lifted_when_the_coordinator_vanishes(cluster4: Cluster) -> None:
     a, b = os.urandom(16), os.urandom(16)
     sock = _dealer(cluster4, 0)
-    sock.send(backup.PAUSE.pack(a, 300))
+    sock.send(pack(PAUSE, a, 300))
     m, values = _answer(sock)
-    assert m is backup.PAUSED and values[0] > 0
+    assert m is PAUSED and values[0] > 0
     other = _dealer(cluster4, 0)
-    other.send(backup.PAUSE.pack(b, 300))
+    other.send(pack(PAUSE, b, 300))
     m, values = _answer(other)
-    assert m is backup.ERROR and "another backup" in values[1]
+    assert m is ERROR and "another backup" in values[1]
     sock.close()  # the coordinator is gone without lifting its pause
     with cluster4.client(timeout_ms=3000, retries=0) as c:
         assert c.ping(0)["shard"] == 0  # held while paused, answered once the pause expired
     again = _dealer(cluster4, 0)
-    again.send(backup.SNAPSHOT.pack(a, True, backup.CHUNK_SIZE))
+    again.send(pack(SNAPSHOT, a, True, backup.CHUNK_SIZE))
     m, values = _answer(again)
-    assert m is backup.ERROR and "holds no pause" in values[1]
-    other.send(backup.PAUSE.pack(b, 1000))  # the barrier is free again
-    assert _answer(other)[0] is backup.PAUSED
-    other.send(backup.RESUME.pack(b))
-    assert _answer(other)[0] is backup.RESUMED
+    assert m is ERROR and "holds no pause" in values[1]
+    other.send(pack(PAUSE, b, 1000))  # the barrier is free again
+    assert _answer(other)[0] is PAUSED
+    other.send(pack(RESUME, b))
+    assert _answer(other)[0] is RESUMED
     for s in (other, again):
         s.close()
 
@@ -311,19 +326,19 @@ def test_hostile_frames_on_the_backup_socket_get_errors(cluster4: Cluster, tmp_p
     bad = [
         [b""],
         [b"\x01\xc1"],
-        [b"\x07" + backup.PAUSE.pack(session, 100)[1:]],  # wrong protocol version
+        [b"\x07" + pack(PAUSE, session, 100)[1:]],  # wrong protocol version
         [protocol.VERSION_BYTE + b"\x93\x63\xc4\x10" + session + b"\x01"],  # unknown code 99
-        [backup.PAUSE.pack(session, 10**9)],  # pause longer than allowed
-        [backup.PAUSE.pack(b"short", 100)],
-        [backup.SNAPSHOT.pack(session, True, 10)],  # chunk too small
-        [backup.CREDIT.pack(session, 5)],  # no stream
-        [backup.PAUSE.pack(session, 100), b"extra", b"frames"],
-        [backup.READY.pack(session, 1, 1, 1)],  # an owner's message
+        [pack(PAUSE, session, 10**9)],  # pause longer than allowed
+        [pack(PAUSE, b"short", 100)],
+        [pack(SNAPSHOT, session, True, 10)],  # chunk too small
+        [pack(CREDIT, session, 5)],  # no stream
+        [pack(PAUSE, session, 100), b"extra", b"frames"],
+        [pack(READY, session, 1, 1, 1)],  # an owner's message
     ]
     for frames in bad:
         sock.send_multipart(frames)
         m, values = _answer(sock)
-        assert m is backup.ERROR and values[0] == ProtocolError.code, (frames, values)
+        assert m is ERROR and values[0] == ProtocolError.code, (frames, values)
     sock.close()
     result = backup.take_backup(cluster4.config, tmp_path / "bk")
     assert backup.verify_backup(result.path).ok
@@ -391,11 +406,11 @@ def _snapshot_txns(cluster: Cluster, shard: int) -> list[str]:
 
 def _open_stream(cluster: Cluster, credit: int) -> tuple[zmq.Socket[bytes], bytes]:
     sock, session = _dealer(cluster, 0), os.urandom(16)
-    sock.send(backup.SNAPSHOT.pack(session, False, backup.CHUNK_SIZE))
-    assert _answer(sock)[0] is backup.READY
-    sock.send(backup.CREDIT.pack(session, credit))
+    sock.send(pack(SNAPSHOT, session, False, backup.CHUNK_SIZE))
+    assert _answer(sock)[0] is READY
+    sock.send(pack(CREDIT, session, credit))
     for _ in range(credit):
-        assert _answer(sock)[0] is backup.CHUNK
+        assert _answer(sock)[0] is CHUNK
     assert not sock.poll(200)  # no credit left: the owner sends nothing more
     return sock, session
 
@@ -405,7 +420,7 @@ def test_cancelled_stream_releases_its_snapshot_and_sigterm_stops_a_streaming_ow
 ) -> None:
     sock, session = _open_stream(big_cluster, 2)
     assert len(_snapshot_txns(big_cluster, 0)) == 1  # the copier holds the snapshot
-    sock.send(backup.CANCEL.pack(session))
+    sock.send(pack(CANCEL, session))
     deadline = time.monotonic() + 10
     while _snapshot_txns(big_cluster, 0):
         assert time.monotonic() < deadline, "the cancelled stream kept its read transaction"
@@ -545,4 +560,17 @@ def test_restore_refuses_mismatched_slot_map_schema_and_existing_data(
 
 def test_docs_show_the_message_table_of_the_registry() -> None:
     docs = (Path(__file__).resolve().parent.parent / "docs" / "backup.md").read_text()
-    assert backup.protocol_markdown() in docs
+    assert backup_wire.message_table() in docs
+    assert wire.CHANNELS["backup"] is backup_wire.CHANNEL
+
+
+def test_frame_bytes() -> None:
+    """The byte format itself: version byte, then msgpack ``[code, session, fields...]``."""
+    session = bytes(range(16))
+    assert pack(PAUSE, session, 300) == b"\x01\x93\x01\xc4\x10" + session + b"\xcd\x01\x2c"
+    assert pack(RESUME, session) == b"\x01\x92\x04\xc4\x10" + session
+    assert pack(ERROR, b"", 60, "bad", None) == b"\x01\x95\xcc\xc7\xc4\x00\x3c\xa3bad\xc0"
+    m, got, values, data = decode([pack(CHUNK, session, 7), b"bytes"], "owner")
+    assert (m, got, values, data) == (CHUNK, session, [7], b"bytes")
+    with pytest.raises(TypeError):
+        pack(PAUSE, session)

@@ -13,7 +13,7 @@ Two halves, so a backup never holds writes up for longer than the barrier:
 
 py-lmdb opens every environment with MDB_NOTLS, so a read transaction begun in the loop thread
 may be used by the copier thread, as long as one thread at a time uses it. The messages are
-specified in ``lmshard.backup.MESSAGES``.
+declared in ``lmshard.backup_wire``; this side reads and builds every frame through it.
 """
 
 from __future__ import annotations
@@ -32,12 +32,13 @@ import lmdb
 import zmq
 
 from lmshard import security
-from lmshard.backup import (
+from lmshard.backup_wire import (
     CANCEL,
     CHUNK,
     CREDIT,
     END,
     ERROR,
+    MAX_CONTROL_FRAME,
     MAX_IN_FLIGHT,
     MAX_PAUSE_TIMEOUT,
     PAUSE,
@@ -45,12 +46,14 @@ from lmshard.backup import (
     READY,
     RESUME,
     RESUMED,
+    SESSION_SIZE,
     SNAPSHOT,
-    Message,
-    copy_size_estimate,
     decode,
+    pack,
 )
 from lmshard.errors import Error, ProtocolError
+from lmshard.named_dbs import copy_size_estimate
+from lmshard.wire import Message
 
 log = logging.getLogger("lmshardd.backup")
 
@@ -87,7 +90,7 @@ class BackupChannel:
         endpoint = owner.config.backup_endpoint(owner.shard)
         router: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
-        router.setsockopt(zmq.MAXMSGSIZE, 64 * 2**10)
+        router.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_FRAME)
         # Credit bounds what is queued (MAX_IN_FLIGHT per stream); a high-water mark would
         # drop chunks silently instead.
         router.setsockopt(zmq.SNDHWM, 0)
@@ -299,14 +302,7 @@ class BackupServer(threading.Thread):
         poller.register(ctl, zmq.POLLIN)
         try:
             while not self._stopping.is_set():
-                for s in self.streams.values():
-                    want = s.credit > 0
-                    if want != s.polled:
-                        if want:
-                            poller.register(s.rfd, zmq.POLLIN)
-                        else:
-                            poller.unregister(s.rfd)
-                        s.polled = want
+                self._poll_streams_with_credit()
                 events = dict(poller.poll(SERVER_POLL_MS))
                 if self.router in events:
                     self._drain_router()
@@ -320,18 +316,33 @@ class BackupServer(threading.Thread):
             log.exception("shard %d: the backup server failed; backups are off until the "
                           "owner restarts", self.shard)
         finally:
-            for s in list(self.streams.values()):
-                self._end(s)
-            for txn in self.handoff.values():
-                txn.abort()
-            self.handoff.clear()
-            ctl.close(linger=0)
-            self.router.close(linger=0)
+            self._release_all()
+
+    def _poll_streams_with_credit(self) -> None:
+        """Watch the pipe of every stream that may send, and only those."""
+        for s in self.streams.values():
+            want = s.credit > 0
+            if want != s.polled:
+                if want:
+                    self.poller.register(s.rfd, zmq.POLLIN)
+                else:
+                    self.poller.unregister(s.rfd)
+                s.polled = want
+
+    def _release_all(self) -> None:
+        """End every stream, abort every snapshot not yet streamed, close the sockets."""
+        for s in list(self.streams.values()):
+            self._end(s)
+        for txn in self.handoff.values():
+            txn.abort()
+        self.handoff.clear()
+        self.ctl.close(linger=0)
+        self.router.close(linger=0)
 
     # -- the coordinator's requests --------------------------------------------------------------
 
     def _send(self, ident: bytes, m: Message, session: bytes, *values: Any) -> None:
-        self.router.send_multipart([ident, m.pack(session, *values)])
+        self.router.send_multipart([ident, pack(m, session, *values)])
 
     def _error(self, ident: bytes, session: bytes, err: Error) -> None:
         self._send(ident, ERROR, session, err.code, err.message[:4000], err.hint or None)
@@ -345,8 +356,8 @@ class BackupServer(threading.Thread):
             ident, rest = frames[0], frames[1:]
             try:
                 m, session, values, _ = decode(rest, "coordinator")
-                if len(session) != 16:
-                    raise ProtocolError(f"{m.name}: the session must be 16 bytes")
+                if len(session) != SESSION_SIZE:
+                    raise ProtocolError(f"{m.name}: the session must be {SESSION_SIZE} bytes")
             except Error as exc:
                 self._error(ident, b"", exc)
                 continue
@@ -432,7 +443,7 @@ class BackupServer(threading.Thread):
         if data is None:
             return
         if data:
-            self.router.send_multipart([s.ident, CHUNK.pack(s.session, s.offset), data],
+            self.router.send_multipart([s.ident, pack(CHUNK, s.session, s.offset), data],
                                        copy=False)
             s.sha.update(data)
             s.offset += len(data)
