@@ -289,6 +289,9 @@ def test_docs_list_every_metric_and_message_field(config: Any) -> None:
     for family in monitor.metric_families(snapshot_with_a_stale_shard(config)):
         name = family.name + ("_total" if family.type == "counter" else "")
         assert f"| `{name}` | {family.type} |" in doc, name
+    stats_row = next(line for line in doc.splitlines() if line.startswith("| `/stats` |"))
+    for f in stats_wire.SNAPSHOT.fields:
+        assert f"`{f.name}`" in stats_row, f.name
     assert stats_wire.fields_markdown(stats_wire.STAT) in doc, (
         "docs/monitoring.md's field table is stale: python -m lmshard.stats_wire prints it")
 

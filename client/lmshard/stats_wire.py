@@ -241,9 +241,10 @@ def decode(frames: list[bytes], shard: int | None = None) -> dict[str, Any]:
 MONITOR = wire.channel(
     "monitor",
     "`lmshardd monitor` answers on `monitor.endpoint` (a ROUTER, secured like every lmshard "
-    "socket) with its board of every shard's stats: `lmshard stats` and `lmshard status` ask "
-    "it before subscribing to the shards themselves.",
-    "the asker's DEALER sends an empty delimiter frame and the 5 bytes `stats` (not msgpack); "
+    "socket) with its board of every shard's stats: `lmshard stats` asks it before subscribing "
+    "to the shards itself, `lmshard status` for the monitor's /metrics URL.",
+    f"the asker's DEALER sends an empty delimiter frame and the {len(MONITOR_REQUEST)} bytes "
+    f"`{MONITOR_REQUEST.decode()}` (not msgpack); "
     "the monitor answers on the same envelope with one msgpack map. No code travels: there is "
     "one request and one reply. A frame that is not the request gets no answer.",
 )

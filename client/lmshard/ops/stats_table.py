@@ -2,8 +2,7 @@
 headline, and the plain table ``lmshard stats`` prints.
 
 The input is a board snapshot (``lmshard.stats_board.StatsBoard.snapshot``, or the monitor's
-reply). A stale shard keeps its last known counters, sizes and rows, but not its rates,
-quantiles and queue depth: those describe a window that is over.
+reply); ``lmshard.ops.top`` draws the same cells in colour.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ WARN_FRACTION = 0.8
 """``top`` colours map use and reader slots above this fraction of their limits."""
 ALERT_FRACTION = 0.95
 """... and in red above this one."""
+
 
 def format_seconds(s: float | None) -> str:
     """A duration in seconds, minutes, hours or days, as fits; ``"-"`` for None."""
