@@ -26,7 +26,8 @@ from prometheus_client.core import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lmshard import monitoring
+from lmshard import stats_board, stats_wire
+from lmshard.ops import stats_table, top
 from lmshardd import monitor, stats
 from tests.cluster import WAIT, Cluster, wait_for
 
@@ -71,9 +72,9 @@ def config(tmp_path: Path) -> Iterator[Any]:
 
 
 def test_decode_takes_good_messages_and_refuses_bad_ones() -> None:
-    frames = monitoring.encode(2, body(2))
+    frames = stats_wire.encode(2, body(2))
     assert frames[0] == b"stat.2"
-    assert monitoring.decode(frames, 2)["ops"] == 1000
+    assert stats_wire.decode(frames, 2)["ops"] == 1000
     bad = {
         "one frame": [frames[1]],
         "other topic": [b"stats.2", frames[1]],
@@ -81,22 +82,43 @@ def test_decode_takes_good_messages_and_refuses_bad_ones() -> None:
         "another shard's endpoint": frames,  # decoded as if it came from shard 1
         "not msgpack": [b"stat.2", b"\xc1\xc1"],
         "not a map": [b"stat.2", msgpack.packb([1, 2])],
-        "future version": monitoring.encode(2, body(2, v=2)),
+        "future version": stats_wire.encode(2, body(2, v=2)),
         "body names another shard": [b"stat.2", msgpack.packb(body(3))],
-        "negative counter": monitoring.encode(2, body(2, ops=-1)),
-        "missing quantiles": monitoring.encode(2, body(2, commit_seconds=None)),
-        "a rate that is text": monitoring.encode(2, body(2, rates={"writes": "fast"})),
-        "a row count that is negative": monitoring.encode(2, body(2, tables={"blobs": -1})),
-        "no uptime": monitoring.encode(2, body(2, uptime=None)),
+        "negative counter": stats_wire.encode(2, body(2, ops=-1)),
+        "missing quantiles": stats_wire.encode(2, body(2, commit_seconds=None)),
+        "a rate that is text": stats_wire.encode(2, body(2, rates={"writes": "fast"})),
+        "a row count that is negative": stats_wire.encode(2, body(2, tables={"blobs": -1})),
+        "no uptime": stats_wire.encode(2, body(2, uptime=None)),
     }
     for why, frames_ in bad.items():
         with pytest.raises(ValueError):
-            monitoring.decode(frames_, 1 if why == "another shard's endpoint" else 2)
+            stats_wire.decode(frames_, 1 if why == "another shard's endpoint" else 2)
+    # A newer owner may add fields: they are kept, not refused.
+    newer = msgpack.packb(body(2) | {"future": 1})
+    assert stats_wire.decode([b"stat.2", newer], 2)["future"] == 1
+
+
+def test_bodies_are_packed_through_their_declaration() -> None:
+    b = body(2)
+    declared = [f.name for f in stats_wire.STAT.fields]
+    assert list(msgpack.unpackb(stats_wire.encode(2, dict(reversed(b.items())))[1])) == declared
+    for bad in ({k: v for k, v in b.items() if k != "uptime"}, b | {"extra": 1}):
+        with pytest.raises(ValueError):
+            stats_wire.encode(2, bad)
+    snap = {"time": 1.0, "config": None, "shards_total": 1, "shards_up": 1, "interval": 1.0,
+            "stale_after": 3.0, "bad_messages": 0, "monitor": {"pid": 1},
+            "shards": [{"shard": 0, "up": True, "stats": b}]}
+    assert stats_wire.decode_snapshot(stats_wire.encode_snapshot(snap)) == snap
+    for broken in (snap | {"shards": {}}, snap | {"shards_up": -1}, [snap]):
+        with pytest.raises(ValueError):
+            stats_wire.decode_snapshot(msgpack.packb(broken))
+    assert stats_wire.is_monitor_request([b"peer", *stats_wire.monitor_request()])
+    assert not stats_wire.is_monitor_request([b"peer", b"", b"stat"])
 
 
 def test_board_shows_a_silent_shard_as_stale_with_its_age_growing(config: Any) -> None:
     now = [100.0]
-    board = monitoring.StatsBoard(config, clock=lambda: now[0])
+    board = stats_board.StatsBoard(config, clock=lambda: now[0])
     assert board.stale_after == pytest.approx(3 * INTERVAL)
     board.update(0, body(0))
     board.update(1, body(1))
@@ -134,7 +156,7 @@ def test_quantiles_nearest_rank_and_weighted() -> None:
 
 def snapshot_with_a_stale_shard(config: Any) -> dict[str, Any]:
     now = [0.0]
-    board = monitoring.StatsBoard(config, clock=lambda: now[0])
+    board = stats_board.StatsBoard(config, clock=lambda: now[0])
     board.update(0, body(0))
     board.update(1, body(1, map_used=900 << 20, readers_used=110))  # 88% of 1 GiB, 87% of slots
     board.update(2, body(2))
@@ -174,20 +196,20 @@ def test_top_frame_shows_every_shard_and_warns_about_limits(config: Any) -> None
     from rich.console import Console
 
     snap = snapshot_with_a_stale_shard(config)
-    rows = [monitoring.shard_row(e) for e in snap["shards"]]
+    rows = [stats_table.shard_row(e) for e in snap["shards"]]
     assert rows[0]["map_level"] == 0 and rows[1]["map_level"] == 1
     assert rows[1]["readers_level"] == 1  # 110/126 = 87%: warn, not yet alert (95%)
     assert rows[2]["cells"]["writes/s"] == "-"  # the stale shard's rate is not shown as 0
     assert rows[2]["cells"]["acked"] == "10"  # its last known counters are
     console = Console(file=io.StringIO(), width=200, force_terminal=True, record=True)
-    console.print(monitoring.render_top(snap))
+    console.print(top.render_top(snap))
     text = console.export_text(clear=False)
     lines = [line.split() for line in text.splitlines()]
     assert {ln[0] for ln in lines if ln and ln[0] in ("0", "1", "2")} >= {"0", "1", "2"}
     assert "STALE" in text and "shards 1: map or reader slots above 80%" in text
     styled = console.export_text(styles=True)
     assert "\x1b[1;33m" in styled  # bold yellow, the warning colour
-    plain = monitoring.render_text(snap)
+    plain = stats_table.render_text(snap)
     assert "STALE" in plain and "rows per table" in plain
 
 
@@ -196,7 +218,7 @@ def render_at(snap: dict[str, Any], width: int) -> list[str]:
     from rich.console import Console
 
     console = Console(file=io.StringIO(), width=width, force_terminal=True, record=True)
-    console.print(monitoring.render_top(snap))
+    console.print(top.render_top(snap))
     return console.export_text().splitlines()
 
 
@@ -207,16 +229,16 @@ def header_cells(lines: list[str]) -> list[str]:
 
 
 def test_top_columns_are_declared_once_with_distinct_priorities() -> None:
-    headers = [c.header for c in monitoring.TOP_COLUMNS]
-    assert headers[:-1] == list(monitoring.COLUMNS) and headers[-1] == "writes/s trend"
-    assert sorted(c.priority for c in monitoring.TOP_COLUMNS) == list(range(len(headers)))
-    assert all(c.width >= 1 for c in monitoring.TOP_COLUMNS)
+    headers = [c.header for c in top.TOP_COLUMNS]
+    assert headers[:-1] == list(stats_table.COLUMNS) and headers[-1] == "writes/s trend"
+    assert sorted(c.priority for c in top.TOP_COLUMNS) == list(range(len(headers)))
+    assert all(c.width >= 1 for c in top.TOP_COLUMNS)
     # widths 5, 3, 4 in display order, priorities 0, 2, 1: the third goes before the second.
-    assert monitoring.fit_columns([5, 3, 4], [0, 2, 1], 16) == [0, 1, 2]
-    assert monitoring.fit_columns([5, 3, 4], [0, 2, 1], 15) == [0, 2]
-    assert monitoring.fit_columns([5, 3, 4], [0, 2, 1], 10) == [0]
-    assert monitoring.fit_columns([5, 3, 4], [0, 2, 1], 2) == [0]  # ``keep`` stays
-    assert monitoring.fit_columns([5, 3, 4], [0, 2, 1], 2, keep=2) == [0, 2]
+    assert top.fit_columns([5, 3, 4], [0, 2, 1], 16) == [0, 1, 2]
+    assert top.fit_columns([5, 3, 4], [0, 2, 1], 15) == [0, 2]
+    assert top.fit_columns([5, 3, 4], [0, 2, 1], 10) == [0]
+    assert top.fit_columns([5, 3, 4], [0, 2, 1], 2) == [0]  # ``keep`` stays
+    assert top.fit_columns([5, 3, 4], [0, 2, 1], 2, keep=2) == [0, 2]
 
 
 @pytest.mark.parametrize("width", [200, 160, 120, 100, 80, 72, 60, 40])
@@ -227,9 +249,9 @@ def test_top_drops_whole_columns_by_priority_and_never_cuts_a_header(
     assert max(len(line.rstrip()) for line in lines) <= width
     assert not any("…" in line for line in lines), "\n".join(lines)
     headers = header_cells(lines)
-    by_header = {c.header: c for c in monitoring.TOP_COLUMNS}
+    by_header = {c.header: c for c in top.TOP_COLUMNS}
     assert set(headers) <= set(by_header), headers  # whole headers only
-    assert headers == [c.header for c in monitoring.TOP_COLUMNS if c.header in headers]
+    assert headers == [c.header for c in top.TOP_COLUMNS if c.header in headers]
     # What is shown is the most important columns: no column is missing while a less
     # important one shows.
     shown = sorted(by_header[h].priority for h in headers)
@@ -241,15 +263,15 @@ def test_top_drops_whole_columns_by_priority_and_never_cuts_a_header(
     if width >= 80:
         assert {"writes/s", "batches/s", "commit ms p50/p99/max", "map %max"} <= set(headers)
     if width >= 200:
-        assert headers == [c.header for c in monitoring.TOP_COLUMNS]
+        assert headers == [c.header for c in top.TOP_COLUMNS]
     if width < 200:
-        assert len(headers) < len(monitoring.TOP_COLUMNS)
+        assert len(headers) < len(top.TOP_COLUMNS)
 
 
 def test_top_rows_table_shows_the_tables_that_fit(config: Any) -> None:
     names = {f"table_number_{i:02d}": i * 1000 for i in range(12)}
     now = [0.0]
-    board = monitoring.StatsBoard(config, clock=lambda: now[0])
+    board = stats_board.StatsBoard(config, clock=lambda: now[0])
     for shard in range(3):
         board.update(shard, body(shard, tables=names))
     snap = board.snapshot()
@@ -267,8 +289,11 @@ def test_docs_list_every_metric_and_message_field(config: Any) -> None:
     for family in monitor.metric_families(snapshot_with_a_stale_shard(config)):
         name = family.name + ("_total" if family.type == "counter" else "")
         assert f"| `{name}` | {family.type} |" in doc, name
-    for fields, meaning in monitoring.MESSAGE_FIELDS:
-        assert f"| {fields} | {meaning} |" in doc, fields
+    stats_row = next(line for line in doc.splitlines() if line.startswith("| `/stats` |"))
+    for f in stats_wire.SNAPSHOT.fields:
+        assert f"`{f.name}`" in stats_row, f.name
+    assert stats_wire.fields_markdown(stats_wire.STAT) in doc, (
+        "docs/monitoring.md's field table is stale: python -m lmshard.stats_wire prints it")
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,7 +335,10 @@ def test_channel_window_quantiles_sampling_and_no_blocking(owner: Any) -> None:
         ch.after_commit(batches=5, ops=50, seconds=0.0005)
         ch.publish(time.monotonic())
         assert sub.poll(int(WAIT * 1000))
-        msg = monitoring.decode(sub.recv_multipart(), 0)
+        frames = sub.recv_multipart()
+        msg = stats_wire.decode(frames, 0)
+        # Packed in the declared order (the order the owner always sent them in).
+        assert list(msgpack.unpackb(frames[1])) == [f.name for f in stats_wire.STAT.fields]
         assert msg["commit_seconds"]["p50"] == pytest.approx(0.050)
         assert msg["commit_seconds"]["max"] == pytest.approx(0.100)
         assert msg["group_size"]["max"] == 5 and msg["queue_depth"] == 0  # no real commit
@@ -326,7 +354,7 @@ def test_channel_window_quantiles_sampling_and_no_blocking(owner: Any) -> None:
         for _ in range(3000):
             ch.publish(time.monotonic())
         assert sub.poll(int(WAIT * 1000))
-        first = monitoring.decode(sub.recv_multipart(), 0)
+        first = stats_wire.decode(sub.recv_multipart(), 0)
         assert first["commit_seconds"]["p50"] == pytest.approx(0.050, abs=0.005)
         assert first["commit_seconds"]["max"] == pytest.approx(0.100)
         received = 1
@@ -340,9 +368,9 @@ def test_channel_window_quantiles_sampling_and_no_blocking(owner: Any) -> None:
 
 
 def test_stats_can_be_switched_off(owner: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(monitoring.ENV_SWITCH, "0")
+    monkeypatch.setenv(stats_wire.ENV_SWITCH, "0")
     assert stats.make_channel(owner) is None
-    monkeypatch.setenv(monitoring.ENV_SWITCH, "1")
+    monkeypatch.setenv(stats_wire.ENV_SWITCH, "1")
     ch = stats.make_channel(owner)
     assert ch is not None
     ch.close()
@@ -353,7 +381,7 @@ def test_stats_can_be_switched_off(owner: Any, monkeypatch: pytest.MonkeyPatch) 
 # --------------------------------------------------------------------------------------------
 
 
-class RecordingBoard(monitoring.StatsBoard):
+class RecordingBoard(stats_board.StatsBoard):
     """A board that also keeps every message it was given."""
 
     def __init__(self, config: Any) -> None:
@@ -378,7 +406,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 def test_published_counters_equal_the_writes(cluster: Cluster) -> None:
     n, per_batch = 10_000, 250
     board = RecordingBoard(cluster.config)
-    with monitoring.StatsSubscriber(cluster.config) as sub:
+    with stats_board.StatsSubscriber(cluster.config) as sub:
         sub.follow(board, WAIT, until_all=True)
         assert board.seen_all()
         before = [b.last for b in board.shards]
@@ -454,7 +482,7 @@ def test_monitor_metrics_stats_and_a_killed_shard(
 
     def all_up() -> dict[str, Any] | None:
         assert monitor_proc.poll() is None, (cluster.base / "monitor.log").read_text()
-        snap = monitoring.query_monitor(cluster.config)
+        snap = stats_board.query_monitor(cluster.config)
         return snap if snap and snap["shards_up"] == 4 else None
 
     url = wait_for("the monitor to see every shard", all_up)["monitor"]["http"]
@@ -489,16 +517,16 @@ def test_monitor_metrics_stats_and_a_killed_shard(
 
     # lmshard stats asks the monitor; exit status 1 because a shard is stale.
     capsys.readouterr()
-    assert monitoring.main(["stats", "--json", "-c", cfg]) == monitoring.EXIT_STALE
+    assert top.main(["stats", "--json", "-c", cfg]) == top.EXIT_STALE
     snap = json.loads(capsys.readouterr().out)
     assert snap["source"] == "monitor"
     assert [s["up"] for s in snap["shards"]] == [True, False, True, True]
-    assert monitoring.main(["stats", "-c", cfg]) == monitoring.EXIT_STALE
+    assert top.main(["stats", "-c", cfg]) == top.EXIT_STALE
     table = capsys.readouterr().out
     assert "3/4 shards up" in table and "STALE" in table
 
     # lmshard top --once, as a process: every shard, the dead one marked.
-    out = subprocess.run([sys.executable, "-m", "lmshard.monitoring", "top", "--once", "-c", cfg],
+    out = subprocess.run([sys.executable, "-m", "lmshard.ops.top", "top", "--once", "-c", cfg],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     first_cells = [line.split()[:2] for line in out.stdout.splitlines() if line.strip()]
@@ -521,7 +549,7 @@ def test_monitor_metrics_stats_and_a_killed_shard(
     monitor_proc.send_signal(signal.SIGTERM)
     assert monitor_proc.wait(timeout=30) == 0
     assert not Path(cluster.config.monitor_endpoint[len("ipc://"):]).exists()
-    assert monitoring.main(["stats", "--json", "-c", cfg]) == 0
+    assert top.main(["stats", "--json", "-c", cfg]) == 0
     snap = json.loads(capsys.readouterr().out)
     assert snap["source"] == "direct" and snap["shards_up"] == 4
     assert sum(s["stats"]["ops"] for s in snap["shards"]) == sum(writes.values())

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from lmshard import monitoring
+from lmshard.ops import stats_table
 from tests.cluster import Cluster, env_for_children
 
 pytestmark = pytest.mark.slow
@@ -119,7 +119,7 @@ def test_top_once_fits_the_terminal_and_keeps_whole_headers(
     for name in MAIN_HEADERS:
         assert name in headers, shown
     if cols >= 200:
-        assert headers == [*monitoring.COLUMNS, "writes/s trend"], shown
+        assert headers == [*stats_table.COLUMNS, "writes/s trend"], shown
 
     states = {}
     for line in lines[lines.index(header) + 1:]:

@@ -1,6 +1,6 @@
 """``lmshardd monitor``: follow every shard's stats; serve Prometheus ``/metrics`` and ``/stats``.
 
-The monitor subscribes to every owner's ``stat.<shard>`` messages (``lmshard.monitoring``),
+The monitor subscribes to every owner's ``stat.<shard>`` messages (``lmshard.stats_board``),
 keeps the latest one and a short history per shard, and serves them:
 
 - over HTTP (``monitor.http`` in the config, default 127.0.0.1:9464; ``--http`` overrides it):
@@ -8,7 +8,8 @@ keeps the latest one and a short history per shard, and serves them:
   by prometheus_client from a custom collector; ``/stats`` as JSON (the same document
   ``lmshard stats --json`` prints);
 - on ``monitor.endpoint`` (ZeroMQ ROUTER, secured like every lmshard socket): the snapshot as
-  msgpack, for ``lmshard stats``, which finds the monitor through the config this way.
+  msgpack, for ``lmshard stats``, which finds the monitor through the config this way (the
+  ``monitor`` channel of ``lmshard.stats_wire``).
 
 A shard whose messages stop is stale: ``lmshard_shard_up`` 0 and ``lmshard_stats_age_seconds``
 growing; its other series are left out (a gap, not zeros) until it reports again.
@@ -31,12 +32,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-import msgpack
 import zmq
 from prometheus_client.core import CollectorRegistry, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
-from lmshard import monitoring, security
+from lmshard import security, stats_board, stats_wire
 from lmshard.config import Config, format_http, is_loopback, parse_http
 from lmshard.errors import Error
 from lmshardd.owner import report_hangup
@@ -173,10 +173,10 @@ class Monitor:
 
     def __init__(self, config: Config, *, stale_after: float | None = None) -> None:
         self.config = config
-        self.board = monitoring.StatsBoard(config, stale_after=stale_after)
+        self.board = stats_board.StatsBoard(config, stale_after=stale_after)
         self.lock = threading.Lock()
         self.ctx: zmq.Context[Any] = zmq.Context()
-        self.subscriber = monitoring.StatsSubscriber(config, self.ctx)
+        self.subscriber = stats_board.StatsSubscriber(config, self.ctx)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SnapshotCollector(self.snapshot))
         self.query: zmq.Socket[bytes] | None = None
@@ -246,7 +246,7 @@ class Monitor:
         endpoint = self.config.monitor_endpoint
         sock: zmq.Socket[bytes] = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, 1024)
+        sock.setsockopt(zmq.MAXMSGSIZE, stats_wire.MAX_REQUEST_BYTES)
         if endpoint.startswith("ipc://"):
             os.makedirs(os.path.dirname(endpoint[6:]), mode=0o700, exist_ok=True)
         try:
@@ -266,11 +266,11 @@ class Monitor:
                 frames = self.query.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if len(frames) < 2 or frames[-1] != monitoring.MONITOR_REQUEST:
+            if not stats_wire.is_monitor_request(frames):
                 with self.lock:
                     self.board.bad_messages += 1
                 continue  # not our peer: no answer
-            body = msgpack.packb(self.snapshot(), use_bin_type=True)
+            body = stats_wire.encode_snapshot(self.snapshot())
             with contextlib.suppress(zmq.Again):
                 self.query.send_multipart([*frames[:-1], body], zmq.NOBLOCK)
 
@@ -313,7 +313,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stale-after", type=float, metavar="S",
         help=f"seconds without a message before a shard counts as down (default "
-        f"{monitoring.STALE_INTERVALS:g} x monitor.stats_interval)")
+        f"{stats_board.STALE_INTERVALS:g} x monitor.stats_interval)")
 
 
 def run(config: Config, args: argparse.Namespace) -> int:

@@ -1,8 +1,8 @@
 """The owner's stats channel: a ``stat.<shard>`` message on a PUB socket every stats interval.
 
 ``make_channel`` is found by the owner (``CHANNEL_MODULES``), so every owner publishes unless
-``LMSHARD_STATS=0`` is in its environment. The message is specified in
-``lmshard.monitoring.MESSAGE``.
+``LMSHARD_STATS=0`` is in its environment. The message is declared in ``lmshard.stats_wire``
+(``STAT``); the body built here is packed through that declaration.
 
 Publishing must never hold a commit up. ``after_commit`` runs on the commit path and only adds a
 few numbers (every commit's latency, group size and ops go into a bounded sample that thins
@@ -27,7 +27,7 @@ from typing import Any
 import lmdb
 import zmq
 
-from lmshard import monitoring, security
+from lmshard import security, stats_wire
 
 log = logging.getLogger("lmshardd.stats")
 
@@ -42,9 +42,9 @@ QUANTILES = (("p50", 0.5), ("p99", 0.99))
 def make_channel(owner: Any) -> StatsChannel | None:
     """A stats channel for ``owner``, or None when switched off (``LMSHARD_STATS=0``) or its
     endpoint cannot be bound (logged: the shard keeps serving writes without stats)."""
-    if not monitoring.stats_enabled():
+    if not stats_wire.stats_enabled():
         log.info("shard %d: stats publishing is off (%s=%s)", owner.shard,
-                 monitoring.ENV_SWITCH, os.environ.get(monitoring.ENV_SWITCH))
+                 stats_wire.ENV_SWITCH, os.environ.get(stats_wire.ENV_SWITCH))
         return None
     try:
         return StatsChannel(owner)
@@ -116,7 +116,7 @@ class StatsChannel:
         self.owner = owner
         self.shard: int = owner.shard
         self.interval: float = owner.config.stats_interval
-        self.topic = monitoring.topic(self.shard)
+        self.topic = stats_wire.topic(self.shard)
         endpoint = owner.config.stat_endpoint(self.shard)
         sock: zmq.Socket[bytes] = owner.ctx.socket(zmq.PUB)
         sock.setsockopt(zmq.LINGER, 0)
@@ -200,7 +200,7 @@ class StatsChannel:
         body["publish_seconds"] = time.perf_counter() - started
         if self.sock is not None:
             try:
-                self.sock.send_multipart(monitoring.encode(self.shard, body), zmq.NOBLOCK)
+                self.sock.send_multipart(stats_wire.encode(self.shard, body), zmq.NOBLOCK)
             except zmq.Again:
                 self.dropped += 1
         self.seq += 1
@@ -230,7 +230,7 @@ class StatsChannel:
             group["max"] = self._max_group
         wall = time.time()
         return {
-            "v": monitoring.FORMAT_VERSION,
+            "v": stats_wire.FORMAT_VERSION,
             "shard": self.shard,
             "pid": os.getpid(),
             "seq": self.seq,
