@@ -34,7 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lmshard import monitoring  # noqa: E402
+from lmshard import stats_board, stats_wire  # noqa: E402
 from tests.cluster import Cluster  # noqa: E402
 
 
@@ -48,10 +48,10 @@ class Listener(threading.Thread):
 
     def __init__(self, config: Any) -> None:
         super().__init__(daemon=True)
-        self.board = monitoring.StatsBoard(config)
+        self.board = stats_board.StatsBoard(config)
         self.messages: list[dict[str, Any]] = []
         self.stop = threading.Event()
-        self.sub = monitoring.StatsSubscriber(config)
+        self.sub = stats_board.StatsSubscriber(config)
         update = self.board.update
 
         def record_update(shard: int, body: dict[str, Any], now: float | None = None) -> None:
@@ -146,11 +146,11 @@ def main() -> None:
             cl = Cluster(tmp / f"c{k}", shards=args.shards, sync=args.sync, map_size="256MiB",
                          stats_interval=iv or 1.0, timeout_ms=30000, retries=2)
             if iv is None:
-                os.environ[monitoring.ENV_SWITCH] = "0"  # inherited by these owners only
+                os.environ[stats_wire.ENV_SWITCH] = "0"  # inherited by these owners only
             try:
                 cl.start()
             finally:
-                os.environ.pop(monitoring.ENV_SWITCH, None)
+                os.environ.pop(stats_wire.ENV_SWITCH, None)
             clusters[name] = cl
             clients[name] = cl.client()
             if iv is not None:

@@ -35,9 +35,9 @@ from lmshard.backup_wire import (
     decode,
     pack,
 )
-from lmshard.cli import main as lmshard_main
 from lmshard.errors import ProtocolError
 from lmshard.ops import backup
+from lmshard.ops.cli import main as lmshard_main
 from lmshard.testing import LocalService
 from tests.cluster import Cluster
 from tests.workers import BATCH, series_on_shard

@@ -26,7 +26,7 @@ import pytest
 
 import lmshard
 from lmshard import config as config_module
-from lmshard import monitoring
+from lmshard import stats_board
 from lmshard.config import Config
 from lmshard.ops.supervise.conf import SupervisorFiles
 from lmshard.ops.supervise.rpc import process_infos
@@ -216,7 +216,7 @@ def test_monitor_keeps_serving_and_reports_the_config_on_sighup(tmp_path: Path) 
 
         def all_up() -> dict[str, Any] | None:
             assert proc is not None and proc.poll() is None, log.read_text()
-            snap = monitoring.query_monitor(cluster.config)
+            snap = stats_board.query_monitor(cluster.config)
             return snap if snap and snap["shards_up"] == 2 else None
 
         snap = wait_for("the monitor to see every shard", all_up)

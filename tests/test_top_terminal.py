@@ -103,7 +103,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @pytest.mark.parametrize("cols, rows", [(80, 24), (200, 50)])
 def test_top_once_fits_the_terminal_and_keeps_whole_headers(
         cluster: Cluster, cols: int, rows: int) -> None:
-    argv = [sys.executable, "-m", "lmshard.cli", "top", "--once", "-c", str(cluster.config_path)]
+    argv = [sys.executable, "-m", "lmshard.ops.cli", "top", "--once", "-c",
+            str(cluster.config_path)]
     status, raw = run_in_pty(argv, cols, rows)
     lines = screen_lines(raw)
     shown = "\n".join(lines)

@@ -24,12 +24,10 @@ import os
 import sys
 from types import ModuleType
 
-from lmshard import cli_backup as backup_cli  # merge: becomes lmshard.ops.backup_cli
 from lmshard import cli_keys as keys_cli  # merge: becomes lmshard.ops.keys_cli
-from lmshard import monitoring as top  # merge: becomes lmshard.ops.top
 from lmshard.config import ConfigError
 from lmshard.errors import Error
-from lmshard.ops import bench_cli, demo, service_cli, status
+from lmshard.ops import backup_cli, bench_cli, demo, service_cli, status, top
 from lmshard.ops.command import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 from lmshard.ops.supervise import SupervisorError
 

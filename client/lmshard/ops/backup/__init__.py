@@ -32,7 +32,7 @@ from lmshard.ops.backup.coordinator import (
     take_backup,
 )
 from lmshard.ops.backup.copies import hash_file
-from lmshard.ops.backup.errors import BackupError
+from lmshard.errors import BackupError
 from lmshard.ops.backup.manifest import (
     MANIFEST_NAME,
     Manifest,

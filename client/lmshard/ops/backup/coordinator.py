@@ -51,7 +51,7 @@ from lmshard.backup_wire import (
 from lmshard.config import Config, ConfigError
 from lmshard.errors import Error, ProtocolError
 from lmshard.ops.backup.copies import fsync_dir, open_copy, read_meta, write_durably
-from lmshard.ops.backup.errors import BackupError
+from lmshard.errors import BackupError
 from lmshard.ops.backup.manifest import (
     MANIFEST_NAME,
     Manifest,

@@ -15,7 +15,7 @@ from typing import IO
 
 import lmdb
 
-from lmshard.ops.backup.errors import BackupError
+from lmshard.errors import BackupError
 from lmshard.ops.backup.progress import QUIET, Progress
 from lmshard.store import MAX_DBS, META_DB
 

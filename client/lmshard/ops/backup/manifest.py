@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lmshard.ops.backup.errors import BackupError
+from lmshard.errors import BackupError
 from lmshard.routing import SlotMap
 from lmshard.store import FORMAT_VERSION
 

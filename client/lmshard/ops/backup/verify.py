@@ -19,7 +19,7 @@ import lmdb
 
 from lmshard.named_dbs import named_dbs
 from lmshard.ops.backup.copies import hash_file, open_copy, read_meta
-from lmshard.ops.backup.errors import BackupError
+from lmshard.errors import BackupError
 from lmshard.ops.backup.manifest import MANIFEST_NAME, Manifest, ShardFile, find_backup
 from lmshard.ops.backup.progress import QUIET, Progress
 from lmshard.schema import Schema
