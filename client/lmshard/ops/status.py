@@ -21,7 +21,6 @@ from typing import Any
 from lmshard.client import Client
 from lmshard.config import Config, load_config
 from lmshard.errors import ShardUnavailable
-from lmshard.stats_board import query_monitor
 from lmshard.ops.command import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, config_option, say
 from lmshard.ops.supervise.conf import GROUP, SupervisorFiles, service_files
 from lmshard.ops.supervise.control import supervisorctl_command
@@ -32,6 +31,7 @@ from lmshard.ops.supervise.rpc import (
     shard_of_process,
     supervisord_pid,
 )
+from lmshard.stats_board import query_monitor
 from lmshard.units import format_bytes
 
 

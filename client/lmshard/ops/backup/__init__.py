@@ -22,6 +22,7 @@ The names below are the package's public face; ``lmshard backup``, ``verify`` an
 
 from __future__ import annotations
 
+from lmshard.errors import BackupError
 from lmshard.ops.backup.coordinator import (
     BARRIER_TIMEOUT,
     CHUNK_SIZE,
@@ -32,7 +33,6 @@ from lmshard.ops.backup.coordinator import (
     take_backup,
 )
 from lmshard.ops.backup.copies import hash_file
-from lmshard.errors import BackupError
 from lmshard.ops.backup.manifest import (
     MANIFEST_NAME,
     Manifest,

@@ -49,9 +49,8 @@ from lmshard.backup_wire import (
     pack,
 )
 from lmshard.config import Config, ConfigError
-from lmshard.errors import Error, ProtocolError
+from lmshard.errors import BackupError, Error, ProtocolError
 from lmshard.ops.backup.copies import fsync_dir, open_copy, read_meta, write_durably
-from lmshard.errors import BackupError
 from lmshard.ops.backup.manifest import (
     MANIFEST_NAME,
     Manifest,

@@ -15,9 +15,8 @@ from pathlib import Path
 
 from lmshard.client import connect
 from lmshard.config import Config
-from lmshard.errors import ShardUnavailable
+from lmshard.errors import BackupError, ShardUnavailable
 from lmshard.ops.backup.copies import fsync_dir, hash_file
-from lmshard.errors import BackupError
 from lmshard.ops.backup.manifest import MANIFEST_NAME, Manifest, ShardFile, find_backup
 from lmshard.ops.backup.progress import QUIET, Progress
 from lmshard.schema import Schema

@@ -17,9 +17,9 @@ from typing import Any
 import cbor2
 import lmdb
 
+from lmshard.errors import BackupError
 from lmshard.named_dbs import named_dbs
 from lmshard.ops.backup.copies import hash_file, open_copy, read_meta
-from lmshard.errors import BackupError
 from lmshard.ops.backup.manifest import MANIFEST_NAME, Manifest, ShardFile, find_backup
 from lmshard.ops.backup.progress import QUIET, Progress
 from lmshard.schema import Schema
