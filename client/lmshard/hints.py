@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from lmshard.keys import encode_index_prefix, encode_index_value
+from lmshard.index_values import encode_index_prefix, encode_index_value
 
 log = logging.getLogger("lmshard.hints")
 

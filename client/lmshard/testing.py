@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lmshard.errors import KeyEncodingError
-from lmshard.keys import decode_index_value
+from lmshard.index_values import decode_index_value
 from lmshard.store import Store
 from lmshard.store import open as open_store
 from lmshard.txn import BoundTable, ReadTxn
