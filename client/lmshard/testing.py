@@ -26,11 +26,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from lmshard.bound_tables import BoundTable
 from lmshard.errors import KeyEncodingError
 from lmshard.index_values import decode_index_value
 from lmshard.store import Store
 from lmshard.store import open as open_store
-from lmshard.txn import BoundTable, ReadTxn
+from lmshard.txn import ReadTxn
 
 MAX_PROBLEMS = 100
 """verify_indexes() stops after this many problems: past that, more detail does not help."""
@@ -82,7 +83,7 @@ class _Problems(list[str]):
 
 def _verify(r: ReadTxn, limit: int) -> list[str]:
     problems = _Problems(limit)
-    tables = r._tables
+    tables = r.tables
     for table in tables.schema.tables.values():
         b = tables[table]
         if b.indexes and not (_rows_in_indexes(r, b, problems) and _entries_match(r, b, problems)):
@@ -105,7 +106,7 @@ def _show_ivb(ivb: bytes | memoryview) -> str:
 
 
 def _rows_in_indexes(r: ReadTxn, b: BoundTable, problems: _Problems) -> bool:
-    txn = r._txn
+    txn = r.txn
     for kb, vb in txn.cursor(db=b.db).iternext():
         try:
             value = b.loads(vb)
@@ -144,7 +145,7 @@ def _rows_in_indexes(r: ReadTxn, b: BoundTable, problems: _Problems) -> bool:
 
 
 def _entries_match(r: ReadTxn, b: BoundTable, problems: _Problems) -> bool:
-    txn = r._txn
+    txn = r.txn
     for bi in b.indexes:
         where = f"{b.name}.{bi.name}"
         for ivb, kb in txn.cursor(db=bi.db).iternext():
@@ -300,7 +301,7 @@ if pytest is not None:
         problems: list[str] = []
         for store, verify in made:
             try:
-                if verify and not store._closed:
+                if verify and not store.closed:
                     problems += [f"{store.path}: {p}" for p in verify_indexes(store)]
             finally:
                 store.close()
