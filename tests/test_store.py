@@ -351,6 +351,21 @@ def test_store_reopens_after_fork(store) -> None:  # type: ignore[no-untyped-def
     assert store.get("blobs", 2) == b"child"
 
 
+def test_get_is_the_first_use_after_fork(store) -> None:  # type: ignore[no-untyped-def]
+    store.put("blobs", 1, b"parent")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: get() reopens the store and reads with the new handles
+        try:
+            ok = store.get("blobs", 1) == b"parent"
+            os.write(w, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(w)
+    assert os.read(r, 1) == b"1"
+    os.waitpid(pid, 0)
+
+
 def test_schema_declaration_errors() -> None:
     s = lmshard.Schema("x")
     s.table("a", table_id=USERS_ID)

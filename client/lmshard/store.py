@@ -276,8 +276,8 @@ class Store:
 
     def get(self, table: TableRef, key: Any, default: Any = None) -> Any:
         """The value under ``key`` or ``default``; reads its own fresh snapshot."""
+        env = self._env or self._open_env()  # first: reopening (after a fork) rebinds the tables
         b = self._tables[table]
-        env = self._env or self._open_env()
         try:
             txn = env.begin()
         except lmdb.MapResizedError:
@@ -288,8 +288,8 @@ class Store:
 
     def get_encoded(self, table: TableRef, key_bytes: bytes, default: Any = None) -> Any:
         """``get`` for an already encoded key (the client's routed read path)."""
-        b = self._tables[table]
         env = self._env or self._open_env()
+        b = self._tables[table]
         try:
             txn = env.begin()
         except lmdb.MapResizedError:
