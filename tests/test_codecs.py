@@ -13,8 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmshard.codecs import registry
-from lmshard.codecs import Codec, codec_names, flatbuffers_codec, get_codec, register_codec
+from lmshard.codecs import (
+    Codec,
+    codec_names,
+    flatbuffers_codec,
+    get_codec,
+    register_codec,
+    registry,
+)
 from lmshard.errors import CodecError, SchemaError
 from tests.fbs.User import User, UserT
 
