@@ -75,6 +75,7 @@ class BoundTable:
         self.by_name = {bi.name: bi for bi in self.indexes}
 
     def index(self, name: str) -> BoundIndex:
+        """The bound index ``name``; UnknownIndex naming the table's indexes if it has none such."""
         try:
             return self.by_name[name]
         except KeyError:

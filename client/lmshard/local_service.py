@@ -63,6 +63,7 @@ class LocalService:
                 self.wait_ready(s)
 
     def wait_ready(self, shard: int, timeout: float = 30.0) -> None:
+        """Wait until the owner of ``shard`` answers a ping; RuntimeError if it exited."""
         deadline = time.monotonic() + timeout
         with connect(self.config, timeout_ms=200, retries=0) as c:
             while True:
@@ -79,14 +80,17 @@ class LocalService:
                     time.sleep(0.05)
 
     def kill(self, shard: int, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the owner of ``shard`` and wait for it to exit."""
         proc = self.procs[shard]
         proc.send_signal(sig)
         proc.wait(timeout=30)
 
     def pid(self, shard: int) -> int:
+        """The process id of the owner of ``shard``."""
         return self.procs[shard].pid
 
     def client(self, **options: Any) -> Client:
+        """A client connected to these owners (``options`` go to ``lmshard.connect``)."""
         return connect(self.config, **options)
 
     def stop(self) -> None:

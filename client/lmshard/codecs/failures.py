@@ -49,6 +49,7 @@ HINTS = {
 
 
 def encode_error(codec: str, obj: Any, exc: BaseException) -> CodecError:
+    """The CodecError for a value ``codec`` could not encode, naming the type it choked on."""
     top = type(obj).__name__
     detail = str(exc)
     match = _TYPE_IN_MESSAGE.search(detail)
@@ -70,6 +71,8 @@ def encode_error(codec: str, obj: Any, exc: BaseException) -> CodecError:
 
 
 def decode_error(codec: str, data: Any, exc: BaseException | str) -> CodecError:
+    """The CodecError for bytes ``codec`` could not decode (another codec wrote them, or they
+    are corrupt)."""
     try:
         size = f"{len(data)}-byte "
     except TypeError:
