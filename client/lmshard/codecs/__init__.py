@@ -47,11 +47,14 @@ codec raises) and ``json_view`` (``to_json``) shared by them.
 
 from __future__ import annotations
 
-from lmshard.codecs.flatbuffers_tables import flatbuffers_codec
+from lmshard.codecs.flatbuffers_tables import FlatBuffersCodec, flatbuffers_codec
+from lmshard.codecs.numpy_arrays import NumpyCodec
 from lmshard.codecs.registry import Codec, codec_names, get_codec, register_codec
 
 __all__ = [
     "Codec",
+    "FlatBuffersCodec",
+    "NumpyCodec",
     "codec_names",
     "flatbuffers_codec",
     "get_codec",
