@@ -13,8 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmshard import codecs
-from lmshard.codecs import Codec, codec_names, flatbuffers_codec, get_codec, register_codec
+from lmshard.codecs import (
+    Codec,
+    codec_names,
+    flatbuffers_codec,
+    get_codec,
+    register_codec,
+    registry,
+)
 from lmshard.errors import CodecError, SchemaError
 from tests.fbs.User import User, UserT
 
@@ -630,7 +636,7 @@ def _rot13(s: str) -> str:
 def codec_name():
     name = f"test-{uuid.uuid4().hex[:8]}"
     yield name
-    codecs._registry.pop(name, None)
+    registry._registry.pop(name, None)
 
 
 def test_builtin_codecs_registered():

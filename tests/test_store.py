@@ -329,26 +329,41 @@ def test_slow_write_transaction_logs_a_warning(store, caplog) -> None:  # type: 
     assert any("held open" in r.message for r in caplog.records)
 
 
+def true_in_forked_child(check) -> bool:  # type: ignore[no-untyped-def]
+    """Run ``check()`` in a forked child; whether it returned True there."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(w, b"1" if check() else b"0")
+        finally:
+            os._exit(0)
+    os.close(w)
+    ok = os.read(r, 1) == b"1"
+    os.waitpid(pid, 0)
+    return ok
+
+
 def test_store_reopens_after_fork(store) -> None:  # type: ignore[no-untyped-def]
     store.put("blobs", 1, b"parent")
     store.get("blobs", 1)
     held = store.env.begin()  # a parent read txn alive across the fork keeps its reader slot
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: the inherited env must not be used; the store reopens it
-        try:
-            store.put("blobs", 2, b"child")
-            ok = store.get("blobs", 1) == b"parent" and store.get("blobs", 2) == b"child"
-            os.write(w, b"1" if ok else b"0")
-        finally:
-            os._exit(0)
-    os.close(w)
-    assert os.read(r, 1) == b"1"
-    os.waitpid(pid, 0)
+
+    def child() -> bool:  # the inherited env must not be used; the store reopens it
+        store.put("blobs", 2, b"child")
+        return bool(store.get("blobs", 1) == b"parent" and store.get("blobs", 2) == b"child")
+
+    assert true_in_forked_child(child)
     assert f"{os.getpid()} " in store.env.readers()  # the child did not clear our slots
     assert held.get(b"x") is None
     held.abort()
     assert store.get("blobs", 2) == b"child"
+
+
+def test_get_is_the_first_use_after_fork(store) -> None:  # type: ignore[no-untyped-def]
+    store.put("blobs", 1, b"parent")
+    # get() reopens the store in the child and reads with the child's handles
+    assert true_in_forked_child(lambda: store.get("blobs", 1) == b"parent")
 
 
 def test_schema_declaration_errors() -> None:

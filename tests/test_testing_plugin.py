@@ -48,13 +48,13 @@ def test_a_damaged_index_fails_at_teardown(lmshard_store_factory):
     store = lmshard_store_factory(schema())
     store.put("users", 1, {"email": "a@x.org"})
     with store.write() as w:  # remove the row behind the index's back
-        w._txn.delete(w._tables["users"].table.key.encode(1), db=w._tables["users"].db)
+        w.txn.delete(w.tables["users"].table.key.encode(1), db=w.tables["users"].db)
 
 def test_verify_false_skips_the_check(lmshard_store_factory):
     store = lmshard_store_factory(schema(), verify=False)
     store.put("users", 1, {"email": "a@x.org"})
     with store.write() as w:
-        w._txn.delete(w._tables["users"].table.key.encode(1), db=w._tables["users"].db)
+        w.txn.delete(w.tables["users"].table.key.encode(1), db=w.tables["users"].db)
 
 def test_closed_stores_are_left_alone(lmshard_store_factory):
     store = lmshard_store_factory(schema())
@@ -107,8 +107,8 @@ def test_verify_indexes_on_a_consistent_store(store: lmshard.Store) -> None:
 def damage(store: lmshard.Store, fn) -> None:  # type: ignore[no-untyped-def]
     """Write into the index databases directly, as a bug or a bad restore would."""
     with store.write() as w:
-        b = w._tables["users"]
-        fn(w._txn, b, lambda name: b.index(name).db)
+        b = w.tables["users"]
+        fn(w.txn, b, lambda name: b.index(name).db)
 
 
 def test_verify_indexes_reports_each_kind_of_damage(store: lmshard.Store) -> None:

@@ -8,11 +8,16 @@ in a child, but py-lmdb also refuses to open an environment whose files an open 
 process still uses. That guard exists because two handles in one process share fcntl locks; an
 inherited handle holds no locks in the child, so for exactly those files the guard is lifted
 here, by tagging the child's identity of them with its pid.
+
+Objects holding an environment register a method with ``on_fork_in_child``; it runs in every
+forked child (while the object lives) and drops the inherited handle with ``forget_inherited``.
 """
 
 from __future__ import annotations
 
 import os
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import lmdb
@@ -24,6 +29,23 @@ except ImportError:  # older py-lmdb has no such guard
 
 _inherited: set[tuple[Any, ...]] = set()
 _kept_alive: list[Any] = []
+_child_hooks: set[weakref.WeakMethod[Callable[[], None]]] = set()
+
+
+def on_fork_in_child(method: Callable[[], None]) -> None:
+    """Call the bound ``method`` in every forked child, for as long as its object lives (the
+    object is held weakly)."""
+    _child_hooks.add(weakref.WeakMethod(method, _child_hooks.discard))
+
+
+def _run_child_hooks() -> None:
+    for ref in list(_child_hooks):
+        method = ref()
+        if method is not None:
+            method()
+
+
+os.register_at_fork(after_in_child=_run_child_hooks)
 
 
 def forget_inherited(env: lmdb.Environment) -> None:
@@ -38,8 +60,15 @@ def forget_inherited(env: lmdb.Environment) -> None:
     _inherited.update(_original_env_keys(path, True))
 
 
+def _no_env_keys(path: Any, subdir: bool) -> tuple[Any, ...]:  # pragma: no cover
+    return ()
+
+
+_original_env_keys: Callable[[Any, bool], tuple[Any, ...]] = (
+    _no_env_keys if _envid is None else _envid.env_keys
+)
+
 if _envid is not None:
-    _original_env_keys = _envid.env_keys
 
     def _env_keys(path: Any, subdir: bool) -> tuple[Any, ...]:
         keys = _original_env_keys(path, subdir)
@@ -48,7 +77,3 @@ if _envid is not None:
         return keys
 
     _envid.env_keys = _env_keys
-else:  # pragma: no cover
-
-    def _original_env_keys(path: Any, subdir: bool) -> tuple[Any, ...]:
-        return ()

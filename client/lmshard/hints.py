@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from lmshard.keys import encode_index_prefix, encode_index_value
+from lmshard.index_values import encode_index_prefix, encode_index_value
 
 log = logging.getLogger("lmshard.hints")
 
@@ -81,8 +81,8 @@ def _common_value(fn: Callable[[Any], Any], values: list[Any]) -> tuple[Any, boo
 
 def _lookup_count(txn: Any, table: Any, index: Any, value: Any, prefix: bool, stop: int) -> int:
     """Index entries (rows) the lookup would return, counting no further than ``stop``."""
-    bi = txn._tables[table].index(index.name)
-    lmdb_txn = txn._txn
+    bi = txn.tables[table].index(index.name)
+    lmdb_txn = txn.txn
     if not prefix:
         ivb = encode_index_value(value)
         if bi.unique:

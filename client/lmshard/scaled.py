@@ -63,7 +63,7 @@ class Scaled:
                 hint="pick the number of decimal places the amounts need, e.g. 8",
             )
         self.decimals = decimals
-        self.factor = 10**decimals
+        self.factor: int = 10**decimals
         self._quantum = Decimal(1).scaleb(-decimals)
 
     def __repr__(self) -> str:
@@ -82,20 +82,10 @@ class Scaled:
         if isinstance(x, int):
             n = x * self.factor
         else:
-            if isinstance(x, float):
-                if not math.isfinite(x):
-                    raise ScaleError(f"{self!r} cannot store {x!r}", hint=_NUMBER)
-                d = Decimal(repr(x))
-                rounding = rounding or decimal.ROUND_HALF_EVEN
-            elif isinstance(x, Decimal):
+            if isinstance(x, Decimal):
                 d = x
-            elif isinstance(x, str):
-                try:
-                    d = Decimal(x.strip())
-                except decimal.InvalidOperation:
-                    raise ScaleError(f"{x!r} is not a decimal number", hint=_NUMBER) from None
             else:
-                raise ScaleError(f"{self!r} cannot store a {type(x).__name__}", hint=_NUMBER)
+                d, rounding = self._parse(x, rounding)
             if not d.is_finite():
                 raise ScaleError(f"{self!r} cannot store {x!r}", hint=_NUMBER)
             if d and d.adjusted() + self.decimals > _INT64_DIGITS:
@@ -110,6 +100,19 @@ class Scaled:
         if not INT64_MIN <= n <= INT64_MAX:
             raise self._out_of_range(x, n)
         return n
+
+    def _parse(self, x: Any, rounding: str | None) -> tuple[Decimal, str | None]:
+        """A float or str amount as a Decimal, with the rounding to_int applies to it."""
+        if isinstance(x, float):
+            if not math.isfinite(x):
+                raise ScaleError(f"{self!r} cannot store {x!r}", hint=_NUMBER)
+            return Decimal(repr(x)), rounding or decimal.ROUND_HALF_EVEN
+        if isinstance(x, str):
+            try:
+                return Decimal(x.strip()), rounding
+            except decimal.InvalidOperation:
+                raise ScaleError(f"{x!r} is not a decimal number", hint=_NUMBER) from None
+        raise ScaleError(f"{self!r} cannot store a {type(x).__name__}", hint=_NUMBER)
 
     def _out_of_range(self, x: Any, scaled: Any) -> ScaleError:
         return ScaleError(

@@ -8,7 +8,7 @@ its codec (``lmshard.codecs``).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from lmshard.codecs import Codec, get_codec
@@ -297,7 +297,7 @@ class Schema:
                 hint=f"known tables: {', '.join(sorted(self.tables)) or '(none)'}",
             ) from None
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Table]:
         return iter(self.tables.values())
 
     def __repr__(self) -> str:

@@ -78,7 +78,7 @@ def _ns(t: Any) -> int:
     if isinstance(t, _dt.datetime):
         if t.tzinfo is None:
             t = t.replace(tzinfo=_dt.UTC)
-        delta = t - _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
+        delta: _dt.timedelta = t - _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
         return (delta.days * 86_400 + delta.seconds) * 10**9 + delta.microseconds * 1000
     raise TypeError(
         f"a timestamp must be int nanoseconds, a datetime or a numpy.datetime64, "
@@ -243,9 +243,11 @@ class TimeSeries:
         ends = np.append(firsts[1:], len(ts))
         out_ts = bucket[firsts] * np.int64(every_ns) + np.int64(origin)
         if how in ("first", "last", "count"):
-            picked = {"first": lambda: vs[firsts], "last": lambda: vs[ends - 1],
-                      "count": lambda: (ends - firsts).astype(np.int64)}[how]()
-            return out_ts, picked
+            if how == "first":
+                return out_ts, vs[firsts]
+            if how == "last":
+                return out_ts, vs[ends - 1]
+            return out_ts, (ends - firsts).astype(np.int64)
         if self.dtype.fields is not None:
             raise TypeError(f"{how} needs numeric values, not records of {self.dtype}")
         if how == "mean":

@@ -9,135 +9,47 @@ The embedded ``Store``, the shard owner and the client's local reads all go thro
 from __future__ import annotations
 
 import hashlib
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from lmshard import hints
-from lmshard.errors import (
-    ConflictError,
-    KeyEncodingError,
-    NullIndexValue,
-    TransactionError,
-    UniqueViolation,
-    UnknownIndex,
-    UnknownTable,
+from lmshard.bound_tables import (
+    BoundIndex,
+    BoundRef,
+    BoundTable,
+    TableMap,
+    TableRef,
+    bind_tables,
 )
-from lmshard.keys import encode_index_prefix, encode_index_value
-from lmshard.schema import Index, Schema, Table
+from lmshard.errors import ConflictError, KeyEncodingError, TransactionError, UniqueViolation
+from lmshard.index_values import encode_index_value, index_prefix
+from lmshard.key_ranges import filtered_rows, key_bounds, prefix_end, range_items, range_keys
 
-TableRef = Table | str | uuid.UUID
+__all__ = [
+    "ENDED",
+    "LARGE_VALUE",
+    "ReadTxn",
+    "WriteTxn",
+    "value_hash",
+    # Homes elsewhere, importable from here as they always were: tables bound to an environment
+    # (lmshard.bound_tables), key ranges (lmshard.key_ranges), index prefixes
+    # (lmshard.index_values).
+    "BoundTable",
+    "TableMap",
+    "TableRef",
+    "bind_tables",
+    "filtered_rows",
+    "index_prefix",
+    "key_bounds",
+    "prefix_end",
+]
+
 LARGE_VALUE = hints.LARGE_VALUE_WARNING
 
 
 def value_hash(data: bytes) -> bytes:
     """The digest a compare-and-set can expect instead of the whole stored value."""
     return hashlib.blake2b(data, digest_size=16).digest()
-
-
-def prefix_end(prefix: bytes) -> bytes | None:
-    """The smallest byte string greater than every string starting with ``prefix``."""
-    stripped = prefix.rstrip(b"\xff")
-    if not stripped:
-        return None
-    return stripped[:-1] + bytes([stripped[-1] + 1])
-
-
-class BoundIndex:
-    """An index resolved against one open environment."""
-
-    __slots__ = ("index", "name", "db", "fn", "unique", "nullable")
-
-    def __init__(self, index: Index, db: Any) -> None:
-        self.index = index
-        self.name = index.name
-        self.db = db
-        self.fn = index.fn
-        self.unique = index.unique
-        self.nullable = index.nullable
-
-    def encode(self, value: Any) -> bytes | None:
-        """The index entry key for a row value, or None when a nullable index skips it."""
-        try:
-            iv = self.fn(value)
-        except Exception as exc:
-            raise KeyEncodingError(
-                f"index function {self.index.table.name}.{self.name} failed on the value: "
-                f"{type(exc).__name__}: {exc}",
-                hint="make the index function accept every value stored in the table",
-            ) from exc
-        if iv is None:
-            if self.nullable:
-                return None
-            raise NullIndexValue(
-                f"index {self.index.table.name}.{self.name} got None for a row"
-            )
-        return encode_index_value(iv)
-
-
-class BoundTable:
-    """A table resolved against one open environment: database handles and hot-path functions."""
-
-    __slots__ = (
-        "table", "name", "db", "kenc", "kdec", "kprefix", "dumps", "loads", "indexes", "by_name",
-        "any_width",
-    )
-
-    def __init__(self, table: Table, db: Any, index_dbs: dict[str, Any]) -> None:
-        self.table = table
-        self.name = table.name
-        self.db = db
-        self.kenc = table.key.encode
-        self.kdec = table.key.decode
-        self.kprefix = table.key.encode_prefix
-        self.any_width = table.key.any_width
-        self.dumps = table.value.dumps
-        self.loads = table.value.loads
-        self.indexes = tuple(BoundIndex(ix, index_dbs[name]) for name, ix in table.indexes.items())
-        self.by_name = {bi.name: bi for bi in self.indexes}
-
-    def index(self, name: str) -> BoundIndex:
-        try:
-            return self.by_name[name]
-        except KeyError:
-            raise UnknownIndex(
-                f"table {self.name!r} has no index {name!r}",
-                hint=f"its indexes: {', '.join(self.by_name) or '(none)'}",
-            ) from None
-
-
-class TableMap(dict):
-    """Table name, ``Table`` object or table UUID -> ``BoundTable``, with a helpful miss."""
-
-    def __init__(self, schema: Schema, bound: list[BoundTable]) -> None:
-        super().__init__()
-        self.schema = schema
-        self.by_tid: dict[bytes, BoundTable] = {b.table.table_id.bytes: b for b in bound}
-        for b in bound:
-            self[b] = b
-            self[b.name] = b
-            self[b.table] = b
-            self[b.table.table_id] = b
-
-    def __missing__(self, ref: Any) -> BoundTable:
-        if isinstance(ref, Table):
-            raise UnknownTable(
-                f"table {ref.name!r} is not in schema {self.schema.name!r} of this store",
-                hint="open the store with the schema that declares the table",
-            )
-        raise UnknownTable(
-            f"no table {ref!r} in schema {self.schema.name!r}",
-            hint=f"known tables: {', '.join(sorted(self.schema.tables)) or '(none)'}",
-        )
-
-
-def bind_tables(schema: Schema, open_db: Callable[[bytes, bool], Any]) -> TableMap:
-    """Open (or create) every table and index database of a schema."""
-    bound = []
-    for t in schema.tables.values():
-        index_dbs = {name: open_db(ix.db_name, not ix.unique) for name, ix in t.indexes.items()}
-        bound.append(BoundTable(t, open_db(t.db_name, False), index_dbs))
-    return TableMap(schema, bound)
 
 
 class _Ended:
@@ -154,7 +66,10 @@ ENDED = _Ended()
 
 
 class ReadTxn:
-    """Reads inside one LMDB snapshot. Use it as a context manager, only inside its block."""
+    """Reads inside one LMDB snapshot, over the tables of one environment.
+
+    ``Store.read()`` hands one out for the length of its block; use it only inside the block.
+    """
 
     __slots__ = ("_txn", "_tables", "__weakref__")
 
@@ -163,17 +78,33 @@ class ReadTxn:
         self._tables = tables
 
     @property
+    def txn(self) -> Any:
+        """The underlying ``lmdb.Transaction`` (for raw LMDB access in the same snapshot)."""
+        return self._txn
+
+    @property
+    def tables(self) -> TableMap:
+        """The tables this transaction reads, bound to its environment."""
+        return self._tables
+
+    @property
     def txn_id(self) -> int:
         """The LMDB transaction id this snapshot reads (the last committed write txn)."""
-        return self._txn.id()
+        return int(self._txn.id())
 
-    def get(self, table: TableRef, key: Any, default: Any = None) -> Any:
+    def end(self) -> None:
+        """Abort the LMDB transaction; any later use raises TransactionError."""
+        txn, self._txn = self._txn, ENDED
+        if txn is not ENDED:
+            txn.abort()
+
+    def get(self, table: BoundRef, key: Any, default: Any = None) -> Any:
         """The value stored under ``key``, or ``default`` when there is none."""
         b = self._tables[table]
         data = self._txn.get(b.kenc(key), db=b.db)
         return default if data is None else b.loads(data)
 
-    def get_many(self, table: TableRef, keys: Any, default: Any = None) -> list[Any]:
+    def get_many(self, table: BoundRef, keys: Any, default: Any = None) -> list[Any]:
         """Values for several keys in order, ``default`` where a key is missing."""
         b = self._tables[table]
         get, db, kenc, loads = self._txn.get, b.db, b.kenc, b.loads
@@ -183,22 +114,19 @@ class ReadTxn:
             out.append(default if data is None else loads(data))
         return out
 
-    def get_raw(self, table: TableRef, key_bytes: bytes) -> bytes | None:
+    def get_raw(self, table: BoundRef, key_bytes: bytes) -> bytes | None:
         """The stored bytes under an already encoded key."""
-        return self._txn.get(key_bytes, db=self._tables[table].db)
+        data: bytes | None = self._txn.get(key_bytes, db=self._tables[table].db)
+        return data
 
-    def exists(self, table: TableRef, key: Any) -> bool:
+    def exists(self, table: BoundRef, key: Any) -> bool:
+        """Whether a row is stored under ``key``."""
         b = self._tables[table]
         return self._txn.get(b.kenc(key), db=b.db) is not None
 
-    def _bounds(
-        self, b: BoundTable, prefix: Any, start: Any, end: Any
-    ) -> tuple[bytes | None, bytes | None]:
-        return key_bounds(b, prefix, start, end)
-
     def scan(
         self,
-        table: TableRef,
+        table: BoundRef,
         prefix: Any = None,
         start: Any = None,
         end: Any = None,
@@ -208,8 +136,8 @@ class ReadTxn:
     ) -> Iterator[tuple[Any, Any]]:
         """Yield (key, value) in key order; ``start`` inclusive, ``end`` exclusive."""
         b = self._tables[table]
-        lo, hi = self._bounds(b, prefix, start, end)
-        items = _range_items(self._txn.cursor(db=b.db), lo, hi, reverse)
+        lo, hi = key_bounds(b, prefix, start, end)
+        items = range_items(self._txn.cursor(db=b.db), lo, hi, reverse)
         kdec, loads = b.kdec, b.loads
         if where is None and limit is None:
             return ((kdec(k), loads(v)) for k, v in items)
@@ -221,24 +149,24 @@ class ReadTxn:
         return filtered_rows(items, kdec, loads, where, limit)
 
     def scan_raw(
-        self, table: TableRef, lo: bytes | None = None, hi: bytes | None = None,
+        self, table: BoundRef, lo: bytes | None = None, hi: bytes | None = None,
         reverse: bool = False,
     ) -> Iterator[tuple[bytes, bytes]]:
         """Yield encoded (key, value) pairs with ``lo <= key < hi``."""
-        return _range_items(self._txn.cursor(db=self._tables[table].db), lo, hi, reverse)
+        return range_items(self._txn.cursor(db=self._tables[table].db), lo, hi, reverse)
 
     def count(
-        self, table: TableRef, prefix: Any = None, start: Any = None, end: Any = None
+        self, table: BoundRef, prefix: Any = None, start: Any = None, end: Any = None
     ) -> int:
         """Rows in the table, or in a key range or prefix."""
         b = self._tables[table]
         if prefix is None and start is None and end is None:
             return int(self._txn.stat(b.db)["entries"])
-        lo, hi = self._bounds(b, prefix, start, end)
-        return sum(1 for _ in _range_keys(self._txn.cursor(db=b.db), lo, hi))
+        lo, hi = key_bounds(b, prefix, start, end)
+        return sum(1 for _ in range_keys(self._txn.cursor(db=b.db), lo, hi))
 
     def lookup_keys(
-        self, table: TableRef, index: str, value: Any, prefix: bool = False
+        self, table: BoundRef, index: str, value: Any, prefix: bool = False
     ) -> list[bytes]:
         """Encoded row keys whose index value equals ``value`` (or starts with it)."""
         if value is None:
@@ -248,7 +176,7 @@ class ReadTxn:
         return self.lookup_keys_raw(table, index, ivb, prefix)
 
     def lookup_keys_raw(
-        self, table: TableRef, index: str, ivb: bytes, prefix: bool = False
+        self, table: BoundRef, index: str, ivb: bytes, prefix: bool = False
     ) -> list[bytes]:
         """Row keys for an encoded index value, or for every value starting with it."""
         bi = self._tables[table].index(index)
@@ -260,10 +188,10 @@ class ReadTxn:
             if not cur.set_key(ivb):
                 return []
             return list(cur.iternext_dup(keys=False, values=True))
-        return [v for _, v in _range_items(cur, ivb, prefix_end(ivb), False)]
+        return [v for _, v in range_items(cur, ivb, prefix_end(ivb), False)]
 
     def lookup(
-        self, table: TableRef, index: str, value: Any, prefix: bool = False
+        self, table: BoundRef, index: str, value: Any, prefix: bool = False
     ) -> list[tuple[Any, Any]]:
         """Rows whose index value equals ``value``; with ``prefix=True`` a composite index
         matches on its leading elements (a tuple) and a str/bytes index on a string prefix."""
@@ -284,11 +212,11 @@ class ReadTxn:
                 out.append((kdec(rk), loads(data)))
         return out
 
-    def index_count(self, table: TableRef, index: str) -> int:
+    def index_count(self, table: BoundRef, index: str) -> int:
         """Entries in an index (rows indexed, for a non-unique index counting every row)."""
         return int(self._txn.stat(self._tables[table].index(index).db)["entries"])
 
-    def marshal(self, table: TableRef, key: Any) -> dict[str, Any] | None:
+    def marshal(self, table: BoundRef, key: Any) -> dict[str, Any] | None:
         """A JSON-safe view of one row and its index values, for debugging; None if missing."""
         b = self._tables[table]
         kb = b.kenc(key)
@@ -312,33 +240,6 @@ class ReadTxn:
         }
 
 
-def key_bounds(
-    t: Any, prefix: Any, start: Any, end: Any
-) -> tuple[bytes | None, bytes | None]:
-    """Encoded ``lo <= key < hi`` for a scan of table ``t`` (anything with ``kenc`` and
-    ``kprefix``): ``start`` inclusive, ``end`` exclusive, narrowed to ``prefix``."""
-    lo = t.kenc(start) if start is not None else None
-    hi = t.kenc(end) if end is not None else None
-    if prefix is not None:
-        pb = t.kprefix(prefix)
-        pe = prefix_end(pb)
-        lo = pb if lo is None or pb > lo else lo
-        if pe is not None and (hi is None or pe < hi):
-            hi = pe
-    return lo, hi
-
-
-def index_prefix(value: Any) -> bytes:
-    """Encoded prefix for an index lookup by prefix: a tuple's leading elements, or the
-    beginning of a str/bytes value."""
-    if isinstance(value, tuple | list):
-        return encode_index_prefix(tuple(value))
-    full = encode_index_value(value)
-    if isinstance(value, str | bytes):
-        return full[:-1]  # drop the terminator: a string prefix, not a whole string
-    return full
-
-
 def _json_safe(v: Any) -> Any:
     if isinstance(v, tuple | list):
         return [_json_safe(x) for x in v]
@@ -347,76 +248,6 @@ def _json_safe(v: Any) -> Any:
     if isinstance(v, str | int | float | bool) or v is None:
         return v
     return str(v)
-
-
-def _range_items(
-    cur: Any, lo: bytes | None, hi: bytes | None, reverse: bool
-) -> Iterator[tuple[bytes, bytes]]:
-    if not reverse:
-        if lo is None:
-            positioned = cur.first()
-        else:
-            positioned = cur.set_range(lo)
-        if not positioned:
-            return iter(())
-        if hi is None:
-            return cur.iternext()
-        return _until(cur.iternext(), hi)
-    if hi is None:
-        positioned = cur.last()
-    elif cur.set_range(hi):
-        positioned = cur.prev()
-    else:
-        positioned = cur.last()
-    if not positioned:
-        return iter(())
-    if lo is None:
-        return cur.iterprev()
-    return _down_to(cur.iterprev(), lo)
-
-
-def _range_keys(cur: Any, lo: bytes | None, hi: bytes | None) -> Iterator[bytes]:
-    positioned = cur.first() if lo is None else cur.set_range(lo)
-    if not positioned:
-        return
-    for k in cur.iternext(keys=True, values=False):
-        if hi is not None and k >= hi:
-            return
-        yield k
-
-
-def _until(items: Iterator[tuple[bytes, bytes]], hi: bytes) -> Iterator[tuple[bytes, bytes]]:
-    for k, v in items:
-        if k >= hi:
-            return
-        yield k, v
-
-
-def _down_to(items: Iterator[tuple[bytes, bytes]], lo: bytes) -> Iterator[tuple[bytes, bytes]]:
-    for k, v in items:
-        if k < lo:
-            return
-        yield k, v
-
-
-def filtered_rows(
-    items: Iterator[tuple[bytes, bytes]],
-    kdec: Callable[[bytes], Any],
-    loads: Callable[[bytes], Any],
-    where: Callable[[Any], bool] | None,
-    limit: int | None,
-) -> Iterator[tuple[Any, Any]]:
-    if limit is not None and limit <= 0:
-        return
-    n = 0
-    for k, v in items:
-        value = loads(v)
-        if where is not None and not where(value):
-            continue
-        yield kdec(k), value
-        n += 1
-        if limit is not None and n >= limit:
-            return
 
 
 class WriteTxn(ReadTxn):
@@ -432,11 +263,8 @@ class WriteTxn(ReadTxn):
         super().__init__(txn, tables)
         self._strict = strict
 
-    def put(self, table: TableRef, key: Any, value: Any) -> None:
+    def put(self, table: BoundRef, key: Any, value: Any) -> None:
         """Store ``value`` under ``key``, replacing any earlier value."""
-        self._put(table, key, value)
-
-    def _put(self, table: TableRef, key: Any, value: Any) -> None:
         b = self._tables[table]
         kb = b.kenc(key)
         vb = b.dumps(value)
@@ -447,7 +275,11 @@ class WriteTxn(ReadTxn):
         else:
             self._txn.put(kb, vb, db=b.db)
 
-    def put_raw(self, table: TableRef, key_bytes: bytes, value_bytes: bytes) -> None:
+    # incr and cas write through this name, which a subclass that records put() (the store's
+    # replaying transaction) leaves alone, so their writes are not recorded twice.
+    _put = put
+
+    def put_raw(self, table: BoundRef, key_bytes: bytes, value_bytes: bytes) -> None:
         """Store already encoded bytes (the shard owner's path); indexes are still kept."""
         b = self._tables[table]
         if len(value_bytes) >= LARGE_VALUE:
@@ -460,17 +292,7 @@ class WriteTxn(ReadTxn):
     def _put_indexed(self, b: BoundTable, kb: bytes, vb: bytes, value: Any) -> None:
         txn = self._txn
         new = [(bi, bi.encode(value)) for bi in b.indexes]
-        for bi, _ in new:
-            if bi.index.shard_key is not None:
-                _check_index_shard_key(b, bi, kb, value)
-        for bi, ivb in new:
-            if bi.unique and ivb is not None:
-                holder = txn.get(ivb, db=bi.db)
-                if holder is not None and holder != kb:
-                    raise UniqueViolation(
-                        f"{b.name}.{bi.name}: the value {_json_safe(bi.fn(value))!r} is already "
-                        f"used by the row with key {b.table.key.to_json(b.kdec(holder))!r}"
-                    )
+        _check_new_entries(txn, b, kb, value, new)
         old = txn.replace(kb, vb, db=b.db)
         old_value = b.loads(old) if old is not None else None
         for bi, ivb in new:
@@ -483,12 +305,12 @@ class WriteTxn(ReadTxn):
             if ivb is not None:
                 txn.put(ivb, kb, db=bi.db)
 
-    def delete(self, table: TableRef, key: Any) -> bool:
+    def delete(self, table: BoundRef, key: Any) -> bool:
         """Remove the row under ``key`` and its index entries; False if there was none."""
         b = self._tables[table]
         return self._delete(b, b.kenc(key))
 
-    def delete_raw(self, table: TableRef, key_bytes: bytes) -> bool:
+    def delete_raw(self, table: BoundRef, key_bytes: bytes) -> bool:
         """Remove the row under an already encoded key (the shard owner's path)."""
         return self._delete(self._tables[table], key_bytes)
 
@@ -505,7 +327,7 @@ class WriteTxn(ReadTxn):
                 _drop_entry(self._txn, bi, oivb, key_bytes)
         return True
 
-    def incr(self, table: TableRef, key: Any, delta: int = 1) -> int:
+    def incr(self, table: BoundRef, key: Any, delta: int = 1) -> int:
         """Add ``delta`` to the integer stored under ``key`` (missing counts as 0)."""
         if not isinstance(delta, int) or isinstance(delta, bool):
             raise TransactionError(
@@ -524,7 +346,7 @@ class WriteTxn(ReadTxn):
 
     def cas(
         self,
-        table: TableRef,
+        table: BoundRef,
         key: Any,
         value: Any,
         expected: Any = None,
@@ -555,13 +377,13 @@ class WriteTxn(ReadTxn):
         self._put(table, key, value)
         return True
 
-    def incr_raw(self, table: TableRef, key_bytes: bytes, delta: int) -> int:
+    def incr_raw(self, table: BoundRef, key_bytes: bytes, delta: int) -> int:
         """``incr`` on an already encoded key (the shard owner's path)."""
         b = self._tables[table]
         return self.incr(table, b.kdec(key_bytes), delta)
 
     def cas_raw(
-        self, table: TableRef, key_bytes: bytes, value_bytes: bytes,
+        self, table: BoundRef, key_bytes: bytes, value_bytes: bytes,
         expected_bytes: bytes | None, expected_hash: bytes | None,
     ) -> bool:
         """``cas`` with encoded key, value and expectation (the shard owner's path)."""
@@ -586,7 +408,7 @@ class WriteTxn(ReadTxn):
         self.put_raw(table, key_bytes, value_bytes)
         return True
 
-    def purge(self, table: TableRef) -> int:
+    def purge(self, table: BoundRef) -> int:
         """Drop every row and index entry of a table; returns the number of rows dropped."""
         b = self._tables[table]
         n = int(self._txn.stat(b.db)["entries"])
@@ -594,6 +416,23 @@ class WriteTxn(ReadTxn):
         for bi in b.indexes:
             self._txn.drop(bi.db, delete=False)
         return n
+
+
+def _check_new_entries(
+    txn: Any, b: BoundTable, kb: bytes, value: Any, new: list[tuple[BoundIndex, bytes | None]]
+) -> None:
+    """Refuse a row whose index entries break an index's shard key or uniqueness."""
+    for bi, _ in new:
+        if bi.index.shard_key is not None:
+            _check_index_shard_key(b, bi, kb, value)
+    for bi, ivb in new:
+        if bi.unique and ivb is not None:
+            holder = txn.get(ivb, db=bi.db)
+            if holder is not None and holder != kb:
+                raise UniqueViolation(
+                    f"{b.name}.{bi.name}: the value {_json_safe(bi.fn(value))!r} is already "
+                    f"used by the row with key {b.table.key.to_json(b.kdec(holder))!r}"
+                )
 
 
 def _check_index_shard_key(b: BoundTable, bi: BoundIndex, kb: bytes, value: Any) -> None:

@@ -60,6 +60,7 @@ def new_key_pair(name: str, directory: str | os.PathLike[str] = DEFAULT_DIR, *,
 
 
 def cmd_keys_new(args: argparse.Namespace) -> int:
+    """``lmshard keys new``: write the pair and say where each file goes."""
     public, secret = new_key_pair(args.name, args.dir, force=args.force)
     key, _ = zmq.auth.load_certificate(public)
     print(f"public certificate: {public}  (key {key.decode()})")
