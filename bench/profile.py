@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:
 
 import lmshard  # noqa: E402
 from bench.schema import record  # noqa: E402
-from lmshard.testing import LocalService  # noqa: E402
+from lmshard.local_service import LocalService  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

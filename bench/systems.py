@@ -146,7 +146,7 @@ class Lmshard(System):
         return None
 
     def start(self, base: Path) -> dict[str, Any]:
-        from lmshard.testing import LocalService
+        from lmshard.local_service import LocalService
 
         readers = 0 if self.readers_missing() else self.readers
         self.service = LocalService(

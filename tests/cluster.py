@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmshard.testing import LocalService
+from lmshard.local_service import LocalService
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lmshard.testing import LocalService
+from lmshard.local_service import LocalService
 
 pytestmark = pytest.mark.slow
 

@@ -16,9 +16,9 @@ import pytest
 import zmq
 
 from lmshard import protocol, security, zap
-from lmshard.cli_keys import add_parsers, new_key_pair  # merge: becomes lmshard.ops.keys_cli
 from lmshard.config import ConfigError, CurveConfig, make_config
 from lmshard.errors import ShardUnavailable
+from lmshard.ops.keys_cli import add_parsers, new_key_pair
 from lmshard.remote import ReaderPool
 from tests.cluster import REPO
 from tests.schemas import BLOBS_ID

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from lmshard.cli_keys import new_key_pair  # merge: becomes lmshard.ops.keys_cli
 from lmshard.config import CurveConfig, make_config
+from lmshard.ops.keys_cli import new_key_pair
 from tests.cluster import REPO, env_for_children
 
 SHARDS = 2
@@ -114,7 +114,7 @@ CLIENT = textwrap.dedent("""
                              pool.scan(s, ct.tid, page=64))
         out["count"] = sum(pool.request(s, 14, [ct.tid, None, None])
                            for s in range(cfg.shards))
-        from lmshard.keys import encode_index_value
+        from lmshard.index_values import encode_index_value
         out["lookup"] = sorted(it.kdec(k) for s in range(cfg.shards) for k, _ in
                                pool.request(s, 13, [it.tid, "by_group", encode_index_value("g1"),
                                                     False]))

@@ -24,10 +24,9 @@ import os
 import sys
 from types import ModuleType
 
-from lmshard import cli_keys as keys_cli  # merge: becomes lmshard.ops.keys_cli
 from lmshard.config import ConfigError
 from lmshard.errors import Error
-from lmshard.ops import backup_cli, bench_cli, demo, service_cli, status, top
+from lmshard.ops import backup_cli, bench_cli, demo, keys_cli, service_cli, status, top
 from lmshard.ops.command import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 from lmshard.ops.supervise import SupervisorError
 

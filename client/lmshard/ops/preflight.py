@@ -15,7 +15,7 @@ from typing import Any
 
 from lmshard.config import Config, ConfigError, format_http
 from lmshard.shard_identity import check_shard_identity
-from lmshard.store import check_stored_schema, read_meta
+from lmshard.store_meta import check_stored_schema, read_meta
 
 
 def check_schema(config: Config) -> Any:

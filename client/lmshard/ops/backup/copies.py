@@ -17,7 +17,7 @@ import lmdb
 
 from lmshard.errors import BackupError
 from lmshard.ops.backup.progress import QUIET, Progress
-from lmshard.store import MAX_DBS, META_DB
+from lmshard.store_meta import MAX_DBS, META_DB
 
 READ_BLOCK = 4 * 2**20
 """Bytes read at a time when hashing or copying a backup file: 4 MiB."""

@@ -17,7 +17,7 @@ from typing import Any
 
 from lmshard.errors import BackupError
 from lmshard.routing import SlotMap
-from lmshard.store import FORMAT_VERSION
+from lmshard.store_meta import FORMAT_VERSION
 
 MANIFEST_FORMAT = "lmshard-backup"
 MANIFEST_VERSION = 1

@@ -20,7 +20,7 @@ from lmshard.ops.backup.copies import fsync_dir, hash_file
 from lmshard.ops.backup.manifest import MANIFEST_NAME, Manifest, ShardFile, find_backup
 from lmshard.ops.backup.progress import QUIET, Progress
 from lmshard.schema import Schema
-from lmshard.store import FORMAT_VERSION
+from lmshard.store_meta import FORMAT_VERSION
 
 RESTORING = "data.mdb.restoring"
 """The name a shard's copy has in its directory until every shard copied intact."""

@@ -17,14 +17,15 @@ from typing import Any
 import cbor2
 import lmdb
 
+from lmshard.bound_tables import bind_tables
 from lmshard.errors import BackupError
+from lmshard.index_check import verify_indexes
 from lmshard.named_dbs import named_dbs
 from lmshard.ops.backup.copies import hash_file, open_copy, read_meta
 from lmshard.ops.backup.manifest import MANIFEST_NAME, Manifest, ShardFile, find_backup
 from lmshard.ops.backup.progress import QUIET, Progress
 from lmshard.schema import Schema
-from lmshard.testing import verify_indexes
-from lmshard.txn import ReadTxn, bind_tables
+from lmshard.txn import ReadTxn
 
 MAX_ROW_PROBLEMS = 100
 """Undecodable rows reported before the walk of a copy stops: past that, more detail does not
