@@ -675,3 +675,75 @@ def test_reader_slots_and_pool_endpoints_at_their_limits(tmp_path):
     assert cfg.reader_endpoints() == []
     # The multihost example spaces them apart: readers 5800..5803, the monitor on 5900.
     assert load_config(MULTIHOST_FILE).reader_endpoints()[-1] == "tcp://10.0.0.5:5803"
+
+
+# -- one declaration per key -----------------------------------------------------------------
+
+
+def test_default_file_is_rendered_from_the_declarations():
+    from lmshard.config.example import render_default_file
+
+    assert DEFAULT_FILE.read_text() == render_default_file(), (
+        "config/lmshard.toml is stale: run python -m lmshard.config.example > "
+        "config/lmshard.toml")
+
+
+def test_every_config_field_declares_its_key():
+    from lmshard.config.settings import setting_of, table_class
+
+    for f in dataclasses.fields(Config):
+        if f.name != "path":
+            assert setting_of(f) is not None or table_class(f) is not None, f.name
+    for f in dataclasses.fields(CurveConfig):
+        assert setting_of(f) is not None, f.name
+
+
+def test_every_example_is_a_value_the_loader_accepts(tmp_path):
+    from lmshard.config import SETTINGS
+
+    examples = [s for s in SETTINGS.values() if s.example is not None]
+    assert {s.key for s in examples} >= {"shard.base_port", "slot_map.runs",
+                                         "curve.server_secret_key"}
+    for s in examples:
+        table = f"[{s.table}]\n" if s.table else ""
+        cfg = load_config(write(tmp_path, f"{table}{s.leaf} = {s.example}\n"))
+        assert cfg.path is not None, s.key
+    runs = tomllib.loads("runs = " + SETTINGS["slot_map.runs"].example)["runs"]
+    assert runs == make_config().slot_map.runs()  # "the one shown here" is the default split
+
+
+def test_to_toml_writes_each_key_under_its_doc(tmp_path):
+    from lmshard.config import SETTINGS
+
+    lines = _custom(tmp_path).to_toml().splitlines()
+    table = ""
+    for n, line in enumerate(lines):
+        if line.startswith("["):
+            table = line.strip("[]")
+        elif line and not line.startswith(("#", " ", "]")):
+            key = f"{table}.{line.partition(' =')[0]}".lstrip(".")
+            first_words = " ".join(SETTINGS[key].doc.split()[:3])
+            doc = [ln for ln in lines[:n] if ln.startswith("# ")]
+            assert any(first_words in ln for ln in doc[-8:]), key
+
+
+def test_to_toml_escapes_what_toml_needs(tmp_path):
+    cfg = make_config(base_dir=tmp_path, data_dir='tab\there "q" \\ new\nline é',
+                      schema="pkg.mod:schema")
+    text = cfg.to_toml()
+    assert same_settings(load_config(write(tmp_path, text)), cfg)
+
+
+def test_units_are_named_in_messages(tmp_path):
+    with pytest.raises(ConfigError, match=r"from 1 to 3600000 \(milliseconds\)"):
+        load_config(write(tmp_path, "[client]\ntimeout_ms = 0\n"))
+
+
+def test_make_config_takes_every_declared_keyword(tmp_path):
+    from lmshard.config import FIELD_KEYS
+
+    cfg = make_config(base_dir=tmp_path)
+    for name in FIELD_KEYS:
+        if hasattr(cfg, name):  # base_port and friends are keys no field holds
+            assert same_settings(make_config(base_dir=tmp_path, **{name: getattr(cfg, name)}),
+                                 cfg), name

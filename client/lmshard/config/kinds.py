@@ -234,6 +234,9 @@ class HttpAddress(Kind):
     def write(self, value: Any, setting: Setting, out: WriteContext) -> Any:
         return format_http(value)
 
+    def from_keyword(self, value: Any) -> Any:
+        return format_http(value) if isinstance(value, tuple) else value
+
 
 class SlotRuns(Kind):
     """The slot map as runs ``[first, end (exclusive), shard]``; unset: the even split of
@@ -258,3 +261,6 @@ class SlotRuns(Kind):
 
     def write(self, value: Any, setting: Setting, out: WriteContext) -> Any:
         return None if value.is_default() else value.runs()
+
+    def from_keyword(self, value: Any) -> Any:
+        return value.runs() if isinstance(value, SlotMap) else super().from_keyword(value)

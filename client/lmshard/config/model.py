@@ -48,6 +48,7 @@ from lmshard.config.settings import (
     settings_of,
     table_class,
     table_of,
+    to_toml_types,
 )
 from lmshard.routing import DEFAULT_SLOTS, SlotMap
 
@@ -370,9 +371,12 @@ def make_config(*, base_dir: str | os.PathLike[str] | None = None, **overrides: 
         key = _keyword_key(name)
         if value is None:
             continue
+        if key in TABLE_FIELDS:
+            raw[key] = to_toml_types(value)
+            continue
         table, _, leaf = key.rpartition(".")
         target = raw.setdefault(table, {}) if table else raw
-        target[leaf] = _to_raw(value)
+        target[leaf] = SETTINGS[key].kind.from_keyword(value)
     return build_config(raw, file=None,
                         base_dir=Path(base_dir) if base_dir is not None else Path.cwd())
 
@@ -386,22 +390,6 @@ def _keyword_key(name: str) -> str:
     close = difflib.get_close_matches(name, [*FIELD_KEYS, *TABLE_FIELDS], n=1)
     raise ConfigError(f"make_config() got an unknown keyword {name!r}"
                       + (f"; did you mean {close[0]!r}?" if close else ""), key=name)
-
-
-def _to_raw(value: Any) -> Any:
-    """A ``make_config`` keyword value as TOML would give it: paths as strings, sequences as
-    lists, a slot map as its runs, a table dataclass as a dict of its set fields."""
-    if isinstance(value, SlotMap):
-        return value.runs()
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {k: _to_raw(v) for k, v in dataclasses.asdict(value).items() if v is not None}
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, Mapping):
-        return {k: _to_raw(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_raw(v) for v in value]
-    return value
 
 
 def check_reader_endpoints(config: Config) -> None:

@@ -40,6 +40,25 @@ class Kind:
         """``value`` as TOML (what ``read`` turns back into it); None: leave the key out."""
         return value
 
+    def from_keyword(self, value: Any) -> Any:
+        """A ``make_config`` keyword value as TOML would give it; the value a field holds is
+        accepted too (a path, a tuple)."""
+        return to_toml_types(value)
+
+
+def to_toml_types(value: Any) -> Any:
+    """``value`` with paths as strings, sequences as lists, mappings and dataclasses as dicts
+    (leaving out fields that are None), as parsed TOML would have them."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {k: v for k, v in dataclasses.asdict(value).items() if v is not None}
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Mapping):
+        return {k: to_toml_types(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_toml_types(v) for v in value]
+    return value
+
 
 @dataclass(frozen=True)
 class Setting:
