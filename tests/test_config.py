@@ -6,9 +6,12 @@ import dataclasses
 import sys
 import textwrap
 import tomllib
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lmshard.config import (
     DEFAULT_CONFIG,
@@ -747,3 +750,17 @@ def test_make_config_takes_every_declared_keyword(tmp_path):
         if hasattr(cfg, name):  # base_port and friends are keys no field holds
             assert same_settings(make_config(base_dir=tmp_path, **{name: getattr(cfg, name)}),
                                  cfg), name
+
+
+@given(whole=st.integers(0, 10**6), fraction=st.text("0123456789", max_size=12),
+       unit=st.sampled_from(["", "B", "kb", "MB", "GB", "TB", "KiB", "mib", "GiB", "TiB"]))
+def test_parse_size_is_exact_decimal_arithmetic(whole, fraction, unit):
+    text = f"{whole}.{fraction}{unit}" if fraction else f"{whole}{unit}"
+    multiplier = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                  "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}[unit.lower()]
+    exact = Decimal(text.removesuffix(unit)) * multiplier
+    if exact == exact.to_integral_value():
+        assert parse_size(text) == int(exact)
+    else:
+        with pytest.raises(ConfigError, match="not a whole number of bytes"):
+            parse_size(text)

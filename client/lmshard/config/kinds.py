@@ -8,7 +8,6 @@ A declaration picks a kind and its limits (``Integer(1, MAX_SHARDS)``); relation
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from lmshard.config.endpoints import escape_braces, expand_endpoint, format_http, parse_http
@@ -18,17 +17,16 @@ from lmshard.config.sizes import format_size, parse_size, round_up_to_pages
 from lmshard.routing import SlotMap
 
 
-@dataclass(frozen=True)
 class Integer(Kind):
-    """An integer from ``lo`` to ``hi``. ``at_least`` names a key whose value this one may not
-    be below; ``above(value)`` explains, as (message, hint), a value past ``hi``."""
+    """An integer from ``lo`` to ``hi``, in ``unit`` if given. ``at_least`` names a key whose
+    value this one may not be below; ``above(value)`` explains, as (message, hint), a value
+    past ``hi``; ``optional``: may be unset (None)."""
 
-    lo: int
-    hi: int
-    unit: str = ""
-    at_least: str | None = None
-    above: Callable[[int], tuple[str, str]] | None = None
-    optional: bool = False
+    def __init__(self, lo: int, hi: int, *, unit: str = "", at_least: str | None = None,
+                 above: Callable[[int], tuple[str, str]] | None = None,
+                 optional: bool = False) -> None:
+        self.lo, self.hi, self.unit = lo, hi, unit
+        self.at_least, self.above, self.optional = at_least, above, optional
 
     def read(self, raw: Any, key: str, reader: Reader) -> Any:
         if raw is None and self.optional:
@@ -58,11 +56,11 @@ class Boolean(Kind):
         return raw
 
 
-@dataclass(frozen=True)
 class Seconds(Kind):
     """A finite number of seconds, at least ``lo``."""
 
-    lo: float
+    def __init__(self, lo: float) -> None:
+        self.lo = lo
 
     def read(self, raw: Any, key: str, reader: Reader) -> Any:
         expected = f"a number of seconds >= {self.lo}"
@@ -73,12 +71,12 @@ class Seconds(Kind):
         return float(raw)
 
 
-@dataclass(frozen=True)
 class Size(Kind):
     """A byte size > 0 (see ``parse_size``), rounded up to whole pages; ``at_most`` names a
     size key this one may not exceed."""
 
-    at_most: str | None = None
+    def __init__(self, *, at_most: str | None = None) -> None:
+        self.at_most = at_most
 
     def read(self, raw: Any, key: str, reader: Reader) -> Any:
         size = parse_size(raw, key=key, file=reader.file)
@@ -125,11 +123,11 @@ def _path_expected(reader: Reader) -> str:
     return f"a path (relative paths are relative to {where})"
 
 
-@dataclass(frozen=True)
 class LocalPath(Kind):
     """A path, made absolute against the config file's directory; ``optional``: may be unset."""
 
-    optional: bool = False
+    def __init__(self, *, optional: bool = False) -> None:
+        self.optional = optional
 
     def read(self, raw: Any, key: str, reader: Reader) -> Any:
         if raw is None and self.optional:
@@ -168,12 +166,12 @@ class Endpoint(Kind):
             value)
 
 
-@dataclass(frozen=True)
 class ShardEndpoints(Kind):
     """One endpoint per shard: a pattern with ``{run_dir}``, ``{shard}`` and ``{port}`` (the
     key ``port_key`` plus the shard number), or an array of one endpoint per shard."""
 
-    port_key: str
+    def __init__(self, port_key: str) -> None:
+        self.port_key = port_key
 
     def read(self, raw: Any, key: str, reader: Reader) -> Any:
         shards: int = reader.value("shards")

@@ -15,9 +15,8 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from lmshard.config.errors import ConfigError
 
@@ -60,8 +59,7 @@ def to_toml_types(value: Any) -> Any:
     return value
 
 
-@dataclass(frozen=True)
-class Setting:
+class Setting(NamedTuple):
     """One key of the config file, declared once."""
 
     key: str
@@ -104,7 +102,7 @@ def table_of(cls: type) -> Any:
 def setting_of(field: dataclasses.Field[Any]) -> Setting | None:
     """The setting declared by a dataclass field, named after the field; None if it is not."""
     declared: Setting | None = field.metadata.get(_SETTING)
-    return dataclasses.replace(declared, name=field.name) if declared is not None else None
+    return declared._replace(name=field.name) if declared is not None else None
 
 
 def table_class(field: dataclasses.Field[Any]) -> type | None:
@@ -125,8 +123,7 @@ def settings_of(cls: type) -> list[Setting]:
     return out
 
 
-@dataclass(frozen=True)
-class WriteContext:
+class WriteContext(NamedTuple):
     """What writing a value back needs: where relative paths start, and the run directory
     (endpoints that follow their default pattern are written as that pattern)."""
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import mmap
 import os
 import re
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from lmshard.config.errors import ConfigError, describe
@@ -17,7 +16,7 @@ from lmshard.config.errors import ConfigError, describe
 PAGE_SIZE = mmap.PAGESIZE
 """LMDB map sizes are rounded *up* to a multiple of this (the OS page size)."""
 
-_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*")
+_SIZE_RE = re.compile(r"\s*([0-9]+)(?:\.([0-9]+))?\s*([A-Za-z]*)\s*")
 _SIZE_UNITS = {
     "": 1,
     "b": 1,
@@ -53,23 +52,23 @@ def parse_size(value: Any, *, key: str = "size", file: str | os.PathLike[str] | 
     match = _SIZE_RE.fullmatch(value)
     if match is None:
         raise ConfigError(f"cannot parse {value!r}; expected {SIZE_EXPECTED}", key=key, file=file)
-    number, unit = match.groups()
+    whole, fraction, unit = match.groups()
     multiplier = _SIZE_UNITS.get(unit.lower())
     if multiplier is None:
         raise ConfigError(
             f"unknown unit {unit!r} in {value!r}; expected {SIZE_EXPECTED}", key=key, file=file
         )
-    try:
-        amount = Decimal(number) * multiplier
-    except InvalidOperation as exc:  # pragma: no cover - the regex admits only decimals
-        raise ConfigError(f"cannot parse {value!r}", key=key, file=file) from exc
-    if amount != amount.to_integral_value():
+    fraction = fraction or ""
+    # "1.5KiB" is 15 * 1024 / 10 bytes: exact in integers, without importing decimal.
+    scale: int = 10 ** len(fraction)
+    amount, remainder = divmod(int(whole + fraction) * multiplier, scale)
+    if remainder:
         raise ConfigError(
             f"{value!r} is not a whole number of bytes; expected {SIZE_EXPECTED}",
             key=key,
             file=file,
         )
-    return int(amount)
+    return amount
 
 
 def format_size(n: int) -> str:
