@@ -132,7 +132,9 @@ class WriteContext(NamedTuple):
 
     def path(self, path: Path) -> str:
         """``path`` relative to ``relative_to``, or absolute if that is None."""
-        return os.path.relpath(path, self.relative_to) if self.relative_to else str(path)
+        if self.relative_to is None:
+            return str(path)
+        return os.path.relpath(path, self.relative_to)
 
 
 class Reader:
@@ -159,8 +161,8 @@ class Reader:
         return self._values[key]
 
     def has_table(self, table: str) -> bool:
-        """Whether the file has ``[table]`` or any ``table.*`` key."""
-        return table in self.tables or any(k.startswith(table + ".") for k in self.flat)
+        """Whether the file has ``[table]`` (perhaps empty)."""
+        return table in self.tables
 
     def error(self, key: str, message: str, hint: str | None = None) -> ConfigError:
         """A ConfigError on ``key`` in this config's file."""
@@ -177,7 +179,8 @@ class Reader:
             declared, table = setting_of(field), table_class(field)
             if declared is not None:
                 out[field.name] = self.value(declared.key)
+            elif table is not None and self.has_table(field.name):
+                out[field.name] = table(**self.values_of(table))
             elif table is not None:
-                out[field.name] = table(**self.values_of(table)) if self.has_table(
-                    field.name) else None
+                out[field.name] = None
         return out
