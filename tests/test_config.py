@@ -10,7 +10,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from lmshard.config import (
@@ -731,7 +731,7 @@ def test_to_toml_writes_each_key_under_its_doc(tmp_path):
 
 
 def test_to_toml_escapes_what_toml_needs(tmp_path):
-    cfg = make_config(base_dir=tmp_path, data_dir='tab\there "q" \\ new\nline é',
+    cfg = make_config(base_dir=tmp_path, data_dir='tab\there "q" \\ new\nline é \x85 \u2028 \x7f',
                       schema="pkg.mod:schema")
     text = cfg.to_toml()
     assert same_settings(load_config(write(tmp_path, text)), cfg)
@@ -764,3 +764,30 @@ def test_parse_size_is_exact_decimal_arithmetic(whole, fraction, unit):
     else:
         with pytest.raises(ConfigError, match="not a whole number of bytes"):
             parse_size(text)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shards=st.integers(1, 16), extra_slots=st.integers(0, 100),
+       map_pages=st.integers(1, 2**20), sync=st.booleans(), interval=st.floats(0.01, 1e6),
+       timeout_ms=st.integers(1, 3_600_000), readers=st.integers(0, 4),
+       schema_attr=st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True),
+       data_dir=st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\0"),
+                        min_size=1, max_size=20))
+def test_to_toml_round_trips_any_values(shards, extra_slots, map_pages, sync, interval,
+                                        timeout_ms, readers, schema_attr, data_dir):
+    from lmshard.config.model import build_config
+
+    assume(not data_dir.startswith("~"))  # another user's home: a ConfigError, tested above
+    cfg = make_config(base_dir="/srv/x", shards=shards, slots=shards + extra_slots,
+                      map_size=map_pages * PAGE_SIZE, max_map_size=map_pages * PAGE_SIZE,
+                      sync=sync, stats_interval=interval, timeout_ms=timeout_ms,
+                      readers=readers, schema=f"pkg.mod:{schema_attr}", data_dir=data_dir)
+    again = build_config(tomllib.loads(cfg.to_toml()), file=None, base_dir=Path("/elsewhere"))
+    assert again == cfg
+
+
+def test_home_of_an_unknown_user_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, 'python_path = ["~no-such-user-lmshard/src"]\n'))
+    assert info.value.key == "python_path[0]"
+    assert "expected a path whose ~ names a user of this host" in str(info.value)

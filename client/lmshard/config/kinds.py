@@ -132,7 +132,7 @@ class LocalPath(Kind):
     def read(self, raw: Any, key: str, reader: Reader) -> Any:
         if raw is None and self.optional:
             return None
-        return reader.resolve(_text(raw, key, reader, _path_expected(reader)))
+        return reader.resolve(_text(raw, key, reader, _path_expected(reader)), key)
 
     def write(self, value: Any, setting: Setting, out: WriteContext) -> Any:
         return None if value is None else out.path(value)
@@ -144,8 +144,9 @@ class LocalPaths(Kind):
     def read(self, raw: Any, key: str, reader: Reader) -> Any:
         if not isinstance(raw, list):
             raise reader.error(key, f"got {describe(raw)}; expected an array of path strings")
-        return tuple(reader.resolve(_text(item, f"{key}[{index}]", reader, "a path string"))
-                     for index, item in enumerate(raw))
+        items = [(f"{key}[{i}]", item) for i, item in enumerate(raw)]
+        return tuple(reader.resolve(_text(item, item_key, reader, "a path string"), item_key)
+                     for item_key, item in items)
 
     def write(self, value: Any, setting: Setting, out: WriteContext) -> Any:
         return [out.path(p) for p in value]

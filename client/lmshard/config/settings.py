@@ -168,9 +168,13 @@ class Reader:
         """A ConfigError on ``key`` in this config's file."""
         return ConfigError(message, key=key, file=self.file, hint=hint)
 
-    def resolve(self, text: str) -> Path:
-        """A path from the config, made absolute against the file's (or base) directory."""
-        return (self.base_dir / Path(text).expanduser()).resolve()
+    def resolve(self, text: str, key: str) -> Path:
+        """Path ``text`` of ``key``, made absolute against the file's (or base) directory."""
+        try:
+            return (self.base_dir / Path(text).expanduser()).resolve()
+        except RuntimeError as exc:  # "~user/..." for a user that does not exist
+            raise self.error(key, f"got {text!r}: {exc}; expected a path whose ~ names a "
+                                  "user of this host") from exc
 
     def values_of(self, cls: type) -> dict[str, Any]:
         """Keyword arguments for ``cls``: each field's setting read, each table built."""

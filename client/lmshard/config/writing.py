@@ -73,7 +73,9 @@ def _key(declared: Setting, value: Any) -> list[str]:
     """The doc comment and the line(s) of one key; commented out with its example if unset."""
     if value is None:
         return [*_comment(declared.doc), f"# {declared.leaf} = {declared.example}"]
-    return [*_comment(declared.doc), *tomli_w.dumps({declared.leaf: value}).splitlines()]
+    # split("\n"), not splitlines(): a string value may hold other line breaks (U+0085, U+2028)
+    return [*_comment(declared.doc), *tomli_w.dumps({declared.leaf: value}).rstrip("\n").split(
+        "\n")]
 
 
 def _comment(text: str) -> list[str]:
