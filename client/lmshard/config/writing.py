@@ -57,13 +57,15 @@ def _collect(obj: Any, cls: type, out: WriteContext, entries: list[tuple[Setting
 
 def _table(table: str, group: list[tuple[Setting, Any]], *, present: bool, example: bool
            ) -> list[str]:
-    written = [(s, v) for s, v in group if v is not None]
+    """One table's lines: top-level keys each after a blank line; a table under its header,
+    commented out when only examples are shown, left out when nothing is."""
     shown = [(s, v) for s, v in group if v is not None or (example and s.example is not None)]
     if not table:
         return [line for s, v in shown for line in ["", *_key(s, v)]]
-    if not written and not present and not shown:
+    if not shown and not present:
         return []
-    lines = ["", f"[{table}]" if written or present else f"# [{table}]"]
+    written = present or any(v is not None for _, v in shown)
+    lines = ["", f"[{table}]" if written else f"# [{table}]"]
     for declared, value in shown:
         lines.extend(_key(declared, value))
     return lines
@@ -73,9 +75,9 @@ def _key(declared: Setting, value: Any) -> list[str]:
     """The doc comment and the line(s) of one key; commented out with its example if unset."""
     if value is None:
         return [*_comment(declared.doc), f"# {declared.leaf} = {declared.example}"]
+    toml = tomli_w.dumps({declared.leaf: value}).rstrip("\n")
     # split("\n"), not splitlines(): a string value may hold other line breaks (U+0085, U+2028)
-    return [*_comment(declared.doc), *tomli_w.dumps({declared.leaf: value}).rstrip("\n").split(
-        "\n")]
+    return [*_comment(declared.doc), *toml.split("\n")]
 
 
 def _comment(text: str) -> list[str]:
