@@ -324,7 +324,7 @@ PORT_SETTINGS = (
 """Keys no ``Config`` field holds: they only fill in ``{port}`` in the shard endpoints."""
 
 SETTINGS: dict[str, Setting] = {s.key: s for s in [*settings_of(Config), *PORT_SETTINGS]}
-"""Every key of the config file, by dotted key, in the order files are written."""
+"""Every key of the config file, by dotted key, in declaration order."""
 KEYS = KeyNames(SETTINGS)
 FIELD_KEYS: dict[str, str] = {
     **{s.name: s.key for f in dataclasses.fields(Config) if (s := setting_of(f)) is not None},
