@@ -6,9 +6,12 @@ import dataclasses
 import sys
 import textwrap
 import tomllib
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from lmshard.config import (
     DEFAULT_CONFIG,
@@ -675,3 +678,116 @@ def test_reader_slots_and_pool_endpoints_at_their_limits(tmp_path):
     assert cfg.reader_endpoints() == []
     # The multihost example spaces them apart: readers 5800..5803, the monitor on 5900.
     assert load_config(MULTIHOST_FILE).reader_endpoints()[-1] == "tcp://10.0.0.5:5803"
+
+
+# -- one declaration per key -----------------------------------------------------------------
+
+
+def test_default_file_is_rendered_from_the_declarations():
+    from lmshard.config.example import render_default_file
+
+    assert DEFAULT_FILE.read_text() == render_default_file(), (
+        "config/lmshard.toml is stale: run python -m lmshard.config.example > "
+        "config/lmshard.toml")
+
+
+def test_every_config_field_declares_its_key():
+    from lmshard.config.settings import setting_of, table_class
+
+    for f in dataclasses.fields(Config):
+        if f.name != "path":
+            assert setting_of(f) is not None or table_class(f) is not None, f.name
+    for f in dataclasses.fields(CurveConfig):
+        assert setting_of(f) is not None, f.name
+
+
+def test_every_example_is_a_value_the_loader_accepts(tmp_path):
+    from lmshard.config import SETTINGS
+
+    examples = [s for s in SETTINGS.values() if s.example is not None]
+    assert {s.key for s in examples} >= {"shard.base_port", "slot_map.runs",
+                                         "curve.server_secret_key"}
+    for s in examples:
+        table = f"[{s.table}]\n" if s.table else ""
+        cfg = load_config(write(tmp_path, f"{table}{s.leaf} = {s.example}\n"))
+        assert cfg.path is not None, s.key
+    runs = tomllib.loads("runs = " + SETTINGS["slot_map.runs"].example)["runs"]
+    assert runs == make_config().slot_map.runs()  # "the one shown here" is the default split
+
+
+def test_to_toml_writes_each_key_under_its_doc(tmp_path):
+    from lmshard.config import SETTINGS
+
+    lines = _custom(tmp_path).to_toml().splitlines()
+    table = ""
+    for n, line in enumerate(lines):
+        if line.startswith("["):
+            table = line.strip("[]")
+        elif line and not line.startswith(("#", " ", "]")):
+            key = f"{table}.{line.partition(' =')[0]}".lstrip(".")
+            first_words = " ".join(SETTINGS[key].doc.split()[:3])
+            doc = [ln for ln in lines[:n] if ln.startswith("# ")]
+            assert any(first_words in ln for ln in doc[-8:]), key
+
+
+def test_to_toml_escapes_what_toml_needs(tmp_path):
+    cfg = make_config(base_dir=tmp_path, data_dir='tab\there "q" \\ new\nline é \x85 \u2028 \x7f',
+                      schema="pkg.mod:schema")
+    text = cfg.to_toml()
+    assert same_settings(load_config(write(tmp_path, text)), cfg)
+
+
+def test_units_are_named_in_messages(tmp_path):
+    with pytest.raises(ConfigError, match=r"from 1 to 3600000 \(milliseconds\)"):
+        load_config(write(tmp_path, "[client]\ntimeout_ms = 0\n"))
+
+
+def test_make_config_takes_every_declared_keyword(tmp_path):
+    from lmshard.config import FIELD_KEYS
+
+    cfg = make_config(base_dir=tmp_path)
+    for name in FIELD_KEYS:
+        if hasattr(cfg, name):  # base_port and friends are keys no field holds
+            assert same_settings(make_config(base_dir=tmp_path, **{name: getattr(cfg, name)}),
+                                 cfg), name
+
+
+@given(whole=st.integers(0, 10**6), fraction=st.text("0123456789", max_size=12),
+       unit=st.sampled_from(["", "B", "kb", "MB", "GB", "TB", "KiB", "mib", "GiB", "TiB"]))
+def test_parse_size_is_exact_decimal_arithmetic(whole, fraction, unit):
+    text = f"{whole}.{fraction}{unit}" if fraction else f"{whole}{unit}"
+    multiplier = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                  "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}[unit.lower()]
+    exact = Decimal(text.removesuffix(unit)) * multiplier
+    if exact == exact.to_integral_value():
+        assert parse_size(text) == int(exact)
+    else:
+        with pytest.raises(ConfigError, match="not a whole number of bytes"):
+            parse_size(text)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shards=st.integers(1, 16), extra_slots=st.integers(0, 100),
+       map_pages=st.integers(1, 2**20), sync=st.booleans(), interval=st.floats(0.01, 1e6),
+       timeout_ms=st.integers(1, 3_600_000), readers=st.integers(0, 4),
+       schema_attr=st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True),
+       data_dir=st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\0"),
+                        min_size=1, max_size=20))
+def test_to_toml_round_trips_any_values(shards, extra_slots, map_pages, sync, interval,
+                                        timeout_ms, readers, schema_attr, data_dir):
+    from lmshard.config.model import build_config
+
+    assume(not data_dir.startswith("~"))  # another user's home: a ConfigError, tested above
+    cfg = make_config(base_dir="/srv/x", shards=shards, slots=shards + extra_slots,
+                      map_size=map_pages * PAGE_SIZE, max_map_size=map_pages * PAGE_SIZE,
+                      sync=sync, stats_interval=interval, timeout_ms=timeout_ms,
+                      readers=readers, schema=f"pkg.mod:{schema_attr}", data_dir=data_dir)
+    again = build_config(tomllib.loads(cfg.to_toml()), file=None, base_dir=Path("/elsewhere"))
+    assert again == cfg
+
+
+def test_home_of_an_unknown_user_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, 'python_path = ["~no-such-user-lmshard/src"]\n'))
+    assert info.value.key == "python_path[0]"
+    assert "expected a path whose ~ names a user of this host" in str(info.value)
