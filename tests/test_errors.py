@@ -13,7 +13,7 @@ import pytest
 
 import lmshard
 import lmshardd
-from lmshard import config, errors
+from lmshard import errors
 from lmshard.errors import ERRORS, BackupError, ConfigError, Error, error_classes, error_from_wire
 
 
@@ -51,8 +51,6 @@ def test_the_table_does_not_depend_on_what_was_imported() -> None:
     assert json.loads(alone.stdout) == {str(c): k.__name__ for c, k in error_classes().items()}
 
 
-@pytest.mark.xfail(config.ConfigError is not ConfigError, strict=True,
-                   reason="merge: lmshard.config imports ConfigError from lmshard.errors")
 def test_every_error_class_travels_as_a_class_of_the_table() -> None:
     import_everything()
     for cls in every_error_class():

@@ -76,7 +76,7 @@ def test_every_config_field_maps_to_a_config_file_key() -> None:
     """The change report names keys as they are written in lmshard.toml."""
     from lmshardd.owner import CONFIG_KEYS
 
-    keys = set(config_module._SPEC)
+    keys = set(config_module.SETTINGS)
     for f in dataclasses.fields(Config):
         if f.name not in ("path", "curve"):
             assert CONFIG_KEYS.get(f.name, f.name) in keys, f.name

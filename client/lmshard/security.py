@@ -34,7 +34,7 @@ import zmq
 import zmq.auth
 
 from lmshard import config as config_module
-from lmshard.config import ConfigError, _split_host_port
+from lmshard.config import ConfigError, split_host_port
 
 log = logging.getLogger("lmshard.security")
 
@@ -66,7 +66,7 @@ def is_loopback(endpoint: str) -> bool:
     """True for a tcp endpoint on 127.0.0.0/8, ::1 or localhost (reachable from this host only)."""
     if not is_tcp(endpoint):
         return False
-    host, _port = _split_host_port(endpoint[len("tcp://"):])
+    host, _port = split_host_port(endpoint[len("tcp://"):])
     return config_module.is_loopback(host)
 
 
