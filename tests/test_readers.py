@@ -483,8 +483,6 @@ def test_a_reader_refuses_a_shard_directory_of_another_shard(reader_config: Any)
     reader.close()
 
 
-@pytest.mark.skipif(not hasattr(lmshard.Client, "_reader_pool"),
-                    reason="Client does not route remote reads through the reader pool yet")
 def test_a_client_without_local_files_reads_through_the_pool(
         pool_cluster: tuple[Cluster, Readers]) -> None:
     cluster, _ = pool_cluster

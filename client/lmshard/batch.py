@@ -11,8 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 from lmshard.client_tables import ClientTables
-from lmshard.errors import BatchPartiallyApplied, Error, TransactionError
-from lmshard.protocol import OP_CAS, OP_DELETE, OP_INCR, OP_PUT, cas_arg, op
+from lmshard.errors import BatchPartiallyApplied, Error
+from lmshard.protocol import OP_CAS, OP_DELETE, OP_INCR, OP_PUT, cas_arg, incr_delta, op
 from lmshard.txn import TableRef
 
 PartOutcome = tuple[Error | None, Any]
@@ -60,9 +60,7 @@ class Batch:
         self._add(table, key, OP_DELETE, None)
 
     def incr(self, table: TableRef, key: Any, delta: int = 1) -> None:
-        if type(delta) is not int:
-            raise TransactionError(f"incr delta must be an int, not {type(delta).__name__}")
-        self._add(table, key, OP_INCR, delta)
+        self._add(table, key, OP_INCR, incr_delta(delta))
 
     def cas(self, table: TableRef, key: Any, value: Any, expected: Any = None, *,
             expected_hash: bytes | None = None) -> None:

@@ -17,14 +17,14 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from operator import itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmshard.batch import Batch, PartOutcome
 from lmshard.client_counters import ClientCounters
 from lmshard.client_tables import ClientTable, ClientTables
 from lmshard.config import Config, load_config
 from lmshard.connections import OwnerConnections
-from lmshard.errors import ConflictError, Error, TransactionError, UnknownIndex
+from lmshard.errors import ConflictError, Error, UnknownIndex
 from lmshard.keys import encode_index_value
 from lmshard.point_get import point_get
 from lmshard.protocol import (
@@ -38,6 +38,7 @@ from lmshard.protocol import (
     PING,
     STATS,
     WRITE,
+    incr_delta,
     op,
 )
 from lmshard.reads import LocalShards, RemoteReads
@@ -45,6 +46,9 @@ from lmshard.schema import Schema
 from lmshard.store import Store
 from lmshard.txn import TableRef, filtered_rows, index_prefix, key_bounds, value_hash
 from lmshard.writer import Writer
+
+if TYPE_CHECKING:
+    from lmshard.api import DataAPI
 
 GET_MANY_CHUNK = 10_000
 """Keys per remote get_many request; the chunks of one call are sent at once."""
@@ -171,9 +175,7 @@ class Client:
 
     def incr(self, table: TableRef, key: Any, delta: int = 1) -> int:
         """Atomically add ``delta`` on the owner; the new value."""
-        if type(delta) is not int:
-            raise TransactionError(f"incr delta must be an int, not {type(delta).__name__}")
-        return int(self._write_one(self.tables[table], key, OP_INCR, delta))
+        return int(self._write_one(self.tables[table], key, OP_INCR, incr_delta(delta)))
 
     def cas(self, table: TableRef, key: Any, value: Any, expected: Any = None, *,
             expected_hash: bytes | None = None) -> bool:
@@ -365,3 +367,9 @@ def connect(config: Config | str | os.PathLike[str] | None = None, schema: Schem
     """Connect to a running service described by ``config`` (a Config, a path, or None for
     $LMSHARD_CONFIG / config/lmshard.toml). Options: timeout_ms, retries, local_reads."""
     return Client(config, schema, **options)
+
+
+if TYPE_CHECKING:
+
+    def _offers_the_data_api(client: Client) -> DataAPI:
+        return client  # mypy checks that Client implements lmshard.api.DataAPI

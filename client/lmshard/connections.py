@@ -104,7 +104,8 @@ class OwnerConnections:
     def client_id(self) -> bytes:
         """This thread's client id: the owners record the last sequence number applied per id."""
         self._conns()
-        return self._tls.client_id  # type: ignore[no-any-return]
+        cid: bytes = self._tls.client_id
+        return cid
 
     def _conns(self) -> dict[int, _Conn]:
         conns: dict[int, _Conn] | None = getattr(self._tls, "conns", None)

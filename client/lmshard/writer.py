@@ -46,6 +46,7 @@ from lmshard.protocol import (
     PIPELINE_WINDOW,
     WRITE_AFTER,
     ZERO_COPY_MIN,
+    incr_delta,
     op,
     unpack_frame,
 )
@@ -129,9 +130,7 @@ class Writer:
         self._add(table, key, OP_DELETE, None)
 
     def incr(self, table: TableRef, key: Any, delta: int = 1) -> None:
-        if type(delta) is not int:
-            raise TransactionError(f"incr delta must be an int, not {type(delta).__name__}")
-        self._add(table, key, OP_INCR, delta)
+        self._add(table, key, OP_INCR, incr_delta(delta))
 
     def _add(self, table: TableRef, key: Any, code: int, arg: Any) -> None:
         ct = self._tables[table]

@@ -11,7 +11,13 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from lmshard.errors import CodecError, LimitExceeded, ProtocolError, UnknownTable
+from lmshard.errors import (
+    CodecError,
+    LimitExceeded,
+    ProtocolError,
+    TransactionError,
+    UnknownTable,
+)
 from lmshard.keys import MAX_KEY_SIZE
 from lmshard.txn import LARGE_VALUE, BoundTable, TableMap, WriteTxn
 
@@ -42,6 +48,13 @@ def cas_arg(value: bytes, expected: bytes | None, expected_hash: bytes | None) -
     if expected is None:
         return [value, CAS_ABSENT, None]
     return [value, CAS_VALUE, expected]
+
+
+def incr_delta(delta: Any) -> int:
+    """``delta`` for an incr op, checked where the caller writes it (TransactionError)."""
+    if type(delta) is not int:
+        raise TransactionError(f"incr delta must be an int, not {type(delta).__name__}")
+    return delta
 
 
 def need(cond: bool, what: str) -> None:
