@@ -14,9 +14,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import lmdb
 import msgpack
@@ -34,7 +33,8 @@ from lmshard.errors import (
 from lmshard.shard_identity import check_shard_identity, identity_records
 from lmshard.store import Store, grow_map
 from lmshard.txn import ReadTxn, WriteTxn
-from lmshardd import backup, expiry, stats
+from lmshardd import stats
+from lmshardd.channels import CHANNEL_FACTORIES, Channel
 from lmshardd.grouping import ActiveWriters, wait_readable
 from lmshardd.hangup import report_hangup
 
@@ -62,32 +62,6 @@ ACTIVE_WRITER_WINDOW = 0.1
 """Seconds a client counts as an active writer after its last batch; the owner stops waiting
 for a group to fill once it holds a batch from each."""
 _SNDMORE = int(zmq.SNDMORE)
-
-
-class Channel(Protocol):
-    """Something an owner serves beside its write socket (stats publishing, backups).
-
-    Channels run in the owner's loop thread: ``sockets()`` are polled with the write socket,
-    ``on_readable`` is called when one has input, ``tick`` after every loop turn, and
-    ``after_commit`` after each group commit. A channel may set ``owner.paused`` to hold
-    write batches back (they wait in the socket) for a consistent cut.
-    """
-
-    def sockets(self) -> list[zmq.Socket[bytes]]: ...
-
-    def on_readable(self, sock: zmq.Socket[bytes]) -> None: ...
-
-    def tick(self, now: float) -> None: ...
-
-    def after_commit(self, batches: int, ops: int, seconds: float) -> None: ...
-
-    def close(self) -> None: ...
-
-
-CHANNEL_FACTORIES: tuple[Callable[[Any], Channel | None], ...] = (
-    stats.make_channel, backup.make_channel, expiry.make_channel)
-"""What every owner serves beside its request socket: stats publishing, backups, expiry of
-old client records. Each factory gives the owner's channel, or None when it is off."""
 
 
 @dataclass
