@@ -37,7 +37,7 @@ def test_rows_spread_over_shards_and_scans_merge_in_key_order(cluster: Cluster) 
             for i in range(400):
                 b.put("blobs", i, b"%d" % i)
         assert len(b.txn_ids) == 4  # the batch was split over every shard
-        per_shard = [c._local(s).count("blobs") for s in range(4)]  # type: ignore[union-attr]
+        per_shard = [c.local_store(s).count("blobs") for s in range(4)]  # type: ignore[union-attr]
         assert sum(per_shard) == 400 and min(per_shard) > 50
         assert [k for k, _ in c.scan("blobs")] == list(range(400))
         assert [k for k, _ in c.scan("blobs", start=10, end=15)] == [10, 11, 12, 13, 14]
@@ -53,7 +53,7 @@ def test_shard_key_keeps_a_series_on_one_shard(cluster: Cluster) -> None:
                 for t in range(50):
                     b.put("events", (series, t), {"v": t})
         assert c.count("events", prefix=("cpu",)) == 50
-        local = [c._local(s) for s in range(4)]
+        local = [c.local_store(s) for s in range(4)]
         holders = [s for s, st in enumerate(local) if st and st.count("events", prefix=("cpu",))]
         assert len(holders) == 1
         first = [k for k, _ in c.scan("events", prefix=("mem",), limit=2)]
@@ -172,7 +172,7 @@ def test_int_shard_key_keeps_a_series_together_and_its_scans_on_one_shard(
                     b.put("readings", (s, t), {"v": t})
         homes = {}
         for s in series:
-            found = [sh for sh in range(4) if c._local(sh).count("readings", prefix=(s,)) > 0]
+            found = [sh for sh in range(4) if c.local_store(sh).count("readings", prefix=(s,)) > 0]
             assert len(found) == 1  # the whole series on one shard
             homes[s] = found[0]
         assert len(set(homes.values())) > 1  # and the series spread over shards
@@ -231,8 +231,9 @@ def test_client_local_reads_after_fork_use_the_childs_own_environment(cluster: C
     with cluster.client() as c:
         c.put("records", 1, {"v": "parent"})
         assert c.get("records", 1) == {"v": "parent"}  # this process's handles are cached
-        shard = c._route(c._table("records"), 1, (1).to_bytes(8, "big"))
-        parent_env = c._stores[shard].env  # type: ignore[union-attr]
+        records = c.table("records")
+        shard = records.shard(1, records.kenc(1))
+        parent_env = c.local_store(shard).env  # type: ignore[union-attr]
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -240,11 +241,11 @@ def test_client_local_reads_after_fork_use_the_childs_own_environment(cluster: C
                 c.put("records", 2, {"v": "child"})
                 ok = (c.get("records", 1) == {"v": "parent"}
                       and c.get("records", 2) == {"v": "child"}
-                      and c._stores[shard].env is not parent_env  # type: ignore[union-attr]
+                      and c.local_store(shard).env is not parent_env  # type: ignore[union-attr]
                       # the get went through the child's environment, not the inherited one
                       # (whose reader slots would carry the parent's pid)
-                      and c._table("records").local[shard][0]  # type: ignore[index]
-                      is c._stores[shard].env)  # type: ignore[union-attr]
+                      and records.local[shard][0]  # type: ignore[index]
+                      is c.local_store(shard).env)  # type: ignore[union-attr]
                 os.write(w, b"1" if ok else b"0")
             finally:
                 os._exit(0)

@@ -1,7 +1,7 @@
 """A request to a shard whose owner is not running fails at once, not after every retry.
 
 An owner that stops removes its ipc socket file; a client whose request finds no file fails it
-with ShardUnavailable after one short wait (client.PROBE_MS) instead of timeout_ms x (retries +
+with ShardUnavailable after one short wait (connections.PROBE_MS) instead of timeout_ms x (retries +
 1), and sends nothing more until the file is back. A socket that is there but slow to answer (a
 crashed owner being restarted, a stopped process) keeps the Lazy Pirate retries.
 """

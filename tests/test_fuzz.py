@@ -22,7 +22,19 @@ from hypothesis import strategies as st
 
 from lmshard import protocol
 from lmshard.errors import InternalError, ProtocolError
-from lmshard.remote import READ, reader_endpoint
+from lmshard.protocol import (
+    COUNT,
+    GET,
+    GET_MANY,
+    LOOKUP,
+    PING,
+    READ,
+    SCAN,
+    STATS,
+    WRITE,
+    WRITE_AFTER,
+)
+from lmshard.remote import reader_endpoint
 from tests.cluster import Cluster
 from tests.schemas import schema
 from tests.test_readers import Readers
@@ -88,18 +100,19 @@ def _read(draw: st.DrawFn) -> tuple[int, Any]:
     """A valid read command: (code, body)."""
     table, tid, kb = draw(_table_and_key())
     bound = st.one_of(st.none(), _key(table))
-    code = draw(st.sampled_from([10, 11, 12, 13, 14]))
-    if code == 10:
-        return code, [tid, kb]
-    if code == 11:
-        return code, [tid, draw(st.lists(_key(table), max_size=5))]
-    if code == 12:
-        return code, [tid, draw(bound), draw(bound), draw(st.booleans()),
-                      draw(st.integers(1, 50))]
-    if code == 13:
+    cmd = draw(st.sampled_from([GET, GET_MANY, SCAN, LOOKUP, COUNT]))
+    if cmd is GET:
+        return GET.request_for(tid, kb)
+    if cmd is GET_MANY:
+        return GET_MANY.request_for(tid, draw(st.lists(_key(table), max_size=5)))
+    if cmd is SCAN:
+        return SCAN.request_for(tid, draw(bound), draw(bound), draw(st.booleans()),
+                                draw(st.integers(1, 50)))
+    if cmd is LOOKUP:
         index = draw(st.sampled_from(list(table.indexes) or ["none"]))
-        return code, [tid, index, draw(st.binary(max_size=12)), draw(st.booleans())]
-    return code, [tid, draw(bound), draw(bound)]
+        return LOOKUP.request_for(tid, index, draw(st.binary(max_size=12)),
+                                  draw(st.booleans()))
+    return COUNT.request_for(tid, draw(bound), draw(bound))
 
 
 @st.composite
@@ -114,24 +127,27 @@ def _owner_request(draw: st.DrawFn) -> list[Any]:
             arg: Any = {1: draw(_value(table)), 2: None, 4: draw(st.integers(-9, 9)),
                         3: [draw(_value(table)), draw(st.sampled_from([0, 1, 2])),
                             draw(st.one_of(st.none(), st.binary(max_size=16)))]}[op]
-            ops.append([op, tid, kb, arg])
+            ops.append(protocol.op(op, tid, kb, arg))
         cid = draw(st.one_of(st.none(), st.binary(min_size=16, max_size=16)))
-        if kind == "write_after":  # a pipelined batch: [after, ops]
-            return [3, cid, seq, [draw(st.integers(0, 2**20)), ops]]
-        return [2, cid, seq, ops]
+        if kind == "write_after":  # a pipelined batch
+            return [WRITE_AFTER.code, cid, seq,
+                    WRITE_AFTER.build(draw(st.integers(0, 2**20)), ops)]
+        return [WRITE.code, cid, seq, WRITE.build(ops)]
     if kind == "read":
         code, body = draw(_read())
         return [code, None, seq, body]
-    return [1 if kind == "ping" else 20, None, seq, None]
+    cmd = PING if kind == "ping" else STATS
+    return [cmd.code, None, seq, cmd.build()]
 
 
 @st.composite
 def _pool_request(draw: st.DrawFn) -> list[Any]:
     seq = draw(st.integers(0, 2**20))
     if draw(st.integers(0, 9)) == 0:
-        return [1, None, seq, None]
+        return [PING.code, None, seq, PING.build()]
     code, body = draw(_read())
-    return [READ, None, seq, [draw(st.sampled_from([0, 1, 0, 1, 2, -1])), code, body]]
+    shard = draw(st.sampled_from([0, 1, 0, 1, 2, -1]))
+    return [READ.code, None, seq, READ.build(shard, code, body)]
 
 
 def _paths(obj: Any, path: tuple[int, ...] = ()) -> Iterator[tuple[int, ...]]:
@@ -262,9 +278,9 @@ def _still_serving(cluster: Cluster, readers: Readers) -> None:
     with cluster.client() as c, ReaderPool(cluster.config) as pool:
         key = f"after-fuzz-{os.getpid()}"
         c.put("counters", key, 42)
-        ct = c._table("counters")
+        ct = c.table("counters")
         kb = ct.kenc(key)
-        assert pool.request(c._shard_of(kb), 10, [ct.tid, kb]) == ct.dumps(42)
+        assert pool.request(ct.shard(key, kb), *GET.request_for(ct.tid, kb)) == ct.dumps(42)
         for s in range(cluster.config.shards):
             assert c.ping(s)["shard"] == s
 
@@ -310,7 +326,7 @@ def test_an_exact_lookup_of_an_empty_index_value_is_a_protocol_error(
     items = schema.tables["items"].table_id.bytes
     target = Target(cluster.config.endpoint(0))
     try:
-        target.sock.send(protocol.pack_request(13, None, 3, [items, "by_group", b"", False]))
+        target.sock.send(LOOKUP.frame(None, 3, items, "by_group", b"", False))
         seq, status, body = protocol.unpack_frame(target.sock.recv())
     finally:
         target.close()

@@ -100,7 +100,7 @@ def test_owner_waits_only_for_active_writers_missing_from_the_group(
     owner._writers = ActiveWriters(window=60.0)  # no writer goes quiet during the test
     owner._group_avg, owner._commit_avg = 3.0, 1.0  # groups have formed: waiting is on
     with lmshard.connect(owner.config) as c:
-        blobs = c._table("blobs")
+        blobs = c.table("blobs")
         tid = blobs.tid
         kenc = blobs.kenc
     ctx = zmq.Context()
@@ -115,8 +115,8 @@ def test_owner_waits_only_for_active_writers_missing_from_the_group(
             seq += 1
             for i, d in enumerate(dealers):
                 if d in senders:
-                    op = [protocol.OP_PUT, tid, kenc(seq * 10 + i), b"x"]
-                    d.send(protocol.pack_request(2, bytes([i]) * 16, seq, [op]))
+                    op = protocol.op(protocol.OP_PUT, tid, kenc(seq * 10 + i), b"x")
+                    d.send(protocol.WRITE.frame(bytes([i]) * 16, seq, [op]))
             time.sleep(0.2)  # every request is in the owner's socket before it drains
             n = owner.serve_once(owner.sock)
             for d in senders:

@@ -23,11 +23,16 @@ import lmshard
 from lmshard import protocol
 from lmshard.config import ConfigError, make_config
 from lmshard.errors import LimitExceeded, ProtocolError, SchemaMismatch, ShardUnavailable
-from lmshard.remote import READ, ReaderPool, reader_endpoint, reader_endpoints
+from lmshard.protocol import COUNT, GET, GET_MANY, LOOKUP, PING, READ, SCAN, STATS, WRITE
+from lmshard.remote import ReaderPool, reader_endpoint, reader_endpoints
 from tests.cluster import REPO, Cluster, env_for_children
 from tests.schemas import BLOBS_ID, COUNTERS_ID, ITEMS_ID
 
 BLOBS, COUNTERS, ITEMS = (uuid.UUID(x).bytes for x in (BLOBS_ID, COUNTERS_ID, ITEMS_ID))
+GET_ONE = GET.request_for(BLOBS, (1).to_bytes(8, "big"))
+"""(code, body) of a get of blobs row 1."""
+COUNT_ALL = COUNT.request_for(BLOBS, None, None)
+"""(code, body) of a count of every blobs row."""
 
 
 class Readers:
@@ -113,32 +118,33 @@ def pool_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Clu
 
 def _shard(cluster: Cluster, table: str, key: Any) -> tuple[int, bytes]:
     with cluster.client() as c:
-        ct = c._table(table)
+        ct = c.table(table)
         kb = ct.kenc(key)
-        return c._route(ct, key, kb), kb
+        return ct.shard(key, kb), kb
 
 
 def test_pool_serves_every_read_command(pool_cluster: tuple[Cluster, Readers]) -> None:
     cluster, _ = pool_cluster
     with ReaderPool(cluster.config) as pool, cluster.client() as c:
         shard, kb = _shard(cluster, "blobs", 7)
-        assert pool.request(shard, 10, [BLOBS, kb]) == b"v7"
-        assert pool.request(shard, 10, [BLOBS, (10**6).to_bytes(8, "big")]) is None
+        assert pool.request(shard, *GET.request_for(BLOBS, kb)) == b"v7"
+        missing = (10**6).to_bytes(8, "big")
+        assert pool.request(shard, *GET.request_for(BLOBS, missing)) is None
         keys = [i.to_bytes(8, "big") for i in range(500)]
-        owned = [k for k in keys if c._shard_of(k) == shard]
-        got = pool.request(shard, 11, [BLOBS, owned])
+        owned = [k for k in keys if c.slot_map.shard_of(k) == shard]
+        got = pool.request(shard, *GET_MANY.request_for(BLOBS, owned))
         assert got == [b"v%d" % int.from_bytes(k, "big") for k in owned]
         rows = sorted((k, v) for s in (0, 1) for k, v in pool.scan(s, BLOBS))
         assert [int.from_bytes(k, "big") for k, _ in rows] == list(range(500))
         lo, hi = (100).to_bytes(8, "big"), (130).to_bytes(8, "big")
-        total = sum(pool.request(s, 14, [BLOBS, lo, hi]) for s in (0, 1))
-        assert total == 30 and sum(pool.request(s, 14, [BLOBS, None, None]) for s in (0, 1)) == 500
-        items_shard = {s: pool.request(s, 13, [ITEMS, "by_group", _iv("g1"), False])
-                       for s in (0, 1)}
+        total = sum(pool.request(s, *COUNT.request_for(BLOBS, lo, hi)) for s in (0, 1))
+        assert total == 30 and sum(pool.request(s, *COUNT_ALL) for s in (0, 1)) == 500
+        g1 = LOOKUP.request_for(ITEMS, "by_group", _iv("g1"), False)
+        items_shard = {s: pool.request(s, *g1) for s in (0, 1)}
         found = sorted(int.from_bytes(k, "big") for rows in items_shard.values() for k, _ in rows)
         assert found == [i for i in range(60) if i % 3 == 1]
-        results = pool.requests([(0, 14, [BLOBS, None, None]), (1, 14, [BLOBS, None, None]),
-                                 (0, 10, [b"\x00" * 16, kb])])
+        results = pool.requests([(0, *COUNT_ALL), (1, *COUNT_ALL),
+                                 (0, *GET.request_for(b"\x00" * 16, kb))])
         assert results[0] + results[1] == 500
         assert isinstance(results[2], lmshard.UnknownTable)
 
@@ -176,14 +182,14 @@ def test_requests_are_spread_over_the_readers(pool_cluster: tuple[Cluster, Reade
         pools = [ReaderPool(cluster.config) for _ in range(16)]  # 16 clients, random homes
         for pool in pools:
             for i in range(10):
-                pool.request(i % 2, 10, [BLOBS, i.to_bytes(8, "big")])
+                pool.request(i % 2, *GET.request_for(BLOBS, i.to_bytes(8, "big")))
             pool.close()
         after = served(probe)
         per_reader = [a - b for a, b in zip(after, before, strict=True)]
         assert sum(per_reader) >= 160 and min(per_reader) >= 20, per_reader
         # The parts of one call go to different readers, served side by side.
         before = after
-        probe.requests([(0, 14, [BLOBS, None, None]), (1, 14, [BLOBS, None, None])])
+        probe.requests([(0, *COUNT_ALL), (1, *COUNT_ALL)])
         after = served(probe)
         assert [a - b for a, b in zip(after, before, strict=True)] == [2, 2]  # +1 ping each
 
@@ -196,27 +202,32 @@ def test_bad_requests_get_typed_errors_and_the_reader_keeps_serving(
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 5000)
     sock.connect(ep)
-    op = [1, COUNTERS, b"k", b"v"]
-    bad = [
+    op = protocol.op(protocol.OP_PUT, COUNTERS, b"k", b"v")
+
+    def read(shard: Any, cmd: protocol.Command, *args: Any) -> bytes:
+        return READ.frame(None, 1, shard, cmd.code, cmd.build(*args))
+
+    key = b"k" * 8
+    bad = [  # raw bytes for the frame layout itself, then bodies built by the commands
         b"",
-        b"\x02" + msgpack.packb([READ, None, 1, [0, 10, [BLOBS, b"k"]]]),  # wrong version
+        b"\x02" + msgpack.packb([15, None, 1, [0, 10, [BLOBS, b"k"]]]),  # wrong version
         b"\x01\xc1",
-        b"\x01" + msgpack.packb([READ, None, 1]),
-        protocol.pack_request(2, None, 1, [op]),  # a write: owners only
-        protocol.pack_request(20, None, 1, None),  # stats: owners only
-        protocol.pack_request(READ, None, 1, [0, 2, [op]]),  # a write inside a read
-        protocol.pack_request(READ, None, 1, [2, 10, [BLOBS, b"k" * 8]]),  # no shard 2
-        protocol.pack_request(READ, None, 1, [-1, 10, [BLOBS, b"k" * 8]]),
-        protocol.pack_request(READ, None, 1, [True, 10, [BLOBS, b"k" * 8]]),
-        protocol.pack_request(READ, None, 1, [0, 10, [b"x" * 16, b"k"]]),  # unknown table
-        protocol.pack_request(READ, None, 1, [0, 10, [COUNTERS, b"k" * 600]]),  # too long
-        protocol.pack_request(READ, None, 1, [0, 11, [BLOBS, [b"k" * 8] * 100_001]]),
-        protocol.pack_request(READ, None, 1, [0, 12, [BLOBS, None, None, False, 10**9]]),
-        protocol.pack_request(READ, None, 1, [0, 12, [BLOBS, None, None, 1, 10]]),
-        protocol.pack_request(READ, None, 1, [0, 13, [ITEMS, "nope", b"x", False]]),
-        protocol.pack_request(READ, None, 1, [0, 13, [ITEMS, "by_group", b"", False]]),
-        protocol.pack_request(READ, None, 1, [0, 14, [BLOBS, "lo", None]]),
-        protocol.pack_request(1, None, 1, "a body"),
+        b"\x01" + msgpack.packb([15, None, 1]),
+        WRITE.frame(None, 1, [op]),  # a write: owners only
+        STATS.frame(None, 1),  # stats: owners only
+        read(0, WRITE, [op]),  # a write inside a read
+        read(2, GET, BLOBS, key),  # no shard 2
+        read(-1, GET, BLOBS, key),
+        read(True, GET, BLOBS, key),
+        read(0, GET, b"x" * 16, b"k"),  # unknown table
+        read(0, GET, COUNTERS, b"k" * 600),  # too long
+        read(0, GET_MANY, BLOBS, [key] * 100_001),
+        read(0, SCAN, BLOBS, None, None, False, 10**9),
+        read(0, SCAN, BLOBS, None, None, 1, 10),
+        read(0, LOOKUP, ITEMS, "nope", b"x", False),
+        read(0, LOOKUP, ITEMS, "by_group", b"", False),
+        read(0, COUNT, BLOBS, "lo", None),
+        protocol.pack_request(PING.code, None, 1, "a body"),
     ]
     for frame in bad:
         sock.send(frame)
@@ -224,7 +235,7 @@ def test_bad_requests_get_typed_errors_and_the_reader_keeps_serving(
         assert status >= ProtocolError.code or status in (11, 12), (frame[:60], status, body)
         assert isinstance(body[0], str) and body[0]
     sock.send_multipart([b"a", b"b", b"c"])  # not our framing: dropped
-    sock.send(protocol.pack_request(READ, None, 77, [0, 14, [BLOBS, None, None]]))
+    sock.send(READ.frame(None, 77, 0, *COUNT_ALL))
     seq, status, body = protocol.unpack_frame(sock.recv())
     assert (seq, status) == (77, 0) and body > 0
     sock.close()
@@ -240,21 +251,21 @@ def test_a_killed_reader_costs_a_retry_not_an_error(tmp_path: Path) -> None:
             c.put("blobs", 1, b"one")
         readers.start()
         with ReaderPool(cluster.config, timeout_ms=500, retries=3) as pool:
-            assert pool.request(0, 10, [BLOBS, (1).to_bytes(8, "big")]) == b"one"
+            assert pool.request(0, *GET_ONE) == b"one"
             readers.kill(0)
             for _ in range(20):  # half of these would have gone to reader 0
-                assert pool.request(0, 10, [BLOBS, (1).to_bytes(8, "big")]) == b"one"
+                assert pool.request(0, *GET_ONE) == b"one"
             # A reader that takes a request and never answers (stopped): the request is sent
             # again to the next reader after the timeout, which becomes the client's home.
             stalled = ReaderPool(cluster.config, timeout_ms=300, retries=2)
-            stalled.request(0, 14, [BLOBS, None, None])  # connected
+            stalled.request(0, *COUNT_ALL)  # connected
             readers.start(0)
             stalled._conn().home = 1
             os.kill(readers.procs[1].pid, signal.SIGSTOP)
             try:
-                assert stalled.request(0, 10, [BLOBS, (1).to_bytes(8, "big")]) == b"one"
+                assert stalled.request(0, *GET_ONE) == b"one"
                 assert stalled.counters["timeouts"] == 1 and stalled._conn().home == 0
-                parts = [(0, 14, [BLOBS, None, None])] * 2  # one of them to the stopped one
+                parts = [(0, *COUNT_ALL)] * 2  # one of them to the stopped one
                 assert stalled.requests(parts) == [1, 1]
             finally:
                 os.kill(readers.procs[1].pid, signal.SIGCONT)
@@ -263,9 +274,9 @@ def test_a_killed_reader_costs_a_retry_not_an_error(tmp_path: Path) -> None:
             readers.kill(1)
             with ReaderPool(cluster.config, timeout_ms=100, retries=1) as down, \
                     pytest.raises(ShardUnavailable, match="reader pool"):
-                down.request(0, 10, [BLOBS, (1).to_bytes(8, "big")])
+                down.request(0, *GET_ONE)
             readers.start(0)  # back: the same pool object reconnects
-            assert pool.request(0, 10, [BLOBS, (1).to_bytes(8, "big")]) == b"one"
+            assert pool.request(0, *GET_ONE) == b"one"
     finally:
         readers.stop()
         cluster.stop()
@@ -278,14 +289,14 @@ def test_readers_may_start_before_the_owners(tmp_path: Path) -> None:
         readers.start()
         with ReaderPool(cluster.config, timeout_ms=2000, retries=0) as pool:
             with pytest.raises(ShardUnavailable, match="cannot open shard 0"):
-                pool.request(0, 10, [BLOBS, (1).to_bytes(8, "big")])
+                pool.request(0, *GET_ONE)
             cluster.start()
             with cluster.client() as c:
                 c.put("blobs", 1, b"one")
             deadline = time.monotonic() + 10
             while True:
                 try:
-                    assert pool.request(0, 10, [BLOBS, (1).to_bytes(8, "big")]) == b"one"
+                    assert pool.request(0, *GET_ONE) == b"one"
                     break
                 except ShardUnavailable:
                     assert time.monotonic() < deadline
@@ -339,7 +350,7 @@ def test_pinned_readers_keep_every_thread_on_one_cpu(tmp_path: Path) -> None:
             for tid in threads:
                 assert os.sched_getaffinity(tid) == {cpus[i % len(cpus)]}
         with ReaderPool(cluster.config) as pool:
-            parts = [(0, 10, [BLOBS, (1).to_bytes(8, "big")])] * 2  # one to each reader
+            parts = [(0, *GET_ONE)] * 2  # one to each reader
             assert pool.requests(parts) == [b"one", b"one"]
     finally:
         readers.stop()
@@ -414,7 +425,7 @@ def test_a_bad_or_stale_reply_is_asked_again_not_raised(tmp_path: Path) -> None:
     try:
         with ReaderPool(cfg) as pool:
             for key in (b"ok", *first, b"after", b"and after"):
-                assert pool.request(0, 10, [BLOBS, key]) == b"value of " + key
+                assert pool.request(0, *GET.request_for(BLOBS, key)) == b"value of " + key
             assert pool.counters["timeouts"] == 0
     finally:
         stop.set()
@@ -442,8 +453,8 @@ def reader_config(tmp_path: Path) -> Any:
     return cfg
 
 
-def _answer(reader: Any, code: int, body: Any) -> list[Any]:
-    return protocol.unpack_frame(reader.answer(protocol.pack_request(code, None, 5, body)))
+def _read(reader: Any, shard: int, request: tuple[int, Any]) -> list[Any]:
+    return protocol.unpack_frame(reader.answer(READ.frame(None, 5, shard, *request)))
 
 
 def test_a_reply_over_the_frame_limit_is_refused(reader_config: Any,
@@ -452,10 +463,10 @@ def test_a_reply_over_the_frame_limit_is_refused(reader_config: Any,
 
     reader = Reader(reader_config, 0)
     keys = [i.to_bytes(8, "big") for i in range(50)]
-    seq, status, body = _answer(reader, READ, [0, 11, [BLOBS, keys]])
+    seq, status, body = _read(reader, 0, GET_MANY.request_for(BLOBS, keys))
     assert status == 0
     monkeypatch.setattr(protocol, "MAX_FRAME_SIZE", 20_000)
-    seq, status, body = _answer(reader, READ, [0, 11, [BLOBS, keys]])
+    seq, status, body = _read(reader, 0, GET_MANY.request_for(BLOBS, keys))
     assert (seq, status) == (5, LimitExceeded.code) and "over the frame limit" in body[0]
     reader.close()
 
@@ -466,14 +477,12 @@ def test_a_reader_refuses_a_shard_directory_of_another_shard(reader_config: Any)
     shutil.rmtree(reader_config.shard_dir(1))
     shutil.copytree(reader_config.shard_dir(0), reader_config.shard_dir(1))
     reader = Reader(reader_config, 0)
-    assert _answer(reader, READ, [0, 14, [BLOBS, None, None]])[1:] == [0, 50]
-    seq, status, body = _answer(reader, READ, [1, 14, [BLOBS, None, None]])
+    assert _read(reader, 0, COUNT_ALL)[1:] == [0, 50]
+    seq, status, body = _read(reader, 1, COUNT_ALL)
     assert status == SchemaMismatch.code and "holds shard 0" in body[0]
     reader.close()
 
 
-@pytest.mark.skipif(not hasattr(lmshard.Client, "_reader_pool"),
-                    reason="Client does not route remote reads through the reader pool yet")
 def test_a_client_without_local_files_reads_through_the_pool(
         pool_cluster: tuple[Cluster, Readers]) -> None:
     cluster, _ = pool_cluster

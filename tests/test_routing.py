@@ -316,3 +316,46 @@ def test_eq_with_other_types():
     assert SlotMap(4) != "SlotMap(4)"
     assert SlotMap(4) != SlotMap(4).to_dict()
     assert "default" in repr(SlotMap(4))
+
+
+# -- TableRoute: a table's rules ------------------------------------------------------------
+
+
+def _route_schema():
+    from lmshard.keys import encode_index_value
+    from lmshard.schema import Schema
+
+    s = Schema("routes")
+    plain = s.table("plain", table_id="00000000-0000-4000-8000-000000000001", key="uint64")
+    pinned = s.table("pinned", table_id="00000000-0000-4000-8000-000000000002", key="str",
+                     pinned=True)
+    by_fn = s.table("by_fn", table_id="00000000-0000-4000-8000-000000000003",
+                    key=("str", "uint64"), shard_key=lambda k: k[0])
+    by_n = s.table("by_n", table_id="00000000-0000-4000-8000-000000000004",
+                   key=("str", "str", "uint64"), shard_key=2)
+    return plain, pinned, by_fn, by_n, encode_index_value
+
+
+def test_table_route_applies_each_tables_rule():
+    from lmshard.routing import TableRoute
+
+    plain, pinned, by_fn, by_n, encode_index_value = _route_schema()
+    m = SlotMap(8)
+    r = TableRoute(plain, m)
+    for k in range(200):
+        kb = plain.key.encode(k)
+        assert r.shard(k, kb) == m.shard_of(kb)  # the encoded key
+    r = TableRoute(pinned, m)
+    assert r.pinned == m.shard_of(pinned.table_id.bytes)
+    assert {r.shard(k, pinned.key.encode(k)) for k in "abcdefgh"} == {r.pinned}
+    assert r.shards_for() == r.shards_for("a") == [r.pinned]
+    r = TableRoute(by_fn, m)
+    for k in [("a", 1), ("a", 2), ("b", 1)]:  # the encoded shard key, not the key
+        assert r.shard(k, by_fn.key.encode(k)) == m.shard_of(encode_index_value(k[0]))
+    assert r.shards_for(("a",)) == list(range(8))  # a function says nothing of a prefix
+    r = TableRoute(by_n, m)
+    k = ("s", "t", 7)
+    leading = by_n.key.encode_prefix(("s", "t"))
+    assert r.shard(k, by_n.key.encode(k)) == m.shard_of(leading) == r.leading_shard(k)
+    assert r.shards_for(("s", "t")) == r.shards_for(["s", "t", 3]) == [m.shard_of(leading)]
+    assert r.shards_for(("s",)) == r.shards_for() == list(range(8))

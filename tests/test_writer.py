@@ -32,16 +32,16 @@ def _dealer(cluster: Cluster, shard: int) -> zmq.Socket[bytes]:
 
 
 def _ask(sock: zmq.Socket[bytes], cid: bytes | None, seq: int, after: int, ops: list) -> list:
-    sock.send(protocol.pack_request(3, cid, seq, [after, ops]))
+    sock.send(protocol.WRITE_AFTER.frame(cid, seq, after, ops))
     return protocol.unpack_frame(sock.recv())
 
 
 def test_owner_applies_a_stream_in_order_and_replays_kept_replies(cluster: Cluster) -> None:
     with cluster.client() as c:
-        ct = c._table("counters")
+        ct = c.table("counters")
         kb = ct.kenc("stream")
-        shard = c._route(ct, "stream", kb)
-    op = [protocol.OP_INCR, uuid.UUID(COUNTERS_ID).bytes, kb, 5]
+        shard = ct.shard("stream", kb)
+    op = protocol.op(protocol.OP_INCR, uuid.UUID(COUNTERS_ID).bytes, kb, 5)
     cid = os.urandom(16)
     sock = _dealer(cluster, shard)
     # batch 2 before batch 1: refused, nothing applied

@@ -14,11 +14,11 @@ BATCH = 10
 
 def series_on_shard(client: lmshard.Client, shard: int, prefix: str) -> str:
     """A series name whose events (and counter) route to ``shard``."""
-    ev, ctr = client._table("events"), client._table("counters")
+    ev, ctr = client.table("events"), client.table("counters")
     for i in range(100_000):
         name = f"{prefix}-{i}"
-        if (client._route(ev, (name, 0), ev.kenc((name, 0))) == shard
-                and client._route(ctr, name, ctr.kenc(name)) == shard):
+        if (ev.shard((name, 0), ev.kenc((name, 0))) == shard
+                and ctr.shard(name, ctr.kenc(name)) == shard):
             return name
     raise RuntimeError("no series found")
 

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
-from lmshard.client import Batch, Client, connect
+from lmshard.api import DataAPI
+from lmshard.batch import Batch
+from lmshard.client import Client, connect
 from lmshard.codecs import Codec, flatbuffers_codec, get_codec, register_codec
 from lmshard.errors import (
     BatchesFailed,
@@ -38,7 +40,7 @@ from lmshard.writer import Writer
 __version__ = "0.1.0"
 
 __all__ = [
-    "Batch", "BatchesFailed", "BatchPartiallyApplied", "Client", "OutOfOrder", "Writer",
+    "Batch", "BatchesFailed", "DataAPI", "BatchPartiallyApplied", "Client", "OutOfOrder", "Writer",
     "ProtocolError", "ShardUnavailable", "connect",
     "Codec", "CodecError", "ConflictError", "Error", "Index", "KeyEncodingError",
     "NullIndexValue", "ReadOnlyError", "ReadTxn", "Schema", "SchemaError", "SchemaMismatch",

@@ -12,9 +12,9 @@ unanswered is resent to the next reader after the timeout (Lazy Pirate: a new so
 request; reads are idempotent).
 
 On the wire a pool request is an ordinary request frame (``lmshard.protocol``) with command
-``read`` (code 15) and body ``[shard, command code, that command's body]``, where the command
-is one of the owner's read commands (get, get_many, scan, lookup, count) with its usual body
-and reply. ``ping`` (code 1, body nil) is answered by whichever reader gets it.
+``read`` and body ``[shard, command code, that command's body]``, where the command is one of
+the owner's read commands (``protocol.READ_COMMANDS``) with its usual body and reply. ``ping``
+is answered by whichever reader gets it.
 """
 
 from __future__ import annotations
@@ -32,48 +32,15 @@ import zmq
 
 from lmshard import protocol, security
 from lmshard.config import Config, ConfigError, check_reader_endpoints, derive_reader_endpoint
-from lmshard.errors import Error, LimitExceeded, ProtocolError, ShardUnavailable, error_from_wire
+from lmshard.errors import Error, LimitExceeded, ShardUnavailable, error_from_wire
+from lmshard.protocol import PING, READ, READ_CODES, READ_COMMANDS, SCAN, SCAN_PAGE, paged_scan
 
 log = logging.getLogger("lmshard.remote")
 
-READ = 15
-"""Command code of a pool request: body ``[shard, command code, body]``."""
-PING = 1
-READ_COMMANDS = ("get", "get_many", "scan", "lookup", "count")
-"""The owner's read commands the pool serves, by name."""
-READ_CODES = frozenset(protocol.COMMANDS[name].code for name in READ_COMMANDS)
 MAX_SOCKET_TIMEOUT_MS = 2**31 - 1
 """ZeroMQ's socket timeouts are C ints (milliseconds)."""
 CONNECT_WAIT_MS = 250
 """How long a send waits for a reader's connection before it tries the next reader."""
-SCAN_PAGE = 1000
-"""Rows per scan page the pool is asked for (the server caps pages at MAX_SCAN_PAGE)."""
-
-_registered = protocol.BY_CODE.get(READ)
-assert _registered is None or _registered.name == "read", (
-    f"command code {READ} is taken by {_registered.name!r}: pick another pool code")
-
-
-def parse_read_body(body: Any, shards: int) -> tuple[int, protocol.Command, Any]:
-    """Check a pool request's body ``[shard, code, body]``: the shard, the read command, and
-    the command's own body (which the caller validates with that command's ``validate``)."""
-    if type(body) is not list or len(body) != 3:
-        raise ProtocolError("a read body is [shard, command code, body]")
-    shard, code, inner = body
-    if type(shard) is not int or not 0 <= shard < shards:
-        raise ProtocolError(f"shard must be an int from 0 to {shards - 1}, not {shard!r:.20}")
-    cmd = protocol.BY_CODE.get(code) if type(code) is int else None
-    if cmd is None or cmd.name not in READ_COMMANDS:
-        raise ProtocolError(
-            f"the reader pool serves {', '.join(READ_COMMANDS)}; not command {code!r:.20}",
-            hint="send writes, ping and stats for a shard to its owner",
-        )
-    return shard, cmd, inner
-
-
-def read_body(shard: int, code: int, body: Any) -> list[Any]:
-    """The body of a pool request for one shard's read command."""
-    return [shard, code, body]
 
 
 def reader_endpoint(config: Config, index: int) -> str:
@@ -103,8 +70,7 @@ _pools: weakref.WeakSet[ReaderPool] = weakref.WeakSet()
 def _after_fork_in_child() -> None:
     # ZeroMQ contexts and sockets must not cross fork(); the child opens its own on first use.
     for pool in list(_pools):
-        pool._ctx = None
-        pool._tls = threading.local()
+        pool.reset_after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -220,7 +186,7 @@ class ReaderPool:
         # The common case, kept lean: the home reader is connected and answers in time.
         assert conn is not None
         self.counters["requests"] += 1
-        seq, frame = self._frame(conn, READ, [shard, code, body])
+        seq, frame = self._frame(conn, *READ.request_for(shard, code, body))
         try:
             sock.send(frame, zmq.NOBLOCK, len(frame) < protocol.ZERO_COPY_MIN)
         except zmq.Again:  # not connected any more: the full path picks another reader
@@ -275,7 +241,7 @@ class ReaderPool:
                 raise ValueError(f"shard {shard!r} out of range 0..{self.shards - 1}")
             if code not in READ_CODES:
                 raise ValueError(f"the reader pool serves only {', '.join(READ_COMMANDS)}")
-            frames.append(self._frame(conn, READ, read_body(shard, code, body)))
+            frames.append(self._frame(conn, *READ.request_for(shard, code, body)))
         self.counters["requests"] += len(frames)
         return self._exchange(conn, frames, parts)
 
@@ -283,7 +249,8 @@ class ReaderPool:
         """The health of whichever reader answers: index, pid, shards open, counters."""
         conn = self._conn()
         t = time.perf_counter()
-        r = self._exchange(conn, [self._frame(conn, PING, None)], None)[0]
+        r: dict[str, Any] | Error = self._exchange(
+            conn, [self._frame(conn, *PING.request_for())], None)[0]
         if isinstance(r, Error):
             raise r
         r["rtt_ms"] = (time.perf_counter() - t) * 1000
@@ -303,7 +270,7 @@ class ReaderPool:
                 socks.append(s)
                 security.secure_client(s, self.config, ep)
                 s.connect(ep)
-                s.send(protocol.pack_request(PING, None, i + 1, None))
+                s.send(PING.frame(None, i + 1))
             deadline = time.monotonic() + timeout / 1000
             poller = zmq.Poller()
             for s in socks:
@@ -343,12 +310,7 @@ class ReaderPool:
         attempts = self.retries + 1 if attempts is None else attempts
         for attempt in range(attempts):
             deadline = time.monotonic() + self.timeout_ms / 1000
-            sent: dict[int, int] = {}
-            for seq, frame in frames:
-                if seq in pending:
-                    j = self._send(conn, target[seq], frame, deadline)
-                    if j is not None:
-                        sent[seq] = target[seq] = j
+            sent = self._send_pending(conn, frames, pending, target, deadline)
             first = frames[0][0]
             if first in sent:
                 conn.home = sent[first]
@@ -370,6 +332,19 @@ class ReaderPool:
                 target[seq] = (target[seq] + 1) % m
             conn.home = target[first] if first in pending else conn.home
         raise self._unavailable(parts)
+
+    def _send_pending(self, conn: _PoolConn, frames: list[tuple[int, bytes]],
+                      pending: set[int], target: dict[int, int], deadline: float
+                      ) -> dict[int, int]:
+        """Send each pending frame to its target reader (or the next connected one, which
+        becomes its target); seq -> the reader it went to."""
+        sent: dict[int, int] = {}
+        for seq, frame in frames:
+            if seq in pending:
+                j = self._send(conn, target[seq], frame, deadline)
+                if j is not None:
+                    sent[seq] = target[seq] = j
+        return sent
 
     def _unavailable(self, parts: Sequence[tuple[int, int, Any]] | None) -> ShardUnavailable:
         what = "ping" if parts is None else f"shards {sorted({p[0] for p in parts})}"
@@ -419,19 +394,15 @@ class ReaderPool:
         """Encoded (key, value) pairs of one shard with ``lo <= key < hi``, fetched a page at
         a time. Each page is its own snapshot: rows written between pages may or may not
         show up, rows are never repeated or skipped out of key order."""
-        scan_code = protocol.COMMANDS["scan"].code
-        page = max(1, min(page, protocol.MAX_SCAN_PAGE))
-        while True:
-            items, more = self.request(shard, scan_code, [table_id, lo, hi, reverse, page])
-            yield from ((k, v) for k, v in items)
-            if not more or not items:
-                return
-            bounds = protocol.next_page(items[-1][0], lo, hi, reverse)
-            if bounds is None:
-                return
-            lo, hi = bounds
+        return paged_scan(lambda body: self.request(shard, SCAN.code, body),
+                          table_id, lo, hi, reverse, page)
 
     # -- lifetime ----------------------------------------------------------------------------
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: forget the parent's context and sockets; new ones on use."""
+        self._ctx = None
+        self._tls = threading.local()
 
     def close(self) -> None:
         self._closed = True

@@ -12,6 +12,10 @@ Serialized form (``SlotMap.to_dict()``), JSON- and TOML-safe::
 
 Each run is ``[start, end, shard]``: slots ``start`` .. ``end - 1`` (``end`` is exclusive, as in
 ``range``) belong to ``shard``. Runs are sorted, contiguous and cover every slot exactly once.
+
+A table's own rules (pinned, a ``shard_key`` function, ``shard_key=n``) are applied in one place,
+``TableRoute``, built once per table and slot map: the client's reads, ``Batch``, ``Writer`` and
+the remote reads all ask it which shard a key is on and which shards a prefix can be on.
 """
 
 from __future__ import annotations
@@ -19,10 +23,15 @@ from __future__ import annotations
 import hashlib
 import json
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["DEFAULT_SLOTS", "SlotMap", "slot_of"]
+from lmshard.keys import encode_index_value
+
+if TYPE_CHECKING:
+    from lmshard.schema import Table
+
+__all__ = ["DEFAULT_SLOTS", "SlotMap", "TableRoute", "slot_of"]
 
 #: Number of hash slots when the config does not say otherwise. Fixed for the life of a store:
 #: changing it moves keys between slots, so it is part of the slot map's digest.
@@ -244,3 +253,61 @@ class SlotMap:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (SlotMap, (self._shards, self._slots, self._assignment))
+
+
+KeyRouter = Callable[[Any, bytes], int]
+"""The shard of a row from its key and the key's encoding: ``route(key, key_bytes)``."""
+
+
+class TableRoute:
+    """Where one table's rows live under one slot map: the one home of the table rules.
+
+    ``shard(key, key_bytes)`` is the shard of a row: the table's shard when it is pinned, the
+    hash of its leading elements under ``shard_key=n``, of the encoded ``shard_key(key)`` under
+    a function, of the encoded key otherwise. It is a function chosen once, when the route is
+    built, so a put pays one call for its routing. ``shards_for(prefix)`` names the shards a
+    scan, count or lookup must read.
+    """
+
+    __slots__ = ("pinned", "shard", "shards", "_leading", "_shard_of", "_kprefix")
+
+    def __init__(self, table: Table, slot_map: SlotMap) -> None:
+        self.shards = slot_map.shards
+        self._shard_of = slot_map.shard_of
+        self._leading = table.shard_prefix
+        self._kprefix = table.key.encode_prefix
+        self.pinned: int | None = slot_map.shard_of(table.table_id.bytes) if table.pinned else None
+        """The one shard of a pinned table, else None."""
+        self.shard: KeyRouter = self._key_router(table, slot_map)
+
+    def _key_router(self, table: Table, slot_map: SlotMap) -> KeyRouter:
+        pinned, shard_of, shard_key = self.pinned, slot_map.shard_of, table.shard_key
+        if pinned is not None:
+            return lambda key, kb: pinned
+        if self._leading is not None:
+            return lambda key, kb: self.leading_shard(key)
+        if shard_key is not None:
+            return lambda key, kb: shard_of(encode_index_value(shard_key(key)))
+        # The common case, SlotMap.shard_of inlined: one call per routed key.
+        assignment, slots = slot_map.assignment, slot_map.slots
+
+        def by_key(key: Any, kb: bytes) -> int:
+            return assignment[(((_crc32(kb) * _GOLDEN) & 0xFFFFFFFF) >> 16) % slots]
+
+        return by_key
+
+    def leading_shard(self, elements: Sequence[Any]) -> int:
+        """The shard of a ``shard_key=n`` table's rows whose key starts with ``elements``
+        (n or more of them): the first n, hashed as they are encoded in the key."""
+        return self._shard_of(self._kprefix(tuple(elements[:self._leading])))
+
+    def shards_for(self, prefix: Any = None) -> list[int]:
+        """The shards rows of the table (under key ``prefix``) can be on."""
+        if self.pinned is not None:
+            return [self.pinned]
+        n = self._leading
+        if n is not None and prefix is not None:
+            p = prefix if isinstance(prefix, (tuple, list)) else (prefix,)
+            if len(p) >= n:  # every row under the prefix has these leading elements
+                return [self.leading_shard(p)]
+        return list(range(self.shards))

@@ -5,8 +5,9 @@ while the owners apply and fsync. A ``Writer`` fills a buffer per shard, sends i
 it holds ``batch_size`` ops, and goes on encoding while up to ``window`` batches per shard are
 in flight: the client's encoding, the owner's apply and the disk's fsync overlap.
 
-Each shard gets one stream: its own client id and DEALER socket, sequence numbers 1, 2, 3, ...,
-and every batch names the one it follows (protocol command ``write_after``). The owner applies a
+Each shard gets one stream: its own client id and DEALER socket (``OwnerConnections.socket``),
+sequence numbers 1, 2, 3, ..., and every batch names the one it follows (protocol command
+``write_after``). The owner applies a
 batch only right after the one it follows, so the batches of a stream are applied in the order
 they were sent even when a connection breaks: a batch that arrives after a lost one is refused
 (OutOfOrder) and the writer resends every unacknowledged batch oldest first, on a fresh socket.
@@ -23,11 +24,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import zmq
 
-from lmshard import protocol
+from lmshard.client_tables import ClientTables
+from lmshard.connections import OwnerConnections
 from lmshard.errors import (
     BatchesFailed,
     Error,
@@ -36,11 +38,32 @@ from lmshard.errors import (
     TransactionError,
     error_from_wire,
 )
-
-if TYPE_CHECKING:
-    from lmshard.client import Client
+from lmshard.protocol import (
+    MAX_OPS_PER_BATCH,
+    OP_DELETE,
+    OP_INCR,
+    OP_PUT,
+    PIPELINE_WINDOW,
+    WRITE_AFTER,
+    ZERO_COPY_MIN,
+    incr_delta,
+    op,
+    unpack_frame,
+)
+from lmshard.txn import TableRef
 
 log = logging.getLogger("lmshard.writer")
+
+
+class WriterClient(Protocol):
+    """What a ``Writer`` uses of its client: the tables (encoding and routing) and the owner
+    connections (a fresh socket per shard stream, timeout and retries, counters)."""
+
+    @property
+    def tables(self) -> ClientTables: ...
+
+    @property
+    def owners(self) -> OwnerConnections: ...
 
 _OUT_OF_ORDER = OutOfOrder.code
 
@@ -70,18 +93,16 @@ class Writer:
     configured durability. Per-op results are not returned: use ``Client.batch()`` for those.
     """
 
-    def __init__(self, client: Client, *, batch_size: int = 1000, window: int = 4) -> None:
-        if type(batch_size) is not int or not 1 <= batch_size <= protocol.MAX_OPS_PER_BATCH:
+    def __init__(self, client: WriterClient, *, batch_size: int = 1000, window: int = 4) -> None:
+        if type(batch_size) is not int or not 1 <= batch_size <= MAX_OPS_PER_BATCH:
             raise TransactionError(
-                f"batch_size must be an int in 1..{protocol.MAX_OPS_PER_BATCH:,}, "
-                f"not {batch_size!r}")
-        if type(window) is not int or not 1 <= window <= protocol.PIPELINE_WINDOW:
+                f"batch_size must be an int in 1..{MAX_OPS_PER_BATCH:,}, not {batch_size!r}")
+        if type(window) is not int or not 1 <= window <= PIPELINE_WINDOW:
             raise TransactionError(
-                f"window must be an int in 1..{protocol.PIPELINE_WINDOW} (batches in flight "
+                f"window must be an int in 1..{PIPELINE_WINDOW} (batches in flight "
                 f"per shard), not {window!r}")
-        self._client = client
-        self._tables = client._tables
-        self._shard_of = client._shard_of
+        self._tables = client.tables
+        self._owners = client.owners
         self.batch_size = batch_size
         self.window = window
         self._streams: dict[int, _Stream] = {}
@@ -94,35 +115,28 @@ class Writer:
 
     # -- ops -------------------------------------------------------------------------------------
 
-    def put(self, table: Any, key: Any, value: Any) -> None:
-        ct = self._tables.get(table) or self._client._table(table)
+    def put(self, table: TableRef, key: Any, value: Any) -> None:
+        # The hot path of bulk writes: _add and protocol.op inlined.
+        ct = self._tables[table]
         kb = ct.kenc(key)
         vb = ct.dumps(value)
-        if ct.pinned is not None:
-            shard = ct.pinned
-        elif ct.shard_key is None:
-            shard = self._shard_of(kb)
-        else:
-            shard = self._client._route(ct, key, kb)
+        shard = ct.shard(key, kb)
         st = self._streams.get(shard) or self._stream(shard)
-        st.buf.append([protocol.OP_PUT, ct.tid, kb, vb])
+        st.buf.append([OP_PUT, ct.tid, kb, vb])
         if len(st.buf) >= self.batch_size:
             self._send(st)
 
-    def delete(self, table: Any, key: Any) -> None:
-        self._add(table, key, protocol.OP_DELETE, None)
+    def delete(self, table: TableRef, key: Any) -> None:
+        self._add(table, key, OP_DELETE, None)
 
-    def incr(self, table: Any, key: Any, delta: int = 1) -> None:
-        if type(delta) is not int:
-            raise TransactionError(f"incr delta must be an int, not {type(delta).__name__}")
-        self._add(table, key, protocol.OP_INCR, delta)
+    def incr(self, table: TableRef, key: Any, delta: int = 1) -> None:
+        self._add(table, key, OP_INCR, incr_delta(delta))
 
-    def _add(self, table: Any, key: Any, op: int, arg: Any) -> None:
-        client = self._client
-        ct = client._table(table)
+    def _add(self, table: TableRef, key: Any, code: int, arg: Any) -> None:
+        ct = self._tables[table]
         kb = ct.kenc(key)
-        st = self._stream(client._route(ct, key, kb))
-        st.buf.append([op, ct.tid, kb, arg])
+        st = self._stream(ct.shard(key, kb))
+        st.buf.append(op(code, ct.tid, kb, arg))
         if len(st.buf) >= self.batch_size:
             self._send(st)
 
@@ -163,7 +177,7 @@ class Writer:
             if self._closed:
                 raise TransactionError("this writer is closed",
                                        hint="open another: client.writer()")
-            st = self._streams[shard] = _Stream(shard, self._client._socket(shard))
+            st = self._streams[shard] = _Stream(shard, self._owners.socket(shard))
         return st
 
     def _send(self, st: _Stream) -> None:
@@ -174,10 +188,10 @@ class Writer:
         ops, st.buf = st.buf, []
         after = st.seq
         st.seq += 1
-        frame = protocol.pack_request(3, st.cid, st.seq, [after, ops])
-        deadline = time.monotonic() + self._client.timeout_ms / 1000
+        frame = WRITE_AFTER.frame(st.cid, st.seq, after, ops)
+        deadline = time.monotonic() + self._owners.timeout_ms / 1000
         st.inflight[st.seq] = [frame, ops, deadline]
-        counters = self._client._counters
+        counters = self._owners.counters.mine()
         counters["batches_sent"] += 1
         counters["ops_sent"] += len(ops)
         self._transmit(st, frame)
@@ -185,7 +199,7 @@ class Writer:
     @staticmethod
     def _transmit(st: _Stream, frame: bytes) -> None:
         try:
-            st.sock.send(frame, zmq.NOBLOCK, len(frame) < protocol.ZERO_COPY_MIN)
+            st.sock.send(frame, zmq.NOBLOCK, len(frame) < ZERO_COPY_MIN)
         except zmq.Again:
             pass  # the queue to that shard is full: the timeout resends it
 
@@ -212,9 +226,8 @@ class Writer:
         now = time.monotonic()
         for st in active:
             if st.inflight and next(iter(st.inflight.values()))[2] <= now:
-                counters = self._client._counters
-                counters["timeouts"] += 1
-                self._resend(st, f"no answer in {self._client.timeout_ms} ms")
+                self._owners.counters.mine()["timeouts"] += 1
+                self._resend(st, f"no answer in {self._owners.timeout_ms} ms")
 
     def _receive(self, st: _Stream) -> None:
         """Take every reply waiting on the stream's socket."""
@@ -224,7 +237,7 @@ class Writer:
                 frame = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            seq, status, body = protocol.unpack_frame(frame)
+            seq, status, body = unpack_frame(frame)
             entry = st.inflight.get(seq)
             if entry is None:
                 continue  # the answer to a batch sent twice: the first answer was taken
@@ -239,26 +252,26 @@ class Writer:
                 self.ops_committed += len(entry[1])
             else:
                 err = error_from_wire(status, *body)
-                self._client._counters["batches_failed"] += 1
+                self._owners.counters.mine()["batches_failed"] += 1
                 self._failed.append((st.shard, len(entry[1]), err))
 
     def _resend(self, st: _Stream, why: str) -> None:
         """Reconnect and resend every unacknowledged batch of the stream, oldest first."""
-        client = self._client
+        owners = self._owners
         st.attempts += 1
-        if st.attempts > client.retries:
+        if st.attempts > owners.retries:
             raise ShardUnavailable(
-                f"shard {st.shard} at {client.config.endpoint(st.shard)}: {why}, "
+                f"shard {st.shard} at {owners.endpoint(st.shard)}: {why}, "
                 f"{st.attempts} attempts; {len(st.inflight)} batches of this writer are "
                 "unacknowledged (each applied fully or not at all)",
                 hint="check that the shard owner runs: lmshard status; its log names the cause",
             )
-        client._counters["retries"] += 1
+        owners.counters.mine()["retries"] += 1
         log.info("shard %d: %s: reconnecting, resending %d batches from sequence %d",
                  st.shard, why, len(st.inflight), next(iter(st.inflight)))
         st.sock.close(linger=0)
-        st.sock = client._socket(st.shard)
-        deadline = time.monotonic() + client.timeout_ms / 1000
+        st.sock = owners.socket(st.shard)
+        deadline = time.monotonic() + owners.timeout_ms / 1000
         for entry in st.inflight.values():
             entry[2] = deadline
             self._transmit(st, entry[0])

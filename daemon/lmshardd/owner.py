@@ -10,21 +10,19 @@ so a retried batch is answered again but applied once.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import lmdb
 import msgpack
 import zmq
 
-from lmshard import config as config_module
 from lmshard import protocol, security
-from lmshard.config import Config, ConfigError, load_config
+from lmshard.config import Config
 from lmshard.errors import (
     Error,
     InternalError,
@@ -35,10 +33,17 @@ from lmshard.errors import (
 from lmshard.shard_identity import check_shard_identity, identity_records
 from lmshard.store import Store, grow_map
 from lmshard.txn import ReadTxn, WriteTxn
+from lmshardd import stats
+from lmshardd.channels import CHANNEL_FACTORIES, Channel
 from lmshardd.grouping import ActiveWriters, wait_readable
-from lmshardd.stats import reader_slots
+from lmshardd.hangup import report_hangup
 
 log = logging.getLogger("lmshardd.owner")
+
+WriteBatches = list[tuple[bytes, bytes | None, int, list[protocol.Op]]]
+"""Write batches drained for one group commit: (peer identity, client id, seq, checked ops)."""
+Outcome = tuple[int, Any]
+"""A batch's reply before it is packed: (status, body)."""
 
 MAX_GROUP = 1024
 """Most requests drained into one group commit."""
@@ -57,30 +62,6 @@ ACTIVE_WRITER_WINDOW = 0.1
 """Seconds a client counts as an active writer after its last batch; the owner stops waiting
 for a group to fill once it holds a batch from each."""
 _SNDMORE = int(zmq.SNDMORE)
-
-
-class Channel(Protocol):
-    """Something an owner serves beside its write socket (stats publishing, backups).
-
-    Channels run in the owner's loop thread: ``sockets()`` are polled with the write socket,
-    ``on_readable`` is called when one has input, ``tick`` after every loop turn, and
-    ``after_commit`` after each group commit. A channel may set ``owner.paused`` to hold
-    write batches back (they wait in the socket) for a consistent cut.
-    """
-
-    def sockets(self) -> list[zmq.Socket[bytes]]: ...
-
-    def on_readable(self, sock: zmq.Socket[bytes]) -> None: ...
-
-    def tick(self, now: float) -> None: ...
-
-    def after_commit(self, batches: int, ops: int, seconds: float) -> None: ...
-
-    def close(self) -> None: ...
-
-
-CHANNEL_MODULES = ("lmshardd.stats", "lmshardd.backup", "lmshardd.expiry")
-"""Modules whose ``make_channel(owner)`` adds a channel to every owner, when present."""
 
 
 @dataclass
@@ -129,7 +110,7 @@ class ShardOwner:
             on_open=self._check_identity,
         )
         self.env = self.store.env
-        self.tables = self.store._tables
+        self.tables = self.store._tables  # noqa: SLF001 - until Store offers its TableMap
         self.clients_db = self.env.open_db(CLIENTS_DB)
         self.counters = OwnerCounters(last_txn_id=self.env.info()["last_txnid"])
         self.stopping = False
@@ -172,17 +153,9 @@ class ShardOwner:
         self.channels.append(channel)
 
     def load_channels(self) -> None:
-        """Add the channels of every available channel module (see CHANNEL_MODULES)."""
-        import importlib
-
-        for name in CHANNEL_MODULES:
-            try:
-                mod = importlib.import_module(name)
-            except ModuleNotFoundError as exc:
-                if exc.name != name:
-                    raise
-                continue
-            channel = mod.make_channel(self)
+        """Add the channel of each of CHANNEL_FACTORIES that is on."""
+        for make_channel in CHANNEL_FACTORIES:
+            channel = make_channel(self)
             if channel is not None:
                 self.add_channel(channel)
 
@@ -221,23 +194,28 @@ class ShardOwner:
                     ch.on_readable(csock)
             if sock in ready and not self.paused:
                 self.serve_once(sock)
-            now = time.monotonic()
-            for ch in self.channels:
-                ch.tick(now)
-            if self.hangup:
-                self.hangup = False
-                report_hangup(self.config, f"shard_{self.shard:02d}")
-            if now >= next_check:
-                stale = self.env.reader_check()
-                if stale:
-                    log.info("freed %d reader slots of dead processes", stale)
-                next_check = now + READER_CHECK_INTERVAL
+            next_check = self._between_turns(time.monotonic(), next_check)
         log.info("shard %d stopping: last txn %d", self.shard, self.counters.last_txn_id)
         self.close()
 
+    def _between_turns(self, now: float, next_check: float) -> float:
+        """After each turn of the loop: the channels' ticks, a SIGHUP report, and every
+        READER_CHECK_INTERVAL a reader_check(); when the next check is due."""
+        for ch in self.channels:
+            ch.tick(now)
+        if self.hangup:
+            self.hangup = False
+            report_hangup(self.config, f"shard_{self.shard:02d}", log)
+        if now < next_check:
+            return next_check
+        stale = self.env.reader_check()
+        if stale:
+            log.info("freed %d reader slots of dead processes", stale)
+        return now + READER_CHECK_INTERVAL
+
     def serve_once(self, sock: zmq.Socket[bytes]) -> int:
         """Drain waiting requests, group-commit the writes, answer everything. Returns count."""
-        writes: list[tuple[bytes, bytes | None, int, list[tuple]]] = []
+        writes: WriteBatches = []
         others: list[tuple[bytes, int, protocol.Command, Any]] = []
         n = self._drain(sock, writes, others, MAX_GROUP)
         if writes:
@@ -266,7 +244,7 @@ class ShardOwner:
         return n
 
     def _drain(
-        self, sock: zmq.Socket[bytes], writes: list[tuple[bytes, bytes | None, int, list[tuple]]],
+        self, sock: zmq.Socket[bytes], writes: WriteBatches,
         others: list[tuple[bytes, int, protocol.Command, Any]], limit: int,
     ) -> int:
         """Take every request waiting on the socket (up to ``limit``); answer bad ones at once."""
@@ -305,7 +283,7 @@ class ShardOwner:
         return n
 
     def commit_group(
-        self, batches: list[tuple[bytes, bytes | None, int, list[tuple]]]
+        self, batches: WriteBatches
     ) -> list[tuple[bytes, bytes]]:
         """Apply every batch in one write transaction; the replies to send after commit."""
         started = time.perf_counter()
@@ -345,73 +323,84 @@ class ShardOwner:
             replies.append((ident, protocol.pack_reply(seq, status, body)))
         return replies
 
-    def _apply_all(
-        self, txn: lmdb.Transaction, batches: list[tuple[bytes, bytes | None, int, list[tuple]]]
-    ) -> list[tuple[int, Any]]:
-        outcomes: list[tuple[int, Any]] = []
-        c = self.counters
-        env, clients_db = self.env, self.clients_db
+    def _apply_all(self, txn: lmdb.Transaction, batches: WriteBatches) -> list[Outcome]:
+        """Each batch in its own nested transaction, its client record beside it."""
+        outcomes: list[Outcome] = []
         txn_id = txn.id()
         now = int(time.time())
         for _ident, cid, seq, ops in batches:
             after = ops.after if type(ops) is protocol.OrderedOps else None
-            window: list[Any] = []
-            if cid is not None:
-                rec = txn.get(cid, db=clients_db)
-                last_seq = 0
-                if rec is not None:
-                    last_seq, status, body, *more = msgpack.unpackb(rec, raw=False)
-                    if seq <= last_seq:
-                        c.duplicate_batches += 1
-                        outcomes.append(_replay(seq, last_seq, status, body, more))
-                        continue
-                    if after is not None:  # the replies a resent pipelined batch may need
-                        window = [[last_seq, status, body], *_older_replies(more)]
-                        del window[protocol.PIPELINE_WINDOW - 1:]
-                if after is not None and (after != last_seq or seq <= after):
-                    c.out_of_order += 1
-                    err: Error = OutOfOrder(
-                        f"batch {seq} follows batch {after}, but the last batch applied from "
-                        f"this client is {last_seq}; nothing of batch {seq} was applied")
-                    outcomes.append((err.code, [err.message, err.hint]))
-                    continue
-            elif after is not None:
-                err = ProtocolError("a pipelined write needs a client id")
-                outcomes.append((err.code, [err.message, err.hint]))
+            refused, window = self._admit(txn, cid, seq, after)
+            if refused is not None:
+                outcomes.append(refused)
                 continue
-            child = env.begin(write=True, parent=txn)
-            try:
-                results = protocol.apply_ops(WriteTxn(child, self.tables, strict=True), ops)
-                child.commit()
-                outcome: tuple[int, Any] = (0, [txn_id, results])
-                c.batches += 1
-                c.ops += len(ops)
-            except lmdb.MapFullError:
-                child.abort()
-                raise
-            except Error as exc:
-                child.abort()
-                outcome = (exc.code, [exc.message, exc.hint])
-                c.failed_batches += 1
-            except Exception as exc:
-                child.abort()
-                log.exception("batch from client %s failed unexpectedly", cid and cid.hex())
-                err = InternalError(f"{type(exc).__name__}: {exc}")
-                outcome = (err.code, [err.message, err.hint])
-                c.failed_batches += 1
+            outcome = self._apply_batch(txn, txn_id, cid, ops)
             if cid is not None:  # [seq, status, reply, older replies of a stream, when]
                 kept = [seq, outcome[0], protocol.stored_reply(*outcome), window, now]
-                txn.put(cid, msgpack.packb(kept, use_bin_type=True), db=clients_db)
+                txn.put(cid, msgpack.packb(kept, use_bin_type=True), db=self.clients_db)
             outcomes.append(outcome)
         return outcomes
+
+    def _admit(self, txn: lmdb.Transaction, cid: bytes | None, seq: int, after: int | None
+               ) -> tuple[Outcome | None, list[Any]]:
+        """Whether batch ``seq`` of client ``cid`` is applied now: (None, the replies a stream
+        keeps for its earlier batches), or (the reply it gets instead, ...): a retried batch
+        its kept reply, a pipelined batch that does not follow the last one applied
+        OutOfOrder."""
+        window: list[Any] = []
+        if cid is None:
+            if after is None:
+                return None, window
+            return _refusal(ProtocolError("a pipelined write needs a client id")), window
+        rec = txn.get(cid, db=self.clients_db)
+        last_seq = 0
+        if rec is not None:
+            last_seq, status, body, *more = msgpack.unpackb(rec, raw=False)
+            if seq <= last_seq:
+                self.counters.duplicate_batches += 1
+                return _replay(seq, last_seq, status, body, more), window
+            if after is not None:  # the replies a resent pipelined batch may need
+                window = [[last_seq, status, body], *_older_replies(more)]
+                del window[protocol.PIPELINE_WINDOW - 1:]
+        if after is not None and (after != last_seq or seq <= after):
+            self.counters.out_of_order += 1
+            return _refusal(OutOfOrder(
+                f"batch {seq} follows batch {after}, but the last batch applied from "
+                f"this client is {last_seq}; nothing of batch {seq} was applied")), window
+        return None, window
+
+    def _apply_batch(self, txn: lmdb.Transaction, txn_id: int, cid: bytes | None,
+                     ops: list[protocol.Op]) -> Outcome:
+        """Apply one batch in a transaction nested in ``txn``: all of it, or (an error)
+        nothing."""
+        c = self.counters
+        child = self.env.begin(write=True, parent=txn)
+        try:
+            results = protocol.apply_ops(WriteTxn(child, self.tables, strict=True), ops)
+            child.commit()
+        except lmdb.MapFullError:
+            child.abort()
+            raise
+        except Error as exc:
+            child.abort()
+            c.failed_batches += 1
+            return _refusal(exc)
+        except Exception as exc:
+            child.abort()
+            log.exception("batch from client %s failed unexpectedly", cid and cid.hex())
+            c.failed_batches += 1
+            return _refusal(InternalError(f"{type(exc).__name__}: {exc}"))
+        c.batches += 1
+        c.ops += len(ops)
+        return 0, [txn_id, results]
 
     def answer(self, seq: int, cmd: protocol.Command, args: Any) -> bytes:
         """Serve a read command (or ping/stats) from a fresh snapshot."""
         self.counters.reads += 1
         try:
-            if cmd.name == "ping":
+            if cmd is protocol.PING:
                 return protocol.pack_reply(seq, 0, self.health())
-            if cmd.name == "stats":
+            if cmd is protocol.STATS:
                 return protocol.pack_reply(seq, 0, self.stats())
             if cmd.handle is None:
                 return protocol.pack_error(seq, ProtocolError(
@@ -437,7 +426,7 @@ class ShardOwner:
             "map_used": (info["last_pgno"] + 1) * psize,
             "max_map_size": self.config.max_map_size,
             # slots held now, as /metrics shows them; num_readers is only a high-water mark
-            "readers": reader_slots(self.env)[0],
+            "readers": stats.reader_slots(self.env)[0],
             "readers_high_water": info["num_readers"],
             "max_readers": info["max_readers"],
             "uptime": time.time() - self.counters.started,
@@ -467,6 +456,11 @@ class ShardOwner:
         self.store.close()
 
 
+def _refusal(err: Error) -> Outcome:
+    """The outcome of a batch refused with ``err``."""
+    return err.code, [err.message, err.hint]
+
+
 def _older_replies(more: list[Any]) -> list[Any]:
     """The ``[seq, status, reply]`` kept for a stream's earlier batches, from the fields after a
     client record's third (none in records written before streams had them)."""
@@ -482,84 +476,6 @@ def _replay(seq: int, last_seq: int, status: int, body: Any, more: list[Any]
         if old_seq == seq:
             return old_status, protocol.replayed_reply(old_status, old_body)
     return 0, [None, None]  # long since applied; its reply is no longer kept
-
-
-# -- SIGHUP ----------------------------------------------------------------------------------
-# Every role (owner, reader, monitor) handles SIGHUP the same way: its handler only sets a flag,
-# and its loop, between requests, calls report_hangup. Nothing is re-opened or re-bound: each
-# process logs to stdout/stderr, captured by supervisord, so it has no log file to reopen, and
-# its settings take effect only when it starts.
-
-CONFIG_KEYS: dict[str, str] = {
-    **getattr(config_module, "_FIELD_KEYS", {}),  # config.py's own map, kept with its fields
-    "slot_map": "slot_map.runs",
-}
-"""``Config`` field -> the config file key it comes from (a field not listed: its own name)."""
-CLIENT_KEYS = frozenset({"client.timeout_ms", "client.retries", "client.local_reads"})
-"""Keys no lmshardd process uses: each client reads them when it loads the config."""
-
-
-def config_changes(old: Config, new: Config) -> list[str]:
-    """The config file keys whose values differ between ``old`` and ``new``, sorted."""
-    changed: set[str] = set()
-    for f in dataclasses.fields(Config):
-        if f.name == "path":
-            continue
-        a, b = getattr(old, f.name), getattr(new, f.name)
-        if a == b:
-            continue
-        if dataclasses.is_dataclass(a) or dataclasses.is_dataclass(b):  # a table: curve
-            kind = type(a) if a is not None else type(b)
-            changed.update(f"{f.name}.{sub.name}" for sub in dataclasses.fields(kind)
-                           if getattr(a, sub.name, None) != getattr(b, sub.name, None))
-        else:
-            changed.add(CONFIG_KEYS.get(f.name, f.name))
-    return sorted(changed)
-
-
-def supervisor_name(default: str) -> str:
-    """This process's supervisord name, ``group:name``: supervisord tells its children in
-    SUPERVISOR_GROUP_NAME and SUPERVISOR_PROCESS_NAME; ``lmshard:<default>`` otherwise."""
-    name = os.environ.get("SUPERVISOR_PROCESS_NAME")
-    if not name:
-        return f"lmshard:{default}"
-    return f"{os.environ.get('SUPERVISOR_GROUP_NAME') or name}:{name}"
-
-
-def report_hangup(config: Config, process: str, logger: logging.Logger = log
-                  ) -> list[str] | None:
-    """What a process does on SIGHUP: re-read its config file and log one line on ``logger``
-    saying whether it changed since the process read it at start. Nothing is applied: the
-    process keeps running with the config it started with. ``process`` is its supervisord name
-    without the group, e.g. ``shard_01``. The changed keys; None if the file does not load."""
-    if config.path is None:
-        logger.info("received SIGHUP: no config file to re-read (config built in-process)")
-        return []
-    try:
-        new = load_config(config.path)
-        changed = config_changes(config, new)
-    except Exception as exc:  # a broken file must not take a serving process down
-        why = str(exc) if isinstance(exc, ConfigError) else f"{config.path}: {exc!r}"
-        logger.warning("received SIGHUP: the config does not load, ignored (still running "
-                       "with the config read at start): %s", why)
-        return None
-    if not changed:
-        logger.info("received SIGHUP: config unchanged (%s)", config.path)
-        return changed
-    daemon = [k for k in changed if k not in CLIENT_KEYS]
-    client = [k for k in changed if k in CLIENT_KEYS]
-    parts = []
-    if daemon:
-        parts.append(f"{', '.join(daemon)} take{'s' if len(daemon) == 1 else ''} effect only "
-                     f"after a restart: `lmshard ctl restart {supervisor_name(process)}`")
-        if new.slot_map != config.slot_map:
-            parts.append("the slot map differs: owners refuse to start on data written with "
-                         "another one")
-    if client:
-        parts.append(f"{', '.join(client)} {'is' if len(client) == 1 else 'are'} read by "
-                     "clients when they load the config (no restart)")
-    logger.info("received SIGHUP: config %s changed: %s", config.path, "; ".join(parts))
-    return changed
 
 
 def run_owner(config: Config, shard: int) -> int:

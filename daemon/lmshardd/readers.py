@@ -38,10 +38,11 @@ from lmshard.errors import (
     SchemaMismatch,
     ShardUnavailable,
 )
-from lmshard.remote import PING, READ, READ_COMMANDS, parse_read_body, reader_endpoints
+from lmshard.protocol import PING, READ, READ_COMMANDS, Command, read_parts
+from lmshard.remote import reader_endpoints
 from lmshard.store import META_DB, Store
-from lmshard.txn import ReadTxn
-from lmshardd.owner import report_hangup
+from lmshard.txn import ReadTxn, TableMap
+from lmshardd.hangup import report_hangup
 
 log = logging.getLogger("lmshardd.readers")
 
@@ -179,37 +180,46 @@ class Reader:
 
     def answer(self, frame: bytes) -> bytes:
         """The reply to one request frame; never raises."""
-        c = self.counters
-        c.requests += 1
+        self.counters.requests += 1
         seq = 0
         try:
             code, _client_id, seq, body = protocol.unpack_request(frame)
-            if code == READ:
-                shard, cmd, inner = parse_read_body(body, self.config.shards)
-                store = self.shards[shard].store()
-                args = cmd.validate(store._tables, inner)
-            elif code == PING:
+            if code == PING.code:
                 if body is not None:
                     raise ProtocolError("ping takes no body")
                 return protocol.pack_reply(seq, 0, self.health())
-            else:
-                name = protocol.BY_CODE[code].name if code in protocol.BY_CODE else code
-                raise ProtocolError(
-                    f"the reader pool does not serve command {name!r:.20}; it serves "
-                    f"{', '.join(READ_COMMANDS)} (as command {READ}) and ping",
-                    hint="send writes, stats and shard pings to the shard owner")
-        except ShardUnavailable as exc:
-            c.errors += 1
-            return protocol.pack_error(seq, exc)
-        except Error as exc:
-            c.bad_frames += 1
-            return protocol.pack_error(seq, exc)
+            shard, cmd, args = self._validated(code, body)
         except Exception as exc:  # validation must never take the reader down
-            c.bad_frames += 1
-            return protocol.pack_error(
-                seq, ProtocolError(f"invalid request: {type(exc).__name__}: {exc}"))
+            return self._refused(seq, exc)
+        return self._reply(seq, shard, cmd, args)
+
+    def _validated(self, code: int, body: Any) -> tuple[int, Command, Any]:
+        """The shard, read command and its checked arguments of a ``read`` request."""
+        if code != READ.code:
+            name = protocol.BY_CODE[code].name if code in protocol.BY_CODE else code
+            raise ProtocolError(
+                f"the reader pool does not serve command {name!r:.20}; it serves "
+                f"{', '.join(READ_COMMANDS)} (as command {READ.code}) and ping",
+                hint="send writes, stats and shard pings to the shard owner")
+        shard, cmd, inner = read_parts(body, self.config.shards)
+        return shard, cmd, cmd.validate(_tables(self.shards[shard].store()), inner)
+
+    def _refused(self, seq: int, exc: Exception) -> bytes:
+        """The error reply to a request that could not be read, checked or routed."""
+        if isinstance(exc, ShardUnavailable):
+            self.counters.errors += 1
+            return protocol.pack_error(seq, exc)
+        self.counters.bad_frames += 1
+        if isinstance(exc, Error):
+            return protocol.pack_error(seq, exc)
+        return protocol.pack_error(
+            seq, ProtocolError(f"invalid request: {type(exc).__name__}: {exc}"))
+
+    def _reply(self, seq: int, shard: int, cmd: Command, args: Any) -> bytes:
+        """The reply to a checked read command: its body, or the error it ran into."""
+        c = self.counters
         try:
-            reply = protocol.pack_reply(seq, 0, _run(store, cmd, args))
+            reply = protocol.pack_reply(seq, 0, _run(self.shards[shard].store(), cmd, args))
         except Error as exc:
             c.errors += 1
             return protocol.pack_error(seq, exc)
@@ -303,16 +313,23 @@ class Reader:
             self.ctx.term()
 
 
-def _run(store: Store, cmd: protocol.Command, args: Any) -> Any:
+def _tables(store: Store) -> TableMap:
+    """The store's tables bound to its environment."""
+    return store._tables  # noqa: SLF001 - until Store offers its TableMap
+
+
+def _run(store: Store, cmd: Command, args: Any) -> Any:
     """``cmd``'s reply body in a fresh read snapshot of ``store``: ``Store.read`` without its
     generator, a third of a get's cost on the reader."""
+    handle = cmd.handle
+    assert handle is not None  # every read command has a handler
     try:
         txn = store.env.begin()
     except lmdb.MapResizedError:  # the owner grew the map: Store.read adopts the new size
         with store.read() as r:
-            return cmd.handle(r, args)  # type: ignore[misc]
+            return handle(r, args)
     try:
-        return cmd.handle(ReadTxn(txn, store._tables), args)  # type: ignore[misc]
+        return handle(ReadTxn(txn, _tables(store)), args)
     finally:
         txn.abort()
 

@@ -1,0 +1,70 @@
+"""The data API every lmshard front end offers, as a ``typing.Protocol``.
+
+The embedded ``Store``, the daemon ``Client`` and (later) the async client read and write tables
+with the same calls, so code written against ``DataAPI`` runs against any of them:
+
+    def record_login(db: lmshard.DataAPI, user_id: uuid.UUID) -> None:
+        db.incr("logins", user_id)
+
+A table is named by its ``Table``, its name or its UUID (``TableRef``). ``batch()`` groups
+writes: on the store one write transaction, on the client one message per shard (atomic per
+shard); what its write methods return differs (the store's ``WriteTxn`` answers at once, the
+client's ``Batch`` after the block), so ``BatchWrites`` declares only that they are called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+from lmshard.txn import TableRef
+
+
+class BatchWrites(Protocol):
+    """The writes inside a ``batch()`` block."""
+
+    def put(self, table: TableRef, key: Any, value: Any) -> object: ...
+
+    def delete(self, table: TableRef, key: Any) -> object: ...
+
+    def incr(self, table: TableRef, key: Any, delta: int = 1) -> object: ...
+
+
+class DataAPI(Protocol):
+    """Reads and writes of typed tables: what ``Store`` and ``Client`` both offer."""
+
+    def get(self, table: TableRef, key: Any, default: Any = None) -> Any:
+        """The value under ``key``, or ``default``."""
+
+    def get_many(self, table: TableRef, keys: Any, default: Any = None) -> list[Any]:
+        """Values for several keys in order, ``default`` where a key is missing."""
+
+    def exists(self, table: TableRef, key: Any) -> bool: ...
+
+    def scan(self, table: TableRef, prefix: Any = None, start: Any = None, end: Any = None,
+             reverse: bool = False, limit: int | None = None,
+             where: Callable[[Any], bool] | None = None) -> Iterator[tuple[Any, Any]]:
+        """(key, value) in key order; ``start`` inclusive, ``end`` exclusive."""
+
+    def count(self, table: TableRef, prefix: Any = None, start: Any = None,
+              end: Any = None) -> int: ...
+
+    def lookup(self, table: TableRef, index: str, value: Any, prefix: bool = False
+               ) -> list[tuple[Any, Any]]:
+        """Rows by index value (or index value prefix), in key order."""
+
+    def put(self, table: TableRef, key: Any, value: Any) -> None: ...
+
+    def delete(self, table: TableRef, key: Any) -> bool:
+        """Whether a row was there."""
+
+    def incr(self, table: TableRef, key: Any, delta: int = 1) -> int:
+        """Atomically add ``delta``; the new value."""
+
+    def cas(self, table: TableRef, key: Any, value: Any, expected: Any = None, *,
+            expected_hash: bytes | None = None) -> bool:
+        """Put ``value`` only if the row holds ``expected`` (None: absent)."""
+
+    def batch(self) -> AbstractContextManager[BatchWrites]:
+        """Writes grouped and applied together (see the module docstring)."""

@@ -1,0 +1,84 @@
+"""The frames of the request channel: a version byte followed by one msgpack array.
+
+- request: ``[command code, client id (16 bytes or nil), sequence number, body]``
+- reply:   ``[sequence number, status, body]``; status 0 is success, any other value is an
+  error code from ``lmshard.errors`` and the body is ``[message, hint]``.
+
+Clients, shard owners and the reader pool all read and write frames through these functions;
+what a body holds is each command's business (``lmshard.protocol.commands``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from lmshard.errors import Error, LimitExceeded, ProtocolError
+
+PROTOCOL_VERSION = 1
+"""Bumped on any incompatible change of the frame layout."""
+VERSION_BYTE = bytes([PROTOCOL_VERSION])
+MAX_FRAME_SIZE = 64 * 2**20
+"""Largest frame an owner decodes: 64 MiB."""
+ZERO_COPY_MIN = 4 * 2**20
+"""Frames from this size on are sent without a copy. Below it a copy is cheaper: sending a
+batch of 1,000 rows (about 110 KiB) with a copy took 10-15% less client CPU than pyzmq's
+zero-copy send, whose buffer release runs through a separate thread."""
+
+_packb: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
+_unpackb = msgpack.unpackb
+
+
+def pack_request(code: int, client_id: bytes | None, seq: int, body: Any) -> bytes:
+    """A request frame; build ``code`` and ``body`` with the command (``Command.frame``)."""
+    return VERSION_BYTE + _packb([code, client_id, seq, body])
+
+
+def pack_reply(seq: int, status: int, body: Any) -> bytes:
+    """A reply frame: status 0 and the command's reply body, or an error code and its body."""
+    return VERSION_BYTE + _packb([seq, status, body])
+
+
+def pack_error(seq: int, err: Error) -> bytes:
+    """The reply frame that carries ``err`` to the client, which raises it again typed."""
+    return pack_reply(seq, err.code, [err.message, err.hint])
+
+
+def unpack_frame(frame: bytes, max_size: int = MAX_FRAME_SIZE) -> list[Any]:
+    """Check the version byte and size, decode the msgpack array; ProtocolError otherwise."""
+    if len(frame) > max_size:
+        raise LimitExceeded(
+            f"frame of {len(frame):,} bytes is over the limit of {max_size:,} bytes"
+        )
+    if not frame:
+        raise ProtocolError("empty frame")
+    if frame[0] != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {frame[0]} is not supported (this side speaks "
+            f"{PROTOCOL_VERSION})",
+            hint="run the same lmshard version on clients and daemon",
+        )
+    try:
+        msg = _unpackb(memoryview(frame)[1:], raw=False, strict_map_key=False, use_list=True)
+    except Exception as exc:
+        raise ProtocolError(f"undecodable frame: {type(exc).__name__}: {exc}") from None
+    if not isinstance(msg, list):
+        raise ProtocolError(f"a frame must hold an array, not {type(msg).__name__}")
+    return msg
+
+
+def unpack_request(frame: bytes, max_size: int = MAX_FRAME_SIZE) -> tuple[int, Any, int, Any]:
+    """``(code, client_id, seq, body)``; the seq is 0 when it cannot be read."""
+    msg = unpack_frame(frame, max_size)
+    if len(msg) != 4:
+        raise ProtocolError(f"a request has 4 fields, this one {len(msg)}")
+    code, client_id, seq, body = msg
+    if type(seq) is not int or not 0 <= seq < 2**63:
+        raise ProtocolError(f"sequence number must be a non-negative int, not {seq!r:.40}")
+    if type(code) is not int:
+        raise ProtocolError(f"command code must be an int, not {code!r:.40}")
+    if client_id is not None and (type(client_id) is not bytes or len(client_id) != 16):
+        raise ProtocolError("client id must be 16 bytes or nil")
+    return code, client_id, seq, body
