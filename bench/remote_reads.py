@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 import lmshard  # noqa: E402
 from bench.daemon import in_processes  # noqa: E402
 from lmshard.config import load_config  # noqa: E402
+from lmshard.protocol import GET  # noqa: E402
 from lmshard.remote import ReaderPool  # noqa: E402
 from tests.cluster import Cluster  # noqa: E402
 from tests.test_readers import Readers  # noqa: E402
@@ -151,19 +152,19 @@ def _redis_pipeline(sock: str, keys: list[int], go: Any, q: Any) -> None:
 
 def _routed(config: str, keys: list[int]) -> tuple[Any, list[tuple[int, bytes]]]:
     with lmshard.connect(config, local_reads=False) as c:
-        ct = c._table("records")
-        return ct, [(c._route(ct, k, ct.kenc(k)), ct.kenc(k)) for k in keys]
+        ct = c.table("records")
+        return ct, [(ct.shard(k, ct.kenc(k)), ct.kenc(k)) for k in keys]
 
 
 def _pool_one_by_one(config: str, keys: list[int], go: Any, q: Any) -> None:
     ct, routed = _routed(config, keys)
     pool = ReaderPool(load_config(config))
     request, tid, loads = pool.request, ct.tid, ct.loads
-    request(routed[0][0], 10, [tid, routed[0][1]])
+    request(routed[0][0], *GET.request_for(tid, routed[0][1]))
     go.wait()
     t = time.perf_counter()
     for shard, kb in routed:
-        loads(request(shard, 10, [tid, kb]))
+        loads(request(shard, *GET.request_for(tid, kb)))
     q.put((len(keys), time.perf_counter() - t))
     pool.close()
 

@@ -491,7 +491,7 @@ def test_verify_catches_a_flipped_byte_a_missing_file_and_a_broken_index(
     # removed from the copy, with the manifest updated to match) is found by the walk.
     broken = shutil.copytree(good, tmp_path / "broken")
     with cluster4.client() as c:
-        shard = c._table("users").pinned
+        shard = c.table("users").route.pinned
     assert shard is not None
     path = broken / backup.shard_file_name(shard)
     env = lmdb.open(str(path), subdir=False, lock=False, max_dbs=256)

@@ -70,7 +70,7 @@ def test_owner_records_carry_the_time_of_their_last_write(cluster: Cluster) -> N
     with cluster.client() as c:
         c.put("blobs", 1, b"x")
         shard = c.slot_map.shard_of((1).to_bytes(8, "big"))
-        cid = c._tls.client_id
+        cid = c.client_id
     env = lmdb.open(str(cluster.config.shard_dir(shard)), readonly=True, lock=True, max_dbs=64)
     with env.begin(db=env.open_db(CLIENTS_DB, create=False)) as txn:
         rec = msgpack.unpackb(txn.get(cid))

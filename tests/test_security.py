@@ -205,13 +205,14 @@ def test_reader_pool_over_curve_and_the_client_error_names_the_key(
     try:
         with ReaderPool(cfg, timeout_ms=2000, retries=0) as pool:
             pool.endpoints = [endpoint]
-            assert pool.request(0, 10, [BLOBS, (1).to_bytes(8, "big")]) == b"one"
+            one = protocol.GET.request_for(BLOBS, (1).to_bytes(8, "big"))
+            assert pool.request(0, *one) == b"one"
         stranger_cfg = _config(tmp_path, keys, client="stranger", readers=1,
                                reader_endpoint="tcp://127.0.0.1:5800")
         with ReaderPool(stranger_cfg, timeout_ms=300, retries=1) as pool:
             pool.endpoints = [endpoint]
             with pytest.raises(ShardUnavailable) as exc:
-                pool.request(0, 10, [BLOBS, (1).to_bytes(8, "big")])
+                pool.request(0, *protocol.GET.request_for(BLOBS, (1).to_bytes(8, "big")))
         key = security.public_key_of(stranger_cfg)
         assert "CURVE authentication may have failed" in str(exc.value)
         assert key is not None and key in str(exc.value)
@@ -264,7 +265,7 @@ def test_a_peer_that_speaks_no_zmtp_gets_nothing_through(
     server, ep = _echo_server(ctx, cfg)
     port = int(ep.rsplit(":", 1)[1])
     raw = socket.create_connection(("127.0.0.1", port))
-    raw.sendall(protocol.pack_request(1, None, 1, None) * 10)
+    raw.sendall(protocol.PING.frame(None, 1) * 10)
     assert not server.poll(500)
     raw.close()
     server.close()

@@ -74,7 +74,7 @@ def edit(path: Path, old: str, new: str) -> None:
 
 def test_every_config_field_maps_to_a_config_file_key() -> None:
     """The change report names keys as they are written in lmshard.toml."""
-    from lmshardd.owner import CONFIG_KEYS
+    from lmshardd.hangup import CONFIG_KEYS
 
     keys = set(config_module.SETTINGS)
     for f in dataclasses.fields(Config):

@@ -102,25 +102,26 @@ CLIENT = textwrap.dedent("""
                 b.put("items", i, {"group": "g%d" % (i % 3), "n": i})
         out["incr"] = c.incr("counters", "hits", 5)
         out["owner_get"] = c.get("blobs", 7).decode()
-        ct, it = c._table("blobs"), c._table("items")
+        ct, it = c.table("blobs"), c.table("items")
         kb = ct.kenc(42)
-        out["get"] = pool.request(c._shard_of(kb), 10, [ct.tid, kb]).decode()
+        out["get"] = pool.request(c.slot_map.shard_of(kb), *GET.request_for(ct.tid, kb)).decode()
         by = {}
         for i in range(300):
-            by.setdefault(c._shard_of(ct.kenc(i)), []).append(ct.kenc(i))
-        got = pool.requests([(s, 11, [ct.tid, ks]) for s, ks in by.items()])
+            by.setdefault(c.slot_map.shard_of(ct.kenc(i)), []).append(ct.kenc(i))
+        got = pool.requests([(s, *GET_MANY.request_for(ct.tid, ks)) for s, ks in by.items()])
         out["get_many"] = sum(v is not None for vs in got for v in vs)
         out["scan"] = sorted(ct.kdec(k) for s in range(cfg.shards) for k, _ in
                              pool.scan(s, ct.tid, page=64))
-        out["count"] = sum(pool.request(s, 14, [ct.tid, None, None])
+        out["count"] = sum(pool.request(s, *COUNT.request_for(ct.tid, None, None))
                            for s in range(cfg.shards))
         from lmshard.index_values import encode_index_value
         out["lookup"] = sorted(it.kdec(k) for s in range(cfg.shards) for k, _ in
-                               pool.request(s, 13, [it.tid, "by_group", encode_index_value("g1"),
-                                                    False]))
+                               pool.request(s, *LOOKUP.request_for(
+                                   it.tid, "by_group", encode_index_value("g1"), False)))
         out["readers"] = sorted(h["reader"] for h in pool.ping_each().values() if h)
     try:
-        ReaderPool(rogue, timeout_ms=300, retries=1).request(0, 14, [ct.tid, None, None])
+        ReaderPool(rogue, timeout_ms=300, retries=1).request(
+            0, *COUNT.request_for(ct.tid, None, None))
         out["rogue_pool"] = "answered"
     except ShardUnavailable as exc:
         out["rogue_pool"] = str(exc)

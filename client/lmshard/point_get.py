@@ -2,7 +2,7 @@
 
 Begin a read transaction, get, abort: no generator, no ``ReadTxn``, a spare transaction handle
 reused by py-lmdb. When another process grew the map, ``begin`` raises ``MapResizedError``;
-the reader adopts the new size (LMDB's documented answer) and begins again.
+the reader adopts the new size (``map_growth.begin_read``) and begins again.
 """
 
 from __future__ import annotations
@@ -11,19 +11,7 @@ from typing import Any
 
 import lmdb
 
-MAP_RESIZE_RETRIES = 100
-"""Times a reader adopts a grown map size in a row before it gives up."""
-
-
-def begin_read(env: lmdb.Environment, buffers: bool = False) -> Any:
-    """A read transaction on ``env``, adopting a map size another process grew."""
-    for _ in range(MAP_RESIZE_RETRIES):
-        try:
-            return env.begin(buffers=buffers)  # type: ignore[call-overload]
-        except lmdb.MapResizedError:
-            # The writer may grow it again before we begin: adopt as often as it takes.
-            env.set_mapsize(0)
-    return env.begin(buffers=buffers)  # type: ignore[call-overload]
+from lmshard.map_growth import begin_read
 
 
 def point_get(env: lmdb.Environment, db: Any, key: bytes) -> bytes | None:

@@ -69,7 +69,7 @@ class LocalShards:
         st = self.get(shard)
         if st is None:
             return None
-        hit = ct.local[shard] = (st.env, st._tables[ct.table].db)  # noqa: SLF001 - Store.tables
+        hit = ct.local[shard] = (st.env, st.tables[ct.table].db)
         return hit
 
     def reset_after_fork(self) -> None:

@@ -20,6 +20,7 @@ from lmshard.bound_tables import TableMap, TableRef, bind_tables
 from lmshard.errors import Error, ReadOnlyError, SchemaError, TransactionError
 from lmshard.forksafe import forget_inherited, on_fork_in_child
 from lmshard.map_growth import MAP_RESIZE_RETRIES, ReplayingWriteTxn, begin_read, grow_map
+from lmshard.point_get import point_get
 from lmshard.schema import Schema
 from lmshard.store_meta import (
     FORMAT_VERSION,
@@ -278,24 +279,14 @@ class Store:
         """The value under ``key`` or ``default``; reads its own fresh snapshot."""
         env = self._env or self._open_env()  # first: reopening (after a fork) rebinds the tables
         b = self._tables[table]
-        try:
-            txn = env.begin()
-        except lmdb.MapResizedError:
-            txn = begin_read(env)
-        data = txn.get(b.kenc(key), db=b.db)
-        txn.abort()
+        data = point_get(env, b.db, b.kenc(key))
         return default if data is None else b.loads(data)
 
     def get_encoded(self, table: TableRef, key_bytes: bytes, default: Any = None) -> Any:
         """``get`` for an already encoded key (the client's routed read path)."""
         env = self._env or self._open_env()
         b = self._tables[table]
-        try:
-            txn = env.begin()
-        except lmdb.MapResizedError:
-            txn = begin_read(env)
-        data = txn.get(key_bytes, db=b.db)
-        txn.abort()
+        data = point_get(env, b.db, key_bytes)
         return default if data is None else b.loads(data)
 
     def get_many(self, table: TableRef, keys: Any, default: Any = None) -> list[Any]:

@@ -16,10 +16,7 @@ from lmshard.config import Config, ConfigError, load_config
 
 log = logging.getLogger("lmshardd.hangup")
 
-CONFIG_KEYS: dict[str, str] = {
-    **getattr(config_module, "_FIELD_KEYS", {}),  # config.py's own map, kept with its fields
-    "slot_map": "slot_map.runs",
-}
+CONFIG_KEYS: dict[str, str] = config_module.FIELD_KEYS
 """``Config`` field -> the config file key it comes from (a field not listed: its own name)."""
 CLIENT_KEYS = frozenset({"client.timeout_ms", "client.retries", "client.local_reads"})
 """Keys no lmshardd process uses: each client reads them when it loads the config."""

@@ -39,7 +39,7 @@ from prometheus_client.exposition import choose_encoder
 from lmshard import security, stats_board, stats_wire
 from lmshard.config import Config, format_http, is_loopback, parse_http
 from lmshard.errors import Error
-from lmshardd.owner import report_hangup
+from lmshardd.hangup import report_hangup
 
 log = logging.getLogger("lmshardd.monitor")
 

@@ -110,7 +110,7 @@ class ShardOwner:
             on_open=self._check_identity,
         )
         self.env = self.store.env
-        self.tables = self.store._tables  # noqa: SLF001 - until Store offers its TableMap
+        self.tables = self.store.tables
         self.clients_db = self.env.open_db(CLIENTS_DB)
         self.counters = OwnerCounters(last_txn_id=self.env.info()["last_txnid"])
         self.stopping = False

@@ -315,7 +315,7 @@ class Reader:
 
 def _tables(store: Store) -> TableMap:
     """The store's tables bound to its environment."""
-    return store._tables  # noqa: SLF001 - until Store offers its TableMap
+    return store.tables
 
 
 def _run(store: Store, cmd: Command, args: Any) -> Any:

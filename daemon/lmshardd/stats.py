@@ -1,7 +1,7 @@
 """The owner's stats channel: a ``stat.<shard>`` message on a PUB socket every stats interval.
 
-``make_channel`` is found by the owner (``CHANNEL_MODULES``), so every owner publishes unless
-``LMSHARD_STATS=0`` is in its environment. The message is declared in ``lmshard.stats_wire``
+``make_channel`` is listed in ``lmshardd.channels.CHANNEL_FACTORIES``, so every owner publishes
+unless ``LMSHARD_STATS=0`` is in its environment. The message is declared in ``lmshard.stats_wire``
 (``STAT``); the body built here is packed through that declaration.
 
 Publishing must never hold a commit up. ``after_commit`` runs on the commit path and only adds a

@@ -60,9 +60,7 @@ from lmshard.config.model import (
 )
 from lmshard.config.sizes import PAGE_SIZE, parse_size
 
-_SPEC = SETTINGS  # the name tests/test_config.py and tests/test_sighup.py know it by
-_FIELD_KEYS = FIELD_KEYS  # the name lmshardd.owner knows it by
-_split_host_port = split_host_port  # the name lmshard.security knows it by
+_SPEC = SETTINGS  # the name tests/test_config.py knows it by
 
 __all__ = [
     "DEFAULT_BACKUP_ENDPOINT",

@@ -7,9 +7,8 @@ are the one list of those modules. A module that declares a new channel is added
 from __future__ import annotations
 
 # Every module that declares a wire channel (imported for that, in the order rendered):
-import lmshard.backup  # noqa: F401  the backup channel
-import lmshard.config  # noqa: F401  declares ConfigError, a row of the error table
-import lmshard.monitoring  # noqa: F401  the stats channel
+import lmshard.backup_wire  # noqa: F401  the backup channel
+import lmshard.stats_wire  # noqa: F401  the stats and monitor channels
 from lmshard import wire
 from lmshard.errors import error_classes
 from lmshard.keys import MAX_KEY_SIZE

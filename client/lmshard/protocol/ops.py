@@ -180,7 +180,7 @@ def apply_ops(w: WriteTxn, ops: list[Op]) -> list[Any]:
     """Apply validated ops inside one (nested) write transaction; per-op results."""
     results: list[Any] = []
     append = results.append
-    txn = w._txn  # noqa: SLF001 - the plain put of an index-free table, inlined below
+    txn = w.txn  # the plain put of an index-free table, inlined below
     for code, b, kb, arg in ops:
         if code == OP_PUT:
             if b.indexes or len(arg) >= LARGE_VALUE:
