@@ -77,7 +77,8 @@ def test_make_run_serves_the_default_config_until_ctrl_c() -> None:
             everything = st.get("processes", [])
             procs = [p for p in everything if "shard" in p]
             if (len(procs) == 4 and all(p["health"] for p in procs)
-                    and all(p["state"] == "RUNNING" for p in everything)):
+                    and all(p["state"] == "RUNNING" for p in everything)
+                    and any(p.get("metrics") for p in everything)):  # the monitor answers
                 break
             assert make.poll() is None, (tmp / "make.out").read_text()
             assert time.monotonic() < deadline, (tmp / "make.out").read_text()
@@ -128,8 +129,12 @@ def test_make_run_serves_the_default_config_until_ctrl_c() -> None:
         assert status(repo)["supervisord"]["running"] is False
     finally:
         if make.poll() is None:
-            os.killpg(make.pid, signal.SIGKILL)
-            make.wait()
+            os.killpg(make.pid, signal.SIGINT)  # as Ctrl-C: supervisord stops its processes
+            try:
+                make.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(make.pid, signal.SIGKILL)
+                make.wait()
         subprocess.run([sys.executable, "-m", "lmshard.ops.cli", "down", "-c",
                         str(repo / "config" / "lmshard.toml")], capture_output=True, timeout=120)
         log.close()

@@ -75,6 +75,7 @@ CLIENT = textwrap.dedent("""
     import lmshard
     from lmshard.config import load_config
     from lmshard.errors import ShardUnavailable
+    from lmshard.protocol import COUNT, GET, GET_MANY, LOOKUP
     from lmshard.remote import ReaderPool
 
     cfg, rogue = load_config(sys.argv[1]), load_config(sys.argv[2])

@@ -33,8 +33,8 @@ from tests.faults.schema import counters, rows
 from tests.faults.workload import COUNTERS, GROUPS, NAMES, TIMEOUT_MS, register, run_worker
 
 REPO = Path(__file__).resolve().parents[2]
-LMSHARD = Path(sys.executable).with_name("lmshard")
-"""The console script of this venv: the operator's command, whatever module implements it."""
+LMSHARD = [sys.executable, "-m", "lmshard.ops.cli"]
+"""The operator's command (the ``lmshard`` console script runs the same)."""
 
 PAUSE_SECONDS = TIMEOUT_MS * 3 / 1000
 """A SIGSTOPped process stays stopped longer than a client's timeout and retry."""
@@ -60,7 +60,7 @@ class Summary:
 def lmshard_cmd(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return subprocess.run([str(LMSHARD), *args], capture_output=True, text=True,
+    return subprocess.run([*LMSHARD, *args], capture_output=True, text=True,
                           timeout=timeout, env=env, stdin=subprocess.DEVNULL)
 
 
