@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench faults lint clean
+.PHONY: run test bench faults soak lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench: $(STAMP)
 # Histories under a nemesis, checked (tests/faults); FAULTS_ARGS="--minutes 10" for longer.
 faults: $(STAMP)
 	$(PY) -m tests.faults $(or $(FAULTS_ARGS),--histories 3)
+
+# A long history with periodic faults; owner RSS, fds and reader slots must stay flat.
+soak: $(STAMP)
+	$(PY) -m tests.faults.soak $(or $(SOAK_ARGS),--minutes 10)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

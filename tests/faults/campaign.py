@@ -39,7 +39,10 @@ LMSHARD = [sys.executable, "-m", "lmshard.ops.cli"]
 PAUSE_SECONDS = TIMEOUT_MS * 3 / 1000
 """A SIGSTOPped process stays stopped longer than a client's timeout and retry."""
 
-FAULT_KINDS = ("kill-owner", "pause-owner", "kill-reader", "kill-monitor", "kill-client")
+FAULT_KINDS = ("kill-owner", "pause-owner", "kill-reader", "kill-monitor", "kill-client",
+               "restart-supervisord")
+LOW_FDS = 64
+"""Every third client runs with this few open files allowed (sockets, LMDB, its history)."""
 
 
 @dataclass
@@ -50,6 +53,8 @@ class Summary:
     outcomes: Counter[str] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
     anomalies: list[str] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    """Resource samples over the run (``sample_every``): time, owner RSS and fds, slots."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "seconds": self.seconds, "operations": self.operations,
@@ -82,6 +87,15 @@ class Service:
 
     def down(self) -> None:
         lmshard_cmd("down", "-c", str(self.toml))
+
+    def restart(self) -> bool:
+        """supervisord stopped (TERM: it stops every process cleanly) and started again."""
+        self.down()
+        for _ in range(3):  # a client may hold a socket name for a moment: try again
+            if lmshard_cmd("up", "-c", str(self.toml)).returncode == 0:
+                return True
+            time.sleep(0.5)
+        raise RuntimeError("lmshard up failed three times after a restart")
 
     def processes(self) -> dict[str, int]:
         """supervisord's RUNNING processes of the service: name -> pid."""
@@ -116,7 +130,7 @@ class Clients:
         self.started += 1
         p = self.ctx.Process(target=run_worker, args=(
             str(self.toml), name, str(self.out / f"{name}.jsonl"), left,
-            self.rng.randrange(2**32)))
+            self.rng.randrange(2**32), LOW_FDS if self.started % 3 == 0 else None))
         p.start()
         self.procs.append(p)
 
@@ -142,15 +156,16 @@ class Nemesis(threading.Thread):
     """Injects one fault of ``kinds`` every 0.3-1.5 s until stopped; heals paused processes."""
 
     def __init__(self, service: Service, clients: Clients, kinds: tuple[str, ...],
-                 rng: random.Random) -> None:
+                 rng: random.Random, interval: tuple[float, float] = (0.3, 1.5)) -> None:
         super().__init__(name="nemesis", daemon=True)
         self.service, self.clients, self.kinds, self.rng = service, clients, kinds, rng
+        self.interval = interval
         self.stop = threading.Event()
         self.faults: Counter[str] = Counter()
         self.paused: list[int] = []
 
     def run(self) -> None:
-        while not self.stop.wait(self.rng.uniform(0.3, 1.5)):
+        while not self.stop.wait(self.rng.uniform(*self.interval)):
             kind = self.rng.choice(self.kinds)
             if self.inject(kind):
                 self.faults[kind] += 1
@@ -158,6 +173,8 @@ class Nemesis(threading.Thread):
     def inject(self, kind: str) -> bool:
         if kind == "kill-client":
             return self.clients.kill_one()
+        if kind == "restart-supervisord":
+            return self.service.restart()
         prefix = {"kill-owner": "lmshard:shard_", "pause-owner": "lmshard:shard_",
                   "kill-reader": "lmshard:reader_", "kill-monitor": "lmshard:monitor"}[kind]
         try:
@@ -215,9 +232,48 @@ def final_reads(toml: Path) -> tuple[list[Op], dict[str, int], list[str]]:
     return ops, totals, problems
 
 
+def sample(service: Service) -> dict[str, Any]:
+    """The owners' RSS (KiB) and open fds, and each shard's reader slots held, now."""
+    done = lmshard_cmd("status", "--json", "-c", str(service.toml))
+    procs = json.loads(done.stdout)["processes"]
+    owners = [p for p in procs if "shard" in p and p["pid"]]
+    rss, fds = 0, 0
+    for p in owners:
+        try:
+            status = Path(f"/proc/{p['pid']}/status").read_text()
+            rss += int(next(line.split()[1] for line in status.splitlines()
+                            if line.startswith("VmRSS:")))
+            fds += len(os.listdir(f"/proc/{p['pid']}/fd"))
+        except (OSError, StopIteration):
+            pass
+    slots = sum((p.get("health") or {}).get("readers", 0) for p in owners)
+    return {"t": time.monotonic(), "owners": len(owners), "rss_kib": rss, "fds": fds,
+            "reader_slots": slots}
+
+
+def _sampling(service: Service, every: float | None, samples: list[dict[str, Any]],
+              stop: threading.Event) -> threading.Thread | None:
+    if every is None:
+        return None
+
+    def run() -> None:
+        while not stop.wait(every):
+            try:
+                samples.append(sample(service))
+            except (ValueError, KeyError, subprocess.SubprocessError):
+                pass  # the service was restarting: no sample this time
+
+    t = threading.Thread(target=run, name="sampler", daemon=True)
+    t.start()
+    return t
+
+
 def run_history(seconds: float, kinds: tuple[str, ...] = FAULT_KINDS, workers: int = 4,
-                seed: int | None = None, keep: Path | None = None) -> Summary:
-    """One history; its summary (``anomalies`` empty when every check passed)."""
+                seed: int | None = None, keep: Path | None = None,
+                interval: tuple[float, float] = (0.3, 1.5),
+                sample_every: float | None = None) -> Summary:
+    """One history; its summary (``anomalies`` empty when every check passed). ``interval``:
+    seconds between faults (drawn uniformly); ``sample_every``: take resource samples."""
     seed = random.randrange(2**32) if seed is None else seed
     rng = random.Random(seed)
     base = Path(tempfile.mkdtemp(prefix="lmsf-"))
@@ -230,12 +286,18 @@ def run_history(seconds: float, kinds: tuple[str, ...] = FAULT_KINDS, workers: i
         clients = Clients(service.toml, out, seconds, rng)
         for _ in range(workers):
             clients.start()
-        nemesis = Nemesis(service, clients, kinds, rng)
+        nemesis = Nemesis(service, clients, kinds, rng, interval)
         nemesis.start()
+        sampling_done = threading.Event()
+        sampler = _sampling(service, sample_every, summary.samples, sampling_done)
         time.sleep(seconds)
         nemesis.heal()
         clients.join()
         service.healthy()
+        sampling_done.set()
+        if sampler is not None:
+            sampler.join(30)
+            summary.samples.append(sample(service))
         ops = load(sorted(out.glob("*.jsonl")))
         last, totals, problems = final_reads(service.toml)
         ops += last

@@ -61,7 +61,7 @@ class Worker:
         return f"{self.name}:{self.seq}"
 
     def run(self, seconds: float) -> None:
-        ops = (self.write, self.read, self.read, self.cas, self.incr, self.batch)
+        ops = (self.write, self.read, self.read, self.cas, self.incr, self.batch, self.stream)
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             self.rng.choice(ops)()
@@ -128,13 +128,39 @@ class Worker:
         for op in ids:
             self.rec.complete(op, outcome)
 
+    def stream(self) -> None:
+        """A pipelined writer stream of register writes, acked together at its end (a client
+        killed mid-stream leaves them all unknown)."""
+        batch_size = self.rng.choice((1, 4, 16))
+        writes = [(self.rng.choice(GROUPS), self.rng.choice(NAMES), self.value())
+                  for _ in range(self.rng.randrange(4, 40))]
+        ids = []
+        try:
+            with self.client.writer(batch_size=batch_size, window=2) as w:
+                for g, n, v in writes:
+                    ids.append(self.rec.invoke(register(g, n), "write", v))
+                    w.put(rows, (g, n), row(g, v))
+        except lmshard.Error as exc:
+            # Refused batches are named per shard, not per op: every op of the stream is
+            # counted unknown unless the error says nothing at all was applied.
+            outcome = FAIL if isinstance(exc, FAILS) else UNKNOWN
+        else:
+            outcome = OK
+        for op in ids:
+            self.rec.complete(op, outcome)
+
     def close(self) -> None:
         self.rec.close()
         self.client.close()
 
 
-def run_worker(config: str, name: str, out: str, seconds: float, seed: int) -> None:
-    """Entry point of a spawned client process."""
+def run_worker(config: str, name: str, out: str, seconds: float, seed: int,
+               max_fds: int | None = None) -> None:
+    """Entry point of a spawned client process; ``max_fds`` lowers its open-file limit."""
+    if max_fds is not None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max_fds, max_fds))
     w = Worker(config, name, Path(out), seed)
     try:
         w.run(seconds)
