@@ -8,17 +8,13 @@ as root here and in CI); skipped otherwise.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from lmshard.config import CurveConfig, make_config
 from lmshard.ops.keys_cli import new_key_pair
@@ -26,48 +22,6 @@ from tests.cluster import REPO, env_for_children
 
 SHARDS = 2
 READERS = 2
-
-
-def _ip(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-
-
-@pytest.fixture
-def two_hosts() -> Iterator[tuple[str, str, str, str]]:
-    """(namespace A, address A, namespace B, address B), removed afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("creating network namespaces needs root")
-    if shutil.which("ip") is None:
-        pytest.skip("the ip command (iproute2) is not installed")
-    tag = f"{os.getpid() % 100000}"
-    ns_a, ns_b = f"lmsA{tag}", f"lmsB{tag}"
-    veth_a, veth_b = f"lmva{tag}", f"lmvb{tag}"
-    net = f"10.201.{os.getpid() % 200 + 20}"
-    addr_a, addr_b = f"{net}.1", f"{net}.2"
-    made: list[str] = []
-    try:
-        for ns in (ns_a, ns_b):
-            r = _ip("netns", "add", ns)
-            if r.returncode != 0:
-                pytest.skip(f"cannot create a network namespace: {r.stderr.strip()}")
-            made.append(ns)
-        steps = [
-            ("link", "add", veth_a, "netns", ns_a, "type", "veth", "peer", "name", veth_b,
-             "netns", ns_b),
-            ("-n", ns_a, "addr", "add", f"{addr_a}/24", "dev", veth_a),
-            ("-n", ns_b, "addr", "add", f"{addr_b}/24", "dev", veth_b),
-            ("-n", ns_a, "link", "set", veth_a, "up"),
-            ("-n", ns_b, "link", "set", veth_b, "up"),
-            ("-n", ns_a, "link", "set", "lo", "up"),
-            ("-n", ns_b, "link", "set", "lo", "up"),
-        ]
-        for step in steps:
-            r = _ip(*step)
-            assert r.returncode == 0, (step, r.stderr)
-        yield ns_a, addr_a, ns_b, addr_b
-    finally:
-        for ns in made:
-            _ip("netns", "del", ns)  # takes the veth pair with it
 
 
 CLIENT = textwrap.dedent("""
