@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +38,12 @@ from lmshard.backup_wire import (
     decode,
     pack,
 )
-from lmshard.errors import ProtocolError
+from lmshard.errors import ProtocolError, ShardUnavailable
 from lmshard.ops import backup
 from lmshard.ops.cli import main as lmshard_main
 from lmshard.testing import LocalService
-from tests.cluster import Cluster
+from tests.cluster import Cluster, wait_for
+from tests.faults.backup_check import RestoredCut, backup_restore_rows
 from tests.workers import BATCH, series_on_shard
 
 pytestmark = pytest.mark.slow
@@ -55,14 +59,14 @@ BLOBS = 1024
 # --------------------------------------------------------------------------------------------
 
 
-def shard_writer(config_path: str, shard: int, worker: int, out: str, started: str,
+def shard_writer(config_path: str, shard: int, name: str, out: str, started: str,
                  stop: str) -> None:
     """Batches of 10 events + 1 counter increment on one shard until ``stop`` exists; logs
-    every acked batch with the txn id it landed in."""
+    every acked batch with the txn id it landed in. ``name`` is unique per test."""
     acked: list[list[int]] = []
     try:
         with lmshard.connect(config_path, timeout_ms=1000, retries=20) as c:
-            series = series_on_shard(c, shard, f"bw{worker}")
+            series = series_on_shard(c, shard, name)
             n = 0
             while not os.path.exists(stop):
                 with c.batch() as b:
@@ -79,14 +83,14 @@ def shard_writer(config_path: str, shard: int, worker: int, out: str, started: s
     Path(out).write_text(json.dumps(result))
 
 
-def chain_writer(config_path: str, out: str, started: str, stop: str) -> None:
+def chain_writer(config_path: str, name: str, out: str, started: str, stop: str) -> None:
     """Step i goes to shard i % shards and is sent only after step i-1 was acked, so a cut that
     is one point in time holds a prefix of the steps and never a step without its predecessor."""
     steps: list[list[int]] = []
     try:
         with lmshard.connect(config_path, timeout_ms=1000, retries=20) as c:
             shards = c.config.shards
-            series = [series_on_shard(c, s, f"chain{s}") for s in range(shards)]
+            series = [series_on_shard(c, s, f"{name}{s}") for s in range(shards)]
             i = 0
             while not os.path.exists(stop):
                 s = i % shards
@@ -158,8 +162,8 @@ def _dealer(cluster: Cluster, shard: int) -> zmq.Socket[bytes]:
 
 
 def _answer(sock: zmq.Socket[bytes]) -> tuple[wire.Message, list[Any]]:
-    m, _session, values, _data = decode(sock.recv_multipart(), "owner")
-    return m, values
+    got = decode(sock.recv_multipart(), "owner")
+    return got.message, got.values
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -181,6 +185,50 @@ def _events_by_batch(c: lmshard.Client, series: str) -> dict[int, int]:
     return by_batch
 
 
+@contextlib.contextmanager
+def _writing_hard(cluster: Cluster, tmp_path: Path, name: str) -> Iterator[dict[str, Any]]:
+    """A writer per shard and a chain writer across shards (series named after ``name``),
+    started and writing; after the block they stop, and the dict yielded gets their logs:
+    ``writers`` (one per shard) and ``chain``."""
+    ctx = mp.get_context("spawn")
+    cfg = str(cluster.config_path)
+    stop = tmp_path / "stop"
+    jobs: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
+        (shard_writer, (cfg, s, f"{name}-w{s}-", str(tmp_path / f"w{s}.json"),
+                        str(tmp_path / f"s{s}"), str(stop))) for s in range(4)]
+    jobs.append((chain_writer, (cfg, f"{name}-chain", str(tmp_path / "chain.json"),
+                                str(tmp_path / "schain"), str(stop))))
+    procs = [ctx.Process(target=t, args=a) for t, a in jobs]
+    for p in procs:
+        p.start()
+    logs: dict[str, Any] = {}
+    try:
+        deadline = time.monotonic() + 30
+        while not all((tmp_path / n).exists() for n in ("s0", "s1", "s2", "s3", "schain")):
+            assert time.monotonic() < deadline, "the writers did not start"
+            assert all(p.exitcode is None for p in procs)
+            time.sleep(0.05)
+        time.sleep(0.3)
+        yield logs
+        time.sleep(0.3)  # writes go on after the cut
+    finally:
+        stop.touch()
+        for p in procs:
+            p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    logs["writers"] = [json.loads((tmp_path / f"w{s}.json").read_text()) for s in range(4)]
+    logs["chain"] = json.loads((tmp_path / "chain.json").read_text())
+    assert [w["error"] for w in logs["writers"]] == [None] * 4 and logs["chain"]["error"] is None
+
+
+def _steps_at_the_cut(chain: dict[str, Any], cut: dict[int, int]) -> set[int]:
+    """The chain writer's steps a backup with ``cut`` must hold: a prefix of the steps, and
+    not all of them (the cut fell inside the run)."""
+    expected = {i for i, s, t in chain["steps"] if t <= cut[s]}
+    assert expected == set(range(len(expected))) and len(expected) < len(chain["steps"])
+    return expected
+
+
 # --------------------------------------------------------------------------------------------
 # The consistent cut
 # --------------------------------------------------------------------------------------------
@@ -189,33 +237,9 @@ def _events_by_batch(c: lmshard.Client, series: str) -> dict[int, int]:
 def test_consistent_backup_under_load_restores_exactly_the_cut(
     cluster4: Cluster, tmp_path: Path
 ) -> None:
-    ctx = mp.get_context("spawn")
-    cfg = str(cluster4.config_path)
-    stop = tmp_path / "stop"
-    jobs = [(shard_writer, (cfg, s, s, str(tmp_path / f"w{s}.json"), str(tmp_path / f"s{s}"),
-                            str(stop))) for s in range(4)]
-    jobs.append((chain_writer, (cfg, str(tmp_path / "chain.json"), str(tmp_path / "schain"),
-                                str(stop))))
-    procs = [ctx.Process(target=t, args=a) for t, a in jobs]
-    for p in procs:
-        p.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not all((tmp_path / n).exists() for n in ("s0", "s1", "s2", "s3", "schain")):
-            assert time.monotonic() < deadline, "the writers did not start"
-            assert all(p.exitcode is None for p in procs)
-            time.sleep(0.05)
-        time.sleep(0.3)
+    with _writing_hard(cluster4, tmp_path, "load") as logs:
         result = backup.take_backup(cluster4.config, tmp_path / "bk")
-        time.sleep(0.3)  # writes go on after the cut
-    finally:
-        stop.touch()
-        for p in procs:
-            p.join(60)
-    assert all(p.exitcode == 0 for p in procs)
-    writers = [json.loads((tmp_path / f"w{s}.json").read_text()) for s in range(4)]
-    chain = json.loads((tmp_path / "chain.json").read_text())
-    assert [w["error"] for w in writers] == [None] * 4 and chain["error"] is None
+    writers, chain = logs["writers"], logs["chain"]
     m = result.manifest
     cut = {sf.shard: sf.txn_id for sf in m.shards}
     assert m.consistent and m.shard_ids == [0, 1, 2, 3]
@@ -243,13 +267,126 @@ def test_consistent_backup_under_load_restores_exactly_the_cut(
                 steps = {v["step"] for _k, v in c.scan("events", prefix=(series,))}
                 assert all(i % 4 == s for i in steps)
                 present |= steps
-            expected = {i for i, s, t in chain["steps"] if t <= cut[s]}
-            assert present == expected
-            assert present == set(range(len(present)))  # a prefix: one point in time
-            assert len(present) < len(chain["steps"])
+            assert present == _steps_at_the_cut(chain, cut)  # a prefix: one point in time
             assert c.count("users") == 200 and len(c.lookup("items", "by_group", 3)) == 40
     finally:
         restored.stop()
+
+
+def test_an_owner_stopped_during_the_cut_gets_a_new_attempt(cluster4: Cluster, tmp_path: Path
+                                                            ) -> None:
+    """Issue 18's failure: under load, one owner SIGSTOPped past the barrier's timeout during
+    the cut. The first attempt gives up on it and resumes the others; the owner's late PAUSED
+    is recognised as the old attempt's; the second attempt cuts every shard at one point in
+    time, and the restored copy (read back by the fault campaign's check) holds exactly it."""
+    notes = io.StringIO()
+    pid = cluster4.pid(1)
+    with _writing_hard(cluster4, tmp_path, "stopped") as logs:
+        os.kill(pid, signal.SIGSTOP)
+        wake = threading.Timer(2.0, os.kill, (pid, signal.SIGCONT))
+        wake.start()
+        try:
+            got = backup_restore_rows(cluster4.config_path, tmp_path / "check",
+                                      progress=backup.Progress("backup", notes))
+        finally:
+            wake.cancel()
+            os.kill(pid, signal.SIGCONT)
+    text = notes.getvalue()
+    print(f"\n{text}")
+    assert re.search(r"backup: retrying the cut \(attempt 2 of 3\): shards? (\d, )*1(, \d)* "
+                     r"did not answer PAUSED within 1\.5 s\n", text), text
+    assert got.attempts >= 2 and f"(attempt {got.attempts} of 3)" in text
+    _assert_rows_of_the_cut(got, logs)
+    with cluster4.client(timeout_ms=500, retries=0) as c:  # no owner was left paused
+        for shard in range(4):
+            assert c.ping(shard)["shard"] == shard
+    wait_for("every snapshot released",
+             lambda: not any(_snapshot_txns(cluster4, s) for s in range(4)))
+
+
+def _assert_rows_of_the_cut(got: RestoredCut, logs: dict[str, Any]) -> None:
+    """``got`` holds every batch the writers had acked by the cut and none after."""
+    events: dict[str, list[dict[str, Any]]] = {}
+    for (table, key), value in got.rows.items():
+        if table == "events":
+            events.setdefault(key[0], []).append(value)
+    for w in logs["writers"]:
+        before = {n for n, t in w["acked"] if t <= got.cut[w["shard"]]}
+        assert before and len(before) < len(w["acked"])  # the cut fell inside the run
+        batches = [v["batch"] for v in events[w["series"]]]
+        assert sorted(batches) == sorted(n for n in before for _ in range(BATCH))
+        assert got.rows["counters", w["series"]] == len(before)
+    chain = logs["chain"]
+    steps = {v["step"] for series in chain["series"] for v in events.get(series, [])}
+    assert steps == _steps_at_the_cut(chain, got.cut)
+    assert sum(table == "users" for table, _ in got.rows) == 200
+
+
+def test_backup_check_reads_back_every_row_the_service_holds(cluster4: Cluster, tmp_path: Path
+                                                             ) -> None:
+    got = backup_restore_rows(cluster4.config_path, tmp_path / "check")
+    schema = cluster4.config.load_schema()
+    with cluster4.client() as c:
+        held = {(t, tuple(k) if isinstance(k, list) else k): v
+                for t in schema.tables for k, v in c.scan(t)}
+        last = {s: c.ping(s)["txn_id"] for s in range(4)}
+    assert got.rows == held and len(held) >= 400
+    assert got.cut == last and got.attempts == 1
+    assert got.backup.parent == tmp_path / "check" / "backups"
+    assert sorted(p.name for p in got.data_dir.iterdir()) == [f"shard-{n:02d}" for n in range(4)]
+
+
+def _ask(sock: zmq.Socket[bytes], session: bytes, m: wire.Message, attempt: int,
+         *values: Any) -> tuple[wire.Message, int, list[Any]]:
+    sock.send(pack(m, session, attempt, *values))
+    got = decode(sock.recv_multipart(), "owner")
+    assert got.session == session
+    return got.message, got.attempt, got.values
+
+
+def test_the_owner_keys_its_pause_by_attempt(cluster4: Cluster) -> None:
+    s, sock = os.urandom(16), _dealer(cluster4, 2)
+    assert _ask(sock, s, PAUSE, 1, 2000)[:2] == (PAUSED, 1)
+    assert _ask(sock, s, PAUSE, 2, 2000)[:2] == (PAUSED, 2)  # a later attempt takes it over
+    m, attempt, values = _ask(sock, s, PAUSE, 1, 2000)
+    assert (m, attempt) == (ERROR, 1) and "came after attempt 2" in values[1]
+    m, attempt, values = _ask(sock, s, SNAPSHOT, 1, True, backup.CHUNK_SIZE)
+    assert (m, attempt) == (ERROR, 1) and "no pause on the shard for this attempt" in values[1]
+    assert _ask(sock, s, RESUME, 1)[:2] == (RESUMED, 1)
+    with cluster4.client(timeout_ms=300, retries=0) as c, pytest.raises(ShardUnavailable):
+        c.ping(2)  # an earlier attempt's RESUME leaves attempt 2's pause on
+    assert _ask(sock, s, RESUME, 2)[:2] == (RESUMED, 2)
+    with cluster4.client(timeout_ms=1000, retries=0) as c:
+        assert c.ping(2)["shard"] == 2
+    sock.close()
+
+
+def test_a_snapshot_of_an_abandoned_attempt_is_released(cluster4: Cluster) -> None:
+    """An owner stopped through a whole abandoned attempt reads it all at once when it wakes:
+    the snapshot that attempt asked for is released, not left to stream, and the next attempt
+    cuts."""
+    s, sock, pid = os.urandom(16), _dealer(cluster4, 2), cluster4.pid(2)
+    requests: list[tuple[Any, ...]] = [
+        (PAUSE, 1, 2000), (SNAPSHOT, 1, True, backup.CHUNK_SIZE), (CANCEL, 1), (RESUME, 1),
+        (PAUSE, 2, 2000), (SNAPSHOT, 2, True, backup.CHUNK_SIZE)]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for m, attempt, *values in requests:
+            sock.send(pack(m, s, attempt, *values))
+        time.sleep(0.2)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    answers: list[tuple[wire.Message, int]] = []
+    while (READY, 2) not in answers:
+        got = decode(sock.recv_multipart(), "owner")
+        answers.append((got.message, got.attempt))
+    # READY of attempt 1 comes only if CANCEL reached the owner after the snapshot was open.
+    assert [a for a in answers if a != (READY, 1)] == [(PAUSED, 1), (RESUMED, 1), (PAUSED, 2),
+                                                       (READY, 2)]
+    assert len(_snapshot_txns(cluster4, 2)) == 1  # attempt 2's
+    sock.send(pack(CANCEL, s, 2))
+    wait_for("attempt 2's snapshot released", lambda: not _snapshot_txns(cluster4, 2))
+    sock.close()
 
 
 def test_no_consistent_backup_and_keep_retention(
@@ -281,23 +418,23 @@ def test_no_consistent_backup_and_keep_retention(
 def test_pause_is_lifted_when_the_coordinator_vanishes(cluster4: Cluster) -> None:
     a, b = os.urandom(16), os.urandom(16)
     sock = _dealer(cluster4, 0)
-    sock.send(pack(PAUSE, a, 300))
+    sock.send(pack(PAUSE, a, 1, 300))
     m, values = _answer(sock)
     assert m is PAUSED and values[0] > 0
     other = _dealer(cluster4, 0)
-    other.send(pack(PAUSE, b, 300))
+    other.send(pack(PAUSE, b, 1, 300))
     m, values = _answer(other)
     assert m is ERROR and "another backup" in values[1]
     sock.close()  # the coordinator is gone without lifting its pause
     with cluster4.client(timeout_ms=3000, retries=0) as c:
         assert c.ping(0)["shard"] == 0  # held while paused, answered once the pause expired
     again = _dealer(cluster4, 0)
-    again.send(pack(SNAPSHOT, a, True, backup.CHUNK_SIZE))
+    again.send(pack(SNAPSHOT, a, 1, True, backup.CHUNK_SIZE))
     m, values = _answer(again)
     assert m is ERROR and "holds no pause" in values[1]
-    other.send(pack(PAUSE, b, 1000))  # the barrier is free again
+    other.send(pack(PAUSE, b, 1, 1000))  # the barrier is free again
     assert _answer(other)[0] is PAUSED
-    other.send(pack(RESUME, b))
+    other.send(pack(RESUME, b, 1))
     assert _answer(other)[0] is RESUMED
     for s in (other, again):
         s.close()
@@ -308,8 +445,10 @@ def test_a_shard_missing_at_the_barrier_fails_the_backup_and_resumes_the_others(
 ) -> None:
     cluster4.kill(3, signal.SIGTERM)
     try:
-        with pytest.raises(backup.BackupError, match=r"shard\(s\) 3 did not answer PAUSE"):
-            backup.take_backup(cluster4.config, tmp_path / "bk", barrier_timeout=0.5)
+        with pytest.raises(backup.BackupError, match=r"no consistent cut in 2 attempts; the "
+                           r"last: shard 3 did not answer PAUSED within 0.5 s"):
+            backup.take_backup(cluster4.config, tmp_path / "bk", barrier_timeout=0.5,
+                               cut_attempts=2)
         assert list((tmp_path / "bk").iterdir()) == []
         # RESUME lifted the others' pause at once: far sooner than their own 2 s timeout.
         with cluster4.client(timeout_ms=500, retries=0) as c:
@@ -326,14 +465,19 @@ def test_hostile_frames_on_the_backup_socket_get_errors(cluster4: Cluster, tmp_p
     bad = [
         [b""],
         [b"\x01\xc1"],
-        [b"\x07" + pack(PAUSE, session, 100)[1:]],  # wrong protocol version
-        [protocol.VERSION_BYTE + b"\x93\x63\xc4\x10" + session + b"\x01"],  # unknown code 99
-        [pack(PAUSE, session, 10**9)],  # pause longer than allowed
-        [pack(PAUSE, b"short", 100)],
-        [pack(SNAPSHOT, session, True, 10)],  # chunk too small
-        [pack(CREDIT, session, 5)],  # no stream
-        [pack(PAUSE, session, 100), b"extra", b"frames"],
-        [pack(READY, session, 1, 1, 1)],  # an owner's message
+        [b"\x07" + pack(PAUSE, session, 1, 100)[1:]],  # wrong protocol version
+        # version 1's PAUSE, without the attempt id
+        [protocol.VERSION_BYTE + b"\x93\x01\xc4\x10" + session + b"\x64"],
+        [bytes([backup_wire.BACKUP_VERSION]) + b"\x94\x63\xc4\x10" + session
+         + b"\x01\x01"],  # unknown code 99
+        [pack(PAUSE, session, -1, 100)],  # bad attempt
+        [pack(PAUSE, session, "1", 100)],  # type: ignore[arg-type]  # on purpose
+        [pack(PAUSE, session, 1, 10**9)],  # pause longer than allowed
+        [pack(PAUSE, b"short", 1, 100)],
+        [pack(SNAPSHOT, session, 1, True, 10)],  # chunk too small
+        [pack(CREDIT, session, 1, 5)],  # no stream
+        [pack(PAUSE, session, 1, 100), b"extra", b"frames"],
+        [pack(READY, session, 1, 1, 1, 1)],  # an owner's message
     ]
     for frames in bad:
         sock.send_multipart(frames)
@@ -406,9 +550,9 @@ def _snapshot_txns(cluster: Cluster, shard: int) -> list[str]:
 
 def _open_stream(cluster: Cluster, credit: int) -> tuple[zmq.Socket[bytes], bytes]:
     sock, session = _dealer(cluster, 0), os.urandom(16)
-    sock.send(pack(SNAPSHOT, session, False, backup.CHUNK_SIZE))
+    sock.send(pack(SNAPSHOT, session, 1, False, backup.CHUNK_SIZE))
     assert _answer(sock)[0] is READY
-    sock.send(pack(CREDIT, session, credit))
+    sock.send(pack(CREDIT, session, 1, credit))
     for _ in range(credit):
         assert _answer(sock)[0] is CHUNK
     assert not sock.poll(200)  # no credit left: the owner sends nothing more
@@ -420,7 +564,7 @@ def test_cancelled_stream_releases_its_snapshot_and_sigterm_stops_a_streaming_ow
 ) -> None:
     sock, session = _open_stream(big_cluster, 2)
     assert len(_snapshot_txns(big_cluster, 0)) == 1  # the copier holds the snapshot
-    sock.send(pack(CANCEL, session))
+    sock.send(pack(CANCEL, session, 1))
     deadline = time.monotonic() + 10
     while _snapshot_txns(big_cluster, 0):
         assert time.monotonic() < deadline, "the cancelled stream kept its read transaction"
@@ -565,12 +709,15 @@ def test_docs_show_the_message_table_of_the_registry() -> None:
 
 
 def test_frame_bytes() -> None:
-    """The byte format itself: version byte, then msgpack ``[code, session, fields...]``."""
+    """The byte format itself: version byte 2, then msgpack ``[code, session, attempt,
+    fields...]``."""
     session = bytes(range(16))
-    assert pack(PAUSE, session, 300) == b"\x01\x93\x01\xc4\x10" + session + b"\xcd\x01\x2c"
-    assert pack(RESUME, session) == b"\x01\x92\x04\xc4\x10" + session
-    assert pack(ERROR, b"", 60, "bad", None) == b"\x01\x95\xcc\xc7\xc4\x00\x3c\xa3bad\xc0"
-    m, got, values, data = decode([pack(CHUNK, session, 7), b"bytes"], "owner")
-    assert (m, got, values, data) == (CHUNK, session, [7], b"bytes")
+    assert pack(PAUSE, session, 2, 300) == (b"\x02\x94\x01\xc4\x10" + session
+                                            + b"\x02\xcd\x01\x2c")
+    assert pack(RESUME, session, 1) == b"\x02\x93\x04\xc4\x10" + session + b"\x01"
+    assert pack(ERROR, b"", 0, 60, "bad", None) == (b"\x02\x96\xcc\xc7\xc4\x00\x00\x3c"
+                                                    b"\xa3bad\xc0")
+    got = decode([pack(CHUNK, session, 3, 7), b"bytes"], "owner")
+    assert tuple(got) == (CHUNK, session, 3, [7], b"bytes")
     with pytest.raises(TypeError):
-        pack(PAUSE, session)
+        pack(PAUSE, session, 1)

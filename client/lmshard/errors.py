@@ -109,6 +109,19 @@ class TransactionError(Error):
     hint = "use transactions as context managers and only inside their block"
 
 
+class DiskFull(StoreFull):
+    """The filesystem of the store is full (ENOSPC); nothing of the write was stored.
+
+    Earlier data is intact and readable, and writes succeed again once there is room: each
+    write is tried anew, with no restart. A StoreFull, so code that stops writing on a full
+    store stops on a full disk too; unlike a map at its cap, it passes once space is freed.
+    """
+
+    code = 43
+    hint = ("free space on the filesystem of data_dir (or grow it); writes succeed again "
+            "by themselves once there is room, no restart needed")
+
+
 class ConfigError(Error, ValueError):
     """The config file is missing, unreadable, not TOML, or has a bad key or value.
 
@@ -223,7 +236,7 @@ ERRORS: tuple[type[Error], ...] = (
     SchemaError, UnknownTable, UnknownIndex, SchemaMismatch,          # 1x the schema
     KeyEncodingError, CodecError, NullIndexValue,                      # 2x keys and values
     UniqueViolation, ConflictError,                                    # 3x a write's conditions
-    StoreFull, ReadOnlyError, TransactionError,                        # 4x the store
+    StoreFull, ReadOnlyError, TransactionError, DiskFull,              # 4x the store
     ConfigError,                                                       # 5x the config
     ProtocolError, ShardUnavailable, LimitExceeded, BatchPartiallyApplied, OutOfOrder,
     BatchesFailed,                                                     # 6x the wire

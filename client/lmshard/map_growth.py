@@ -5,11 +5,20 @@ grows the map between transactions (``grow_map``: doubling, up to a cap), and th
 transaction (``ReplayingWriteTxn``) replays its writes on the bigger map, so a block of writes
 never sees the error. A process that finds the map grown by another (``MapResizedError`` when it
 begins a read) adopts the new size (``begin_read``).
+
+The map is address space, not disk (set_mapsize only maps more; LMDB truncates the file to the
+map size with MDB_WRITEMAP alone, which lmshard does not use), so a commit may find the
+filesystem full although the map has room. The disk fills while LMDB writes or syncs the
+transaction's pages, before the meta page that would make them visible: LMDB aborts the
+transaction and the environment stays usable. ``disk_full`` turns that error into ``DiskFull``;
+the next commit simply tries again.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -17,13 +26,18 @@ from typing import Any
 import lmdb
 
 from lmshard.bound_tables import BoundRef, TableMap
-from lmshard.errors import StoreFull, TransactionError
+from lmshard.errors import DiskFull, StoreFull, TransactionError
 from lmshard.txn import ENDED, WriteTxn
 
 log = logging.getLogger("lmshard.store")
 
 MAP_RESIZE_RETRIES = 100
 """Times a reader adopts a grown map size in a row before it gives up."""
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+"""Errnos of a filesystem that refuses more blocks: no space left, or the quota used up."""
+SHORT_WRITE_FREE_BYTES = 2**20
+"""An EIO counts as a full disk when less than this is left free (1 MiB): LMDB reports a write
+cut short by the filesystem filling up as EIO, not ENOSPC."""
 
 
 def grow_map(env: lmdb.Environment, max_map_size: int, path: str) -> int:
@@ -41,6 +55,31 @@ def grow_map(env: lmdb.Environment, max_map_size: int, path: str) -> int:
     env.set_mapsize(new)
     log.info("grew map of %s from %d to %d bytes", path, current, new)
     return new
+
+
+def disk_full(exc: lmdb.Error, path: str, store: str) -> DiskFull | None:
+    """The DiskFull that ``exc``, raised by LMDB committing to the store at ``path``, means;
+    None when it means something else. ``store`` names the store in the message (``shard 3``)."""
+    code = getattr(exc, "code", 0)
+    free = free_bytes(path)
+    short_write = code == errno.EIO and free is not None and free < SHORT_WRITE_FREE_BYTES
+    if code not in NO_SPACE_ERRNOS and not short_write:
+        return None
+    cause = f"{exc}: a write cut short by the full disk" if short_write else str(exc)
+    left = "unknown" if free is None else f"{free:,} bytes"
+    return DiskFull(
+        f"{store} takes no writes while the filesystem of {path} is full ({cause}; "
+        f"{left} free); nothing of this write was stored"
+    )
+
+
+def free_bytes(path: str) -> int | None:
+    """Bytes an unprivileged process may still write on the filesystem of ``path``."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def begin_read(env: lmdb.Environment, buffers: bool = False) -> Any:
@@ -158,6 +197,11 @@ class ReplayingWriteTxn(WriteTxn):
                 break
             except lmdb.MapFullError:
                 self._grow_and_replay()
+            except lmdb.Error as exc:
+                full = disk_full(exc, self._path, "this store")
+                if full is None:
+                    raise
+                raise full from exc
         self._txn = ENDED
 
     def _abort(self) -> None:

@@ -11,6 +11,11 @@ Two halves, so a backup never holds writes up for longer than the barrier:
   into a pipe. The server reads the pipe only while the coordinator has granted credit, so a
   slow reader stops the copier (its pipe is full) instead of filling memory.
 
+A coordinator may try the cut more than once in one backup session; every message carries the
+attempt it belongs to, and the owner keys its pause, its snapshots and its streams by
+``(session, attempt)`` (a ``Cut``), so nothing of an abandoned attempt is mistaken for the
+current one. Requests go to the loop with the peer's routing id and come back with it.
+
 py-lmdb opens every environment with MDB_NOTLS, so a read transaction begun in the loop thread
 may be used by the copier thread, as long as one thread at a time uses it. The messages are
 declared in ``lmshard.backup_wire``; this side reads and builds every frame through it.
@@ -41,6 +46,7 @@ from lmshard.backup_wire import (
     MAX_CONTROL_FRAME,
     MAX_IN_FLIGHT,
     MAX_PAUSE_TIMEOUT,
+    NO_ATTEMPT,
     PAUSE,
     PAUSED,
     READY,
@@ -72,12 +78,17 @@ def make_channel(owner: Any) -> BackupChannel:
     return BackupChannel(owner)
 
 
+Cut = tuple[bytes, int]
+"""``(session, attempt)``: one attempt of one backup at the cut."""
+
+
 @dataclass
 class _Pause:
+    ident: bytes  # the coordinator's routing id, for the ERROR when the pause expires
     session: bytes
-    started: float  # perf_counter
+    attempt: int
+    started: float  # perf_counter, of the session's first attempt while writes stayed held
     deadline: float  # monotonic
-    txn_id: int
 
 
 class BackupChannel:
@@ -131,8 +142,9 @@ class BackupChannel:
             log.warning("lifted the backup pause after %.0f ms: the coordinator sent no "
                         "snapshot request in time (it went away, or another shard was slow)",
                         held)
-            self._tell("error", p.session, Error.code, "the pause expired before the snapshot "
-                       "request came: the cut is void", "run the backup again")
+            self._tell("expired", p.ident, p.session, p.attempt, Error.code, "the pause expired "
+                       "before the snapshot request came: the cut is void",
+                       "run the backup again")
             return
         # Held writes keep the write socket readable, so the loop would spin: wait here for
         # the coordinator's next word instead.
@@ -154,48 +166,58 @@ class BackupChannel:
     # -- the barrier -----------------------------------------------------------------------------
 
     def _handle(self, request: tuple[Any, ...]) -> None:
-        kind, session = request[0], request[1]
+        kind, ident, session, attempt = request[:4]
         if kind == "pause":
-            self._pause(session, request[2])
+            self._pause(ident, session, attempt, request[4])
         elif kind == "snapshot":
-            self._snapshot(session, request[2])
+            self._snapshot(ident, session, attempt, request[4])
         elif kind == "resume":
-            if self.pause is not None and self.pause.session == session:
+            p = self.pause
+            if p is not None and p.session == session and p.attempt <= attempt:
                 self._lift()
-            self._tell("resumed", session)
+            self._tell("resumed", ident, session, attempt)
 
-    def _pause(self, session: bytes, timeout_ms: int) -> None:
-        if self.pause is not None and self.pause.session != session:
-            self._tell("error", session, Error.code, "another backup holds this shard's commit "
-                       "barrier", "wait for it to finish, then run the backup again")
+    def _pause(self, ident: bytes, session: bytes, attempt: int, timeout_ms: int) -> None:
+        p = self.pause
+        if p is not None and p.session != session:
+            self._tell("error", ident, session, attempt, Error.code, "another backup holds this "
+                       "shard's commit barrier", "wait for it to finish, then run the backup "
+                       "again")
             return
-        # The loop calls channels between group commits: the one in progress is done.
+        if p is not None and attempt < p.attempt:
+            self._tell("error", ident, session, attempt, Error.code, f"attempt {attempt} of "
+                       f"this backup's cut came after attempt {p.attempt}", None)
+            return
+        # The loop calls channels between group commits: the one in progress is done. A later
+        # attempt of the same backup takes the pause over; writes were held all along.
         self.owner.paused = True
         timeout = min(timeout_ms / 1000, MAX_PAUSE_TIMEOUT)
-        txn_id = self.env.info()["last_txnid"]
-        self.pause = _Pause(session, time.perf_counter(), time.monotonic() + timeout, txn_id)
-        self._tell("paused", session, txn_id)
+        started = p.started if p is not None else time.perf_counter()
+        self.pause = _Pause(ident, session, attempt, started, time.monotonic() + timeout)
+        self._tell("paused", ident, session, attempt, self.env.info()["last_txnid"])
 
-    def _snapshot(self, session: bytes, consistent: bool) -> None:
+    def _snapshot(self, ident: bytes, session: bytes, attempt: int, consistent: bool) -> None:
         p = self.pause
-        if consistent and (p is None or p.session != session):
-            self._tell("error", session, Error.code, "this backup holds no pause on the shard (it "
-                       "expired, or PAUSE was never sent)", "run the backup again")
+        if consistent and (p is None or (p.session, p.attempt) != (session, attempt)):
+            self._tell("error", ident, session, attempt, Error.code, "this backup holds no pause "
+                       "on the shard for this attempt (it expired, or PAUSE was never sent)",
+                       "run the backup again")
             return
         try:
             txn = self.env.begin()
         except lmdb.Error as exc:
             if consistent:
                 self._lift()
-            self._tell("error", session, Error.code, f"cannot open a snapshot: {exc}", None)
+            self._tell("error", ident, session, attempt, Error.code,
+                       f"cannot open a snapshot: {exc}", None)
             return
         paused_us = 0
         if consistent:
             assert p is not None
             paused_us = int((time.perf_counter() - p.started) * 1e6)
             self._lift()
-        self.server.handoff[session] = txn
-        self._tell("ready", session, txn.id(), paused_us)
+        self.server.handoff[session, attempt] = txn
+        self._tell("ready", ident, session, attempt, txn.id(), paused_us)
 
     def _lift(self) -> None:
         self.pause = None
@@ -208,11 +230,11 @@ class BackupChannel:
 class _Stream:
     """One snapshot being copied into a pipe by a copier thread, sent as credit allows."""
 
-    def __init__(self, env: lmdb.Environment, txn: lmdb.Transaction, session: bytes,
+    def __init__(self, env: lmdb.Environment, txn: lmdb.Transaction, cut: Cut,
                  ident: bytes, chunk_size: int) -> None:
         self.env = env
         self.txn = txn
-        self.session = session
+        self.cut = cut
         self.ident = ident
         self.chunk_size = chunk_size
         self.max_credit = max(1, MAX_IN_FLIGHT // chunk_size)
@@ -229,7 +251,7 @@ class _Stream:
         except (AttributeError, OSError):
             pass
         self.copier = threading.Thread(target=self._copy, args=(wfd,), daemon=True,
-                                       name=f"backup-copy-{session.hex()[:8]}")
+                                       name=f"backup-copy-{cut[0].hex()[:8]}-{cut[1]}")
         self.copier.start()
 
     def _copy(self, wfd: int) -> None:
@@ -280,10 +302,10 @@ class BackupServer(threading.Thread):
         self.shard = shard
         self.main_db = env.open_db(None)
         self.page_size = env.stat()["psize"]
-        self.handoff: dict[bytes, lmdb.Transaction] = {}  # snapshot txns the loop opened
-        self.idents: dict[bytes, bytes] = {}  # session -> the peer waiting for the loop's answer
-        self.chunk_sizes: dict[bytes, int] = {}
-        self.streams: dict[bytes, _Stream] = {}
+        self.handoff: dict[Cut, lmdb.Transaction] = {}  # snapshot txns the loop opened
+        self.opening: dict[Cut, int] = {}  # chunk size of each snapshot the loop is asked for
+        self.cancelled: set[Cut] = set()  # snapshots cancelled while the loop opens them
+        self.streams: dict[Cut, _Stream] = {}
         self.poller = zmq.Poller()
         self._stopping = threading.Event()
 
@@ -341,11 +363,11 @@ class BackupServer(threading.Thread):
 
     # -- the coordinator's requests --------------------------------------------------------------
 
-    def _send(self, ident: bytes, m: Message, session: bytes, *values: Any) -> None:
-        self.router.send_multipart([ident, pack(m, session, *values)])
+    def _send(self, ident: bytes, m: Message, cut: Cut, *values: Any) -> None:
+        self.router.send_multipart([ident, pack(m, *cut, *values)])
 
-    def _error(self, ident: bytes, session: bytes, err: Error) -> None:
-        self._send(ident, ERROR, session, err.code, err.message[:4000], err.hint or None)
+    def _error(self, ident: bytes, cut: Cut, err: Error) -> None:
+        self._send(ident, ERROR, cut, err.code, err.message[:4000], err.hint or None)
 
     def _drain_router(self) -> None:
         while True:
@@ -355,47 +377,53 @@ class BackupServer(threading.Thread):
                 return
             ident, rest = frames[0], frames[1:]
             try:
-                m, session, values, _ = decode(rest, "coordinator")
+                m, session, attempt, values, _ = decode(rest, "coordinator")
                 if len(session) != SESSION_SIZE:
                     raise ProtocolError(f"{m.name}: the session must be {SESSION_SIZE} bytes")
             except Error as exc:
-                self._error(ident, b"", exc)
+                self._error(ident, (b"", NO_ATTEMPT), exc)
                 continue
             except Exception as exc:  # a hostile frame must never stop backups
-                self._error(ident, b"", ProtocolError(f"invalid backup message: {exc}"))
+                self._error(ident, (b"", NO_ATTEMPT),
+                            ProtocolError(f"invalid backup message: {exc}"))
                 continue
-            self._request(ident, m, session, values)
+            self._request(ident, m, (session, attempt), values)
 
-    def _request(self, ident: bytes, m: Message, session: bytes, values: list[Any]) -> None:
-        stream = self.streams.get(session)
+    def _request(self, ident: bytes, m: Message, cut: Cut, values: list[Any]) -> None:
+        stream = self.streams.get(cut)
         if m is CREDIT:
             if stream is None:
-                self._error(ident, session, ProtocolError("CREDIT for no open stream"))
+                self._error(ident, cut, ProtocolError("CREDIT for no open stream"))
                 return
             stream.credit = min(stream.credit + values[0], stream.max_credit)
             stream.last_activity = time.monotonic()
         elif m is CANCEL:
-            if stream is not None:
-                log.info("shard %d: backup stream cancelled at %d bytes", self.shard,
-                         stream.offset)
-                self._end(stream)
+            self._cancel(cut)
         elif m is PAUSE:
-            self.idents[session] = ident
-            self.ctl.send_pyobj(("pause", session, values[0]))
+            self.ctl.send_pyobj(("pause", ident, *cut, values[0]))
         elif m is RESUME:
-            self.idents[session] = ident
-            self.ctl.send_pyobj(("resume", session))
+            self.ctl.send_pyobj(("resume", ident, *cut))
         elif m is SNAPSHOT:
-            if stream is not None or session in self.chunk_sizes:
-                self._error(ident, session, ProtocolError("this session already has a snapshot"))
-            elif len(self.streams) + len(self.chunk_sizes) >= MAX_STREAMS:
-                self._error(ident, session, Error(
-                    f"this shard streams {MAX_STREAMS} backups already",
-                    hint="wait for one to finish"))
-            else:
-                self.idents[session] = ident
-                self.chunk_sizes[session] = values[1]
-                self.ctl.send_pyobj(("snapshot", session, values[0]))
+            self._ask_snapshot(ident, cut, *values)
+
+    def _cancel(self, cut: Cut) -> None:
+        """End ``cut``'s stream, or have its snapshot aborted as soon as the loop opens it."""
+        stream = self.streams.get(cut)
+        if stream is not None:
+            log.info("shard %d: backup stream cancelled at %d bytes", self.shard, stream.offset)
+            self._end(stream)
+        elif cut in self.opening:
+            self.cancelled.add(cut)
+
+    def _ask_snapshot(self, ident: bytes, cut: Cut, consistent: bool, chunk_size: int) -> None:
+        if cut in self.streams or cut in self.opening:
+            self._error(ident, cut, ProtocolError("this attempt already has a snapshot"))
+        elif len(self.streams) + len(self.opening) >= MAX_STREAMS:
+            self._error(ident, cut, Error(f"this shard streams {MAX_STREAMS} backups already",
+                                          hint="wait for one to finish"))
+        else:
+            self.opening[cut] = chunk_size
+            self.ctl.send_pyobj(("snapshot", ident, *cut, consistent))
 
     # -- the loop's answers ----------------------------------------------------------------------
 
@@ -405,36 +433,36 @@ class BackupServer(threading.Thread):
                 answer = self.ctl.recv_pyobj(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            kind, session = answer[0], answer[1]
-            ident = self.idents.pop(session, None)
-            chunk_size = self.chunk_sizes.pop(session, None)
+            kind, ident, cut, rest = answer[0], answer[1], (answer[2], answer[3]), answer[4:]
             if kind == "ready":
-                txn = self.handoff.pop(session)
-                if ident is None or chunk_size is None:
+                txn = self.handoff.pop(cut)
+                chunk_size = self.opening.pop(cut, None)
+                if chunk_size is None or cut in self.cancelled:
+                    self.cancelled.discard(cut)
                     txn.abort()
-                    continue
-                self._start(ident, session, txn, chunk_size, *answer[2:])
-            elif ident is None:
-                continue
+                else:
+                    self._start(ident, cut, txn, chunk_size, *rest)
             elif kind == "paused":
-                self._send(ident, PAUSED, session, answer[2])
+                self._send(ident, PAUSED, cut, *rest)
             elif kind == "resumed":
-                self._send(ident, RESUMED, session)
-            elif kind == "error":
-                code, message, hint = answer[2:]
-                self._send(ident, ERROR, session, code, message, hint)
+                self._send(ident, RESUMED, cut)
+            else:  # "error" answers a request, "expired" is the loop's own word
+                if kind == "error":
+                    self.opening.pop(cut, None)
+                    self.cancelled.discard(cut)
+                self._send(ident, ERROR, cut, *rest)
 
-    def _start(self, ident: bytes, session: bytes, txn: lmdb.Transaction, chunk_size: int,
+    def _start(self, ident: bytes, cut: Cut, txn: lmdb.Transaction, chunk_size: int,
                txn_id: int, paused_us: int) -> None:
         try:
             estimate = copy_size_estimate(txn, self.main_db, self.page_size)
         except (lmdb.Error, ValueError):
             info = self.env.info()
             estimate = (info["last_pgno"] + 1) * self.page_size
-        self.streams[session] = _Stream(self.env, txn, session, ident, chunk_size)
-        self._send(ident, READY, session, txn_id, estimate, paused_us)
-        log.info("shard %d: backup snapshot at txn %d (~%d bytes), writes paused %.2f ms",
-                 self.shard, txn_id, estimate, paused_us / 1000)
+        self.streams[cut] = _Stream(self.env, txn, cut, ident, chunk_size)
+        self._send(ident, READY, cut, txn_id, estimate, paused_us)
+        log.info("shard %d: backup snapshot at txn %d (~%d bytes, attempt %d), writes paused "
+                 "%.2f ms", self.shard, txn_id, estimate, cut[1], paused_us / 1000)
 
     # -- streaming -------------------------------------------------------------------------------
 
@@ -443,7 +471,7 @@ class BackupServer(threading.Thread):
         if data is None:
             return
         if data:
-            self.router.send_multipart([s.ident, pack(CHUNK, s.session, s.offset), data],
+            self.router.send_multipart([s.ident, pack(CHUNK, *s.cut, s.offset), data],
                                        copy=False)
             s.sha.update(data)
             s.offset += len(data)
@@ -452,12 +480,12 @@ class BackupServer(threading.Thread):
             return
         s.copier.join()  # the pipe ended: the copier is done
         if s.error is None:
-            self._send(s.ident, END, s.session, s.offset, s.sha.hexdigest())
+            self._send(s.ident, END, s.cut, s.offset, s.sha.hexdigest())
             log.info("shard %d: backup stream complete, %d bytes", self.shard, s.offset)
         else:
             log.error("shard %d: backup copy failed after %d bytes: %s", self.shard, s.offset,
                       s.error)
-            self._error(s.ident, s.session, Error(f"the copy failed: {s.error}",
+            self._error(s.ident, s.cut, Error(f"the copy failed: {s.error}",
                                                   hint="see the owner's log"))
         self._end(s)
 
@@ -466,7 +494,7 @@ class BackupServer(threading.Thread):
             self.poller.unregister(s.rfd)
         s.polled = False
         s.close()
-        self.streams.pop(s.session, None)
+        self.streams.pop(s.cut, None)
 
     def _drop_idle(self) -> None:
         now = time.monotonic()
@@ -475,5 +503,5 @@ class BackupServer(threading.Thread):
                 log.warning("shard %d: dropped a backup stream that got no credit for %.0f s "
                             "(at %d bytes): its coordinator went away", self.shard,
                             STREAM_IDLE_TIMEOUT, s.offset)
-                self._error(s.ident, s.session, Error("no credit for too long: stream dropped"))
+                self._error(s.ident, s.cut, Error("no credit for too long: stream dropped"))
                 self._end(s)

@@ -5,7 +5,7 @@ daemon. The owner's side is ``lmshardd.backup``; both sides speak the messages d
 ``lmshard.backup_wire``. Each step has its module:
 
 ==================  ==========================================================================
-``coordinator``     ``take_backup``: the commit barrier, the credit-paced streams, the manifest
+``coordinator``     ``take_backup``: the barrier (retried), credit-paced streams, the manifest
 ``manifest``        a backup on disk: directory names, ``manifest.json``, finding and pruning
 ``copies``          a shard copy file: hashed, written durably, opened read-only
 ``verify``          ``verify_backup``: checksums, then every table and index of every copy
@@ -26,6 +26,7 @@ from lmshard.errors import BackupError
 from lmshard.ops.backup.coordinator import (
     BARRIER_TIMEOUT,
     CHUNK_SIZE,
+    CUT_ATTEMPTS,
     PAUSE_TIMEOUT,
     PIPELINE,
     STALL_TIMEOUT,
@@ -47,7 +48,7 @@ from lmshard.ops.backup.restore import RestoreResult, check_compatible, restore_
 from lmshard.ops.backup.verify import VerifyReport, verify_backup
 
 __all__ = [
-    "BARRIER_TIMEOUT", "CHUNK_SIZE", "MANIFEST_NAME", "PAUSE_TIMEOUT", "PIPELINE",
+    "BARRIER_TIMEOUT", "CHUNK_SIZE", "CUT_ATTEMPTS", "MANIFEST_NAME", "PAUSE_TIMEOUT", "PIPELINE",
     "STALL_TIMEOUT", "BackupError", "BackupResult", "Manifest", "Progress", "RestoreResult",
     "ShardFile", "VerifyReport", "check_compatible", "find_backup", "hash_file",
     "list_backups", "prune", "restore_backup", "shard_file_name", "take_backup",

@@ -5,7 +5,12 @@ It connects a DEALER to every owner's backup socket and
 1. sends ``PAUSE`` to every owner; each finishes the group commit in progress, holds later write
    batches in its socket and answers ``PAUSED`` with its last txn id (phase 1 of the barrier);
 2. once all are paused, sends ``SNAPSHOT``: each owner opens a read transaction (the cut), lifts
-   its pause and answers ``READY``. With ``consistent=False`` step 1 is skipped;
+   its pause and answers ``READY``. With ``consistent=False`` step 1 is skipped.
+
+   If an owner does not answer in time (it is stopped, or starved of CPU), or refuses, the
+   attempt is abandoned (``CANCEL`` and ``RESUME`` to every owner) and the cut is tried again,
+   up to ``CUT_ATTEMPTS`` times. Every message carries its attempt's id, so a late answer to an
+   abandoned attempt is recognised, and a snapshot it opened is cancelled;
 3. receives every owner's compacted copy at once in chunks, never more than the ``CREDIT`` it
    granted (the ZeroMQ guide's file-transfer pattern), so memory stays bounded on both sides and
    the backup can go to another host;
@@ -39,6 +44,7 @@ from lmshard.backup_wire import (
     ERROR,
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
+    NO_ATTEMPT,
     PAUSE,
     PAUSED,
     READY,
@@ -72,6 +78,11 @@ PAUSE_TIMEOUT = 2.0
 """Seconds an owner holds a commit pause before lifting it by itself (a vanished coordinator)."""
 BARRIER_TIMEOUT = 1.5
 """Seconds the coordinator waits for every owner's answer in each barrier phase."""
+CUT_ATTEMPTS = 3
+"""Tries at the consistent cut before the backup fails (an owner stopped for a moment, or
+starved of CPU, answers too late for one attempt)."""
+CUT_RETRY_DELAY = 0.2
+"""Seconds between two attempts at the cut: the writes held by the last one drain first."""
 STALL_TIMEOUT = 30.0
 """Seconds a stream may stay silent before the coordinator gives the shard up."""
 POLL_MS = 100
@@ -85,6 +96,21 @@ class BackupResult:
     path: Path
     manifest: Manifest
     pruned: list[Path] = field(default_factory=list)
+    cut_attempts: int = 1
+    """The attempt at the consistent cut that succeeded (1 without a consistent cut)."""
+
+
+class _CutFailed(BackupError):
+    """One attempt at the cut failed in a way the next attempt may not: an owner answered too
+    late or refused (its pause expired, another backup held it)."""
+
+
+class _OwnerError(BackupError):
+    """An owner's ERROR to this attempt; ``error_code`` is its lmshard error code."""
+
+    def __init__(self, message: str, *, code: int, hint: str | None) -> None:
+        super().__init__(message, hint=hint)
+        self.error_code = code
 
 
 class _ShardLink:
@@ -100,6 +126,7 @@ class _ShardLink:
         self.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         sock.connect(self.endpoint)
         self.sock = sock
+        self.attempt = 1
         self.txn_id = 0
         self.estimate = 0
         self.paused_ms: float | None = None
@@ -112,23 +139,32 @@ class _ShardLink:
         self.done = False
         self.last = time.monotonic()
 
-    def send(self, m: Message, *values: Any) -> None:
-        self.sock.send(pack(m, self.session, *values))
+    def send(self, m: Message, *values: Any, attempt: int | None = None) -> None:
+        """Send ``m`` for this link's attempt (or ``attempt``)."""
+        self.sock.send(pack(m, self.session, attempt or self.attempt, *values))
 
-    def recv(self) -> tuple[Message, list[Any], bytes | None]:
-        """The owner's next message; BackupError if it is ERROR."""
+    def begin_attempt(self, attempt: int) -> None:
+        self.attempt, self.txn_id, self.estimate, self.paused_ms = attempt, 0, 0, None
+
+    def recv(self) -> tuple[Message, list[Any], bytes | None] | None:
+        """The owner's next message of this attempt; None for one of an abandoned attempt
+        (a snapshot it opened is cancelled). _OwnerError if it is ERROR."""
         frames = self.sock.recv_multipart()
         self.last = time.monotonic()
-        m, session, values, data = decode(frames, "owner")
+        m, session, attempt, values, data = decode(frames, "owner")
         if session != self.session and m is not ERROR:
             raise ProtocolError(f"shard {self.shard} answered for another session")
+        if attempt not in (self.attempt, NO_ATTEMPT):
+            if m is READY:
+                self.send(CANCEL, attempt=attempt)
+            return None
         if m is ERROR:
-            _code, message, hint = values
-            raise BackupError(f"shard {self.shard}: {message}", hint=hint)
+            code, message, hint = values
+            raise _OwnerError(f"shard {self.shard}: {message}", code=code, hint=hint)
         return m, values, data
 
     def give_up(self) -> None:
-        """Tell the owner to drop this session's stream and pause, if it still listens."""
+        """Tell the owner to drop this attempt's stream and pause, if it still listens."""
         with contextlib.suppress(zmq.ZMQError):
             self.send(CANCEL)
             self.send(RESUME)
@@ -153,19 +189,22 @@ def take_backup(
     pipeline: int = PIPELINE,
     pause_timeout: float = PAUSE_TIMEOUT,
     barrier_timeout: float = BARRIER_TIMEOUT,
+    cut_attempts: int = CUT_ATTEMPTS,
     stall_timeout: float = STALL_TIMEOUT,
 ) -> BackupResult:
     """Back up every shard of the running service into a new directory in ``dest``.
 
     With ``consistent`` (the default) all shards are cut at one point in time by a brief
-    commit barrier; otherwise each shard is snapshotted on its own. ``keep`` deletes all but
-    the newest ``keep`` backups in ``dest`` afterwards. On any failure the partial backup is
-    removed and BackupError says which shard failed and why.
+    commit barrier, tried up to ``cut_attempts`` times; otherwise each shard is snapshotted on
+    its own. ``keep`` deletes all but the newest ``keep`` backups in ``dest`` afterwards. On
+    any failure the partial backup is removed and BackupError says which shard failed and why.
     """
     if keep is not None:
         check_keep(keep)
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise BackupError(f"chunk_size {chunk_size} is not in {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
+    if cut_attempts < 1:
+        raise BackupError(f"cut_attempts {cut_attempts}: try the cut at least once")
     progress = progress or QUIET
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -180,8 +219,8 @@ def take_backup(
         for n in range(config.shards):
             links.append(_ShardLink(ctx, config, n, session))
         created = datetime.datetime.now(datetime.UTC)
-        barrier_ms = _open_snapshots(links, consistent, progress, chunk_size, pause_timeout,
-                                     barrier_timeout)
+        barrier = _Barrier(pause_timeout, barrier_timeout, cut_attempts, chunk_size)
+        barrier_ms = _open_snapshots(links, consistent, progress, barrier)
         _stream(links, partial, progress, pipeline, stall_timeout)
         manifest = _manifest(config, links, created, consistent, barrier_ms)
         manifest.seconds = round(time.monotonic() - started, 3)
@@ -198,7 +237,7 @@ def take_backup(
     for ln in links:
         ln.close()
     pruned = prune(dest, keep) if keep is not None else []
-    return BackupResult(final, manifest, pruned)
+    return BackupResult(final, manifest, pruned, links[0].attempt)
 
 
 def _abandon(links: list[_ShardLink], partial: Path, progress: Progress,
@@ -213,18 +252,41 @@ def _abandon(links: list[_ShardLink], partial: Path, progress: Progress,
     shutil.rmtree(partial, ignore_errors=True)
 
 
+@dataclass
+class _Barrier:
+    """How the cut is taken: each owner's pause, the wait per phase, the tries, the chunks."""
+
+    pause_timeout: float
+    barrier_timeout: float
+    attempts: int
+    chunk_size: int
+
+
 def _open_snapshots(links: list[_ShardLink], consistent: bool, progress: Progress,
-                    chunk_size: int, pause_timeout: float, barrier_timeout: float
-                    ) -> float | None:
+                    barrier: _Barrier) -> float | None:
     """Every owner's snapshot open (READY); the barrier's milliseconds if ``consistent``."""
     if not consistent:
         for ln in links:
-            ln.send(SNAPSHOT, False, chunk_size)
-        _collect(links, READY, barrier_timeout, _ready)
+            ln.send(SNAPSHOT, False, barrier.chunk_size)
+        _collect(links, READY, barrier.barrier_timeout, _ready)
         return None
-    barrier_ms = _cut(links, pause_timeout, barrier_timeout, chunk_size)
+    for attempt in range(1, barrier.attempts + 1):
+        try:
+            barrier_ms = _cut(links, attempt, barrier)
+            break
+        except _CutFailed as exc:
+            for ln in links:
+                ln.give_up()
+            if attempt == barrier.attempts:
+                tries = f"{attempt} attempts" if attempt > 1 else "1 attempt"
+                raise BackupError(f"no consistent cut in {tries}; the last: {exc.message}",
+                                  hint=exc.hint) from None
+            progress.note(f"retrying the cut (attempt {attempt + 1} of {barrier.attempts}): "
+                          f"{exc.message}")
+            time.sleep(CUT_RETRY_DELAY)
+    again = f" (attempt {attempt} of {barrier.attempts})" if attempt > 1 else ""
     progress.note(f"consistent cut at txn ids "
-                  f"{', '.join(f'{ln.shard}:{ln.txn_id}' for ln in links)}; writes "
+                  f"{', '.join(f'{ln.shard}:{ln.txn_id}' for ln in links)}{again}; writes "
                   f"paused {max(ln.paused_ms or 0 for ln in links):.1f} ms")
     return barrier_ms
 
@@ -242,28 +304,29 @@ def _paused(ln: _ShardLink, values: list[Any]) -> None:
     ln.txn_id, ln.paused_ms = values[0], 0.0
 
 
-def _cut(links: list[_ShardLink], pause_timeout: float, barrier_timeout: float,
-         chunk_size: int) -> float:
-    """The two-phase barrier; the milliseconds from the first PAUSE to the last READY."""
+def _cut(links: list[_ShardLink], attempt: int, barrier: _Barrier) -> float:
+    """One attempt at the two-phase barrier; the milliseconds from the first PAUSE to the last
+    READY. _CutFailed if an owner answered too late or refused."""
     t0 = time.perf_counter()
     for ln in links:
-        ln.send(PAUSE, int(pause_timeout * 1000))
+        ln.begin_attempt(attempt)
+        ln.send(PAUSE, int(barrier.pause_timeout * 1000))
     try:
-        _collect(links, PAUSED, barrier_timeout, _paused)
-    except BaseException:
+        _collect(links, PAUSED, barrier.barrier_timeout, _paused)
         for ln in links:
-            with contextlib.suppress(zmq.ZMQError):
-                ln.send(RESUME)
-        raise
-    for ln in links:
-        ln.send(SNAPSHOT, True, chunk_size)
-    _collect(links, READY, barrier_timeout, _ready)
+            ln.send(SNAPSHOT, True, barrier.chunk_size)
+        _collect(links, READY, barrier.barrier_timeout, _ready)
+    except _OwnerError as exc:
+        if exc.error_code == ProtocolError.code:
+            raise
+        raise _CutFailed(exc.message, hint=exc.hint) from None
     return (time.perf_counter() - t0) * 1000
 
 
 def _collect(links: list[_ShardLink], expect: Message, timeout: float,
              take: Callable[[_ShardLink, list[Any]], None]) -> None:
-    """One ``expect`` answer from every link within ``timeout`` seconds."""
+    """One ``expect`` answer of the current attempt from every link within ``timeout``
+    seconds; _CutFailed naming the shards that did not answer."""
     poller = zmq.Poller()
     for ln in links:
         poller.register(ln.sock, zmq.POLLIN)
@@ -273,17 +336,22 @@ def _collect(links: list[_ShardLink], expect: Message, timeout: float,
         left = deadline - time.monotonic()
         events = dict(poller.poll(max(0, int(left * 1000)))) if left > 0 else {}
         if not events and time.monotonic() >= deadline:
-            shards = ", ".join(str(ln.shard) for ln in waiting.values())
-            raise BackupError(
-                f"shard(s) {shards} did not answer {expect.name} within {timeout:g} s",
+            shards = [str(ln.shard) for ln in waiting.values()]
+            raise _CutFailed(
+                f"shard{'s' if len(shards) > 1 else ''} {', '.join(shards)} did not answer "
+                f"{expect.name} within {timeout:g} s",
                 hint="is every owner running (`lmshard status`)? A paused owner resumes by "
                 "itself; run the backup again")
         for sock in events:
-            ln = waiting.pop(sock)
-            poller.unregister(sock)
-            m, values, _ = ln.recv()
+            ln = waiting[sock]
+            got = ln.recv()
+            if got is None:
+                continue  # an answer to an abandoned attempt
+            m, values, _ = got
             if m is not expect:
                 raise ProtocolError(f"shard {ln.shard} answered {m.name}, expected {expect.name}")
+            del waiting[sock]
+            poller.unregister(sock)
             take(ln, values)
 
 
@@ -325,7 +393,10 @@ def _check_connected(ln: _ShardLink) -> None:
 def _receive(ln: _ShardLink, progress: Progress, pipeline: int) -> None:
     """Take every message waiting on ``ln``: chunks, then END."""
     while not ln.done and ln.sock.poll(0):
-        m, values, data = ln.recv()
+        got = ln.recv()
+        if got is None:
+            continue  # a late answer to an abandoned attempt at the cut
+        m, values, data = got
         if m is CHUNK:
             _take_chunk(ln, values[0], data, pipeline)
             progress.advance(ln.shard, len(data or b""))
