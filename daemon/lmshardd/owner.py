@@ -24,12 +24,14 @@ import zmq
 from lmshard import protocol, security
 from lmshard.config import Config
 from lmshard.errors import (
+    DiskFull,
     Error,
     InternalError,
     OutOfOrder,
     ProtocolError,
     StoreFull,
 )
+from lmshard.map_growth import disk_full
 from lmshard.shard_identity import check_shard_identity, identity_records
 from lmshard.store import Store, grow_map
 from lmshard.txn import ReadTxn, WriteTxn
@@ -61,6 +63,8 @@ GROUP_LINGER_MAX = 0.001
 ACTIVE_WRITER_WINDOW = 0.1
 """Seconds a client counts as an active writer after its last batch; the owner stops waiting
 for a group to fill once it holds a batch from each."""
+DISK_FULL_LOG_INTERVAL = 60.0
+"""Seconds between the log lines saying a shard still refuses writes for a full disk."""
 _SNDMORE = int(zmq.SNDMORE)
 
 
@@ -86,6 +90,20 @@ class OwnerCounters:
         d = {k: v for k, v in self.__dict__.items() if not isinstance(v, list)}
         d["uptime"] = time.time() - self.started
         return d
+
+
+@dataclass
+class DiskFullSpell:
+    """A time the shard's filesystem was full: from the first commit it refused to the next
+    commit that succeeds (the owner tries each group again; nothing else waits for room)."""
+
+    error: DiskFull
+    since: float
+    refused: int = 0
+    logged: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"since": self.since, "refused": self.refused, "error": self.error.message}
 
 
 class ShardOwner:
@@ -119,6 +137,7 @@ class ShardOwner:
         self._group_avg = 1.0
         self._commit_avg = 0.0
         self._writers = ActiveWriters(ACTIVE_WRITER_WINDOW)
+        self.disk_full: DiskFullSpell | None = None
         self.channels: list[Channel] = []
         self.ctx: zmq.Context[Any] = zmq.Context.instance()
         self.sock: zmq.Socket[bytes] | None = None
@@ -300,28 +319,67 @@ class ShardOwner:
                     grow_map(self.env, self.config.max_map_size, str(self.path))
                 except StoreFull as full:
                     # Past the cap: no batch of this group is applied; each gets the error.
-                    self.counters.failed_batches += len(batches)
-                    return [(b[0], protocol.pack_error(b[2], full)) for b in batches]
+                    return self._refuse_group(batches, full)
+            except lmdb.Error as exc:
+                txn.abort()
+                return self._refuse_for_disk(batches, exc)  # re-raises any other error
             except BaseException:
                 txn.abort()
                 raise
-        c = self.counters
-        c.commits += 1
-        c.last_txn_id = txn_id
-        c.last_commit_time = time.time()
-        seconds = time.perf_counter() - started
-        c.commit_seconds.append(seconds)
-        c.group_sizes.append(len(batches))
-        for ch in self.channels:
-            ch.after_commit(len(batches), sum(len(b[3]) for b in batches), seconds)
-        if len(c.commit_seconds) > 4096:
-            del c.commit_seconds[:2048], c.group_sizes[:2048]
+        self._count_commit(batches, txn_id, time.perf_counter() - started)
         replies = []
         for (ident, _cid, seq, _ops), (status, body) in zip(batches, outcomes, strict=True):
             if status == 0 and body[0] is None:
                 body = [txn_id, body[1]]
             replies.append((ident, protocol.pack_reply(seq, status, body)))
         return replies
+
+    def _count_commit(self, batches: WriteBatches, txn_id: int, seconds: float) -> None:
+        """Count a commit and tell the channels; end a full disk's spell."""
+        if self.disk_full is not None:
+            spell, self.disk_full = self.disk_full, None
+            log.warning("shard %d takes writes again: its filesystem has room (refused %d "
+                        "batches for a full disk over %.1f s)", self.shard, spell.refused,
+                        time.time() - spell.since)
+        c = self.counters
+        c.commits += 1
+        c.last_txn_id = txn_id
+        c.last_commit_time = time.time()
+        c.commit_seconds.append(seconds)
+        c.group_sizes.append(len(batches))
+        for ch in self.channels:
+            ch.after_commit(len(batches), sum(len(b[3]) for b in batches), seconds)
+        if len(c.commit_seconds) > 4096:
+            del c.commit_seconds[:2048], c.group_sizes[:2048]
+
+    def _refuse_group(self, batches: WriteBatches, err: Error) -> list[tuple[bytes, bytes]]:
+        """The replies to a group of which no batch was applied: each gets ``err``."""
+        self.counters.failed_batches += len(batches)
+        return [(b[0], protocol.pack_error(b[2], err)) for b in batches]
+
+    def _refuse_for_disk(self, batches: WriteBatches, exc: lmdb.Error
+                         ) -> list[tuple[bytes, bytes]]:
+        """Refuse a group whose commit failed for a full disk (raise ``exc`` if it failed for
+        another reason); log it when the spell begins and every DISK_FULL_LOG_INTERVAL.
+
+        The disk fills while LMDB writes or syncs the transaction's pages, before the meta page
+        that would make them visible: nothing of the group is, the environment stays usable,
+        and the next group's commit succeeds once there is room."""
+        full = disk_full(exc, str(self.path), f"shard {self.shard}")
+        if full is None:
+            raise exc
+        now = time.time()
+        spell = self.disk_full = self.disk_full or DiskFullSpell(full, now)
+        spell.error = full
+        spell.refused += len(batches)
+        if now - spell.logged >= DISK_FULL_LOG_INTERVAL:
+            if spell.logged:
+                log.error("%s (still: %d batches refused in %.0f s)", full.message,
+                          spell.refused, now - spell.since)
+            else:
+                log.error("%s", full.message)
+            spell.logged = now
+        return self._refuse_group(batches, full)
 
     def _apply_all(self, txn: lmdb.Transaction, batches: WriteBatches) -> list[Outcome]:
         """Each batch in its own nested transaction, its client record beside it."""
@@ -378,7 +436,7 @@ class ShardOwner:
         try:
             results = protocol.apply_ops(WriteTxn(child, self.tables, strict=True), ops)
             child.commit()
-        except lmdb.MapFullError:
+        except (lmdb.MapFullError, lmdb.DiskError):  # the whole group is grown or refused
             child.abort()
             raise
         except Error as exc:
@@ -431,6 +489,7 @@ class ShardOwner:
             "max_readers": info["max_readers"],
             "uptime": time.time() - self.counters.started,
             "last_commit": self.counters.last_commit_time,
+            "disk_full": None if self.disk_full is None else self.disk_full.as_dict(),
         }
 
     def stats(self) -> dict[str, Any]:
