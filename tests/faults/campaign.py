@@ -208,6 +208,26 @@ class Nemesis(threading.Thread):
                 pass
 
 
+def through_backup(toml: Path, out: Path, last: list[Op], totals: dict[str, int]) -> list[str]:
+    """A consistent backup of the quiet service, verified, restored and read back: it must
+    hold exactly what the final reads saw (every register, every counter)."""
+    from tests.faults.backup_check import backup_restore_rows
+
+    got = backup_restore_rows(toml, out)
+    problems = []
+    for op in last:
+        group, name = op.key.split("/")
+        row = got.rows.get(("rows", (group, name)))
+        value = None if row is None else row["v"]
+        if value != op.output:
+            problems.append(f"backup: {op.key} holds {value!r}, the service {op.output!r}")
+    for key, total in totals.items():
+        value = got.rows.get(("counters", key.split("/", 1)[1]), 0)
+        if value != total:
+            problems.append(f"backup: {key} holds {value!r}, the service {total!r}")
+    return problems
+
+
 def final_reads(toml: Path) -> tuple[list[Op], dict[str, int], list[str]]:
     """Every register read once more after the faults (as ok reads at the end of the
     history), every counter's value, and what is wrong with the unique index."""
@@ -300,6 +320,7 @@ def run_history(seconds: float, kinds: tuple[str, ...] = FAULT_KINDS, workers: i
             summary.samples.append(sample(service))
         ops = load(sorted(out.glob("*.jsonl")))
         last, totals, problems = final_reads(service.toml)
+        problems += through_backup(service.toml, base / "backup", last, totals)
         ops += last
         result = checker.check(ops)
         summary.operations = len(ops)
