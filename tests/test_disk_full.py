@@ -4,18 +4,26 @@ owner process taking writes again once the ballast is gone."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 import lmshard
-from lmshard.errors import DiskFull
+from lmshard import protocol
+from lmshard.errors import DiskFull, StoreFull
+from lmshard.protocol import PING, WRITE
 from tests.cluster import Cluster
 from tests.faults.disk import Ballast, MiB, MountNotPermitted, mount_small_tmpfs
+from tests.schemas import BLOBS_ID, COUNTERS_ID
 from tests.test_readers import Readers
 
 pytestmark = pytest.mark.slow
@@ -41,18 +49,7 @@ class FullDisk:
     """blobs keys of writes refused with DiskFull: none of them may be stored."""
 
     def keys(self, table: str, shard: int, n: int, start: int = 0) -> list[Any]:
-        """``n`` keys of ``table`` from ``start`` up that live on ``shard``."""
-        str_keys = table == "counters"
-        with self.cluster.client() as c:
-            ct = c.table(table)
-            found: list[Any] = []
-            k = start
-            while len(found) < n:
-                key = f"c{k}" if str_keys else k
-                if ct.shard(key, ct.kenc(key)) == shard:
-                    found.append(key)
-                k += 1
-            return found
+        return keys_on(self.cluster, table, shard, n, start)
 
     def check_reads(self) -> None:
         """Every acked row and counter, read from the map and through the reader pool; no
@@ -65,6 +62,21 @@ class FullDisk:
                 assert c.count("blobs") == len(self.rows)
                 for key, total in self.counts.items():
                     assert c.get("counters", key) == total
+
+
+def keys_on(cluster: Cluster, table: str, shard: int, n: int, start: int = 0) -> list[Any]:
+    """``n`` keys of ``table`` (``counters``: str keys, else ints) from ``start`` up that live
+    on ``shard``."""
+    with cluster.client() as c:
+        ct = c.table(table)
+        found: list[Any] = []
+        k = start
+        while len(found) < n:
+            key = f"c{k}" if table == "counters" else k
+            if ct.shard(key, ct.kenc(key)) == shard:
+                found.append(key)
+            k += 1
+        return found
 
 
 @pytest.fixture
@@ -167,6 +179,77 @@ def test_a_full_disk_refuses_writes_and_the_same_owner_takes_them_again_once_fre
     log = cluster.logs[0].read_text()
     assert "shard 0 takes no writes while the filesystem" in log
     assert "shard 0 takes writes again" in log
+
+
+def resend_beside_a_refused_write(cluster: Cluster, fill: Callable[[], object]) -> None:
+    """The ack of a batch was lost, then ``fill`` left shard 0 no room, and the resent batch
+    shares a group commit with a write that needs room: the group is refused, but the resent
+    batch was applied before, so it is answered as applied (an error would say it was not)."""
+    counter = keys_on(cluster, "counters", 0, 1)[0]
+    big = keys_on(cluster, "blobs", 0, 1, start=40_000)[0]
+    with cluster.client() as c:
+        incr = protocol.op(protocol.OP_INCR, uuid.UUID(COUNTERS_ID).bytes,
+                           c.table("counters").kenc(counter), 5)
+        # small enough to arrive whole at once, too big for pages freed inside the file
+        put = protocol.op(protocol.OP_PUT, uuid.UUID(BLOBS_ID).bytes,
+                          c.table("blobs").kenc(big), blob(big, 64 * KiB))
+    ctx = zmq.Context.instance()
+    socks = []
+    for _ in range(3):
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 10_000)
+        sock.connect(cluster.config.endpoint(0))
+        sock.send(PING.frame(None, 1))  # connected before the owner is paused
+        sock.recv()
+        socks.append(sock)
+    first_sock, resend_sock, big_sock = socks
+    try:
+        cid = os.urandom(16)
+        first_sock.send(WRITE.frame(cid, 7, [incr]))
+        first = protocol.unpack_frame(first_sock.recv())
+        assert first[1] == 0
+        fill()
+        os.kill(cluster.pid(0), signal.SIGSTOP)  # both requests wait, then share one group
+        try:
+            big_sock.send(WRITE.frame(None, 1, [put]))
+            resend_sock.send(WRITE.frame(cid, 7, [incr]))
+            time.sleep(0.3)  # both frames are queued at the paused owner
+        finally:
+            os.kill(cluster.pid(0), signal.SIGCONT)
+        refused = protocol.unpack_frame(big_sock.recv())
+        resent = protocol.unpack_frame(resend_sock.recv())
+    finally:
+        for sock in socks:
+            sock.close()
+    assert refused[1] in (DiskFull.code, StoreFull.code)
+    assert resent == first  # the kept reply: applied once, before the store filled
+    with cluster.client() as c:
+        assert c.get("counters", counter) == 5 and c.get("blobs", big) is None
+
+
+def test_a_retried_batch_applied_before_the_disk_filled_gets_its_kept_reply(
+    full_disk: FullDisk,
+) -> None:
+    disk = full_disk
+    resend_beside_a_refused_write(disk.cluster, lambda: disk.ballast.fill(disk.data))
+
+
+def test_a_retried_batch_applied_before_the_map_cap_gets_its_kept_reply(
+    short_dir: Path,
+) -> None:
+    with Cluster(short_dir, shards=SHARDS, map_size="1MiB", max_map_size="1MiB") as cluster:
+
+        def fill_the_map() -> None:
+            with cluster.client() as c:
+                for k in keys_on(cluster, "blobs", 0, 100, start=50_000):
+                    try:
+                        c.put("blobs", k, blob(k, 32 * KiB))
+                    except StoreFull:
+                        return
+            raise AssertionError("the map never reached its cap")
+
+        resend_beside_a_refused_write(cluster, fill_the_map)
 
 
 def test_a_disk_that_fills_while_the_map_grows_is_refused_the_same_way(

@@ -353,9 +353,24 @@ class ShardOwner:
             del c.commit_seconds[:2048], c.group_sizes[:2048]
 
     def _refuse_group(self, batches: WriteBatches, err: Error) -> list[tuple[bytes, bytes]]:
-        """The replies to a group of which no batch was applied: each gets ``err``."""
-        self.counters.failed_batches += len(batches)
-        return [(b[0], protocol.pack_error(b[2], err)) for b in batches]
+        """The replies to a group that was not committed: each batch gets ``err``, but a
+        resent batch that an earlier commit applied gets its kept reply (an error would say
+        it was not applied)."""
+        replies = []
+        with self.env.begin() as txn:
+            for ident, cid, seq, _ops in batches:
+                rec = None if cid is None else txn.get(cid, db=self.clients_db)
+                if rec is not None:
+                    last_seq, status, body, *more = msgpack.unpackb(rec, raw=False)
+                    if seq <= last_seq:
+                        status, body = _replay(seq, last_seq, status, body, more)
+                        if status == 0 and body[0] is None:
+                            body = [txn.id(), body[1]]  # applied in this commit or before
+                        replies.append((ident, protocol.pack_reply(seq, status, body)))
+                        continue
+                self.counters.failed_batches += 1
+                replies.append((ident, protocol.pack_error(seq, err)))
+        return replies
 
     def _refuse_for_disk(self, batches: WriteBatches, exc: lmdb.Error
                          ) -> list[tuple[bytes, bytes]]:
