@@ -131,3 +131,15 @@ def test_recorded_files_load_with_killed_processes_as_unknown(tmp_path: Path) ->
         ("write", OK), ("cas", OK), ("write", UNKNOWN), ("read", OK)]
     assert ops[1].value == ("v1", "v2") and ops[2].end == math.inf
     assert checker.check(ops).ok
+
+
+def test_unknown_writes_nobody_observed_are_left_out_of_the_search() -> None:
+    """After a restart many writes end unknown; those no read saw cannot change a verdict."""
+    ops = [op("write", "a", OK, None, 0, 1)]
+    ops += [op("write", f"lost{i}", UNKNOWN, None, 2 + i * 0.001, 0, process=f"p{i}")
+            for i in range(300)]
+    ops.append(op("read", None, OK, "a", 3, 4))
+    ops.append(op("read", None, OK, "lost7", 5, 6))  # this one was applied after all
+    assert [o.value for o in checker.relevant(ops) if o.kind == "write"] == ["a", "lost7"]
+    assert linearizable(*ops)
+    assert not linearizable(*ops, op("read", None, OK, "a", 7, 8))  # and it cannot be undone

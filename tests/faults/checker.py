@@ -24,11 +24,15 @@ from typing import Any
 
 from tests.faults.history import FAIL, OK, UNKNOWN, Op
 
+SEARCH_BUDGET = 3_000_000
+"""Steps one key's search may take before it is reported undecided (never as passed)."""
+
 
 @dataclass
 class KeyResult:
     key: str
-    ok: bool
+    ok: bool | None
+    """None: the search ran out of its budget without a verdict."""
     ops: int
     detail: str = ""
 
@@ -39,6 +43,7 @@ class Result:
 
     keys: list[KeyResult] = field(default_factory=list)
     anomalies: list[str] = field(default_factory=list)
+    undecided: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -121,10 +126,30 @@ def _unlift(e: _Entry) -> None:
             x.next.prev = x
 
 
-def check_register(key: str, ops: list[Op], initial: Any = None) -> KeyResult:
-    """Linearizability of one key's operations (failed ones and unknown reads left out)."""
-    ops = [op for op in ops if op.outcome != FAIL
-           and not (op.kind == "read" and op.outcome == UNKNOWN)]
+def relevant(ops: list[Op]) -> list[Op]:
+    """The operations that can change a verdict: failed ones never happened and unknown reads
+    say nothing; an unknown write or cas whose value nobody observed (no read returned it,
+    no cas expected it) may be taken as never applied, since values are unique: wherever
+    it was linearized, no operation could tell. (Dropping them keeps the search small after a
+    fault that leaves many writes unknown.)"""
+    observed = {op.output for op in ops if op.kind == "read" and op.outcome == OK}
+    observed |= {op.value[0] for op in ops if op.kind == "cas"}
+    out = []
+    for op in ops:
+        if op.outcome == FAIL or (op.kind == "read" and op.outcome == UNKNOWN):
+            continue
+        if op.outcome == UNKNOWN and op.kind in ("write", "cas"):
+            new = op.value if op.kind == "write" else op.value[1]
+            if new not in observed:
+                continue
+        out.append(op)
+    return out
+
+
+def check_register(key: str, ops: list[Op], initial: Any = None,
+                   budget: int = SEARCH_BUDGET) -> KeyResult:
+    """Linearizability of one key's operations (see ``relevant`` for what is left out)."""
+    ops = relevant(ops)
     head = _entries(ops)
     cache: set[tuple[int, Any]] = set()
     stack: list[tuple[_Entry, Any]] = []
@@ -134,6 +159,9 @@ def check_register(key: str, ops: list[Op], initial: Any = None) -> KeyResult:
     entry = head.next
     while head.next is not None:
         assert entry is not None
+        budget -= 1
+        if budget < 0:
+            return KeyResult(key, None, len(ops), "the search ran out of its budget")
         if entry.call:
             assert entry.op is not None
             allowed, new = step(state, entry.op)
@@ -177,15 +205,49 @@ def check_counter(key: str, ops: list[Op], final: int) -> list[str]:
     return []
 
 
+def check_increments(key: str, ops: list[Op]) -> KeyResult:
+    """A counter's increments, without a search (unknown increments commute, so a search over
+    them is exponential): each acked increment's new value counts every increment acked
+    before it began and no more than those invoked before it ended, and no two acked
+    increments return one value (deltas are positive)."""
+    incrs = [op for op in ops if op.kind == "incr" and op.outcome != FAIL]
+    acked = [op for op in incrs if op.outcome == OK]
+    problems = []
+    seen: dict[Any, Op] = {}
+    for op in acked:
+        low = op.value + sum(o.value for o in acked if o.end < op.start)
+        high = op.value + sum(o.value for o in incrs if o is not op and o.start < op.end)
+        if not low <= op.output <= high:
+            problems.append(f"incr by {op.process} returned {op.output}, expected {low} to "
+                            f"{high}")
+        if op.output in seen:
+            problems.append(f"two increments returned {op.output}")
+        seen[op.output] = op
+    reads = [op for op in ops if op.kind == "read" and op.outcome == OK]
+    for r in reads:
+        low = sum(o.value for o in acked if o.end < r.start)
+        high = sum(o.value for o in incrs if o.start < r.end)
+        if not low <= (r.output or 0) <= high:
+            problems.append(f"read returned {r.output}, expected {low} to {high}")
+    return KeyResult(key, not problems, len(incrs) + len(reads), "; ".join(problems[:3]))
+
+
 def check(ops: Iterable[Op], initial: dict[str, Any] | None = None) -> Result:
-    """Every key's register history (keys absent from ``initial`` start empty)."""
+    """Every key's history: a register's by search, a counter's by bounds (keys absent from
+    ``initial`` start empty)."""
     by_key: dict[str, list[Op]] = defaultdict(list)
     for op in ops:
         by_key[op.key].append(op)
     result = Result()
     for key in sorted(by_key):
-        r = check_register(key, by_key[key], (initial or {}).get(key))
+        key_ops = by_key[key]
+        if any(op.kind == "incr" for op in key_ops):
+            r = check_increments(key, key_ops)
+        else:
+            r = check_register(key, key_ops, (initial or {}).get(key))
         result.keys.append(r)
-        if not r.ok:
+        if r.ok is None:
+            result.undecided.append(f"key {key}: {r.detail} ({r.ops} operations)")
+        elif not r.ok:
             result.anomalies.append(f"key {key}: {r.detail}")
     return result

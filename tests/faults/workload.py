@@ -30,6 +30,9 @@ TIMEOUT_MS = 300
 """The campaign's clients give up soon, so faults turn into unknown outcomes often."""
 RETRIES = 1
 
+_UNREAD = object()
+"""A read that got no answer."""
+
 FAILS = (UniqueViolation, StoreFull)
 """Errors after which nothing of the request was applied."""
 
@@ -83,22 +86,24 @@ class Worker:
         self._call(register(g, n), "write", v, self.client.put, rows, (g, n), row(g, v))
 
     def read(self) -> None:
-        g, n = self.rng.choice(GROUPS), self.rng.choice(NAMES)
+        self._read(self.rng.choice(GROUPS), self.rng.choice(NAMES))
+
+    def _read(self, g: str, n: str) -> Any:
         op = self.rec.invoke(register(g, n), "read")
         try:
             got = self.client.get(rows, (g, n))
         except lmshard.Error:
             self.rec.complete(op, UNKNOWN)
-            return
-        self.rec.complete(op, OK, None if got is None else got["v"])
+            return _UNREAD
+        value = None if got is None else got["v"]
+        self.rec.complete(op, OK, value)
+        return value
 
     def cas(self) -> None:
         g, n = self.rng.choice(GROUPS), self.rng.choice(NAMES)
-        try:
-            seen = self.client.get(rows, (g, n))
-        except lmshard.Error:
+        expected = self._read(g, n)  # a read like any other, recorded
+        if expected is _UNREAD:
             return
-        expected = None if seen is None else seen["v"]
         v = self.value()
         self._call(register(g, n), "cas", (expected, v), self.client.cas, rows, (g, n),
                    row(g, v), row(g, expected))
