@@ -26,7 +26,8 @@ def report(summaries: list[Summary]) -> str:
              f"operations  {sum(s.operations for s in summaries):,}  (" + ", ".join(
                  f"{k} {outcomes[k]:,}" for k in ("ok", "fail", "unknown")) + ")",
              "faults      " + ", ".join(f"{k} {faults[k]}" for k in FAULT_KINDS),
-             f"anomalies   {len(anomalies)}"]
+             f"anomalies   {len(anomalies)}",
+             f"undecided   {sum(len(s.undecided) for s in summaries)} keys (search budget)"]
     return "\n".join(lines + [f"  {a}" for a in anomalies[:50]])
 
 
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         s = run_history(args.seconds, workers=args.workers, seed=seed, keep=args.keep)
         summaries.append(s)
         print(f"history {len(summaries)}: seed {s.seed}, {s.operations:,} operations, "
-              f"{sum(s.faults.values())} faults, {len(s.anomalies)} anomalies", flush=True)
+              f"{sum(s.faults.values())} faults, {len(s.anomalies)} anomalies, "
+              f"{len(s.undecided)} undecided", flush=True)
     print(report(summaries))
     return 1 if any(s.anomalies for s in summaries) else 0
 

@@ -53,13 +53,15 @@ class Summary:
     outcomes: Counter[str] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
     anomalies: list[str] = field(default_factory=list)
+    undecided: list[str] = field(default_factory=list)
+    """Keys whose search ran out of its budget: neither passed nor failed."""
     samples: list[dict[str, Any]] = field(default_factory=list)
     """Resource samples over the run (``sample_every``): time, owner RSS and fds, slots."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "seconds": self.seconds, "operations": self.operations,
                 "outcomes": dict(self.outcomes), "faults": dict(self.faults),
-                "anomalies": self.anomalies}
+                "anomalies": self.anomalies, "undecided": self.undecided}
 
 
 def lmshard_cmd(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -327,6 +329,7 @@ def run_history(seconds: float, kinds: tuple[str, ...] = FAULT_KINDS, workers: i
         summary.outcomes = Counter(op.outcome for op in ops)
         summary.faults = nemesis.faults
         summary.anomalies = result.anomalies + problems
+        summary.undecided = result.undecided
         for key, final in totals.items():
             summary.anomalies += checker.check_counter(
                 key, [op for op in ops if op.key == key], final)
