@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -291,3 +292,19 @@ def test_services_and_the_daemon_never_load_the_operator_tooling() -> None:
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_status_names_a_shard_that_refuses_writes_for_a_full_disk() -> None:
+    from lmshard.ops import status
+
+    health = {"rtt_ms": 0.5, "txn_id": 9, "last_commit_age": 3.0, "map_used_pct": 1.0,
+              "map_size": 2**26, "max_map_used_pct": 0.01, "max_map_size": 2**33,
+              "readers": 2, "max_readers": 126, "disk_full": None}
+    shard = {"name": "lmshard:shard_00", "state": "RUNNING", "pid": 1, "uptime": 5.0,
+             "description": "", "shard": 0, "health": health, "health_error": None}
+    assert status._healthy({"processes": [shard]})
+    assert "WRITES REFUSED" not in status._health_text(shard)
+    health["disk_full"] = {"since": time.time() - 65, "refused": 12, "error": "no space"}
+    assert not status._healthy({"processes": [shard]})
+    assert status._health_text(shard).startswith(
+        "WRITES REFUSED: disk full for 0:01:05 (12 batches)")

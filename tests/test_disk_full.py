@@ -323,3 +323,50 @@ def test_an_embedded_store_raises_disk_full_and_writes_again_once_freed(
         ballast.release()
         store.put(blobs, 2, blob(2, 128 * KiB))
         assert store.count(blobs) == 2
+
+
+READERS_AT_ONCE = 300
+"""Enough read transactions at once to reach reader slots past the lock file's first pages."""
+
+_HOLD_SLOTS = """
+import sys, threading, lmshard
+from tests.schemas import schema
+store = lmshard.open(sys.argv[1], schema, readonly=True, max_readers=400)
+together = threading.Barrier(int(sys.argv[2]))
+def hold():
+    with store.read():
+        together.wait(60)
+threads = [threading.Thread(target=hold) for _ in range(int(sys.argv[2]))]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("held", len(threads))
+"""
+
+
+def test_reader_slots_work_on_a_full_disk(short_dir: Path) -> None:
+    """LMDB's lock file is sparse: a reader slot on a page never written would need a block
+    the full disk cannot give, and the process would die of SIGBUS. The writer allocates the
+    whole lock file when it opens the store."""
+    import subprocess
+    import sys
+
+    from tests.cluster import env_for_children
+    from tests.schemas import schema
+
+    with ExitStack() as stack:
+        try:
+            data = stack.enter_context(mount_small_tmpfs(short_dir / "data", 1 * MiB))
+        except MountNotPermitted as exc:
+            pytest.skip(f"needs a tmpfs mount for a filesystem that fills up: {exc}")
+        store = stack.enter_context(lmshard.open(data / "store", schema, map_size=256 * KiB,
+                                                 max_readers=400))
+        store.put(schema.tables["blobs"], 1, b"x")
+        ballast = stack.enter_context(Ballast())
+        ballast.fill(data)
+        done = subprocess.run(
+            [sys.executable, "-c", _HOLD_SLOTS, str(data / "store"), str(READERS_AT_ONCE)],
+            capture_output=True, text=True, timeout=120, env=env_for_children())
+        assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+        assert done.stdout.split() == ["held", str(READERS_AT_ONCE)]

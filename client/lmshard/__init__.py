@@ -17,6 +17,7 @@ from lmshard.errors import (
     BatchPartiallyApplied,
     CodecError,
     ConflictError,
+    DiskFull,
     Error,
     KeyEncodingError,
     NullIndexValue,
@@ -42,7 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Batch", "BatchesFailed", "DataAPI", "BatchPartiallyApplied", "Client", "OutOfOrder", "Writer",
     "ProtocolError", "ShardUnavailable", "connect",
-    "Codec", "CodecError", "ConflictError", "Error", "Index", "KeyEncodingError",
+    "Codec", "CodecError", "ConflictError", "DiskFull", "Error", "Index", "KeyEncodingError",
     "NullIndexValue", "ReadOnlyError", "ReadTxn", "Schema", "SchemaError", "SchemaMismatch",
     "Store", "StoreFull", "Table", "TransactionError", "UniqueViolation", "UnknownIndex",
     "UnknownTable", "WriteTxn", "flatbuffers_codec", "get_codec", "open", "register_codec",

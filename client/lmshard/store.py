@@ -6,6 +6,7 @@ between the two. One process writes; other processes may open the same path read
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import time
@@ -62,6 +63,41 @@ DEFAULT_SLOW_TXN_WARNING = 1.0
 """Seconds a write transaction may stay open before a warning is logged."""
 SPARE_TXNS = 4
 """Read transaction handles py-lmdb keeps for reuse, which makes a read per call cheap."""
+
+
+def allocate_lock_file(path: Path) -> None:
+    """Give every page of LMDB's lock file its blocks now (call it before this process opens
+    the environment: see ``Store._allocate_lock_file``). The file is sparse, and a reader
+    taking a slot on a page never written needs a block then: on a full filesystem that
+    process would die of SIGBUS. Linux's fallocate(2) reserves blocks without writing (never
+    glibc's posix_fallocate, whose fallback on filesystems without fallocate writes zeros,
+    over the slots of live readers); where it is missing nothing is done. A failure is
+    logged, never fatal: the store works, only that protection is missing."""
+    fallocate = _fallocate()
+    if fallocate is None:
+        return
+    try:
+        fd = os.open(path / "lock.mdb", os.O_RDWR)
+    except OSError:
+        return
+    try:
+        if fallocate(fd, 0, 0, os.fstat(fd).st_size) != 0:
+            err = ctypes.get_errno()
+            log.warning("cannot allocate the lock file of %s (%s): on a full disk a process "
+                        "taking a reader slot may be killed by SIGBUS", path, os.strerror(err))
+    finally:
+        os.close(fd)
+
+
+def _fallocate() -> Any:
+    """libc's fallocate(2), or None where there is none (not Linux)."""
+    try:
+        f = ctypes.CDLL(None, use_errno=True).fallocate
+    except (AttributeError, OSError):
+        return None
+    f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    f.restype = ctypes.c_int
+    return f
 
 
 class Store:
@@ -121,6 +157,8 @@ class Store:
                 f"no lmshard store at {self.path}",
                 hint="check the path, or open it writable once to create it",
             )
+        if not self.readonly:
+            self._allocate_lock_file()
         try:
             env = lmdb.open(
                 self.path,
@@ -146,6 +184,19 @@ class Store:
             self._tables = self._prepare(env)
         self._env = env
         return env
+
+    def _allocate_lock_file(self) -> None:
+        """``allocate_lock_file`` before this process opens the environment: closing a file
+        descriptor of the lock file drops every POSIX lock the process holds on it, LMDB's
+        included, so it must happen while the process holds none. A new store's lock file
+        is made by opening the environment once."""
+        path = Path(self.path)
+        if not (path / "lock.mdb").exists():
+            if not self.create:
+                return
+            lmdb.open(self.path, map_size=self.map_size, max_dbs=MAX_DBS,
+                      max_readers=self.max_readers, lock=True).close()
+        allocate_lock_file(path)
 
     def _bind_readonly(self, env: lmdb.Environment) -> TableMap:
         def open_db(name: bytes, dupsort: bool) -> Any:

@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import lmdb
@@ -24,14 +23,12 @@ import zmq
 from lmshard import protocol, security
 from lmshard.config import Config
 from lmshard.errors import (
-    DiskFull,
     Error,
     InternalError,
     OutOfOrder,
     ProtocolError,
     StoreFull,
 )
-from lmshard.map_growth import disk_full
 from lmshard.shard_identity import check_shard_identity, identity_records
 from lmshard.store import Store, grow_map
 from lmshard.txn import ReadTxn, WriteTxn
@@ -39,6 +36,7 @@ from lmshardd import stats
 from lmshardd.channels import CHANNEL_FACTORIES, Channel
 from lmshardd.grouping import ActiveWriters, wait_readable
 from lmshardd.hangup import report_hangup
+from lmshardd.owner_state import DiskFullWatch, OwnerCounters
 
 log = logging.getLogger("lmshardd.owner")
 
@@ -63,47 +61,7 @@ GROUP_LINGER_MAX = 0.001
 ACTIVE_WRITER_WINDOW = 0.1
 """Seconds a client counts as an active writer after its last batch; the owner stops waiting
 for a group to fill once it holds a batch from each."""
-DISK_FULL_LOG_INTERVAL = 60.0
-"""Seconds between the log lines saying a shard still refuses writes for a full disk."""
 _SNDMORE = int(zmq.SNDMORE)
-
-
-@dataclass
-class OwnerCounters:
-    """What the owner has done since it started (published by the monitoring channel)."""
-
-    started: float = field(default_factory=time.time)
-    batches: int = 0
-    failed_batches: int = 0
-    duplicate_batches: int = 0
-    out_of_order: int = 0
-    ops: int = 0
-    commits: int = 0
-    reads: int = 0
-    bad_frames: int = 0
-    last_txn_id: int = 0
-    last_commit_time: float = 0.0
-    commit_seconds: list[float] = field(default_factory=list)
-    group_sizes: list[int] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if not isinstance(v, list)}
-        d["uptime"] = time.time() - self.started
-        return d
-
-
-@dataclass
-class DiskFullSpell:
-    """A time the shard's filesystem was full: from the first commit it refused to the next
-    commit that succeeds (the owner tries each group again; nothing else waits for room)."""
-
-    error: DiskFull
-    since: float
-    refused: int = 0
-    logged: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"since": self.since, "refused": self.refused, "error": self.error.message}
 
 
 class ShardOwner:
@@ -137,7 +95,7 @@ class ShardOwner:
         self._group_avg = 1.0
         self._commit_avg = 0.0
         self._writers = ActiveWriters(ACTIVE_WRITER_WINDOW)
-        self.disk_full: DiskFullSpell | None = None
+        self.disk_full = DiskFullWatch(str(self.path), shard)
         self.channels: list[Channel] = []
         self.ctx: zmq.Context[Any] = zmq.Context.instance()
         self.sock: zmq.Socket[bytes] | None = None
@@ -336,11 +294,7 @@ class ShardOwner:
 
     def _count_commit(self, batches: WriteBatches, txn_id: int, seconds: float) -> None:
         """Count a commit and tell the channels; end a full disk's spell."""
-        if self.disk_full is not None:
-            spell, self.disk_full = self.disk_full, None
-            log.warning("shard %d takes writes again: its filesystem has room (refused %d "
-                        "batches for a full disk over %.1f s)", self.shard, spell.refused,
-                        time.time() - spell.since)
+        self.disk_full.ended()
         c = self.counters
         c.commits += 1
         c.last_txn_id = txn_id
@@ -375,25 +329,12 @@ class ShardOwner:
     def _refuse_for_disk(self, batches: WriteBatches, exc: lmdb.Error
                          ) -> list[tuple[bytes, bytes]]:
         """Refuse a group whose commit failed for a full disk (raise ``exc`` if it failed for
-        another reason); log it when the spell begins and every DISK_FULL_LOG_INTERVAL.
-
-        The disk fills while LMDB writes or syncs the transaction's pages, before the meta page
-        that would make them visible: nothing of the group is, the environment stays usable,
-        and the next group's commit succeeds once there is room."""
-        full = disk_full(exc, str(self.path), f"shard {self.shard}")
+        another reason). The disk fills while LMDB writes or syncs the transaction's pages,
+        before the meta page that would make them visible: nothing of the group is, the
+        environment stays usable, and the next group's commit succeeds once there is room."""
+        full = self.disk_full.refused(exc, len(batches))
         if full is None:
             raise exc
-        now = time.time()
-        spell = self.disk_full = self.disk_full or DiskFullSpell(full, now)
-        spell.error = full
-        spell.refused += len(batches)
-        if now - spell.logged >= DISK_FULL_LOG_INTERVAL:
-            if spell.logged:
-                log.error("%s (still: %d batches refused in %.0f s)", full.message,
-                          spell.refused, now - spell.since)
-            else:
-                log.error("%s", full.message)
-            spell.logged = now
         return self._refuse_group(batches, full)
 
     def _apply_all(self, txn: lmdb.Transaction, batches: WriteBatches) -> list[Outcome]:
@@ -504,7 +445,7 @@ class ShardOwner:
             "max_readers": info["max_readers"],
             "uptime": time.time() - self.counters.started,
             "last_commit": self.counters.last_commit_time,
-            "disk_full": None if self.disk_full is None else self.disk_full.as_dict(),
+            "disk_full": self.disk_full.as_dict(),
         }
 
     def stats(self) -> dict[str, Any]:

@@ -109,7 +109,10 @@ def _health_text(p: dict[str, Any]) -> str:
         return f"ping: {p['health_error']}" if p.get("health_error") else ""
     age = h["last_commit_age"]
     commit = "no commit yet" if age is None else f"last commit {_duration(age)} ago"
-    return (f"ping {h['rtt_ms']:.1f}ms  txn {h['txn_id']}  {commit}  "
+    full = h.get("disk_full")
+    refusing = (f"WRITES REFUSED: disk full for {_duration(time.time() - full['since'])} "
+                f"({full['refused']} batches)  " if full else "")
+    return (f"{refusing}ping {h['rtt_ms']:.1f}ms  txn {h['txn_id']}  {commit}  "
             f"map {h['map_used_pct']:.1f}% of {format_bytes(h['map_size'])}, "
             f"{h['max_map_used_pct']:.2f}% of max {format_bytes(h['max_map_size'])}  "
             f"readers {h['readers']}/{h['max_readers']}")
@@ -126,7 +129,9 @@ def _process_line(p: dict[str, Any], width: int) -> str:
 
 
 def _healthy(status: dict[str, Any]) -> bool:
+    """Every process runs, every owner answers, and none refuses writes for a full disk."""
     return all(p["state"] == "RUNNING" and p.get("health_error") is None
+               and not (p.get("health") or {}).get("disk_full")
                for p in status["processes"])
 
 
