@@ -143,3 +143,12 @@ def test_unknown_writes_nobody_observed_are_left_out_of_the_search() -> None:
     assert [o.value for o in checker.relevant(ops) if o.kind == "write"] == ["a", "lost7"]
     assert linearizable(*ops)
     assert not linearizable(*ops, op("read", None, OK, "a", 7, 8))  # and it cannot be undone
+
+
+def test_an_unknown_write_nobody_read_still_explains_a_cas_that_did_not_apply() -> None:
+    w = op("write", "a", OK, None, 0, 1)
+    lost = op("write", "x", UNKNOWN, None, 2, 0, process="q")
+    read = op("read", None, OK, "a", 2.1, 2.2)
+    refused = op("cas", ("a", "b"), OK, False, 2.3, 2.4)  # the lost write landed first
+    assert linearizable(w, lost, read, refused)
+    assert not linearizable(w, read, refused)  # without it nothing explains the refusal

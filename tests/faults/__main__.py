@@ -24,7 +24,7 @@ def report(summaries: list[Summary]) -> str:
     anomalies = [f"seed {s.seed}: {a}" for s in summaries for a in s.anomalies]
     lines = [f"histories   {len(summaries)}",
              f"operations  {sum(s.operations for s in summaries):,}  (" + ", ".join(
-                 f"{k} {outcomes[k]:,}" for k in ("ok", "fail", "unknown")) + ")",
+                 f"{k} {outcomes[k]:,}" for k in ("ok", "fail", "unknown", "maybe")) + ")",
              "faults      " + ", ".join(f"{k} {faults[k]}" for k in FAULT_KINDS),
              f"anomalies   {len(anomalies)}",
              f"undecided   {sum(len(s.undecided) for s in summaries)} keys (search budget)"]

@@ -10,6 +10,7 @@ index checked, and ``lmshard down``. The history goes to ``checker.check``; coun
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -28,6 +29,7 @@ from typing import Any
 
 import lmshard
 from tests.faults import checker
+from tests.faults.disk import Ballast, MountNotPermitted, mount_small_tmpfs
 from tests.faults.history import OK, Op, load
 from tests.faults.schema import counters, rows
 from tests.faults.workload import COUNTERS, GROUPS, NAMES, TIMEOUT_MS, register, run_worker
@@ -40,7 +42,11 @@ PAUSE_SECONDS = TIMEOUT_MS * 3 / 1000
 """A SIGSTOPped process stays stopped longer than a client's timeout and retry."""
 
 FAULT_KINDS = ("kill-owner", "pause-owner", "kill-reader", "kill-monitor", "kill-client",
-               "restart-supervisord")
+               "restart-supervisord", "disk-full")
+DATA_FS_SIZE = 64 * 2**20
+"""The tmpfs the data directory lives on when the disk-full fault is on."""
+DISK_FULL_SECONDS = 1.5
+"""How long a filled filesystem stays full."""
 LOW_FDS = 64
 """Every third client runs with this few open files allowed (sockets, LMDB, its history)."""
 
@@ -75,6 +81,7 @@ class Service:
     """A service of the campaign's schema in ``base`` (sockets in a short ``run_dir``)."""
 
     def __init__(self, base: Path, run_dir: Path, shards: int = 3) -> None:
+        self.data_dir = base / "var" / "data"
         done = lmshard_cmd("init", str(base), "--shards", str(shards), "--readers", "2",
                            "--schema", "tests.faults.schema:schema", "--python-path", str(REPO),
                            "--run-dir", str(run_dir), "--monitor-http", "127.0.0.1:0")
@@ -163,6 +170,8 @@ class Nemesis(threading.Thread):
         self.service, self.clients, self.kinds, self.rng = service, clients, kinds, rng
         self.interval = interval
         self.stop = threading.Event()
+        self.small_fs = False
+        """The data directory is on a small filesystem of its own (disk-full possible)."""
         self.faults: Counter[str] = Counter()
         self.paused: list[int] = []
 
@@ -175,6 +184,13 @@ class Nemesis(threading.Thread):
     def inject(self, kind: str) -> bool:
         if kind == "kill-client":
             return self.clients.kill_one()
+        if kind == "disk-full":
+            if not self.small_fs:
+                return False
+            with Ballast() as ballast:  # released when the block ends
+                ballast.fill(self.service.data_dir)
+                self.stop.wait(DISK_FULL_SECONDS)
+            return True
         if kind == "restart-supervisord":
             return self.service.restart()
         prefix = {"kill-owner": "lmshard:shard_", "pause-owner": "lmshard:shard_",
@@ -254,6 +270,16 @@ def final_reads(toml: Path) -> tuple[list[Op], dict[str, int], list[str]]:
     return ops, totals, problems
 
 
+def _small_fs(stack: contextlib.ExitStack, data_dir: Path) -> bool:
+    """Mount a small tmpfs on the data directory (unmounted by ``stack``); False where mounts
+    are not permitted (the disk-full fault is then left out)."""
+    try:
+        stack.enter_context(mount_small_tmpfs(data_dir, DATA_FS_SIZE))
+    except MountNotPermitted:
+        return False
+    return True
+
+
 def sample(service: Service) -> dict[str, Any]:
     """The owners' RSS (KiB) and open fds, and each shard's reader slots held, now."""
     done = lmshard_cmd("status", "--json", "-c", str(service.toml))
@@ -301,7 +327,9 @@ def run_history(seconds: float, kinds: tuple[str, ...] = FAULT_KINDS, workers: i
     base = Path(tempfile.mkdtemp(prefix="lmsf-"))
     summary = Summary(seed, seconds)
     service = Service(base / "svc", base / "run")
+    stack = contextlib.ExitStack()
     try:
+        small_fs = "disk-full" in kinds and _small_fs(stack, service.data_dir)
         service.up()
         out = base / "history"
         out.mkdir()
@@ -309,6 +337,7 @@ def run_history(seconds: float, kinds: tuple[str, ...] = FAULT_KINDS, workers: i
         for _ in range(workers):
             clients.start()
         nemesis = Nemesis(service, clients, kinds, rng, interval)
+        nemesis.small_fs = small_fs
         nemesis.start()
         sampling_done = threading.Event()
         sampler = _sampling(service, sample_every, summary.samples, sampling_done)
@@ -336,6 +365,7 @@ def run_history(seconds: float, kinds: tuple[str, ...] = FAULT_KINDS, workers: i
         return summary
     finally:
         service.down()
+        stack.close()
         if keep is not None:
             shutil.copytree(base, keep / f"history-{seed}", dirs_exist_ok=True)
         shutil.rmtree(base, ignore_errors=True)

@@ -17,12 +17,14 @@ completion is at infinity, so the search may also place it after everything else
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.faults.history import FAIL, OK, UNKNOWN, Op
+from tests.faults.history import FAIL, MAYBE, OK, UNKNOWN, Op
 
 SEARCH_BUDGET = 3_000_000
 """Steps one key's search may take before it is reported undecided (never as passed)."""
@@ -69,7 +71,7 @@ def step(state: Any, op: Op) -> tuple[bool, Any]:
     if kind == "cas":
         expected, new = op.value
         applies = state == expected
-        if op.outcome == UNKNOWN:
+        if op.outcome in (UNKNOWN, MAYBE):
             return True, new if applies else state
         return op.output == applies, new if applies else state
     raise ValueError(f"unknown op kind {kind!r}")
@@ -126,37 +128,70 @@ def _unlift(e: _Entry) -> None:
             x.next.prev = x
 
 
+LATE_WRITE_SECONDS = 5.0
+"""How long after its invocation an unknown operation is taken to land at the latest, if it
+lands: several times the longest a campaign request can wait unanswered (a client's timeout
+and retry, an owner paused past them, a disk full for a while); a request the owner never got
+(an owner killed, a client killed before sending) never lands."""
+
+
 def relevant(ops: list[Op]) -> list[Op]:
     """The operations that can change a verdict: failed ones never happened and unknown reads
-    say nothing; an unknown write or cas whose value nobody observed (no read returned it,
-    no cas expected it) may be taken as never applied, since values are unique: wherever
-    it was linearized, no operation could tell. (Dropping them keeps the search small after a
-    fault that leaves many writes unknown.)"""
+    say nothing. An unknown write or cas whose value nobody observed (no read returned it,
+    no cas expected it) may be taken as never applied, since values are unique: wherever it
+    was linearized, no read could tell. A cas that did not apply does tell (the register held
+    something else), so unobserved unknown writes invoked in the LATE_WRITE_SECONDS before
+    such a cas ended stay in. (Leaving the others out keeps the search small after a fault
+    that leaves many writes unknown.)"""
     observed = {op.output for op in ops if op.kind == "read" and op.outcome == OK}
     observed |= {op.value[0] for op in ops if op.kind == "cas"}
+    refused_cas = sorted(op.end for op in ops
+                         if op.kind == "cas" and op.outcome == OK and op.output is False)
     out = []
     for op in ops:
         if op.outcome == FAIL or (op.kind == "read" and op.outcome == UNKNOWN):
             continue
-        if op.outcome == UNKNOWN and op.kind in ("write", "cas"):
+        if op.outcome in (UNKNOWN, MAYBE) and op.kind in ("write", "cas"):
             new = op.value if op.kind == "write" else op.value[1]
-            if new not in observed:
+            if new not in observed and not _explains_a_refused_cas(op, refused_cas):
                 continue
         out.append(op)
     return out
 
 
+def _explains_a_refused_cas(op: Op, refused_ends: list[float]) -> bool:
+    i = bisect.bisect_right(refused_ends, op.start)
+    return i < len(refused_ends) and refused_ends[i] - op.start <= LATE_WRITE_SECONDS
+
+
+def outcomes(state: Any, op: Op) -> list[Any]:
+    """The states ``op`` may leave the register in from ``state`` (none: not allowed here).
+    An unknown write or cas may also have never taken effect."""
+    allowed, new = step(state, op)
+    if not allowed:
+        return []
+    if op.outcome in (UNKNOWN, MAYBE) and op.kind in ("write", "delete", "cas") and new != state:
+        return [new, state]
+    return [new]
+
+
 def check_register(key: str, ops: list[Op], initial: Any = None,
                    budget: int = SEARCH_BUDGET) -> KeyResult:
-    """Linearizability of one key's operations (see ``relevant`` for what is left out)."""
-    ops = relevant(ops)
+    """Linearizability of one key's operations (see ``relevant`` for what is left out).
+
+    An unknown operation lands within LATE_WRITE_SECONDS of its invocation or never (an
+    ``outcomes`` choice), so it is not left open until the end of the history, where every
+    unknown write of the run would be concurrent with every other."""
+    ops = [op if op.outcome != UNKNOWN else
+           dataclasses.replace(op, end=op.start + LATE_WRITE_SECONDS) for op in relevant(ops)]
     head = _entries(ops)
     cache: set[tuple[int, Any]] = set()
-    stack: list[tuple[_Entry, Any]] = []
+    stack: list[tuple[_Entry, Any, int]] = []
     linearized = 0
     state = initial
     deepest = (0, "")
     entry = head.next
+    tried = 0  # options of ``entry`` already tried
     while head.next is not None:
         assert entry is not None
         budget -= 1
@@ -164,25 +199,28 @@ def check_register(key: str, ops: list[Op], initial: Any = None,
             return KeyResult(key, None, len(ops), "the search ran out of its budget")
         if entry.call:
             assert entry.op is not None
-            allowed, new = step(state, entry.op)
             bit = 1 << entry.index
-            if allowed and (linearized | bit, new) not in cache:
-                cache.add((linearized | bit, new))
-                stack.append((entry, state))
-                state, linearized = new, linearized | bit
-                _lift(entry)
-                entry = head.next
-                continue
-            entry = entry.next
+            options = outcomes(state, entry.op)
+            while tried < len(options):
+                new = options[tried]
+                tried += 1
+                if (linearized | bit, new) not in cache:
+                    cache.add((linearized | bit, new))
+                    stack.append((entry, state, tried))
+                    state, linearized = new, linearized | bit
+                    _lift(entry)
+                    entry, tried = head.next, 0
+                    break
+            else:
+                entry, tried = entry.next, 0
             continue
         if len(stack) >= deepest[0]:
             deepest = (len(stack), _describe(entry.op, state))
         if not stack:
             return KeyResult(key, False, len(ops), f"no order explains {deepest[1]}")
-        entry, state = stack.pop()
+        entry, state, tried = stack.pop()
         linearized &= ~(1 << entry.index)
         _unlift(entry)
-        entry = entry.next
     return KeyResult(key, True, len(ops))
 
 

@@ -8,6 +8,8 @@ each (``time.monotonic()``, one clock for every process on the host) and its out
   violation, a refused batch, ``StoreFull``).
 - ``unknown``: no answer (a timeout, ``ShardUnavailable``, the client was killed): the
   operation may or may not have taken effect, at any time after its invocation.
+- ``maybe``: taken effect before it completed, or never (a writer stream whose refused batches
+  are not named op by op: each op of it was answered, applied or refused).
 
 Each client process appends to a file of its own, one JSON line per event, flushed as it goes,
 so a client SIGKILLed mid-operation leaves its invocations behind; ``load`` merges the files
@@ -25,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-OK, FAIL, UNKNOWN = "ok", "fail", "unknown"
-OUTCOMES = (OK, FAIL, UNKNOWN)
+OK, FAIL, UNKNOWN, MAYBE = "ok", "fail", "unknown", "maybe"
+OUTCOMES = (OK, FAIL, UNKNOWN, MAYBE)
 
 KINDS = ("write", "read", "cas", "incr", "delete")
 """write(value); read() -> value; cas((expected, new)) -> applied?; incr(delta) -> new value;
