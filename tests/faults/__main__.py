@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"history {len(summaries)}: seed {s.seed}, {s.operations:,} operations, "
               f"{sum(s.faults.values())} faults, {len(s.anomalies)} anomalies, "
               f"{len(s.undecided)} undecided", flush=True)
+        for a in s.anomalies + s.undecided:
+            print(f"  {a}", flush=True)
     print(report(summaries))
     return 1 if any(s.anomalies for s in summaries) else 0
 
