@@ -140,19 +140,25 @@ class Worker:
         writes = [(self.rng.choice(GROUPS), self.rng.choice(NAMES), self.value())
                   for _ in range(self.rng.randrange(4, 40))]
         ids = []
+        refused = False
         try:
             with self.client.writer(batch_size=batch_size, window=2) as w:
                 for g, n, v in writes:
                     ids.append(self.rec.invoke(register(g, n), "write", v))
-                    w.put(rows, (g, n), row(g, v))
-        except lmshard.BatchesFailed:
-            # Every batch was answered, but refused ones are named per shard, not per op: each
-            # op was applied before the stream ended, or never.
-            outcome = MAYBE
-        except lmshard.Error as exc:
-            outcome = FAIL if isinstance(exc, FAILS) else UNKNOWN
+                    try:
+                        w.put(rows, (g, n), row(g, v))
+                    except lmshard.BatchesFailed:
+                        refused = True  # an earlier batch was refused: the stream goes on
+                try:
+                    w.flush()  # every batch answered: applied or refused, none in flight
+                except lmshard.BatchesFailed:
+                    refused = True
+        except lmshard.Error:
+            outcome = UNKNOWN  # batches in flight when it broke may still land
         else:
-            outcome = OK
+            # Refused batches are named per shard, not per op: each op of a stream with one
+            # was applied before the stream ended, or never.
+            outcome = MAYBE if refused else OK
         for op in ids:
             self.rec.complete(op, outcome)
 
