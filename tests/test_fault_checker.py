@@ -145,7 +145,8 @@ def test_unknown_writes_nobody_observed_are_left_out_of_the_search() -> None:
     assert not linearizable(*ops, op("read", None, OK, "a", 7, 8))  # and it cannot be undone
 
 
-def test_an_unknown_write_nobody_read_still_explains_a_cas_that_did_not_apply() -> None:
+def test_a_refused_cas_an_unseen_unknown_write_may_explain_is_not_held_against_the_store(
+) -> None:
     w = op("write", "a", OK, None, 0, 1)
     lost = op("write", "x", UNKNOWN, None, 2, 0, process="q")
     read = op("read", None, OK, "a", 2.1, 2.2)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -135,33 +136,51 @@ and retry, an owner paused past them, a disk full for a while); a request the ow
 (an owner killed, a client killed before sending) never lands."""
 
 
+READ_BEFORE_CAS = 1.0
+"""Seconds before a cas its expected value was read at the latest (the campaign reads it just
+before)."""
+
+
 def relevant(ops: list[Op]) -> list[Op]:
-    """The operations that can change a verdict: failed ones never happened and unknown reads
-    say nothing. An unknown write or cas whose value nobody observed (no read returned it,
-    no cas expected it) may be taken as never applied, since values are unique: wherever it
-    was linearized, no read could tell. A cas that did not apply does tell (the register held
-    something else), so unobserved unknown writes invoked in the LATE_WRITE_SECONDS before
-    such a cas ended stay in. (Leaving the others out keeps the search small after a fault
-    that leaves many writes unknown.)"""
+    """The operations that can change a verdict, so the search stays small after a fault that
+    leaves many writes unknown:
+
+    - failed ones never happened, and unknown reads say nothing;
+    - an unknown (or maybe) write or cas whose value nobody observed (no read returned it, no
+      cas expected it) may be taken as never applied, since values are unique: wherever it
+      was linearized, no read could tell;
+    - but a cas that did not apply tells that the register changed since its read, which such
+      an unseen write may explain: a refused cas with an unseen write that may have landed
+      between its read and its end is not checked (a weaker check, never a false anomaly).
+    """
     observed = {op.output for op in ops if op.kind == "read" and op.outcome == OK}
     observed |= {op.value[0] for op in ops if op.kind == "cas"}
-    refused_cas = sorted(op.end for op in ops
-                         if op.kind == "cas" and op.outcome == OK and op.output is False)
+
+    def unseen(op: Op) -> bool:
+        if op.outcome not in (UNKNOWN, MAYBE) or op.kind not in ("write", "cas"):
+            return False
+        return (op.value if op.kind == "write" else op.value[1]) not in observed
+
+    landing = sorted((op.start, _lands_by(op)) for op in ops if unseen(op))
     out = []
     for op in ops:
-        if op.outcome == FAIL or (op.kind == "read" and op.outcome == UNKNOWN):
+        if op.outcome == FAIL or (op.kind == "read" and op.outcome == UNKNOWN) or unseen(op):
             continue
-        if op.outcome in (UNKNOWN, MAYBE) and op.kind in ("write", "cas"):
-            new = op.value if op.kind == "write" else op.value[1]
-            if new not in observed and not _explains_a_refused_cas(op, refused_cas):
-                continue
+        if (op.kind == "cas" and op.outcome == OK and op.output is False
+                and _may_land_within(landing, op.start - READ_BEFORE_CAS, op.end)):
+            continue
         out.append(op)
     return out
 
 
-def _explains_a_refused_cas(op: Op, refused_ends: list[float]) -> bool:
-    i = bisect.bisect_right(refused_ends, op.start)
-    return i < len(refused_ends) and refused_ends[i] - op.start <= LATE_WRITE_SECONDS
+def _lands_by(op: Op) -> float:
+    return op.end if op.outcome == MAYBE else op.start + LATE_WRITE_SECONDS
+
+
+def _may_land_within(landing: list[tuple[float, float]], lo: float, hi: float) -> bool:
+    """Whether one of the (start, lands by) windows overlaps [lo, hi]."""
+    i = bisect.bisect_left(landing, (hi, math.inf))  # windows that start before hi
+    return any(by > lo for _start, by in landing[max(0, i - 4096):i])
 
 
 def outcomes(state: Any, op: Op) -> list[Any]:
