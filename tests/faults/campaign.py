@@ -41,8 +41,8 @@ LMSHARD = [sys.executable, "-m", "lmshard.ops.cli"]
 PAUSE_SECONDS = TIMEOUT_MS * 3 / 1000
 """A SIGSTOPped process stays stopped longer than a client's timeout and retry."""
 
-FAULT_KINDS = ("kill-owner", "pause-owner", "kill-reader", "kill-monitor", "kill-client",
-               "restart-supervisord", "disk-full")
+FAULT_KINDS = ("kill-owner", "pause-owner", "kill-reader", "pause-reader", "kill-monitor",
+               "pause-monitor", "kill-client", "restart-supervisord", "disk-full")
 DATA_FS_SIZE = 64 * 2**20
 """The tmpfs the data directory lives on when the disk-full fault is on."""
 DISK_FULL_SECONDS = 1.5
@@ -193,8 +193,8 @@ class Nemesis(threading.Thread):
             return True
         if kind == "restart-supervisord":
             return self.service.restart()
-        prefix = {"kill-owner": "lmshard:shard_", "pause-owner": "lmshard:shard_",
-                  "kill-reader": "lmshard:reader_", "kill-monitor": "lmshard:monitor"}[kind]
+        prefix = {"owner": "lmshard:shard_", "reader": "lmshard:reader_",
+                  "monitor": "lmshard:monitor"}[kind.split("-", 1)[1]]
         try:
             pids = [pid for name, pid in self.service.processes().items()
                     if name.startswith(prefix)]
@@ -204,7 +204,7 @@ class Nemesis(threading.Thread):
             return False
         pid = self.rng.choice(pids)
         try:
-            if kind == "pause-owner":
+            if kind.startswith("pause-"):
                 os.kill(pid, signal.SIGSTOP)
                 self.paused.append(pid)
                 self.stop.wait(PAUSE_SECONDS)
