@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +21,15 @@ class Cluster(LocalService):
         overrides.setdefault("sync", True)
         super().__init__(base, "tests.schemas:schema", shards=shards,
                          python_path=[str(REPO)], **overrides)
+
+
+def lmshard_cli(*args: str, timeout: float = 120,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``lmshard ARGS`` in a new process, as an operator would (this repo's tests package
+    importable, for schemas like ``tests.schemas:schema``)."""
+    return subprocess.run([sys.executable, "-m", "lmshard.ops.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                          env=env if env is not None else env_for_children())
 
 
 def env_for_children() -> dict[str, str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import socket
-import subprocess
 import sys
 import textwrap
 import threading
@@ -20,6 +19,7 @@ import pytest
 import lmshard
 from lmshard.ops.supervise.conf import SupervisorFiles
 from lmshard.ops.supervise.rpc import supervisord_pid
+from tests.cluster import lmshard_cli
 from tests.test_supervisor import Service, make_service
 
 pytestmark = pytest.mark.slow
@@ -28,11 +28,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 PREFLIGHT_SECONDS = 2.0
 """What the issue asks of a refused start: the old path took 18 s of supervisord retries."""
-
-
-def lmshard_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lmshard.ops.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def status(svc: Service) -> dict:

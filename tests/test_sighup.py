@@ -31,7 +31,7 @@ from lmshard.config import Config
 from lmshard.ops.supervise.conf import SupervisorFiles
 from lmshard.ops.supervise.rpc import process_infos
 from lmshard.remote import ReaderPool
-from tests.cluster import REPO, WAIT, Cluster, env_for_children, wait_for
+from tests.cluster import REPO, WAIT, Cluster, lmshard_cli, wait_for
 from tests.test_readers import Readers
 
 HUP_LINE = "received SIGHUP"
@@ -255,12 +255,6 @@ def test_monitor_keeps_serving_and_reports_the_config_on_sighup(tmp_path: Path) 
 # --------------------------------------------------------------------------------------------
 # Under supervisord
 # --------------------------------------------------------------------------------------------
-
-
-def lmshard_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lmshard.ops.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                          env=env_for_children())
 
 
 

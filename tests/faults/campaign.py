@@ -18,7 +18,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -28,15 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import lmshard
+from tests.cluster import REPO, lmshard_cli
 from tests.faults import checker
 from tests.faults.disk import Ballast, MountNotPermitted, mount_small_tmpfs
 from tests.faults.history import OK, Op, load
 from tests.faults.schema import counters, rows
 from tests.faults.workload import COUNTERS, GROUPS, NAMES, TIMEOUT_MS, register, run_worker
-
-REPO = Path(__file__).resolve().parents[2]
-LMSHARD = [sys.executable, "-m", "lmshard.ops.cli"]
-"""The operator's command (the ``lmshard`` console script runs the same)."""
 
 PAUSE_SECONDS = TIMEOUT_MS * 3 / 1000
 """A SIGSTOPped process stays stopped longer than a client's timeout and retry."""
@@ -70,19 +66,12 @@ class Summary:
                 "anomalies": self.anomalies, "undecided": self.undecided}
 
 
-def lmshard_cmd(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return subprocess.run([*LMSHARD, *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, stdin=subprocess.DEVNULL)
-
-
 class Service:
     """A service of the campaign's schema in ``base`` (sockets in a short ``run_dir``)."""
 
     def __init__(self, base: Path, run_dir: Path, shards: int = 3) -> None:
         self.data_dir = base / "var" / "data"
-        done = lmshard_cmd("init", str(base), "--shards", str(shards), "--readers", "2",
+        done = lmshard_cli("init", str(base), "--shards", str(shards), "--readers", "2",
                            "--schema", "tests.faults.schema:schema", "--python-path", str(REPO),
                            "--run-dir", str(run_dir), "--monitor-http", "127.0.0.1:0")
         if done.returncode != 0:
@@ -90,32 +79,32 @@ class Service:
         self.toml = base / "lmshard.toml"
 
     def up(self) -> None:
-        done = lmshard_cmd("up", "-c", str(self.toml))
+        done = lmshard_cli("up", "-c", str(self.toml))
         if done.returncode != 0:
             raise RuntimeError(done.stdout + done.stderr)
 
     def down(self) -> None:
-        lmshard_cmd("down", "-c", str(self.toml))
+        lmshard_cli("down", "-c", str(self.toml))
 
     def restart(self) -> bool:
         """supervisord stopped (TERM: it stops every process cleanly) and started again."""
         self.down()
         for _ in range(3):  # a client may hold a socket name for a moment: try again
-            if lmshard_cmd("up", "-c", str(self.toml)).returncode == 0:
+            if lmshard_cli("up", "-c", str(self.toml)).returncode == 0:
                 return True
             time.sleep(0.5)
         raise RuntimeError("lmshard up failed three times after a restart")
 
     def processes(self) -> dict[str, int]:
         """supervisord's RUNNING processes of the service: name -> pid."""
-        done = lmshard_cmd("status", "--json", "-c", str(self.toml))
+        done = lmshard_cli("status", "--json", "-c", str(self.toml))
         status = json.loads(done.stdout)
         return {p["name"]: p["pid"] for p in status["processes"]
                 if p["state"] == "RUNNING" and p["pid"]}
 
     def healthy(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
-        while lmshard_cmd("status", "-c", str(self.toml)).returncode != 0:
+        while lmshard_cli("status", "-c", str(self.toml)).returncode != 0:
             if time.monotonic() > deadline:
                 raise RuntimeError("the service did not come back after the faults")
             time.sleep(0.2)
@@ -282,7 +271,7 @@ def _small_fs(stack: contextlib.ExitStack, data_dir: Path) -> bool:
 
 def sample(service: Service) -> dict[str, Any]:
     """The owners' RSS (KiB) and open fds, and each shard's reader slots held, now."""
-    done = lmshard_cmd("status", "--json", "-c", str(service.toml))
+    done = lmshard_cli("status", "--json", "-c", str(service.toml))
     procs = json.loads(done.stdout)["processes"]
     owners = [p for p in procs if "shard" in p and p["pid"]]
     rss, fds = 0, 0
