@@ -7,6 +7,7 @@ between the two. One process writes; other processes may open the same path read
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import time
@@ -89,6 +90,7 @@ def allocate_lock_file(path: Path) -> None:
         os.close(fd)
 
 
+@functools.cache
 def _fallocate() -> Any:
     """libc's fallocate(2), or None where there is none (not Linux)."""
     try:

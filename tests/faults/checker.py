@@ -162,12 +162,13 @@ def relevant(ops: list[Op]) -> list[Op]:
         return (op.value if op.kind == "write" else op.value[1]) not in observed
 
     landing = sorted((op.start, _lands_by(op)) for op in ops if unseen(op))
+    longest = max((by - start for start, by in landing), default=0.0)
     out = []
     for op in ops:
         if op.outcome == FAIL or (op.kind == "read" and op.outcome == UNKNOWN) or unseen(op):
             continue
         if (op.kind == "cas" and op.outcome == OK and op.output is False
-                and _may_land_within(landing, op.start - READ_BEFORE_CAS, op.end)):
+                and _may_land_within(landing, longest, op.start - READ_BEFORE_CAS, op.end)):
             continue
         out.append(op)
     return out
@@ -177,10 +178,13 @@ def _lands_by(op: Op) -> float:
     return op.end if op.outcome == MAYBE else op.start + LATE_WRITE_SECONDS
 
 
-def _may_land_within(landing: list[tuple[float, float]], lo: float, hi: float) -> bool:
-    """Whether one of the (start, lands by) windows overlaps [lo, hi]."""
-    i = bisect.bisect_left(landing, (hi, math.inf))  # windows that start before hi
-    return any(by > lo for _start, by in landing[max(0, i - 4096):i])
+def _may_land_within(landing: list[tuple[float, float]], longest: float, lo: float,
+                     hi: float) -> bool:
+    """Whether one of the sorted (start, lands by) windows, none longer than ``longest``,
+    overlaps [lo, hi]: only those starting in [lo - longest, hi) can."""
+    first = bisect.bisect_left(landing, (lo - longest, -math.inf))
+    last = bisect.bisect_left(landing, (hi, -math.inf))
+    return any(by > lo for _start, by in landing[first:last])
 
 
 def outcomes(state: Any, op: Op) -> list[Any]:
