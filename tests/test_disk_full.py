@@ -64,6 +64,15 @@ class FullDisk:
                     assert c.get("counters", key) == total
 
 
+def small_filesystem(stack: ExitStack, path: Path, size: int) -> Path:
+    """A tmpfs of ``size`` bytes on ``path`` until ``stack`` closes; the test is skipped where
+    mounts are not permitted."""
+    try:
+        return stack.enter_context(mount_small_tmpfs(path, size))
+    except MountNotPermitted as exc:
+        pytest.skip(f"needs a tmpfs mount for a filesystem that fills up: {exc}")
+
+
 def keys_on(cluster: Cluster, table: str, shard: int, n: int, start: int = 0) -> list[Any]:
     """``n`` keys of ``table`` (``counters``: str keys, else ints) from ``start`` up that live
     on ``shard``."""
@@ -84,10 +93,7 @@ def full_disk(short_dir: Path) -> Iterator[FullDisk]:
     """Two owners (and one reader) whose data_dir is a 16 MiB tmpfs; started, always stopped
     and unmounted."""
     with ExitStack() as stack:
-        try:
-            data = stack.enter_context(mount_small_tmpfs(short_dir / "data", FS_SIZE))
-        except MountNotPermitted as exc:
-            pytest.skip(f"needs a tmpfs mount for a filesystem that fills up: {exc}")
+        data = small_filesystem(stack, short_dir / "data", FS_SIZE)
         # map_size: the default (64 MiB) is more than the filesystem, so the disk fills first
         cluster = Cluster(short_dir, shards=SHARDS, readers=1)
         readers = Readers(cluster)
@@ -256,10 +262,7 @@ def test_a_disk_that_fills_while_the_map_grows_is_refused_the_same_way(
     short_dir: Path,
 ) -> None:
     with ExitStack() as stack:
-        try:
-            data = stack.enter_context(mount_small_tmpfs(short_dir / "data", FS_SIZE))
-        except MountNotPermitted as exc:
-            pytest.skip(f"needs a tmpfs mount for a filesystem that fills up: {exc}")
+        data = small_filesystem(stack, short_dir / "data", FS_SIZE)
         # a map that starts small and may grow past the filesystem's size
         cluster = Cluster(short_dir, shards=SHARDS, map_size="256KiB", max_map_size="64MiB")
         stack.callback(cluster.stop)
@@ -306,10 +309,7 @@ def test_an_embedded_store_raises_disk_full_and_writes_again_once_freed(
 ) -> None:
     blobs = schema.tables["blobs"]
     with ExitStack() as stack:
-        try:
-            data = stack.enter_context(mount_small_tmpfs(short_dir / "data", 4 * MiB))
-        except MountNotPermitted as exc:
-            pytest.skip(f"needs a tmpfs mount for a filesystem that fills up: {exc}")
+        data = small_filesystem(stack, short_dir / "data", 4 * MiB)
         store = stack.enter_context(lmshard.open(data / "store", schema, map_size=256 * KiB,
                                                  max_map_size=64 * MiB))
         ballast = stack.enter_context(Ballast())
@@ -356,10 +356,7 @@ def test_reader_slots_work_on_a_full_disk(short_dir: Path) -> None:
     from tests.schemas import schema
 
     with ExitStack() as stack:
-        try:
-            data = stack.enter_context(mount_small_tmpfs(short_dir / "data", 1 * MiB))
-        except MountNotPermitted as exc:
-            pytest.skip(f"needs a tmpfs mount for a filesystem that fills up: {exc}")
+        data = small_filesystem(stack, short_dir / "data", 1 * MiB)
         store = stack.enter_context(lmshard.open(data / "store", schema, map_size=256 * KiB,
                                                  max_readers=400))
         store.put(schema.tables["blobs"], 1, b"x")
