@@ -7,9 +7,7 @@ manifest names, or one given).
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,8 @@ import cbor2
 import lmdb
 
 from lmshard.bound_tables import bind_tables
-from lmshard.errors import BackupError
+from lmshard.config.schema_import import import_schema
+from lmshard.errors import BackupError, ConfigError
 from lmshard.index_check import verify_indexes
 from lmshard.named_dbs import named_dbs
 from lmshard.ops.backup.copies import hash_file, open_copy, read_meta
@@ -179,17 +178,11 @@ def _import_schema(m: Manifest) -> tuple[Schema | None, str]:
     ref = m.schema.get("ref")
     if not ref:
         return None, "the manifest names no schema module: rows and indexes were not checked"
-    for p in m.schema.get("python_path", []):
-        if p not in sys.path:
-            sys.path.insert(0, p)
-    module, _, attr = ref.partition(":")
     try:
-        obj: Any = importlib.import_module(module)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except Exception as exc:
-        return None, (f"cannot import the schema {ref!r} ({type(exc).__name__}: {exc}): rows and "
-                      "indexes were not checked; pass -c CONFIG to check them with its schema")
+        obj = import_schema(ref, [Path(p) for p in m.schema.get("python_path", [])], None)
+    except ConfigError as exc:
+        return None, (f"cannot import the schema {ref!r} ({exc.detail}): rows and indexes "
+                      "were not checked; pass -c CONFIG to check them with its schema")
     if not isinstance(obj, Schema):
         return None, f"{ref!r} is not an lmshard Schema: rows and indexes were not checked"
     return obj, ""
