@@ -15,10 +15,12 @@ from lmshard.codecs import Codec, flatbuffers_codec, get_codec, register_codec
 from lmshard.errors import (
     BatchesFailed,
     BatchPartiallyApplied,
+    ChangesCompacted,
     CodecError,
     ConflictError,
     DiskFull,
     Error,
+    InvalidCursor,
     KeyEncodingError,
     NullIndexValue,
     OutOfOrder,
@@ -36,6 +38,7 @@ from lmshard.errors import (
 from lmshard.schema import Index, Schema, Table
 from lmshard.store import Store, open
 from lmshard.txn import ReadTxn, WriteTxn, value_hash
+from lmshard.watch import Change, Watch
 from lmshard.writer import Writer
 
 __version__ = "0.1.0"
@@ -47,5 +50,5 @@ __all__ = [
     "NullIndexValue", "ReadOnlyError", "ReadTxn", "Schema", "SchemaError", "SchemaMismatch",
     "Store", "StoreFull", "Table", "TransactionError", "UniqueViolation", "UnknownIndex",
     "UnknownTable", "WriteTxn", "flatbuffers_codec", "get_codec", "open", "register_codec",
-    "value_hash",
+    "value_hash", "Change", "ChangesCompacted", "InvalidCursor", "Watch",
 ]

@@ -58,12 +58,13 @@ class BoundTable:
 
     __slots__ = (
         "table", "name", "db", "kenc", "kdec", "kprefix", "dumps", "loads", "indexes", "by_name",
-        "any_width",
+        "any_width", "tid",
     )
 
     def __init__(self, table: Table, db: Any, index_dbs: dict[str, Any]) -> None:
         self.table = table
         self.name = table.name
+        self.tid = table.table_id.bytes
         self.db = db
         self.kenc = table.key.encode
         self.kdec = table.key.decode

@@ -45,6 +45,7 @@ from lmshard.reads import LocalShards, RemoteReads
 from lmshard.schema import Schema
 from lmshard.store import Store
 from lmshard.txn import TableRef, filtered_rows, index_prefix, key_bounds, value_hash
+from lmshard.watch import ServiceWatch, watch_filter
 from lmshard.writer import Writer
 
 if TYPE_CHECKING:
@@ -329,6 +330,16 @@ class Client:
         return [(ct.kdec(k), ct.loads(v)) for k, v in rows]
 
     # -- the service -------------------------------------------------------------------------
+
+    def watch(self, table: TableRef | None = None, *, prefix: Any = None,
+              since: str | None = None) -> ServiceWatch:
+        """Follow the service's change feed: the changes of ``table`` (None: every table;
+        ``prefix`` as in ``scan``) committed after the call (``since=None`` or "now"), from
+        the oldest the logs keep ("start"), or after a ``Watch.cursor`` stored earlier. Order
+        is per shard (commit order); see ``lmshard.watch``."""
+        tids, pb = watch_filter(self.tables, table, prefix)
+        timeout = self.timeout_ms / 1000 * (self.retries + 1)
+        return ServiceWatch(self.config, self.tables.each(), tids, pb, since, timeout)
 
     def ping(self, shard: int) -> dict[str, Any]:
         """The owner's health; raises ShardUnavailable when it does not answer."""

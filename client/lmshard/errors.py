@@ -224,6 +224,32 @@ class BackupError(Error):
     hint = "nothing was changed; fix the cause and run the command again"
 
 
+class ChangesCompacted(Error):
+    """A watch asked for changes the shard's log no longer holds: older than its retention, or
+    from before the log was started anew (a restore, or the log switched off and on).
+
+    ``oldest`` is the oldest cursor still available (resume there, knowing changes between were
+    missed, or rebuild from a full read); ``shard`` the shard whose log is past it.
+    """
+
+    code = 80
+    hint = ("resume from .oldest after rebuilding what the missed changes fed, or keep the log "
+            "longer ([changes] retain and retain_seconds)")
+
+    def __init__(self, message: str, *, oldest: str | None = None, shard: int | None = None,
+                 hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.oldest = oldest
+        self.shard = shard
+
+
+class InvalidCursor(Error, ValueError):
+    """A change-feed cursor that is not one a watch gave out (or is for another config)."""
+
+    code = 81
+    hint = ('pass a Watch.cursor you stored, "now" or "start"')
+
+
 class InternalError(Error):
     """The shard owner hit an unexpected error; the batch was not applied."""
 
@@ -241,6 +267,7 @@ ERRORS: tuple[type[Error], ...] = (
     ProtocolError, ShardUnavailable, LimitExceeded, BatchPartiallyApplied, OutOfOrder,
     BatchesFailed,                                                     # 6x the wire
     BackupError,                                                       # 7x backup and restore
+    ChangesCompacted, InvalidCursor,                                   # 8x the change feed
     InternalError,
 )
 """Every error class with its wire code, in code order: the table both sides share."""

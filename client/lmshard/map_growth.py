@@ -26,6 +26,7 @@ from typing import Any
 import lmdb
 
 from lmshard.bound_tables import BoundRef, TableMap
+from lmshard.changes import ChangeLog
 from lmshard.errors import DiskFull, StoreFull, TransactionError
 from lmshard.txn import ENDED, WriteTxn
 
@@ -105,13 +106,15 @@ class ReplayingWriteTxn(WriteTxn):
     when the block raises.
     """
 
-    __slots__ = ("_env", "_max_map_size", "_path", "_ops", "_done")
+    __slots__ = ("_env", "_max_map_size", "_path", "_ops", "_done", "_changes")
 
     def __init__(
         self, env: lmdb.Environment, tables: TableMap, max_map_size: int, path: str,
-        strict: bool,
+        strict: bool, changes: ChangeLog | None = None,
     ) -> None:
-        super().__init__(env.begin(write=True), tables, strict=strict)
+        log: list[Any] | None = [] if changes is not None and changes.enabled else None
+        super().__init__(env.begin(write=True), tables, strict=strict, log=log)
+        self._changes = changes if log is not None else None
         self._env = env
         self._max_map_size = max_map_size
         self._path = path
@@ -138,6 +141,8 @@ class ReplayingWriteTxn(WriteTxn):
         self._txn.abort()
         grow_map(self._env, self._max_map_size, self._path)
         self._txn = self._env.begin(write=True)
+        if self._log is not None:
+            self._log.clear()  # the replay logs every change again
         for fn, args, kwargs in self._ops:
             self._retrying(fn, args, kwargs)
 
@@ -193,6 +198,8 @@ class ReplayingWriteTxn(WriteTxn):
         self._done = True
         while True:
             try:
+                if self._changes is not None and self._log:
+                    self._changes.append(self._txn, self._txn.id(), self._log)
                 self._txn.commit()
                 break
             except lmdb.MapFullError:

@@ -19,6 +19,7 @@ from typing import Any
 import lmdb
 
 from lmshard.bound_tables import TableMap, TableRef, bind_tables
+from lmshard.changes import DEFAULT_RETAIN, DEFAULT_RETAIN_SECONDS, ChangeLog
 from lmshard.errors import Error, ReadOnlyError, SchemaError, TransactionError
 from lmshard.forksafe import forget_inherited, on_fork_in_child
 from lmshard.map_growth import MAP_RESIZE_RETRIES, ReplayingWriteTxn, begin_read, grow_map
@@ -33,6 +34,7 @@ from lmshard.store_meta import (
     record_schema,
 )
 from lmshard.txn import ReadTxn, WriteTxn
+from lmshard.watch import StoreWatch, watch_filter
 
 __all__ = [
     "DEFAULT_MAP_SIZE",
@@ -119,6 +121,9 @@ class Store:
         create: bool = True,
         slow_txn_warning: float = DEFAULT_SLOW_TXN_WARNING,
         on_open: Callable[[lmdb.Transaction, Any, dict[bytes, bytes]], None] | None = None,
+        changes: bool = False,
+        changes_retain: int = DEFAULT_RETAIN,
+        changes_retain_seconds: float = DEFAULT_RETAIN_SECONDS,
     ) -> None:
         if not isinstance(schema, Schema):
             raise SchemaError(
@@ -141,6 +146,11 @@ class Store:
         self.create = create
         self.slow_txn_warning = slow_txn_warning
         self._on_open = on_open
+        self.changes_enabled = changes
+        self.changes_retain = changes_retain
+        self.changes_retain_seconds = changes_retain_seconds
+        self.changes: ChangeLog | None = None
+        """The change log (``lmshard.changes``); None until the environment is open."""
         self._env: lmdb.Environment | None = None
         self._tables: TableMap = TableMap(schema, [])
         self._closed = False
@@ -180,8 +190,11 @@ class Store:
                 hint="check the path and its permissions; a read-only open needs the store "
                 "to exist",
             ) from exc
+        self.changes = ChangeLog(env, retain=self.changes_retain,
+                                 retain_seconds=self.changes_retain_seconds)
         if self.readonly:
             self._tables = self._bind_readonly(env)
+            self.changes.attach_readonly()
         else:
             self._tables = self._prepare(env)
         self._env = env
@@ -231,6 +244,8 @@ class Store:
                 record_schema(WriteTxn(txn, tables), env, meta_db, meta, self.schema, self.path)
                 if self._on_open is not None:
                     self._on_open(txn, meta_db, meta)
+                assert self.changes is not None
+                self.changes.open(txn, meta_db, meta, self.changes_enabled)
                 txn.commit()
                 return tables
             except lmdb.MapFullError:
@@ -313,7 +328,8 @@ class Store:
             raise ReadOnlyError(f"the store at {self.path} is open read-only")
         env = self._env or self._open_env()
         started = time.monotonic()
-        w = ReplayingWriteTxn(env, self._tables, self.max_map_size, self.path, strict)
+        w = ReplayingWriteTxn(env, self._tables, self.max_map_size, self.path, strict,
+                              self.changes)
         try:
             with w:
                 yield w
@@ -414,6 +430,15 @@ class Store:
         with self._writing(strict=False) as w:
             return w.purge(table)
 
+    def watch(self, table: TableRef | None = None, *, prefix: Any = None,
+              since: str | None = None) -> StoreWatch:
+        """Follow this store's change log (open the store with ``changes=True``): every change
+        committed after the call (``since=None`` or "now"), from the oldest kept ("start"), or
+        after a ``Watch.cursor`` stored earlier. See ``lmshard.watch``."""
+        self._env or self._open_env()
+        tids, pb = watch_filter(self._tables, table, prefix)
+        return StoreWatch(self, None if tids is None else frozenset(tids), pb, since)
+
     def stats(self) -> dict[str, Any]:
         """Per table rows and bytes; for the environment map size and use, readers, txn id."""
         env = self._env or self._open_env()
@@ -465,6 +490,8 @@ def open(path: str | os.PathLike[str], schema: Schema, **options: Any) -> Store:
     """Open (creating if needed) an embedded store at ``path`` for ``schema``.
 
     Options: readonly, map_size, max_map_size, sync, metasync, max_readers, create,
-    slow_txn_warning. Use it as a context manager or call ``close()``.
+    slow_txn_warning; changes=True keeps a change log (``Store.watch``), bounded by
+    changes_retain (bytes) and changes_retain_seconds. Use it as a context manager or call
+    ``close()``.
     """
     return Store(path, schema, **options)

@@ -255,13 +255,17 @@ class WriteTxn(ReadTxn):
 
     Each write checks everything that can fail (key and value encoding, index values, unique
     constraints) before it touches the database, so a write that raises changes nothing.
+    With ``log`` (a list), every change made is appended to it as ``(table id, key, value or
+    None)``, encoded: what the change log records (``lmshard.changes``).
     """
 
-    __slots__ = ("_strict",)
+    __slots__ = ("_strict", "_log")
 
-    def __init__(self, txn: Any, tables: TableMap, *, strict: bool = False) -> None:
+    def __init__(self, txn: Any, tables: TableMap, *, strict: bool = False,
+                 log: list[Any] | None = None) -> None:
         super().__init__(txn, tables)
         self._strict = strict
+        self._log = log
 
     def put(self, table: BoundRef, key: Any, value: Any) -> None:
         """Store ``value`` under ``key``, replacing any earlier value."""
@@ -274,6 +278,8 @@ class WriteTxn(ReadTxn):
             self._put_indexed(b, kb, vb, value)
         else:
             self._txn.put(kb, vb, db=b.db)
+        if self._log is not None:
+            self._log.append((b.tid, kb, vb))
 
     # incr and cas write through this name, which a subclass that records put() (the store's
     # replaying transaction) leaves alone, so their writes are not recorded twice.
@@ -288,6 +294,8 @@ class WriteTxn(ReadTxn):
             self._put_indexed(b, key_bytes, value_bytes, b.loads(value_bytes))
         else:
             self._txn.put(key_bytes, value_bytes, db=b.db)
+        if self._log is not None:
+            self._log.append((b.tid, key_bytes, value_bytes))
 
     def _put_indexed(self, b: BoundTable, kb: bytes, vb: bytes, value: Any) -> None:
         txn = self._txn
@@ -316,16 +324,20 @@ class WriteTxn(ReadTxn):
 
     def _delete(self, b: BoundTable, key_bytes: bytes) -> bool:
         if not b.indexes:
-            return bool(self._txn.delete(key_bytes, db=b.db))
-        old = self._txn.pop(key_bytes, db=b.db)
-        if old is None:
-            return False
-        old_value = b.loads(old)
-        for bi in b.indexes:
-            oivb = _old_entry(bi, old_value)
-            if oivb is not None:
-                _drop_entry(self._txn, bi, oivb, key_bytes)
-        return True
+            gone = bool(self._txn.delete(key_bytes, db=b.db))
+        else:
+            old = self._txn.pop(key_bytes, db=b.db)
+            if old is None:
+                return False
+            old_value = b.loads(old)
+            for bi in b.indexes:
+                oivb = _old_entry(bi, old_value)
+                if oivb is not None:
+                    _drop_entry(self._txn, bi, oivb, key_bytes)
+            gone = True
+        if gone and self._log is not None:
+            self._log.append((b.tid, key_bytes, None))
+        return gone
 
     def incr(self, table: BoundRef, key: Any, delta: int = 1) -> int:
         """Add ``delta`` to the integer stored under ``key`` (missing counts as 0)."""
@@ -412,6 +424,10 @@ class WriteTxn(ReadTxn):
         """Drop every row and index entry of a table; returns the number of rows dropped."""
         b = self._tables[table]
         n = int(self._txn.stat(b.db)["entries"])
+        if self._log is not None:
+            tid = b.tid
+            self._log.extend((tid, bytes(k), None)
+                             for k in self._txn.cursor(db=b.db).iternext(values=False))
         self._txn.drop(b.db, delete=False)
         for bi in b.indexes:
             self._txn.drop(bi.db, delete=False)

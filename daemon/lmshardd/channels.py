@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import zmq
 
-from lmshardd import backup, expiry, stats
+from lmshardd import backup, changes, expiry, stats
 
 
 class Channel(Protocol):
@@ -35,6 +35,7 @@ class Channel(Protocol):
 
 
 CHANNEL_FACTORIES: tuple[Callable[[Any], Channel | None], ...] = (
-    stats.make_channel, backup.make_channel, expiry.make_channel)
+    stats.make_channel, backup.make_channel, expiry.make_channel, changes.make_channel)
 """What every owner serves beside its request socket: stats publishing, backups, expiry of
-old client records. Each factory gives the owner's channel, or None when it is off."""
+old client records, the change log. Each factory gives the owner's channel, or None when it
+is off."""

@@ -21,6 +21,7 @@ import msgpack
 import zmq
 
 from lmshard import protocol, security
+from lmshard.changes import ChangeLog
 from lmshard.config import Config
 from lmshard.errors import (
     Error,
@@ -33,6 +34,7 @@ from lmshard.shard_identity import check_shard_identity, identity_records
 from lmshard.store import Store, grow_map
 from lmshard.txn import ReadTxn, WriteTxn
 from lmshardd import stats
+from lmshardd.changes import ChangesChannel
 from lmshardd.channels import CHANNEL_FACTORIES, Channel
 from lmshardd.grouping import ActiveWriters, wait_readable
 from lmshardd.hangup import report_hangup
@@ -84,7 +86,12 @@ class ShardOwner:
             metasync=config.metasync,
             max_readers=config.max_readers,
             on_open=self._check_identity,
+            changes=config.changes_enabled,
+            changes_retain=config.changes_retain,
+            changes_retain_seconds=config.changes_retain_seconds,
         )
+        log_ = self.store.changes
+        self.changes: ChangeLog | None = log_ if log_ is not None and log_.enabled else None
         self.env = self.store.env
         self.tables = self.store.tables
         self.clients_db = self.env.open_db(CLIENTS_DB)
@@ -92,6 +99,7 @@ class ShardOwner:
         self.stopping = False
         self.hangup = False
         self.paused = False
+        self.hurry = False  # a channel has more to do: the next poll does not wait
         self._group_avg = 1.0
         self._commit_avg = 0.0
         self._writers = ActiveWriters(ACTIVE_WRITER_WINDOW)
@@ -165,7 +173,9 @@ class ShardOwner:
                 extra[csock] = ch
         next_check = time.monotonic() + READER_CHECK_INTERVAL
         while not self.stopping:
-            ready = dict((paused_poller if self.paused else poller).poll(POLL_MS))
+            wait = 0 if self.hurry else POLL_MS
+            self.hurry = False
+            ready = dict((paused_poller if self.paused else poller).poll(wait))
             for csock, ch in extra.items():
                 if csock in ready:
                     ch.on_readable(csock)
@@ -267,8 +277,11 @@ class ShardOwner:
         while True:
             txn = self.env.begin(write=True)
             try:
-                outcomes = self._apply_all(txn, batches)
+                effects: list[Any] | None = [] if self.changes is not None else None
+                outcomes = self._apply_all(txn, batches, effects)
                 txn_id = txn.id()
+                if effects and self.changes is not None:
+                    self.changes.append(txn, txn_id, effects)
                 txn.commit()
                 break
             except lmdb.MapFullError:
@@ -337,8 +350,10 @@ class ShardOwner:
             raise exc
         return self._refuse_group(batches, full)
 
-    def _apply_all(self, txn: lmdb.Transaction, batches: WriteBatches) -> list[Outcome]:
-        """Each batch in its own nested transaction, its client record beside it."""
+    def _apply_all(self, txn: lmdb.Transaction, batches: WriteBatches,
+                   effects: list[Any] | None) -> list[Outcome]:
+        """Each batch in its own nested transaction, its client record beside it; what the
+        applied batches changed is appended to ``effects`` (unless None) for the change log."""
         outcomes: list[Outcome] = []
         txn_id = txn.id()
         now = int(time.time())
@@ -349,6 +364,8 @@ class ShardOwner:
                 outcomes.append(refused)
                 continue
             outcome = self._apply_batch(txn, txn_id, cid, ops)
+            if effects is not None and outcome[0] == 0:
+                protocol.batch_effects(ops, outcome[1][1], effects)
             if cid is not None:  # [seq, status, reply, older replies of a stream, when]
                 kept = [seq, outcome[0], protocol.stored_reply(*outcome), window, now]
                 txn.put(cid, msgpack.packb(kept, use_bin_type=True), db=self.clients_db)
@@ -452,6 +469,9 @@ class ShardOwner:
         s = self.store.stats()
         s["owner"] = self.counters.as_dict()
         s["shard"] = self.shard
+        for ch in self.channels:
+            if isinstance(ch, ChangesChannel):
+                s["changes"] = ch.stats()
         return s
 
     def read(self) -> ReadTxn:  # for tests and tools in this process

@@ -71,6 +71,7 @@ READER_SLOT_SIZE = 64
 DEFAULT_SHARD_ENDPOINT = "ipc://{run_dir}/shard-{shard:02d}.sock"
 DEFAULT_STAT_ENDPOINT = "ipc://{run_dir}/stat-{shard:02d}.sock"
 DEFAULT_BACKUP_ENDPOINT = "ipc://{run_dir}/backup-{shard:02d}.sock"
+DEFAULT_CHANGES_ENDPOINT = "ipc://{run_dir}/changes-{shard:02d}.sock"
 DEFAULT_READER_ENDPOINT = "ipc://{run_dir}/readers.sock"
 DEFAULT_MONITOR_ENDPOINT = "ipc://{run_dir}/monitor.sock"
 SUPERVISOR_SOCKET = "supervisor.sock"
@@ -216,6 +217,22 @@ class Config:
     backup_endpoints: tuple[str, ...] = setting(
         "shard.backup_endpoint", ShardEndpoints("shard.backup_base_port"),
         DEFAULT_BACKUP_ENDPOINT, "Backup endpoint of each shard owner (snapshot streaming).")
+    changes_endpoints: tuple[str, ...] = setting(
+        "shard.changes_endpoint", ShardEndpoints("shard.changes_base_port"),
+        DEFAULT_CHANGES_ENDPOINT,
+        "Change-feed endpoint of each shard owner (`client.watch()`, `lmshard watch`).")
+    changes_enabled: bool = setting(
+        "changes.enabled", Boolean(), True,
+        "Keep a change log per shard: every committed change, in commit order, written in the "
+        "same transaction as the change, served to watchers (`client.watch()`). false: no log "
+        "(switching it back on starts a new log; cursors of the old one are compacted).")
+    changes_retain: int = setting(
+        "changes.retain", Size(), "64MiB",
+        "Keep each shard's log up to this size; older records are trimmed a few at a time "
+        "as commits go. A watcher further behind gets ChangesCompacted.")
+    changes_retain_seconds: float = setting(
+        "changes.retain_seconds", Seconds(1.0), 86400,
+        "Keep each shard's log records at most this many seconds (and within retain).")
     slot_map: SlotMap = setting(
         "slot_map.runs", SlotRuns(), None,
         "Optional explicit slot map: runs [first slot, end slot (exclusive), shard] that are "
@@ -253,6 +270,10 @@ class Config:
         """Shard ``n`` owner's backup endpoint."""
         return self.backup_endpoints[self._check_shard(n)]
 
+    def changes_endpoint(self, n: int) -> str:
+        """Shard ``n`` owner's change-feed endpoint."""
+        return self.changes_endpoints[self._check_shard(n)]
+
     def all_endpoints(self) -> list[tuple[str, str]]:
         """Every endpoint as ``(dotted key, endpoint)``, e.g. ``("shard.endpoint[0]", ...)``."""
         out: list[tuple[str, str]] = []
@@ -260,6 +281,7 @@ class Config:
             ("shard.endpoint", self.endpoints),
             ("shard.stat_endpoint", self.stat_endpoints),
             ("shard.backup_endpoint", self.backup_endpoints),
+            ("shard.changes_endpoint", self.changes_endpoints),
         ):
             out.extend((f"{key}[{n}]", ep) for n, ep in enumerate(eps))
         out.append(("readers.endpoint", self.reader_endpoint))
@@ -320,6 +342,9 @@ PORT_SETTINGS = (
     Setting("shard.backup_base_port", Integer(1, 65535, optional=True), None,
             "{port} in shard.backup_endpoint is backup_base_port + the shard number.",
             name="backup_base_port", example="5700"),
+    Setting("shard.changes_base_port", Integer(1, 65535, optional=True), None,
+            "{port} in shard.changes_endpoint is changes_base_port + the shard number.",
+            name="changes_base_port", example="5800"),
 )
 """Keys no ``Config`` field holds: they only fill in ``{port}`` in the shard endpoints."""
 

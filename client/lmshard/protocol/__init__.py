@@ -62,6 +62,7 @@ from lmshard.protocol.ops import (
     OP_PUT,
     Op,
     apply_ops,
+    batch_effects,
     cas_arg,
     incr_delta,
     op,
@@ -74,7 +75,8 @@ __all__ = [
     "MAX_VALUE_SIZE", "OP_CAS", "OP_DELETE", "OP_INCR", "OP_NAMES", "OP_PUT", "Op",
     "OrderedOps", "PING", "PIPELINE_WINDOW", "PROTOCOL_VERSION", "READ", "READ_CODES",
     "READ_COMMANDS", "REQUESTS", "SCAN", "SCAN_PAGE", "STATS", "VERSION_BYTE", "WRITE",
-    "WRITE_AFTER", "ZERO_COPY_MIN", "apply_ops", "cas_arg", "incr_delta", "next_page", "op",
+    "WRITE_AFTER", "ZERO_COPY_MIN", "apply_ops",
+    "batch_effects", "cas_arg", "incr_delta", "next_page", "op",
     "pack_error", "pack_reply", "pack_request", "paged_scan", "range_for_prefix", "read_parts",
     "replayed_reply", "stored_reply", "unpack_frame", "unpack_request", "validate_ops",
 ]

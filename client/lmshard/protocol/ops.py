@@ -200,3 +200,20 @@ def apply_ops(w: WriteTxn, ops: list[Op]) -> list[Any]:
                 expected if kind == CAS_HASH else None,
             ))
     return results
+
+
+def batch_effects(ops: list[Op], results: list[Any], out: list[Any]) -> None:
+    """Append to ``out`` what an applied batch changed, as the change log records it
+    (``[table id, key, value or None]``): an increment as the put of its result, a
+    compare-and-set as its put, a delete only when there was a row."""
+    append = out.append
+    for (code, b, kb, arg), result in zip(ops, results, strict=True):
+        if code == OP_PUT:
+            append((b.tid, kb, arg))
+        elif code == OP_DELETE:
+            if result:
+                append((b.tid, kb, None))
+        elif code == OP_INCR:
+            append((b.tid, kb, b.dumps(result)))
+        elif result:
+            append((b.tid, kb, arg[0]))

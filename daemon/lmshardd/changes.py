@@ -1,0 +1,356 @@
+"""The owner side of the change feed: serve the shard's change log to watchers.
+
+Runs in the owner's loop thread as a channel. The log itself is written by the group commit
+(``ShardOwner.commit_group`` through ``lmshard.changes.ChangeLog``); this channel only reads it,
+in short read transactions, so what it sends is always committed. Each watcher has a position
+and credit: after every loop turn (right after a commit's replies went out) the channel sends
+each watcher with credit what the log holds past its position, a bounded amount per turn, and
+asks the loop for another turn at once while some watcher is behind. A watcher without credit
+is simply not sent to: it catches up from the log when credit comes, or gets COMPACTED once its
+position is trimmed away. The owner's memory never holds more than one turn's records.
+
+The socket is a ROUTER with ROUTER_MANDATORY: a send to a watcher whose connection is gone
+fails at once and the watch is dropped. Messages are declared in ``lmshard.changes_wire``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import zmq
+
+from lmshard import security
+from lmshard.changes import (
+    ChangeLog,
+    Position,
+    filter_effects,
+    record_effects,
+    record_time,
+)
+from lmshard.changes_wire import (
+    CANCEL,
+    CHANGES,
+    COMPACTED,
+    CREDIT,
+    ERROR,
+    MAX_CREDIT,
+    PROGRESS,
+    STARTED,
+    WATCH,
+    decode,
+    pack,
+)
+from lmshard.errors import ChangesCompacted, Error, LimitExceeded, ProtocolError
+
+log = logging.getLogger("lmshardd.changes")
+
+MAX_WATCHERS = 256
+"""Watches one owner serves at once."""
+TURN_RECORDS = 512
+"""Most log records one loop turn reads for all watchers together."""
+TURN_BYTES = 4 * 2**20
+"""Most bytes of log records one loop turn reads."""
+HEARTBEAT = 1.0
+"""Seconds a watcher that is caught up waits at most for a message (PROGRESS if nothing else)."""
+IDLE_TRIM_INTERVAL = 10.0
+"""Seconds between checks whether an idle log has records past its age bound."""
+IDLE_DROP = 300.0
+"""Seconds a watch with no credit left is kept before it is dropped (its watcher went away
+without a word, or stopped reading for good)."""
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def make_channel(owner: Any) -> ChangesChannel | None:
+    """Owners with the change log on serve it on ``config.changes_endpoint(shard)``."""
+    changes = owner.store.changes
+    if changes is None or not changes.enabled:
+        return None
+    return ChangesChannel(owner, changes)
+
+
+@dataclass
+class Watcher:
+    """One watch: who, what, from where, and how much it may be sent."""
+
+    ident: bytes
+    wid: int
+    tables: frozenset[bytes] | None
+    prefix: bytes | None
+    txn: int
+    n: int
+    credit: int
+    seq: int = 0
+    last_sent: float = field(default_factory=time.monotonic)
+    sent_messages: int = 0
+
+    @property
+    def all_changes(self) -> bool:
+        return self.tables is None and self.prefix is None
+
+
+class ChangesChannel:
+    """Serves one shard's change log on its own ROUTER socket."""
+
+    def __init__(self, owner: Any, changes: ChangeLog) -> None:
+        self.owner = owner
+        self.changes = changes
+        self.env = owner.env
+        self.shard: int = owner.shard
+        endpoint = owner.config.changes_endpoint(owner.shard)
+        sock: zmq.Socket[bytes] = owner.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 * 2**20)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.SNDHWM, 0)  # credit bounds what is queued, never a silent drop
+        if endpoint.startswith("ipc://"):
+            os.makedirs(os.path.dirname(endpoint[6:]), mode=0o700, exist_ok=True)
+        security.secure_server(sock, owner.config, endpoint)
+        sock.bind(endpoint)
+        self.sock = sock
+        self.endpoint = endpoint
+        self.watchers: dict[tuple[bytes, int], Watcher] = {}
+        self.bad_frames = 0
+        self.sent_changes = 0
+        self._next_idle_trim = time.monotonic() + IDLE_TRIM_INTERVAL
+        log.info("shard %d serves its change log on %s", self.shard, endpoint)
+
+    # -- Channel ---------------------------------------------------------------------------------
+
+    def sockets(self) -> list[zmq.Socket[bytes]]:
+        return [self.sock]
+
+    def on_readable(self, sock: zmq.Socket[bytes]) -> None:
+        for _ in range(1000):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 2:
+                self.bad_frames += 1
+                continue
+            ident = frames[0]
+            try:
+                msg = decode(frames[1:], "watcher")
+            except Error as exc:
+                self.bad_frames += 1
+                self._send(ident, [pack(ERROR, 0, exc.code, exc.message, exc.hint or None)])
+                continue
+            try:
+                self._handle(ident, msg.message, msg.watch_id, msg.values)
+            except Error as exc:
+                self.watchers.pop((ident, msg.watch_id), None)
+                self._send(ident, [pack(ERROR, msg.watch_id, exc.code, exc.message,
+                                        exc.hint or None)])
+
+    def tick(self, now: float) -> None:
+        if self.watchers:
+            self._serve(time.monotonic())
+        if now >= self._next_idle_trim:
+            self._next_idle_trim = now + IDLE_TRIM_INTERVAL
+            self._trim_idle()
+
+    def _trim_idle(self) -> None:
+        """Trim by age while no commits come (commits trim as they go). Never during a
+        backup's pause: no transaction may commit between its cut and its snapshot."""
+        if self.owner.paused:
+            return
+        txn = self.env.begin(write=True)
+        try:
+            dropped = self.changes.trim(txn)
+        except BaseException:
+            txn.abort()
+            raise
+        if dropped:
+            txn.commit()
+            self.owner.counters.last_txn_id = self.env.info()["last_txnid"]
+        else:
+            txn.abort()
+
+    def after_commit(self, batches: int, ops: int, seconds: float) -> None:
+        pass
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        if self.endpoint.startswith("ipc://"):  # leave no stale socket file for the next start
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.endpoint[6:])
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def _handle(self, ident: bytes, m: Any, wid: int, values: list[Any]) -> None:
+        key = (ident, wid)
+        if m is WATCH:
+            self._watch(ident, wid, *values)
+        elif m is CREDIT:
+            w = self.watchers.get(key)
+            if w is None:
+                raise ProtocolError(f"no watch {wid} from this peer (the owner restarted, or the "
+                                    "watch ended)", hint="start the watch again from its cursor")
+            if w.credit + values[0] > MAX_CREDIT:
+                raise LimitExceeded(f"credit of {w.credit + values[0]} messages is over the "
+                                    f"limit of {MAX_CREDIT}")
+            w.credit += values[0]
+        elif m is CANCEL:
+            self.watchers.pop(key, None)
+
+    def _watch(self, ident: bytes, wid: int, history: str, txn: int | None, n: int,
+               tables: list[bytes] | None, prefix: bytes | None, credit: int) -> None:
+        if prefix is not None and (tables is None or len(tables) != 1):
+            raise ProtocolError("a key prefix needs exactly one table")
+        self.watchers.pop((ident, wid), None)
+        if len(self.watchers) >= MAX_WATCHERS:
+            raise LimitExceeded(f"shard {self.shard} serves {MAX_WATCHERS} watches already",
+                                hint="close watches you no longer read")
+        since: Position | str | None
+        if txn is None:
+            since = None
+        elif history == "":
+            since = "start"
+        else:
+            since = Position(history, txn, n)
+        last = self.owner.counters.last_txn_id
+        try:
+            pos = self.changes.resolve(since, last, self.shard)
+        except ChangesCompacted:
+            oldest = Position(self.changes.history, self.changes.floor)
+            self._send(ident, [pack(COMPACTED, wid, oldest.history, oldest.txn,
+                                    f"shard {self.shard}'s change log no longer holds this "
+                                    f"position; it keeps transactions from {oldest.txn} on")])
+            return
+        w = Watcher(ident, wid, None if tables is None else frozenset(tables), prefix,
+                    pos.txn, pos.n, credit)
+        self.watchers[(ident, wid)] = w
+        self._send(ident, [pack(STARTED, wid, pos.history, pos.txn, pos.n)])
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    def _serve(self, now: float) -> None:
+        last = self.owner.counters.last_txn_id
+        behind = [w for w in self.watchers.values() if w.credit > 0 and w.txn <= last]
+        if behind:
+            self._catch_up(behind, last)
+        for key, w in list(self.watchers.items()):
+            if w.credit > 0 and w.txn > last and now - w.last_sent >= HEARTBEAT:
+                self._progress(w, now)
+            elif w.credit == 0 and now - w.last_sent > IDLE_DROP:
+                log.info("dropped watch %d of a watcher that took no changes for %.0f s",
+                         w.wid, now - w.last_sent)
+                del self.watchers[key]
+        if any(w.credit > 0 and w.txn <= last for w in self.watchers.values()):
+            self.owner.hurry = True  # more to send: no sleep in the next poll
+
+    def _catch_up(self, behind: list[Watcher], last: int) -> None:
+        """Send each watcher in ``behind`` what the log holds past its position, as far as
+        its credit and this turn's budget allow."""
+        if self.changes.floor > min(w.txn for w in behind):
+            for w in [w for w in behind if w.txn < self.changes.floor]:
+                self._compacted(w)
+            behind = [w for w in behind if w.txn >= self.changes.floor]
+        budget_records, budget_bytes = TURN_RECORDS, TURN_BYTES
+        now = time.monotonic()
+        with self.env.begin() as txn:
+            for w in sorted(behind, key=lambda w: w.txn):
+                if budget_records <= 0 or budget_bytes <= 0:
+                    break
+                records = self.changes.read(txn, w.txn, max_records=min(budget_records,
+                                                                        w.credit * 4),
+                                            max_bytes=budget_bytes)
+                budget_records -= len(records)
+                budget_bytes -= sum(len(r) for _, r in records)
+                for txn_id, record in records:
+                    if w.credit == 0 or (w.ident, w.wid) not in self.watchers:
+                        break
+                    self._send_record(w, txn_id, record, now)
+                else:
+                    if w.credit > 0 and (w.ident, w.wid) in self.watchers and (
+                            not records or records[-1][0] >= last):
+                        if w.txn <= last:  # the end of the log: nothing more to send
+                            w.txn, w.n = last + 1, 0
+                            self._progress(w, now)
+
+    def _send_record(self, w: Watcher, txn_id: int, record: bytes, now: float) -> None:
+        first = w.n if txn_id == w.txn else 0
+        if w.all_changes and first == 0:
+            data: bytes | memoryview = memoryview(record)[8:]
+            indexes = None
+            count = -1
+        else:
+            idx, picked = filter_effects(record_effects(record), first, w.tables, w.prefix)
+            if not picked:
+                w.txn, w.n = txn_id + 1, 0  # nothing here for this watch; PROGRESS will say
+                return
+            data = _packb(picked)
+            indexes = idx
+            count = len(picked)
+        w.seq += 1
+        if self._send(w.ident, [pack(CHANGES, w.wid, w.seq, txn_id, indexes), data]):
+            w.credit -= 1
+            w.txn, w.n = txn_id + 1, 0
+            w.last_sent = now
+            w.sent_messages += 1
+            self.sent_changes += count if count >= 0 else 1
+        else:
+            self.watchers.pop((w.ident, w.wid), None)
+
+    def _progress(self, w: Watcher, now: float) -> None:
+        w.seq += 1
+        if self._send(w.ident, [pack(PROGRESS, w.wid, w.seq, w.txn)]):
+            w.credit -= 1
+            w.last_sent = now
+        else:
+            self.watchers.pop((w.ident, w.wid), None)
+
+    def _compacted(self, w: Watcher) -> None:
+        self.watchers.pop((w.ident, w.wid), None)
+        self._send(w.ident, [pack(COMPACTED, w.wid, self.changes.history, self.changes.floor,
+                                  f"shard {self.shard}'s change log was trimmed past this watch "
+                                  f"(it keeps transactions from {self.changes.floor} on)")])
+
+    def _send(self, ident: bytes, frames: list[Any]) -> bool:
+        """Send to a watcher; False when its connection is gone (or it cannot take more)."""
+        try:
+            self.sock.send_multipart([ident, *frames], zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.ZMQError:  # EHOSTUNREACH: the peer is gone (ROUTER_MANDATORY)
+            return False
+
+    # -- monitoring ------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """The log's size and bounds, and each watcher's lag (transactions and seconds)."""
+        last = self.owner.counters.last_txn_id
+        with self.env.begin() as txn:
+            size = self.changes.size(txn)
+            oldest, newest = self.changes.bounds(txn)
+            records = int(txn.stat(self.changes.db)["entries"])
+            watchers = []
+            for w in self.watchers.values():
+                lag_txns = max(0, last + 1 - w.txn)
+                lag_s = 0.0
+                if lag_txns:
+                    pending = self.changes.read(txn, w.txn, max_records=1)
+                    if pending:
+                        lag_s = max(0.0, time.time() - record_time(pending[0][1]))
+                watchers.append({"watch": w.wid, "lag_txns": lag_txns,
+                                 "lag_seconds": round(lag_s, 3), "credit": w.credit,
+                                 "messages": w.sent_messages})
+        return {
+            "history": self.changes.history,
+            "bytes": size,
+            "records": records,
+            "oldest_txn": oldest,
+            "newest_txn": newest,
+            "floor": self.changes.floor,
+            "retain": self.changes.retain,
+            "retain_seconds": self.changes.retain_seconds,
+            "watchers": watchers,
+            "sent_changes": self.sent_changes,
+            "bad_frames": self.bad_frames,
+        }
