@@ -19,6 +19,7 @@ from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from lmshard.txn import TableRef
+from lmshard.watch import Watch
 
 
 class BatchWrites(Protocol):
@@ -68,3 +69,8 @@ class DataAPI(Protocol):
 
     def batch(self) -> AbstractContextManager[BatchWrites]:
         """Writes grouped and applied together (see the module docstring)."""
+
+    def watch(self, table: TableRef | None = None, *, prefix: Any = None,
+              since: str | None = None) -> Watch:
+        """The changes committed after the call ("now"), from the oldest kept ("start"), or
+        after a stored ``Watch.cursor`` (``lmshard.watch``)."""

@@ -372,19 +372,19 @@ class ServiceWatch(Watch):
     def _fill(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._queue:
+            wait = SILENCE / 3
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+            ready = dict(self._poller.poll(max(0, int(wait * 1000))))
+            for f in self._feeds:
+                if f.sock is not None and f.sock in ready:
+                    self._drain(f)
             now = time.monotonic()
             for f in self._feeds:
                 if now - f.heard > SILENCE:
                     self._subscribe(f)  # the owner went away, or the connection did
-            wait = SILENCE / 3
-            if deadline is not None:
-                wait = min(wait, deadline - now)
-                if wait <= 0:
-                    return
-            ready = dict(self._poller.poll(int(wait * 1000) + 1))
-            for f in self._feeds:
-                if f.sock is not None and f.sock in ready:
-                    self._drain(f)
+            if deadline is not None and now >= deadline:
+                return
 
     def _drain(self, f: _Feed) -> None:
         sock = f.sock
