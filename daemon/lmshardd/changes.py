@@ -255,15 +255,18 @@ class ChangesChannel:
             behind = [w for w in behind if w.txn >= self.changes.floor]
         budget_records, budget_bytes = TURN_RECORDS, TURN_BYTES
         now = time.monotonic()
+        read: dict[int, list[tuple[int, bytes]]] = {}
         with self.env.begin() as txn:
             for w in sorted(behind, key=lambda w: w.txn):
                 if budget_records <= 0 or budget_bytes <= 0:
                     break
-                records = self.changes.read(txn, w.txn, max_records=min(budget_records,
-                                                                        w.credit * 4),
-                                            max_bytes=budget_bytes)
-                budget_records -= len(records)
-                budget_bytes -= sum(len(r) for _, r in records)
+                records = read.get(w.txn)  # watchers at one position (the live tail) share
+                if records is None:
+                    records = read[w.txn] = self.changes.read(
+                        txn, w.txn, max_records=min(budget_records, w.credit * 4),
+                        max_bytes=budget_bytes)
+                    budget_records -= len(records)
+                    budget_bytes -= sum(len(r) for _, r in records)
                 for txn_id, record in records:
                     if w.credit == 0 or (w.ident, w.wid) not in self.watchers:
                         break
