@@ -50,6 +50,7 @@ CLIENT = textwrap.dedent("""
                 raise SystemExit("servers not ready")
             time.sleep(0.1)
     with lmshard.connect(cfg, local_reads=False) as c, ReaderPool(cfg) as pool:
+        watch = c.watch("blobs")  # the change feed, over tcp with CURVE too
         with c.batch() as b:
             for i in range(300):
                 b.put("blobs", i, b"v%d" % i)
@@ -74,6 +75,11 @@ CLIENT = textwrap.dedent("""
                                pool.request(s, *LOOKUP.request_for(
                                    it.tid, "by_group", encode_index_value("g1"), False)))
         out["readers"] = sorted(h["reader"] for h in pool.ping_each().values() if h)
+        seen = []
+        while len(seen) < 300 and (ch := watch.get(10)) is not None:
+            seen.append(ch.key)
+        out["watched"] = sorted(seen)
+        watch.close()
     try:
         ReaderPool(rogue, timeout_ms=300, retries=1).request(
             0, *COUNT.request_for(ct.tid, None, None))
@@ -85,6 +91,11 @@ CLIENT = textwrap.dedent("""
         out["rogue_owner"] = "answered"
     except ShardUnavailable as exc:
         out["rogue_owner"] = str(exc)
+    try:
+        lmshard.connect(rogue, timeout_ms=300, retries=0).watch()
+        out["rogue_watch"] = "answered"
+    except ShardUnavailable as exc:
+        out["rogue_watch"] = str(exc)
     print(json.dumps(out))
 """)
 
@@ -108,6 +119,7 @@ def test_writes_and_remote_reads_across_hosts_with_curve(
             endpoints=f"tcp://{addr_a}:{{port}}", base_port=15500,
             stat_endpoints=f"tcp://{addr_a}:{{port}}", stat_base_port=15600,
             backup_endpoints=f"tcp://{addr_a}:{{port}}", backup_base_port=15700,
+            changes_endpoints=f"tcp://{addr_a}:{{port}}", changes_base_port=15400,
             reader_endpoint=f"tcp://{addr_a}:15800", monitor_endpoint=f"tcp://{addr_a}:15900",
             curve=CurveConfig(server_secret_key=server_sec, server_public_key=server_pub,
                               client_secret_key=client_secret, allowed_client_keys=allowed))
@@ -146,6 +158,8 @@ def test_writes_and_remote_reads_across_hosts_with_curve(
         assert out["scan"] == list(range(300))
         assert out["lookup"] == [i for i in range(30) if i % 3 == 1]
         assert out["readers"] == list(range(READERS))
+        assert out["watched"] == list(range(300))
+        assert "did not answer the watch" in out["rogue_watch"]
         rogue_key = rogue_pub.read_text().split('public-key = "')[1].split('"')[0]
         assert "CURVE authentication may have failed" in out["rogue_pool"]
         assert rogue_key in out["rogue_pool"]
