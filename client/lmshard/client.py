@@ -25,6 +25,7 @@ from lmshard.client_tables import ClientTable, ClientTables
 from lmshard.config import Config, load_config
 from lmshard.connections import OwnerConnections
 from lmshard.errors import ConflictError, Error, UnknownIndex
+from lmshard.forksafe import check_fork, on_fork_in_child
 from lmshard.keys import encode_index_value
 from lmshard.point_get import point_get
 from lmshard.protocol import (
@@ -53,17 +54,6 @@ if TYPE_CHECKING:
 
 GET_MANY_CHUNK = 10_000
 """Keys per remote get_many request; the chunks of one call are sent at once."""
-
-_clients: weakref.WeakSet[Client] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    # ZeroMQ contexts and sockets must not cross fork(); the child builds its own on first use.
-    for client in list(_clients):
-        client.reset_after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Client:
@@ -96,7 +86,7 @@ class Client:
             enabled=self.config.local_reads if local_reads is None else local_reads)
         self._remote = RemoteReads(self.config, self.owners)
         self._writers: weakref.WeakSet[Writer] = weakref.WeakSet()
-        _clients.add(self)
+        on_fork_in_child(self.reset_after_fork)
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -146,6 +136,7 @@ class Client:
 
     def _send_parts(self, parts: dict[int, list[list[Any]]]) -> dict[int, PartOutcome]:
         """Each shard's ops as one write, all shards at once; each shard's outcome."""
+        check_fork()
         counters = self._counts.mine()
         counters["batches_sent"] += len(parts)
         counters["ops_sent"] += sum(len(p) for p in parts.values())
@@ -155,6 +146,7 @@ class Client:
         return {s: (r, None) if isinstance(r, Error) else (None, r) for s, r in replies.items()}
 
     def _write_one(self, ct: ClientTable, key: Any, code: int, arg: Any) -> Any:
+        check_fork()
         kb = ct.kenc(key)
         counters = self._counts.mine()
         counters["batches_sent"] += 1
@@ -199,6 +191,7 @@ class Client:
         with up to ``window`` batches in flight per shard while the caller goes on. Batches of
         one shard are applied in the order sent, each atomically; ``flush()`` (or the end of a
         ``with`` block) waits for every ack. See ``lmshard.writer``."""
+        check_fork()
         w = Writer(self, batch_size=batch_size, window=window)
         self._writers.add(w)
         return w
@@ -206,6 +199,7 @@ class Client:
     # -- reads -------------------------------------------------------------------------------
 
     def get(self, table: TableRef, key: Any, default: Any = None) -> Any:
+        check_fork()
         ct = self.tables[table]
         kb = ct.kenc(key)
         shard = ct.shard(key, kb)
@@ -224,12 +218,14 @@ class Client:
 
     def get_hash(self, table: TableRef, key: Any) -> bytes | None:
         """The stored value's hash, for ``cas(..., expected_hash=)``."""
+        check_fork()
         ct = self.tables[table]
         kb = ct.kenc(key)
         data = self._row(ct, ct.shard(key, kb), kb)
         return None if data is None else value_hash(data)
 
     def get_many(self, table: TableRef, keys: Any, default: Any = None) -> list[Any]:
+        check_fork()
         ct = self.tables[table]
         keys = list(keys)
         out: list[Any] = [default] * len(keys)
@@ -276,6 +272,7 @@ class Client:
              reverse: bool = False, limit: int | None = None,
              where: Callable[[Any], bool] | None = None) -> Iterator[tuple[Any, Any]]:
         """Yield (key, value) in key order across every shard (merged); ``end`` exclusive."""
+        check_fork()
         ct = self.tables[table]
         lo, hi = key_bounds(ct, prefix, start, end)
         streams = [self._raw_range(s, ct, lo, hi, reverse)
@@ -286,6 +283,7 @@ class Client:
 
     def count(self, table: TableRef, prefix: Any = None, start: Any = None,
               end: Any = None) -> int:
+        check_fork()
         ct = self.tables[table]
         lo, hi = key_bounds(ct, prefix, start, end)
         total = 0
@@ -305,6 +303,7 @@ class Client:
     def lookup(self, table: TableRef, index: str, value: Any, prefix: bool = False
                ) -> list[tuple[Any, Any]]:
         """Rows by index value, from every shard the table lives on, in key order."""
+        check_fork()
         ct = self.tables[table]
         if index not in ct.table.indexes:
             raise UnknownIndex(f"table {ct.name!r} has no index {index!r}",
@@ -337,12 +336,14 @@ class Client:
         ``prefix`` as in ``scan``) committed after the call (``since=None`` or "now"), from
         the oldest the logs keep ("start"), or after a ``Watch.cursor`` stored earlier. Order
         is per shard (commit order); see ``lmshard.watch``."""
+        check_fork()
         tids, pb = watch_filter(self.tables, table, prefix)
         timeout = self.timeout_ms / 1000 * (self.retries + 1)
         return ServiceWatch(self.config, self.tables.each(), tids, pb, since, timeout)
 
     def ping(self, shard: int) -> dict[str, Any]:
         """The owner's health; raises ShardUnavailable when it does not answer."""
+        check_fork()
         t = time.perf_counter()
         r: dict[str, Any] = self._remote.one(shard, PING.request_for())
         r["rtt_ms"] = (time.perf_counter() - t) * 1000
@@ -350,6 +351,7 @@ class Client:
 
     def stats(self) -> dict[str, Any]:
         """Every shard's statistics (as its owner reports them) and this client's counters."""
+        check_fork()
         replies = self.owners.requests({s: STATS.request_for() for s in range(self.shards)},
                                        write=False, silent_ok=True)  # a dead shard: one timeout
         shards = {s: {"error": str(r)} if isinstance(r, Error) else r
@@ -364,7 +366,6 @@ class Client:
             ct.forget_local()
         self._local.close()
         self.owners.close()
-        _clients.discard(self)
 
     def __enter__(self) -> Client:
         return self

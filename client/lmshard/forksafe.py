@@ -9,8 +9,12 @@ process still uses. That guard exists because two handles in one process share f
 inherited handle holds no locks in the child, so for exactly those files the guard is lifted
 here, by tagging the child's identity of them with its pid.
 
-Objects holding an environment register a method with ``on_fork_in_child``; it runs in every
-forked child (while the object lives) and drops the inherited handle with ``forget_inherited``.
+Objects holding an environment or sockets register a method with ``on_fork_in_child``; it runs
+in every forked child (while the object lives) and drops what was inherited (an environment
+with ``forget_inherited``). Python's own ``os.fork`` runs the methods at once; a fork that runs
+no Python hooks (uWSGI forking its workers without ``--lazy-apps``, a C extension calling
+``fork()``) is found by ``check_fork``, which the client and the store call on every entry: the
+first call in the child sees a new pid and runs them then.
 """
 
 from __future__ import annotations
@@ -38,11 +42,24 @@ def on_fork_in_child(method: Callable[[], None]) -> None:
     _child_hooks.add(weakref.WeakMethod(method, _child_hooks.discard))
 
 
+_pid = os.getpid()
+"""The pid the registered objects' resources belong to."""
+
+
 def _run_child_hooks() -> None:
+    global _pid
+    _pid = os.getpid()
     for ref in list(_child_hooks):
         method = ref()
         if method is not None:
             method()
+
+
+def check_fork() -> None:
+    """Run the child hooks if this process is a fork that has not run them (a libc fork()
+    without Python's hooks). A pid comparison: cheap enough for every call."""
+    if os.getpid() != _pid:
+        _run_child_hooks()
 
 
 os.register_at_fork(after_in_child=_run_child_hooks)

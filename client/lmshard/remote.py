@@ -20,11 +20,9 @@ is answered by whichever reader gets it.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
-import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -33,6 +31,7 @@ import zmq
 from lmshard import protocol, security
 from lmshard.config import Config, ConfigError, check_reader_endpoints, derive_reader_endpoint
 from lmshard.errors import Error, LimitExceeded, ShardUnavailable, error_from_wire
+from lmshard.forksafe import check_fork, on_fork_in_child
 from lmshard.protocol import PING, READ, READ_CODES, READ_COMMANDS, SCAN, SCAN_PAGE, paged_scan
 
 log = logging.getLogger("lmshard.remote")
@@ -62,18 +61,6 @@ def reader_endpoints(config: Config) -> list[str]:
         )
     check_reader_endpoints(config)
     return config.reader_endpoints()
-
-
-_pools: weakref.WeakSet[ReaderPool] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    # ZeroMQ contexts and sockets must not cross fork(); the child opens its own on first use.
-    for pool in list(_pools):
-        pool.reset_after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _PoolConn:
@@ -111,7 +98,7 @@ class ReaderPool:
         self._ctx: zmq.Context[Any] | None = None
         self._tls = threading.local()
         self._closed = False
-        _pools.add(self)
+        on_fork_in_child(self.reset_after_fork)  # sockets must not cross fork()
 
     # -- sockets -----------------------------------------------------------------------------
 
@@ -175,6 +162,7 @@ class ReaderPool:
 
     def request(self, shard: int, code: int, body: Any) -> Any:
         """One read command for one shard; its reply body."""
+        check_fork()
         conn: _PoolConn | None = getattr(self._tls, "conn", None)
         sock = conn.socks[conn.home] if conn is not None else None
         if sock is None or code not in READ_CODES or type(shard) is not int or not (
@@ -232,6 +220,7 @@ class ReaderPool:
     def requests(self, parts: Sequence[tuple[int, int, Any]]) -> list[Any]:
         """Several read commands at once (they go to different readers); their reply bodies
         in order, or the Error a reader answered with in place of a body."""
+        check_fork()
         if not parts:
             return []
         frames = []
@@ -410,7 +399,6 @@ class ReaderPool:
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
             self._ctx = None
-        _pools.discard(self)
 
     def __enter__(self) -> ReaderPool:
         return self

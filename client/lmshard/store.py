@@ -21,7 +21,7 @@ import lmdb
 from lmshard.bound_tables import TableMap, TableRef, bind_tables
 from lmshard.changes import DEFAULT_RETAIN, DEFAULT_RETAIN_SECONDS, ChangeLog
 from lmshard.errors import Error, ReadOnlyError, SchemaError, TransactionError
-from lmshard.forksafe import forget_inherited, on_fork_in_child
+from lmshard.forksafe import check_fork, forget_inherited, on_fork_in_child
 from lmshard.map_growth import MAP_RESIZE_RETRIES, ReplayingWriteTxn, begin_read, grow_map
 from lmshard.point_get import point_get
 from lmshard.schema import Schema
@@ -300,6 +300,7 @@ class Store:
     def read(self, buffers: bool = False) -> Iterator[ReadTxn]:
         """A read snapshot. With ``buffers=True`` values are decoded straight from the map
         (zero-copy; lazy FlatBuffers objects stay valid only inside the block)."""
+        check_fork()
         r = ReadTxn(begin_read(self._env or self._open_env(), buffers), self._tables)
         try:
             yield r
@@ -326,6 +327,7 @@ class Store:
     def _writing(self, strict: bool) -> Iterator[WriteTxn]:
         if self.readonly:
             raise ReadOnlyError(f"the store at {self.path} is open read-only")
+        check_fork()
         env = self._env or self._open_env()
         started = time.monotonic()
         w = ReplayingWriteTxn(env, self._tables, self.max_map_size, self.path, strict,
@@ -346,6 +348,7 @@ class Store:
 
     def get(self, table: TableRef, key: Any, default: Any = None) -> Any:
         """The value under ``key`` or ``default``; reads its own fresh snapshot."""
+        check_fork()
         env = self._env or self._open_env()  # first: reopening (after a fork) rebinds the tables
         b = self._tables[table]
         data = point_get(env, b.db, b.kenc(key))
@@ -353,6 +356,7 @@ class Store:
 
     def get_encoded(self, table: TableRef, key_bytes: bytes, default: Any = None) -> Any:
         """``get`` for an already encoded key (the client's routed read path)."""
+        check_fork()
         env = self._env or self._open_env()
         b = self._tables[table]
         data = point_get(env, b.db, key_bytes)
