@@ -13,8 +13,6 @@ import os
 import signal
 import time
 
-import pytest
-
 import lmshard
 from tests.cluster import Cluster
 
