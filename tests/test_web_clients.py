@@ -13,6 +13,8 @@ import os
 import signal
 import time
 
+import pytest
+
 import lmshard
 from tests.cluster import Cluster
 
@@ -94,3 +96,102 @@ def test_a_store_used_in_the_child_of_a_libc_fork_reopens_its_environment(
 
     assert libc_fork_run(child) == {"own_env": True, "rows": 0}
     store.close()
+
+
+def keys_on(c: lmshard.Client, table: str, shard: int, n: int) -> list[str]:
+    """``n`` keys of ``table`` (str keys) that route to ``shard``."""
+    ct, found, i = c.table(table), [], 0
+    while len(found) < n:
+        key = f"k{i}"
+        if ct.shard(key, ct.kenc(key)) == shard:
+            found.append(key)
+        i += 1
+    return found
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), "1", True])
+def test_bad_deadlines_are_refused(cluster: Cluster, bad) -> None:  # type: ignore[no-untyped-def]
+    with cluster.client() as c, pytest.raises(lmshard.TransactionError), c.deadline(bad):
+        pass
+
+
+def test_a_deadline_bounds_a_call_to_a_paused_owner(cluster: Cluster) -> None:
+    shard = 1
+    with cluster.client(timeout_ms=2000, retries=3, breaker_ms=0) as c:
+        key, other = keys_on(c, "counters", shard, 1)[0], keys_on(c, "counters", 2, 1)[0]
+        os.kill(cluster.pid(shard), signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(lmshard.DeadlineExceeded, match="may yet be applied"), \
+                    c.deadline(0.3):
+                c.put("counters", key, 1)
+            took = time.monotonic() - started
+            # The budget without a deadline is 2 s x 4 attempts; 0.3 s plus scheduling.
+            assert 0.25 < took < 2.0, took
+            with c.deadline(0.3):  # another shard answers inside the same kind of deadline
+                c.put("counters", other, 2)
+            with pytest.raises(lmshard.DeadlineExceeded), c.deadline(5), c.deadline(0.2):
+                c.incr("counters", key)  # the nested, earlier deadline holds
+            assert c.counters()["deadlines"] == 2
+        finally:
+            os.kill(cluster.pid(shard), signal.SIGCONT)
+        assert c.incr("counters", key, 5) in (5, 6, 7)  # the sent writes may have landed
+        assert c.get("counters", other) == 2
+
+
+def test_a_silent_shard_fails_fast_while_the_others_serve(cluster: Cluster) -> None:
+    shard = 3
+    with cluster.client(timeout_ms=300, retries=1, breaker_ms=1500) as c:
+        keys = keys_on(c, "counters", shard, 3)
+        others = [k for s in (0, 1, 2) for k in keys_on(c, "counters", s, 2)]
+        os.kill(cluster.pid(shard), signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(lmshard.ShardUnavailable, match="did not answer within"):
+                c.put("counters", keys[0], 1)  # the whole budget: 300 ms x 2 attempts
+            assert time.monotonic() - started >= 0.55
+            started = time.monotonic()
+            with pytest.raises(lmshard.ShardUnavailable, match="fail at once"):
+                c.put("counters", keys[1], 1)
+            with pytest.raises(lmshard.ShardUnavailable, match="fail at once"), c.batch() as b:
+                b.put("counters", keys[1], 1)
+                b.put("counters", others[0], 1)
+            assert time.monotonic() - started < 0.25  # vs 0.6 s each without the breaker
+            for k in others:  # other shards are not held up
+                c.put("counters", k, 7)
+        finally:
+            os.kill(cluster.pid(shard), signal.SIGCONT)
+        time.sleep(1.6)  # the breaker runs out: the next call is the probe, and gets through
+        c.put("counters", keys[2], 3)
+        c.put("counters", keys[1], 4)
+        assert c.get("counters", keys[2]) == 3 and c.get("counters", keys[1]) == 4
+        assert [c.get("counters", k) for k in others] == [7] * len(others)
+
+
+@pytest.mark.slow
+def test_an_owner_stopped_under_supervisord_fails_at_once(tmp_path, run_dir) -> None:  # type: ignore[no-untyped-def]
+    """`lmshard ctl stop` removes the owner's socket file while supervisord runs: supervisord
+    says the owner is STOPPED, so calls fail at once (a restart, where it says STARTING, keeps
+    the retries: tests/test_service.py rides through one)."""
+    from tests.cluster import lmshard_cli
+    from tests.test_supervisor import make_service
+
+    svc = make_service(tmp_path / "svc", run_dir, "--shards", "2")
+    try:
+        svc.up()
+        with lmshard.connect(svc.toml) as c:
+            key = keys_on(c, "counters", 1, 1)[0]
+            c.put("counters", key, 1)
+            stop = lmshard_cli("ctl", "-c", str(svc.toml), "stop", "lmshard:shard_01")
+            assert stop.returncode == 0, stop.stdout + stop.stderr
+            started = time.monotonic()
+            with pytest.raises(lmshard.ShardUnavailable, match="is not running"):
+                c.put("counters", key, 2)
+            # The budget of a silent owner is 2 s x 4 attempts; a stopped one costs a look.
+            assert time.monotonic() - started < 1.5
+            start = lmshard_cli("ctl", "-c", str(svc.toml), "start", "lmshard:shard_01")
+            assert start.returncode == 0, start.stdout + start.stderr
+            c.put("counters", key, 3)
+            assert c.get("counters", key) == 3
+    finally:
+        svc.cli("down")

@@ -18,6 +18,7 @@ from lmshard.errors import (
     ChangesCompacted,
     CodecError,
     ConflictError,
+    DeadlineExceeded,
     DiskFull,
     Error,
     InvalidCursor,
@@ -50,5 +51,5 @@ __all__ = [
     "NullIndexValue", "ReadOnlyError", "ReadTxn", "Schema", "SchemaError", "SchemaMismatch",
     "Store", "StoreFull", "Table", "TransactionError", "UniqueViolation", "UnknownIndex",
     "UnknownTable", "WriteTxn", "flatbuffers_codec", "get_codec", "open", "register_codec",
-    "value_hash", "Change", "ChangesCompacted", "InvalidCursor", "Watch",
+    "value_hash", "DeadlineExceeded", "Change", "ChangesCompacted", "InvalidCursor", "Watch",
 ]

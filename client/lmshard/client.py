@@ -12,10 +12,12 @@ they go over the wire (``lmshard.reads``). ``batch()`` and ``writer()`` group wr
 from __future__ import annotations
 
 import heapq
+import math
 import os
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +26,7 @@ from lmshard.client_counters import ClientCounters
 from lmshard.client_tables import ClientTable, ClientTables
 from lmshard.config import Config, load_config
 from lmshard.connections import OwnerConnections
-from lmshard.errors import ConflictError, Error, UnknownIndex
+from lmshard.errors import ConflictError, Error, TransactionError, UnknownIndex
 from lmshard.forksafe import check_fork, on_fork_in_child
 from lmshard.keys import encode_index_value
 from lmshard.point_get import point_get
@@ -67,6 +69,7 @@ class Client:
         timeout_ms: int | None = None,
         retries: int | None = None,
         local_reads: bool | None = None,
+        breaker_ms: int | None = None,
     ) -> None:
         self.config = config if isinstance(config, Config) else load_config(config)
         self.schema = schema if schema is not None else self.config.load_schema()
@@ -79,7 +82,8 @@ class Client:
         self.owners = OwnerConnections(
             self.config, self._counts,
             timeout_ms=self.config.timeout_ms if timeout_ms is None else timeout_ms,
-            retries=self.config.retries if retries is None else retries)
+            retries=self.config.retries if retries is None else retries,
+            breaker_ms=self.config.breaker_ms if breaker_ms is None else breaker_ms)
         """The connections to the shard owners (per thread and shard) and requests over them."""
         self._local = LocalShards(
             self.config, self.schema,
@@ -131,6 +135,28 @@ class Client:
         self.owners.reset_after_fork()
         self._local.reset_after_fork()
         self._remote.reset_after_fork()
+
+    @contextmanager
+    def deadline(self, seconds: float) -> Iterator[None]:
+        """Calls of this thread inside the block fail with DeadlineExceeded (a
+        ShardUnavailable) rather than wait for an owner past ``seconds`` from now, whatever
+        their retries had left; nested blocks keep the earlier deadline. Local reads do not
+        wait on anything. A web request's way of saying how long it may take::
+
+            with client.deadline(0.2):
+                client.put(sessions, sid, data)
+        """
+        if (type(seconds) not in (int, float) or not math.isfinite(seconds)
+                or seconds <= 0):
+            raise TransactionError(f"a deadline must be a positive number of seconds, not "
+                                   f"{seconds!r}", hint="pass e.g. 0.2")
+        at = time.monotonic() + seconds
+        before = self.owners.set_deadline(None)
+        self.owners.set_deadline(at if before is None else min(before, at))
+        try:
+            yield
+        finally:
+            self.owners.set_deadline(before)
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -377,7 +403,8 @@ class Client:
 def connect(config: Config | str | os.PathLike[str] | None = None, schema: Schema | None = None,
             **options: Any) -> Client:
     """Connect to a running service described by ``config`` (a Config, a path, or None for
-    $LMSHARD_CONFIG / config/lmshard.toml). Options: timeout_ms, retries, local_reads."""
+    $LMSHARD_CONFIG / config/lmshard.toml). Options: timeout_ms, retries, local_reads,
+    breaker_ms."""
     return Client(config, schema, **options)
 
 

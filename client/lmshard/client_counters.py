@@ -14,7 +14,7 @@ class ClientCounters:
     """The client's counters, one dict per thread; ``mine()`` to add, ``total()`` to read."""
 
     NAMES = ("batches_sent", "ops_sent", "retries", "timeouts", "remote_reads", "batches_failed",
-             "unavailable")
+             "unavailable", "deadlines")
 
     def __init__(self) -> None:
         self.reset()

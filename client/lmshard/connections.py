@@ -7,8 +7,13 @@ has no reply within ``timeout_ms`` is resent on a fresh socket with the same seq
 number), so the retry is safe. After ``retries`` the request fails with ShardUnavailable.
 
 When an owner's endpoint is ipc and no reply came after PROBE_MS, the owner's socket file is
-looked for: a missing file while no supervisord of the service runs means the service is down,
-and the request fails at once instead of after every retry.
+looked for: a missing file means the owner is not running (unless supervisord says it is being
+started: a restart), and the request fails at once instead of after every retry.
+
+Two more bounds keep a web request from waiting on a shard it cannot have: a deadline per call
+(``Client.deadline``, per thread), past which a call fails with DeadlineExceeded whatever its
+retries had left; and a circuit breaker per shard: once a shard failed to answer a request through
+every retry, calls to it fail at once for ``breaker_ms``, then one call goes through as a probe.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ import zmq
 
 from lmshard import security
 from lmshard.client_counters import ClientCounters
-from lmshard.config import SUPERVISOR_SOCKET, Config
-from lmshard.errors import ShardUnavailable, TransactionError, error_from_wire
+from lmshard.config import SUPERVISOR_SOCKET, Config, owner_program
+from lmshard.errors import DeadlineExceeded, ShardUnavailable, TransactionError, error_from_wire
 from lmshard.protocol import ZERO_COPY_MIN, pack_request, unpack_frame
 
 log = logging.getLogger("lmshard.client")
@@ -36,6 +41,11 @@ socket file exists; a missing file fails the request at once (ShardUnavailable) 
 after timeout_ms x (retries + 1). Replies faster than this cost no check."""
 PROBE_RECHECK_S = 0.01
 """A socket file found missing by that check is looked for once more after this long."""
+STOPPED_RECHECK_S = 0.2
+"""An owner supervisord reports stopped is asked about once more after this long (``ctl
+restart`` stops it, then starts it)."""
+STOPPED_STATES = frozenset({"STOPPED", "EXITED", "FATAL"})
+"""supervisord states of a program that is not running and not about to."""
 
 _SILENT = object()
 """What an attempt returns when no reply came in time."""
@@ -49,6 +59,22 @@ def _file_missing(path: str) -> bool:
     except OSError:
         return False  # e.g. no permission to look: let the request find out
     return False
+
+
+def _supervisor_state(socket_path: str, shard: int) -> str | None:
+    """The state supervisord (on its unix socket) reports for shard ``shard``'s owner, e.g.
+    "RUNNING" or "STOPPED"; None when it cannot tell."""
+    import xmlrpc.client
+
+    from supervisor.xmlrpc import SupervisorTransport
+
+    try:
+        proxy: Any = xmlrpc.client.ServerProxy(
+            "http://127.0.0.1", transport=SupervisorTransport(None, None, f"unix://{socket_path}"))
+        info = proxy.supervisor.getProcessInfo(owner_program(shard))
+        return str(info["statename"])
+    except (OSError, xmlrpc.client.Error, KeyError, TypeError):
+        return None
 
 
 class _Conn:
@@ -68,11 +94,16 @@ class OwnerConnections:
     """The sockets of one client to every shard owner, per thread, and requests over them."""
 
     def __init__(self, config: Config, counters: ClientCounters, *, timeout_ms: int,
-                 retries: int) -> None:
+                 retries: int, breaker_ms: int = 0) -> None:
         self.config = config
         self.counters = counters
         self.timeout_ms = timeout_ms
         self.retries = retries
+        self.breaker_ms = breaker_ms
+        self._open_until = [0.0] * config.shards
+        """Per shard: until when (monotonic) calls fail at once; 0.0 while the shard answers."""
+        self._deadlines = threading.local()
+        self._stopped_seen: dict[int, tuple[float, bool]] = {}
         self._ipc_paths: list[str | None] = [
             ep[len("ipc://"):] if ep.startswith("ipc:///") else None
             for ep in map(config.endpoint, range(config.shards))]
@@ -140,25 +171,37 @@ class OwnerConnections:
             if self._socket_missing(shard):
                 raise self._gone(shard)
             conn.gone = False
+        if self._open_until[shard]:
+            self._breaker(shard)
+        until = getattr(self._deadlines, "at", None)
         conn.seq += 1
         seq = conn.seq
         frame = pack_request(code, self._tls.client_id if write else None, seq, body)
         for attempt in range(self.retries + 1):
-            reply = self._attempt(shard, conn, seq, frame)
+            wait_ms = self.timeout_ms
+            if until is not None:
+                wait_ms = min(wait_ms, int((until - time.monotonic()) * 1000))
+                if wait_ms <= 0:
+                    raise self._past_deadline(shard, sent=attempt > 0, write=write)
+            reply = self._attempt(shard, conn, seq, frame, wait_ms)
             if reply is not _SILENT:
+                if self._open_until[shard]:
+                    self._open_until[shard] = 0.0  # the probe got through
                 return reply
+            if until is not None and time.monotonic() >= until:
+                self._reconnect(shard, conn)  # no late reply may be read as a later one's
+                raise self._past_deadline(shard, sent=True, write=write)
             self._note_silence(attempt, [(shard, seq)])
             self._reconnect(shard, conn)
-        raise self._unavailable(shard)
+        raise self._trip(shard)
 
-    def _attempt(self, shard: int, conn: _Conn, seq: int, frame: bytes) -> Any:
-        """Send ``frame`` once and wait up to timeout_ms for its reply; _SILENT if none."""
+    def _attempt(self, shard: int, conn: _Conn, seq: int, frame: bytes, wait_ms: int) -> Any:
+        """Send ``frame`` once and wait up to ``wait_ms`` for its reply; _SILENT if none."""
         sock = conn.sock
         try:
             sock.send(frame, zmq.NOBLOCK, len(frame) < ZERO_COPY_MIN)
         except zmq.Again:
             pass  # the queue to that peer is full: wait out the timeout, then retry
-        wait_ms = self.timeout_ms
         deadline = time.monotonic() + wait_ms / 1000
         probe = self._ipc_paths[shard] is not None
         while wait_ms > 0:
@@ -207,6 +250,37 @@ class OwnerConnections:
         """
         conns = {s: self._conn(s) for s in parts}
         gone = {s for s in parts if conns[s].gone and self._still_gone(s, conns[s])}
+        blocked = {s for s in parts if s not in gone and self._open_until[s] and self._blocked(s)}
+        if blocked and not silent_ok:
+            raise self._open(min(blocked))
+        until = getattr(self._deadlines, "at", None)
+        frames, seqs = self._frames(parts, conns, write)
+        results: dict[int, Any] = {s: self._open(s) for s in blocked}
+        pending = set(parts) - gone - blocked
+        for attempt in range(self.retries + 1):
+            if not pending:
+                break
+            wait_s = self._wait_s(until, min(pending), attempt > 0, write)
+            for s in pending:
+                try:
+                    conns[s].sock.send(frames[s], zmq.NOBLOCK, len(frames[s]) < ZERO_COPY_MIN)
+                except zmq.Again:
+                    pass  # the queue to that peer is full: wait out the timeout, then retry
+            self._collect(conns, seqs, pending, gone, results, wait_s)
+            if not pending:
+                break
+            if until is not None and time.monotonic() >= until:
+                raise self._gave_up(conns, pending, write)
+            self._note_silence(attempt, [(s, seqs[s]) for s in sorted(pending)])
+            if attempt < self.retries:
+                for s in pending:
+                    self._reconnect(s, conns[s])
+        return self._outcome(conns, results, pending, gone, silent_ok)
+
+    def _frames(self, parts: dict[int, tuple[int, Any]], conns: dict[int, _Conn], write: bool
+                ) -> tuple[dict[int, bytes], dict[int, int]]:
+        """Each shard's request frame under its connection's next sequence number; the
+        frames and the numbers."""
         cid = self._tls.client_id if write else None
         frames: dict[int, bytes] = {}
         seqs: dict[int, int] = {}
@@ -215,24 +289,25 @@ class OwnerConnections:
             conn.seq += 1
             seqs[s] = conn.seq
             frames[s] = pack_request(code, cid, conn.seq, body)
-        results: dict[int, Any] = {}
-        pending = set(parts) - gone
-        for attempt in range(self.retries + 1):
-            if not pending:
-                break
-            for s in pending:
-                try:
-                    conns[s].sock.send(frames[s], zmq.NOBLOCK, len(frames[s]) < ZERO_COPY_MIN)
-                except zmq.Again:
-                    pass  # the queue to that peer is full: wait out the timeout, then retry
-            self._collect(conns, seqs, pending, gone, results)
-            if not pending:
-                break
-            self._note_silence(attempt, [(s, seqs[s]) for s in sorted(pending)])
-            if attempt < self.retries:
-                for s in pending:
-                    self._reconnect(s, conns[s])
-        return self._outcome(conns, results, pending, gone, silent_ok)
+        return frames, seqs
+
+    def _gave_up(self, conns: dict[int, _Conn], pending: set[int], write: bool
+                 ) -> DeadlineExceeded:
+        """The deadline passed with ``pending`` shards silent: fresh sockets for them (no late
+        reply may be read as a later request's), and the error."""
+        for s in pending:
+            self._reconnect(s, conns[s])
+        return self._past_deadline(min(pending), sent=True, write=write)
+
+    def _wait_s(self, until: float | None, shard: int, sent: bool, write: bool) -> float:
+        """How long an attempt may wait: timeout_ms, or less to keep this thread's deadline
+        (DeadlineExceeded once it has passed)."""
+        wait_s = self.timeout_ms / 1000
+        if until is not None:
+            wait_s = min(wait_s, until - time.monotonic())
+            if wait_s <= 0:
+                raise self._past_deadline(shard, sent=sent, write=write)
+        return wait_s
 
     def _still_gone(self, shard: int, conn: _Conn) -> bool:
         """For an owner that was not there last time: True if it still is not (nothing is
@@ -243,11 +318,11 @@ class OwnerConnections:
         return False
 
     def _collect(self, conns: dict[int, _Conn], seqs: dict[int, int], pending: set[int],
-                 gone: set[int], results: dict[int, Any]) -> None:
-        """Wait up to timeout_ms for the replies of the ``pending`` shards; after a short
+                 gone: set[int], results: dict[int, Any], wait_s: float) -> None:
+        """Wait up to ``wait_s`` for the replies of the ``pending`` shards; after a short
         wait, look for the socket file of each ipc owner still silent."""
         now = time.monotonic()
-        deadline = now + self.timeout_ms / 1000
+        deadline = now + wait_s
         probe_at = (now + PROBE_MS / 1000
                     if any(self._ipc_paths[s] is not None for s in pending) else None)
         poller = zmq.Poller()
@@ -271,6 +346,8 @@ class OwnerConnections:
                     continue  # a late answer to an earlier attempt
                 results[s] = body if status == 0 else error_from_wire(status, *body)
                 pending.discard(s)
+                if self._open_until[s]:
+                    self._open_until[s] = 0.0  # the probe got through
                 poller.unregister(sock)
 
     def _drop_gone(self, conns: dict[int, _Conn], pending: set[int], gone: set[int],
@@ -290,23 +367,24 @@ class OwnerConnections:
             return results
         for p in pending:  # a fresh socket next time: no stale reply may be read as ours
             self._reconnect(p, conns[p])
+        tripped = {p: self._trip(p) for p in sorted(pending)}
         if silent_ok:
             results.update((g, self._gone(g)) for g in gone)
-            results.update((p, self._unavailable(p)) for p in pending)
+            results.update(tripped)
             return results
         first = min(gone | pending)
-        raise self._gone(first) if first in gone else self._unavailable(first)
+        raise self._gone(first) if first in gone else tripped[first]
 
     # -- an owner that is not there ----------------------------------------------------------
 
     def _socket_missing(self, shard: int, *, recheck: bool = False) -> bool:
-        """True when the shard's endpoint is ipc, its socket file does not exist and no
-        supervisord of this service runs: the service is down. (A stopped owner removes the
-        file; a crashed one leaves it, and the request keeps its retries, as supervisord
-        restarts a crashed owner; while supervisord runs, a missing file may be an owner it
-        is restarting, so the request keeps its retries too.) ``recheck``: look twice,
-        PROBE_RECHECK_S apart, as an owner starting over a crashed one's file removes that
-        file just before it binds its own."""
+        """True when the shard's endpoint is ipc, its socket file does not exist, and no
+        supervisord of this service runs (the service is down) or supervisord reports the
+        owner stopped. (A stopped owner removes the file; a crashed one leaves it, and the
+        request keeps its retries, as supervisord restarts a crashed owner; an owner that
+        supervisord is starting has no file yet, and the request keeps its retries too.)
+        ``recheck``: look twice, PROBE_RECHECK_S apart, as an owner starting over a crashed
+        one's file removes that file just before it binds its own."""
         path = self._ipc_paths[shard]
         if path is None or not _file_missing(path):
             return False
@@ -314,7 +392,73 @@ class OwnerConnections:
             time.sleep(PROBE_RECHECK_S)
             if not _file_missing(path):
                 return False
-        return _file_missing(self._supervisor_socket)
+        if _file_missing(self._supervisor_socket):
+            return True
+        return self._owner_stopped(shard) and _file_missing(path)
+
+    def _owner_stopped(self, shard: int) -> bool:
+        """Whether supervisord reports shard ``shard``'s owner stopped, and still does a
+        moment later (``ctl restart`` stops it, then starts it). Answers are kept for
+        STOPPED_RECHECK_S, so calls to a stopped shard do not each ask supervisord."""
+        now = time.monotonic()
+        cached = self._stopped_seen.get(shard)
+        if cached is not None and now - cached[0] < STOPPED_RECHECK_S:
+            return cached[1]
+        stopped = _supervisor_state(self._supervisor_socket, shard) in STOPPED_STATES
+        if stopped:
+            time.sleep(STOPPED_RECHECK_S)
+            stopped = _supervisor_state(self._supervisor_socket, shard) in STOPPED_STATES
+        self._stopped_seen[shard] = (time.monotonic(), stopped)
+        return stopped
+
+    # -- the breaker and deadlines ----------------------------------------------------------
+
+    def _blocked(self, shard: int) -> bool:
+        """True while shard ``shard``'s breaker is open (calls fail at once). When it has
+        run out, this call is the probe: the others keep failing at once until it is done."""
+        now = time.monotonic()
+        if now < self._open_until[shard]:
+            return True
+        self._open_until[shard] = now + self.timeout_ms * (self.retries + 1) / 1000
+        return False
+
+    def _breaker(self, shard: int) -> None:
+        if self._blocked(shard):
+            raise self._open(shard)
+
+    def _trip(self, shard: int) -> ShardUnavailable:
+        """Open shard ``shard``'s breaker (it stayed silent through every retry); the error."""
+        if self.breaker_ms:
+            self._open_until[shard] = time.monotonic() + self.breaker_ms / 1000
+        return self._unavailable(shard)
+
+    def _open(self, shard: int) -> ShardUnavailable:
+        self.counters.mine()["unavailable"] += 1
+        left = max(0.0, self._open_until[shard] - time.monotonic())
+        return ShardUnavailable(
+            f"shard {shard} at {self.config.endpoint(shard)} did not answer a recent request "
+            f"through every retry: calls to it fail at once for {left * 1000:.0f} ms more "
+            "(client.breaker_ms), then one goes through to see whether it is back",
+            hint="check that the shard owner runs: lmshard status; calls to other shards "
+                 "are not affected")
+
+    def set_deadline(self, at: float | None) -> float | None:
+        """Make ``at`` (monotonic seconds, or None) this thread's deadline; the one before."""
+        before: float | None = getattr(self._deadlines, "at", None)
+        self._deadlines.at = at
+        return before
+
+    def _past_deadline(self, shard: int, *, sent: bool, write: bool) -> DeadlineExceeded:
+        self.counters.mine()["deadlines"] += 1
+        if not sent:
+            fate = "nothing was sent"
+        elif write:
+            fate = "the write was sent and may yet be applied (as after a timeout)"
+        else:
+            fate = "the request was sent"
+        return DeadlineExceeded(
+            f"the call's deadline passed before shard {shard} answered; {fate}",
+            hint="allow more time (Client.deadline), or check the shard: lmshard status")
 
     def _gone(self, shard: int) -> ShardUnavailable:
         self.counters.mine()["unavailable"] += 1

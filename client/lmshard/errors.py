@@ -199,6 +199,15 @@ class OutOfOrder(ProtocolError):
     hint = "resend the stream's unacknowledged batches, oldest first (lmshard's writer does)"
 
 
+class DeadlineExceeded(ShardUnavailable):
+    """A call's deadline (``Client.deadline``) passed before the shard answered. The message
+    says whether anything was sent; a write that was sent may yet be applied, as after a
+    timeout."""
+
+    code = 66
+    hint = "allow the call more time, or check the shard: lmshard status"
+
+
 class BatchesFailed(Error):
     """Batches a pipelined writer sent were refused by their shards; every other batch of the
     stream was applied.
@@ -265,7 +274,7 @@ ERRORS: tuple[type[Error], ...] = (
     StoreFull, ReadOnlyError, TransactionError, DiskFull,              # 4x the store
     ConfigError,                                                       # 5x the config
     ProtocolError, ShardUnavailable, LimitExceeded, BatchPartiallyApplied, OutOfOrder,
-    BatchesFailed,                                                     # 6x the wire
+    BatchesFailed, DeadlineExceeded,                                   # 6x the wire
     BackupError,                                                       # 7x backup and restore
     ChangesCompacted, InvalidCursor,                                   # 8x the change feed
     InternalError,

@@ -52,11 +52,13 @@ from lmshard.config.model import (
     MIN_STATS_INTERVAL,
     READER_SLOT_SIZE,
     SETTINGS,
+    SUPERVISOR_GROUP,
     SUPERVISOR_SOCKET,
     Config,
     CurveConfig,
     check_reader_endpoints,
     make_config,
+    owner_program,
 )
 from lmshard.config.sizes import PAGE_SIZE, parse_size
 
@@ -81,7 +83,9 @@ __all__ = [
     "PAGE_SIZE",
     "READER_SLOT_SIZE",
     "SETTINGS",
+    "SUPERVISOR_GROUP",
     "SUPERVISOR_SOCKET",
+    "owner_program",
     "Config",
     "ConfigError",
     "CurveConfig",

@@ -76,6 +76,14 @@ DEFAULT_READER_ENDPOINT = "ipc://{run_dir}/readers.sock"
 DEFAULT_MONITOR_ENDPOINT = "ipc://{run_dir}/monitor.sock"
 SUPERVISOR_SOCKET = "supervisor.sock"
 """supervisord's unix socket (supervisorctl, XML-RPC), in the run directory."""
+SUPERVISOR_GROUP = "lmshard"
+"""The supervisord group of every lmshard program (shard owner N is ``lmshard:shard_NN``)."""
+
+
+def owner_program(shard: int) -> str:
+    """The supervisord name of shard ``shard``'s owner, e.g. ``lmshard:shard_01``."""
+    return f"{SUPERVISOR_GROUP}:shard_{shard:02d}"
+
 
 WRITTEN_HEADER = ("lmshard configuration (written by lmshard; see config/lmshard.toml for every "
                   "key).\nRelative paths are relative to the directory this file is in.")
@@ -204,6 +212,11 @@ class Config:
     retries: int = setting(
         "client.retries", Integer(0, 1000), 3,
         "Retries after a timeout before the client raises.")
+    breaker_ms: int = setting(
+        "client.breaker_ms", Integer(0, MAX_TIMEOUT_MS, unit="milliseconds"), 1000,
+        "After a shard owner failed to answer a request (every retry), calls to that shard "
+        "fail at once with ShardUnavailable for this many milliseconds (a circuit breaker), "
+        "then one call goes through as a probe; calls to other shards are not held up. 0: off.")
     local_reads: bool = setting(
         "client.local_reads", Boolean(), True,
         "Read shards in-process through LMDB (zero-copy; same host only). false: read through "

@@ -18,10 +18,16 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from lmshard.config import IPC_PATH_MAX, SUPERVISOR_SOCKET, Config, ConfigError
+from lmshard.config import (
+    IPC_PATH_MAX,
+    SUPERVISOR_GROUP,
+    SUPERVISOR_SOCKET,
+    Config,
+    ConfigError,
+)
 from lmshard.ops.supervise import SupervisorError
 
-GROUP = "lmshard"
+GROUP = SUPERVISOR_GROUP
 """The supervisord group of every lmshard program."""
 ALERTS = "lmshard_alerts"
 """The alerts eventlistener's pool (supervisord keeps eventlisteners out of groups)."""

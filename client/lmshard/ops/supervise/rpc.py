@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lmshard.client import Client
-from lmshard.config import Config
+from lmshard.config import Config, owner_program
 from lmshard.errors import ShardUnavailable
 from lmshard.ops.supervise import SupervisorError
 from lmshard.ops.supervise.conf import ALERTS, GROUP, SupervisorFiles
@@ -54,9 +54,8 @@ def process_infos(files: SupervisorFiles) -> list[dict[str, Any]]:
     return list(infos)
 
 
-def shard_process(shard: int) -> str:
-    """The supervisord name of shard ``shard``'s owner, e.g. ``lmshard:shard_01``."""
-    return f"{GROUP}:shard_{shard:02d}"
+shard_process = owner_program
+"""The supervisord name of shard ``shard``'s owner, e.g. ``lmshard:shard_01``."""
 
 
 def shard_of_process(info: dict[str, Any]) -> int | None:
