@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import lmshard
-from lmshard.config import load_config
+from lmshard.config import ConfigError, load_config
 from lmshard.ops import cli
 from lmshard.ops.command import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_USAGE
 from lmshard.ops.supervise.conf import (
@@ -209,6 +209,20 @@ def test_ctl_passes_its_arguments_through() -> None:
     assert supervisorctl_command(files, args.args) == [
         sys.executable, "-m", "supervisor.supervisorctl", "-c", "/s/supervisord.conf",
         "tail", "-f", "lmshard:shard_01"]
+
+
+def test_ctl_takes_its_config_option_wherever_it_is() -> None:
+    from lmshard.ops.status import split_config_option
+
+    assert split_config_option(["pid", "lmshard:shard_01", "-c", "x.toml"]) == (
+        "x.toml", ["pid", "lmshard:shard_01"])
+    assert split_config_option(["tail", "-f", "--config=y.toml", "lmshard:shard_01"]) == (
+        "y.toml", ["tail", "-f", "lmshard:shard_01"])
+    assert split_config_option(["-cz.toml", "status"]) == ("z.toml", ["status"])
+    assert split_config_option(["status"]) == (None, ["status"])
+    with pytest.raises(ConfigError, match="needs a file name"):
+        split_config_option(["status", "-c"])
+    assert cli.main(["ctl", "-c", "a.toml", "status", "-c", "b.toml"]) == 2  # two files
 
 
 def test_ctl_runs_supervisorctl_on_the_generated_config(short_dir: Path) -> None:

@@ -44,6 +44,12 @@ def test_up_runs_every_program_and_each_one_answers(tmp_path: Path, run_dir: Pat
         assert states == {name: "RUNNING" for name in [
             "lmshard:monitor", "lmshard:reader_00", "lmshard:reader_01", "lmshard:shard_00",
             "lmshard:shard_01", "lmshard_alerts"]}, ctl.stdout
+        for where in (["-c", str(svc.toml), "pid", "lmshard:shard_01"],  # -c before or after
+                      ["pid", "lmshard:shard_01", "-c", str(svc.toml)],
+                      ["pid", f"--config={svc.toml}", "lmshard:shard_01"]):
+            pid = lmshard_cli("ctl", *where)
+            assert pid.returncode == 0 and int(pid.stdout) == svc.rpc().getProcessInfo(
+                "lmshard:shard_01")["pid"], (where, pid.stdout, pid.stderr)
 
         # /metrics, at the address the monitor reports (the config asks for port 0)
         url = next(p["metrics"] for p in status(svc)["processes"] if p.get("metrics"))

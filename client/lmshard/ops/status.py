@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from lmshard.client import Client
-from lmshard.config import Config, load_config
+from lmshard.config import Config, ConfigError, load_config
 from lmshard.errors import ShardUnavailable
 from lmshard.ops.command import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, config_option, say
 from lmshard.ops.supervise.conf import GROUP, SupervisorFiles, service_files
@@ -156,10 +156,36 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK if _healthy(status) else EXIT_FAILED
 
 
+def split_config_option(argv: list[str]) -> tuple[str | None, list[str]]:
+    """``-c FILE`` / ``--config FILE`` (or ``-cFILE``, ``--config=FILE``) wherever it is in
+    ``argv``, and the other arguments: ``ctl pid lmshard:shard_01 -c FILE`` means the same as
+    ``ctl -c FILE pid lmshard:shard_01`` (supervisorctl's own -c is never wanted: lmshard
+    gives it the service's supervisord.conf)."""
+    config = None
+    rest: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg in ("-c", "--config"):
+            config = next(it, None)
+            if config is None:
+                raise ConfigError(f"{arg} needs a file name", hint="lmshard ctl -c FILE ARGS")
+        elif arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+        elif arg.startswith("-c") and len(arg) > 2:
+            config = arg[2:]
+        else:
+            rest.append(arg)
+    return config, rest
+
+
 def cmd_ctl(args: argparse.Namespace) -> int:
     """``lmshard ctl ARGS``: supervisorctl on this service's supervisord, in our place."""
-    config = load_config(args.config)
-    argv = supervisorctl_command(service_files(config), args.args)
+    late, rest = split_config_option(args.args)
+    if late is not None and args.config is not None and late != args.config:
+        raise ConfigError(f"two config files given: {args.config} and {late}",
+                          hint="pass -c once")
+    config = load_config(late or args.config)
+    argv = supervisorctl_command(service_files(config), rest)
     sys.stdout.flush()
     os.execv(argv[0], argv)  # supervisorctl owns the terminal from here (tail -f, Ctrl-C)
     return EXIT_OK  # pragma: no cover
