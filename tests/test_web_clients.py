@@ -195,3 +195,21 @@ def test_an_owner_stopped_under_supervisord_fails_at_once(tmp_path, run_dir) -> 
             assert c.get("counters", key) == 3
     finally:
         svc.cli("down")
+
+
+def test_a_call_that_waited_out_its_deadline_opens_the_breaker(cluster: Cluster) -> None:
+    """Otherwise a deadline shorter than the retries would let every call wait it out."""
+    shard = 2
+    with cluster.client(timeout_ms=2000, retries=3, breaker_ms=2000) as c:
+        key = keys_on(c, "counters", shard, 1)[0]
+        os.kill(cluster.pid(shard), signal.SIGSTOP)
+        try:
+            with pytest.raises(lmshard.DeadlineExceeded), c.deadline(0.3):
+                c.put("counters", key, 1)
+            started = time.monotonic()
+            with pytest.raises(lmshard.ShardUnavailable, match="fail at once"), \
+                    c.deadline(0.3):
+                c.put("counters", key, 2)
+            assert time.monotonic() - started < 0.2
+        finally:
+            os.kill(cluster.pid(shard), signal.SIGCONT)

@@ -19,6 +19,7 @@ every retry, calls to it fail at once for ``breaker_ms``, then one call goes thr
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -45,6 +46,10 @@ STOPPED_RECHECK_S = 0.2
 """An owner supervisord reports stopped is asked about once more after this long (``ctl
 restart`` stops it, then starts it)."""
 STOPPED_STATES = frozenset({"STOPPED", "EXITED", "FATAL"})
+BREAKER_MIN_WAIT = 0.1
+"""A call whose deadline passed after it had waited this long (seconds) for a silent owner
+opens the shard's breaker too: a deadline shorter than the retries must not let every call
+wait it out."""
 """supervisord states of a program that is not running and not about to."""
 
 _SILENT = object()
@@ -167,33 +172,39 @@ class OwnerConnections:
         build a Poller and poll the socket several times per reply.
         """
         conn = self._conn(shard)
-        if conn.gone:  # the owner was not there last time: fail before sending if it still is not
-            if self._socket_missing(shard):
-                raise self._gone(shard)
-            conn.gone = False
-        if self._open_until[shard]:
-            self._breaker(shard)
+        if conn.gone or self._open_until[shard]:
+            self._may_send(shard, conn)
         until = getattr(self._deadlines, "at", None)
         conn.seq += 1
         seq = conn.seq
         frame = pack_request(code, self._tls.client_id if write else None, seq, body)
+        sent_at = time.monotonic()
         for attempt in range(self.retries + 1):
             wait_ms = self.timeout_ms
             if until is not None:
-                wait_ms = min(wait_ms, int((until - time.monotonic()) * 1000))
-                if wait_ms <= 0:
+                wait_ms = min(wait_ms, math.ceil((until - time.monotonic()) * 1000))
+                if wait_ms <= 0:  # (a resend's socket is fresh: no late reply is read)
+                    if attempt > 0:
+                        self._trip_after_wait(shard, sent_at)
                     raise self._past_deadline(shard, sent=attempt > 0, write=write)
             reply = self._attempt(shard, conn, seq, frame, wait_ms)
             if reply is not _SILENT:
                 if self._open_until[shard]:
                     self._open_until[shard] = 0.0  # the probe got through
                 return reply
-            if until is not None and time.monotonic() >= until:
-                self._reconnect(shard, conn)  # no late reply may be read as a later one's
-                raise self._past_deadline(shard, sent=True, write=write)
             self._note_silence(attempt, [(shard, seq)])
             self._reconnect(shard, conn)
         raise self._trip(shard)
+
+    def _may_send(self, shard: int, conn: _Conn) -> None:
+        """Raise ShardUnavailable at once for an owner that was not there last time and still
+        is not, or while the shard's breaker is open."""
+        if conn.gone:
+            if self._socket_missing(shard):
+                raise self._gone(shard)
+            conn.gone = False
+        if self._open_until[shard]:
+            self._breaker(shard)
 
     def _attempt(self, shard: int, conn: _Conn, seq: int, frame: bytes, wait_ms: int) -> Any:
         """Send ``frame`` once and wait up to ``wait_ms`` for its reply; _SILENT if none."""
@@ -250,17 +261,20 @@ class OwnerConnections:
         """
         conns = {s: self._conn(s) for s in parts}
         gone = {s for s in parts if conns[s].gone and self._still_gone(s, conns[s])}
-        blocked = {s for s in parts if s not in gone and self._open_until[s] and self._blocked(s)}
-        if blocked and not silent_ok:
-            raise self._open(min(blocked))
+        blocked = self._blocked_of(parts, gone, silent_ok)
         until = getattr(self._deadlines, "at", None)
         frames, seqs = self._frames(parts, conns, write)
+        sent_at = time.monotonic()
         results: dict[int, Any] = {s: self._open(s) for s in blocked}
         pending = set(parts) - gone - blocked
         for attempt in range(self.retries + 1):
             if not pending:
                 break
-            wait_s = self._wait_s(until, min(pending), attempt > 0, write)
+            wait_s = self._wait_s(until)
+            if wait_s <= 0:
+                if attempt > 0:
+                    raise self._gave_up(conns, pending, write, sent_at)
+                raise self._past_deadline(min(pending), sent=False, write=write)
             for s in pending:
                 try:
                     conns[s].sock.send(frames[s], zmq.NOBLOCK, len(frames[s]) < ZERO_COPY_MIN)
@@ -269,8 +283,6 @@ class OwnerConnections:
             self._collect(conns, seqs, pending, gone, results, wait_s)
             if not pending:
                 break
-            if until is not None and time.monotonic() >= until:
-                raise self._gave_up(conns, pending, write)
             self._note_silence(attempt, [(s, seqs[s]) for s in sorted(pending)])
             if attempt < self.retries:
                 for s in pending:
@@ -291,22 +303,21 @@ class OwnerConnections:
             frames[s] = pack_request(code, cid, conn.seq, body)
         return frames, seqs
 
-    def _gave_up(self, conns: dict[int, _Conn], pending: set[int], write: bool
-                 ) -> DeadlineExceeded:
+    def _gave_up(self, conns: dict[int, _Conn], pending: set[int], write: bool,
+                 sent_at: float) -> DeadlineExceeded:
         """The deadline passed with ``pending`` shards silent: fresh sockets for them (no late
-        reply may be read as a later request's), and the error."""
+        reply may be read as a later request's), their breakers, and the error."""
         for s in pending:
             self._reconnect(s, conns[s])
+            self._trip_after_wait(s, sent_at)
         return self._past_deadline(min(pending), sent=True, write=write)
 
-    def _wait_s(self, until: float | None, shard: int, sent: bool, write: bool) -> float:
+    def _wait_s(self, until: float | None) -> float:
         """How long an attempt may wait: timeout_ms, or less to keep this thread's deadline
-        (DeadlineExceeded once it has passed)."""
+        (<= 0 once it has passed)."""
         wait_s = self.timeout_ms / 1000
         if until is not None:
             wait_s = min(wait_s, until - time.monotonic())
-            if wait_s <= 0:
-                raise self._past_deadline(shard, sent=sent, write=write)
         return wait_s
 
     def _still_gone(self, shard: int, conn: _Conn) -> bool:
@@ -422,6 +433,14 @@ class OwnerConnections:
         self._open_until[shard] = now + self.timeout_ms * (self.retries + 1) / 1000
         return False
 
+    def _blocked_of(self, shards: Any, gone: set[int], silent_ok: bool) -> set[int]:
+        """The ``shards`` (not ``gone``) whose breaker is open; ShardUnavailable for the first
+        unless ``silent_ok``."""
+        blocked = {s for s in shards if s not in gone and self._open_until[s] and self._blocked(s)}
+        if blocked and not silent_ok:
+            raise self._open(min(blocked))
+        return blocked
+
     def _breaker(self, shard: int) -> None:
         if self._blocked(shard):
             raise self._open(shard)
@@ -432,13 +451,20 @@ class OwnerConnections:
             self._open_until[shard] = time.monotonic() + self.breaker_ms / 1000
         return self._unavailable(shard)
 
+    def _trip_after_wait(self, shard: int, sent_at: float) -> None:
+        """Open the breaker of a shard that stayed silent past a call's deadline, if the call
+        had waited BREAKER_MIN_WAIT for it (a tight deadline alone says nothing of the owner)."""
+        if self.breaker_ms and time.monotonic() - sent_at >= BREAKER_MIN_WAIT:
+            self._open_until[shard] = time.monotonic() + self.breaker_ms / 1000
+
     def _open(self, shard: int) -> ShardUnavailable:
         self.counters.mine()["unavailable"] += 1
         left = max(0.0, self._open_until[shard] - time.monotonic())
         return ShardUnavailable(
-            f"shard {shard} at {self.config.endpoint(shard)} did not answer a recent request "
-            f"through every retry: calls to it fail at once for {left * 1000:.0f} ms more "
-            "(client.breaker_ms), then one goes through to see whether it is back",
+            f"shard {shard} at {self.config.endpoint(shard)} left a recent request "
+            "unanswered (through every retry, or past its deadline): calls to it fail at once "
+            f"for {left * 1000:.0f} ms more (client.breaker_ms), then one goes through to see "
+            "whether it is back",
             hint="check that the shard owner runs: lmshard status; calls to other shards "
                  "are not affected")
 
