@@ -28,3 +28,7 @@ records = schema.table("records", table_id="7d1f0c3a-5e2b-4a8c-9f6d-0b1e2c3d4a06
 # only the shard that holds it.
 readings = schema.table("readings", table_id="7d1f0c3a-5e2b-4a8c-9f6d-0b1e2c3d4a07",
                         key=("str", "uint64"), value="msgpack", shard_key=1)
+# A counter and the idempotency keys of the requests that moved it, on one shard (shard_key=1:
+# the counter's name), so one batch checks the key and counts atomically (docs/web-services.md).
+tallies = schema.table("tallies", table_id="7d1f0c3a-5e2b-4a8c-9f6d-0b1e2c3d4a08",
+                       key=("str", "str"), value="cbor", shard_key=1)

@@ -146,3 +146,46 @@ def test_a_stopped_shard_does_not_stall_the_site(cluster: Cluster, preload: bool
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def test_a_retried_request_with_an_idempotency_key_counts_once(cluster: Cluster) -> None:
+    port = free_port()
+    env = env_for_children()
+    env.update(LMSHARD_CONFIG=str(cluster.config_path),
+               PYTHONPATH=os.pathsep.join([str(EXAMPLES), env["PYTHONPATH"]]))
+    server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "2", "-b",
+                               f"127.0.0.1:{port}", "webapp:app"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+
+    def post(name: str, key: str | None) -> tuple[int, dict | str]:  # type: ignore[type-arg]
+        req = urllib.request.Request(f"{base}/count/{name}", method="POST", data=b"",
+                                     headers={"Idempotency-Key": key} if key else {})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    try:
+        def up() -> bool:
+            try:
+                return post("warmup", "w")[0] == 200
+            except OSError:
+                return False
+
+        wait_for("gunicorn", up)
+        for key in ("order-1", "order-2", "order-3"):
+            for _try in range(3):  # an HTTP client retrying the same request
+                status, body = post("orders", key)
+                assert status == 200, body
+        assert body["value"] == 3  # type: ignore[index]
+        status, text = post("orders", None)
+        assert status == 400 and "Idempotency-Key" in str(text)
+        with cluster.client() as c:
+            assert c.get("tallies", ("orders", "")) == 3
+            assert sorted(k for k, _ in c.scan("tallies", prefix=("orders",)) if k[1]) == [
+                ("orders", "order-1"), ("orders", "order-2"), ("orders", "order-3")]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
