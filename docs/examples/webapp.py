@@ -4,8 +4,8 @@
 
 GET /hit/NAME increments a counter and answers its value; GET /get/NAME reads it (a local
 read: no owner involved); POST /count/NAME with an Idempotency-Key header counts once per key,
-however often a client retries the request. Each call runs under a deadline, and a shard that cannot be reached
-answers 503 at once instead of holding the worker.
+however often a client retries the request. Each call runs under a deadline, and a shard that
+cannot be reached answers 503 at once instead of holding the worker.
 """
 
 from __future__ import annotations
