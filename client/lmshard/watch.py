@@ -333,8 +333,8 @@ class ServiceWatch(Watch):
                     raise ShardUnavailable(
                         f"shards {missing} did not answer the watch within {timeout:.1f} s",
                         hint="check that their owners run (lmshard status)")
-                try:
-                    self._fill(left)
+                try:  # STARTED queues no change, so _fill would wait out all of ``left``
+                    self._fill(min(left, 0.02))
                 except Error:
                     self.close()
                     raise
