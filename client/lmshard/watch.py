@@ -256,7 +256,10 @@ class StoreWatch(Watch):
                 idx, picked = filter_effects(record_effects(record), first, self._tables,
                                              self._prefix)
                 self._queue_record(0, pos.history, txn_id, picked, idx)
-            moved = Position(pos.history, max(last + 1, pos.txn), 0)
+            # read() stops at its limits: after records, go on from the last one read (the
+            # next round finds the rest, or nothing and moves to the end)
+            end = records[-1][0] + 1 if records else last + 1
+            moved = Position(pos.history, max(end, pos.txn), 0)
             if moved != pos:
                 self._pos = moved
                 self._queue.append((0, None, moved))
