@@ -304,3 +304,12 @@ def test_a_read_only_process_watches_the_writer(tmp_path: Path) -> None:
     assert len(expected) == 24  # 10 x 2 puts, 4 deletes
     assert result["seen"] == expected
     assert os.path.exists(path / "data.mdb")
+
+
+def test_a_watch_catches_up_over_more_records_than_one_read_returns(tmp_path: Path) -> None:
+    with _open(tmp_path / "s") as s:
+        w = s.watch()
+        for i in range(700):  # read() returns 256 records at most
+            s.put("counters", f"k{i}", i)
+        assert [c.value for c in drain(w)] == list(range(700))
+        assert [c.value for c in drain(s.watch(since="start"))] == list(range(700))
