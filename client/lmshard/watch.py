@@ -323,6 +323,7 @@ class ServiceWatch(Watch):
         self._prefix = prefix
         self._poller = zmq.Poller()
         self._feeds = [_Feed(s, config.changes_endpoint(s)) for s in range(shards)]
+        self._starting = isinstance(wanted, str)
         for f in self._feeds:
             f.pos = wanted if isinstance(wanted, str) else wanted[f.shard]
             self._subscribe(f)
@@ -341,6 +342,7 @@ class ServiceWatch(Watch):
                 except Error:
                     self.close()
                     raise
+            self._starting = False
 
     # -- connections -----------------------------------------------------------------------------
 
@@ -374,7 +376,10 @@ class ServiceWatch(Watch):
 
     def _fill(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._queue:
+        # while starting, until every feed has started: changes queued from one owner must
+        # not keep the start-up wait from reading another's STARTED
+        while not self._queue or (self._starting
+                                  and not all(f.started for f in self._feeds)):
             now = time.monotonic()
             for f in self._feeds:
                 if now - f.heard > SILENCE:
