@@ -185,6 +185,10 @@ def test_watch_filters_start_and_a_restarted_owner(tmp_path: Path) -> None:
             c.put("counters", "a", 1)
             c.put("events", ("s1", 2), {"v": 3})
             c.put("items", 7, {"group": 1})
+            for since in ["now", "start"] * 5:  # one owner's changes may come before
+                t = time.monotonic()                # another's STARTED: no wait for them
+                c.watch(since=since).close()
+                assert time.monotonic() - t < 2.0, since  # (the client timeout is 15 s)
             from_start = drain(c.watch(since="start"), 1.5)
             assert sorted(x.key for x in from_start if x.table == "counters") == ["a", "old"]
             assert len(from_start) == 6
@@ -212,8 +216,15 @@ def test_watch_filters_start_and_a_restarted_owner(tmp_path: Path) -> None:
                 assert x is not None
                 per_shard.setdefault(x.shard, []).append(x.txn_id)
             assert all(t == sorted(t) and len(set(t)) == len(t) for t in per_shard.values())
-            c.put("counters", "last", 3)
-            assert [x.key for x in drain(counters)][-1] == "last"
+            # effects, as the owner logs them: an incr as its result, a refused cas and a
+            # delete of a missing row not at all
+            assert c.incr("counters", "last", 3) == 3
+            assert not c.cas("counters", "last", 10, expected=99)
+            assert c.cas("counters", "last", 4, expected=3)
+            assert not c.delete("counters", "never-there")
+            assert c.delete("counters", "last")
+            assert [(x.key, x.value, x.op) for x in drain(counters)][-3:] == [
+                ("last", 3, "put"), ("last", 4, "put"), ("last", None, "delete")]
             assert [x.key for x in drain(series, 0.1)] == []
     finally:
         cluster.stop()
