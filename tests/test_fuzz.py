@@ -20,7 +20,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmshard import protocol
+from lmshard import changes_wire, protocol
 from lmshard.errors import InternalError, ProtocolError
 from lmshard.protocol import (
     COUNT,
@@ -331,3 +331,178 @@ def test_an_exact_lookup_of_an_empty_index_value_is_a_protocol_error(
     finally:
         target.close()
     assert status == ProtocolError.code, body
+
+
+# -- the change feed ----------------------------------------------------------------------------
+
+
+def _feed_exchange(sock: zmq.Socket[bytes], frames: list[bytes], quiet: float = 0.05
+                   ) -> list[changes_wire.Decoded]:
+    """Send one message on the change-feed socket; the answers (the first within 5 s, then
+    each within ``quiet`` seconds of the one before), each a well-formed owner message."""
+    sock.send_multipart(frames)
+    out = []
+    wait = 5.0
+    while sock.poll(int(wait * 1000)):
+        out.append(changes_wire.decode(sock.recv_multipart(), "owner", limit=None))
+        wait = quiet
+    return out
+
+
+def _feed_socket(cluster: Cluster) -> zmq.Socket[bytes]:
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cluster.config.changes_endpoint(0))
+    return sock
+
+
+def _watch_frame(wid: int, history: str, txn: int | None, credit: int = 4, n: int = 0,
+                 tables: Any = None, prefix: Any = None) -> list[bytes]:
+    return [changes_wire.pack(changes_wire.WATCH, wid, history, txn, n, tables, prefix, credit)]
+
+
+def _error(answers: list[changes_wire.Decoded], code: int, wid: int = 0) -> str:
+    assert len(answers) == 1, answers
+    (a,) = answers
+    assert a.message is changes_wire.ERROR and a.watch_id == wid, a
+    assert a.values[0] == code, a
+    return str(a.values[1])
+
+
+def test_change_feed_answers_bad_input_with_typed_errors(
+        live: tuple[Cluster, Readers]) -> None:
+    from lmshard.errors import InvalidCursor, LimitExceeded
+
+    cluster, _ = live
+    with cluster.client() as c:
+        c.put("counters", "feed-fuzz", 1)
+        stats = c.stats()["shards"][0]["changes"]
+    history, floor = stats["history"], stats["floor"]
+    sock = _feed_socket(cluster)
+    v = bytes([changes_wire.CHANGES_VERSION])
+    try:
+        for frames in ([b""], [b"\x00"], [b"\xff" * 40], [v], [v + b"\xc1"], [v + b"\x93"],
+                       [v + msgpack.packb("watch")], [v + msgpack.packb([1])],
+                       [v + msgpack.packb([1, 1])],  # WATCH without its fields
+                       [v + msgpack.packb([999, 1])],  # no such message
+                       [v + msgpack.packb([101, 1, history, 1, 0])],  # an owner's message
+                       [v + msgpack.packb([3, -1])], [v + msgpack.packb([3, 2**31])],
+                       [bytes([changes_wire.CHANGES_VERSION + 1]) + _watch_frame(
+                           1, history, floor)[0][1:]],  # the wrong version byte
+                       [*_watch_frame(1, history, floor), b"data"],  # WATCH takes no data
+                       [b"a", b"b", b"c"],
+                       _watch_frame(1, "xyz", floor),  # not a history
+                       _watch_frame(1, history, floor, credit=0),
+                       _watch_frame(1, history, floor, credit=changes_wire.MAX_CREDIT + 1),
+                       _watch_frame(1, history, floor, credit=2**64 - 1),
+                       _watch_frame(1, history, -1),
+                       _watch_frame(1, history, floor, tables=[b"short"]),
+                       [changes_wire.pack(changes_wire.CREDIT, 1, 0)],
+                       [changes_wire.pack(changes_wire.CREDIT, 1, 2**40)]):
+            _error(_feed_exchange(sock, frames), ProtocolError.code)
+        _error(_feed_exchange(sock, [v + b"\x90" * (changes_wire.MAX_CONTROL_FRAME + 1)]),
+               LimitExceeded.code)
+        assert "prefix" in _error(_feed_exchange(sock, _watch_frame(
+            2, history, floor, prefix=b"p")), ProtocolError.code, 2)
+        assert "prefix" in _error(_feed_exchange(sock, _watch_frame(
+            2, history, floor, tables=[TABLES[0].table_id.bytes, TABLES[1].table_id.bytes],
+            prefix=b"p")), ProtocolError.code, 2)
+        # a credit for a watch that does not exist (anymore)
+        _error(_feed_exchange(sock, [changes_wire.pack(changes_wire.CREDIT, 9, 1)]),
+               ProtocolError.code, 9)
+        # a position ahead of the log: InvalidCursor; of another history: COMPACTED
+        _error(_feed_exchange(sock, _watch_frame(3, history, 2**40)), InvalidCursor.code, 3)
+        for bogus in ("0" * 16, "f" * 16):
+            (a,) = _feed_exchange(sock, _watch_frame(4, bogus, floor))
+            assert a.message is changes_wire.COMPACTED and a.watch_id == 4
+            assert a.values[:2] == [history, floor]
+        # a good watch from the oldest kept gets the log
+        answers = _feed_exchange(sock, _watch_frame(5, history, floor, credit=4), quiet=0.5)
+        assert answers[0].message is changes_wire.STARTED and answers[0].values == [
+            history, floor, 0]
+        assert all(a.message in (changes_wire.CHANGES, changes_wire.PROGRESS)
+                   and a.watch_id == 5 for a in answers[1:]) and 1 <= len(answers) - 1 <= 4
+        # a watch from the end, then credit past MAX_CREDIT: LimitExceeded, the watch is over
+        answers = _feed_exchange(sock, _watch_frame(6, "", None, credit=4))
+        assert answers[0].message is changes_wire.STARTED
+        answers = _feed_exchange(sock, [changes_wire.pack(changes_wire.CREDIT, 6,
+                                                          changes_wire.MAX_CREDIT)])
+        _error([a for a in answers if a.message is not changes_wire.PROGRESS],
+               LimitExceeded.code, 6)
+        _error(_feed_exchange(sock, [changes_wire.pack(changes_wire.CREDIT, 6, 1)]),
+               ProtocolError.code, 6)
+    finally:
+        sock.close()
+    _feed_still_serving(cluster)
+
+
+def _feed_still_serving(cluster: Cluster) -> None:
+    """The owners still serve writes, and watches that see them."""
+    with cluster.client() as c:
+        w = c.watch("counters")
+        key = f"feed-after-{os.getpid()}"
+        c.put("counters", key, 7)
+        change = w.get(10)
+        assert change is not None and (change.key, change.value) == (key, 7)
+        stats = c.stats()["shards"]
+        assert sum(stats[s]["changes"]["bad_frames"] for s in stats) > 0
+    for log in cluster.logs.values():
+        assert "Traceback" not in log.read_text(errors="replace"), log
+
+
+@st.composite
+def _feed_request(draw: st.DrawFn) -> list[Any]:
+    wid = draw(st.integers(1, 8))
+    kind = draw(st.sampled_from(["watch", "watch", "credit", "cancel"]))
+    if kind == "credit":
+        return [changes_wire.CREDIT.code, wid, draw(st.integers(1, 40))]
+    if kind == "cancel":
+        return [changes_wire.CANCEL.code, wid]
+    history = draw(st.sampled_from(["", "0" * 16, _FEED_HISTORY[0] or "0" * 16]))
+    txn = draw(st.one_of(st.none(), st.integers(0, 2**20)))
+    table = draw(st.sampled_from(TABLES))
+    tables = draw(st.sampled_from([None, [table.table_id.bytes]]))
+    prefix = draw(st.one_of(st.none(), st.binary(max_size=8))) if tables else None
+    return [changes_wire.WATCH.code, wid, history, txn, draw(st.integers(0, 3)), tables,
+            prefix, draw(st.integers(1, 16))]
+
+
+_FEED_HISTORY: list[str] = [""]
+
+
+@st.composite
+def _feed_mutated(draw: st.DrawFn) -> list[bytes]:
+    frames = draw(_mutated(_feed_request()))
+    frames[0] = bytes([changes_wire.CHANGES_VERSION]) + frames[0][1:]
+    return frames
+
+
+def test_change_feed_answers_fuzzed_frames_with_owner_messages(
+        live: tuple[Cluster, Readers]) -> None:
+    cluster, _ = live
+    with cluster.client() as c:
+        _FEED_HISTORY[0] = c.stats()["shards"][0]["changes"]["history"]
+    sock = _feed_socket(cluster)
+    counts: dict[str, int] = {}
+
+    @settings(max_examples=40, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.one_of(_feed_mutated(), _feed_mutated(), _garbage), min_size=20,
+                    max_size=20))
+    def run(batch: list[list[bytes]]) -> None:
+        for frames in batch:
+            sock.send_multipart(frames)
+        while sock.poll(100):
+            a = changes_wire.decode(sock.recv_multipart(), "owner", limit=None)
+            counts[a.message.name] = counts.get(a.message.name, 0) + 1
+            if a.message is changes_wire.ERROR:
+                assert a.values[0] != InternalError.code, a
+
+    try:
+        run()
+        for wid in range(1, 9):
+            sock.send(changes_wire.pack(changes_wire.CANCEL, wid))
+    finally:
+        sock.close()
+    assert counts.get("ERROR", 0) > 100 and counts.get("STARTED", 0) > 10, counts
+    _feed_still_serving(cluster)

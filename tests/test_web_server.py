@@ -1,7 +1,8 @@
-"""The client inside a real web server: docs/examples/webapp.py on gunicorn (sync workers, with
-and without --preload), hammered over HTTP while one shard owner is stopped (SIGSTOP: silent,
-its socket still there, the worst case). Requests for the other shards must keep most of
-their throughput; requests for the stopped one must answer 503 quickly; counters stay exact.
+"""The client inside a real web server: docs/examples/webapp.py on gunicorn (sync workers with
+and without --preload, threaded workers), hammered over HTTP while one shard owner is stopped
+(SIGSTOP: silent, its socket still there, the worst case). Requests for the other shards must
+keep most of their throughput; requests for the stopped one must answer 503 quickly; counters
+stay exact.
 """
 
 from __future__ import annotations
@@ -84,8 +85,10 @@ def hammer(base: str, names: list[str], seconds: float, threads: int = 8
     return ok, refused, slow
 
 
-@pytest.mark.parametrize("preload", [False, True])
-def test_a_stopped_shard_does_not_stall_the_site(cluster: Cluster, preload: bool) -> None:
+@pytest.mark.parametrize(("preload", "threads"), [(False, 1), (True, 1), (False, 4)],
+                         ids=["sync", "sync-preload", "gthread"])
+def test_a_stopped_shard_does_not_stall_the_site(cluster: Cluster, preload: bool,
+                                                 threads: int) -> None:
     names = names_by_shard(cluster, 2)
     others = [n for s, ns in names.items() if s != STOPPED for n in ns]
     port = free_port()
@@ -93,7 +96,7 @@ def test_a_stopped_shard_does_not_stall_the_site(cluster: Cluster, preload: bool
     env.update(LMSHARD_CONFIG=str(cluster.config_path), WEBAPP_DEADLINE="0.5",
                PYTHONPATH=os.pathsep.join([str(EXAMPLES), env["PYTHONPATH"]]))
     cmd = [sys.executable, "-m", "gunicorn", "-w", "4", "-b", f"127.0.0.1:{port}",
-           "--timeout", "60", "webapp:app"]
+           "--timeout", "60", "--threads", str(threads), "webapp:app"]
     if preload:
         cmd.insert(3, "--preload")
     log = Path(cluster.config_path).parent / "gunicorn.log"
@@ -125,8 +128,8 @@ def test_a_stopped_shard_does_not_stall_the_site(cluster: Cluster, preload: bool
         assert rate_during >= 0.5 * rate_before, (rate_before, rate_during, len(refused))
         quick = sum(1 for t in latencies if t < 0.1)
         assert quick >= 0.8 * len(latencies), sorted(latencies)[-10:]
-        print(f"\n  preload={preload}: {rate_before:.0f} req/s before, {rate_during:.0f} req/s "
-              f"to the other shards with shard {STOPPED} stopped; "
+        print(f"\n  preload={preload} threads={threads}: {rate_before:.0f} req/s before, "
+              f"{rate_during:.0f} req/s to the other shards with shard {STOPPED} stopped; "
               f"{sum(refused.values())} requests to it answered 503, "
               f"{quick} of them in < 100 ms")
         time.sleep(1.2)  # the breaker (1 s) runs out: the next call probes and gets through

@@ -175,13 +175,16 @@ class ChangeLog:
     def attach_readonly(self) -> None:
         """Find the log of an environment this process opened read-only (another process
         writes it); ``refresh`` reads its history and floor."""
+        # Not in a read transaction of ours: handles opened in one do not outlive it (the next
+        # read with them fails with EINVAL); open_db without txn commits its own.
         try:
-            with self.env.begin() as txn:
-                self.db = self.env.open_db(CHANGES_DB, txn=txn, create=False)
-                self.meta_db = self.env.open_db(META_DB, txn=txn, create=False)
-                self.refresh(txn)
+            self.db = self.env.open_db(CHANGES_DB, create=False)
+            self.meta_db = self.env.open_db(META_DB, create=False)
         except lmdb.NotFoundError:
             self.db = None
+            return
+        with self.env.begin() as txn:
+            self.refresh(txn)
 
     def refresh(self, txn: lmdb.Transaction) -> None:
         """Read the history and floor another process (the writer) may have moved."""

@@ -256,7 +256,10 @@ class StoreWatch(Watch):
                 idx, picked = filter_effects(record_effects(record), first, self._tables,
                                              self._prefix)
                 self._queue_record(0, pos.history, txn_id, picked, idx)
-            moved = Position(pos.history, max(last + 1, pos.txn), 0)
+            # read() stops at its limits: after records, go on from the last one read (the
+            # next round finds the rest, or nothing and moves to the end)
+            end = records[-1][0] + 1 if records else last + 1
+            moved = Position(pos.history, max(end, pos.txn), 0)
             if moved != pos:
                 self._pos = moved
                 self._queue.append((0, None, moved))
@@ -320,6 +323,7 @@ class ServiceWatch(Watch):
         self._prefix = prefix
         self._poller = zmq.Poller()
         self._feeds = [_Feed(s, config.changes_endpoint(s)) for s in range(shards)]
+        self._starting = isinstance(wanted, str)
         for f in self._feeds:
             f.pos = wanted if isinstance(wanted, str) else wanted[f.shard]
             self._subscribe(f)
@@ -333,11 +337,12 @@ class ServiceWatch(Watch):
                     raise ShardUnavailable(
                         f"shards {missing} did not answer the watch within {timeout:.1f} s",
                         hint="check that their owners run (lmshard status)")
-                try:
-                    self._fill(left)
+                try:  # STARTED queues no change, so _fill would wait out all of ``left``
+                    self._fill(min(left, 0.02))
                 except Error:
                     self.close()
                     raise
+            self._starting = False
 
     # -- connections -----------------------------------------------------------------------------
 
@@ -371,7 +376,10 @@ class ServiceWatch(Watch):
 
     def _fill(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._queue:
+        # while starting, until every feed has started: changes queued from one owner must
+        # not keep the start-up wait from reading another's STARTED
+        while not self._queue or (self._starting
+                                  and not all(f.started for f in self._feeds)):
             wait = SILENCE / 3
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())
