@@ -212,15 +212,15 @@ class Config:
     retries: int = setting(
         "client.retries", Integer(0, 1000), 3,
         "Retries after a timeout before the client raises.")
+    local_reads: bool = setting(
+        "client.local_reads", Boolean(), True,
+        "Read shards in-process through LMDB (zero-copy; same host only). false: read through "
+        "the reader pool.")
     breaker_ms: int = setting(
         "client.breaker_ms", Integer(0, MAX_TIMEOUT_MS, unit="milliseconds"), 1000,
         "After a shard owner failed to answer a request (every retry), calls to that shard "
         "fail at once with ShardUnavailable for this many milliseconds (a circuit breaker), "
         "then one call goes through as a probe; calls to other shards are not held up. 0: off.")
-    local_reads: bool = setting(
-        "client.local_reads", Boolean(), True,
-        "Read shards in-process through LMDB (zero-copy; same host only). false: read through "
-        "the reader pool.")
     endpoints: tuple[str, ...] = setting(
         "shard.endpoint", ShardEndpoints("shard.base_port"), DEFAULT_SHARD_ENDPOINT,
         _ENDPOINTS_DOC + "Write endpoint of each shard owner (clients' DEALERs connect to it).")
