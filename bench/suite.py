@@ -389,6 +389,11 @@ def run(args: argparse.Namespace) -> int:
             from bench import scaling as scaling_mod
 
             scaling = scaling_mod.run(sizes, rounds, tmp)
+        aio = None
+        if sel.everything:  # acked puts from 64 coroutines (lmshard.aio, redis.asyncio)
+            from bench import aio_puts
+
+            aio = aio_puts.run(quick, rounds, tmp)
     finally:
         load = monitor.result()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -404,9 +409,14 @@ def run(args: argparse.Namespace) -> int:
         },
         "workloads": results.summary(),
         "scaling": scaling,
+        "aio": aio,
     }
     summary["targets"] = report.targets(summary)
     report.print_all(summary)
+    if aio is not None:
+        from bench import aio_puts
+
+        aio_puts.print_summary(aio)
     if out_dir is not None:
         written = report.write(summary, out_dir, DOCS / "performance.md" if out_dir == PERF
                                else out_dir / "performance.md")

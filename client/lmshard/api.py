@@ -1,7 +1,8 @@
 """The data API every lmshard front end offers, as a ``typing.Protocol``.
 
-The embedded ``Store``, the daemon ``Client`` and (later) the async client read and write tables
-with the same calls, so code written against ``DataAPI`` runs against any of them:
+The embedded ``Store`` and the daemon ``Client`` read and write tables with the same calls, so
+code written against ``DataAPI`` runs against either of them (``AsyncDataAPI`` is the same API
+with ``await``, offered by ``lmshard.aio.AsyncClient``):
 
     def record_login(db: lmshard.DataAPI, user_id: uuid.UUID) -> None:
         db.incr("logins", user_id)
@@ -14,7 +15,7 @@ client's ``Batch`` after the block), so ``BatchWrites`` declares only that they 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -74,3 +75,43 @@ class DataAPI(Protocol):
               since: str | None = None) -> Watch:
         """The changes committed after the call ("now"), from the oldest kept ("start"), or
         after a stored ``Watch.cursor`` (``lmshard.watch``)."""
+
+
+class AsyncBatchWrites(BatchWrites, Protocol):
+    """An async ``batch()``: the same writes, sent at the end of ``async with``."""
+
+    async def __aenter__(self) -> AsyncBatchWrites: ...
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None: ...
+
+
+class AsyncDataAPI(Protocol):
+    """``DataAPI`` with ``await``: what ``lmshard.aio.AsyncClient`` offers, call for call (a
+    scan is an async iterator, a watch is awaited and then iterated with ``async for``)."""
+
+    async def get(self, table: TableRef, key: Any, default: Any = None) -> Any: ...
+
+    async def get_many(self, table: TableRef, keys: Any, default: Any = None) -> list[Any]: ...
+
+    async def exists(self, table: TableRef, key: Any) -> bool: ...
+
+    def scan(self, table: TableRef, prefix: Any = None, start: Any = None, end: Any = None,
+             reverse: bool = False, limit: int | None = None,
+             where: Callable[[Any], bool] | None = None) -> AsyncIterator[tuple[Any, Any]]: ...
+
+    async def count(self, table: TableRef, prefix: Any = None, start: Any = None,
+                    end: Any = None) -> int: ...
+
+    async def lookup(self, table: TableRef, index: str, value: Any, prefix: bool = False
+                     ) -> list[tuple[Any, Any]]: ...
+
+    async def put(self, table: TableRef, key: Any, value: Any) -> None: ...
+
+    async def delete(self, table: TableRef, key: Any) -> bool: ...
+
+    async def incr(self, table: TableRef, key: Any, delta: int = 1) -> int: ...
+
+    async def cas(self, table: TableRef, key: Any, value: Any, expected: Any = None, *,
+                  expected_hash: bytes | None = None) -> bool: ...
+
+    def batch(self) -> AsyncBatchWrites: ...

@@ -85,7 +85,11 @@ class Batch:
         """Send every shard's part and wait for the outcomes (what the end of the ``with``
         block does); the first error when no part committed, BatchPartiallyApplied when
         some did."""
-        outcomes = self._send_parts(self._parts)
+        self.settle(self._send_parts(self._parts))
+
+    def settle(self, outcomes: dict[int, PartOutcome]) -> None:
+        """Take each shard's outcome: ``results`` and ``txn_ids``, or raise the error (the
+        async batch sends its parts its own way and settles them here)."""
         committed = {s: o[1][0] for s, o in outcomes.items() if o[0] is None}
         failed = {s: o[0] for s, o in outcomes.items() if o[0] is not None}
         self.txn_ids = committed

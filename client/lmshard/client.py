@@ -11,30 +11,25 @@ they go over the wire (``lmshard.reads``). ``batch()`` and ``writer()`` group wr
 
 from __future__ import annotations
 
-import heapq
 import math
 import os
 import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
+from lmshard import calls
 from lmshard.batch import Batch, PartOutcome
 from lmshard.client_counters import ClientCounters
 from lmshard.client_tables import ClientTable, ClientTables
 from lmshard.config import Config, load_config
 from lmshard.connections import OwnerConnections
-from lmshard.errors import ConflictError, Error, TransactionError, UnknownIndex
+from lmshard.errors import ConflictError, Error, TransactionError
 from lmshard.forksafe import check_fork, on_fork_in_child
-from lmshard.keys import encode_index_value
 from lmshard.point_get import point_get
 from lmshard.protocol import (
-    COUNT,
     GET,
-    GET_MANY,
-    LOOKUP,
     OP_DELETE,
     OP_INCR,
     OP_PUT,
@@ -42,20 +37,17 @@ from lmshard.protocol import (
     STATS,
     WRITE,
     incr_delta,
-    op,
 )
 from lmshard.reads import LocalShards, RemoteReads
 from lmshard.schema import Schema
 from lmshard.store import Store
-from lmshard.txn import TableRef, filtered_rows, index_prefix, key_bounds, value_hash
+from lmshard.txn import TableRef, key_bounds, value_hash
 from lmshard.watch import ServiceWatch, watch_filter
 from lmshard.writer import Writer
 
 if TYPE_CHECKING:
     from lmshard.api import DataAPI
 
-GET_MANY_CHUNK = 10_000
-"""Keys per remote get_many request; the chunks of one call are sent at once."""
 
 
 class Client:
@@ -169,20 +161,18 @@ class Client:
         replies = self.owners.requests(
             {s: WRITE.request_for(ops) for s, ops in parts.items()}, write=True)
         counters["batches_failed"] += sum(isinstance(r, Error) for r in replies.values())
-        return {s: (r, None) if isinstance(r, Error) else (None, r) for s, r in replies.items()}
+        return calls.part_outcomes(replies)
 
     def _write_one(self, ct: ClientTable, key: Any, code: int, arg: Any) -> Any:
         check_fork()
-        kb = ct.kenc(key)
+        shard, ops = calls.one_op(ct, key, code, arg)
         counters = self._counts.mine()
         counters["batches_sent"] += 1
         counters["ops_sent"] += 1
-        r = self.owners.request(ct.shard(key, kb), WRITE.code, [op(code, ct.tid, kb, arg)],
-                                write=True)
+        r = self.owners.request(shard, WRITE.code, ops, write=True)
         if isinstance(r, Error):
             counters["batches_failed"] += 1
-            raise r
-        return r[1][0]
+        return calls.op_result(r)
 
     def put(self, table: TableRef, key: Any, value: Any) -> None:
         """One acked write: returns once the owner committed it."""
@@ -252,34 +242,8 @@ class Client:
 
     def get_many(self, table: TableRef, keys: Any, default: Any = None) -> list[Any]:
         check_fork()
-        ct = self.tables[table]
-        keys = list(keys)
-        out: list[Any] = [default] * len(keys)
-        by_shard: dict[int, list[tuple[int, bytes]]] = {}
-        for i, key in enumerate(keys):
-            kb = ct.kenc(key)
-            by_shard.setdefault(ct.shard(key, kb), []).append((i, kb))
-        remote: list[tuple[int, list[tuple[int, bytes]]]] = []
-        for shard, items in by_shard.items():
-            st = self._local.get(shard)
-            if st is None:
-                remote += [(shard, items[c:c + GET_MANY_CHUNK])
-                           for c in range(0, len(items), GET_MANY_CHUNK)]
-                continue
-            with st.read() as r:
-                for i, kb in items:
-                    data = r.get_raw(ct.table, kb)
-                    if data is not None:
-                        out[i] = ct.loads(data)
-        if remote:
-            replies = self._remote.many(
-                [(shard, GET_MANY.request_for(ct.tid, [kb for _, kb in items]))
-                 for shard, items in remote])
-            for (_, items), datas in zip(remote, replies, strict=True):
-                for (i, _), data in zip(items, datas, strict=True):
-                    if data is not None:
-                        out[i] = ct.loads(data)
-        return out
+        plan = calls.GetMany(self._local, self.tables[table], keys, default)
+        return plan.fill(self._remote.many(plan.remote) if plan.remote else [])
 
     def exists(self, table: TableRef, key: Any) -> bool:
         marker = object()
@@ -289,10 +253,8 @@ class Client:
                    reverse: bool) -> Iterator[tuple[bytes, bytes]]:
         st = self._local.get(shard)
         if st is None:
-            yield from self._remote.scan(shard, ct.tid, lo, hi, reverse)
-            return
-        with st.read() as r:
-            yield from r.scan_raw(ct.table, lo, hi, reverse)
+            return self._remote.scan(shard, ct.tid, lo, hi, reverse)
+        return calls.local_rows(st, ct, lo, hi, reverse)
 
     def scan(self, table: TableRef, prefix: Any = None, start: Any = None, end: Any = None,
              reverse: bool = False, limit: int | None = None,
@@ -303,56 +265,20 @@ class Client:
         lo, hi = key_bounds(ct, prefix, start, end)
         streams = [self._raw_range(s, ct, lo, hi, reverse)
                    for s in ct.route.shards_for(prefix)]
-        merged = streams[0] if len(streams) == 1 else heapq.merge(
-            *streams, key=itemgetter(0), reverse=reverse)
-        yield from filtered_rows(merged, ct.kdec, ct.loads, where, limit)
+        yield from calls.scan_rows(ct, streams, reverse, where, limit)
 
     def count(self, table: TableRef, prefix: Any = None, start: Any = None,
               end: Any = None) -> int:
         check_fork()
-        ct = self.tables[table]
-        lo, hi = key_bounds(ct, prefix, start, end)
-        total = 0
-        remote = []
-        for shard in ct.route.shards_for(prefix):
-            st = self._local.get(shard)
-            if st is None:
-                remote.append((shard, COUNT.request_for(ct.tid, lo, hi)))
-                continue
-            with st.read() as r:
-                if lo is None and hi is None:
-                    total += r.count(ct.table)
-                else:
-                    total += sum(1 for _ in r.scan_raw(ct.table, lo, hi))
-        return total + sum(int(n) for n in self._remote.many(remote))
+        plan = calls.Count(self._local, self.tables[table], prefix, start, end)
+        return plan.fill(self._remote.many(plan.remote))
 
     def lookup(self, table: TableRef, index: str, value: Any, prefix: bool = False
                ) -> list[tuple[Any, Any]]:
         """Rows by index value, from every shard the table lives on, in key order."""
         check_fork()
-        ct = self.tables[table]
-        if index not in ct.table.indexes:
-            raise UnknownIndex(f"table {ct.name!r} has no index {index!r}",
-                               hint=f"its indexes: {', '.join(ct.table.indexes) or '(none)'}")
-        if value is None:
-            return []
-        ivb = index_prefix(value) if prefix else encode_index_value(value)
-        rows: list[tuple[bytes, bytes]] = []
-        remote = []
-        for shard in ct.route.shards_for():
-            st = self._local.get(shard)
-            if st is None:
-                remote.append((shard, LOOKUP.request_for(ct.tid, index, ivb, prefix)))
-                continue
-            with st.read() as r:
-                for rk in r.lookup_keys_raw(ct.table, index, ivb, prefix):
-                    data = r.get_raw(ct.table, rk)
-                    if data is not None:
-                        rows.append((rk, data))
-        for found in self._remote.many(remote):
-            rows.extend((k, v) for k, v in found)
-        rows.sort(key=itemgetter(0))
-        return [(ct.kdec(k), ct.loads(v)) for k, v in rows]
+        plan = calls.Lookup(self._local, self.tables[table], index, value, prefix)
+        return plan.fill(self._remote.many(plan.remote))
 
     # -- the service -------------------------------------------------------------------------
 
@@ -380,9 +306,7 @@ class Client:
         check_fork()
         replies = self.owners.requests({s: STATS.request_for() for s in range(self.shards)},
                                        write=False, silent_ok=True)  # a dead shard: one timeout
-        shards = {s: {"error": str(r)} if isinstance(r, Error) else r
-                  for s, r in sorted(replies.items())}
-        return {"shards": shards, "client": self.counters()}
+        return calls.stats_reply(replies, self.counters())
 
     def close(self) -> None:
         for w in list(self._writers):  # their sockets belong to the owner connections' context

@@ -181,6 +181,16 @@ class Watch:
         """Stop watching; ``cursor`` stays readable."""
         self._closed = True
 
+    def receive(self) -> None:
+        """Queue what has arrived, without waiting (``get(timeout=0)`` then returns it): for
+        a caller that waits in its own way, as the async client's watch does."""
+        if self._closed or self._failed is not None:
+            return  # get() says so
+        try:
+            self._fill(0)
+        except Error as exc:
+            self._failed = exc
+
     # -- for the two kinds -----------------------------------------------------------------------
 
     def _fill(self, timeout: float | None) -> None:
@@ -312,7 +322,8 @@ class ServiceWatch(Watch):
     """``Client.watch()``: one change-feed connection per shard owner."""
 
     def __init__(self, config: Any, tables: Any, table_ids: list[bytes] | None,
-                 prefix: bytes | None, since: Any, timeout: float) -> None:
+                 prefix: bytes | None, since: Any, timeout: float, *, wait: bool = True
+                 ) -> None:
         shards = config.shards
         wanted = _since(since, shards)
         super().__init__([None] * shards if isinstance(wanted, str) else list(wanted),
@@ -327,22 +338,39 @@ class ServiceWatch(Watch):
         for f in self._feeds:
             f.pos = wanted if isinstance(wanted, str) else wanted[f.shard]
             self._subscribe(f)
-        if isinstance(wanted, str):  # "now" / "start": wait until every owner said where
-            deadline = time.monotonic() + timeout
-            while not all(f.started for f in self._feeds):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    missing = [f.shard for f in self._feeds if not f.started]
-                    self.close()
-                    raise ShardUnavailable(
-                        f"shards {missing} did not answer the watch within {timeout:.1f} s",
-                        hint="check that their owners run (lmshard status)")
-                try:  # STARTED queues no change, so _fill would wait out all of ``left``
-                    self._fill(min(left, 0.02))
-                except Error:
-                    self.close()
-                    raise
-            self._starting = False
+        if isinstance(wanted, str) and wait:  # "now" / "start": until each owner says where
+            self._wait_started(timeout)
+
+    @property
+    def started(self) -> bool:
+        """Whether every owner said where the watch starts (``cursor`` is known)."""
+        return all(p is not None for p in self._positions)
+
+    def sockets(self) -> list[zmq.Socket[bytes]]:
+        """The change-feed sockets, to wait on before ``receive``; a restart replaces them."""
+        return [f.sock for f in self._feeds if f.sock is not None]
+
+    def not_started(self, timeout: float) -> ShardUnavailable:
+        """Close the watch; the error for the owners that did not say where it starts within
+        ``timeout`` seconds."""
+        missing = [f.shard for f in self._feeds if not f.started]
+        self.close()
+        return ShardUnavailable(
+            f"shards {missing} did not answer the watch within {timeout:.1f} s",
+            hint="check that their owners run (lmshard status)")
+
+    def _wait_started(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(f.started for f in self._feeds):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self.not_started(timeout)
+            try:  # STARTED queues no change, so _fill would wait out all of ``left``
+                self._fill(min(left, 0.02))
+            except Error:
+                self.close()
+                raise
+        self._starting = False
 
     # -- connections -----------------------------------------------------------------------------
 

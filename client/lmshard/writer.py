@@ -24,12 +24,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import zmq
 
+from lmshard.client_counters import ClientCounters
 from lmshard.client_tables import ClientTables
-from lmshard.connections import OwnerConnections
 from lmshard.errors import (
     BatchesFailed,
     Error,
@@ -52,18 +52,39 @@ from lmshard.protocol import (
 )
 from lmshard.txn import TableRef
 
+if TYPE_CHECKING:
+    from lmshard.client_tables import ClientTable
+
 log = logging.getLogger("lmshard.writer")
+
+
+class StreamOwners(Protocol):
+    """What a ``Writer`` uses of the owner connections (``OwnerConnections``, or the async
+    client's): a fresh socket per shard stream, timeout and retries, counters."""
+
+    @property
+    def counters(self) -> ClientCounters: ...
+
+    @property
+    def timeout_ms(self) -> int: ...
+
+    @property
+    def retries(self) -> int: ...
+
+    def socket(self, shard: int) -> zmq.Socket[bytes]: ...
+
+    def endpoint(self, shard: int) -> str: ...
 
 
 class WriterClient(Protocol):
     """What a ``Writer`` uses of its client: the tables (encoding and routing) and the owner
-    connections (a fresh socket per shard stream, timeout and retries, counters)."""
+    connections."""
 
     @property
     def tables(self) -> ClientTables: ...
 
     @property
-    def owners(self) -> OwnerConnections: ...
+    def owners(self) -> StreamOwners: ...
 
 _OUT_OF_ORDER = OutOfOrder.code
 
@@ -84,13 +105,11 @@ class _Stream:
         self.attempts = 0
 
 
-class Writer:
-    """Buffered, pipelined writes through a ``Client``; use it from one thread.
+class WriterStreams:
+    """The streams of a writer, one per shard: buffers, batches in flight, replies, resends.
 
-    ``put``, ``delete`` and ``incr`` encode at the call (bad keys and values raise there, nothing
-    sent); ``flush()`` sends what is buffered and waits until every batch is acknowledged; the
-    end of a ``with`` block flushes. After a clean flush every op is committed with the
-    configured durability. Per-op results are not returned: use ``Client.batch()`` for those.
+    Shared by ``Writer`` and the async client's writer (``lmshard.aio_writer``): the two
+    differ only in how they wait for replies.
     """
 
     def __init__(self, client: WriterClient, *, batch_size: int = 1000, window: int = 4) -> None:
@@ -113,42 +132,12 @@ class Writer:
         """Ops in those batches."""
         self._closed = False
 
-    # -- ops -------------------------------------------------------------------------------------
-
-    def put(self, table: TableRef, key: Any, value: Any) -> None:
-        # The hot path of bulk writes: _add and protocol.op inlined.
-        ct = self._tables[table]
-        kb = ct.kenc(key)
-        vb = ct.dumps(value)
-        shard = ct.shard(key, kb)
-        st = self._streams.get(shard) or self._stream(shard)
-        st.buf.append([OP_PUT, ct.tid, kb, vb])
-        if len(st.buf) >= self.batch_size:
-            self._send(st)
-
-    def delete(self, table: TableRef, key: Any) -> None:
-        self._add(table, key, OP_DELETE, None)
-
-    def incr(self, table: TableRef, key: Any, delta: int = 1) -> None:
-        self._add(table, key, OP_INCR, incr_delta(delta))
-
-    def _add(self, table: TableRef, key: Any, code: int, arg: Any) -> None:
-        ct = self._tables[table]
+    def _buffered(self, ct: ClientTable, key: Any, code: int, arg: Any) -> _Stream | None:
+        """Add one op to its shard's buffer; the shard's stream once the buffer is full."""
         kb = ct.kenc(key)
         st = self._stream(ct.shard(key, kb))
         st.buf.append(op(code, ct.tid, kb, arg))
-        if len(st.buf) >= self.batch_size:
-            self._send(st)
-
-    def flush(self) -> None:
-        """Send every buffered op and wait until every batch in flight is acknowledged;
-        BatchesFailed if a shard refused any batch since the last call that raised."""
-        for st in self._streams.values():
-            if st.buf:
-                self._send(st)
-        while any(st.inflight for st in self._streams.values()):
-            self._pump()
-        self._raise_failed()
+        return st if len(st.buf) >= self.batch_size else None
 
     def close(self) -> None:
         """Close the writer's sockets; ops still buffered are dropped (``flush`` first)."""
@@ -159,18 +148,6 @@ class Writer:
             st.sock.close(linger=0)
         self._streams.clear()
 
-    def __enter__(self) -> Writer:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        try:
-            if exc_type is None:
-                self.flush()
-        finally:
-            self.close()
-
-    # -- the stream machinery --------------------------------------------------------------------
-
     def _stream(self, shard: int) -> _Stream:
         st = self._streams.get(shard)
         if st is None:
@@ -180,11 +157,8 @@ class Writer:
             st = self._streams[shard] = _Stream(shard, self._owners.socket(shard))
         return st
 
-    def _send(self, st: _Stream) -> None:
-        self._raise_failed()
-        while len(st.inflight) >= self.window:
-            self._pump()
-            self._raise_failed()
+    def _launch(self, st: _Stream) -> None:
+        """Send the stream's buffer as its next batch (the window has room)."""
         ops, st.buf = st.buf, []
         after = st.seq
         st.seq += 1
@@ -203,26 +177,18 @@ class Writer:
         except zmq.Again:
             pass  # the queue to that shard is full: the timeout resends it
 
-    def _pump(self) -> None:
-        """Wait for replies (up to the earliest deadline); handle them and any timeout."""
-        active = [st for st in self._streams.values() if st.inflight]
-        if not active:
-            return
-        now = time.monotonic()
+    def _active(self) -> list[_Stream]:
+        """The streams with batches in flight."""
+        return [st for st in self._streams.values() if st.inflight]
+
+    @staticmethod
+    def _wait_ms(active: list[_Stream]) -> int:
+        """How long to wait for replies: until the earliest deadline of a batch in flight."""
         first = min(next(iter(st.inflight.values()))[2] for st in active)
-        wait_ms = max(0, int((first - now) * 1000) + 1)
-        if len(active) == 1:
-            st = active[0]
-            if st.sock.poll(wait_ms):
-                self._receive(st)
-        else:
-            poller = zmq.Poller()
-            for st in active:
-                poller.register(st.sock, zmq.POLLIN)
-            ready = dict(poller.poll(wait_ms))
-            for st in active:
-                if st.sock in ready:
-                    self._receive(st)
+        return max(0, int((first - time.monotonic()) * 1000) + 1)
+
+    def _expire(self, active: list[_Stream]) -> None:
+        """Resend the batches of each stream whose oldest batch went unanswered too long."""
         now = time.monotonic()
         for st in active:
             if st.inflight and next(iter(st.inflight.values()))[2] <= now:
@@ -286,3 +252,82 @@ class Writer:
             f"them applied); the first, on shard {shard}: {first}",
             failed=failed, committed=self.committed,
         )
+
+
+class Writer(WriterStreams):
+    """Buffered, pipelined writes through a ``Client``; use it from one thread.
+
+    ``put``, ``delete`` and ``incr`` encode at the call (bad keys and values raise there, nothing
+    sent); ``flush()`` sends what is buffered and waits until every batch is acknowledged; the
+    end of a ``with`` block flushes. After a clean flush every op is committed with the
+    configured durability. Per-op results are not returned: use ``Client.batch()`` for those.
+    """
+
+    def put(self, table: TableRef, key: Any, value: Any) -> None:
+        # The hot path of bulk writes: _add and protocol.op inlined.
+        ct = self._tables[table]
+        kb = ct.kenc(key)
+        vb = ct.dumps(value)
+        shard = ct.shard(key, kb)
+        st = self._streams.get(shard) or self._stream(shard)
+        st.buf.append([OP_PUT, ct.tid, kb, vb])
+        if len(st.buf) >= self.batch_size:
+            self._send(st)
+
+    def delete(self, table: TableRef, key: Any) -> None:
+        self._add(table, key, OP_DELETE, None)
+
+    def incr(self, table: TableRef, key: Any, delta: int = 1) -> None:
+        self._add(table, key, OP_INCR, incr_delta(delta))
+
+    def _add(self, table: TableRef, key: Any, code: int, arg: Any) -> None:
+        st = self._buffered(self._tables[table], key, code, arg)
+        if st is not None:
+            self._send(st)
+
+    def flush(self) -> None:
+        """Send every buffered op and wait until every batch in flight is acknowledged;
+        BatchesFailed if a shard refused any batch since the last call that raised."""
+        for st in self._streams.values():
+            if st.buf:
+                self._send(st)
+        while any(st.inflight for st in self._streams.values()):
+            self._pump()
+        self._raise_failed()
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if exc_type is None:
+                self.flush()
+        finally:
+            self.close()
+
+    def _send(self, st: _Stream) -> None:
+        self._raise_failed()
+        while len(st.inflight) >= self.window:
+            self._pump()
+            self._raise_failed()
+        self._launch(st)
+
+    def _pump(self) -> None:
+        """Wait for replies (up to the earliest deadline); handle them and any timeout."""
+        active = self._active()
+        if not active:
+            return
+        wait_ms = self._wait_ms(active)
+        if len(active) == 1:
+            st = active[0]
+            if st.sock.poll(wait_ms):
+                self._receive(st)
+        else:
+            poller = zmq.Poller()
+            for st in active:
+                poller.register(st.sock, zmq.POLLIN)
+            ready = dict(poller.poll(wait_ms))
+            for st in active:
+                if st.sock in ready:
+                    self._receive(st)
+        self._expire(active)

@@ -1,0 +1,486 @@
+"""The asyncio client: ``lmshard.aio.connect(config)`` returns an ``AsyncClient``.
+
+It offers the sync ``Client``'s data API with ``await`` (``lmshard.api.AsyncDataAPI``) and shares
+with it everything a call means: routing and encoding (``lmshard.client_tables``), the requests
+and what their replies mean (``lmshard.calls``, ``lmshard.protocol``), typed errors
+(``lmshard.errors``), the batch (``lmshard.batch``), the writer's streams (``lmshard.writer``) and
+the change feed (``lmshard.watch``). Only the transport is its own (``lmshard.aio_owners``):
+many requests in flight on one socket per shard, so the coroutines of a process that write at
+the same time are committed together by the owners' group commit.
+
+Reads of the shards mapped in this process are the sync client's plain LMDB reads (a point get
+takes microseconds: no thread pool, no wire), awaitable for uniformity. Shards that cannot be
+mapped here are read from their owners (the reader pool is the sync client's).
+
+Share one client per process (``async with lmshard.aio.connect() as db`` at start-up, e.g. in a
+web app's lifespan); it serves every coroutine of the loop it runs on. After ``fork()`` the child
+opens its own sockets and maps on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from lmshard import calls
+from lmshard.aio_owners import AsyncOwnerConnections, readable
+from lmshard.aio_writer import AsyncWriter
+from lmshard.batch import Batch, PartOutcome
+from lmshard.calls import RemoteParts
+from lmshard.client_counters import ClientCounters
+from lmshard.client_tables import ClientTable, ClientTables
+from lmshard.config import Config, load_config
+from lmshard.errors import ConflictError, Error, TransactionError
+from lmshard.point_get import point_get
+from lmshard.protocol import (
+    GET,
+    OP_DELETE,
+    OP_INCR,
+    OP_PUT,
+    PING,
+    SCAN,
+    SCAN_PAGE,
+    STATS,
+    WRITE,
+    incr_delta,
+    next_page,
+)
+from lmshard.reads import LocalShards
+from lmshard.schema import Schema
+from lmshard.store import Store
+from lmshard.txn import TableRef, key_bounds, value_hash
+from lmshard.watch import SILENCE, Change, ServiceWatch, watch_filter
+
+if TYPE_CHECKING:
+    from lmshard.api import AsyncDataAPI
+
+SCAN_YIELD_EVERY = 256
+"""A scan lets other coroutines run after this many rows."""
+
+_clients: weakref.WeakSet[AsyncClient] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_clients):
+        client.reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class AsyncClient:
+    """A connection to a running lmshard service for coroutines; share one per process."""
+
+    def __init__(
+        self,
+        config: Config | str | os.PathLike[str] | None = None,
+        schema: Schema | None = None,
+        *,
+        timeout_ms: int | None = None,
+        retries: int | None = None,
+        local_reads: bool | None = None,
+    ) -> None:
+        self.config = config if isinstance(config, Config) else load_config(config)
+        self.schema = schema if schema is not None else self.config.load_schema()
+        self.schema.check_sharded(self.config.shards)
+        self.shards = self.config.shards
+        self.tables = ClientTables(self.schema, self.config.slot_map)
+        """The schema's tables by ``Table``, name or UUID: encoders, decoders and route."""
+        self._counts = ClientCounters()
+        self.owners = AsyncOwnerConnections(
+            self.config, self._counts,
+            timeout_ms=self.config.timeout_ms if timeout_ms is None else timeout_ms,
+            retries=self.config.retries if retries is None else retries)
+        """The sockets to the shard owners and the requests in flight on them."""
+        self._local = LocalShards(
+            self.config, self.schema,
+            enabled=self.config.local_reads if local_reads is None else local_reads)
+        self._writers: weakref.WeakSet[AsyncWriter] = weakref.WeakSet()
+        _clients.add(self)
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    @property
+    def timeout_ms(self) -> int:
+        """How long a request waits for its reply before it is resent."""
+        return self.owners.timeout_ms
+
+    @property
+    def retries(self) -> int:
+        """How often an unanswered request is resent before ShardUnavailable."""
+        return self.owners.retries
+
+    @property
+    def local_reads(self) -> bool:
+        """Whether reads map the shards' files in this process when they can be opened."""
+        return self._local.enabled
+
+    def counters(self) -> dict[str, int]:
+        """What this client did in this process (as ``Client.counters``)."""
+        return self._counts.total()
+
+    def table(self, table: TableRef) -> ClientTable:
+        """The table as this client encodes and routes it; UnknownTable if not in the schema."""
+        return self.tables[table]
+
+    def local_store(self, shard: int) -> Store | None:
+        """The shard's store opened read-only in this process, or None (read over the wire)."""
+        return self._local.get(shard)
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: drop what must not cross fork(); everything reopens on use."""
+        for ct in self.tables.each():
+            ct.forget_local()
+        self._counts.reset()
+        self.owners.reset_after_fork()
+        self._local.reset_after_fork()
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def _write_one(self, ct: ClientTable, key: Any, code: int, arg: Any) -> Any:
+        shard, ops = calls.one_op(ct, key, code, arg)
+        counters = self._counts.mine()
+        counters["batches_sent"] += 1
+        counters["ops_sent"] += 1
+        r = await self.owners.request(shard, WRITE.code, ops, write=True)
+        if isinstance(r, Error):
+            counters["batches_failed"] += 1
+        return calls.op_result(r)
+
+    async def _send_parts(self, parts: dict[int, list[list[Any]]]) -> dict[int, PartOutcome]:
+        counters = self._counts.mine()
+        counters["batches_sent"] += len(parts)
+        counters["ops_sent"] += sum(len(p) for p in parts.values())
+        replies = await self.owners.requests(
+            {s: WRITE.request_for(ops) for s, ops in parts.items()}, write=True)
+        counters["batches_failed"] += sum(isinstance(r, Error) for r in replies.values())
+        return calls.part_outcomes(replies)
+
+    async def put(self, table: TableRef, key: Any, value: Any) -> None:
+        """One acked write: returns once the owner committed it."""
+        ct = self.tables[table]
+        await self._write_one(ct, key, OP_PUT, ct.dumps(value))
+
+    async def delete(self, table: TableRef, key: Any) -> bool:
+        return bool(await self._write_one(self.tables[table], key, OP_DELETE, None))
+
+    async def incr(self, table: TableRef, key: Any, delta: int = 1) -> int:
+        """Atomically add ``delta`` on the owner; the new value."""
+        return int(await self._write_one(self.tables[table], key, OP_INCR, incr_delta(delta)))
+
+    async def cas(self, table: TableRef, key: Any, value: Any, expected: Any = None, *,
+                  expected_hash: bytes | None = None) -> bool:
+        """Put ``value`` only if the row holds ``expected`` (None: absent); False otherwise."""
+        b = self.batch()
+        b.cas(table, key, value, expected, expected_hash=expected_hash)
+        try:
+            await b.commit()
+        except ConflictError:
+            return False
+        return True
+
+    def batch(self) -> AsyncBatch:
+        """Collect writes (``async with client.batch() as b: b.put(...)``); at the end of the
+        block each shard's part is sent as one message and applied atomically."""
+        return AsyncBatch(self.tables, self._send_parts)
+
+    def writer(self, *, batch_size: int = 1000, window: int = 4) -> AsyncWriter:
+        """Pipelined bulk writes (``async with client.writer() as w: await w.put(...)``), as
+        ``Client.writer``; ``put`` waits when the window of batches in flight is full."""
+        w = AsyncWriter(self, batch_size=batch_size, window=window)
+        self._writers.add(w)
+        return w
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def get(self, table: TableRef, key: Any, default: Any = None) -> Any:
+        ct = self.tables[table]
+        kb = ct.kenc(key)
+        shard = ct.shard(key, kb)
+        hit = ct.local[shard] or self._local.handles(ct, shard)
+        if hit is not None:  # a read of this process's map: no await, no thread
+            data = point_get(hit[0], hit[1], kb)
+        else:
+            data = await self._remote_one(shard, GET.request_for(ct.tid, kb))
+        return default if data is None else ct.loads(data)
+
+    async def get_hash(self, table: TableRef, key: Any) -> bytes | None:
+        """The stored value's hash, for ``cas(..., expected_hash=)``."""
+        ct = self.tables[table]
+        kb = ct.kenc(key)
+        shard = ct.shard(key, kb)
+        hit = self._local.handles(ct, shard)
+        data = (point_get(hit[0], hit[1], kb) if hit is not None
+                else await self._remote_one(shard, GET.request_for(ct.tid, kb)))
+        return None if data is None else value_hash(data)
+
+    async def get_many(self, table: TableRef, keys: Any, default: Any = None) -> list[Any]:
+        plan = calls.GetMany(self._local, self.tables[table], keys, default)
+        return plan.fill(await self._remote_many(plan.remote))
+
+    async def exists(self, table: TableRef, key: Any) -> bool:
+        marker = object()
+        return await self.get(table, key, marker) is not marker
+
+    async def count(self, table: TableRef, prefix: Any = None, start: Any = None,
+                    end: Any = None) -> int:
+        plan = calls.Count(self._local, self.tables[table], prefix, start, end)
+        return plan.fill(await self._remote_many(plan.remote))
+
+    async def lookup(self, table: TableRef, index: str, value: Any, prefix: bool = False
+                     ) -> list[tuple[Any, Any]]:
+        """Rows by index value, from every shard the table lives on, in key order."""
+        plan = calls.Lookup(self._local, self.tables[table], index, value, prefix)
+        return plan.fill(await self._remote_many(plan.remote))
+
+    def scan(self, table: TableRef, prefix: Any = None, start: Any = None, end: Any = None,
+             reverse: bool = False, limit: int | None = None,
+             where: Callable[[Any], bool] | None = None) -> AsyncIterator[tuple[Any, Any]]:
+        """``async for key, value in client.scan(...)``: (key, value) in key order across every
+        shard (merged); ``end`` exclusive. Bad arguments raise here, at the call."""
+        ct = self.tables[table]
+        lo, hi = key_bounds(ct, prefix, start, end)
+        shards = ct.route.shards_for(prefix)
+        return self._scan(ct, shards, lo, hi, reverse, limit, where)
+
+    async def _scan(self, ct: ClientTable, shards: list[int], lo: bytes | None,
+                    hi: bytes | None, reverse: bool, limit: int | None,
+                    where: Callable[[Any], bool] | None) -> AsyncIterator[tuple[Any, Any]]:
+        stores = [self._local.get(s) for s in shards]
+        if all(st is not None for st in stores):  # the sync client's scan, as it is
+            streams = [calls.local_rows(st, ct, lo, hi, reverse) for st in stores if st]
+            rows = calls.scan_rows(ct, streams, reverse, where, limit)
+            try:
+                for n, row in enumerate(rows, 1):
+                    yield row
+                    if n % SCAN_YIELD_EVERY == 0:
+                        await asyncio.sleep(0)
+            finally:
+                _close(rows)  # ends the read transactions
+            return
+        merged = _merge([
+            _local_async(calls.local_rows(st, ct, lo, hi, reverse)) if st is not None
+            else self._remote_rows(s, ct.tid, lo, hi, reverse)
+            for s, st in zip(shards, stores, strict=True)], reverse)
+        if limit is not None and limit <= 0:
+            return
+        n = 0
+        async for kb, vb in merged:  # filtered as calls.scan_rows does
+            value = ct.loads(vb)
+            if where is not None and not where(value):
+                continue
+            yield ct.kdec(kb), value
+            n += 1
+            if limit is not None and n >= limit:
+                return
+
+    async def _remote_rows(self, shard: int, tid: bytes, lo: bytes | None, hi: bytes | None,
+                           reverse: bool) -> AsyncIterator[tuple[bytes, bytes]]:
+        """One shard's encoded rows over the wire, a ``scan`` page at a time (the pages of
+        ``protocol.paged_scan``)."""
+        while True:
+            items, more = await self._remote_one(
+                shard, SCAN.request_for(tid, lo, hi, reverse, SCAN_PAGE))
+            for k, v in items:
+                yield k, v
+            bounds = next_page(items[-1][0], lo, hi, reverse) if more and items else None
+            if bounds is None:
+                return
+            lo, hi = bounds
+
+    async def _remote_one(self, shard: int, request: tuple[int, Any]) -> Any:
+        self._counts.mine()["remote_reads"] += 1
+        r = await self.owners.request(shard, request[0], request[1], write=False)
+        if isinstance(r, Error):
+            raise r
+        return r
+
+    async def _remote_many(self, parts: RemoteParts) -> list[Any]:
+        if not parts:
+            return []
+        if len(parts) == 1:
+            return [await self._remote_one(*parts[0])]
+        return list(await asyncio.gather(*(self._remote_one(s, r) for s, r in parts)))
+
+    # -- the service -------------------------------------------------------------------------
+
+    async def watch(self, table: TableRef | None = None, *, prefix: Any = None,
+                    since: str | None = None) -> AsyncWatch:
+        """Follow the change feed (as ``Client.watch``): ``async for change in await
+        client.watch("users")``; the watch has started (``cursor`` is known) when this
+        returns."""
+        tids, pb = watch_filter(self.tables, table, prefix)
+        timeout = self.timeout_ms / 1000 * (self.retries + 1)
+        w = ServiceWatch(self.config, self.tables.each(), tids, pb, since, timeout, wait=False)
+        deadline = time.monotonic() + timeout
+        try:
+            while not w.started:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise w.not_started(timeout)
+                await readable(w.sockets(), left)
+                w.receive()
+                w.get(timeout=0)  # raises what receive() met
+        except BaseException:
+            w.close()
+            raise
+        return AsyncWatch(w)
+
+    async def ping(self, shard: int) -> dict[str, Any]:
+        """The owner's health; raises ShardUnavailable when it does not answer."""
+        t = time.perf_counter()
+        r: dict[str, Any] = await self._remote_one(shard, PING.request_for())
+        r["rtt_ms"] = (time.perf_counter() - t) * 1000
+        return r
+
+    async def stats(self) -> dict[str, Any]:
+        """Every shard's statistics (as its owner reports them) and this client's counters."""
+        replies = await self.owners.requests(
+            {s: STATS.request_for() for s in range(self.shards)}, write=False, silent_ok=True)
+        return calls.stats_reply(replies, self.counters())
+
+    async def close(self) -> None:
+        for w in list(self._writers):
+            w.close()
+        for ct in self.tables.each():
+            ct.forget_local()
+        self._local.close()
+        self.owners.close()
+        _clients.discard(self)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def connect(config: Config | str | os.PathLike[str] | None = None, schema: Schema | None = None,
+            **options: Any) -> AsyncClient:
+    """An async client of the running service described by ``config`` (as ``lmshard.connect``;
+    options: timeout_ms, retries, local_reads). Use ``async with`` or ``await client.close()``."""
+    return AsyncClient(config, schema, **options)
+
+
+class AsyncBatch(Batch):
+    """Writes collected by ``AsyncClient.batch()``: the sync client's ``Batch`` (the same ops,
+    the same per-shard outcome), sent by ``async with`` or ``await batch.commit()``."""
+
+    def __init__(self, tables: ClientTables,
+                 send_parts: Callable[[dict[int, list[list[Any]]]],
+                                      Any]) -> None:
+        super().__init__(tables, _sent_by_commit)
+        self._asend_parts = send_parts
+
+    async def commit(self) -> None:
+        """Send every shard's part and wait for the outcomes (what the end of the ``async
+        with`` block does); the first error when no part committed, BatchPartiallyApplied
+        when some did."""
+        self.settle(await self._asend_parts(self._parts))
+
+    async def __aenter__(self) -> AsyncBatch:
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None and len(self):
+            await self.commit()
+
+
+def _sent_by_commit(parts: dict[int, list[list[Any]]]) -> dict[int, PartOutcome]:
+    raise TransactionError("an async batch is sent by `async with` or `await batch.commit()`")
+
+
+class AsyncWatch:
+    """``AsyncClient.watch()``: the sync client's ``ServiceWatch`` (the same positions,
+    cursors, restarts and errors), waited on by the event loop. ``async for change in w``;
+    ``await w.get(timeout)``; ``w.cursor``; ``async with`` closes it."""
+
+    def __init__(self, watch: ServiceWatch) -> None:
+        self._watch = watch
+
+    @property
+    def cursor(self) -> str:
+        """The position after the last change returned (pass it as ``since``)."""
+        return self._watch.cursor
+
+    async def get(self, timeout: float | None = None) -> Change | None:
+        """The next change, waiting up to ``timeout`` seconds (None: as long as it takes);
+        None when none came in time."""
+        w = self._watch
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            w.receive()
+            change = w.get(timeout=0)
+            if change is not None:
+                return change
+            wait = SILENCE / 3
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    return None
+            await readable(w.sockets(), wait)
+
+    def __aiter__(self) -> AsyncWatch:
+        return self
+
+    async def __anext__(self) -> Change:
+        change = await self.get()
+        assert change is not None
+        return change
+
+    def close(self) -> None:
+        """Stop watching; ``cursor`` stays readable."""
+        self._watch.close()
+
+    async def __aenter__(self) -> AsyncWatch:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- scans that read some shards over the wire ------------------------------------------------
+
+
+async def _local_async(rows: Iterator[tuple[bytes, bytes]]) -> AsyncIterator[tuple[bytes, bytes]]:
+    try:
+        for row in rows:
+            yield row
+    finally:
+        _close(rows)
+
+
+def _close(rows: Iterator[Any]) -> None:
+    """End a generator of rows now (and its read transaction), not when it is collected."""
+    close = getattr(rows, "close", None)
+    if close is not None:
+        close()
+
+
+async def _merge(streams: list[AsyncIterator[tuple[bytes, bytes]]], reverse: bool
+                 ) -> AsyncIterator[tuple[bytes, bytes]]:
+    """The shards' rows (each stream in key order) in one key order."""
+    heads: dict[int, tuple[bytes, bytes]] = {}
+    for i, stream in enumerate(streams):
+        row = await anext(stream, None)
+        if row is not None:
+            heads[i] = row
+    pick = max if reverse else min
+    while heads:
+        i = pick(heads, key=lambda j: heads[j][0])
+        yield heads[i]
+        row = await anext(streams[i], None)
+        if row is None:
+            del heads[i]
+        else:
+            heads[i] = row
+
+
+if TYPE_CHECKING:
+
+    def _offers_the_async_data_api(client: AsyncClient) -> AsyncDataAPI:
+        return client  # mypy checks that AsyncClient implements lmshard.api.AsyncDataAPI

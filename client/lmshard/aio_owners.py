@@ -1,0 +1,340 @@
+"""The async client's connections to the shard owners: many requests in flight on one socket.
+
+One DEALER socket per shard, driven by the event loop: a request is packed and sent at once
+from the calling coroutine, which then awaits a future; a reader callback on the socket takes
+every reply waiting and resolves the future of its sequence number. Nothing waits for another
+request, so the coroutines of a process that write to one shard keep many writes in flight and
+the owner's group commit applies them together.
+
+Applied once. The owner keeps, per client id, the last sequence number it applied with its reply,
+and answers any request numbered at or below it from that record without applying it. That is
+safe for the sync client, which has one request in flight per client id and resends it until
+answered. Here many are in flight, so each write takes a *lane*: a client id of its own while it
+is in flight (lanes are reused, at most ``MAX_LANES`` per shard). Sequence numbers come from one
+counter per shard socket, so replies are told apart by number alone, and each lane's numbers
+grow. A retry resends the same frame (same lane, same number), never new content under an old
+number.
+
+Lazy Pirate. When a request goes unanswered for ``timeout_ms``, the socket is replaced and every
+request still awaited is resent on the new one (a request not answered after ``retries``
+resends fails with ``ShardUnavailable``: applied or not, as with the sync client).
+
+Cancellation. A coroutine cancelled (or timed out by ``asyncio.timeout``) before its request is
+sent sends nothing. Cancelled after: the request stays in the socket and may be applied, once;
+it is never resent; its reply, if it comes, is read and dropped; its lane is free again at once.
+A later request on that lane carries a higher number: if it overtakes the cancelled one (on a
+new socket after a retry), the owner answers the cancelled one from its record and does not
+apply it. So a cancelled write is applied once or not at all, and the client stays usable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import deque
+from typing import Any
+
+import zmq
+
+from lmshard import security
+from lmshard.client_counters import ClientCounters
+from lmshard.config import Config
+from lmshard.errors import ProtocolError, ShardUnavailable, TransactionError, error_from_wire
+from lmshard.protocol import ZERO_COPY_MIN, pack_request, unpack_frame
+
+log = logging.getLogger("lmshard.client")
+
+MAX_LANES = 256
+"""Most writes one async client keeps in flight per shard; more wait for a lane. (Each lane is a
+client id the owner records once, so they are few and reused.)"""
+
+
+class _Request:
+    """A request in flight: its frame (resent as is), the future awaiting its reply."""
+
+    __slots__ = ("frame", "future", "deadline", "attempts")
+
+    def __init__(self, frame: bytes, future: asyncio.Future[Any], deadline: float) -> None:
+        self.frame = frame
+        self.future = future
+        self.deadline = deadline
+        self.attempts = 0
+
+
+class _Silent:
+    """A shard that stayed silent, among the replies of several (its reply is its error)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: ShardUnavailable) -> None:
+        self.error = error
+
+
+class _ShardSocket:
+    """One shard's DEALER socket on one event loop, the requests in flight on it by sequence
+    number (oldest first), and its lanes."""
+
+    def __init__(self, shard: int, sock: zmq.Socket[bytes], loop: asyncio.AbstractEventLoop
+                 ) -> None:
+        self.shard = shard
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.loop = loop
+        self.seq = 0
+        self.inflight: dict[int, _Request] = {}
+        self.timer: asyncio.TimerHandle | None = None
+        self.free: list[bytes] = []
+        self.lanes = 0
+        self.waiting: deque[asyncio.Future[bytes]] = deque()
+
+
+class AsyncOwnerConnections:
+    """An async client's sockets to every shard owner, and requests over them; one event loop
+    at a time (a client used from a new loop opens new sockets)."""
+
+    def __init__(self, config: Config, counters: ClientCounters, *, timeout_ms: int,
+                 retries: int) -> None:
+        self.config = config
+        self.counters = counters
+        self.timeout_ms = timeout_ms
+        self.retries = retries
+        self._ctx: zmq.Context[Any] | None = None
+        self._shards: dict[int, _ShardSocket] = {}
+        self._closed = False
+
+    # -- sockets -----------------------------------------------------------------------------
+
+    def endpoint(self, shard: int) -> str:
+        return self.config.endpoint(shard)
+
+    def socket(self, shard: int) -> zmq.Socket[bytes]:
+        """A new DEALER socket connected to the shard's owner (a writer stream's own)."""
+        if self._closed:
+            raise TransactionError("this client is closed", hint="connect again")
+        if self._ctx is None:
+            self._ctx = zmq.Context()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        endpoint = self.config.endpoint(shard)
+        security.secure_client(sock, self.config, endpoint)
+        sock.connect(endpoint)
+        return sock
+
+    def _shard(self, shard: int) -> _ShardSocket:
+        sh = self._shards.get(shard)
+        loop = asyncio.get_running_loop()
+        if sh is None or sh.loop is not loop:
+            if sh is not None:
+                self._drop(sh)
+            sh = self._shards[shard] = _ShardSocket(shard, self.socket(shard), loop)
+            loop.add_reader(sh.fd, self._take_replies, sh)
+        return sh
+
+    def _drop(self, sh: _ShardSocket) -> None:
+        """Close a shard socket of a loop no longer in use; its requests fail."""
+        if not sh.loop.is_closed():
+            sh.loop.remove_reader(sh.fd)
+            for req in sh.inflight.values():
+                if not req.future.done():
+                    req.future.set_exception(TransactionError("the client was closed"))
+        if sh.timer is not None:
+            sh.timer.cancel()
+        sh.inflight.clear()
+        sh.sock.close(linger=0)
+
+    # -- lanes -------------------------------------------------------------------------------
+
+    async def _lane(self, sh: _ShardSocket) -> bytes:
+        if sh.free:
+            return sh.free.pop()
+        if sh.lanes < MAX_LANES:
+            sh.lanes += 1
+            return uuid.uuid4().bytes
+        waiter: asyncio.Future[bytes] = sh.loop.create_future()
+        sh.waiting.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release(sh, waiter.result())  # handed over just as we were cancelled
+            raise
+
+    @staticmethod
+    def _release(sh: _ShardSocket, lane: bytes) -> None:
+        while sh.waiting:
+            waiter = sh.waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(lane)
+                return
+        sh.free.append(lane)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def request(self, shard: int, code: int, body: Any, *, write: bool) -> Any:
+        """Send one request and await its reply body (or the Error the owner answered with);
+        ShardUnavailable when the owner stays silent through every retry."""
+        sh = self._shard(shard)
+        lane = await self._lane(sh) if write else None
+        try:
+            sh.seq += 1
+            seq = sh.seq
+            frame = pack_request(code, lane, seq, body)
+            future: asyncio.Future[Any] = sh.loop.create_future()
+            sh.inflight[seq] = _Request(frame, future, sh.loop.time() + self.timeout_ms / 1000)
+            if sh.timer is None:
+                sh.timer = sh.loop.call_at(sh.inflight[next(iter(sh.inflight))].deadline,
+                                           self._check_deadlines, sh)
+            self._send(sh, frame)
+            try:
+                return await future
+            finally:
+                sh.inflight.pop(seq, None)  # cancelled: never resent; a late reply is dropped
+        finally:
+            if lane is not None:
+                self._release(sh, lane)
+
+    async def requests(self, parts: dict[int, tuple[int, Any]], *, write: bool,
+                       silent_ok: bool = False) -> dict[int, Any]:
+        """Requests ``shard -> (code, body)`` to several shards at once; every reply body (or
+        Error). A shard silent through every retry raises ShardUnavailable once all others
+        answered (with ``silent_ok``, gets it as its result)."""
+        async def settled(shard: int, code: int, body: Any) -> Any:
+            try:
+                return await self.request(shard, code, body, write=write)
+            except ShardUnavailable as exc:
+                return _Silent(exc)
+
+        if len(parts) == 1:
+            [(s, (code, body))] = parts.items()
+            replies = [await settled(s, code, body)]
+        else:
+            replies = await asyncio.gather(*(settled(s, code, body)
+                                             for s, (code, body) in parts.items()))
+        out = dict(zip(parts, replies, strict=True))
+        for s, r in out.items():
+            if isinstance(r, _Silent):
+                if not silent_ok:
+                    raise r.error
+                out[s] = r.error
+        return out
+
+    def _send(self, sh: _ShardSocket, frame: bytes) -> None:
+        try:
+            sh.sock.send(frame, zmq.NOBLOCK, len(frame) < ZERO_COPY_MIN)
+        except zmq.Again:
+            pass  # the queue to that owner is full: the timeout resends it
+        # A send may take the socket's wake-up for replies that arrived meanwhile (ZeroMQ's
+        # file descriptor is edge-triggered): take them now, or nobody would.
+        self._take_replies(sh)
+
+    def _take_replies(self, sh: _ShardSocket) -> None:
+        """Every reply waiting on the socket, each to the future of its sequence number."""
+        sock, inflight = sh.sock, sh.inflight
+        while True:
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return  # closed under us (client closed)
+            try:
+                seq, status, body = unpack_frame(frame)
+            except (ProtocolError, ValueError, TypeError):
+                log.warning("shard %d: an unreadable reply was dropped", sh.shard)
+                continue
+            req = inflight.pop(seq, None)
+            if req is None or req.future.done():
+                continue  # the reply to a cancelled request, or a second reply to a retried one
+            req.future.set_result(body if status == 0 else error_from_wire(status, *body))
+
+    # -- Lazy Pirate -------------------------------------------------------------------------
+
+    def _check_deadlines(self, sh: _ShardSocket) -> None:
+        sh.timer = None
+        if not sh.inflight or self._shards.get(sh.shard) is not sh:
+            return
+        now = sh.loop.time()
+        late = [req for req in sh.inflight.values() if req.deadline <= now]
+        if late:
+            self._retry(sh, late, now)
+        if sh.inflight:  # the oldest request has the earliest deadline
+            first = sh.inflight[next(iter(sh.inflight))]
+            sh.timer = sh.loop.call_at(first.deadline, self._check_deadlines, sh)
+
+    def _retry(self, sh: _ShardSocket, late: list[_Request], now: float) -> None:
+        """Replace the socket and resend every request still awaited, oldest first; fail those
+        that used up their retries."""
+        counters = self.counters.mine()
+        counters["timeouts"] += len(late)
+        for req in late:
+            req.attempts += 1
+            if req.attempts > self.retries and not req.future.done():
+                counters["unavailable"] += 1
+                req.future.set_exception(self._unavailable(sh.shard))
+        for seq in [s for s, r in sh.inflight.items() if r.future.done()]:
+            del sh.inflight[seq]
+        counters["retries"] += len(sh.inflight)
+        if sh.inflight:
+            log.info("shard %d did not answer in %d ms: reconnecting, resending %d requests "
+                     "from sequence %d", sh.shard, self.timeout_ms, len(sh.inflight),
+                     next(iter(sh.inflight)))
+        sh.loop.remove_reader(sh.fd)
+        sh.sock.close(linger=0)
+        sh.sock = self.socket(sh.shard)
+        sh.fd = sh.sock.fileno()
+        sh.loop.add_reader(sh.fd, self._take_replies, sh)
+        deadline = now + self.timeout_ms / 1000
+        for req in list(sh.inflight.values()):
+            req.deadline = deadline
+            self._send(sh, req.frame)
+
+    def _unavailable(self, shard: int) -> ShardUnavailable:
+        return ShardUnavailable(
+            f"shard {shard} at {self.config.endpoint(shard)} did not answer within "
+            f"{self.timeout_ms} ms, {self.retries + 1} attempts"
+            + security.auth_hint(self.config, self.config.endpoint(shard)),
+            hint="check that the shard owner runs: lmshard status; its log names the cause",
+        )
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    def reset_after_fork(self) -> None:
+        """Forget the parent's context and sockets: they must not cross fork()."""
+        self._ctx = None
+        self._shards = {}
+
+    def close(self) -> None:
+        """Close every socket and the context; requests still awaited fail."""
+        self._closed = True
+        for sh in self._shards.values():
+            self._drop(sh)
+        self._shards = {}
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+            self._ctx = None
+
+
+
+async def readable(socks: list[zmq.Socket[bytes]], timeout: float) -> None:
+    """Wait until one of ``socks`` has a message to read, at most ``timeout`` seconds (a
+    writer's streams, a watch's feeds: sockets read with non-blocking receives)."""
+    if timeout <= 0 or any(int(s.getsockopt(zmq.EVENTS)) & zmq.POLLIN for s in socks):
+        return
+    loop = asyncio.get_running_loop()
+    woken: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    fds = [s.fileno() for s in socks]
+    for fd in fds:
+        loop.add_reader(fd, wake)
+    timer = loop.call_later(timeout, wake)
+    try:
+        await woken
+    finally:
+        timer.cancel()
+        for fd in fds:
+            loop.remove_reader(fd)
