@@ -333,11 +333,17 @@ class ServiceWatch(Watch):
                     raise ShardUnavailable(
                         f"shards {missing} did not answer the watch within {timeout:.1f} s",
                         hint="check that their owners run (lmshard status)")
+                # Changes one owner already sent would make _fill return at once, without
+                # reading the others: set them aside while waiting for every STARTED.
+                early = list(self._queue)
+                self._queue.clear()
                 try:
                     self._fill(left)
                 except Error:
                     self.close()
                     raise
+                finally:
+                    self._queue.extendleft(reversed(early))
 
     # -- connections -----------------------------------------------------------------------------
 
