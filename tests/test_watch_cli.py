@@ -215,6 +215,17 @@ def test_a_watch_from_start_waits_for_a_slow_owner(cluster: Cluster) -> None:
         os.kill(cluster.pid(1), signal.SIGCONT)
 
 
+def test_a_new_watch_starts_as_soon_as_every_owner_answers(cluster: Cluster) -> None:
+    """Not after the client's timeout: a STARTED from each owner is enough, no change needed."""
+    with cluster.client() as c:
+        timeout = c.timeout_ms / 1000 * (c.retries + 1)
+        for since in ("now", "start"):
+            t = time.monotonic()
+            with c.watch("users", since=since):
+                took = time.monotonic() - t
+            assert took < timeout / 3, (since, took, timeout)
+
+
 def test_key_from_text_is_to_json_read_back() -> None:
     cases: list[tuple[Any, Any]] = [
         ("str", "abc"), ("uint64", 7), ("int64", -7), ("bytes", b"\x00\xff"),

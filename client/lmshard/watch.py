@@ -333,17 +333,16 @@ class ServiceWatch(Watch):
                     raise ShardUnavailable(
                         f"shards {missing} did not answer the watch within {timeout:.1f} s",
                         hint="check that their owners run (lmshard status)")
-                # Changes one owner already sent would make _fill return at once, without
-                # reading the others: set them aside while waiting for every STARTED.
-                early = list(self._queue)
-                self._queue.clear()
+                # Not _fill: it waits for a change, and a STARTED is none (nor is a change one
+                # owner sent before the others answered a reason to stop reading them).
                 try:
-                    self._fill(left)
+                    ready = dict(self._poller.poll(int(min(left, SILENCE / 3) * 1000) + 1))
+                    for f in self._feeds:
+                        if f.sock is not None and f.sock in ready:
+                            self._drain(f)
                 except Error:
                     self.close()
                     raise
-                finally:
-                    self._queue.extendleft(reversed(early))
 
     # -- connections -----------------------------------------------------------------------------
 
