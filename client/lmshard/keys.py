@@ -296,7 +296,12 @@ def key_from_text(spec: str | tuple[str, ...], text: str) -> Any:
     if isinstance(spec, str):
         return _scalar_from_text(spec, text)
     if not text.startswith("["):
-        return (_scalar_from_text(spec[0], text),)
+        try:
+            return (_scalar_from_text(spec[0], text),)
+        except KeyEncodingError as exc:
+            raise KeyEncodingError(f"{exc.message}: the first element of a {spec!r} key",
+                                   hint=f"or write the key as a JSON array like "
+                                   f"{_example(spec)}") from None
     import json
 
     try:
@@ -330,7 +335,7 @@ def _scalar_from_text(kind: str, text: str) -> Any:
                 "timestamp": "integer nanoseconds or an ISO 8601 datetime",
                 "bytes": "hex digits", "uuid": "a UUID"}[kind]
         raise KeyEncodingError(f"{kind} key {text!r} is not {what}",
-                               hint=f"write a {kind} key as {what}") from None
+                               hint=f"e.g. {_example((kind,))[1:-1]}") from None
     return text
 
 

@@ -64,8 +64,8 @@ def change_line(doc: dict[str, Any], width: int | None) -> str:
     """One change as a line for a person: cut to ``width`` columns (a terminal's)."""
     dump = json.dumps
     value = "" if doc["value"] is None else dump(doc["value"], ensure_ascii=False)
-    line = (f"shard {doc['shard']:02d}  txn {doc['txn_id']:<6}  {doc['op']:<6}  {doc['table']}  "
-            f"{dump(doc['key'], ensure_ascii=False)}  {value}").rstrip()
+    line = (f"shard {doc['shard']:02d} txn {doc['txn_id']:<5} {doc['op']:<6} {doc['table']} "
+            f"{dump(doc['key'], ensure_ascii=False)} {value}").rstrip()
     if width is not None and len(line) > width:
         line = line[:width - 1] + "…"
     return line
