@@ -107,6 +107,7 @@ def test_multihost_example_loads():
     assert cfg.endpoints == tuple(f"tcp://10.0.0.5:{5500 + n}" for n in range(4))
     assert cfg.stat_endpoints[3] == "tcp://10.0.0.5:5603"
     assert cfg.backup_endpoints[0] == "tcp://10.0.0.5:5700"
+    assert cfg.changes_endpoint(2) == "tcp://10.0.0.5:6002"
     assert cfg.local_reads is False
     assert cfg.curve == CurveConfig(
         server_secret_key=Path("/etc/lmshard/keys/server.key_secret"),
@@ -115,7 +116,7 @@ def test_multihost_example_loads():
         allowed_client_keys=Path("/etc/lmshard/keys/clients"),
     )
     flagged = dict(cfg.non_loopback_endpoints())
-    assert len(flagged) == 3 * 4 + 2
+    assert len(flagged) == 4 * 4 + 2  # shard, stat, backup and changes endpoints; readers, monitor
     assert flagged["shard.endpoint[1]"] == "tcp://10.0.0.5:5501"
     assert flagged["readers.endpoint"] == "tcp://10.0.0.5:5800"
 

@@ -50,7 +50,8 @@ def body(shard: int = 0, **fields: Any) -> dict[str, Any]:
         "queue_depth": 1, "queue_depth_max": 2, "map_size": 1 << 26, "map_used": 1 << 20,
         "max_map_size": 1 << 30, "page_size": 4096, "readers_used": 2, "readers_active": 1,
         "max_readers": 126, "tables": {"blobs": 1000, "users": 0}, "last_txn_id": 9,
-        "last_commit_time": time.time(), "dropped": 0, "publish_seconds": 0.0001,
+        "last_commit_time": time.time(), "changes": None, "dropped": 0,
+        "publish_seconds": 0.0001,
     }
     b.update(fields)
     return b
@@ -190,6 +191,63 @@ def test_metrics_follow_prometheus_conventions_and_leave_stale_shards_out(config
     assert families["lmshard_stats_age_seconds"].samples[2].value == 1.0
     for name in families:
         assert name.startswith("lmshard_")
+
+
+def change_log(**fields: Any) -> dict[str, Any]:
+    """A stats message's ``changes`` map, as an owner's ChangesChannel.stats() gives it."""
+    log: dict[str, Any] = {
+        "history": "0123456789abcdef", "bytes": 12288, "records": 40, "oldest_txn": 7,
+        "newest_txn": 46, "floor": 7, "retain": 64 << 20, "retain_seconds": 86400.0,
+        "watchers": [{"watch": 1, "lag_txns": 0, "lag_seconds": 0.0, "credit": 64,
+                      "messages": 3},
+                     {"watch": 2, "lag_txns": 25, "lag_seconds": 4.5, "credit": 0,
+                      "messages": 64}],
+        "sent_changes": 67, "bad_frames": 0,
+    }
+    log.update(fields)
+    return log
+
+
+def test_metrics_show_each_shards_change_log_and_its_furthest_behind_watch(
+        config: Any) -> None:
+    now = [100.0]
+    board = stats_board.StatsBoard(config, clock=lambda: now[0])
+    board.update(0, body(0, changes=change_log()))
+    board.update(1, body(1, changes=change_log(oldest_txn=None, newest_txn=None, records=0,
+                                               watchers=[])))
+    board.update(2, body(2))  # the log is off
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(monitor.SnapshotCollector(board.snapshot))
+    families = {f.name: f for f in text_string_to_metric_families(
+        generate_latest(registry).decode())}
+
+    def per_shard(name: str) -> dict[str, float]:
+        return {s.labels["shard"]: s.value for s in families[name].samples}
+
+    assert per_shard("lmshard_changes_bytes") == {"0": 12288.0, "1": 12288.0}
+    assert per_shard("lmshard_changes_oldest_txn") == {"0": 7.0}  # none for an empty log
+    assert per_shard("lmshard_changes_watchers") == {"0": 2.0, "1": 0.0}
+    assert per_shard("lmshard_changes_max_lag_txns") == {"0": 25.0, "1": 0.0}
+    assert per_shard("lmshard_changes_max_lag_seconds") == {"0": 4.5, "1": 0.0}
+    assert per_shard("lmshard_changes_sent") == {"0": 67.0, "1": 67.0}
+    assert families["lmshard_changes_sent"].type == "counter"
+    frames = stats_wire.encode(0, body(0, changes=change_log()))
+    assert stats_wire.decode(frames)["changes"]["watchers"][1]["lag_txns"] == 25
+    with pytest.raises(ValueError):
+        stats_wire.decode(stats_wire.encode(0, body(0, changes=[1])))
+
+
+def test_status_line_mentions_the_change_log() -> None:
+    from lmshard.ops import status
+
+    health = {"last_commit_age": 1.0, "rtt_ms": 0.4, "txn_id": 46, "map_used_pct": 1.0,
+              "map_size": 1 << 26, "max_map_used_pct": 0.1, "max_map_size": 1 << 30,
+              "readers": 1, "max_readers": 126,
+              "changes": stats_wire.changes_summary(change_log())}
+    line = status._health_text({"health": health})
+    assert line.endswith("changes 12.0 KiB from txn 7, 2 watches, 4.5s behind"), line
+    health["changes"] = None  # the log is off
+    assert "changes" not in status._health_text({"health": health})
 
 
 def test_top_frame_shows_every_shard_and_warns_about_limits(config: Any) -> None:
@@ -446,6 +504,40 @@ def test_published_counters_equal_the_writes(cluster: Cluster) -> None:
         assert max(m["queue_depth_max"] for m in msgs) >= 1
 
 
+def test_owners_publish_their_change_log_and_how_far_a_watch_is_behind(
+        cluster: Cluster) -> None:
+    board = stats_board.StatsBoard(cluster.config)
+    with stats_board.StatsSubscriber(cluster.config) as sub, cluster.client() as c:
+        watch = c.watch("counters")
+        shard = c.tables["counters"].route.shard("k", b"k")
+        for i in range(100):  # one transaction each: more than the watch's credit
+            c.put("counters", "k", i)
+
+        def published(check: Any) -> dict[str, Any] | None:
+            sub.poll(board, 100)
+            last = board.shards[shard].last
+            log = last and last["changes"]
+            return log if log and check(log) else None
+
+        log = wait_for("a lagging watch to be published", lambda: published(
+            lambda log: log["watchers"] and log["watchers"][0]["lag_txns"] > 0))
+        assert log["bytes"] > 0 and log["oldest_txn"] <= log["newest_txn"]
+        assert log["newest_txn"] == board.shards[shard].last["last_txn_id"]
+        assert log["watchers"][0]["lag_seconds"] >= 0
+        ping = c.ping(shard)["changes"]
+        assert ping["watchers"] == 1 and ping["max_lag_txns"] > 0
+        assert ping["bytes"] > 0 and ping["oldest_txn"] is not None
+        seen = 0
+        while seen < 100:  # read it all: the watch catches up
+            assert watch.get(WAIT) is not None
+            seen += 1
+        wait_for("the watch to be caught up", lambda: published(
+            lambda log: log["watchers"] and log["watchers"][0]["lag_txns"] == 0))
+        watch.close()
+        wait_for("the closed watch to be gone", lambda: published(
+            lambda log: not log["watchers"]))
+
+
 def get(url: str) -> tuple[str, str]:
     with urllib.request.urlopen(url, timeout=10) as r:
         return r.read().decode(), r.headers["Content-Type"]
@@ -499,7 +591,9 @@ def test_monitor_metrics_stats_and_a_killed_shard(
     for name in ("lmshard_shard_up", "lmshard_stats_age_seconds", "lmshard_writes",
                  "lmshard_batches", "lmshard_failed_batches", "lmshard_commit_latency_seconds",
                  "lmshard_map_used_bytes", "lmshard_map_max_bytes", "lmshard_reader_slots_used",
-                 "lmshard_table_rows", "lmshard_queue_depth", "lmshard_last_txn_id"):
+                 "lmshard_table_rows", "lmshard_queue_depth", "lmshard_last_txn_id",
+                 "lmshard_changes_bytes", "lmshard_changes_oldest_txn",
+                 "lmshard_changes_watchers", "lmshard_changes_max_lag_seconds"):
         assert name in families, name
     doc = json.loads(get(url + "/stats")[0])
     assert [s["shard"] for s in doc["shards"]] == [0, 1, 2, 3]

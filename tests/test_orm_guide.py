@@ -63,7 +63,8 @@ def test_the_guide_has_a_section_per_practice() -> None:
     wanted = [
         "Schema design", "Transaction patterns", "Index usage", "Serialization choices",
         "Time series", "Integer scaling", "Error handling", "Performance patterns",
-        "Testing strategies", "Deployment", "Monitoring and debugging", "Anti-patterns",
+        "Testing strategies", "Deployment", "Monitoring and debugging", "Change feed",
+        "Anti-patterns",
     ]
     titles = [line[3:].strip() for line in GUIDE.read_text().splitlines()
               if line.startswith("## ")]

@@ -287,6 +287,65 @@ class KeyCodec:
         return f"KeyCodec({self.spec!r})"
 
 
+def key_from_text(spec: str | tuple[str, ...], text: str) -> Any:
+    """A key (or key prefix) of kind ``spec`` typed as text, as on a command line; the inverse
+    of ``KeyCodec.to_json``: str as is, uuid in its canonical form, bytes in hex, the int kinds
+    in decimal (timestamp also as an ISO 8601 datetime). A tuple key is a JSON array of those
+    (``'["s1", 2]'``; fewer elements for a prefix), or one element's text for its first element.
+    KeyEncodingError says what was expected."""
+    if isinstance(spec, str):
+        return _scalar_from_text(spec, text)
+    if not text.startswith("["):
+        try:
+            return (_scalar_from_text(spec[0], text),)
+        except KeyEncodingError as exc:
+            raise KeyEncodingError(f"{exc.message}: the first element of a {spec!r} key",
+                                   hint=f"or write the key as a JSON array like "
+                                   f"{_example(spec)}") from None
+    import json
+
+    try:
+        items = json.loads(text)
+    except ValueError:
+        items = None
+    if not isinstance(items, list) or len(items) > len(spec):
+        raise KeyEncodingError(
+            f"{text!r} is not a JSON array of at most {len(spec)} elements",
+            hint=f"write the key as a JSON array like {_example(spec)}")
+    return tuple(v if isinstance(v, int) and kind in ("uint64", "int64", "timestamp")
+                 else _scalar_from_text(kind, v if isinstance(v, str) else json.dumps(v))
+                 for kind, v in zip(spec, items, strict=False))
+
+
+def _scalar_from_text(kind: str, text: str) -> Any:
+    try:
+        if kind in ("uint64", "int64"):
+            return int(text)
+        if kind == "timestamp":
+            try:
+                return int(text)
+            except ValueError:
+                return _dt.datetime.fromisoformat(text)
+        if kind == "bytes":
+            return bytes.fromhex(text)
+        if kind == "uuid":
+            return uuid.UUID(text)
+    except ValueError:
+        what = {"uint64": "a decimal integer", "int64": "a decimal integer",
+                "timestamp": "integer nanoseconds or an ISO 8601 datetime",
+                "bytes": "hex digits", "uuid": "a UUID"}[kind]
+        raise KeyEncodingError(f"{kind} key {text!r} is not {what}",
+                               hint=f"e.g. {_example((kind,))[1:-1]}") from None
+    return text
+
+
+def _example(spec: tuple[str, ...]) -> str:
+    samples = {"uint64": "7", "int64": "-7", "timestamp": "1700000000000000000",
+               "uuid": '"12345678-1234-5678-1234-567812345678"', "str": '"abc"',
+               "bytes": '"00ff"'}
+    return "[" + ", ".join(samples[k] for k in spec) + "]"
+
+
 def key_codec(spec: str | tuple[str, ...] | list[str]) -> KeyCodec:
     """Build the codec for a declared key kind or tuple of kinds; SchemaError if it is invalid."""
     if isinstance(spec, str):

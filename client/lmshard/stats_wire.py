@@ -182,12 +182,30 @@ STAT = STATS.declare(1, "stat", "owner", (
     _F("tables", row_counts, "table name -> rows"),
     _F("last_txn_id", wire.uint, "last committed transaction id"),
     _F("last_commit_time", number, "unix time of the last commit"),
+    _F("changes", wire.optional(a_map), "the change log (nil when it is off): bytes, records, "
+       "oldest_txn and newest_txn (nil when empty), floor, retain, retain_seconds, sent_changes, "
+       "bad_frames, and watchers, a list of {watch, lag_txns, lag_seconds, credit, messages}"),
     _F("dropped", wire.uint, "messages the owner could not queue (counted, never waited for)"),
     _F("publish_seconds", number, "seconds the owner took to build this message"),
 ), """
 One shard's numbers. Counters are cumulative since the owner started; rates and quantiles
 cover the `window` seconds since the owner's previous message (quantile fields are nil when no
 commit happened in the window).""")
+
+
+def changes_summary(log: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The change log's numbers in a ``stat`` message's ``changes`` map (or the owner's
+    ``ChangesChannel.stats()``), its watchers summed up: their number and the largest lag.
+    None when the log is off. The monitor's ``lmshard_changes_*`` series and a ping's
+    ``changes`` are these."""
+    if not log:
+        return None
+    watchers = log.get("watchers") or []
+    return {"bytes": log.get("bytes"), "records": log.get("records"),
+            "oldest_txn": log.get("oldest_txn"), "watchers": len(watchers),
+            "max_lag_txns": max((w.get("lag_txns", 0) for w in watchers), default=0),
+            "max_lag_seconds": max((w.get("lag_seconds", 0.0) for w in watchers), default=0.0),
+            "sent_changes": log.get("sent_changes", 0)}
 
 
 def stats_enabled(environ: Mapping[str, str] | None = None) -> bool:

@@ -365,8 +365,13 @@ class ServiceWatch(Watch):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise self.not_started(timeout)
-            try:  # STARTED queues no change, so _fill would wait out all of ``left``
-                self._fill(min(left, 0.02))
+            # Not _fill: it waits for a change, and a STARTED is none (nor is a change one
+            # owner sent before the others answered a reason to stop reading them).
+            try:
+                ready = dict(self._poller.poll(int(min(left, SILENCE / 3) * 1000) + 1))
+                for f in self._feeds:
+                    if f.sock is not None and f.sock in ready:
+                        self._drain(f)
             except Error:
                 self.close()
                 raise

@@ -124,6 +124,7 @@ def metric_families(snap: dict[str, Any]) -> list[Metric]:
     }
     rows = GaugeMetricFamily("lmshard_table_rows", "rows in a table on the shard",
                              labels=["shard", "table"])
+    changes = ChangeLogFamilies()
 
     for entry in snap["shards"]:
         sl = [str(entry["shard"])]
@@ -159,8 +160,50 @@ def metric_families(snap: dict[str, Any]) -> list[Metric]:
                 family.add_metric(sl, s[key])
         for table, n in sorted(s["tables"].items()):
             rows.add_metric([sl[0], table], n)
+        changes.add(sl[0], s.get("changes"))
     return [shards, up, age, received, bad, *counters.values(), latency, latency_max, group,
-            per_batch, depth, depth_max, *gauges.values(), rows]
+            per_batch, depth, depth_max, *gauges.values(), rows, *changes.families()]
+
+
+class ChangeLogFamilies:
+    """The ``lmshard_changes_*`` series: each shard's change log and how far its watches are
+    behind (``stats_wire.changes_summary`` of its message's ``changes``)."""
+
+    def __init__(self) -> None:
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=["shard"])
+
+        self.gauges = {
+            "bytes": gauge("lmshard_changes_bytes", "bytes of the map the change log takes"),
+            "records": gauge("lmshard_changes_records",
+                             "transactions the change log holds (one record each)"),
+            "oldest_txn": gauge("lmshard_changes_oldest_txn",
+                                "transaction id of the change log's oldest record (a watch "
+                                "from before it gets ChangesCompacted)"),
+            "watchers": gauge("lmshard_changes_watchers", "watches the owner serves"),
+            "max_lag_txns": gauge("lmshard_changes_max_lag_txns",
+                                  "transactions the furthest-behind watch has not been sent"),
+            "max_lag_seconds": gauge("lmshard_changes_max_lag_seconds",
+                                     "age of the oldest change the furthest-behind watch has "
+                                     "not been sent (0 when every watch is caught up)"),
+        }
+        self.sent = Metric("lmshard_changes_sent", "changes the owner sent to watches",
+                           "counter")
+
+    def add(self, shard: str, log: dict[str, Any] | None) -> None:
+        """One shard's numbers; nothing when its change log is off."""
+        numbers = stats_wire.changes_summary(log)
+        if numbers is None:
+            return
+        for key, family in self.gauges.items():
+            if numbers[key] is not None:  # oldest_txn of an empty log
+                family.add_metric([shard], numbers[key])
+        self.sent.add_sample(self.sent.name + "_total", {"shard": shard},
+                             numbers["sent_changes"])
+
+    def families(self) -> list[Metric]:
+        return [*self.gauges.values(), self.sent]
+
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import lmdb
 import msgpack
 import zmq
 
-from lmshard import protocol, security
+from lmshard import protocol, security, stats_wire
 from lmshard.changes import ChangeLog
 from lmshard.config import Config
 from lmshard.errors import (
@@ -463,16 +463,24 @@ class ShardOwner:
             "uptime": time.time() - self.counters.started,
             "last_commit": self.counters.last_commit_time,
             "disk_full": self.disk_full.as_dict(),
+            "changes": stats_wire.changes_summary(self.changes_stats()),
         }
 
     def stats(self) -> dict[str, Any]:
         s = self.store.stats()
         s["owner"] = self.counters.as_dict()
         s["shard"] = self.shard
+        changes = self.changes_stats()
+        if changes is not None:
+            s["changes"] = changes
+        return s
+
+    def changes_stats(self) -> dict[str, Any] | None:
+        """The change feed's ``ChangesChannel.stats()``; None when the log is off."""
         for ch in self.channels:
             if isinstance(ch, ChangesChannel):
-                s["changes"] = ch.stats()
-        return s
+                return ch.stats()
+        return None
 
     def read(self) -> ReadTxn:  # for tests and tools in this process
         return self.store.read()  # type: ignore[return-value]

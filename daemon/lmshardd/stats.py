@@ -267,5 +267,6 @@ class StatsChannel:
             "tables": tables,
             "last_txn_id": info["last_txnid"],
             "last_commit_time": c.last_commit_time,
+            "changes": owner.changes_stats(),
             "dropped": self.dropped,
         }

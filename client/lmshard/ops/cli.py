@@ -8,13 +8,14 @@
     lmshard ctl [-c CONFIG] ARGS...          supervisorctl on this service's supervisord
     lmshard demo [-c CONFIG] [--workers N] [--seconds S]
 
-and ``stats``, ``top``, ``backup``, ``verify``, ``restore``, ``keys`` and ``bench``. Each
-command lives in a module of ``lmshard.ops`` that registers it with ``add_parsers``; this one
-puts them together and turns errors into exit statuses.
+and ``stats``, ``top``, ``watch``, ``backup``, ``verify``, ``restore``, ``keys`` and
+``bench``. Each command lives in a module of ``lmshard.ops`` that registers it with
+``add_parsers``; this one puts them together and turns errors into exit statuses.
 
 Every command finds the config by ``-c``, then ``$LMSHARD_CONFIG``, then
 ``./config/lmshard.toml``; supervisord.conf is the file next to it. Exit status: 0 ok,
-1 failed, 2 bad usage or config, 3 (status) not running.
+1 failed, 2 bad usage or config, 3 (status) not running, 4 (watch) the cursor is older
+than the change logs keep.
 """
 
 from __future__ import annotations
@@ -26,12 +27,21 @@ from types import ModuleType
 
 from lmshard.config import ConfigError
 from lmshard.errors import Error
-from lmshard.ops import backup_cli, bench_cli, demo, keys_cli, service_cli, status, top
+from lmshard.ops import (
+    backup_cli,
+    bench_cli,
+    demo,
+    keys_cli,
+    service_cli,
+    status,
+    top,
+    watch_cli,
+)
 from lmshard.ops.command import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 from lmshard.ops.supervise import SupervisorError
 
 COMMAND_MODULES: tuple[ModuleType, ...] = (
-    service_cli, status, demo, top, backup_cli, keys_cli, bench_cli,
+    service_cli, status, demo, top, watch_cli, backup_cli, keys_cli, bench_cli,
 )
 """The modules of the ``lmshard`` commands, in the order ``lmshard --help`` lists them; each
 registers its commands with ``add_parsers(subparsers)`` and sets ``func``."""

@@ -19,6 +19,8 @@ EXIT_USAGE = 2
 """Bad usage or a bad config: nothing was started or changed."""
 EXIT_NOT_RUNNING = 3
 """``lmshard status``: the service is not running."""
+EXIT_COMPACTED = 4
+"""``lmshard watch``: the cursor is older than what the change logs keep."""
 EXIT_INTERRUPTED = 130
 """Ctrl-C (128 + SIGINT, as a shell reports it)."""
 

@@ -115,7 +115,17 @@ def _health_text(p: dict[str, Any]) -> str:
     return (f"{refusing}ping {h['rtt_ms']:.1f}ms  txn {h['txn_id']}  {commit}  "
             f"map {h['map_used_pct']:.1f}% of {format_bytes(h['map_size'])}, "
             f"{h['max_map_used_pct']:.2f}% of max {format_bytes(h['max_map_size'])}  "
-            f"readers {h['readers']}/{h['max_readers']}")
+            f"readers {h['readers']}/{h['max_readers']}{_changes_text(h.get('changes'))}")
+
+
+def _changes_text(c: dict[str, Any] | None) -> str:
+    """The change log's part of a shard's status line (nothing when the log is off)."""
+    if not c:
+        return ""
+    oldest = "" if c["oldest_txn"] is None else f" from txn {c['oldest_txn']}"
+    watches = f"{c['watchers']} watch{'es' if c['watchers'] != 1 else ''}"
+    lag = f", {c['max_lag_seconds']:.1f}s behind" if c["max_lag_txns"] else ""
+    return f"  changes {format_bytes(c['bytes'])}{oldest}, {watches}{lag}"
 
 
 def _process_line(p: dict[str, Any], width: int) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 # Every module that declares a wire channel (imported for that, in the order rendered):
 import lmshard.backup_wire  # noqa: F401  the backup channel
+import lmshard.changes_wire  # noqa: F401  the change feed channel
 import lmshard.stats_wire  # noqa: F401  the stats and monitor channels
 from lmshard import wire
 from lmshard.errors import error_classes
