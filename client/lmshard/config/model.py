@@ -357,7 +357,7 @@ PORT_SETTINGS = (
             name="backup_base_port", example="5700"),
     Setting("shard.changes_base_port", Integer(1, 65535, optional=True), None,
             "{port} in shard.changes_endpoint is changes_base_port + the shard number.",
-            name="changes_base_port", example="5800"),
+            name="changes_base_port", example="6000"),
 )
 """Keys no ``Config`` field holds: they only fill in ``{port}`` in the shard endpoints."""
 
