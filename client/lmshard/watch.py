@@ -320,6 +320,7 @@ class ServiceWatch(Watch):
         self._prefix = prefix
         self._poller = zmq.Poller()
         self._feeds = [_Feed(s, config.changes_endpoint(s)) for s in range(shards)]
+        self._started_news = False  # a STARTED came in: _fill returns, the start loop looks
         for f in self._feeds:
             f.pos = wanted if isinstance(wanted, str) else wanted[f.shard]
             self._subscribe(f)
@@ -385,6 +386,9 @@ class ServiceWatch(Watch):
             for f in self._feeds:
                 if f.sock is not None and f.sock in ready:
                     self._drain(f)
+            if self._started_news:
+                self._started_news = False
+                return
 
     def _drain(self, f: _Feed) -> None:
         sock = f.sock
@@ -414,6 +418,7 @@ class ServiceWatch(Watch):
             history, txn, n = values
             f.pos = Position(history, txn, n)
             f.started = True
+            self._started_news = True
             if self._positions[f.shard] is None:
                 self._positions[f.shard] = f.pos
             return
