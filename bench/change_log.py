@@ -24,7 +24,6 @@ alike; the tables show medians over the rounds and the per-round paired ratios.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -33,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import sys_lmshard
+from bench import machine, sys_lmshard
 from bench.procs import Run, run_workers
 from bench.schema import record
 from bench.systems import Lmshard
@@ -237,7 +236,7 @@ def run(sizes: Any, rounds: int, tmp: Path, rate: int = RATE, batch: int = WATCH
     services = {"on": Lmshard(readers=0), "off": Lmshard(readers=0, changes_enabled=False)}
     bases = []
     started = time.time()
-    load_before = os.getloadavg()[0]
+    monitor = machine.LoadMonitor().start()
     insert: dict[str, list[float]] = {}
     put1: dict[str, list[float]] = {}
     phases: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in PHASES}
@@ -276,7 +275,7 @@ def run(sizes: Any, rounds: int, tmp: Path, rate: int = RATE, batch: int = WATCH
             shutil.rmtree(base, ignore_errors=True)
     return summarize(insert, put1, phases, rounds=rounds, rows=rows, puts=puts,
                      seconds=seconds, started=started, rate=rate, batch=batch,
-                     load_average=[round(load_before, 2), round(os.getloadavg()[0], 2)])
+                     load=monitor.result())
 
 
 def _paired(a: list[float], b: list[float]) -> list[float]:

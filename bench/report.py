@@ -185,8 +185,8 @@ def change_intro(ch: dict[str, Any]) -> str:
             f"{ch['rounds']} rounds alternating on/off; inserts {ch['rows']:,} rows, puts "
             f"{ch['puts']:,}, paced load {ch['rate']:,} changes/s for {ch['seconds']:g} s "
             f"({ch['batch']} rows a commit, one writer per shard); {ch['date']}" + (
-                "; load average {:.1f} before, {:.1f} after".format(*ch["load_average"])
-                if ch.get("load_average") else ""))
+                f"; other processes used {ch['load']['others_cores']:.2f} cores on average "
+                f"(peak {ch['load']['others_peak_cores']:.2f})" if ch.get("load") else ""))
 
 
 def _num(x: float | None) -> str:
@@ -456,8 +456,10 @@ def markdown(summary: dict[str, Any], chart: Path | None, md_dir: Path) -> str:
             "## Change log",
             "",
             "What writing the change log costs and how soon a watcher has a change "
-            f"(`bench/change_log.py`, in this run): {change_intro(ch)}. Medians over the "
-            "rounds; per round, the paired ratio of that round.",
+            "(`bench/change_log.py`; `lmshard bench --only changes` runs it alone, and the "
+            "log-off baseline with it): "
+            f"{change_intro(ch)}. Medians over the rounds; per round, the paired ratio of that "
+            "round (the lag target: that round's p99).",
             "",
             md_table(change_ab_rows(ch)),
             "",
