@@ -41,7 +41,7 @@ def context() -> Any:
     return _ctx
 
 
-Run = Callable[[], tuple[int, Sequence[int]]]
+Run = Callable[[], tuple[Any, ...]]
 Workload = Callable[[dict[str, Any]], Run]
 
 
@@ -89,9 +89,12 @@ def _child(fn: Workload, spec: dict[str, Any], index: int, go: Any, q: Any) -> N
         q.put(("ready", index, None))
         go.wait()
         t0 = time.perf_counter()
-        ops, lat = run()
+        out = run()
         t1 = time.perf_counter()
-        q.put(("done", index, (ops, t0, t1, np.asarray(lat, dtype=np.int64), vm_hwm_kb())))
+        ops, lat = out[0], out[1]
+        extra = out[2] if len(out) > 2 else None
+        q.put(("done", index, (ops, t0, t1, np.asarray(lat, dtype=np.int64), vm_hwm_kb(),
+                               extra)))
     except BaseException:  # noqa: B036 - reported to the parent, which raises
         q.put(("error", index, traceback.format_exc()))
 
@@ -100,18 +103,21 @@ class WorkerError(RuntimeError):
     pass
 
 
-def run_workers(fn: Workload, specs: Sequence[dict[str, Any]],
-                servers: Iterable[int] = ()) -> Sample:
+def run_workers(fn: Workload | Sequence[Workload], specs: Sequence[dict[str, Any]],
+                servers: Iterable[int] = (), probe: Callable[[], Any] | None = None) -> Sample:
     """Run ``fn`` in one worker per spec, released together; ``servers`` are the pids whose
-    peak RSS this workload reports (summed)."""
+    peak RSS this workload reports (summed). ``fn`` may be one function per spec. ``probe``
+    is called right before the workers are released and right after the last one is done;
+    the two readings are ``Sample.extra["probe"]``."""
     ctx = context()
     go, q = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_child, args=(fn, s, i, go, q), daemon=True)
-             for i, s in enumerate(specs)]
+    fns = list(fn) if isinstance(fn, Sequence) else [fn] * len(specs)
+    procs = [ctx.Process(target=_child, args=(f, s, i, go, q), daemon=True)
+             for i, (f, s) in enumerate(zip(fns, specs, strict=True))]
     for p in procs:
         p.start()
     servers = list(servers)
-    name = f"{fn.__module__}.{fn.__name__}"
+    name = ", ".join(sorted({f"{f.__module__}.{f.__name__}" for f in fns}))
 
     def receive(timeout: float, finished: set[int]) -> tuple[str, int, Any]:
         deadline = time.monotonic() + timeout
@@ -138,11 +144,13 @@ def run_workers(fn: Workload, specs: Sequence[dict[str, Any]],
             ready.add(receive(READY_TIMEOUT, set())[1])
         for pid in servers:
             reset_hwm(pid)
+        before = probe() if probe is not None else None
         go.set()
-        done: dict[int, tuple[int, float, float, np.ndarray, int]] = {}
+        done: dict[int, tuple[int, float, float, np.ndarray, int, Any]] = {}
         while len(done) < len(procs):
             _, i, payload = receive(RUN_TIMEOUT, set(done))
             done[i] = payload
+        after = probe() if probe is not None else None
         server_rss = sum(vm_hwm_kb(pid) for pid in servers) if servers else None
     finally:
         for p in procs:
@@ -154,9 +162,12 @@ def run_workers(fn: Workload, specs: Sequence[dict[str, Any]],
     ops = sum(d[0] for d in results)
     span = max(d[2] for d in results) - min(d[1] for d in results)
     lat = np.concatenate([d[3] for d in results])
+    extra: dict[str, Any] = {"workers": [done[i][5] for i in sorted(done)]}
+    if probe is not None:
+        extra["probe"] = (before, after)
     return Sample(ops=ops, seconds=span, latencies_ns=lat,
                   client_rss_kb=max(d[4] for d in results), server_rss_kb=server_rss,
-                  workers=len(procs))
+                  workers=len(procs), extra=extra)
 
 
 def split(total: int, parts: int) -> list[tuple[int, int]]:

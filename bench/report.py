@@ -142,6 +142,53 @@ def commit_rows(sc: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def change_ab_rows(ch: dict[str, Any]) -> list[list[str]]:
+    rows = [["workload (1 client)", "log off", "log on", "on / off", "per round",
+             "owner CPU us off", "owner CPU us on"]]
+    for key, label, unit in (("insert", "batched inserts, client.writer()", "rows/s"),
+                             ("put1", "acked single puts", "puts/s")):
+        c = ch[key]
+        rows.append([f"{label} [{unit}]", rate(c["off"]), rate(c["on"]), f"{c['ratio']:.2f}x",
+                     ", ".join(f"{x:.2f}" for x in c["per_round"]), _num(c["off_cpu_us"]),
+                     _num(c["on_cpu_us"])])
+    return rows
+
+
+def change_phase_rows(ch: dict[str, Any]) -> list[list[str]]:
+    rows = [["paced load", "changes/s", "owner CPU us a change", "vs log on, no watcher",
+             "owner cores", "lag from ack p50 / p99 / max ms", "lag from send p50 / p99 ms",
+             "commit ms p50 / p99"]]
+    base = ch["phases"]["log on, no watcher"]["cpu_us_per_change"]
+
+    def ms(d: dict[str, Any] | None, keys: tuple[str, ...]) -> str:
+        return "-" if d is None else " / ".join(_num(d[k]) for k in keys)
+
+    for name, p in ch["phases"].items():
+        rows.append([name, rate(p["written_per_s"]), _num(p["cpu_us_per_change"]),
+                     f"{p['cpu_us_per_change'] / base:.2f}x", f"{p['owner_cores']:.2f}",
+                     ms(p.get("from_ack_ms"), ("p50", "p99", "max")),
+                     ms(p.get("from_send_ms"), ("p50", "p99")),
+                     ms(p["commit_ms"], ("p50", "p99"))])
+    return rows
+
+
+def change_target_rows(ch: dict[str, Any]) -> list[list[str]]:
+    rows = [["target", "goal", "measured", "per round", "result"]]
+    for t in ch["targets"]:
+        rows.append([t["target"], t["goal"], t["value"],
+                     ", ".join(f"{x:.2f}" for x in t["per_round"]) or "-", t["status"]])
+    return rows
+
+
+def change_intro(ch: dict[str, Any]) -> str:
+    return (f"two 4-shard services side by side (fsync on), `[changes] enabled` true and false; "
+            f"{ch['rounds']} rounds alternating on/off; inserts {ch['rows']:,} rows, puts "
+            f"{ch['puts']:,}, paced load {ch['rate']:,} changes/s for {ch['seconds']:g} s "
+            f"({ch['batch']} rows a commit, one writer per shard); {ch['date']}" + (
+                f"; other processes used {ch['load']['others_cores']:.2f} cores on average "
+                f"(peak {ch['load']['others_peak_cores']:.2f})" if ch.get("load") else ""))
+
+
 def _num(x: float | None) -> str:
     if x is None:
         return "-"
@@ -200,6 +247,14 @@ def print_all(summary: dict[str, Any]) -> None:
         print(text_table(scaling_rows(sc, "gets_per_s")))
         print("\nCommit latency by batch size (1 shard, fsync on; send to ack)\n")
         print(text_table(commit_rows(sc)))
+    ch = summary.get("changes")
+    if ch:
+        print(f"\nChange log: {change_intro(ch)}\n")
+        print(text_table(change_ab_rows(ch)))
+        print()
+        print(text_table(change_phase_rows(ch)))
+        print()
+        print(text_table(change_target_rows(ch)))
     print(f"\nMachine load: {load_line(meta)}" + (
         " -- LOADED: absolute numbers are noisy" if meta["load"]["loaded"] else ""))
 
@@ -393,6 +448,33 @@ def markdown(summary: dict[str, Any], chart: Path | None, md_dir: Path) -> str:
             "with `sync=True` beside it:",
             "",
             md_table(commit_rows(sc)),
+            "",
+        ]
+    ch = summary.get("changes")
+    if ch:
+        lines += [
+            "## Change log",
+            "",
+            "What writing the change log costs and how soon a watcher has a change "
+            "(`bench/change_log.py`; `lmshard bench --only changes` runs it alone, and the "
+            "log-off baseline with it): "
+            f"{change_intro(ch)}. Medians over the rounds; per round, the paired ratio of that "
+            "round (the lag target: that round's p99).",
+            "",
+            md_table(change_ab_rows(ch)),
+            "",
+            "The paced load: one writer process per shard puts a batch every "
+            f"{ch['batch'] / (ch['rate'] / 4) * 1000:g} ms with `client.batch()`, each row's "
+            "value carrying `time.monotonic()` at send; a watcher's lag is the "
+            "`time.monotonic()` at which `Watch.get` returned the change less the moment the "
+            "writer had the commit's ack (from send: less the moment it sent, so the commit "
+            "and its fsync are in it). Owner CPU is every owner thread's (`/proc/PID/task/*/"
+            "schedstat`) from the workers' release to the last one's end, per change written. "
+            "Lags pool every watcher and round.",
+            "",
+            md_table(change_phase_rows(ch)),
+            "",
+            md_table(change_target_rows(ch)),
             "",
         ]
     notes = md_dir / "perf" / "notes.md"

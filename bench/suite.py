@@ -13,8 +13,9 @@ per operation (bench.timing). Prints medians over the rounds, p99 latencies, pea
 server and client, ratios against the baselines and each target with PASS/MISS; a full run
 writes docs/perf/results.json, docs/perf/ops.png and docs/performance.md.
 
-``--only`` takes workload names (see ``--list``), system names (raw, zlmdb, redis, lmshard)
-or ``scaling``; a run with ``--quick`` or ``--only`` writes nothing unless given ``--out``.
+``--only`` takes workload names (see ``--list``), system names (raw, zlmdb, redis, lmshard),
+``scaling`` or ``changes`` (the change log's cost and watch lag, bench.change_log); a run
+with ``--quick`` or ``--only`` writes nothing unless given ``--out``.
 """
 
 from __future__ import annotations
@@ -95,6 +96,12 @@ class Sizes:
     scale_rows: int
     commits: tuple[tuple[int, int], ...]
     """Batch sizes of the commit latency table, each with how many batches to time."""
+    log_rows: int
+    """Change log, log on vs off: rows of one batched insert run."""
+    log_puts: int
+    """Change log: acked single puts of one run."""
+    watch_seconds: float
+    """Change log: seconds of one paced write load (watch lag, owner CPU)."""
     batch: int = 1000
 
     @classmethod
@@ -108,6 +115,8 @@ class Sizes:
             remote_gets=max(1000, n // 10), scale_rows=10_000 if quick else 50_000,
             commits=((1, 100), (10, 100), (100, 50), (1000, 10), (10000, 3)) if quick else
             ((1, 300), (10, 300), (100, 200), (1000, 50), (10000, 10)),
+            log_rows=20_000 if quick else 100_000, log_puts=300 if quick else 1000,
+            watch_seconds=2.0 if quick else 5.0,
         )
 
 
@@ -152,20 +161,26 @@ class Results:
 
 
 class Selection:
-    """What ``--only`` picked: workloads, systems, and whether the scaling tables run."""
+    """What ``--only`` picked: workloads, systems, and whether the scaling and change log
+    tables run."""
+
+    EXTRAS = ("scaling", "changes")
 
     def __init__(self, only: Sequence[str] | None) -> None:
         names = [n.strip() for item in only or () for n in item.split(",") if n.strip()]
         unknown = [n for n in names if n not in BY_KEY and n not in SYSTEM_KEYS
-                   and n != "scaling"]
+                   and n not in self.EXTRAS]
         if unknown:
             raise SystemExit(
                 f"bench: unknown name(s) for --only: {', '.join(unknown)}; workloads: "
-                f"{', '.join(BY_KEY)}; systems: {', '.join(SYSTEM_KEYS)}; or scaling")
+                f"{', '.join(BY_KEY)}; systems: {', '.join(SYSTEM_KEYS)}; or scaling, changes")
         wl = [n for n in names if n in BY_KEY]
         sy = [n for n in names if n in SYSTEM_KEYS]
-        self.scaling = "scaling" in names or not names or (not wl and "lmshard" in sy)
-        self.workloads = set(wl) if wl else (set() if names == ["scaling"] else set(BY_KEY))
+        whole = not names or (not wl and "lmshard" in sy)
+        self.scaling = "scaling" in names or whole
+        self.changes = "changes" in names or whole
+        extras_only = bool(names) and all(n in self.EXTRAS for n in names)
+        self.workloads = set(wl) if wl else (set() if extras_only else set(BY_KEY))
         self.systems = set(sy) if sy else set(SYSTEM_KEYS)
         self.everything = not names
 
@@ -362,6 +377,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{w.key:<18} {w.label} [{w.unit}]")
         print(f"{'scaling':<18} lmshard throughput by shards and clients, commit latency by "
               "batch size")
+        print(f"{'changes':<18} the change log: writes with it on vs off, watch lag, owner CPU "
+              "with watchers")
         return 0
     sel = Selection(args.only)
     quick = bool(args.quick)
@@ -389,11 +406,20 @@ def run(args: argparse.Namespace) -> int:
             from bench import scaling as scaling_mod
 
             scaling = scaling_mod.run(sizes, rounds, tmp)
+<<<<<<< HEAD
         aio = None
         if sel.everything:  # acked puts from 64 coroutines (lmshard.aio, redis.asyncio)
             from bench import aio_puts
 
             aio = aio_puts.run(quick, rounds, tmp)
+=======
+        changes = None
+        if sel.changes and "lmshard" in sel.systems:
+            from bench import change_log
+
+            # A/B on a noisy machine: at least 3 alternations, 7 in a full run.
+            changes = change_log.run(sizes, max(3, 2 * rounds + 1), tmp)
+>>>>>>> bench
     finally:
         load = monitor.result()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -409,7 +435,11 @@ def run(args: argparse.Namespace) -> int:
         },
         "workloads": results.summary(),
         "scaling": scaling,
+<<<<<<< HEAD
         "aio": aio,
+=======
+        "changes": changes,
+>>>>>>> bench
     }
     summary["targets"] = report.targets(summary)
     report.print_all(summary)

@@ -127,10 +127,13 @@ class Lmshard(System):
     key, label, module_name = "lmshard", "lmshard", "bench.sys_lmshard"
     durability = "fsync per group commit (durability.sync = true)"
 
-    def __init__(self, shards: int = 4, readers: int = 2) -> None:
+    def __init__(self, shards: int = 4, readers: int = 2, **settings: Any) -> None:
+        """``settings`` are further config settings of the service (``make_config``'s names,
+        e.g. ``changes_enabled=False``)."""
         super().__init__()
         self.shards = shards
         self.readers = readers
+        self.settings = settings
         self.service: Any = None
         self.reader_procs: list[subprocess.Popen[bytes]] = []
 
@@ -152,7 +155,7 @@ class Lmshard(System):
         self.service = LocalService(
             base / "lmshard", "bench.schema:schema", shards=self.shards,
             python_path=[str(REPO)], sync=True, map_size="1GiB", readers=readers,
-            timeout_ms=30000, retries=2)
+            timeout_ms=30000, retries=2, **self.settings)
         self.service.start()
         return {"config": str(self.service.config_path)}
 

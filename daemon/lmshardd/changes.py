@@ -118,6 +118,9 @@ class ChangesChannel:
         self.watchers: dict[tuple[bytes, int], Watcher] = {}
         self.bad_frames = 0
         self.sent_changes = 0
+        self._filtered: dict[tuple[Any, ...], tuple[Any, list[int] | None, int]] = {}
+        """This turn's messages by (txn, first change, tables, prefix): watchers with the same
+        filter at the same place share one decode, filter and pack of the record."""
         self._next_idle_trim = time.monotonic() + IDLE_TRIM_INTERVAL
         log.info("shard %d serves its change log on %s", self.shard, endpoint)
 
@@ -256,6 +259,7 @@ class ChangesChannel:
         budget_records, budget_bytes = TURN_RECORDS, TURN_BYTES
         now = time.monotonic()
         read: dict[int, list[tuple[int, bytes]]] = {}
+        self._filtered.clear()
         with self.env.begin() as txn:
             for w in sorted(behind, key=lambda w: w.txn):
                 if budget_records <= 0 or budget_bytes <= 0:
@@ -277,6 +281,7 @@ class ChangesChannel:
                         if w.txn <= last:  # the end of the log: nothing more to send
                             w.txn, w.n = last + 1, 0
                             self._progress(w, now)
+        self._filtered.clear()  # what a turn read is not kept past it
 
     def _send_record(self, w: Watcher, txn_id: int, record: bytes, now: float) -> None:
         first = w.n if txn_id == w.txn else 0
@@ -285,13 +290,20 @@ class ChangesChannel:
             indexes = None
             count = -1
         else:
-            idx, picked = filter_effects(record_effects(record), first, w.tables, w.prefix)
-            if not picked:
+            key = (txn_id, first, w.tables, w.prefix)
+            message = self._filtered.get(key)
+            if message is None:
+                effects = record_effects(record)
+                idx, picked = filter_effects(effects, first, w.tables, w.prefix)
+                if first == 0 and len(picked) == len(effects):  # all of it: as it is stored
+                    message = (memoryview(record)[8:], None, len(picked))
+                else:
+                    message = (_packb(picked) if picked else b"", idx, len(picked))
+                self._filtered[key] = message
+            data, indexes, count = message
+            if not count:
                 w.txn, w.n = txn_id + 1, 0  # nothing here for this watch; PROGRESS will say
                 return
-            data = _packb(picked)
-            indexes = idx
-            count = len(picked)
         w.seq += 1
         if self._send(w.ident, [pack(CHANGES, w.wid, w.seq, txn_id, indexes), data]):
             w.credit -= 1
