@@ -406,20 +406,17 @@ def run(args: argparse.Namespace) -> int:
             from bench import scaling as scaling_mod
 
             scaling = scaling_mod.run(sizes, rounds, tmp)
-<<<<<<< HEAD
         aio = None
         if sel.everything:  # acked puts from 64 coroutines (lmshard.aio, redis.asyncio)
             from bench import aio_puts
 
             aio = aio_puts.run(quick, rounds, tmp)
-=======
         changes = None
         if sel.changes and "lmshard" in sel.systems:
             from bench import change_log
 
             # A/B on a noisy machine: at least 3 alternations, 7 in a full run.
             changes = change_log.run(sizes, max(3, 2 * rounds + 1), tmp)
->>>>>>> bench
     finally:
         load = monitor.result()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -435,11 +432,8 @@ def run(args: argparse.Namespace) -> int:
         },
         "workloads": results.summary(),
         "scaling": scaling,
-<<<<<<< HEAD
         "aio": aio,
-=======
         "changes": changes,
->>>>>>> bench
     }
     summary["targets"] = report.targets(summary)
     report.print_all(summary)
