@@ -4,6 +4,7 @@ kind of anomaly the fault campaign hunts fails (a checker that passes everything
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 from tests.faults import checker
@@ -153,3 +154,52 @@ def test_a_refused_cas_an_unseen_unknown_write_may_explain_is_not_held_against_t
     refused = op("cas", ("a", "b"), OK, False, 2.3, 2.4)  # the lost write landed first
     assert linearizable(w, lost, read, refused)
     assert not linearizable(w, read, refused)  # without it nothing explains the refusal
+
+
+def test_increment_bounds_agree_with_their_definition() -> None:
+    """The counter check sums by prefix sums (a long history's counters have tens of
+    thousands of increments); it must find exactly what the definition does, ties included
+    (whole-second times, so ends and starts often meet)."""
+
+    def by_definition(ops: list[Op]) -> list[str]:
+        incrs = [o for o in ops if o.kind == "incr" and o.outcome != FAIL]
+        acked = [o for o in incrs if o.outcome == OK]
+        problems, seen = [], set()
+        for x in acked:
+            low = x.value + sum(o.value for o in acked if o.end < x.start)
+            high = x.value + sum(o.value for o in incrs if o is not x and o.start < x.end)
+            if not low <= x.output <= high:
+                problems.append(f"incr by {x.process} returned {x.output}, expected {low} to "
+                                f"{high}")
+            if x.output in seen:
+                problems.append(f"two increments returned {x.output}")
+            seen.add(x.output)
+        for r in ops:
+            if r.kind == "read" and r.outcome == OK:
+                low = sum(o.value for o in acked if o.end < r.start)
+                high = sum(o.value for o in incrs if o.start < r.end)
+                if not low <= (r.output or 0) <= high:
+                    problems.append(f"read returned {r.output}, expected {low} to {high}")
+        return problems
+
+    rng = random.Random(7)
+    failing = 0
+    for _ in range(400):
+        ops, total = [], 0
+        for i in range(rng.randrange(1, 8)):
+            start = rng.randrange(10)
+            end = start + rng.randrange(3)
+            if rng.random() < 0.3:
+                ops.append(op("read", None, OK, total + rng.choice((0, 0, 0, -1, 1)), start, end))
+                continue
+            total += 1
+            outcome = rng.choice((OK, OK, OK, UNKNOWN, FAIL))
+            output = total + rng.choice((0, 0, 0, 0, -1, 1, 2)) if outcome == OK else None
+            ops.append(op("incr", 1, outcome, output, start, end, process=f"p{i}"))
+        ops.sort(key=lambda o: o.start)
+        expected = by_definition(ops)
+        got = checker.check_increments("c", ops)
+        assert got.ok == (not expected) and got.detail == "; ".join(expected[:3]), ops
+        failing += bool(expected)
+    assert 50 < failing < 350  # both verdicts drawn often (the draw is seeded)
+

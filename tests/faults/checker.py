@@ -270,14 +270,19 @@ def check_increments(key: str, ops: list[Op]) -> KeyResult:
     """A counter's increments, without a search (unknown increments commute, so a search over
     them is exponential): each acked increment's new value counts every increment acked
     before it began and no more than those invoked before it ended, and no two acked
-    increments return one value (deltas are positive)."""
+    increments return one value (deltas are positive). The sums are prefix sums over the
+    increments sorted by end (acked) and by start (all), so a long history is checked in
+    n log n, not n squared."""
     incrs = [op for op in ops if op.kind == "incr" and op.outcome != FAIL]
     acked = [op for op in incrs if op.outcome == OK]
+    acked_before = _Sums((op.end, op.value) for op in acked)
+    invoked_before = _Sums((op.start, op.value) for op in incrs)
     problems = []
     seen: dict[Any, Op] = {}
     for op in acked:
-        low = op.value + sum(o.value for o in acked if o.end < op.start)
-        high = op.value + sum(o.value for o in incrs if o is not op and o.start < op.end)
+        low = op.value + acked_before.below(op.start)
+        # every increment invoked before it ended, itself aside (it is counted once, above)
+        high = op.value + invoked_before.below(op.end) - (op.value if op.start < op.end else 0)
         if not low <= op.output <= high:
             problems.append(f"incr by {op.process} returned {op.output}, expected {low} to "
                             f"{high}")
@@ -286,11 +291,25 @@ def check_increments(key: str, ops: list[Op]) -> KeyResult:
         seen[op.output] = op
     reads = [op for op in ops if op.kind == "read" and op.outcome == OK]
     for r in reads:
-        low = sum(o.value for o in acked if o.end < r.start)
-        high = sum(o.value for o in incrs if o.start < r.end)
+        low = acked_before.below(r.start)
+        high = invoked_before.below(r.end)
         if not low <= (r.output or 0) <= high:
             problems.append(f"read returned {r.output}, expected {low} to {high}")
     return KeyResult(key, not problems, len(incrs) + len(reads), "; ".join(problems[:3]))
+
+
+class _Sums:
+    """The sum of the values of (time, value) pairs whose time is strictly below a bound."""
+
+    def __init__(self, pairs: Iterable[tuple[float, int]]) -> None:
+        ordered = sorted(pairs, key=lambda p: p[0])
+        self.times = [t for t, _ in ordered]
+        self.prefix = [0]
+        for _, v in ordered:
+            self.prefix.append(self.prefix[-1] + v)
+
+    def below(self, bound: float) -> int:
+        return self.prefix[bisect.bisect_left(self.times, bound)]
 
 
 def check(ops: Iterable[Op], initial: dict[str, Any] | None = None) -> Result:
