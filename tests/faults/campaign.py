@@ -59,6 +59,9 @@ class Summary:
     """Keys whose search ran out of its budget: neither passed nor failed."""
     samples: list[dict[str, Any]] = field(default_factory=list)
     """Resource samples over the run (``sample_every``): time, owner RSS and fds, slots."""
+    checked_in: float = 0.0
+    """Seconds from the end of the load to the verdict (faults healed, final reads, backup,
+    the history loaded and checked)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "seconds": self.seconds, "operations": self.operations,
@@ -331,6 +334,7 @@ def run_history(seconds: float, kinds: tuple[str, ...] = FAULT_KINDS, workers: i
         sampling_done = threading.Event()
         sampler = _sampling(service, sample_every, summary.samples, sampling_done)
         time.sleep(seconds)
+        loaded = time.monotonic()
         nemesis.heal()
         clients.join()
         service.healthy()
@@ -351,6 +355,7 @@ def run_history(seconds: float, kinds: tuple[str, ...] = FAULT_KINDS, workers: i
         for key, final in totals.items():
             summary.anomalies += checker.check_counter(
                 key, [op for op in ops if op.key == key], final)
+        summary.checked_in = time.monotonic() - loaded
         return summary
     finally:
         service.down()

@@ -1,6 +1,8 @@
 """``python -m tests.faults.soak`` (``make soak``): one long history under mixed load with a
-fault every 20-40 s, checked like any other, with the owners' RSS and open fds and the reader
-slots held sampled every 30 s: they must end where they started (faults aside).
+fault every 20-40 s, checked like any other (a key's search goes chunk by chunk, so its cost
+grows with the history's length, not faster: see ``checker.chunks``), with the owners' RSS and
+open fds and the reader slots held sampled every 30 s: they must end where they started
+(faults aside). Anomalies, undecided keys or a resource that grew fail it.
 
     python -m tests.faults.soak [--minutes 10] [--workers 4] [--seed X]
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tests.faults.campaign import run_history
+from tests.faults.campaign import FAULT_KINDS, run_history
 
 SAMPLE_EVERY = 30.0
 """Seconds between resource samples."""
@@ -26,10 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     s = run_history(60 * args.minutes, workers=args.workers, seed=args.seed,
                     interval=(20.0, 40.0), sample_every=SAMPLE_EVERY)
-    print(f"seed {s.seed}: {s.operations:,} operations ({dict(s.outcomes)}), faults "
-          f"{dict(s.faults)}, {len(s.anomalies)} anomalies")
+    print(f"seed        {s.seed}, {args.minutes:g} minutes of load, checked "
+          f"{s.checked_in:.0f} s after it")
+    print(f"operations  {s.operations:,}  (" + ", ".join(
+        f"{k} {s.outcomes[k]:,}" for k in ("ok", "fail", "unknown", "maybe")) + ")")
+    print("faults      " + ", ".join(f"{k} {s.faults[k]}" for k in FAULT_KINDS))
+    print(f"anomalies   {len(s.anomalies)}")
     for a in s.anomalies[:50]:
         print(f"  {a}")
+    print(f"undecided   {len(s.undecided)} keys (search budget)")
+    for u in s.undecided[:50]:
+        print(f"  {u}")
     print("sample  owners  RSS MiB  open fds  reader slots")
     t0 = s.samples[0]["t"] if s.samples else 0.0
     for x in s.samples:
@@ -42,9 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         for what in ("rss_kib", "fds", "reader_slots"):
             if last[what] > max(first[what] * GROWTH_LIMIT, first[what] + 4):
                 leaks.append(f"{what}: {first[what]} at the start, {last[what]} at the end")
+        print("start->end  " + ", ".join(
+            f"{label} {first[w] / div:.{prec}f} -> {last[w] / div:.{prec}f}"
+            for label, w, div, prec in (("RSS MiB", "rss_kib", 1024, 1), ("open fds", "fds", 1, 0),
+                                        ("reader slots", "reader_slots", 1, 0))))
     for leak in leaks:
         print(f"grew: {leak}")
-    return 1 if s.anomalies or leaks else 0
+    return 1 if s.anomalies or s.undecided or leaks else 0
 
 
 if __name__ == "__main__":
