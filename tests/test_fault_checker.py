@@ -4,6 +4,7 @@ kind of anomaly the fault campaign hunts fails (a checker that passes everything
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 from tests.faults import checker
@@ -153,3 +154,107 @@ def test_a_refused_cas_an_unseen_unknown_write_may_explain_is_not_held_against_t
     refused = op("cas", ("a", "b"), OK, False, 2.3, 2.4)  # the lost write landed first
     assert linearizable(w, lost, read, refused)
     assert not linearizable(w, read, refused)  # without it nothing explains the refusal
+
+
+def test_increment_bounds_agree_with_their_definition() -> None:
+    """The counter check sums by prefix sums (a long history's counters have tens of
+    thousands of increments); it must find exactly what the definition does, ties included
+    (whole-second times, so ends and starts often meet)."""
+
+    def by_definition(ops: list[Op]) -> list[str]:
+        incrs = [o for o in ops if o.kind == "incr" and o.outcome != FAIL]
+        acked = [o for o in incrs if o.outcome == OK]
+        problems, seen = [], set()
+        for x in acked:
+            low = x.value + sum(o.value for o in acked if o.end < x.start)
+            high = x.value + sum(o.value for o in incrs if o is not x and o.start < x.end)
+            if not low <= x.output <= high:
+                problems.append(f"incr by {x.process} returned {x.output}, expected {low} to "
+                                f"{high}")
+            if x.output in seen:
+                problems.append(f"two increments returned {x.output}")
+            seen.add(x.output)
+        for r in ops:
+            if r.kind == "read" and r.outcome == OK:
+                low = sum(o.value for o in acked if o.end < r.start)
+                high = sum(o.value for o in incrs if o.start < r.end)
+                if not low <= (r.output or 0) <= high:
+                    problems.append(f"read returned {r.output}, expected {low} to {high}")
+        return problems
+
+    rng = random.Random(7)
+    failing = 0
+    for _ in range(400):
+        ops, total = [], 0
+        for i in range(rng.randrange(1, 8)):
+            start = rng.randrange(10)
+            end = start + rng.randrange(3)
+            if rng.random() < 0.3:
+                ops.append(op("read", None, OK, total + rng.choice((0, 0, 0, -1, 1)), start, end))
+                continue
+            total += 1
+            outcome = rng.choice((OK, OK, OK, UNKNOWN, FAIL))
+            output = total + rng.choice((0, 0, 0, 0, -1, 1, 2)) if outcome == OK else None
+            ops.append(op("incr", 1, outcome, output, start, end, process=f"p{i}"))
+        ops.sort(key=lambda o: o.start)
+        expected = by_definition(ops)
+        got = checker.check_increments("c", ops)
+        assert got.ok == (not expected) and got.detail == "; ".join(expected[:3]), ops
+        failing += bool(expected)
+    assert 50 < failing < 350  # both verdicts drawn often (the draw is seeded)
+
+
+def test_a_history_is_cut_only_after_an_operation_alone_in_time_that_fixes_the_state() -> None:
+    wa = op("write", "a", OK, None, 0, 1)
+    wb, wc = op("write", "b", OK, None, 2, 4), op("write", "c", OK, None, 3, 5, process="q")
+    rc = op("read", None, OK, "c", 6, 7)
+    lost = Op("q", "k", "write", "x", UNKNOWN, None, 8, 8 + checker.LATE_WRITE_SECONDS)
+    rc2 = op("read", None, OK, "c", 9, 10)  # alone but for the unknown write still open
+    rx = op("read", None, OK, "x", 14, 15)
+    refused = op("cas", ("z", "y"), OK, False, 16, 17)  # alone, but the state is unknown after
+    rx2 = op("read", None, OK, "x", 18, 19)
+    r3 = op("read", None, OK, "x", 20, 21)
+    wd = op("write", "d", OK, None, 21, 22, process="q")  # touches r3: concurrent
+    rd = op("read", None, OK, "d", 23, 24)
+    ops = [wa, wb, wc, rc, lost, rc2, rx, refused, rx2, r3, wd, rd]
+    assert checker.chunks(ops) == [[wa], [wb, wc, rc], [lost, rc2, rx], [refused, rx2],
+                                   [r3, wd, rd]]
+    assert linearizable(*ops)
+
+
+def test_the_state_is_carried_across_a_cut() -> None:
+    wa, wb = op("write", "a", OK, None, 0, 2), op("write", "b", OK, None, 1, 3, process="q")
+    # concurrent writes: either may be last, so no cut may carry just one of them
+    assert linearizable(wa, wb, op("read", None, OK, "a", 4, 5))
+    assert linearizable(wa, wb, op("read", None, OK, "b", 4, 5))
+    # but once a read fixed it, the state after the cut is that one
+    assert not linearizable(wa, wb, op("read", None, OK, "a", 4, 5),
+                            op("read", None, OK, "b", 6, 7))
+    w = op("write", "a", OK, None, 0, 1)
+    swap = op("cas", ("a", "b"), OK, True, 2, 3)
+    assert linearizable(w, swap, op("read", None, OK, "b", 4, 5))
+    assert not linearizable(w, swap, op("read", None, OK, "a", 4, 5))
+    assert not linearizable(w, op("delete", None, OK, None, 2, 3), op("read", None, OK, "a", 4, 5))
+    # a refused cas leaves the state as it was, whatever that was: it fixes nothing
+    assert linearizable(w, op("cas", ("z", "b"), OK, False, 2, 3), op("read", None, OK, "a", 4, 5))
+    # an unknown write may land after a read that saw the older value, within its 5 s...
+    lost = op("write", "x", UNKNOWN, None, 2, 0, process="q")
+    ra = op("read", None, OK, "a", 3, 4)
+    assert linearizable(w, lost, ra, op("read", None, OK, "x", 6, 6.5))
+    assert linearizable(w, lost, ra, op("read", None, OK, "x", 10, 11))
+    # ... and once seen, stays
+    assert not linearizable(w, lost, ra, op("read", None, OK, "x", 6, 6.5),
+                            op("read", None, OK, "a", 8, 9))
+
+
+def test_a_long_history_is_searched_chunk_by_chunk() -> None:
+    """The budget is a chunk's: a history far longer than it is decided, and an anomaly
+    late in it is found, not lost in a search backtracking through everything before."""
+    ops = []
+    for i in range(5000):
+        ops.append(op("write", f"v{i}", OK, None, 4 * i, 4 * i + 1))
+        ops.append(op("read", None, OK, f"v{i}", 4 * i + 2, 4 * i + 3))
+    assert checker.check_register("k", ops, budget=100).ok is True
+    stale = op("read", None, OK, "v4000", 30000, 30001)
+    bad = checker.check_register("k", [*ops, stale], budget=100)
+    assert bad.ok is False and "read(None) -> ok 'v4000'" in bad.detail

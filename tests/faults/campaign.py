@@ -59,6 +59,9 @@ class Summary:
     """Keys whose search ran out of its budget: neither passed nor failed."""
     samples: list[dict[str, Any]] = field(default_factory=list)
     """Resource samples over the run (``sample_every``): time, owner RSS and fds, slots."""
+    checked_in: float = 0.0
+    """Seconds from the end of the load to the verdict (faults healed, final reads, backup,
+    the history loaded and checked)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "seconds": self.seconds, "operations": self.operations,
@@ -270,22 +273,28 @@ def _small_fs(stack: contextlib.ExitStack, data_dir: Path) -> bool:
 
 
 def sample(service: Service) -> dict[str, Any]:
-    """The owners' RSS (KiB) and open fds, and each shard's reader slots held, now."""
+    """The owners' RSS and anonymous RSS (KiB) and open fds, each shard's reader slots held,
+    and the size of the data files (KiB), now. RSS counts the pages of the data files an
+    owner has mapped (shared memory where they live on a tmpfs), so it grows with the data;
+    the anonymous part (heap, stacks) is where an owner's leak would show."""
     done = lmshard_cli("status", "--json", "-c", str(service.toml))
     procs = json.loads(done.stdout)["processes"]
     owners = [p for p in procs if "shard" in p and p["pid"]]
-    rss, fds = 0, 0
+    rss, anon, fds = 0, 0, 0
     for p in owners:
         try:
-            status = Path(f"/proc/{p['pid']}/status").read_text()
-            rss += int(next(line.split()[1] for line in status.splitlines()
-                            if line.startswith("VmRSS:")))
+            status = dict(line.split(":", 1) for line in
+                          Path(f"/proc/{p['pid']}/status").read_text().splitlines()
+                          if ":" in line)
+            rss += int(status["VmRSS"].split()[0])
+            anon += int(status["RssAnon"].split()[0])
             fds += len(os.listdir(f"/proc/{p['pid']}/fd"))
-        except (OSError, StopIteration):
+        except (OSError, KeyError):
             pass
     slots = sum((p.get("health") or {}).get("readers", 0) for p in owners)
-    return {"t": time.monotonic(), "owners": len(owners), "rss_kib": rss, "fds": fds,
-            "reader_slots": slots}
+    data = sum(f.stat().st_size for f in service.data_dir.rglob("data.mdb")) // 1024
+    return {"t": time.monotonic(), "owners": len(owners), "rss_kib": rss, "anon_kib": anon,
+            "fds": fds, "reader_slots": slots, "data_kib": data}
 
 
 def _sampling(service: Service, every: float | None, samples: list[dict[str, Any]],
@@ -331,6 +340,7 @@ def run_history(seconds: float, kinds: tuple[str, ...] = FAULT_KINDS, workers: i
         sampling_done = threading.Event()
         sampler = _sampling(service, sample_every, summary.samples, sampling_done)
         time.sleep(seconds)
+        loaded = time.monotonic()
         nemesis.heal()
         clients.join()
         service.healthy()
@@ -351,6 +361,7 @@ def run_history(seconds: float, kinds: tuple[str, ...] = FAULT_KINDS, workers: i
         for key, final in totals.items():
             summary.anomalies += checker.check_counter(
                 key, [op for op in ops if op.key == key], final)
+        summary.checked_in = time.monotonic() - loaded
         return summary
     finally:
         service.down()

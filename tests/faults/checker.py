@@ -6,7 +6,9 @@ return events in time order, linearize an operation at its call if the model all
 remember each (set of linearized operations, state) reached so no state is explored twice,
 and backtrack when a return is reached whose operation is not linearized yet. A key's
 operations are independent of other keys' (the store is linearizable per key), so each key is
-checked alone, which keeps the search small.
+checked alone, which keeps the search small; and a key's history is cut where its state is
+known (``chunks``) and searched one chunk at a time, so a long history costs in proportion to
+its length.
 
 What the outcomes allow (see ``history``): an ``ok`` operation took effect at one instant
 between its invocation and its completion; a ``fail`` one never did (a value only a failed
@@ -200,13 +202,99 @@ def outcomes(state: Any, op: Op) -> list[Any]:
 
 def check_register(key: str, ops: list[Op], initial: Any = None,
                    budget: int = SEARCH_BUDGET) -> KeyResult:
-    """Linearizability of one key's operations (see ``relevant`` for what is left out).
+    """Linearizability of one key's operations (see ``relevant`` for what is left out), one
+    chunk at a time (see ``chunks``), each from the state the one before ends in; ``budget``
+    is each chunk's.
 
     An unknown operation lands within LATE_WRITE_SECONDS of its invocation or never (an
     ``outcomes`` choice), so it is not left open until the end of the history, where every
     unknown write of the run would be concurrent with every other."""
     ops = [op if op.outcome != UNKNOWN else
            dataclasses.replace(op, end=op.start + LATE_WRITE_SECONDS) for op in relevant(ops)]
+    state = initial
+    for chunk in chunks(ops):
+        ok, detail = _search(chunk, state, budget)
+        if ok is None:
+            return KeyResult(key, None, len(ops), f"the search ran out of its budget {detail}")
+        if not ok:
+            return KeyResult(key, False, len(ops), f"no order explains {detail}")
+        state = fixed_state(chunk[-1])
+    return KeyResult(key, True, len(ops))
+
+
+def chunks(ops: list[Op]) -> list[list[Op]]:
+    """``ops`` (unknown ones already closed at LATE_WRITE_SECONDS) cut where the register's
+    state is known: after an operation that fixes it (``fixed_state``) and is alone in time,
+    every other operation of the key completing before it is invoked or invoked after it
+    completes, strictly (operations that touch count as concurrent).
+
+    Why a history is linearizable if and only if each chunk is, from the state the chunk
+    before ends in (what ``check_register`` checks):
+
+    - Every operation the search sees takes effect at one instant of its window
+      [invocation, completion], or, if its outcome is unknown or maybe, never. The last
+      operation X of a chunk is alone in time: every other window of the chunk closes before
+      X's opens, every window after the chunk opens after X's closes. So in any
+      linearization of the whole, the chunk's operations come first, X last among them, then
+      the rest; and X, answered ``ok``, did take effect. X fixes the state: a write leaves
+      its value, a delete nothing, an applied cas its new value, a read the value it
+      returned. So every linearization of the whole passes through that one state right
+      after X, whatever order the chunk's other operations took: the whole is linearizable
+      if and only if the chunk is (ending in that state, which the search checks as it
+      linearizes X last) and the rest is, from that state.
+    - A quiescent point alone (nothing open across it) would not do: the state there is any
+      one of those the operations before may leave (concurrent writes, an unknown write that
+      landed or did not), and carrying one of them, the first the search found, would report
+      an anomaly the store did not commit; carrying them all needs an exhaustive search of
+      the operations before (exponential in the writes concurrent there). A cut after an
+      operation that fixes the state needs neither.
+    - No window may stay open across a cut. An unknown operation may, as far as the store's
+      answer tells, take effect any time after its invocation; taken so, its window never
+      closes and nothing after its invocation could be alone in time. The checker already
+      takes an unknown operation to land within LATE_WRITE_SECONDS of its invocation or
+      never, so its window is closed there before the cuts are sought, and no cut comes
+      sooner than that after it: a cut relies on nothing the unchunked search did not.
+    - The operations left out (``relevant``) are left out of the whole key's history before
+      it is cut, with what was observed anywhere in it, exactly as without chunks.
+
+    So chunks change what the search costs (its memory of visited states: a bit per
+    operation of a chunk instead of one per operation of the whole history, and a failed
+    branch is never backtracked into earlier chunks), never its verdict."""
+    out: list[list[Op]] = [[]]
+    ordered = sorted(ops, key=lambda o: o.start)
+    closes = -math.inf  # the latest completion of the operations before ``op``
+    for i, op in enumerate(ordered):
+        alone = (op.start > closes
+                 and (i + 1 == len(ordered) or ordered[i + 1].start > op.end))
+        out[-1].append(op)
+        closes = max(closes, op.end)
+        if alone and fixed_state(op) is not _UNFIXED:
+            out.append([])
+    return [c for c in out if c]
+
+
+_UNFIXED = object()
+
+
+def fixed_state(op: Op) -> Any:
+    """The state an ``ok`` write, delete, applied cas or read leaves the register in,
+    whatever it held; ``_UNFIXED`` for any other operation."""
+    if op.outcome != OK:
+        return _UNFIXED
+    if op.kind == "write":
+        return op.value
+    if op.kind == "delete":
+        return None
+    if op.kind == "read":
+        return op.output
+    if op.kind == "cas" and op.output is True:
+        return op.value[1]
+    return _UNFIXED
+
+
+def _search(ops: list[Op], initial: Any, budget: int) -> tuple[bool | None, str]:
+    """Whether some order of ``ops`` from ``initial`` explains them (None: the search ran
+    out of ``budget`` steps), and the operation none explains if not."""
     head = _entries(ops)
     cache: set[tuple[int, Any]] = set()
     stack: list[tuple[_Entry, Any, int]] = []
@@ -219,7 +307,7 @@ def check_register(key: str, ops: list[Op], initial: Any = None,
         assert entry is not None
         budget -= 1
         if budget < 0:
-            return KeyResult(key, None, len(ops), "the search ran out of its budget")
+            return None, f"in {len(ops)} operations from {ops[0].start:.6f}"
         if entry.call:
             assert entry.op is not None
             bit = 1 << entry.index
@@ -240,11 +328,11 @@ def check_register(key: str, ops: list[Op], initial: Any = None,
         if len(stack) >= deepest[0]:
             deepest = (len(stack), _describe(entry.op, state))
         if not stack:
-            return KeyResult(key, False, len(ops), f"no order explains {deepest[1]}")
+            return False, deepest[1]
         entry, state, tried = stack.pop()
         linearized &= ~(1 << entry.index)
         _unlift(entry)
-    return KeyResult(key, True, len(ops))
+    return True, ""
 
 
 def _describe(op: Op | None, state: Any) -> str:
@@ -270,14 +358,19 @@ def check_increments(key: str, ops: list[Op]) -> KeyResult:
     """A counter's increments, without a search (unknown increments commute, so a search over
     them is exponential): each acked increment's new value counts every increment acked
     before it began and no more than those invoked before it ended, and no two acked
-    increments return one value (deltas are positive)."""
+    increments return one value (deltas are positive). The sums are prefix sums over the
+    increments sorted by end (acked) and by start (all), so a long history is checked in
+    n log n, not n squared."""
     incrs = [op for op in ops if op.kind == "incr" and op.outcome != FAIL]
     acked = [op for op in incrs if op.outcome == OK]
+    acked_before = _Sums((op.end, op.value) for op in acked)
+    invoked_before = _Sums((op.start, op.value) for op in incrs)
     problems = []
     seen: dict[Any, Op] = {}
     for op in acked:
-        low = op.value + sum(o.value for o in acked if o.end < op.start)
-        high = op.value + sum(o.value for o in incrs if o is not op and o.start < op.end)
+        low = op.value + acked_before.below(op.start)
+        # every increment invoked before it ended, itself aside (it is counted once, above)
+        high = op.value + invoked_before.below(op.end) - (op.value if op.start < op.end else 0)
         if not low <= op.output <= high:
             problems.append(f"incr by {op.process} returned {op.output}, expected {low} to "
                             f"{high}")
@@ -286,11 +379,25 @@ def check_increments(key: str, ops: list[Op]) -> KeyResult:
         seen[op.output] = op
     reads = [op for op in ops if op.kind == "read" and op.outcome == OK]
     for r in reads:
-        low = sum(o.value for o in acked if o.end < r.start)
-        high = sum(o.value for o in incrs if o.start < r.end)
+        low = acked_before.below(r.start)
+        high = invoked_before.below(r.end)
         if not low <= (r.output or 0) <= high:
             problems.append(f"read returned {r.output}, expected {low} to {high}")
     return KeyResult(key, not problems, len(incrs) + len(reads), "; ".join(problems[:3]))
+
+
+class _Sums:
+    """The sum of the values of (time, value) pairs whose time is strictly below a bound."""
+
+    def __init__(self, pairs: Iterable[tuple[float, int]]) -> None:
+        ordered = sorted(pairs, key=lambda p: p[0])
+        self.times = [t for t, _ in ordered]
+        self.prefix = [0]
+        for _, v in ordered:
+            self.prefix.append(self.prefix[-1] + v)
+
+    def below(self, bound: float) -> int:
+        return self.prefix[bisect.bisect_left(self.times, bound)]
 
 
 def check(ops: Iterable[Op], initial: dict[str, Any] | None = None) -> Result:

@@ -21,10 +21,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 OK, FAIL, UNKNOWN, MAYBE = "ok", "fail", "unknown", "maybe"
@@ -35,9 +35,10 @@ KINDS = ("write", "read", "cas", "incr", "delete")
 delete() (a write of None)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Op:
-    """One operation of a history, on one key."""
+    """One operation of a history, on one key (a long history holds millions: slots, and
+    ``load`` shares the strings every op repeats)."""
 
     process: str
     key: str
@@ -104,24 +105,26 @@ def load(paths: Iterable[str | os.PathLike[str]]) -> list[Op]:
     ops: list[Op] = []
     for path in paths:
         pending: dict[tuple[str, int], dict[str, Any]] = {}
-        for line in Path(path).read_text().splitlines():
-            if not line.strip():
-                continue
-            try:
-                ev = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the half line of a process killed while writing it
-            if ev["e"] == "invoke":
-                pending[(ev["p"], ev["id"])] = ev
-                continue
-            inv = pending.pop((ev["p"], ev["id"]))
-            ops.append(_op(inv, ev["outcome"], ev["output"], ev["t"]))
+        with open(path) as lines:  # line by line: a long history's files are large
+            for line in lines:
+                if not line.strip():
+                    continue
+                try:
+                    ev = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # the half line of a process killed while writing it
+                if ev["e"] == "invoke":
+                    pending[(ev["p"], ev["id"])] = ev
+                    continue
+                inv = pending.pop((ev["p"], ev["id"]))
+                ops.append(_op(inv, ev["outcome"], ev["output"], ev["t"]))
         ops.extend(_op(inv, UNKNOWN, None, math.inf) for inv in pending.values())
     ops.sort(key=lambda op: op.start)
     return ops
 
 
 def _op(inv: dict[str, Any], outcome: str, output: Any, end: float) -> Op:
-    return Op(process=inv["p"], key=inv["key"], kind=inv["kind"], value=_tuple(inv["value"]),
-              outcome=outcome, output=output, start=inv["t"],
+    return Op(process=sys.intern(inv["p"]), key=sys.intern(inv["key"]),
+              kind=sys.intern(inv["kind"]), value=_tuple(inv["value"]),
+              outcome=sys.intern(outcome), output=output, start=inv["t"],
               end=math.inf if outcome == UNKNOWN else end, batch=inv.get("batch"))
