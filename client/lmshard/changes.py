@@ -107,10 +107,6 @@ def parse_cursor(cursor: Any, shards: int) -> list[Position]:
     if not isinstance(cursor, str) or not cursor.startswith(_CURSOR_PREFIX) or len(cursor) > 8192:
         raise InvalidCursor(f"not a change-feed cursor: {cursor!r:.80}")
     parts = cursor[len(_CURSOR_PREFIX):].split("_")
-    if len(parts) != shards:
-        raise InvalidCursor(
-            f"the cursor holds positions for {len(parts)} shards, this store has {shards}",
-            hint="a cursor works only with the service (and shard count) it came from")
     out = []
     for part in parts:
         fields = part.split(".")
@@ -123,6 +119,10 @@ def parse_cursor(cursor: Any, shards: int) -> list[Position]:
         if not (0 <= txn < 2**63 and 0 <= n < 2**32):
             raise InvalidCursor(f"not a change-feed cursor: {cursor!r:.80}")
         out.append(Position(fields[0], txn, n))
+    if len(out) != shards:
+        raise InvalidCursor(
+            f"the cursor holds positions for {len(out)} shards, this store has {shards}",
+            hint="a cursor works only with the service (and shard count) it came from")
     return out
 
 

@@ -439,6 +439,9 @@ class ServiceWatch(Watch):
                 msg = decode(frames, "owner", limit=None)
             except ProtocolError:
                 continue  # not from an owner of this version: ignore it
+            if msg.watch_id == 0 and msg.message is ERROR:  # the owner could not read a frame
+                code, message, hint = msg.values
+                raise error_from_wire(code, f"shard {f.shard}: {message}", hint)
             if msg.watch_id != f.wid:
                 continue  # an answer to an earlier start on this connection
             f.heard = time.monotonic()

@@ -221,11 +221,9 @@ class ChangesChannel:
         last = self.owner.counters.last_txn_id
         try:
             pos = self.changes.resolve(since, last, self.shard)
-        except ChangesCompacted:
-            oldest = Position(self.changes.history, self.changes.floor)
-            self._send(ident, [pack(COMPACTED, wid, oldest.history, oldest.txn,
-                                    f"shard {self.shard}'s change log no longer holds this "
-                                    f"position; it keeps transactions from {oldest.txn} on")])
+        except ChangesCompacted as exc:  # its message says why: trimmed, or a new history
+            self._send(ident, [pack(COMPACTED, wid, self.changes.history, self.changes.floor,
+                                    exc.message)])
             return
         w = Watcher(ident, wid, None if tables is None else frozenset(tables), prefix,
                     pos.txn, pos.n, credit)
