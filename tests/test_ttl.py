@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import lmshard
-from lmshard.bound_tables import EXPIRY_SIZE, expiry_of
+from lmshard.bound_tables import EXPIRY_SIZE, NO_EXPIRY, expiry_of
 from lmshard.errors import SchemaError, SchemaMismatch, TTLError
 from tests.ttl_schema import cache, plain, schema, sessions, tallies, tokens
 
@@ -185,7 +185,7 @@ def test_plain_tables_store_the_codec_bytes_alone(st: lmshard.Store) -> None:
         assert r.txn.get((1).to_bytes(8, "big"), db=st.tables[plain].db) == \
             plain.value.dumps({"a": 1})
         stored = r.txn.get((1).to_bytes(8, "big"), db=st.tables[cache].db)
-    assert stored[:EXPIRY_SIZE] == bytes(EXPIRY_SIZE) and expiry_of(stored) == 0
+    assert stored[:EXPIRY_SIZE] == NO_EXPIRY and expiry_of(stored) == 0
     assert st.tables[plain].expiry_db is None and not st.tables[plain].expiring
     with st.env.begin() as txn:  # the main database lists the named ones
         names = {bytes(k) for k, _ in txn.cursor()}

@@ -217,7 +217,7 @@ class AsyncClient:
         else:
             data = await self._remote_one(shard, GET.request_for(ct.tid, kb))
         if ct.expiring:
-            data = live_row(data)
+            return ct.value(data, default)
         return default if data is None else ct.loads(data)
 
     async def _live(self, ct: ClientTable, key: Any) -> bytes | None:

@@ -7,7 +7,8 @@ Transactions (``lmshard.txn``), the embedded store, the shard owner and the read
 look tables up through it.
 
 Rows that expire: a table declared with ``ttl`` stores each row as an 8-byte big-endian expiry
-time (milliseconds since the epoch, wall clock; 0: never) followed by the codec's bytes, and
+time (milliseconds since the epoch, wall clock; all ones: never) followed by the codec's
+bytes, and
 keeps an expiry index ``x/<table uuid>`` of (expiry + row key) -> empty for its rows that have
 an expiry. The writer that encodes a put stamps the expiry (now + ttl), so it travels in the
 row through restarts, backups and restores. A plain table's rows are the codec's bytes alone.
@@ -18,6 +19,7 @@ absent until the owner's sweep deletes it); its ``BoundTable.loads`` skips the h
 
 from __future__ import annotations
 
+import struct
 import time
 import uuid
 from collections.abc import Callable
@@ -29,8 +31,31 @@ from lmshard.schema import Index, Schema, Table, ttl_seconds
 
 EXPIRY_SIZE = 8
 """Bytes of the expiry header before the codec's bytes, in rows of a table with ttl."""
-NO_EXPIRY = bytes(EXPIRY_SIZE)
-"""The header of a row that never expires."""
+NO_EXPIRY = b"\xff" * EXPIRY_SIZE
+"""The header of a row that never expires: the latest time there is, so that a row has
+expired exactly when its bytes sort below ``_cutoff()`` (one bytes comparison per read)."""
+_NEVER = 2**64 - 1
+_unpack_expiry = struct.Struct(">Q").unpack_from
+
+
+class _Cutoff:
+    """The header of a row expiring just after the current millisecond, recomputed when the
+    wall clock leaves that millisecond (either way: a clock stepped back is followed)."""
+
+    __slots__ = ("since", "until", "header")
+
+    def __init__(self) -> None:
+        self.since = self.until = 0.0
+        self.header = b""
+
+    def at(self, t: float) -> bytes:
+        ms = int(t * 1000)
+        self.since, self.until = ms / 1000, (ms + 1) / 1000
+        self.header = (ms + 1).to_bytes(EXPIRY_SIZE, "big")
+        return self.header
+
+
+_CUTOFF = _Cutoff()
 
 
 def now_ms() -> int:
@@ -40,22 +65,28 @@ def now_ms() -> int:
 
 def expiry_of(data: bytes | memoryview) -> int:
     """The expiry time (ms since the epoch, 0: never) of a stored row of a table with ttl."""
-    return int.from_bytes(data[:EXPIRY_SIZE], "big")
+    expiry = int(_unpack_expiry(data)[0])
+    return 0 if expiry == _NEVER else expiry
+
+
+def _cutoff() -> bytes:
+    """Stored rows whose bytes sort below this have expired (``_Cutoff``)."""
+    c, t = _CUTOFF, time.time()
+    return c.header if c.since <= t < c.until else c.at(t)
 
 
 def live_row(data: Any) -> Any:
     """``data`` (stored bytes of a row of a table with ttl, or None) if it is a row a read may
     return; None for an expired row. Every read of such a table goes through here."""
-    if data is not None:
-        expiry = int.from_bytes(data[:EXPIRY_SIZE], "big")
-        if expiry and expiry <= time.time() * 1000:
-            return None
+    if data is not None and bytes(data[:EXPIRY_SIZE]) < _cutoff():
+        return None
     return data
 
 
 def stamped(expiry: int, payload: bytes) -> bytes:
-    """A stored row of a table with ttl: the expiry header, then the codec's bytes."""
-    return expiry.to_bytes(EXPIRY_SIZE, "big") + payload
+    """A stored row of a table with ttl: the expiry header (``expiry`` 0: never), then the
+    codec's bytes."""
+    return (expiry or _NEVER).to_bytes(EXPIRY_SIZE, "big") + payload
 
 
 def expiry_entry(expiry: int, key: bytes) -> bytes:
@@ -103,7 +134,7 @@ class BoundTable:
 
     __slots__ = (
         "table", "name", "db", "kenc", "kdec", "kprefix", "dumps", "loads", "indexes", "by_name",
-        "any_width", "tid", "expiring", "expiry_db",
+        "any_width", "tid", "expiring", "expiry_db", "value",
     )
 
     def __init__(self, table: Table, db: Any, index_dbs: dict[str, Any],
@@ -124,9 +155,13 @@ class BoundTable:
         """A value as the row stores it (the default ttl stamped, for a table with ttl)."""
         self.loads: Callable[[Any], Any]
         """Stored row bytes as the value (the expiry header skipped)."""
+        self.value: Callable[[Any, Any], Any]
+        """Stored row bytes as read (None: no row) as the value, ``default`` for no row or
+        (``live_row``'s check, fused with decoding for the point gets) an expired one."""
         if self.expiring:
-            self.dumps, self.loads = _expiring_codec(table)
+            self.dumps, self.loads, self.value = _expiring_codec(table)
         else:
+            self.value = _plain_value(table.value.loads)
             self.dumps = table.value.dumps
             self.loads = table.value.loads
         self.indexes = tuple(BoundIndex(ix, index_dbs[name]) for name, ix in table.indexes.items())
@@ -192,8 +227,16 @@ class TableMap(dict[Any, BoundTable]):
         )
 
 
-def _expiring_codec(table: Table) -> tuple[Callable[[Any], bytes], Callable[[Any], Any]]:
-    """(dumps, loads) of stored rows of a table with ttl: the header, then the codec's bytes."""
+def _plain_value(loads: Callable[[Any], Any]) -> Callable[[Any, Any], Any]:
+    def value(data: Any, default: Any) -> Any:
+        return default if data is None else loads(data)
+    return value
+
+
+def _expiring_codec(table: Table) -> tuple[Callable[[Any], bytes], Callable[[Any], Any],
+                                           Callable[[Any, Any], Any]]:
+    """(dumps, loads, value) of stored rows of a table with ttl: the header, then the codec's
+    bytes."""
     dumps, loads = table.value.dumps, table.value.loads
     default_ms = round((table.ttl or 0) * 1000)
 
@@ -208,7 +251,18 @@ def _expiring_codec(table: Table) -> tuple[Callable[[Any], bytes], Callable[[Any
     def loads_row(data: Any) -> Any:
         return loads(data[EXPIRY_SIZE:])
 
-    return dumps_row, loads_row
+    clock, cutoff = time.time, _CUTOFF
+
+    def value(data: Any, default: Any) -> Any:
+        if data is None:
+            return default
+        t = clock()
+        # live_row's check inlined: the point get's hot path (see _Cutoff)
+        if data < (cutoff.header if cutoff.since <= t < cutoff.until else cutoff.at(t)):
+            return default
+        return loads(data[EXPIRY_SIZE:])
+
+    return dumps_row, loads_row, value
 
 
 def bind_tables(schema: Schema, open_db: Callable[[bytes, bool], Any]) -> TableMap:

@@ -231,7 +231,7 @@ class Client:
         hit = ct.local[shard]  # the hot path: one read txn on this process's open environment
         data = point_get(hit[0], hit[1], kb) if hit is not None else self._row(ct, shard, kb)
         if ct.expiring:
-            data = live_row(data)
+            return ct.value(data, default)
         return default if data is None else ct.loads(data)
 
     def _row(self, ct: ClientTable, shard: int, kb: bytes) -> bytes | None:

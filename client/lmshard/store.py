@@ -18,7 +18,7 @@ from typing import Any
 
 import lmdb
 
-from lmshard.bound_tables import TableMap, TableRef, bind_tables, live_row
+from lmshard.bound_tables import TableMap, TableRef, bind_tables
 from lmshard.changes import DEFAULT_RETAIN, DEFAULT_RETAIN_SECONDS, ChangeLog
 from lmshard.errors import Error, ReadOnlyError, SchemaError, TransactionError
 from lmshard.forksafe import check_fork, forget_inherited, on_fork_in_child
@@ -358,7 +358,7 @@ class Store:
         b = self._tables[table]
         data = point_get(env, b.db, b.kenc(key))
         if b.expiring:
-            data = live_row(data)
+            return b.value(data, default)
         return default if data is None else b.loads(data)
 
     def get_encoded(self, table: TableRef, key_bytes: bytes, default: Any = None) -> Any:
@@ -368,7 +368,7 @@ class Store:
         b = self._tables[table]
         data = point_get(env, b.db, key_bytes)
         if b.expiring:
-            data = live_row(data)
+            return b.value(data, default)
         return default if data is None else b.loads(data)
 
     def get_many(self, table: TableRef, keys: Any, default: Any = None) -> list[Any]:
