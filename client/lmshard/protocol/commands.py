@@ -218,7 +218,7 @@ def write(ops: list[list[Any]]) -> list[list[Any]]:
     BLAKE2b hash; result true; a mismatch fails the batch with ConflictError), ``incr``
     (4, arg = int64 delta; result: the new value), ``persist`` (5, arg nil; result: whether
     the row had an expiry, now removed). A table declared with ttl stores each row as an
-    8-byte big-endian expiry (ms since the epoch, 0: never) and then the codec's bytes: its
+    8-byte big-endian expiry (ms since the epoch, all ones: never), then the codec's bytes: its
     put and cas values carry that header (the client stamps now + ttl), its rows read back
     with it, and reads never return a row whose expiry has passed; an incr keeps the row's
     expiry. The owner deletes expired rows between commits, as ordinary deletes. The owner
