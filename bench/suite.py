@@ -417,6 +417,11 @@ def run(args: argparse.Namespace) -> int:
 
             # A/B on a noisy machine: at least 3 alternations, 7 in a full run.
             changes = change_log.run(sizes, max(3, 2 * rounds + 1), tmp)
+        ttl = None
+        if sel.everything:  # point gets on a table with ttl vs a plain one; expiry's CPU
+            from bench import ttl as ttl_bench
+
+            ttl = ttl_bench.run(quick, rounds, tmp)
     finally:
         load = monitor.result()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -441,6 +446,10 @@ def run(args: argparse.Namespace) -> int:
         from bench import aio_puts
 
         aio_puts.print_summary(aio)
+    if ttl is not None:
+        from bench import ttl as ttl_bench
+
+        ttl_bench.print_summary(ttl)
     if out_dir is not None:
         written = report.write(summary, out_dir, DOCS / "performance.md" if out_dir == PERF
                                else out_dir / "performance.md")

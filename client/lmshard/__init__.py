@@ -32,6 +32,7 @@ from lmshard.errors import (
     ShardUnavailable,
     StoreFull,
     TransactionError,
+    TTLError,
     UniqueViolation,
     UnknownIndex,
     UnknownTable,
@@ -52,4 +53,5 @@ __all__ = [
     "Store", "StoreFull", "Table", "TransactionError", "UniqueViolation", "UnknownIndex",
     "UnknownTable", "WriteTxn", "flatbuffers_codec", "get_codec", "open", "register_codec",
     "value_hash", "DeadlineExceeded", "Change", "ChangesCompacted", "InvalidCursor", "Watch",
+    "TTLError",
 ]

@@ -30,6 +30,7 @@ from lmshard import calls
 from lmshard.aio_owners import AsyncOwnerConnections, readable
 from lmshard.aio_writer import AsyncWriter
 from lmshard.batch import Batch, PartOutcome
+from lmshard.bound_tables import live_row
 from lmshard.calls import RemoteParts
 from lmshard.client_counters import ClientCounters
 from lmshard.client_tables import ClientTable, ClientTables
@@ -40,6 +41,7 @@ from lmshard.protocol import (
     GET,
     OP_DELETE,
     OP_INCR,
+    OP_PERSIST,
     OP_PUT,
     PING,
     SCAN,
@@ -52,7 +54,7 @@ from lmshard.protocol import (
 from lmshard.reads import LocalShards
 from lmshard.schema import Schema
 from lmshard.store import Store
-from lmshard.txn import TableRef, key_bounds, value_hash
+from lmshard.txn import TableRef, key_bounds, seconds_left, value_hash
 from lmshard.watch import SILENCE, Change, ServiceWatch, watch_filter
 
 if TYPE_CHECKING:
@@ -160,10 +162,18 @@ class AsyncClient:
         counters["batches_failed"] += sum(isinstance(r, Error) for r in replies.values())
         return calls.part_outcomes(replies)
 
-    async def put(self, table: TableRef, key: Any, value: Any) -> None:
-        """One acked write: returns once the owner committed it."""
+    async def put(self, table: TableRef, key: Any, value: Any, ttl: float | None = None
+                  ) -> None:
+        """One acked write: returns once the owner committed it. On a table with ttl the row
+        expires ``ttl`` seconds from now (None: the table's default)."""
         ct = self.tables[table]
-        await self._write_one(ct, key, OP_PUT, ct.dumps(value))
+        await self._write_one(ct, key, OP_PUT, ct.encode(value, ttl))
+
+    async def persist(self, table: TableRef, key: Any) -> bool:
+        """Make the row never expire; whether it had an expiry to remove."""
+        ct = self.tables[table]
+        ct.check_expiring("persist")
+        return bool(await self._write_one(ct, key, OP_PERSIST, None))
 
     async def delete(self, table: TableRef, key: Any) -> bool:
         return bool(await self._write_one(self.tables[table], key, OP_DELETE, None))
@@ -206,17 +216,30 @@ class AsyncClient:
             data = point_get(hit[0], hit[1], kb)
         else:
             data = await self._remote_one(shard, GET.request_for(ct.tid, kb))
+        if ct.expiring:
+            return ct.value(data, default)
         return default if data is None else ct.loads(data)
 
-    async def get_hash(self, table: TableRef, key: Any) -> bytes | None:
-        """The stored value's hash, for ``cas(..., expected_hash=)``."""
-        ct = self.tables[table]
+    async def _live(self, ct: ClientTable, key: Any) -> bytes | None:
+        """The row's stored bytes, None when there is none (or it expired)."""
         kb = ct.kenc(key)
         shard = ct.shard(key, kb)
         hit = self._local.handles(ct, shard)
         data = (point_get(hit[0], hit[1], kb) if hit is not None
                 else await self._remote_one(shard, GET.request_for(ct.tid, kb)))
-        return None if data is None else value_hash(data)
+        return live_row(data) if ct.expiring else data
+
+    async def get_hash(self, table: TableRef, key: Any) -> bytes | None:
+        """The stored value's hash, for ``cas(..., expected_hash=)``."""
+        ct = self.tables[table]
+        data = await self._live(ct, key)
+        return None if data is None else value_hash(ct.payload(data))
+
+    async def ttl(self, table: TableRef, key: Any) -> float | None:
+        """Seconds until the row expires; None when it never does, 0.0 when there is no row."""
+        ct = self.tables[table]
+        ct.check_expiring("ttl")
+        return seconds_left(await self._live(ct, key))
 
     async def get_many(self, table: TableRef, keys: Any, default: Any = None) -> list[Any]:
         plan = calls.GetMany(self._local, self.tables[table], keys, default)

@@ -24,9 +24,10 @@ class AsyncWriter(WriterStreams):
     ``Writer`` does.
     """
 
-    async def put(self, table: TableRef, key: Any, value: Any) -> None:
+    async def put(self, table: TableRef, key: Any, value: Any, ttl: float | None = None
+                  ) -> None:
         ct = self._tables[table]
-        st = self._buffered(ct, key, OP_PUT, ct.dumps(value))
+        st = self._buffered(ct, key, OP_PUT, ct.encode(value, ttl))
         if st is not None:
             await self._send(st)
 

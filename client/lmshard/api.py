@@ -26,7 +26,8 @@ from lmshard.watch import Watch
 class BatchWrites(Protocol):
     """The writes inside a ``batch()`` block."""
 
-    def put(self, table: TableRef, key: Any, value: Any) -> object: ...
+    def put(self, table: TableRef, key: Any, value: Any, ttl: float | None = None
+            ) -> object: ...
 
     def delete(self, table: TableRef, key: Any) -> object: ...
 
@@ -56,10 +57,19 @@ class DataAPI(Protocol):
                ) -> list[tuple[Any, Any]]:
         """Rows by index value (or index value prefix), in key order."""
 
-    def put(self, table: TableRef, key: Any, value: Any) -> None: ...
+    def put(self, table: TableRef, key: Any, value: Any, ttl: float | None = None) -> None:
+        """Store ``value``; on a table declared with ttl it expires ``ttl`` seconds from now
+        (None: the table's default). TTLError for a bad ttl or a table without ttl."""
 
     def delete(self, table: TableRef, key: Any) -> bool:
         """Whether a row was there."""
+
+    def ttl(self, table: TableRef, key: Any) -> float | None:
+        """Seconds until the row expires; None when it never does, 0.0 when there is no row
+        (or it expired)."""
+
+    def persist(self, table: TableRef, key: Any) -> bool:
+        """Make the row never expire; whether it had an expiry to remove."""
 
     def incr(self, table: TableRef, key: Any, delta: int = 1) -> int:
         """Atomically add ``delta``; the new value."""
@@ -105,7 +115,12 @@ class AsyncDataAPI(Protocol):
     async def lookup(self, table: TableRef, index: str, value: Any, prefix: bool = False
                      ) -> list[tuple[Any, Any]]: ...
 
-    async def put(self, table: TableRef, key: Any, value: Any) -> None: ...
+    async def put(self, table: TableRef, key: Any, value: Any, ttl: float | None = None
+                  ) -> None: ...
+
+    async def ttl(self, table: TableRef, key: Any) -> float | None: ...
+
+    async def persist(self, table: TableRef, key: Any) -> bool: ...
 
     async def delete(self, table: TableRef, key: Any) -> bool: ...
 

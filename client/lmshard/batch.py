@@ -12,7 +12,16 @@ from typing import Any
 
 from lmshard.client_tables import ClientTables
 from lmshard.errors import BatchPartiallyApplied, Error
-from lmshard.protocol import OP_CAS, OP_DELETE, OP_INCR, OP_PUT, cas_arg, incr_delta, op
+from lmshard.protocol import (
+    OP_CAS,
+    OP_DELETE,
+    OP_INCR,
+    OP_PERSIST,
+    OP_PUT,
+    cas_arg,
+    incr_delta,
+    op,
+)
 from lmshard.txn import TableRef
 
 PartOutcome = tuple[Error | None, Any]
@@ -44,11 +53,11 @@ class Batch:
         self._order.append((shard, len(part)))
         part.append(op(code, ct.tid, kb, arg))
 
-    def put(self, table: TableRef, key: Any, value: Any) -> None:
+    def put(self, table: TableRef, key: Any, value: Any, ttl: float | None = None) -> None:
         # The hot path of batched writes: _add and protocol.op inlined.
         ct = self._tables[table]
         kb = ct.kenc(key)
-        vb = ct.dumps(value)
+        vb = ct.dumps(value) if ttl is None else ct.encode(value, ttl)
         shard = ct.shard(key, kb)
         part = self._parts.get(shard)
         if part is None:
@@ -61,6 +70,11 @@ class Batch:
 
     def incr(self, table: TableRef, key: Any, delta: int = 1) -> None:
         self._add(table, key, OP_INCR, incr_delta(delta))
+
+    def persist(self, table: TableRef, key: Any) -> None:
+        """Make the row never expire (result: whether it had an expiry)."""
+        self._tables[table].check_expiring("persist")
+        self._add(table, key, OP_PERSIST, None)
 
     def cas(self, table: TableRef, key: Any, value: Any, expected: Any = None, *,
             expected_hash: bytes | None = None) -> None:

@@ -110,10 +110,7 @@ class Count:
                 self.remote.append((shard, COUNT.request_for(ct.tid, lo, hi)))
                 continue
             with st.read() as r:
-                if lo is None and hi is None:
-                    self.total += r.count(ct.table)
-                else:
-                    self.total += sum(1 for _ in r.scan_raw(ct.table, lo, hi))
+                self.total += r.count_raw(ct.table, lo, hi)
 
     def fill(self, replies: list[Any]) -> int:
         return self.total + sum(int(n) for n in replies)
@@ -139,10 +136,7 @@ class Lookup:
                 self.remote.append((shard, LOOKUP.request_for(ct.tid, index, ivb, prefix)))
                 continue
             with st.read() as r:
-                for rk in r.lookup_keys_raw(ct.table, index, ivb, prefix):
-                    data = r.get_raw(ct.table, rk)
-                    if data is not None:
-                        self.rows.append((rk, data))
+                self.rows.extend(r.lookup_rows_raw(ct.table, index, ivb, prefix))
 
     def fill(self, replies: list[Any]) -> list[tuple[Any, Any]]:
         ct = self.ct

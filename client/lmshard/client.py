@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmshard import calls
 from lmshard.batch import Batch, PartOutcome
+from lmshard.bound_tables import live_row
 from lmshard.client_counters import ClientCounters
 from lmshard.client_tables import ClientTable, ClientTables
 from lmshard.config import Config, load_config
@@ -32,6 +33,7 @@ from lmshard.protocol import (
     GET,
     OP_DELETE,
     OP_INCR,
+    OP_PERSIST,
     OP_PUT,
     PING,
     STATS,
@@ -41,7 +43,7 @@ from lmshard.protocol import (
 from lmshard.reads import LocalShards, RemoteReads
 from lmshard.schema import Schema
 from lmshard.store import Store
-from lmshard.txn import TableRef, key_bounds, value_hash
+from lmshard.txn import TableRef, key_bounds, seconds_left, value_hash
 from lmshard.watch import ServiceWatch, watch_filter
 from lmshard.writer import Writer
 
@@ -174,10 +176,17 @@ class Client:
             counters["batches_failed"] += 1
         return calls.op_result(r)
 
-    def put(self, table: TableRef, key: Any, value: Any) -> None:
-        """One acked write: returns once the owner committed it."""
+    def put(self, table: TableRef, key: Any, value: Any, ttl: float | None = None) -> None:
+        """One acked write: returns once the owner committed it. On a table with ttl the row
+        expires ``ttl`` seconds from now (None: the table's default)."""
         ct = self.tables[table]
-        self._write_one(ct, key, OP_PUT, ct.dumps(value))
+        self._write_one(ct, key, OP_PUT, ct.encode(value, ttl))
+
+    def persist(self, table: TableRef, key: Any) -> bool:
+        """Make the row never expire; whether it had an expiry to remove."""
+        ct = self.tables[table]
+        ct.check_expiring("persist")
+        return bool(self._write_one(ct, key, OP_PERSIST, None))
 
     def delete(self, table: TableRef, key: Any) -> bool:
         return bool(self._write_one(self.tables[table], key, OP_DELETE, None))
@@ -221,6 +230,8 @@ class Client:
         shard = ct.shard(key, kb)
         hit = ct.local[shard]  # the hot path: one read txn on this process's open environment
         data = point_get(hit[0], hit[1], kb) if hit is not None else self._row(ct, shard, kb)
+        if ct.expiring:
+            return ct.value(data, default)
         return default if data is None else ct.loads(data)
 
     def _row(self, ct: ClientTable, shard: int, kb: bytes) -> bytes | None:
@@ -232,13 +243,24 @@ class Client:
         data: bytes | None = self._remote.one(shard, GET.request_for(ct.tid, kb))
         return data
 
-    def get_hash(self, table: TableRef, key: Any) -> bytes | None:
-        """The stored value's hash, for ``cas(..., expected_hash=)``."""
+    def _live(self, ct: ClientTable, key: Any) -> bytes | None:
+        """The row's stored bytes, None when there is none (or it expired)."""
         check_fork()
-        ct = self.tables[table]
         kb = ct.kenc(key)
         data = self._row(ct, ct.shard(key, kb), kb)
-        return None if data is None else value_hash(data)
+        return live_row(data) if ct.expiring else data
+
+    def get_hash(self, table: TableRef, key: Any) -> bytes | None:
+        """The stored value's hash, for ``cas(..., expected_hash=)``."""
+        ct = self.tables[table]
+        data = self._live(ct, key)
+        return None if data is None else value_hash(ct.payload(data))
+
+    def ttl(self, table: TableRef, key: Any) -> float | None:
+        """Seconds until the row expires; None when it never does, 0.0 when there is no row."""
+        ct = self.tables[table]
+        ct.check_expiring("ttl")
+        return seconds_left(self._live(ct, key))
 
     def get_many(self, table: TableRef, keys: Any, default: Any = None) -> list[Any]:
         check_fork()

@@ -74,6 +74,14 @@ class NullIndexValue(KeyEncodingError):
     hint = "declare the index with nullable=True, or give the row a value for it"
 
 
+class TTLError(Error, ValueError):
+    """A time to live was refused: not a positive number of seconds, or given for a table
+    declared without ``ttl`` (whose rows carry no expiry); nothing was written."""
+
+    code = 23
+    hint = "pass ttl as seconds > 0, to a table declared with schema.table(..., ttl=...)"
+
+
 class UniqueViolation(Error):
     """A write would give a unique index two rows with one value; nothing was written."""
 
@@ -269,7 +277,7 @@ class InternalError(Error):
 ERRORS: tuple[type[Error], ...] = (
     Error,
     SchemaError, UnknownTable, UnknownIndex, SchemaMismatch,          # 1x the schema
-    KeyEncodingError, CodecError, NullIndexValue,                      # 2x keys and values
+    KeyEncodingError, CodecError, NullIndexValue, TTLError,            # 2x keys and values
     UniqueViolation, ConflictError,                                    # 3x a write's conditions
     StoreFull, ReadOnlyError, TransactionError, DiskFull,              # 4x the store
     ConfigError,                                                       # 5x the config

@@ -160,10 +160,15 @@ class ReplayingWriteTxn(WriteTxn):
         self._ops.append((fn, args, kw))
         return result
 
-    def put(self, table: BoundRef, key: Any, value: Any) -> None:
+    def put(self, table: BoundRef, key: Any, value: Any, ttl: float | None = None) -> None:
         # The hot path of batched inserts: no generic dispatch, one frame down to LMDB.
         if self._done:
             raise TransactionError("this transaction has ended")
+        b = self._tables[table]
+        if b.expiring or ttl is not None:  # stamped once: a replay keeps the expiry
+            vb = b.dumps(value) if ttl is None else b.encode(value, ttl)
+            self._record(WriteTxn.put_raw, (b, b.kenc(key), vb), {})
+            return
         try:
             WriteTxn.put(self, table, key, value)
         except lmdb.MapFullError:
@@ -192,6 +197,18 @@ class ReplayingWriteTxn(WriteTxn):
 
     def purge(self, *args: Any, **kw: Any) -> int:
         result: int = self._record(WriteTxn.purge, args, kw)
+        return result
+
+    def persist(self, *args: Any, **kw: Any) -> bool:
+        result: bool = self._record(WriteTxn.persist, args, kw)
+        return result
+
+    def persist_raw(self, *args: Any, **kw: Any) -> bool:
+        result: bool = self._record(WriteTxn.persist_raw, args, kw)
+        return result
+
+    def expire(self, *args: Any, **kw: Any) -> int:
+        result: int = self._record(WriteTxn.expire, args, kw)
         return result
 
     def _commit(self) -> None:

@@ -7,16 +7,31 @@ its codec (``lmshard.codecs``).
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from lmshard.codecs import Codec, get_codec
-from lmshard.errors import SchemaError, UnknownTable
+from lmshard.errors import SchemaError, TTLError, UnknownTable
 from lmshard.keys import KeyCodec, key_codec
 
 IndexFunction = Callable[[Any], Any]
 Migration = Callable[[Any], None]
+
+MAX_TTL = 100 * 365 * 86400
+"""The longest time to live: 100 years, in seconds (an expiry must fit the row's header)."""
+
+
+def ttl_seconds(ttl: Any, what: str) -> float:
+    """``ttl`` as seconds to live: a finite number from 0 (exclusive) up to ``MAX_TTL``;
+    TTLError naming ``what`` otherwise."""
+    if type(ttl) not in (int, float) or not (0 < ttl <= MAX_TTL) or not math.isfinite(ttl):
+        raise TTLError(
+            f"{what}: ttl must be a number of seconds > 0 and <= {MAX_TTL:,}, not {ttl!r:.40}",
+            hint="pass e.g. ttl=3600; to keep a row for good, persist() it",
+        )
+    return float(ttl)
 
 
 class Index:
@@ -43,6 +58,23 @@ class Index:
     def __repr__(self) -> str:
         kind = "unique" if self.unique else "non-unique"
         return f"<Index {self.table.name}.{self.name} {kind}{' nullable' if self.nullable else ''}>"
+
+
+def _table_ttl(name: str, ttl: Any, codec: Codec) -> float:
+    """The ``ttl`` a table is declared with, checked: 0, or seconds as a put's ttl."""
+    if ttl != 0 or type(ttl) not in (int, float):
+        try:
+            ttl = ttl_seconds(ttl, f"table {name!r}")
+        except TTLError as exc:
+            raise SchemaError(exc.message, hint="pass ttl=<seconds>, or ttl=0 for rows that "
+                              "expire only when a put says so") from None
+    if not getattr(codec, "carries_expiry", True):
+        raise SchemaError(
+            f"table {name!r}: codec {codec.name!r} cannot carry an expiry (its values are laid "
+            "out from their first byte, and rows of a table with ttl start with their expiry)",
+            hint="use another codec for a table with ttl, or drop ttl",
+        )
+    return float(ttl)
 
 
 def _first(n: int) -> Callable[[Any], Any]:
@@ -75,6 +107,7 @@ class Table:
         shard_key: Callable[[Any], Any] | None = None,
         pinned: bool = False,
         doc: str | None = None,
+        ttl: float | None = None,
     ) -> None:
         self.schema = schema
         self.name = name
@@ -89,6 +122,12 @@ class Table:
         self.doc = doc
         self.indexes: dict[str, Index] = {}
         self.db_name = b"t/" + str(table_id).encode()
+        self.ttl = ttl
+        """None: rows never expire and carry no expiry (the plain layout). Otherwise rows carry
+        an expiry (``lmshard.bound_tables``) and this is the default time to live in seconds
+        of a put that names none; 0: no default, only puts with ``ttl=`` expire."""
+        self.expiry_db_name = b"x/" + str(table_id).encode()
+        """The expiry index of a table with ``ttl``: expiry time + row key, in expiry order."""
 
     @property
     def placement(self) -> str:
@@ -186,8 +225,14 @@ class Schema:
         shard_key: Callable[[Any], Any] | int | None = None,
         pinned: bool = False,
         doc: str | None = None,
+        ttl: float | None = None,
     ) -> Table:
         """Declare a table. ``table_id`` is a UUID and is what names the table on disk.
+
+        ``ttl``: rows expire. A number of seconds is the default time to live of every put
+        (a put may pass its own ``ttl=``); ``ttl=0`` means rows expire only when a put passes
+        ``ttl=``. Such a table stores an expiry with every row, so adding or removing ``ttl``
+        later is refused (SchemaMismatch); changing its number is not.
 
         ``shard_key``: rows whose shard keys are equal live on one shard. Either a function of
         the key (its result is hashed), or, for a tuple key, an int n: the first n elements
@@ -219,6 +264,9 @@ class Schema:
                 hint="a pinned table lives on one shard; drop shard_key or pinned",
             )
         codec = key_codec(key if isinstance(key, str) else tuple(key))
+        value_codec = get_codec(value)
+        if ttl is not None:
+            ttl = _table_ttl(name, ttl, value_codec)
         prefix_len: int | None = None
         if type(shard_key) is int:
             n = shard_key
@@ -243,10 +291,11 @@ class Schema:
             name,
             tid,
             codec,
-            get_codec(value),
+            value_codec,
             shard_key=shard_key,
             pinned=pinned,
             doc=doc,
+            ttl=ttl,
         )
         t.shard_prefix = prefix_len
         self.tables[name] = t

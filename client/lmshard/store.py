@@ -33,7 +33,7 @@ from lmshard.store_meta import (
     read_meta,
     record_schema,
 )
-from lmshard.txn import ReadTxn, WriteTxn
+from lmshard.txn import EXPIRE_STEP, ReadTxn, WriteTxn
 from lmshard.watch import StoreWatch, watch_filter
 
 __all__ = [
@@ -66,6 +66,9 @@ DEFAULT_SLOW_TXN_WARNING = 1.0
 """Seconds a write transaction may stay open before a warning is logged."""
 SPARE_TXNS = 4
 """Read transaction handles py-lmdb keeps for reuse, which makes a read per call cheap."""
+WRITE_EXPIRE_STEP = 100
+"""Expired rows each write transaction of a store with ttl tables deletes before it commits
+(the embedded store has no owner to sweep them; ``Store.expire()`` deletes all at once)."""
 
 
 def allocate_lock_file(path: Path) -> None:
@@ -324,7 +327,7 @@ class Store:
             yield w
 
     @contextmanager
-    def _writing(self, strict: bool) -> Iterator[WriteTxn]:
+    def _writing(self, strict: bool, sweep: bool = True) -> Iterator[WriteTxn]:
         if self.readonly:
             raise ReadOnlyError(f"the store at {self.path} is open read-only")
         check_fork()
@@ -335,6 +338,8 @@ class Store:
         try:
             with w:
                 yield w
+                if sweep and self._tables.expiring:
+                    w.expire(WRITE_EXPIRE_STEP)
         finally:
             held = time.monotonic() - started
             if held > self.slow_txn_warning:
@@ -352,6 +357,8 @@ class Store:
         env = self._env or self._open_env()  # first: reopening (after a fork) rebinds the tables
         b = self._tables[table]
         data = point_get(env, b.db, b.kenc(key))
+        if b.expiring:
+            return b.value(data, default)
         return default if data is None else b.loads(data)
 
     def get_encoded(self, table: TableRef, key_bytes: bytes, default: Any = None) -> Any:
@@ -360,6 +367,8 @@ class Store:
         env = self._env or self._open_env()
         b = self._tables[table]
         data = point_get(env, b.db, key_bytes)
+        if b.expiring:
+            return b.value(data, default)
         return default if data is None else b.loads(data)
 
     def get_many(self, table: TableRef, keys: Any, default: Any = None) -> list[Any]:
@@ -405,10 +414,34 @@ class Store:
         with self.read() as r:
             return r.marshal(table, key)
 
-    def put(self, table: TableRef, key: Any, value: Any) -> None:
-        """Store ``value`` under ``key`` in its own write transaction."""
+    def put(self, table: TableRef, key: Any, value: Any, ttl: float | None = None) -> None:
+        """Store ``value`` under ``key`` in its own write transaction; on a table with ttl
+        it expires ``ttl`` seconds from now (None: the table's default)."""
         with self._writing(strict=False) as w:
-            w.put(table, key, value)
+            w.put(table, key, value, ttl)
+
+    def ttl(self, table: TableRef, key: Any) -> float | None:
+        """Seconds until the row expires; None when it never does, 0.0 when there is no row."""
+        with self.read() as r:
+            return r.ttl(table, key)
+
+    def persist(self, table: TableRef, key: Any) -> bool:
+        """Make the row never expire; whether it had an expiry to remove."""
+        with self._writing(strict=False) as w:
+            return w.persist(table, key)
+
+    def expire(self) -> int:
+        """Delete every expired row now (a write transaction per ``EXPIRE_STEP`` rows); the
+        number deleted. Reads never return expired rows, and each write transaction deletes
+        a few as it commits: this reclaims the space of the rest at once."""
+        total = 0
+        while self._tables.expiring:
+            with self._writing(strict=False, sweep=False) as w:
+                n = w.expire(EXPIRE_STEP)
+            total += n
+            if n < EXPIRE_STEP:
+                break
+        return total
 
     def delete(self, table: TableRef, key: Any) -> bool:
         """Remove the row under ``key``; False if there was none."""

@@ -84,6 +84,17 @@ def check_stored_schema(schema: Schema, meta: dict[bytes, bytes], path: Any) -> 
                     f"table {t.name!r} ({t.table_id}) was created with {what} "
                     f"{record[what]!r}, the schema now declares {declared[what]!r}"
                 )
+        if record.get("expires", False) != (t.ttl is not None):
+            # rows of a table with ttl start with their expiry: the stored layout differs
+            raise SchemaMismatch(
+                f"table {t.name!r} ({t.table_id}) was created "
+                + ("with ttl, the schema now declares none" if record.get("expires") else
+                   "without ttl, the schema now declares ttl")
+                + ": its rows are stored " + ("with" if record.get("expires") else "without")
+                + " an expiry",
+                hint="keep the table's ttl declared as it was (its number may change), or "
+                "declare a new table (a new table_id) and copy the rows over",
+            )
     return version
 
 
@@ -165,6 +176,7 @@ def _table_record(t: Table) -> dict[str, Any]:
         "indexes": {
             ix.name: {"unique": ix.unique, "nullable": ix.nullable} for ix in t.indexes.values()
         },
+        **({"expires": True} if t.ttl is not None else {}),
     }
 
 

@@ -263,11 +263,11 @@ class Writer(WriterStreams):
     configured durability. Per-op results are not returned: use ``Client.batch()`` for those.
     """
 
-    def put(self, table: TableRef, key: Any, value: Any) -> None:
+    def put(self, table: TableRef, key: Any, value: Any, ttl: float | None = None) -> None:
         # The hot path of bulk writes: _add and protocol.op inlined.
         ct = self._tables[table]
         kb = ct.kenc(key)
-        vb = ct.dumps(value)
+        vb = ct.dumps(value) if ttl is None else ct.encode(value, ttl)
         shard = ct.shard(key, kb)
         st = self._streams.get(shard) or self._stream(shard)
         st.buf.append([OP_PUT, ct.tid, kb, vb])

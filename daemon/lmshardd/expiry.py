@@ -1,4 +1,12 @@
-"""Forget client records nobody can retry any more: the owner's ``__clients__`` housekeeping.
+"""The owner's expiry channel: rows of tables with ttl, and client records nobody can retry.
+
+Rows: a table declared with ``ttl`` keeps an expiry index (``lmshard.txn``). Every
+``ROW_SWEEP_INTERVAL``, and at once again while a step came back full, the channel deletes up
+to ``txn.EXPIRE_STEP`` expired rows, oldest expiry first, with their index entries, in one
+short write transaction between group commits; the deletes are recorded in the change log like
+any other. Reads never return an expired row, so the sweep only reclaims the space.
+
+Client records:
 
 Every client id that writes leaves one record per shard (its last sequence number and reply, so
 a retried batch is answered, not applied twice). Threads and processes come and go; without
@@ -21,7 +29,14 @@ from typing import Any
 import lmdb
 import msgpack
 
+from lmshard.errors import Error
+from lmshard.store import grow_map
+from lmshard.txn import EXPIRE_STEP, WriteTxn
+
 log = logging.getLogger("lmshardd.expiry")
+
+ROW_SWEEP_INTERVAL = 0.2
+"""Seconds between steps of the sweep of expired rows while there is nothing left to do."""
 
 CLIENT_RECORD_TTL = 7 * 24 * 3600
 """Seconds after its last write a client record is forgotten."""
@@ -68,8 +83,35 @@ def sweep_step(env: lmdb.Environment, db: Any, start: bytes | None, now: float,
     return None, deleted
 
 
+def expire_rows(owner: Any, limit: int = EXPIRE_STEP) -> int:
+    """One step of the row sweep on ``owner``: up to ``limit`` expired rows deleted in one
+    write transaction, recorded in the change log; the number deleted."""
+    env = owner.env
+    while True:
+        txn = env.begin(write=True)
+        try:
+            effects: list[Any] | None = [] if owner.changes is not None else None
+            n = WriteTxn(txn, owner.tables, log=effects).expire(limit)
+            if n == 0:
+                txn.abort()
+                return 0
+            txn_id = txn.id()
+            if effects and owner.changes is not None:
+                owner.changes.append(txn, txn_id, effects)
+            txn.commit()
+        except lmdb.MapFullError:  # deletes copy pages too
+            txn.abort()
+            grow_map(env, owner.config.max_map_size, str(owner.path))
+            continue
+        except BaseException:
+            txn.abort()
+            raise
+        owner.counters.last_txn_id = txn_id
+        return n
+
+
 class ExpiryChannel:
-    """The owner's channel that sweeps ``__clients__`` now and then (see the module doc)."""
+    """The owner's channel that sweeps expired rows and ``__clients__`` (see the module doc)."""
 
     def __init__(self, owner: Any) -> None:
         self.owner = owner
@@ -77,6 +119,8 @@ class ExpiryChannel:
         self.cursor: bytes | None = None
         self.sweeping = False
         self.deleted = 0
+        self.expiring = bool(owner.tables.expiring)
+        self.next_row_sweep = 0.0
 
     def sockets(self) -> list[Any]:
         return []
@@ -85,6 +129,8 @@ class ExpiryChannel:
         pass
 
     def tick(self, now: float) -> None:
+        if self.expiring and now >= self.next_row_sweep and not self.owner.paused:
+            self._sweep_rows(now)
         if self.owner.paused or (not self.sweeping and now < self.next_sweep):
             return
         self.sweeping = True
@@ -101,6 +147,22 @@ class ExpiryChannel:
             self.sweeping = False
             self.deleted = 0
             self.next_sweep = now + SWEEP_INTERVAL
+
+    def _sweep_rows(self, now: float) -> None:
+        started = time.thread_time()
+        try:
+            n = expire_rows(self.owner)
+        except (Error, lmdb.Error) as exc:  # a full map or disk: the next step tries again
+            log.warning("shard %d: expired rows not deleted: %s", self.owner.shard, exc)
+            n = 0
+        c = self.owner.counters
+        c.expired_rows += n
+        c.expiry_cpu_seconds += time.thread_time() - started
+        if n >= EXPIRE_STEP:  # more are due: the next turn of the loop goes on at once
+            self.owner.hurry = True
+            self.next_row_sweep = now
+        else:
+            self.next_row_sweep = now + ROW_SWEEP_INTERVAL
 
     def after_commit(self, batches: int, ops: int, seconds: float) -> None:
         pass

@@ -363,9 +363,7 @@ class ShardOwner:
             if refused is not None:
                 outcomes.append(refused)
                 continue
-            outcome = self._apply_batch(txn, txn_id, cid, ops)
-            if effects is not None and outcome[0] == 0:
-                protocol.batch_effects(ops, outcome[1][1], effects)
+            outcome = self._apply_batch(txn, txn_id, cid, ops, effects)
             if cid is not None:  # [seq, status, reply, older replies of a stream, when]
                 kept = [seq, outcome[0], protocol.stored_reply(*outcome), window, now]
                 txn.put(cid, msgpack.packb(kept, use_bin_type=True), db=self.clients_db)
@@ -401,13 +399,15 @@ class ShardOwner:
         return None, window
 
     def _apply_batch(self, txn: lmdb.Transaction, txn_id: int, cid: bytes | None,
-                     ops: list[protocol.Op]) -> Outcome:
+                     ops: list[protocol.Op], effects: list[Any] | None = None) -> Outcome:
         """Apply one batch in a transaction nested in ``txn``: all of it, or (an error)
-        nothing."""
+        nothing. What it changed is appended to ``effects`` (unless None)."""
         c = self.counters
         child = self.env.begin(write=True, parent=txn)
+        changed: list[Any] | None = None if effects is None else []
         try:
-            results = protocol.apply_ops(WriteTxn(child, self.tables, strict=True), ops)
+            results = protocol.apply_ops(
+                WriteTxn(child, self.tables, strict=True, log=changed), ops)
             child.commit()
         except (lmdb.MapFullError, lmdb.DiskError):  # the whole group is grown or refused
             child.abort()
@@ -423,6 +423,8 @@ class ShardOwner:
             return _refusal(InternalError(f"{type(exc).__name__}: {exc}"))
         c.batches += 1
         c.ops += len(ops)
+        if effects is not None and changed:
+            effects.extend(changed)
         return 0, [txn_id, results]
 
     def answer(self, seq: int, cmd: protocol.Command, args: Any) -> bytes:

@@ -34,6 +34,10 @@ class OwnerCounters:
     bad_frames: int = 0
     last_txn_id: int = 0
     last_commit_time: float = 0.0
+    expired_rows: int = 0
+    """Rows of tables with ttl deleted by the sweep (``lmshardd.expiry``)."""
+    expiry_cpu_seconds: float = 0.0
+    """CPU time of the owner's thread spent in those sweeps."""
     commit_seconds: list[float] = field(default_factory=list)
     group_sizes: list[int] = field(default_factory=list)
 

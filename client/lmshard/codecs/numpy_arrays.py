@@ -34,6 +34,8 @@ class NumpyCodec:
     """One ``numpy.ndarray`` per value; it shares the buffer it was read from."""
 
     name = "numpy"
+    carries_expiry = False
+    """Arrays are aligned to 16 bytes from the value's first byte: no room for a row expiry."""
 
     def __init__(self) -> None:
         import numpy as np  # lazily: only tables that use this codec pay for importing numpy

@@ -23,7 +23,9 @@ class Codec(Protocol):
     ``dumps`` must return ``bytes``; ``loads`` must accept ``bytes`` and ``memoryview`` (LMDB hands
     out memoryviews when reading with ``buffers=True``). Both should raise
     :class:`~lmshard.errors.CodecError` on bad input. ``to_json`` turns a *decoded* value into
-    something :func:`json.dumps` accepts, for debugging and ``marshal()``.
+    something :func:`json.dumps` accepts, for debugging and ``marshal()``. A codec whose
+    values must start at the stored value's first byte (aligned data) sets
+    ``carries_expiry = False``: tables declared with ``ttl`` then refuse it.
     """
 
     name: str

@@ -216,7 +216,13 @@ def write(ops: list[list[Any]]) -> list[list[Any]]:
     there), ``cas`` (3, arg = [value, kind, expected]: kind 0 the row must be absent, 1 the row
     must hold a value equal to ``expected`` (encoded), 2 ``expected`` is the value's 16-byte
     BLAKE2b hash; result true; a mismatch fails the batch with ConflictError), ``incr``
-    (4, arg = int64 delta; result: the new value). The owner commits many batches in one LMDB
+    (4, arg = int64 delta; result: the new value), ``persist`` (5, arg nil; result: whether
+    the row had an expiry, now removed). A table declared with ttl stores each row as an
+    8-byte big-endian expiry (ms since the epoch, all ones: never), then the codec's bytes: its
+    put and cas values carry that header (the client stamps now + ttl), its rows read back
+    with it, and reads never return a row whose expiry has passed; an incr keeps the row's
+    expiry. The owner deletes expired rows between commits, as ordinary deletes. The owner
+    commits many batches in one LMDB
     transaction (group commit), each in a nested transaction, so a failing batch fails alone.
     The reply carries the shard's txn id the batch committed in. A retried batch (same client id
     and sequence number) is answered from the shard's meta table and not applied again."""
@@ -317,12 +323,7 @@ def _v_lookup(tables: TableMap, body: Any) -> tuple[BoundTable, str, bytes, bool
 
 def _h_lookup(r: ReadTxn, args: tuple[BoundTable, str, bytes, bool]) -> list[list[bytes]]:
     b, index, ivb, prefix = args
-    out = []
-    for rk in r.lookup_keys_raw(b.table, index, ivb, prefix):
-        data = r.get_raw(b.table, rk)
-        if data is not None:
-            out.append([rk, data])
-    return out
+    return [[rk, data] for rk, data in r.lookup_rows_raw(b.table, index, ivb, prefix)]
 
 
 @command("lookup", 13, fields=(
@@ -342,9 +343,7 @@ def _v_count(tables: TableMap, body: Any) -> tuple[BoundTable, Any, Any]:
 
 def _h_count(r: ReadTxn, args: tuple[BoundTable, Any, Any]) -> int:
     b, lo, hi = args
-    if lo is None and hi is None:
-        return r.count(b.table)
-    return sum(1 for _ in r.scan_raw(b.table, lo, hi))
+    return r.count_raw(b.table, lo, hi)
 
 
 @command("count", 14, fields=(TABLE_ID, LO, HI), reply="int",

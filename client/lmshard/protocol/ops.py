@@ -3,7 +3,9 @@
 The client encodes keys and values (the owner stores bytes and decodes values only to maintain
 indexes); ``validate_ops`` checks every op of a batch before any is applied, ``apply_ops`` applies
 them inside one (nested) write transaction. The checks here are also the read commands' checks
-of table ids, keys and range bounds.
+of table ids, keys and range bounds. A put to a table with ttl carries the row as it is stored,
+its expiry first (``lmshard.bound_tables``): the client stamps it, the owner keeps the
+table's expiry index in step.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from lmshard.bound_tables import EXPIRY_SIZE
 from lmshard.errors import (
     CodecError,
     LimitExceeded,
@@ -26,8 +29,9 @@ MAX_OPS_PER_BATCH = 100_000
 MAX_VALUE_SIZE = 16 * 2**20
 """Largest value one op may carry: 16 MiB (LMDB allows more; large blobs belong elsewhere)."""
 
-OP_PUT, OP_DELETE, OP_CAS, OP_INCR = 1, 2, 3, 4
-OP_NAMES = {OP_PUT: "put", OP_DELETE: "delete", OP_CAS: "cas", OP_INCR: "incr"}
+OP_PUT, OP_DELETE, OP_CAS, OP_INCR, OP_PERSIST = 1, 2, 3, 4, 5
+OP_NAMES = {OP_PUT: "put", OP_DELETE: "delete", OP_CAS: "cas", OP_INCR: "incr",
+            OP_PERSIST: "persist"}
 CAS_ABSENT, CAS_VALUE, CAS_HASH = 0, 1, 2
 """What a cas op expects: the row absent, the row's encoded value, or its value's hash."""
 
@@ -111,6 +115,9 @@ def checked_value(b: BoundTable, vb: Any) -> bytes:
         raise ProtocolError("value must be bytes")
     if len(vb) > MAX_VALUE_SIZE:
         raise LimitExceeded(f"value of {len(vb):,} bytes is over {MAX_VALUE_SIZE:,} bytes")
+    if b.expiring and len(vb) < EXPIRY_SIZE:
+        raise ProtocolError(f"a row of table {b.name!r} (declared with ttl) starts with its "
+                            f"{EXPIRY_SIZE}-byte expiry")
     if not b.indexes:  # with indexes the owner decodes the value anyway, when it applies it
         try:
             b.loads(vb)
@@ -136,6 +143,9 @@ def _checked_arg(code: int, b: BoundTable, arg: Any) -> Any:
         need(arg is None, "delete takes no argument")
     elif code == OP_INCR:
         need(type(arg) is int and -(2**63) <= arg < 2**63, "incr delta must be an int64")
+    elif code == OP_PERSIST:
+        need(arg is None, "persist takes no argument")
+        b.check_expiring("persist")
     elif code == OP_CAS:
         need(type(arg) is list and len(arg) == 3, "cas arg is [value, kind, expected]")
         value, kind, expected = arg
@@ -177,21 +187,29 @@ def validate_ops(tables: TableMap, ops: Any, max_ops: int = MAX_OPS_PER_BATCH) -
 
 
 def apply_ops(w: WriteTxn, ops: list[Op]) -> list[Any]:
-    """Apply validated ops inside one (nested) write transaction; per-op results."""
+    """Apply validated ops inside one (nested) write transaction; per-op results. When ``w``
+    records its changes (``WriteTxn.log``), what the batch changed is there, as the change log
+    records it: an increment as the put of its result, a compare-and-set as its put, a delete
+    only when there was a row (to a table with ttl: a stored row, expired or not)."""
     results: list[Any] = []
     append = results.append
     txn = w.txn  # the plain put of an index-free table, inlined below
+    log = w.log
     for code, b, kb, arg in ops:
         if code == OP_PUT:
-            if b.indexes or len(arg) >= LARGE_VALUE:
+            if b.indexes or b.expiring or len(arg) >= LARGE_VALUE:
                 w.put_raw(b.table, kb, arg)
             else:
                 txn.put(kb, arg, db=b.db)
+                if log is not None:
+                    log.append((b.tid, kb, arg))
             append(None)
         elif code == OP_DELETE:
             append(w.delete_raw(b.table, kb))
         elif code == OP_INCR:
             append(w.incr_raw(b.table, kb, arg))
+        elif code == OP_PERSIST:
+            append(w.persist_raw(b.table, kb))
         else:
             value, kind, expected = arg
             append(w.cas_raw(
@@ -200,20 +218,3 @@ def apply_ops(w: WriteTxn, ops: list[Op]) -> list[Any]:
                 expected if kind == CAS_HASH else None,
             ))
     return results
-
-
-def batch_effects(ops: list[Op], results: list[Any], out: list[Any]) -> None:
-    """Append to ``out`` what an applied batch changed, as the change log records it
-    (``[table id, key, value or None]``): an increment as the put of its result, a
-    compare-and-set as its put, a delete only when there was a row."""
-    append = out.append
-    for (code, b, kb, arg), result in zip(ops, results, strict=True):
-        if code == OP_PUT:
-            append((b.tid, kb, arg))
-        elif code == OP_DELETE:
-            if result:
-                append((b.tid, kb, None))
-        elif code == OP_INCR:
-            append((b.tid, kb, b.dumps(result)))
-        elif result:
-            append((b.tid, kb, arg[0]))
