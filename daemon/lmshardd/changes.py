@@ -47,6 +47,7 @@ from lmshard.changes_wire import (
     pack,
 )
 from lmshard.errors import ChangesCompacted, Error, LimitExceeded, ProtocolError
+from lmshard.protocol import ZERO_COPY_MIN
 
 log = logging.getLogger("lmshardd.changes")
 
@@ -328,8 +329,9 @@ class ChangesChannel:
 
     def _send(self, ident: bytes, frames: list[Any]) -> bool:
         """Send to a watcher; False when its connection is gone (or it cannot take more)."""
-        try:
-            self.sock.send_multipart([ident, *frames], zmq.NOBLOCK, copy=False)
+        try:  # a copy is cheaper than pyzmq's zero-copy tracking below ZERO_COPY_MIN
+            big = len(frames[-1]) >= ZERO_COPY_MIN
+            self.sock.send_multipart([ident, *frames], zmq.NOBLOCK, copy=not big)
             return True
         except zmq.ZMQError:  # EHOSTUNREACH: the peer is gone (ROUTER_MANDATORY)
             return False
