@@ -39,6 +39,8 @@ PAUSE_SECONDS = TIMEOUT_MS * 3 / 1000
 
 FAULT_KINDS = ("kill-owner", "pause-owner", "kill-reader", "pause-reader", "kill-monitor",
                "pause-monitor", "kill-client", "restart-supervisord", "disk-full")
+CHANGES_RETAIN = "4MiB"
+"""Each shard's change-log bound in the campaign's services (three fit the tmpfs below)."""
 DATA_FS_SIZE = 64 * 2**20
 """The tmpfs the data directory lives on when the disk-full fault is on."""
 DISK_FULL_SECONDS = 1.5
@@ -80,6 +82,11 @@ class Service:
         if done.returncode != 0:
             raise RuntimeError(done.stdout + done.stderr)
         self.toml = base / "lmshard.toml"
+        # The data may live on a small tmpfs (the disk-full fault): keep each shard's change
+        # log to a few MiB, or the logs alone would fill it under a long load.
+        text = self.toml.read_text()
+        assert 'retain = "64MiB"' in text, "lmshard init wrote no default [changes] retain"
+        self.toml.write_text(text.replace('retain = "64MiB"', f'retain = "{CHANGES_RETAIN}"'))
 
     def up(self) -> None:
         done = lmshard_cli("up", "-c", str(self.toml))
