@@ -155,8 +155,9 @@ def change_ab_rows(ch: dict[str, Any]) -> list[list[str]]:
 
 
 def change_phase_rows(ch: dict[str, Any]) -> list[list[str]]:
-    rows = [["paced load", "changes/s", "owner CPU us a change", "vs log on, no watcher",
-             "owner cores", "lag from ack p50 / p99 / max ms", "lag from send p50 / p99 ms",
+    rows = [["paced load", "changes/s", "owner CPU us a change", "of it ZeroMQ I/O",
+             "vs log on, no watcher", "owner cores", "lag from ack p50 / p99 / max ms",
+             "lag from send p50 / p99 ms",
              "commit ms p50 / p99"]]
     base = ch["phases"]["log on, no watcher"]["cpu_us_per_change"]
 
@@ -165,6 +166,7 @@ def change_phase_rows(ch: dict[str, Any]) -> list[list[str]]:
 
     for name, p in ch["phases"].items():
         rows.append([name, rate(p["written_per_s"]), _num(p["cpu_us_per_change"]),
+                     _num(p["io_us_per_change"]) if "io_us_per_change" in p else "-",
                      f"{p['cpu_us_per_change'] / base:.2f}x", f"{p['owner_cores']:.2f}",
                      ms(p.get("from_ack_ms"), ("p50", "p99", "max")),
                      ms(p.get("from_send_ms"), ("p50", "p99")),
