@@ -235,6 +235,10 @@ def test_metrics_show_each_shards_change_log_and_its_furthest_behind_watch(
     assert stats_wire.decode(frames)["changes"]["watchers"][1]["lag_txns"] == 25
     with pytest.raises(ValueError):
         stats_wire.decode(stats_wire.encode(0, body(0, changes=[1])))
+    older = body(0, changes=None)  # an owner from before the change log sends no such field
+    del older["changes"]
+    frames = [stats_wire.topic(0), msgpack.packb(older, use_bin_type=True)]
+    assert stats_wire.decode(frames)["changes"] is None
 
 
 def test_status_line_mentions_the_change_log() -> None:
