@@ -343,3 +343,45 @@ def test_every_acked_write_once_with_an_owner_sigkilled_mid_run(tmp_path: Path) 
         counters = run(main)
         assert counters["retries"] > 0  # the kill did land mid-write
         assert time.monotonic() - t < 120
+
+
+def test_a_silent_shard_fails_fast_while_the_others_serve(tmp_path: Path) -> None:
+    """The sync client's circuit breaker, in the async client: once a shard left a request
+    unanswered through every retry, calls to it fail at once; the others serve; after
+    breaker_ms one call probes and gets through."""
+    import os
+    import signal
+
+    cl = Cluster(tmp_path, shards=2)
+    with cl:
+        c = lmshard.aio.connect(cl.config, timeout_ms=300, retries=1, breaker_ms=1500)
+        ct = c.tables["counters"]
+
+        def key_on(shard: int) -> str:
+            return next(k for k in (f"k{i}" for i in range(1000))
+                        if ct.shard(k, ct.kenc(k)) == shard)
+
+        silent, other = key_on(1), key_on(0)
+
+        async def main() -> None:
+            await c.put("counters", other, 0)
+            os.kill(cl.pid(1), signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(lmshard.ShardUnavailable, match="did not answer within"):
+                    await c.put("counters", silent, 1)
+                assert time.monotonic() - started >= 0.55  # 300 ms x 2 attempts
+                started = time.monotonic()
+                for _ in range(20):
+                    with pytest.raises(lmshard.ShardUnavailable, match="fail at once"):
+                        await c.incr("counters", silent)
+                assert time.monotonic() - started < 0.25
+                assert await c.incr("counters", other) == 1  # the other shard serves
+            finally:
+                os.kill(cl.pid(1), signal.SIGCONT)
+            await asyncio.sleep(1.6)  # the breaker runs out: the probe gets through
+            await c.put("counters", silent, 3)
+            assert await c.get("counters", silent) == 3
+            await c.close()
+
+        run(main)

@@ -85,6 +85,7 @@ class AsyncClient:
         timeout_ms: int | None = None,
         retries: int | None = None,
         local_reads: bool | None = None,
+        breaker_ms: int | None = None,
     ) -> None:
         self.config = config if isinstance(config, Config) else load_config(config)
         self.schema = schema if schema is not None else self.config.load_schema()
@@ -96,7 +97,8 @@ class AsyncClient:
         self.owners = AsyncOwnerConnections(
             self.config, self._counts,
             timeout_ms=self.config.timeout_ms if timeout_ms is None else timeout_ms,
-            retries=self.config.retries if retries is None else retries)
+            retries=self.config.retries if retries is None else retries,
+            breaker_ms=self.config.breaker_ms if breaker_ms is None else breaker_ms)
         """The sockets to the shard owners and the requests in flight on them."""
         self._local = LocalShards(
             self.config, self.schema,
@@ -385,7 +387,8 @@ class AsyncClient:
 def connect(config: Config | str | os.PathLike[str] | None = None, schema: Schema | None = None,
             **options: Any) -> AsyncClient:
     """An async client of the running service described by ``config`` (as ``lmshard.connect``;
-    options: timeout_ms, retries, local_reads). Use ``async with`` or ``await client.close()``."""
+    options: timeout_ms, retries, local_reads, breaker_ms). Use ``async with`` or
+    ``await client.close()``."""
     return AsyncClient(config, schema, **options)
 
 

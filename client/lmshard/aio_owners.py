@@ -94,11 +94,15 @@ class AsyncOwnerConnections:
     at a time (a client used from a new loop opens new sockets)."""
 
     def __init__(self, config: Config, counters: ClientCounters, *, timeout_ms: int,
-                 retries: int) -> None:
+                 retries: int, breaker_ms: int = 0) -> None:
         self.config = config
         self.counters = counters
         self.timeout_ms = timeout_ms
         self.retries = retries
+        self.breaker_ms = breaker_ms
+        self._open_until = [0.0] * config.shards
+        """Per shard: until when (loop time) calls fail at once, the circuit breaker of the
+        sync client's connections; 0.0 while the shard answers."""
         self._ctx: zmq.Context[Any] | None = None
         self._shards: dict[int, _ShardSocket] = {}
         self._closed = False
@@ -175,6 +179,8 @@ class AsyncOwnerConnections:
         """Send one request and await its reply body (or the Error the owner answered with);
         ShardUnavailable when the owner stays silent through every retry."""
         sh = self._shard(shard)
+        if self._open_until[shard]:
+            self._breaker(sh)
         lane = await self._lane(sh) if write else None
         try:
             sh.seq += 1
@@ -187,9 +193,12 @@ class AsyncOwnerConnections:
                                            self._check_deadlines, sh)
             self._send(sh, frame)
             try:
-                return await future
+                reply = await future
             finally:
                 sh.inflight.pop(seq, None)  # cancelled: never resent; a late reply is dropped
+            if self._open_until[shard]:
+                self._open_until[shard] = 0.0  # the probe got through
+            return reply
         finally:
             if lane is not None:
                 self._release(sh, lane)
@@ -271,6 +280,8 @@ class AsyncOwnerConnections:
             req.attempts += 1
             if req.attempts > self.retries and not req.future.done():
                 counters["unavailable"] += 1
+                if self.breaker_ms:
+                    self._open_until[sh.shard] = now + self.breaker_ms / 1000
                 req.future.set_exception(self._unavailable(sh.shard))
         for seq in [s for s, r in sh.inflight.items() if r.future.done()]:
             del sh.inflight[seq]
@@ -288,6 +299,21 @@ class AsyncOwnerConnections:
         for req in list(sh.inflight.values()):
             req.deadline = deadline
             self._send(sh, req.frame)
+
+    def _breaker(self, sh: _ShardSocket) -> None:
+        """ShardUnavailable at once while the shard's breaker is open; when it has run out
+        this call is the probe, and the others keep failing at once until it is done."""
+        now = sh.loop.time()
+        if now < self._open_until[sh.shard]:
+            self.counters.mine()["unavailable"] += 1
+            raise ShardUnavailable(
+                f"shard {sh.shard} at {self.config.endpoint(sh.shard)} left a recent request "
+                "unanswered through every retry: calls to it fail at once for "
+                f"{(self._open_until[sh.shard] - now) * 1000:.0f} ms more (client.breaker_ms), "
+                "then one goes through to see whether it is back",
+                hint="check that the shard owner runs: lmshard status; calls to other shards "
+                     "are not affected")
+        self._open_until[sh.shard] = now + self.timeout_ms * (self.retries + 1) / 1000
 
     def _unavailable(self, shard: int) -> ShardUnavailable:
         return ShardUnavailable(
