@@ -37,9 +37,9 @@ from typing import Any
 
 import zmq
 
-from lmshard import security
 from lmshard.client_counters import ClientCounters
 from lmshard.config import Config
+from lmshard.connections import breaker_open, owner_socket, silent_owner
 from lmshard.errors import ProtocolError, ShardUnavailable, TransactionError, error_from_wire
 from lmshard.protocol import ZERO_COPY_MIN, pack_request, unpack_frame
 
@@ -118,12 +118,7 @@ class AsyncOwnerConnections:
             raise TransactionError("this client is closed", hint="connect again")
         if self._ctx is None:
             self._ctx = zmq.Context()
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        endpoint = self.config.endpoint(shard)
-        security.secure_client(sock, self.config, endpoint)
-        sock.connect(endpoint)
-        return sock
+        return owner_socket(self._ctx, self.config, shard)
 
     def _shard(self, shard: int) -> _ShardSocket:
         sh = self._shards.get(shard)
@@ -306,22 +301,12 @@ class AsyncOwnerConnections:
         now = sh.loop.time()
         if now < self._open_until[sh.shard]:
             self.counters.mine()["unavailable"] += 1
-            raise ShardUnavailable(
-                f"shard {sh.shard} at {self.config.endpoint(sh.shard)} left a recent request "
-                "unanswered through every retry: calls to it fail at once for "
-                f"{(self._open_until[sh.shard] - now) * 1000:.0f} ms more (client.breaker_ms), "
-                "then one goes through to see whether it is back",
-                hint="check that the shard owner runs: lmshard status; calls to other shards "
-                     "are not affected")
+            raise breaker_open(self.config, sh.shard, self._open_until[sh.shard] - now,
+                               "through every retry")
         self._open_until[sh.shard] = now + self.timeout_ms * (self.retries + 1) / 1000
 
     def _unavailable(self, shard: int) -> ShardUnavailable:
-        return ShardUnavailable(
-            f"shard {shard} at {self.config.endpoint(shard)} did not answer within "
-            f"{self.timeout_ms} ms, {self.retries + 1} attempts"
-            + security.auth_hint(self.config, self.config.endpoint(shard)),
-            hint="check that the shard owner runs: lmshard status; its log names the cause",
-        )
+        return silent_owner(self.config, shard, self.timeout_ms, self.retries)
 
     # -- lifetime ----------------------------------------------------------------------------
 

@@ -82,6 +82,38 @@ def _supervisor_state(socket_path: str, shard: int) -> str | None:
         return None
 
 
+def owner_socket(ctx: zmq.Context[Any], config: Config, shard: int) -> zmq.Socket[bytes]:
+    """A new DEALER socket connected to shard ``shard``'s owner, secured as the config says
+    (the sync and the async client's)."""
+    sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    endpoint = config.endpoint(shard)
+    security.secure_client(sock, config, endpoint)
+    sock.connect(endpoint)
+    return sock
+
+
+def silent_owner(config: Config, shard: int, timeout_ms: int, retries: int
+                 ) -> ShardUnavailable:
+    """The error of a request shard ``shard``'s owner left unanswered through every retry."""
+    return ShardUnavailable(
+        f"shard {shard} at {config.endpoint(shard)} did not answer within {timeout_ms} ms, "
+        f"{retries + 1} attempts" + security.auth_hint(config, config.endpoint(shard)),
+        hint="check that the shard owner runs: lmshard status; its log names the cause",
+    )
+
+
+def breaker_open(config: Config, shard: int, left_s: float, why: str) -> ShardUnavailable:
+    """The error of a call to shard ``shard`` while its breaker is open for ``left_s`` more
+    seconds; ``why`` says what opened it."""
+    return ShardUnavailable(
+        f"shard {shard} at {config.endpoint(shard)} left a recent request unanswered {why}: "
+        f"calls to it fail at once for {left_s * 1000:.0f} ms more (client.breaker_ms), then "
+        "one goes through to see whether it is back",
+        hint="check that the shard owner runs: lmshard status; calls to other shards are not "
+             "affected")
+
+
 class _Conn:
     """One thread's DEALER socket to one shard owner, with its own sequence numbers."""
 
@@ -129,12 +161,7 @@ class OwnerConnections:
             raise TransactionError("this client is closed", hint="connect again")
         if self._ctx is None:
             self._ctx = zmq.Context()
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        endpoint = self.config.endpoint(shard)
-        security.secure_client(sock, self.config, endpoint)
-        sock.connect(endpoint)
-        return sock
+        return owner_socket(self._ctx, self.config, shard)
 
     @property
     def client_id(self) -> bytes:
@@ -460,13 +487,8 @@ class OwnerConnections:
     def _open(self, shard: int) -> ShardUnavailable:
         self.counters.mine()["unavailable"] += 1
         left = max(0.0, self._open_until[shard] - time.monotonic())
-        return ShardUnavailable(
-            f"shard {shard} at {self.config.endpoint(shard)} left a recent request "
-            "unanswered (through every retry, or past its deadline): calls to it fail at once "
-            f"for {left * 1000:.0f} ms more (client.breaker_ms), then one goes through to see "
-            "whether it is back",
-            hint="check that the shard owner runs: lmshard status; calls to other shards "
-                 "are not affected")
+        return breaker_open(self.config, shard, left,
+                            "(through every retry, or past its deadline)")
 
     def set_deadline(self, at: float | None) -> float | None:
         """Make ``at`` (monotonic seconds, or None) this thread's deadline; the one before."""
@@ -498,12 +520,7 @@ class OwnerConnections:
 
     def _unavailable(self, shard: int) -> ShardUnavailable:
         self.counters.mine()["unavailable"] += 1
-        return ShardUnavailable(
-            f"shard {shard} at {self.config.endpoint(shard)} did not answer within "
-            f"{self.timeout_ms} ms, {self.retries + 1} attempts"
-            + security.auth_hint(self.config, self.config.endpoint(shard)),
-            hint="check that the shard owner runs: lmshard status; its log names the cause",
-        )
+        return silent_owner(self.config, shard, self.timeout_ms, self.retries)
 
     # -- lifetime ----------------------------------------------------------------------------
 
