@@ -385,3 +385,35 @@ def test_a_silent_shard_fails_fast_while_the_others_serve(tmp_path: Path) -> Non
             await c.close()
 
         run(main)
+
+
+def test_the_child_of_a_libc_fork_uses_its_own_sockets_and_maps(service: Cluster) -> None:
+    """A fork that ran no Python hooks (uWSGI without --lazy-apps): the async client notices
+    it by its pid, as the sync client does (tests/test_web_clients.py)."""
+    from tests.test_web_clients import libc_fork_run
+
+    c = lmshard.aio.connect(service.config, timeout_ms=1000, retries=1)
+    ct = c.tables["counters"]
+    shard = ct.shard("libc-parent", ct.kenc("libc-parent"))
+
+    async def parent() -> Any:
+        await c.put("counters", "libc-parent", 1)
+        assert await c.get("counters", "libc-parent") == 1
+        return c.local_store(shard).env  # type: ignore[union-attr]
+
+    parent_env = asyncio.run(parent())
+
+    def child() -> dict[str, Any]:
+        async def use() -> dict[str, Any]:
+            n = await c.incr("counters", "libc-parent", 10)
+            st = c.local_store(shard)
+            return {"n": n, "own_env": st is not None and st.env is not parent_env}
+        return asyncio.run(use())
+
+    assert libc_fork_run(child) == {"n": 11, "own_env": True}
+
+    async def after() -> None:
+        assert await c.get("counters", "libc-parent") == 11
+        await c.close()
+
+    asyncio.run(after())

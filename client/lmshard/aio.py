@@ -32,10 +32,10 @@ from lmshard.aio_writer import AsyncWriter
 from lmshard.batch import Batch, PartOutcome
 from lmshard.bound_tables import live_row
 from lmshard.calls import RemoteParts
-from lmshard.client_counters import ClientCounters
 from lmshard.client_tables import ClientTable, ClientTables
-from lmshard.config import Config, load_config
+from lmshard.config import Config
 from lmshard.errors import ConflictError, Error, TransactionError
+from lmshard.forksafe import check_fork
 from lmshard.point_get import point_get
 from lmshard.protocol import (
     GET,
@@ -51,9 +51,7 @@ from lmshard.protocol import (
     incr_delta,
     next_page,
 )
-from lmshard.reads import LocalShards
 from lmshard.schema import Schema
-from lmshard.store import Store
 from lmshard.txn import TableRef, key_bounds, seconds_left, value_hash
 from lmshard.watch import SILENCE, Change, ServiceWatch, watch_filter
 
@@ -63,18 +61,7 @@ if TYPE_CHECKING:
 SCAN_YIELD_EVERY = 256
 """A scan lets other coroutines run after this many rows."""
 
-_clients: weakref.WeakSet[AsyncClient] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for client in list(_clients):
-        client.reset_after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class AsyncClient:
+class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
     """A connection to a running lmshard service for coroutines; share one per process."""
 
     def __init__(
@@ -87,65 +74,14 @@ class AsyncClient:
         local_reads: bool | None = None,
         breaker_ms: int | None = None,
     ) -> None:
-        self.config = config if isinstance(config, Config) else load_config(config)
-        self.schema = schema if schema is not None else self.config.load_schema()
-        self.schema.check_sharded(self.config.shards)
-        self.shards = self.config.shards
-        self.tables = ClientTables(self.schema, self.config.slot_map)
-        """The schema's tables by ``Table``, name or UUID: encoders, decoders and route."""
-        self._counts = ClientCounters()
-        self.owners = AsyncOwnerConnections(
-            self.config, self._counts,
-            timeout_ms=self.config.timeout_ms if timeout_ms is None else timeout_ms,
-            retries=self.config.retries if retries is None else retries,
-            breaker_ms=self.config.breaker_ms if breaker_ms is None else breaker_ms)
-        """The sockets to the shard owners and the requests in flight on them."""
-        self._local = LocalShards(
-            self.config, self.schema,
-            enabled=self.config.local_reads if local_reads is None else local_reads)
+        super().__init__(AsyncOwnerConnections, config, schema, timeout_ms=timeout_ms,
+                         retries=retries, local_reads=local_reads, breaker_ms=breaker_ms)
         self._writers: weakref.WeakSet[AsyncWriter] = weakref.WeakSet()
-        _clients.add(self)
-
-    # -- plumbing ----------------------------------------------------------------------------
-
-    @property
-    def timeout_ms(self) -> int:
-        """How long a request waits for its reply before it is resent."""
-        return self.owners.timeout_ms
-
-    @property
-    def retries(self) -> int:
-        """How often an unanswered request is resent before ShardUnavailable."""
-        return self.owners.retries
-
-    @property
-    def local_reads(self) -> bool:
-        """Whether reads map the shards' files in this process when they can be opened."""
-        return self._local.enabled
-
-    def counters(self) -> dict[str, int]:
-        """What this client did in this process (as ``Client.counters``)."""
-        return self._counts.total()
-
-    def table(self, table: TableRef) -> ClientTable:
-        """The table as this client encodes and routes it; UnknownTable if not in the schema."""
-        return self.tables[table]
-
-    def local_store(self, shard: int) -> Store | None:
-        """The shard's store opened read-only in this process, or None (read over the wire)."""
-        return self._local.get(shard)
-
-    def reset_after_fork(self) -> None:
-        """In a forked child: drop what must not cross fork(); everything reopens on use."""
-        for ct in self.tables.each():
-            ct.forget_local()
-        self._counts.reset()
-        self.owners.reset_after_fork()
-        self._local.reset_after_fork()
 
     # -- writes ------------------------------------------------------------------------------
 
     async def _write_one(self, ct: ClientTable, key: Any, code: int, arg: Any) -> Any:
+        check_fork()
         shard, ops = calls.one_op(ct, key, code, arg)
         counters = self._counts.mine()
         counters["batches_sent"] += 1
@@ -156,6 +92,7 @@ class AsyncClient:
         return calls.op_result(r)
 
     async def _send_parts(self, parts: dict[int, list[list[Any]]]) -> dict[int, PartOutcome]:
+        check_fork()
         counters = self._counts.mine()
         counters["batches_sent"] += len(parts)
         counters["ops_sent"] += sum(len(p) for p in parts.values())
@@ -210,6 +147,7 @@ class AsyncClient:
     # -- reads -------------------------------------------------------------------------------
 
     async def get(self, table: TableRef, key: Any, default: Any = None) -> Any:
+        check_fork()
         ct = self.tables[table]
         kb = ct.kenc(key)
         shard = ct.shard(key, kb)
@@ -224,6 +162,7 @@ class AsyncClient:
 
     async def _live(self, ct: ClientTable, key: Any) -> bytes | None:
         """The row's stored bytes, None when there is none (or it expired)."""
+        check_fork()
         kb = ct.kenc(key)
         shard = ct.shard(key, kb)
         hit = self._local.handles(ct, shard)
@@ -244,6 +183,7 @@ class AsyncClient:
         return seconds_left(await self._live(ct, key))
 
     async def get_many(self, table: TableRef, keys: Any, default: Any = None) -> list[Any]:
+        check_fork()
         plan = calls.GetMany(self._local, self.tables[table], keys, default)
         return plan.fill(await self._remote_many(plan.remote))
 
@@ -253,12 +193,14 @@ class AsyncClient:
 
     async def count(self, table: TableRef, prefix: Any = None, start: Any = None,
                     end: Any = None) -> int:
+        check_fork()
         plan = calls.Count(self._local, self.tables[table], prefix, start, end)
         return plan.fill(await self._remote_many(plan.remote))
 
     async def lookup(self, table: TableRef, index: str, value: Any, prefix: bool = False
                      ) -> list[tuple[Any, Any]]:
         """Rows by index value, from every shard the table lives on, in key order."""
+        check_fork()
         plan = calls.Lookup(self._local, self.tables[table], index, value, prefix)
         return plan.fill(await self._remote_many(plan.remote))
 
@@ -267,6 +209,7 @@ class AsyncClient:
              where: Callable[[Any], bool] | None = None) -> AsyncIterator[tuple[Any, Any]]:
         """``async for key, value in client.scan(...)``: (key, value) in key order across every
         shard (merged); ``end`` exclusive. Bad arguments raise here, at the call."""
+        check_fork()
         ct = self.tables[table]
         lo, hi = key_bounds(ct, prefix, start, end)
         shards = ct.route.shards_for(prefix)
@@ -318,6 +261,7 @@ class AsyncClient:
             lo, hi = bounds
 
     async def _remote_one(self, shard: int, request: tuple[int, Any]) -> Any:
+        check_fork()
         self._counts.mine()["remote_reads"] += 1
         r = await self.owners.request(shard, request[0], request[1], write=False)
         if isinstance(r, Error):
@@ -338,6 +282,7 @@ class AsyncClient:
         """Follow the change feed (as ``Client.watch``): ``async for change in await
         client.watch("users")``; the watch has started (``cursor`` is known) when this
         returns."""
+        check_fork()
         tids, pb = watch_filter(self.tables, table, prefix)
         timeout = self.timeout_ms / 1000 * (self.retries + 1)
         w = ServiceWatch(self.config, self.tables.each(), tids, pb, since, timeout, wait=False)
@@ -364,6 +309,7 @@ class AsyncClient:
 
     async def stats(self) -> dict[str, Any]:
         """Every shard's statistics (as its owner reports them) and this client's counters."""
+        check_fork()
         replies = await self.owners.requests(
             {s: STATS.request_for() for s in range(self.shards)}, write=False, silent_ok=True)
         return calls.stats_reply(replies, self.counters())
@@ -375,7 +321,6 @@ class AsyncClient:
             ct.forget_local()
         self._local.close()
         self.owners.close()
-        _clients.discard(self)
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -12,24 +12,114 @@ mixins.)
 from __future__ import annotations
 
 import heapq
+import os
 from collections.abc import Callable, Iterator
 from operator import itemgetter
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from lmshard.batch import PartOutcome
-from lmshard.client_tables import ClientTable
+from lmshard.client_counters import ClientCounters
+from lmshard.client_tables import ClientTable, ClientTables
+from lmshard.config import Config, load_config
 from lmshard.errors import Error, UnknownIndex
+from lmshard.forksafe import on_fork_in_child
 from lmshard.keys import encode_index_value
 from lmshard.protocol import COUNT, GET_MANY, LOOKUP, op
 from lmshard.reads import LocalShards, Request
+from lmshard.schema import Schema
 from lmshard.store import Store
-from lmshard.txn import filtered_rows, index_prefix, key_bounds
+from lmshard.txn import TableRef, filtered_rows, index_prefix, key_bounds
 
 GET_MANY_CHUNK = 10_000
 """Keys per remote get_many request; the chunks of one call are sent at once."""
 
 RemoteParts = list[tuple[int, Request]]
 """Read requests for the wire: (shard, (command code, body)), answered in this order."""
+
+class OwnerLinks(Protocol):
+    """What ``ClientCore`` needs of a client's connections to the owners (the sync
+    ``OwnerConnections``, the async ``AsyncOwnerConnections``)."""
+
+    timeout_ms: int
+    retries: int
+
+    def reset_after_fork(self) -> None: ...
+
+
+Owners = TypeVar("Owners", bound=OwnerLinks)
+
+
+class ClientCore(Generic[Owners]):
+    """What both clients hold and do alike: the config and schema, the tables, the counters,
+    the connections to the owners (of the class each client passes), the shards mapped in this
+    process, and dropping what must not cross fork() (``lmshard.forksafe`` runs
+    ``reset_after_fork`` in a child, whatever forked it)."""
+
+    def __init__(
+        self,
+        owners_class: Callable[..., Owners],
+        config: Config | str | os.PathLike[str] | None,
+        schema: Schema | None,
+        *,
+        timeout_ms: int | None,
+        retries: int | None,
+        local_reads: bool | None,
+        breaker_ms: int | None,
+    ) -> None:
+        self.config = config if isinstance(config, Config) else load_config(config)
+        self.schema = schema if schema is not None else self.config.load_schema()
+        self.schema.check_sharded(self.config.shards)
+        self.slot_map = self.config.slot_map
+        self.shards = self.config.shards
+        self.tables = ClientTables(self.schema, self.slot_map)
+        """The schema's tables by ``Table``, name or UUID: encoders, decoders and route."""
+        self._counts = ClientCounters()
+        self.owners: Owners = owners_class(
+            self.config, self._counts,
+            timeout_ms=self.config.timeout_ms if timeout_ms is None else timeout_ms,
+            retries=self.config.retries if retries is None else retries,
+            breaker_ms=self.config.breaker_ms if breaker_ms is None else breaker_ms)
+        """The connections to the shard owners and the requests over them."""
+        self._local = LocalShards(
+            self.config, self.schema,
+            enabled=self.config.local_reads if local_reads is None else local_reads)
+        on_fork_in_child(self.reset_after_fork)
+
+    @property
+    def timeout_ms(self) -> int:
+        """How long a request waits for its reply before it is resent."""
+        return self.owners.timeout_ms
+
+    @property
+    def retries(self) -> int:
+        """How often an unanswered request is resent before ShardUnavailable."""
+        return self.owners.retries
+
+    @property
+    def local_reads(self) -> bool:
+        """Whether reads map the shards' files in this process when they can be opened."""
+        return self._local.enabled
+
+    def counters(self) -> dict[str, int]:
+        """What this client did in this process: batches_sent, ops_sent, retries, timeouts,
+        remote_reads, batches_failed, unavailable, deadlines (summed over its threads)."""
+        return self._counts.total()
+
+    def table(self, table: TableRef) -> ClientTable:
+        """The table as this client encodes and routes it; UnknownTable if not in the schema."""
+        return self.tables[table]
+
+    def local_store(self, shard: int) -> Store | None:
+        """The shard's store opened read-only in this process, or None (read over the wire)."""
+        return self._local.get(shard)
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: drop what must not cross fork(); everything reopens on use."""
+        for ct in self.tables.each():
+            ct.forget_local()  # the child's stores reopen their environments
+        self._counts.reset()  # the child counts its own work, with a lock of its own
+        self.owners.reset_after_fork()
+        self._local.reset_after_fork()
 
 
 # -- writes ------------------------------------------------------------------------------------

@@ -22,12 +22,11 @@ from typing import TYPE_CHECKING, Any
 from lmshard import calls
 from lmshard.batch import Batch, PartOutcome
 from lmshard.bound_tables import live_row
-from lmshard.client_counters import ClientCounters
-from lmshard.client_tables import ClientTable, ClientTables
-from lmshard.config import Config, load_config
+from lmshard.client_tables import ClientTable
+from lmshard.config import Config
 from lmshard.connections import OwnerConnections
 from lmshard.errors import ConflictError, Error, TransactionError
-from lmshard.forksafe import check_fork, on_fork_in_child
+from lmshard.forksafe import check_fork
 from lmshard.point_get import point_get
 from lmshard.protocol import (
     GET,
@@ -40,9 +39,8 @@ from lmshard.protocol import (
     WRITE,
     incr_delta,
 )
-from lmshard.reads import LocalShards, RemoteReads
+from lmshard.reads import RemoteReads
 from lmshard.schema import Schema
-from lmshard.store import Store
 from lmshard.txn import TableRef, key_bounds, seconds_left, value_hash
 from lmshard.watch import ServiceWatch, watch_filter
 from lmshard.writer import Writer
@@ -52,7 +50,7 @@ if TYPE_CHECKING:
 
 
 
-class Client:
+class Client(calls.ClientCore[OwnerConnections]):
     """A connection to a running lmshard service; safe to share between threads."""
 
     def __init__(
@@ -65,69 +63,21 @@ class Client:
         local_reads: bool | None = None,
         breaker_ms: int | None = None,
     ) -> None:
-        self.config = config if isinstance(config, Config) else load_config(config)
-        self.schema = schema if schema is not None else self.config.load_schema()
-        self.schema.check_sharded(self.config.shards)
-        self.slot_map = self.config.slot_map
-        self.shards = self.config.shards
-        self.tables = ClientTables(self.schema, self.slot_map)
-        """The schema's tables by ``Table``, name or UUID: encoders, decoders and route."""
-        self._counts = ClientCounters()
-        self.owners = OwnerConnections(
-            self.config, self._counts,
-            timeout_ms=self.config.timeout_ms if timeout_ms is None else timeout_ms,
-            retries=self.config.retries if retries is None else retries,
-            breaker_ms=self.config.breaker_ms if breaker_ms is None else breaker_ms)
-        """The connections to the shard owners (per thread and shard) and requests over them."""
-        self._local = LocalShards(
-            self.config, self.schema,
-            enabled=self.config.local_reads if local_reads is None else local_reads)
+        super().__init__(OwnerConnections, config, schema, timeout_ms=timeout_ms,
+                         retries=retries, local_reads=local_reads, breaker_ms=breaker_ms)
         self._remote = RemoteReads(self.config, self.owners)
         self._writers: weakref.WeakSet[Writer] = weakref.WeakSet()
-        on_fork_in_child(self.reset_after_fork)
 
     # -- plumbing ----------------------------------------------------------------------------
-
-    @property
-    def timeout_ms(self) -> int:
-        """How long a request waits for its reply before it is resent."""
-        return self.owners.timeout_ms
-
-    @property
-    def retries(self) -> int:
-        """How often an unanswered request is resent before ShardUnavailable."""
-        return self.owners.retries
-
-    @property
-    def local_reads(self) -> bool:
-        """Whether reads map the shards' files in this process when they can be opened."""
-        return self._local.enabled
 
     @property
     def client_id(self) -> bytes:
         """This thread's client id, which the owners record with the writes they apply."""
         return self.owners.client_id
 
-    def counters(self) -> dict[str, int]:
-        """What this client did in this process: batches_sent, ops_sent, retries, timeouts,
-        remote_reads, batches_failed, unavailable (summed over its threads)."""
-        return self._counts.total()
-
-    def table(self, table: TableRef) -> ClientTable:
-        """The table as this client encodes and routes it; UnknownTable if not in the schema."""
-        return self.tables[table]
-
-    def local_store(self, shard: int) -> Store | None:
-        """The shard's store opened read-only in this process, or None (remote reads)."""
-        return self._local.get(shard)
-
     def reset_after_fork(self) -> None:
         """In a forked child: drop what must not cross fork(); everything reopens on use."""
-        for ct in self.tables.each():
-            ct.forget_local()  # the child's stores reopen their environments
-        self._counts.reset()  # the child counts its own work, with a lock of its own
-        self.owners.reset_after_fork()
-        self._local.reset_after_fork()
+        super().reset_after_fork()
         self._remote.reset_after_fork()
 
     @contextmanager
