@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import msgpack
 
 from lmshard import wire
-from lmshard.errors import LimitExceeded, ProtocolError
+from lmshard.errors import ProtocolError
 from lmshard.wire import Field, Message
 
 BACKUP_VERSION = 2
@@ -151,20 +151,9 @@ def pack(m: Message, session: bytes, attempt: int, *values: Any) -> bytes:
 
 def _unpack(frame: bytes) -> list[Any]:
     """The msgpack array of a control frame, its size and version byte checked."""
-    if len(frame) > MAX_CONTROL_FRAME:
-        raise LimitExceeded(f"backup frame of {len(frame):,} bytes is over the limit of "
-                            f"{MAX_CONTROL_FRAME:,} bytes")
-    if not frame:
-        raise ProtocolError("empty frame")
-    if frame[0] != BACKUP_VERSION:
-        raise ProtocolError(
-            f"backup protocol version {frame[0]} is not supported (this side speaks "
-            f"{BACKUP_VERSION})", hint="take backups with the lmshard version the owners run")
-    try:
-        msg = msgpack.unpackb(memoryview(frame)[1:], raw=False, strict_map_key=False,
-                              use_list=True)
-    except Exception as exc:
-        raise ProtocolError(f"undecodable frame: {type(exc).__name__}: {exc}") from None
+    msg = wire.unpack_control(frame, name="backup", version=BACKUP_VERSION,
+                              limit=MAX_CONTROL_FRAME, strict_map_key=False,
+                              hint="take backups with the lmshard version the owners run")
     if not isinstance(msg, list):
         raise ProtocolError(f"a frame must hold an array, not {type(msg).__name__}")
     return msg

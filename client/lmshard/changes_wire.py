@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import msgpack
 
 from lmshard import wire
-from lmshard.errors import LimitExceeded, ProtocolError
+from lmshard.errors import ProtocolError
 from lmshard.keys import MAX_KEY_SIZE
 from lmshard.wire import Field, Message
 
@@ -137,30 +137,14 @@ def pack(m: Message, watch_id: int, *values: Any) -> bytes:
     return frame
 
 
-def _unpack(frame: bytes, limit: int | None) -> Any:
-    """The msgpack body of a control frame, its size and version byte checked."""
-    if limit is not None and len(frame) > limit:
-        raise LimitExceeded(f"change-feed frame of {len(frame):,} bytes is over the limit of "
-                            f"{limit:,} bytes")
-    if not frame:
-        raise ProtocolError("empty frame")
-    if frame[0] != CHANGES_VERSION:
-        raise ProtocolError(
-            f"change-feed protocol version {frame[0]} is not supported (this side speaks "
-            f"{CHANGES_VERSION})", hint="watch with the lmshard version the owners run")
-    try:
-        return msgpack.unpackb(memoryview(frame)[1:], raw=False, use_list=True)
-    except Exception as exc:
-        raise ProtocolError(f"undecodable frame: {type(exc).__name__}: {exc}") from None
-
-
 def decode(frames: list[bytes], sender: str, *, limit: int | None = MAX_CONTROL_FRAME
            ) -> Decoded:
     """A message from ``sender``, checked; ProtocolError (or LimitExceeded) naming what is
     wrong. Nothing in a frame is trusted."""
     if not frames or len(frames) > 2:
         raise ProtocolError(f"a change-feed message has 1 or 2 frames, this one {len(frames)}")
-    msg = _unpack(frames[0], limit)
+    msg = wire.unpack_control(frames[0], name="change-feed", version=CHANGES_VERSION,
+                              limit=limit, hint="watch with the lmshard version the owners run")
     if not isinstance(msg, list) or len(msg) < 2 or type(msg[0]) is not int:
         raise ProtocolError("a change-feed message is [code, watch_id, fields...]")
     m = CHANNEL.messages.get(msg[0])

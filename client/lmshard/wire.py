@@ -14,6 +14,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
+from lmshard.errors import LimitExceeded, ProtocolError
+
 Check = Callable[[Any], bool]
 """A field's validation: True if a decoded value is acceptable."""
 
@@ -99,6 +103,26 @@ def channel(name: str, doc: str, frame: str) -> Channel:
         raise ValueError(f"channel {name} declared twice")
     ch = CHANNELS[name] = Channel(name, doc, frame)
     return ch
+
+
+def unpack_control(frame: bytes, *, name: str, version: int, limit: int | None, hint: str,
+                   strict_map_key: bool = True) -> Any:
+    """The msgpack body of a control frame of the channel ``name`` whose first byte is its
+    version: the size (at most ``limit``), the version byte and the msgpack checked, with typed
+    errors (``hint`` for a version mismatch); what the body holds is the caller's to check."""
+    if limit is not None and len(frame) > limit:
+        raise LimitExceeded(f"{name} frame of {len(frame):,} bytes is over the limit of "
+                            f"{limit:,} bytes")
+    if not frame:
+        raise ProtocolError("empty frame")
+    if frame[0] != version:
+        raise ProtocolError(f"{name} protocol version {frame[0]} is not supported (this side "
+                            f"speaks {version})", hint=hint)
+    try:
+        return msgpack.unpackb(memoryview(frame)[1:], raw=False, use_list=True,
+                               strict_map_key=strict_map_key)
+    except Exception as exc:
+        raise ProtocolError(f"undecodable frame: {type(exc).__name__}: {exc}") from None
 
 
 # -- field checks shared by channels -------------------------------------------------------------
