@@ -41,6 +41,15 @@ def env_for_children() -> dict[str, str]:
     return env
 
 
+def restore_into(backup_dir: Path, service: LocalService) -> None:
+    """``lmshard restore BACKUP --to DATA_DIR -c CONFIG`` into ``service`` (not running), as
+    an operator would; it must succeed."""
+    from lmshard.ops.cli import main
+
+    assert main(["restore", str(backup_dir), "--to", str(service.config.data_dir), "-c",
+                 str(service.config_path), "-q"]) == 0
+
+
 WAIT = 30.0
 """Longest wait for any condition (generous: the machine may be busy)."""
 

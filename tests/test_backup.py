@@ -42,7 +42,7 @@ from lmshard.errors import ProtocolError, ShardUnavailable
 from lmshard.ops import backup
 from lmshard.ops.cli import main as lmshard_main
 from lmshard.testing import LocalService
-from tests.cluster import Cluster, wait_for
+from tests.cluster import Cluster, restore_into, wait_for
 from tests.faults.backup_check import RestoredCut, backup_restore_rows
 from tests.workers import BATCH, series_on_shard
 
@@ -248,9 +248,7 @@ def test_consistent_backup_under_load_restores_exactly_the_cut(
           f"{[sf.paused_ms for sf in m.shards]}, barrier {m.barrier_ms:.2f} ms")
 
     restored = Cluster(tmp_path / "restored")
-    code = lmshard_main(["restore", str(result.path), "--to", str(restored.config.data_dir),
-                         "-c", str(restored.config_path), "-q"])
-    assert code == 0
+    restore_into(result.path, restored)
     restored.start()
     try:
         with restored.client() as c:

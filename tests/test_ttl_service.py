@@ -19,9 +19,8 @@ import lmshard
 import lmshard.aio
 from lmshard.bound_tables import EXPIRY_SIZE
 from lmshard.ops import backup
-from lmshard.ops.cli import main as lmshard_main
 from lmshard.testing import LocalService
-from tests.cluster import REPO, wait_for
+from tests.cluster import REPO, restore_into, wait_for
 from tests.test_readers import Readers
 from tests.ttl_schema import cache, sessions
 
@@ -213,9 +212,7 @@ def test_a_restored_backup_keeps_expiry_times(service: TTLService, tmp_path: Pat
         before = c.ttl(sessions, "keep")
     result = backup.take_backup(service.config, tmp_path / "bk")
     restored = TTLService(tmp_path / "restored")
-    code = lmshard_main(["restore", str(result.path), "--to", str(restored.config.data_dir),
-                         "-c", str(restored.config_path), "-q"])
-    assert code == 0
+    restore_into(result.path, restored)
     restored.start()
     try:
         with restored.client() as c:
