@@ -39,7 +39,7 @@ import zmq
 
 from lmshard.client_counters import ClientCounters
 from lmshard.config import Config
-from lmshard.connections import breaker_open, owner_socket, silent_owner
+from lmshard.connections import OwnerSockets, breaker_open, silent_owner
 from lmshard.errors import ProtocolError, ShardUnavailable, TransactionError, error_from_wire
 from lmshard.protocol import ZERO_COPY_MIN, pack_request, unpack_frame
 
@@ -89,7 +89,7 @@ class _ShardSocket:
         self.waiting: deque[asyncio.Future[bytes]] = deque()
 
 
-class AsyncOwnerConnections:
+class AsyncOwnerConnections(OwnerSockets):
     """An async client's sockets to every shard owner, and requests over them; one event loop
     at a time (a client used from a new loop opens new sockets)."""
 
@@ -108,17 +108,6 @@ class AsyncOwnerConnections:
         self._closed = False
 
     # -- sockets -----------------------------------------------------------------------------
-
-    def endpoint(self, shard: int) -> str:
-        return self.config.endpoint(shard)
-
-    def socket(self, shard: int) -> zmq.Socket[bytes]:
-        """A new DEALER socket connected to the shard's owner (a writer stream's own)."""
-        if self._closed:
-            raise TransactionError("this client is closed", hint="connect again")
-        if self._ctx is None:
-            self._ctx = zmq.Context()
-        return owner_socket(self._ctx, self.config, shard)
 
     def _shard(self, shard: int) -> _ShardSocket:
         sh = self._shards.get(shard)

@@ -114,6 +114,26 @@ def breaker_open(config: Config, shard: int, left_s: float, why: str) -> ShardUn
              "affected")
 
 
+class OwnerSockets:
+    """New sockets to the owners, from one context per client (the sync and the async client's
+    connections; also what a writer's streams ask for)."""
+
+    config: Config
+    _ctx: zmq.Context[Any] | None
+    _closed: bool
+
+    def endpoint(self, shard: int) -> str:
+        return self.config.endpoint(shard)
+
+    def socket(self, shard: int) -> zmq.Socket[bytes]:
+        """A new DEALER socket connected to the shard's owner (a writer stream's own)."""
+        if self._closed:
+            raise TransactionError("this client is closed", hint="connect again")
+        if self._ctx is None:
+            self._ctx = zmq.Context()
+        return owner_socket(self._ctx, self.config, shard)
+
+
 class _Conn:
     """One thread's DEALER socket to one shard owner, with its own sequence numbers."""
 
@@ -127,7 +147,7 @@ class _Conn:
         checks for it before sending anything."""
 
 
-class OwnerConnections:
+class OwnerConnections(OwnerSockets):
     """The sockets of one client to every shard owner, per thread, and requests over them."""
 
     def __init__(self, config: Config, counters: ClientCounters, *, timeout_ms: int,
@@ -151,17 +171,6 @@ class OwnerConnections:
         self._closed = False
 
     # -- sockets -----------------------------------------------------------------------------
-
-    def endpoint(self, shard: int) -> str:
-        return self.config.endpoint(shard)
-
-    def socket(self, shard: int) -> zmq.Socket[bytes]:
-        """A new DEALER socket connected to the shard's owner (a pipelined stream's own)."""
-        if self._closed:
-            raise TransactionError("this client is closed", hint="connect again")
-        if self._ctx is None:
-            self._ctx = zmq.Context()
-        return owner_socket(self._ctx, self.config, shard)
 
     @property
     def client_id(self) -> bytes:
