@@ -33,13 +33,19 @@ except ImportError:  # older py-lmdb has no such guard
 
 _inherited: set[tuple[Any, ...]] = set()
 _kept_alive: list[Any] = []
-_child_hooks: set[weakref.WeakMethod[Callable[[], None]]] = set()
+_child_hooks: dict[tuple[int, str], tuple[weakref.ref[Any], str]] = {}
+"""(id of the object, method name) -> (a plain weak reference to it, the method name). Not
+``weakref.WeakMethod``: at interpreter exit its internal callback may run after the
+WeakMethod itself is gone and print an AttributeError ("Exception ignored in ... _cb")."""
 
 
 def on_fork_in_child(method: Callable[[], None]) -> None:
     """Call the bound ``method`` in every forked child, for as long as its object lives (the
     object is held weakly)."""
-    _child_hooks.add(weakref.WeakMethod(method, _child_hooks.discard))
+    for key in [k for k, (ref, _name) in _child_hooks.items() if ref() is None]:
+        del _child_hooks[key]  # objects gone since: their ids may be reused
+    obj = method.__self__  # type: ignore[attr-defined]
+    _child_hooks[id(obj), method.__name__] = (weakref.ref(obj), method.__name__)
 
 
 _pid = os.getpid()
@@ -49,10 +55,10 @@ _pid = os.getpid()
 def _run_child_hooks() -> None:
     global _pid
     _pid = os.getpid()
-    for ref in list(_child_hooks):
-        method = ref()
-        if method is not None:
-            method()
+    for ref, name in list(_child_hooks.values()):
+        obj = ref()
+        if obj is not None:
+            getattr(obj, name)()
 
 
 def check_fork() -> None:
