@@ -54,6 +54,11 @@ DEFAULT_RETAIN_SECONDS = 86400.0
 _U64 = struct.Struct(">Q")
 _packb = msgpack.Packer(use_bin_type=True).pack
 
+CLIENTS_TABLE_ID = bytes(16)
+"""The table id under which a record logged for replicas carries a client's last sequence
+record (key: the client id, value: the owner's ``__clients__`` record): a copy that takes over
+the shard then answers a resent batch once, as the owner would. Never shown to watchers."""
+
 Effect = tuple[bytes, bytes, bytes | None]
 """One logged change: ``(table id, key, value or None for a delete)``, all encoded."""
 

@@ -61,6 +61,10 @@ def _prefix(v: Any) -> bool:
     return v is None or (type(v) is bytes and len(v) <= MAX_KEY_SIZE)
 
 
+def _replica_name(v: Any) -> bool:
+    return type(v) is str and 0 < len(v) <= 64
+
+
 def _indexes(v: Any) -> bool:
     return v is None or (type(v) is list and all(type(i) is int and i >= 0 for i in v))
 
@@ -96,6 +100,23 @@ CREDIT = CHANNEL.declare(
     f"{MAX_CREDIT} granted and unsent; more gets ERROR (LimitExceeded) and ends the watch.")
 CANCEL = CHANNEL.declare(
     3, "CANCEL", "watcher", (), "End the watch. Not answered.")
+REPLICATE = CHANNEL.declare(
+    4, "REPLICATE", "replica",
+    (Field("replica", _replica_name, "the replica's name (one of replica.names)"),
+     Field("history", _history, "the log history the replica's copy follows"),
+     Field("txn", wire.uint, "the first transaction the replica has not applied"),
+     Field("credit", _credit, "messages the owner may send")),
+    "Start (or restart) following the whole log as a replica, from the start of transaction "
+    "txn: like WATCH of every table, but each CHANGES also carries the shard's internal "
+    "records a copy needs to take over (the clients' last sequence numbers, under table id "
+    "16 zero bytes), and the replica reports what it has applied with APPLIED. Answered like "
+    "WATCH: STARTED, then CHANGES and PROGRESS; COMPACTED when the log no longer holds txn "
+    "(the replica takes a new snapshot).")
+APPLIED = CHANNEL.declare(
+    5, "APPLIED", "replica", (Field("txn", wire.uint),),
+    "The replica has applied, and committed durably, every transaction of the log up to and "
+    "including txn. With durability.replicas = k the owner acks a write only once k replicas "
+    "said so for its transaction. Not answered.")
 STARTED = CHANNEL.declare(
     101, "STARTED", "owner",
     (Field("history", _history), Field("txn", wire.uint), Field("n", wire.uint)),

@@ -216,6 +216,42 @@ class DeadlineExceeded(ShardUnavailable):
     hint = "allow the call more time, or check the shard: lmshard status"
 
 
+class NotPrimary(ShardUnavailable):
+    """The process that answered holds a copy of the shard but does not own it now (a replica,
+    or an owner that was failed over). ``primary`` names the member it believes owns the shard
+    (None when it does not know) and ``epoch`` that owner's epoch. Nothing was applied; the
+    client library follows the answer by itself and raises this only when it cannot."""
+
+    code = 90
+    hint = "check which copy owns the shard: lmshard status (after a failover, every client " \
+           "finds the new owner by itself)"
+
+    def __init__(self, message: str, *, primary: str | None = None, epoch: int = 0,
+                 hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.primary = primary
+        self.epoch = epoch
+
+
+class ReplicaTimeout(Error):
+    """A write was committed on the shard's owner but fewer than ``durability.replicas``
+    replicas confirmed it within ``durability.replica_timeout``. It is durable on the owner's
+    host only: if that host is lost before a replica has it, it is lost. Resending the same
+    batch (the client does, with the same sequence number) applies nothing again and waits
+    for the replicas once more."""
+
+    code = 91
+    hint = "check the replicas (lmshard status): they must run and follow the owner"
+
+
+class ReplicaBehind(Error):
+    """A read on this host's replica could not see this client's own write (its ack's txn id)
+    within ``client.replica_wait``: the replica is behind the owner, or stopped following."""
+
+    code = 92
+    hint = "check the replica's lag (lmshard status), or read through the owner"
+
+
 class BatchesFailed(Error):
     """Batches a pipelined writer sent were refused by their shards; every other batch of the
     stream was applied.
@@ -285,6 +321,7 @@ ERRORS: tuple[type[Error], ...] = (
     BatchesFailed, DeadlineExceeded,                                   # 6x the wire
     BackupError,                                                       # 7x backup and restore
     ChangesCompacted, InvalidCursor,                                   # 8x the change feed
+    NotPrimary, ReplicaTimeout, ReplicaBehind,                         # 9x replicas
     InternalError,
 )
 """Every error class with its wire code, in code order: the table both sides share."""

@@ -70,7 +70,7 @@ def escape_braces(text: str) -> str:
 
 
 def expand_endpoint(template: str, *, key: str, file: Path | None, run_dir: Path,
-                    port_key: str | None = None, **fields: int) -> str:
+                    port_key: str | None = None, **fields: int | str) -> str:
     """Substitute ``{run_dir}`` and ``fields`` (``{shard}``, ``{port}``) in ``template`` and
     check the result; ConfigError on ``key`` otherwise. ``port_key`` names the key that gives
     ``{port}``, for the message when it is not set."""

@@ -7,11 +7,12 @@ A declaration picks a kind and its limits (``Integer(1, MAX_SHARDS)``); relation
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 from lmshard.config.endpoints import escape_braces, expand_endpoint, format_http, parse_http
-from lmshard.config.errors import describe
+from lmshard.config.errors import ConfigError, describe
 from lmshard.config.settings import Kind, Reader, Setting, WriteContext
 from lmshard.config.sizes import format_size, parse_size, round_up_to_pages
 from lmshard.routing import SlotMap
@@ -263,3 +264,81 @@ class SlotRuns(Kind):
 
     def from_keyword(self, value: Any) -> Any:
         return value.runs() if isinstance(value, SlotMap) else super().from_keyword(value)
+
+
+REPLICA_ROLES = ("write", "stat", "backup", "changes")
+"""The endpoints of one copy of a shard, in the order ``{port}`` counts them: its request
+endpoint, then those of its stats, backup and change-feed channels."""
+_REPLICA_NAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9])?")
+
+
+class ReplicaNames(Kind):
+    """An array of distinct replica names (letters, digits, ``.``, ``_``, ``-``; a host name
+    or address works, which a ``{replica}`` endpoint pattern can then use)."""
+
+    def read(self, raw: Any, key: str, reader: Reader) -> Any:
+        if not isinstance(raw, list):
+            raise reader.error(key, f'got {describe(raw)}; expected an array of names, e.g. '
+                                    '["10.0.0.6"] or ["b"]')
+        names: list[str] = []
+        for i, item in enumerate(raw):
+            name = _text(item, f"{key}[{i}]", reader, "a name string")
+            if _REPLICA_NAME_RE.fullmatch(name) is None or name == "home":
+                raise reader.error(f"{key}[{i}]", f"got {name!r}; expected a name of letters, "
+                                   "digits, '.', '_' and '-' (not \"home\", the name of the "
+                                   "shards' own copy), at most 64 characters")
+            if name in names:
+                raise reader.error(f"{key}[{i}]", f"{name!r} is listed twice; expected each "
+                                                  "replica once")
+            names.append(name)
+        return tuple(names)
+
+    def write(self, value: Any, setting: Setting, out: WriteContext) -> Any:
+        return list(value)
+
+
+class ReplicaLocal(Kind):
+    """``""`` (the shards' own copy) or one of ``replica.names``."""
+
+    def read(self, raw: Any, key: str, reader: Reader) -> Any:
+        name = _text(raw, key, reader, 'a replica name or ""') if raw != "" else ""
+        names: tuple[str, ...] = reader.value("replica.names")
+        if name and name not in names:
+            raise reader.error(key, f"got {name!r}; expected \"\" (this host holds the shards' "
+                                    f"own copy) or one of replica.names {list(names)}")
+        return name
+
+
+class ReplicaEndpoint(Kind):
+    """The endpoint pattern of every replica's copy of every shard: ``{replica}`` (its name),
+    ``{role}`` (write, stat, backup, changes), ``{shard}``, ``{run_dir}``, and ``{port}``:
+    ``replica.base_port`` + 4 x shard + the role's place in that list. Read as the pattern,
+    after checking that every endpoint it gives is valid."""
+
+    def read(self, raw: Any, key: str, reader: Reader) -> Any:
+        template = _text(raw, key, reader, "an endpoint pattern string")
+        names: tuple[str, ...] = reader.value("replica.names")
+        base_port: int | None = reader.value("replica.base_port")
+        shards: int = reader.value("shards")
+        run_dir = reader.value("run_dir")
+        for name in names:
+            for shard in range(shards):
+                for role in REPLICA_ROLES:
+                    replica_endpoint(template, name, shard, role, run_dir, base_port,
+                                     key=key, file=reader.file)
+        return template
+
+
+def replica_endpoint(template: str, name: str, shard: int, role: str, run_dir: Any,
+                     base_port: int | None, *, key: str = "replica.endpoint",
+                     file: Any = None) -> str:
+    """One endpoint of replica ``name``'s copy of ``shard`` (see ``ReplicaEndpoint``)."""
+    fields: dict[str, Any] = {"shard": shard, "replica": name, "role": role}
+    if base_port is not None:
+        port = base_port + 4 * shard + REPLICA_ROLES.index(role)
+        if port > 65535:
+            raise ConfigError(f"replica.base_port {base_port} + 4 x shard {shard} is past port "
+                              "65535; expected lower", key="replica.base_port", file=file)
+        fields["port"] = port
+    return expand_endpoint(template, key=key, file=file, run_dir=run_dir,
+                           port_key="replica.base_port", **fields)

@@ -26,17 +26,22 @@ from lmshard.config.endpoints import (
 )
 from lmshard.config.errors import ConfigError
 from lmshard.config.kinds import (
+    REPLICA_ROLES,
     Boolean,
     Endpoint,
     HttpAddress,
     Integer,
     LocalPath,
     LocalPaths,
+    ReplicaEndpoint,
+    ReplicaLocal,
+    ReplicaNames,
     SchemaRef,
     Seconds,
     ShardEndpoints,
     Size,
     SlotRuns,
+    replica_endpoint,
 )
 from lmshard.config.schema_import import import_schema
 from lmshard.config.settings import (
@@ -50,6 +55,7 @@ from lmshard.config.settings import (
     table_of,
     to_toml_types,
 )
+from lmshard.members import HOME, Member
 from lmshard.routing import DEFAULT_SLOTS, SlotMap
 
 MAX_SHARDS = 256
@@ -72,6 +78,7 @@ DEFAULT_SHARD_ENDPOINT = "ipc://{run_dir}/shard-{shard:02d}.sock"
 DEFAULT_STAT_ENDPOINT = "ipc://{run_dir}/stat-{shard:02d}.sock"
 DEFAULT_BACKUP_ENDPOINT = "ipc://{run_dir}/backup-{shard:02d}.sock"
 DEFAULT_CHANGES_ENDPOINT = "ipc://{run_dir}/changes-{shard:02d}.sock"
+DEFAULT_REPLICA_ENDPOINT = "ipc://{run_dir}/replica-{replica}-{role}-{shard:02d}.sock"
 DEFAULT_READER_ENDPOINT = "ipc://{run_dir}/readers.sock"
 DEFAULT_MONITOR_ENDPOINT = "ipc://{run_dir}/monitor.sock"
 SUPERVISOR_SOCKET = "supervisor.sock"
@@ -186,6 +193,16 @@ class Config:
         "durability.metasync", Boolean(), True,
         "fsync the meta page on every commit. false: an OS crash may undo the last commit. Only "
         "matters when sync is true.")
+    replicas_required: int = setting(
+        "durability.replicas", Integer(0, 16), 0,
+        "Replicas (replica.names) that must have a commit durably before its owner acks it. "
+        "0: the owner acks on its own commit. k >= 1: losing the owner's host loses no acked "
+        "write; while fewer than k replicas follow, writes wait up to replica_timeout and then "
+        "fail with ReplicaTimeout (committed on the owner, not yet safe elsewhere).")
+    replica_timeout: float = setting(
+        "durability.replica_timeout", Seconds(0.01), 5.0,
+        "Seconds an owner waits for durability.replicas replicas to confirm a commit before it "
+        "answers ReplicaTimeout.")
     readers: int = setting(
         "readers.count", Integer(0, 256), 2,
         "Reader pool size: processes serving get/multi-get/scan/index reads for other hosts (and "
@@ -221,6 +238,10 @@ class Config:
         "After a shard owner failed to answer a request (every retry), calls to that shard "
         "fail at once with ShardUnavailable for this many milliseconds (a circuit breaker), "
         "then one call goes through as a probe; calls to other shards are not held up. 0: off.")
+    replica_wait: float = setting(
+        "client.replica_wait", Seconds(0.0), 1.0,
+        "On a host that reads a replica (replica.local), how long a read waits for the replica "
+        "to have this client's own last write before it raises ReplicaBehind.")
     endpoints: tuple[str, ...] = setting(
         "shard.endpoint", ShardEndpoints("shard.base_port"), DEFAULT_SHARD_ENDPOINT,
         _ENDPOINTS_DOC + "Write endpoint of each shard owner (clients' DEALERs connect to it).")
@@ -246,6 +267,26 @@ class Config:
     changes_retain_seconds: float = setting(
         "changes.retain_seconds", Seconds(1.0), 86400,
         "Keep each shard's log records at most this many seconds (and within retain).")
+    replica_names: tuple[str, ...] = setting(
+        "replica.names", ReplicaNames(), [],
+        "Replicas: full copies of every shard, kept on other hosts by `lmshardd replica` "
+        "processes that follow each owner's change log. Each name is one copy of every shard "
+        "(one host); a host name or address works, which replica.endpoint can then use as "
+        "{replica}. Empty: no replicas.", example='["10.0.0.6"]')
+    replica_local: str = setting(
+        "replica.local", ReplicaLocal(), "",
+        "Which copy this host holds: \"\" for the shards' own (data_dir and the shard.* "
+        "endpoints), or one of replica.names. Processes here read that copy in-process; "
+        "`lmshard up` here runs that copy's processes.")
+    replica_data_dir: Path = setting(
+        "replica.data_dir", LocalPath(), "var/replicas",
+        "Where a replica host keeps its copies: <replica.data_dir>/<name>/shard-00, ...")
+    replica_endpoint: str = setting(
+        "replica.endpoint", ReplicaEndpoint(), DEFAULT_REPLICA_ENDPOINT,
+        "The endpoints of each replica's copy of each shard (it answers there, and serves the "
+        "shard there once promoted). Placeholders: {replica} (its name), {role} (write, stat, "
+        "backup, changes), {shard}, {run_dir}, and {port}: replica.base_port + 4 x shard + "
+        "the role's place in that list. Across hosts: \"tcp://{replica}:{port}\" with CURVE.")
     slot_map: SlotMap = setting(
         "slot_map.runs", SlotRuns(), None,
         "Optional explicit slot map: runs [first slot, end slot (exclusive), shard] that are "
@@ -254,6 +295,10 @@ class Config:
         example="[[0, 256, 0], [256, 512, 1], [512, 768, 2], [768, 1024, 3]]")
     curve: CurveConfig | None = table_of(CurveConfig)
     """The ``[curve]`` table; None when the file has none."""
+    replica_base_port: int | None = setting(
+        "replica.base_port", Integer(1, 65535, optional=True), None,
+        "{port} in replica.endpoint is replica.base_port + 4 x shard + the role's place "
+        "(write 0, stat 1, backup 2, changes 3).", example="6100")
 
     @classmethod
     def default(cls, *, base_dir: str | os.PathLike[str] | None = None, **overrides: Any) -> Config:
@@ -299,7 +344,38 @@ class Config:
             out.extend((f"{key}[{n}]", ep) for n, ep in enumerate(eps))
         out.append(("readers.endpoint", self.reader_endpoint))
         out.append(("monitor.endpoint", self.monitor_endpoint))
+        for name in self.replica_names:
+            for n in range(self.shards):
+                m = self.member(n, name)
+                out.extend((f"replica.endpoint[{name}, {n}, {role}]", ep)
+                           for role, ep in zip(REPLICA_ROLES, m.endpoints(), strict=True))
         return out
+
+    # -- copies of a shard: its home and its replicas ---------------------------------------------
+
+    def member(self, n: int, name: str = HOME) -> Member:
+        """Copy ``name`` of shard ``n``: ``HOME`` (the shard's own: ``shard_dir`` and the
+        ``shard.*`` endpoints) or one of ``replica_names``."""
+        self._check_shard(n)
+        if name in (HOME, ""):
+            return Member(HOME, n, self.shard_dir(n), self.endpoint(n), self.stat_endpoint(n),
+                          self.backup_endpoint(n), self.changes_endpoint(n))
+        if name not in self.replica_names:
+            raise ValueError(f"{name!r} is not a replica: replica.names is "
+                             f"{list(self.replica_names)}")
+        eps = [replica_endpoint(self.replica_endpoint, name, n, role, self.run_dir,
+                                self.replica_base_port, file=self.path)
+               for role in REPLICA_ROLES]
+        return Member(name, n, self.replica_data_dir / name / f"shard-{n:02d}", *eps)
+
+    def members(self, n: int) -> list[Member]:
+        """Every copy of shard ``n``: its home first, then each replica in config order."""
+        return [self.member(n, name) for name in (HOME, *self.replica_names)]
+
+    @property
+    def local_member(self) -> str:
+        """The copy this host holds (``replica.local``; ``HOME`` when it is the shards' own)."""
+        return self.replica_local or HOME
 
     def reader_endpoints(self) -> list[str]:
         """Every reader's endpoint, reader I's at index I (``reader_endpoint`` for I = 0; see
@@ -388,6 +464,10 @@ def build_config(raw: Mapping[str, Any], *, file: Path | None, base_dir: Path) -
                                     "patterns)")
         seen[endpoint] = key
     check_reader_endpoints(config)
+    if config.replicas_required > len(config.replica_names):
+        raise reader.error("durability.replicas", f"got {config.replicas_required}, but "
+                           f"replica.names lists {len(config.replica_names)} replicas; expected "
+                           "at most as many as there are replicas")
     return config
 
 
