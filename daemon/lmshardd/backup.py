@@ -74,7 +74,7 @@ SERVER_POLL_MS = 100
 
 
 def make_channel(owner: Any) -> BackupChannel:
-    """Every owner serves backups on ``config.backup_endpoint(shard)``."""
+    """Every owner serves backups on its copy's backup endpoint (``Member.backup_endpoint``)."""
     return BackupChannel(owner)
 
 
@@ -98,7 +98,7 @@ class BackupChannel:
         self.owner = owner
         self.env: lmdb.Environment = owner.env
         ctx: zmq.Context[Any] = owner.ctx
-        endpoint = owner.config.backup_endpoint(owner.shard)
+        endpoint = owner.member.backup_endpoint
         router: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_FRAME)

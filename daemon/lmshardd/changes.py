@@ -69,7 +69,7 @@ _packb = msgpack.Packer(use_bin_type=True).pack
 
 
 def make_channel(owner: Any) -> ChangesChannel | None:
-    """Owners with the change log on serve it on ``config.changes_endpoint(shard)``."""
+    """Owners with the change log on serve it on their copy's ``changes_endpoint``."""
     changes = owner.store.changes
     if changes is None or not changes.enabled:
         return None
@@ -104,7 +104,7 @@ class ChangesChannel:
         self.changes = changes
         self.env = owner.env
         self.shard: int = owner.shard
-        endpoint = owner.config.changes_endpoint(owner.shard)
+        endpoint = owner.member.changes_endpoint
         sock: zmq.Socket[bytes] = owner.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, 2 * 2**20)

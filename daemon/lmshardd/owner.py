@@ -30,6 +30,7 @@ from lmshard.errors import (
     ProtocolError,
     StoreFull,
 )
+from lmshard.members import HOME, Member
 from lmshard.shard_identity import check_shard_identity, identity_records
 from lmshard.store import Store, grow_map
 from lmshard.txn import ReadTxn, WriteTxn
@@ -69,14 +70,17 @@ _SNDMORE = int(zmq.SNDMORE)
 class ShardOwner:
     """Owns shard ``shard`` of ``config``: opens its environment and serves its socket."""
 
-    def __init__(self, config: Config, shard: int, schema: Any = None) -> None:
+    def __init__(self, config: Config, shard: int, schema: Any = None, *,
+                 member: str = HOME) -> None:
         if not 0 <= shard < config.shards:
             raise ValueError(f"shard {shard} is not in 0..{config.shards - 1}")
         self.config = config
         self.shard = shard
+        self.member: Member = config.member(shard, member)
+        """The copy of the shard this owner serves: its home, or a replica promoted to owner."""
         self.schema = schema if schema is not None else config.load_schema()
         self.schema.check_sharded(config.shards)
-        self.path = config.shard_dir(shard)
+        self.path = self.member.dir
         self.store = Store(
             self.path,
             self.schema,
@@ -125,7 +129,7 @@ class ShardOwner:
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_SIZE + 1024)
-        endpoint = self.config.endpoint(self.shard)
+        endpoint = self.member.endpoint
         if endpoint.startswith("ipc://"):
             os.makedirs(os.path.dirname(endpoint[6:]), mode=0o700, exist_ok=True)
         security.secure_server(sock, self.config, endpoint)
@@ -494,7 +498,7 @@ class ShardOwner:
         if self.sock is not None:
             self.sock.close(linger=1000)
             self.sock = None
-            endpoint = self.config.endpoint(self.shard)
+            endpoint = self.member.endpoint
             if endpoint.startswith("ipc://"):  # leave no stale socket file for the next start
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(endpoint[6:])

@@ -50,7 +50,7 @@ def make_channel(owner: Any) -> StatsChannel | None:
         return StatsChannel(owner)
     except zmq.ZMQError as exc:
         log.error("shard %d: cannot publish stats on %s: %s; serving without stats",
-                  owner.shard, owner.config.stat_endpoint(owner.shard), exc)
+                  owner.shard, owner.member.stat_endpoint, exc)
         return None
 
 
@@ -110,14 +110,14 @@ def reader_slots(env: lmdb.Environment) -> tuple[int, int]:
 
 
 class StatsChannel:
-    """Publishes ``owner``'s stats on ``config.stat_endpoint(shard)`` (see the module doc)."""
+    """Publishes ``owner``'s stats on its copy's stat endpoint (see the module doc)."""
 
     def __init__(self, owner: Any) -> None:
         self.owner = owner
         self.shard: int = owner.shard
         self.interval: float = owner.config.stats_interval
         self.topic = stats_wire.topic(self.shard)
-        endpoint = owner.config.stat_endpoint(self.shard)
+        endpoint = owner.member.stat_endpoint
         sock: zmq.Socket[bytes] = owner.ctx.socket(zmq.PUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, SNDHWM)
