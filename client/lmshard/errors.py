@@ -24,6 +24,14 @@ class Error(Exception):
             self.hint = hint
         super().__init__(f"{message} ({self.hint})" if self.hint else message)
 
+    def wire_fields(self) -> list[object]:
+        """What this error carries on the wire after its message and hint (see
+        ``error_from_wire``); none for most errors."""
+        return []
+
+    def _take_wire_fields(self, fields: tuple[object, ...]) -> None:
+        """Set what ``wire_fields`` sent (called on the receiving side)."""
+
 
 class SchemaError(Error, ValueError):
     """A schema declaration is invalid (duplicate table id or name, bad key kind, ...)."""
@@ -232,6 +240,14 @@ class NotPrimary(ShardUnavailable):
         self.primary = primary
         self.epoch = epoch
 
+    def wire_fields(self) -> list[object]:
+        return [self.primary, self.epoch]
+
+    def _take_wire_fields(self, fields: tuple[object, ...]) -> None:
+        primary, epoch = (*fields, None, 0)[:2]
+        self.primary = primary if isinstance(primary, str) else None
+        self.epoch = epoch if type(epoch) is int else 0
+
 
 class ReplicaTimeout(Error):
     """A write was committed on the shard's owner but fewer than ``durability.replicas``
@@ -345,9 +361,11 @@ def error_classes() -> dict[int, type[Error]]:
     return dict(_BY_CODE)
 
 
-def error_from_wire(code: int, message: str, hint: str | None) -> Error:
-    """Rebuild the typed exception a peer sent (``Error`` for a code this side does not know)."""
+def error_from_wire(code: int, message: str, hint: str | None, *fields: object) -> Error:
+    """Rebuild the typed exception a peer sent (``Error`` for a code this side does not know),
+    with the ``wire_fields`` it carries after its message and hint."""
     cls = _BY_CODE.get(code, Error)
     err = cls.__new__(cls)
     Error.__init__(err, message, hint=hint)
+    err._take_wire_fields(fields)
     return err

@@ -43,7 +43,7 @@ def pack_reply(seq: int, status: int, body: Any) -> bytes:
 
 def pack_error(seq: int, err: Error) -> bytes:
     """The reply frame that carries ``err`` to the client, which raises it again typed."""
-    return pack_reply(seq, err.code, [err.message, err.hint])
+    return pack_reply(seq, err.code, [err.message, err.hint, *err.wire_fields()])
 
 
 def unpack_frame(frame: bytes, max_size: int = MAX_FRAME_SIZE) -> list[Any]:
