@@ -29,7 +29,7 @@ class Error(Exception):
         ``error_from_wire``); none for most errors."""
         return []
 
-    def _take_wire_fields(self, fields: tuple[object, ...]) -> None:
+    def take_wire_fields(self, fields: tuple[object, ...]) -> None:
         """Set what ``wire_fields`` sent (called on the receiving side)."""
 
 
@@ -243,7 +243,7 @@ class NotPrimary(ShardUnavailable):
     def wire_fields(self) -> list[object]:
         return [self.primary, self.epoch]
 
-    def _take_wire_fields(self, fields: tuple[object, ...]) -> None:
+    def take_wire_fields(self, fields: tuple[object, ...]) -> None:
         primary, epoch = (*fields, None, 0)[:2]
         self.primary = primary if isinstance(primary, str) else None
         self.epoch = epoch if type(epoch) is int else 0
@@ -367,5 +367,5 @@ def error_from_wire(code: int, message: str, hint: str | None, *fields: object) 
     cls = _BY_CODE.get(code, Error)
     err = cls.__new__(cls)
     Error.__init__(err, message, hint=hint)
-    err._take_wire_fields(fields)
+    err.take_wire_fields(fields)
     return err
