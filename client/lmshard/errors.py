@@ -361,9 +361,16 @@ def error_classes() -> dict[int, type[Error]]:
     return dict(_BY_CODE)
 
 
+MAX_WIRE_FIELDS = 4
+"""Most fields an error carries after its message and hint (``Error.wire_fields``)."""
+
+
 def error_from_wire(code: int, message: str, hint: str | None, *fields: object) -> Error:
     """Rebuild the typed exception a peer sent (``Error`` for a code this side does not know),
     with the ``wire_fields`` it carries after its message and hint."""
+    if len(fields) > MAX_WIRE_FIELDS or not isinstance(message, str):
+        raise TypeError("an error's body is [message, hint] and at most "
+                        f"{MAX_WIRE_FIELDS} fields more")
     cls = _BY_CODE.get(code, Error)
     err = cls.__new__(cls)
     Error.__init__(err, message, hint=hint)

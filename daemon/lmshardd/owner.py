@@ -253,7 +253,7 @@ class ShardOwner:
             ident, frame = frames[0], frames[-1]
             seq = 0
             try:
-                code, client_id, seq, body = protocol.unpack_request(frame)
+                code, client_id, seq, body, _epoch = protocol.unpack_request(frame)
                 cmd = protocol.BY_CODE.get(code)
                 if cmd is None:
                     raise ProtocolError(f"unknown command code {code}")

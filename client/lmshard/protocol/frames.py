@@ -1,6 +1,8 @@
 """The frames of the request channel: a version byte followed by one msgpack array.
 
-- request: ``[command code, client id (16 bytes or nil), sequence number, body]``
+- request: ``[command code, client id (16 bytes or nil), sequence number, body]``, optionally
+  followed by the highest epoch of the shard the client has seen (``lmshard.members``; left
+  out while it knows none)
 - reply:   ``[sequence number, status, body]``; status 0 is success, any other value is an
   error code from ``lmshard.errors`` and the body is ``[message, hint]``.
 
@@ -31,8 +33,12 @@ _packb: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
 _unpackb = msgpack.unpackb
 
 
-def pack_request(code: int, client_id: bytes | None, seq: int, body: Any) -> bytes:
-    """A request frame; build ``code`` and ``body`` with the command (``Command.frame``)."""
+def pack_request(code: int, client_id: bytes | None, seq: int, body: Any,
+                 epoch: int = 0) -> bytes:
+    """A request frame; build ``code`` and ``body`` with the command (``Command.frame``).
+    ``epoch``: the highest epoch of the shard the sender has seen (0: none)."""
+    if epoch:
+        return VERSION_BYTE + _packb([code, client_id, seq, body, epoch])
     return VERSION_BYTE + _packb([code, client_id, seq, body])
 
 
@@ -69,11 +75,19 @@ def unpack_frame(frame: bytes, max_size: int = MAX_FRAME_SIZE) -> list[Any]:
     return msg
 
 
-def unpack_request(frame: bytes, max_size: int = MAX_FRAME_SIZE) -> tuple[int, Any, int, Any]:
-    """``(code, client_id, seq, body)``; the seq is 0 when it cannot be read."""
+def unpack_request(frame: bytes, max_size: int = MAX_FRAME_SIZE
+                   ) -> tuple[int, Any, int, Any, int]:
+    """``(code, client_id, seq, body, epoch)``; the seq is 0 when it cannot be read, the
+    epoch 0 when the request carries none."""
     msg = unpack_frame(frame, max_size)
-    if len(msg) != 4:
-        raise ProtocolError(f"a request has 4 fields, this one {len(msg)}")
+    if len(msg) == 5:
+        epoch = msg.pop()
+        if type(epoch) is not int or not 0 <= epoch < 2**63:
+            raise ProtocolError(f"epoch must be a non-negative int, not {epoch!r:.40}")
+    elif len(msg) == 4:
+        epoch = 0
+    else:
+        raise ProtocolError(f"a request has 4 or 5 fields, this one {len(msg)}")
     code, client_id, seq, body = msg
     if type(seq) is not int or not 0 <= seq < 2**63:
         raise ProtocolError(f"sequence number must be a non-negative int, not {seq!r:.40}")
@@ -81,4 +95,4 @@ def unpack_request(frame: bytes, max_size: int = MAX_FRAME_SIZE) -> tuple[int, A
         raise ProtocolError(f"command code must be an int, not {code!r:.40}")
     if client_id is not None and (type(client_id) is not bytes or len(client_id) != 16):
         raise ProtocolError("client id must be 16 bytes or nil")
-    return code, client_id, seq, body
+    return code, client_id, seq, body, epoch
