@@ -8,6 +8,7 @@ import sys
 from types import ModuleType
 
 from lmshard.config import ConfigError, load_config
+from lmshard.members import HOME
 from lmshardd import monitor, readers
 
 ROLES: tuple[tuple[str, ModuleType, str], ...] = (
@@ -26,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="role", required=True)
     owner = sub.add_parser("owner", help="own and serve one shard")
     owner.add_argument("--shard", type=int, required=True, help="shard number, from 0")
+    replica = sub.add_parser("replica", help="keep a replica's copy of one shard (replica.names)")
+    replica.add_argument("--shard", type=int, required=True, help="shard number, from 0")
+    replica.add_argument("--name", required=True, help="the replica's name, one of replica.names")
     roles = {}
     for role, module, text in ROLES:
         roles[role] = module
@@ -40,14 +44,23 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"lmshardd: {exc}", file=sys.stderr)
         return 2
-    if args.role == "owner":
-        from lmshardd.owner import run_owner
-
+    if args.role in ("owner", "replica"):
         if not 0 <= args.shard < config.shards:
             print(f"lmshardd: --shard {args.shard} is not in 0..{config.shards - 1} "
                   f"(config {config.path})", file=sys.stderr)
             return 2
-        return run_owner(config, args.shard)
+        if args.role == "replica" and args.name not in config.replica_names:
+            print(f"lmshardd: --name {args.name!r} is not one of replica.names "
+                  f"{list(config.replica_names)} (config {config.path})", file=sys.stderr)
+            return 2
+        if args.role == "owner" and not config.replica_names:
+            from lmshardd.owner import run_owner
+
+            return run_owner(config, args.shard)
+        # With replicas, any copy's process first finds out whether it owns the shard.
+        from lmshardd.replica import run_copy
+
+        return run_copy(config, args.shard, HOME if args.role == "owner" else args.name)
     return int(roles[args.role].run(config, args))
 
 

@@ -398,8 +398,20 @@ def stats() -> None:
     return None
 
 
-PING, WRITE, WRITE_AFTER, GET, GET_MANY, SCAN, LOOKUP, COUNT, READ, STATS = (
-    ping, write, write_after, get, get_many, scan, lookup, count, read, stats)
+@command("promote", 30, request="nil",
+         reply="map: member, epoch (the shard's new epoch), applied (the old primary's last "
+         "txn id this copy applied), lag_txns", validate=_no_body)
+def promote() -> None:
+    """Admin (``lmshard failover``): make the replica that receives it the shard's primary.
+    It stops following, takes an epoch above every epoch a reachable copy reports, records
+    that it is primary, and serves the shard at its own endpoints as the owner (same
+    process, same request socket); it answers once it serves. Copies that are not replicas
+    refuse it (an owner with ProtocolError)."""
+    return None
+
+
+PING, WRITE, WRITE_AFTER, GET, GET_MANY, SCAN, LOOKUP, COUNT, READ, STATS, PROMOTE = (
+    ping, write, write_after, get, get_many, scan, lookup, count, read, stats, promote)
 READ_CODES = frozenset(COMMANDS[name].code for name in READ_COMMANDS)
 """The codes of ``READ_COMMANDS``."""
 

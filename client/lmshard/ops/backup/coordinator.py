@@ -116,10 +116,11 @@ class _OwnerError(BackupError):
 class _ShardLink:
     """The coordinator's DEALER to one owner's backup socket, and the file its copy goes to."""
 
-    def __init__(self, ctx: zmq.Context[Any], config: Config, shard: int, session: bytes) -> None:
+    def __init__(self, ctx: zmq.Context[Any], config: Config, shard: int, session: bytes,
+                 endpoint: str | None = None) -> None:
         self.shard = shard
         self.session = session
-        self.endpoint = config.backup_endpoint(shard)
+        self.endpoint = endpoint or config.backup_endpoint(shard)
         sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 500)  # so a last CANCEL or RESUME still goes out
         security.secure_client(sock, config, self.endpoint)
@@ -238,6 +239,41 @@ def take_backup(
         ln.close()
     pruned = prune(dest, keep) if keep is not None else []
     return BackupResult(final, manifest, pruned, links[0].attempt)
+
+
+def take_shard_snapshot(
+    config: Config,
+    shard: int,
+    dest: str | os.PathLike[str],
+    *,
+    endpoint: str | None = None,
+    chunk_size: int = CHUNK_SIZE,
+    pipeline: int = PIPELINE,
+    ready_timeout: float = 10.0,
+    stall_timeout: float = STALL_TIMEOUT,
+) -> tuple[Path, int]:
+    """A snapshot of one shard on its own (no cut with the others), from the backup socket at
+    ``endpoint`` (the shard's own by default; a replica takes its primary's), written into
+    directory ``dest`` and fsynced: ``(the file, the txn id it was taken at)``. The file is a
+    compacted LMDB copy (``subdir=False``). BackupError if the owner does not answer within
+    ``ready_timeout`` seconds, refuses, or goes away; nothing is left in ``dest`` then."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    link = _ShardLink(zmq.Context.instance(), config, shard, os.urandom(SESSION_SIZE), endpoint)
+    try:
+        _open_snapshots([link], False, QUIET, _Barrier(0.0, ready_timeout, 1, chunk_size))
+        _stream([link], dest, QUIET, pipeline, stall_timeout)
+    except BaseException:
+        if not link.done:
+            link.give_up()
+        link.close()
+        if link.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                link.path.unlink()
+        raise
+    link.close()
+    assert link.path is not None
+    return link.path, link.txn_id
 
 
 def _abandon(links: list[_ShardLink], partial: Path, progress: Progress,
