@@ -8,8 +8,8 @@
     lmshard ctl [-c CONFIG] ARGS...          supervisorctl on this service's supervisord
     lmshard demo [-c CONFIG] [--workers N] [--seconds S]
 
-and ``stats``, ``top``, ``watch``, ``backup``, ``verify``, ``restore``, ``keys`` and
-``bench``. Each command lives in a module of ``lmshard.ops`` that registers it with
+and ``stats``, ``top``, ``watch``, ``backup``, ``verify``, ``restore``, ``keys``,
+``bench``, ``failover`` and ``copies``. Each command lives in a module of ``lmshard.ops`` that registers it with
 ``add_parsers``; this one puts them together and turns errors into exit statuses.
 
 Every command finds the config by ``-c``, then ``$LMSHARD_CONFIG``, then
@@ -32,6 +32,7 @@ from lmshard.ops import (
     bench_cli,
     demo,
     keys_cli,
+    replica_cli,
     service_cli,
     status,
     top,
@@ -41,7 +42,7 @@ from lmshard.ops.command import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 from lmshard.ops.supervise import SupervisorError
 
 COMMAND_MODULES: tuple[ModuleType, ...] = (
-    service_cli, status, demo, top, watch_cli, backup_cli, keys_cli, bench_cli,
+    service_cli, status, demo, top, watch_cli, backup_cli, keys_cli, bench_cli, replica_cli,
 )
 """The modules of the ``lmshard`` commands, in the order ``lmshard --help`` lists them; each
 registers its commands with ``add_parsers(subparsers)`` and sets ``func``."""

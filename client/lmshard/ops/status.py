@@ -5,8 +5,9 @@ for anything else.
     lmshard ctl [-c CONFIG] ARGS...          supervisorctl on this service's supervisord
 
 ``status`` lists every process supervisord runs with its state, pid and uptime, and pings each
-shard owner (round trip, last commit, map and reader use). Exit status 0 when everything runs
-and answers, 1 when something does not, 3 when supervisord is not running.
+shard owner (round trip, last commit, map and reader use); with replica.names, every copy of
+every shard with its role, epoch, applied txn and lag. Exit status 0 when everything runs and
+answers, 1 when something does not, 3 when supervisord is not running.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from lmshard.client import Client
 from lmshard.config import Config, ConfigError, load_config
 from lmshard.errors import ShardUnavailable
 from lmshard.ops.command import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, config_option, say
+from lmshard.ops.replica_cli import copies_status, copy_line
 from lmshard.ops.supervise.conf import GROUP, SupervisorFiles, service_files
 from lmshard.ops.supervise.control import supervisorctl_command
 from lmshard.ops.supervise.rpc import (
@@ -49,6 +51,8 @@ def collect_status(config: Config, files: SupervisorFiles) -> dict[str, Any]:
     infos = process_infos(files)
     with health_client(config) as client:
         out["processes"] = [_process_status(config, client, info) for info in infos]
+    if config.replica_names:
+        out["copies"] = copies_status(config)
     return out
 
 
@@ -161,6 +165,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         width = max((len(p["name"]) for p in status["processes"]), default=0)
         for p in status["processes"]:
             say(_process_line(p, width))
+        if "copies" in status:
+            say("copies:")
+            for c in status["copies"]:
+                say(f"  {copy_line(c)}")
     if not sup["running"]:
         return EXIT_NOT_RUNNING
     return EXIT_OK if _healthy(status) else EXIT_FAILED

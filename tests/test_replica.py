@@ -1,0 +1,353 @@
+"""Replicas (``lmshardd replica``): real owners, real replica processes, real LMDB copies.
+
+A replica of each shard follows a writer load and ends row for row identical to its primary
+(every table and index database); SIGKILLed mid-stream it resumes; stopped while the primary's
+log is trimmed past it, it takes a new snapshot into its live environment while another process
+reads it; ``lmshard failover`` promotes it, and the home owner restarted afterwards rejoins as
+its replica.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import pytest
+import zmq
+
+from lmshard import protocol
+from lmshard.changes import CHANGES_DB
+from lmshard.config import Config
+from lmshard.named_dbs import named_dbs
+from lmshard.store_meta import MAX_DBS, META_DB
+from lmshardd import replica as replica_mod
+from lmshardd.membership import ping_members
+from tests.cluster import Cluster, env_for_children, lmshard_cli, wait_for
+from tests.schemas import schema
+
+R = "r1"
+
+
+class Replicas:
+    """``lmshardd replica --shard N --name R`` processes for every shard of a service."""
+
+    def __init__(self, svc: Cluster, name: str = R) -> None:
+        self.svc = svc
+        self.name = name
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def config(self) -> Config:
+        return self.svc.config
+
+    def start(self, shard: int | None = None) -> None:
+        for s in range(self.config.shards) if shard is None else [shard]:
+            log = self.svc.base / f"replica-{self.name}-{s:02d}.log"
+            with open(log, "ab") as out:
+                self.procs[s] = subprocess.Popen(
+                    [sys.executable, "-m", "lmshardd.main", "-c", str(self.svc.config_path),
+                     "replica", "--shard", str(s), "--name", self.name],
+                    stdout=out, stderr=subprocess.STDOUT, env=env_for_children())
+
+    def log(self, shard: int) -> str:
+        return (self.svc.base / f"replica-{self.name}-{shard:02d}.log").read_text()
+
+    def kill(self, shard: int, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[shard]
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def health(config: Config, shard: int, member: str) -> dict[str, Any] | None:
+    return ping_members(config, shard, [member], timeout=2.0)[member].health
+
+
+def caught_up(config: Config, shard: int, member: str = R, primary: str = "home") -> bool:
+    """The replica follows and has applied everything its primary committed."""
+    p, r = health(config, shard, primary), health(config, shard, member)
+    return bool(p and r and r.get("state") == "following" and r["applied"] >= p["txn_id"])
+
+
+def copy_contents(path: Path) -> dict[bytes, list[tuple[bytes, bytes]]]:
+    """Every named database of the copy at ``path`` but its change log and meta database:
+    the tables, their indexes and expiry indexes, and the clients' records."""
+    skip = {CHANGES_DB, META_DB}
+    if not replica_mod.FOLLOW_WITH_REPLICATE:
+        skip.add(b"__clients__")  # a WATCH feed carries no client records
+    env = lmdb.open(str(path), readonly=True, max_dbs=MAX_DBS, lock=False)
+    out = {}
+    try:
+        with env.begin() as txn:
+            main = env.open_db(None, txn=txn)
+            for db in named_dbs(txn, main):
+                if db.name in skip:
+                    continue
+                handle = env.open_db(db.name, txn=txn, create=False, **db.open_flags)
+                out[db.name] = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=handle)]
+    finally:
+        env.close()
+    return out
+
+
+def assert_identical(config: Config, shard: int, member: str = R, primary: str = "home"
+                     ) -> int:
+    """The two copies hold the same rows in every database; how many rows."""
+    a = copy_contents(config.member(shard, primary).dir)
+    b = copy_contents(config.member(shard, member).dir)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name] == b[name], f"shard {shard}: database {name!r} differs"
+    return sum(len(v) for v in a.values())
+
+
+class Load(threading.Thread):
+    """A writer: puts, increments, deletes and batches over tables with and without indexes."""
+
+    def __init__(self, svc: Cluster) -> None:
+        super().__init__(daemon=True)
+        self.svc = svc
+        self.stop = threading.Event()
+        self.batches = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with self.svc.client() as c:
+                i = 0
+                while not self.stop.is_set():
+                    i += 1
+                    with c.batch() as b:
+                        for j in range(5):
+                            b.put("items", i * 10 + j, {"group": (i + j) % 7, "i": i})
+                        b.put("events", (f"s{i % 5}", i), {"v": i})
+                    c.put("users", uuid.uuid4(), {"email": f"u{i}@x.org", "n": i})
+                    c.incr("counters", f"c{i % 11}")
+                    if i % 3 == 0:
+                        c.delete("items", (i - 2) * 10)
+                    self.batches += 1
+        except BaseException as exc:
+            self.error = exc
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join(timeout=30)
+        assert self.error is None, self.error
+
+
+@pytest.fixture
+def svc(tmp_path: Path) -> Any:
+    s = Cluster(tmp_path, shards=2, replica_names=[R], replica_data_dir=str(tmp_path / "rep"))
+    s.start()
+    reps = Replicas(s)
+    try:
+        yield s, reps
+    finally:
+        reps.stop()
+        s.stop()
+
+
+def request(endpoint: str, frame: bytes, timeout: float = 5.0) -> list[Any]:
+    """One request on a DEALER to ``endpoint``: the reply ``[seq, status, body]``."""
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send(frame)
+        assert sock.poll(int(timeout * 1000)), f"no answer from {endpoint}"
+        return protocol.unpack_frame(sock.recv())
+    finally:
+        sock.close()
+
+
+def put_frame(seq: int, key: str, value: int) -> bytes:
+    t = schema.tables["counters"]
+    ops = [protocol.op(protocol.OP_PUT, t.table_id.bytes, t.key.encode(key),
+                       t.value.dumps(value))]
+    return protocol.WRITE.frame(uuid.uuid4().bytes, seq, ops)
+
+
+def test_replica_follows_a_writer_load_and_ends_identical(svc: Any) -> None:
+    s, reps = svc
+    with s.client() as c:  # rows before the snapshot, and rows after it
+        for i in range(50):
+            c.put("items", 100_000 + i, {"group": i % 3, "i": i})
+    reps.start()
+    for shard in range(2):
+        wait_for(f"replica of shard {shard} following",
+                 lambda shard=shard: (health(s.config, shard, R) or {}).get("state")
+                 == "following")
+    load = Load(s)
+    load.start()
+    time.sleep(3)
+    load.finish()
+    assert load.batches > 20
+    for shard in range(2):
+        wait_for(f"replica of shard {shard} caught up",
+                 lambda shard=shard: caught_up(s.config, shard))
+    r0 = health(s.config, 0, R)
+    assert r0 is not None
+    assert (r0["member"], r0["role"], r0["primary"], r0["epoch"]) == (R, "replica", "home", 1)
+    assert r0["lag_txns"] == 0 and r0["applied_txns"] > 0
+    # The replica answers reads from its copy, and refuses writes naming its primary.
+    member = s.config.member(0, R)
+    count = request(member.endpoint, protocol.COUNT.frame(
+        None, 7, schema.tables["items"].table_id.bytes, None, None))
+    assert count[1] == 0 and count[2] > 0
+    refused = request(member.endpoint, put_frame(3, "x", 1))
+    assert refused[1] == 90 and refused[2][2:] == ["home", 1]
+    reps.stop()
+    s.stop()
+    rows = [assert_identical(s.config, shard) for shard in range(2)]
+    assert sum(rows) > load.batches * 5
+
+
+@pytest.mark.slow
+def test_replica_killed_mid_stream_resumes(svc: Any) -> None:
+    s, reps = svc
+    reps.start()
+    load = Load(s)
+    load.start()
+    for _ in range(3):
+        time.sleep(1.0)
+        reps.kill(0)
+        time.sleep(0.3)
+        reps.start(0)
+    time.sleep(1.0)
+    load.finish()
+    for shard in range(2):
+        wait_for(f"replica of shard {shard} caught up",
+                 lambda shard=shard: caught_up(s.config, shard))
+    # It resumed from its own applied txn: one snapshot, ever (the first start's).
+    assert reps.log(0).count("taking a snapshot of") == 1, reps.log(0)
+    reps.stop()
+    s.stop()
+    for shard in range(2):
+        assert_identical(s.config, shard)
+
+
+READER = textwrap.dedent("""
+    import sys, time, lmshard
+    from tests.schemas import schema
+    store = lmshard.open(sys.argv[1], schema, readonly=True)
+    print("open", store.count("items"), flush=True)
+    while True:
+        line = sys.stdin.readline()
+        if not line:
+            break
+        print("count", store.count("items"), store.get("items", 777_777), flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_replica_past_the_log_resnapshots_into_its_live_copy(tmp_path: Path) -> None:
+    s = Cluster(tmp_path, shards=1, replica_names=[R], replica_data_dir=str(tmp_path / "rep"),
+                changes_retain="16KiB")
+    s.start()
+    reps = Replicas(s)
+    reader = None
+    try:
+        reps.start()
+        with s.client() as c:
+            for i in range(20):
+                c.put("items", i, {"group": 1, "i": i})
+        wait_for("replica caught up", lambda: caught_up(s.config, 0))
+        reps.stop()
+        # A process on the replica host keeps the copy open (mapped) and reads it.
+        reader = subprocess.Popen(
+            [sys.executable, "-c", READER, str(s.config.member(0, R).dir)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env_for_children())
+        assert reader.stdout is not None and reader.stdin is not None
+        assert reader.stdout.readline().split() == ["open", "20"]
+        with s.client() as c:  # far more than the log keeps
+            for i in range(400):
+                c.put("items", 1000 + i, {"group": 2, "i": i, "pad": "x" * 200})
+            c.put("items", 777_777, {"group": 3, "i": 0})
+            floor = c.stats()["shards"][0]["changes"]["floor"]
+        applied = health_applied_on_disk(s.config)
+        assert floor > applied + 1, "the log was not trimmed past the stopped replica"
+        reps.start()
+        wait_for("replica caught up", lambda: caught_up(s.config, 0))
+        assert "taking a new snapshot" in reps.log(0)
+        reader.stdin.write("\n")
+        reader.stdin.flush()
+        line = reader.stdout.readline().split()
+        assert line[:2] == ["count", "421"] and line[2] != "None", line
+        reps.stop()
+        s.stop()
+        assert_identical(s.config, 0)
+    finally:
+        if reader is not None:
+            reader.kill()
+            reader.wait()
+        reps.stop()
+        s.stop()
+
+
+def health_applied_on_disk(config: Config) -> int:
+    """The replica's ``replica_applied`` as its copy records it (the replica is stopped)."""
+    from lmshardd.membership import read_member_state
+
+    state, exists = read_member_state(config.member(0, R).dir, R)
+    assert exists
+    return state.applied
+
+
+@pytest.mark.slow
+def test_failover_promotes_the_replica_and_the_old_owner_rejoins(svc: Any) -> None:
+    s, reps = svc
+    reps.start(0)
+    with s.client() as c:
+        c.put("counters", "before", 1)
+    wait_for("replica caught up", lambda: caught_up(s.config, 0))
+    # The home owner still runs: failover refuses without --force.
+    out = lmshard_cli("failover", "--shard", "0", "--to", R, "-c", str(s.config_path))
+    assert out.returncode == 1 and "--force" in out.stderr, out
+    bad = lmshard_cli("failover", "--shard", "0", "--to", "nope", "-c", str(s.config_path))
+    assert bad.returncode == 2 and "replica.names" in bad.stderr, bad
+    s.kill(0, signal.SIGTERM)
+    out = lmshard_cli("failover", "--shard", "0", "--to", R, "-c", str(s.config_path))
+    assert out.returncode == 0, out
+    assert "epoch 2" in out.stdout, out.stdout
+    member = s.config.member(0, R)
+    h = health(s.config, 0, R)
+    assert h is not None and h.get("epoch", 2) == 2 and h.get("role", "primary") == "primary"
+    ok = request(member.endpoint, put_frame(1, "after", 2))
+    assert ok[1] == 0, ok
+    # The old home owner comes back: it finds r1 primary at a higher epoch and follows it.
+    s.start(0)
+    wait_for("home follows r1", lambda: (health(s.config, 0, "home") or {}).get("state")
+             == "following")
+    home = health(s.config, 0, "home")
+    assert home is not None
+    assert (home["role"], home["primary"], home["epoch"]) == ("replica", R, 2)
+    refused = request(s.config.member(0).endpoint, put_frame(1, "x", 3))
+    assert refused[1] == 90 and refused[2][2] == R
+    ok = request(member.endpoint, put_frame(2, "later", 4))
+    assert ok[1] == 0, ok
+    wait_for("home caught up", lambda: caught_up(s.config, 0, "home", R))
+    reps.stop()
+    s.stop()
+    assert_identical(s.config, 0, "home", R)
+    rows = dict(copy_contents(s.config.member(0).dir)[b"counters"])
+    t = schema.tables["counters"]
+    for key in ("before", "after", "later"):
+        assert t.key.encode(key) in rows
