@@ -347,7 +347,7 @@ def test_failover_promotes_the_replica_and_the_old_owner_rejoins(svc: Any) -> No
     reps.stop()
     s.stop()
     assert_identical(s.config, 0, "home", R)
-    rows = dict(copy_contents(s.config.member(0).dir)[b"counters"])
     t = schema.tables["counters"]
+    rows = dict(copy_contents(s.config.member(0).dir)[t.db_name])
     for key in ("before", "after", "later"):
         assert t.key.encode(key) in rows
