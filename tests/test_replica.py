@@ -16,6 +16,7 @@ import textwrap
 import threading
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,10 @@ class Replicas:
 
 def health(config: Config, shard: int, member: str) -> dict[str, Any] | None:
     return ping_members(config, shard, [member], timeout=2.0)[member].health
+
+
+def following(config: Config, shard: int, member: str = R) -> bool:
+    return (health(config, shard, member) or {}).get("state") == "following"
 
 
 def caught_up(config: Config, shard: int, member: str = R, primary: str = "home") -> bool:
@@ -192,17 +197,14 @@ def test_replica_follows_a_writer_load_and_ends_identical(svc: Any) -> None:
             c.put("items", 100_000 + i, {"group": i % 3, "i": i})
     reps.start()
     for shard in range(2):
-        wait_for(f"replica of shard {shard} following",
-                 lambda shard=shard: (health(s.config, shard, R) or {}).get("state")
-                 == "following")
+        wait_for(f"replica of shard {shard} following", partial(following, s.config, shard))
     load = Load(s)
     load.start()
     time.sleep(3)
     load.finish()
     assert load.batches > 20
     for shard in range(2):
-        wait_for(f"replica of shard {shard} caught up",
-                 lambda shard=shard: caught_up(s.config, shard))
+        wait_for(f"replica of shard {shard} caught up", partial(caught_up, s.config, shard))
     r0 = health(s.config, 0, R)
     assert r0 is not None
     assert (r0["member"], r0["role"], r0["primary"], r0["epoch"]) == (R, "replica", "home", 1)
@@ -234,8 +236,7 @@ def test_replica_killed_mid_stream_resumes(svc: Any) -> None:
     time.sleep(1.0)
     load.finish()
     for shard in range(2):
-        wait_for(f"replica of shard {shard} caught up",
-                 lambda shard=shard: caught_up(s.config, shard))
+        wait_for(f"replica of shard {shard} caught up", partial(caught_up, s.config, shard))
     # It resumed from its own applied txn: one snapshot, ever (the first start's).
     assert reps.log(0).count("taking a snapshot of") == 1, reps.log(0)
     reps.stop()
@@ -334,8 +335,7 @@ def test_failover_promotes_the_replica_and_the_old_owner_rejoins(svc: Any) -> No
     assert ok[1] == 0, ok
     # The old home owner comes back: it finds r1 primary at a higher epoch and follows it.
     s.start(0)
-    wait_for("home follows r1", lambda: (health(s.config, 0, "home") or {}).get("state")
-             == "following")
+    wait_for("home follows r1", partial(following, s.config, 0, "home"))
     home = health(s.config, 0, "home")
     assert home is not None
     assert (home["role"], home["primary"], home["epoch"]) == ("replica", R, 2)

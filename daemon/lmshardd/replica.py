@@ -243,14 +243,7 @@ class Replica:
             self.bind()
         assert self.sock is not None
         while not self.stopping and self.owner is None:
-            now = time.monotonic()
-            if self.need_snapshot and self.snapshot_thread is None and now >= self.retry_at:
-                self._start_snapshot()
-            if self.snapshot_thread is not None and not self.snapshot_thread.is_alive():
-                self._finish_snapshot()
-            if (self.feed is None and not self.need_snapshot and self.store is not None
-                    and now >= self.retry_at):
-                self._subscribe()
+            self._housekeeping(time.monotonic())
             poller = zmq.Poller()
             poller.register(self.sock, zmq.POLLIN)
             if self.feed is not None:
@@ -260,14 +253,23 @@ class Replica:
                 self._drain_feed()
             if self.sock in ready:
                 self._serve_requests()
-            if (self.feed is not None and self.owner is None
-                    and time.monotonic() - self.heard > SILENCE):
-                log.warning("shard %d: no word from %s for %.0f s; looking for the primary",
-                            self.shard, self.state.primary, SILENCE)
-                self._find_primary()
-                self._close_feed()
         if self.owner is None:
             self.close()
+
+    def _housekeeping(self, now: float) -> None:
+        """Between turns: start or finish a snapshot, subscribe, notice a silent primary."""
+        if self.need_snapshot and self.snapshot_thread is None and now >= self.retry_at:
+            self._start_snapshot()
+        if self.snapshot_thread is not None and not self.snapshot_thread.is_alive():
+            self._finish_snapshot()
+        if (self.feed is None and not self.need_snapshot and self.store is not None
+                and now >= self.retry_at):
+            self._subscribe()
+        elif self.feed is not None and now - self.heard > SILENCE:
+            log.warning("shard %d: no word from %s for %.0f s; looking for the primary",
+                        self.shard, self.state.primary, SILENCE)
+            self._find_primary()
+            self._close_feed()
 
     def _serve_requests(self) -> None:
         assert self.sock is not None
@@ -562,27 +564,30 @@ class Replica:
 
     def _handle(self, m: Any, values: list[Any], data: bytes | None) -> None:
         if m is STARTED:
-            history = values[0]
-            if history != self.state.replica_history:
-                self._resnapshot(f"{self.state.primary}'s log is history {history}, this copy "
-                                 f"follows {self.state.replica_history}")
-                return
-            self.phase = FOLLOWING
-            return
-        if m is COMPACTED:
+            if values[0] != self.state.replica_history:
+                self._resnapshot(f"{self.state.primary}'s log is history {values[0]}, this "
+                                 f"copy follows {self.state.replica_history}")
+            else:
+                self.phase = FOLLOWING
+        elif m is COMPACTED:
             self._resnapshot(f"{self.state.primary}'s log no longer holds txn "
                              f"{self.state.applied + 1}: {values[2]}")
-            return
-        if m is ERROR:
-            code, message, _hint = values
-            if code in (ChangesCompacted.code, InvalidCursor.code):
-                self._resnapshot(f"{self.state.primary} cannot serve its log from txn "
-                                 f"{self.state.applied + 1}: {message}")
-            else:
-                log.warning("shard %d: %s ended the feed: %s (error %d); subscribing again",
-                            self.shard, self.state.primary, message, code)
-                self._retry_later()
-            return
+        elif m is ERROR:
+            self._feed_error(*values)
+        else:
+            self._take(m, values, data)
+
+    def _feed_error(self, code: int, message: str, hint: str | None) -> None:
+        if code in (ChangesCompacted.code, InvalidCursor.code):
+            self._resnapshot(f"{self.state.primary} cannot serve its log from txn "
+                             f"{self.state.applied + 1}: {message}")
+        else:
+            log.warning("shard %d: %s ended the feed: %s (error %d); subscribing again",
+                        self.shard, self.state.primary, message, code)
+            self._retry_later()
+
+    def _take(self, m: Any, values: list[Any], data: bytes | None) -> None:
+        """A CHANGES or PROGRESS message: apply it, or subscribe again after a gap."""
         seq = values[0]
         self.received += 1
         if seq != self.seq + 1:

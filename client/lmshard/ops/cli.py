@@ -9,8 +9,9 @@
     lmshard demo [-c CONFIG] [--workers N] [--seconds S]
 
 and ``stats``, ``top``, ``watch``, ``backup``, ``verify``, ``restore``, ``keys``,
-``bench``, ``failover`` and ``copies``. Each command lives in a module of ``lmshard.ops`` that registers it with
-``add_parsers``; this one puts them together and turns errors into exit statuses.
+``bench``, ``failover`` and ``copies``. Each command lives in a module of ``lmshard.ops``
+that registers it with ``add_parsers``; this one puts them together and turns errors into
+exit statuses.
 
 Every command finds the config by ``-c``, then ``$LMSHARD_CONFIG``, then
 ``./config/lmshard.toml``; supervisord.conf is the file next to it. Exit status: 0 ok,
