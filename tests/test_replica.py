@@ -9,9 +9,11 @@ its replica.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -351,3 +353,37 @@ def test_failover_promotes_the_replica_and_the_old_owner_rejoins(svc: Any) -> No
     rows = dict(copy_contents(s.config.member(0).dir)[t.db_name])
     for key in ("before", "after", "later"):
         assert t.key.encode(key) in rows
+
+
+def test_a_replica_hosts_supervisord_runs_replicas_in_place_of_owners(tmp_path: Path) -> None:
+    from supervisor.options import ServerOptions
+
+    from lmshard.config import load_config, make_config
+    from lmshard.ops.supervise.conf import write_supervisord_conf
+
+    run = Path(tempfile.mkdtemp(prefix="lms-"))
+    try:
+        for local, program in (("", "shard"), (R, "replica")):
+            cfg = make_config(base_dir=tmp_path, shards=2, schema="tests.schemas:schema",
+                              replica_names=[R], replica_local=local, readers=0,
+                              run_dir=str(run))
+            path = tmp_path / "lmshard.toml"
+            path.write_text(cfg.to_toml())
+            conf = write_supervisord_conf(load_config(path))
+            (tmp_path / "var" / "log").mkdir(parents=True, exist_ok=True)
+            options = ServerOptions()
+            options.realize(args=["-c", str(conf)])
+            group = next(g for g in options.process_group_configs if g.name == "lmshard")
+            assert [p.name for p in group.process_configs] == [
+                f"{program}_00", f"{program}_01", "monitor"]
+            command = group.process_configs[1].command
+            if local:
+                assert command.endswith(f"replica --shard 1 --name {R}")
+            else:
+                assert command.endswith("owner --shard 1")
+            argv = [*command.split(), "--help"]
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                                  env=env_for_children())
+            assert done.returncode == 0, done.stderr
+    finally:
+        shutil.rmtree(run, ignore_errors=True)

@@ -80,7 +80,6 @@ from lmshard.members import (
     state_records,
 )
 from lmshard.named_dbs import named_dbs
-from lmshard.ops.backup.coordinator import take_shard_snapshot
 from lmshard.shard_identity import check_shard_identity, identity_records
 from lmshard.store import Store
 from lmshard.store_meta import MAX_DBS, META_DB
@@ -737,6 +736,10 @@ class _SnapshotTaker(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
+        # The backup coordinator's receiving side, loaded only by a replica that takes a
+        # snapshot (the daemon's processes do not load the operator tooling otherwise).
+        from lmshard.ops.backup.coordinator import take_shard_snapshot
+
         try:
             self.path, self.txn_id = take_shard_snapshot(
                 self.config, self.shard, self.dest, endpoint=self.primary.backup_endpoint)

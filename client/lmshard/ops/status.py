@@ -28,6 +28,7 @@ from lmshard.ops.supervise.conf import GROUP, SupervisorFiles, service_files
 from lmshard.ops.supervise.control import supervisorctl_command
 from lmshard.ops.supervise.rpc import (
     PING_TIMEOUT_MS,
+    copy_health,
     health_client,
     process_infos,
     shard_of_process,
@@ -75,19 +76,21 @@ def _process_status(config: Config, client: Client, info: dict[str, Any]) -> dic
         entry["health"], entry["health_error"] = None, None
         if running:
             try:
-                entry["health"] = _shard_health(client, shard)
+                entry["health"] = _shard_health(config, client, shard)
             except ShardUnavailable as exc:
                 entry["health_error"] = exc.message
     return entry
 
 
-def _shard_health(client: Client, shard: int) -> dict[str, Any]:
-    """A shard owner's ping answer, with the commit age and map use worked out."""
+def _shard_health(config: Config, client: Client, shard: int) -> dict[str, Any]:
+    """A shard owner's (on a replica host: its replica's) ping answer, with the commit age
+    and map use worked out."""
     now = time.time()
-    h = client.ping(shard)
+    h = copy_health(config, client, shard)
     h["last_commit_age"] = now - h["last_commit"] if h["last_commit"] else None
-    h["map_used_pct"] = 100 * h["map_used"] / h["map_size"]
-    h["max_map_used_pct"] = 100 * h["map_used"] / h["max_map_size"]
+    if "map_size" in h:  # a replica taking its first snapshot has no copy yet
+        h["map_used_pct"] = 100 * h["map_used"] / h["map_size"]
+        h["max_map_used_pct"] = 100 * h["map_used"] / h["max_map_size"]
     return h
 
 
@@ -111,6 +114,13 @@ def _health_text(p: dict[str, Any]) -> str:
     h = p.get("health")
     if h is None:
         return f"ping: {p['health_error']}" if p.get("health_error") else ""
+    if h.get("role") == "replica":
+        lag = (f"lag {h['lag_txns']} txns, {h['lag_seconds']:.1f}s" if h["lag_txns"]
+               else "caught up")
+        copy = (f"  map {h['map_used_pct']:.1f}% of {format_bytes(h['map_size'])}  readers "
+                f"{h['readers']}/{h['max_readers']}" if "map_size" in h else "")
+        return (f"ping {h['rtt_ms']:.1f}ms  replica {h['member']} of {h['primary']} epoch "
+                f"{h['epoch']}  applied {h['applied']}  {lag}  ({h['state']}){copy}")
     age = h["last_commit_age"]
     commit = "no commit yet" if age is None else f"last commit {_duration(age)} ago"
     full = h.get("disk_full")

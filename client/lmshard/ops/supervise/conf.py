@@ -1,7 +1,8 @@
 """The generated supervisord config: one per lmshard config, next to its ``lmshard.toml``.
 
 It is rendered from ``lmshard/ops/templates/supervisord.conf.template``: a group ``lmshard`` with
-one program per role (``shard`` with one process per shard, the reader pool and the monitor),
+one program per role (``shard`` with one process per shard, or ``replica`` on a replica host, the
+reader pool and the monitor),
 the alerts eventlistener, a unix socket for supervisorctl in the run directory, logs in the log
 directory. ``SupervisorFiles`` reads back where a generated config puts those files.
 """
@@ -44,7 +45,17 @@ EVENTLISTENER = Path(str(TEMPLATES / "eventlistener.py"))
 PROGRAMS = ("shard", "readers", "monitor")
 """The programs of group ``lmshard``, in start order: ``lmshardd owner`` once per shard, the
 reader pool (``lmshardd readers``, ``readers.count`` processes; none if 0), the monitor. The
-alerts eventlistener is a pool of its own (supervisord keeps eventlisteners out of groups)."""
+alerts eventlistener is a pool of its own (supervisord keeps eventlisteners out of groups).
+On a replica host (``replica.local`` set) ``REPLICA_PROGRAM`` takes the place of ``shard``."""
+REPLICA_PROGRAM = "replica"
+"""The program of a replica host: ``lmshardd replica --shard N --name R`` once per shard
+(``lmshard:replica_00`` ..), keeping this host's copy of each shard."""
+
+
+def copy_program(config: Config) -> str:
+    """The program that keeps this host's copies: ``shard`` (owners), or ``replica`` on a
+    replica host."""
+    return REPLICA_PROGRAM if config.replica_local else "shard"
 
 _OFF_REASONS = {
     "readers": "readers.count is 0 in the config",
@@ -103,7 +114,16 @@ def render_supervisord_conf(
             "bytes)", hint="use a shorter run_dir in the config, e.g. /run/lmshard")
     config_file = _conf_value(config.path, "the config path")
     readers = config.readers > 0
-    programs = [p for p in PROGRAMS if p != "readers" or readers]
+    copies = copy_program(config)
+    programs = [copies if p == "shard" else p for p in PROGRAMS if p != "readers" or readers]
+    if config.replica_local:
+        copy_command = (f"replica --shard %(process_num)d --name "
+                        f"{shlex.quote(config.replica_local)}")
+        copy_comment = (f"This host keeps replica {config.replica_local}'s copy of each shard: "
+                        "lmshard:replica_00 .. replica_NN.")
+    else:
+        copy_command = "owner --shard %(process_num)d"
+        copy_comment = "One writer per shard: lmshard:shard_00 .. shard_NN."
     values = {
         "config": config_file,
         "config_arg": shlex.quote(config_file),
@@ -117,6 +137,9 @@ def render_supervisord_conf(
         "shards": str(config.shards),
         "readers": str(max(config.readers, 1)),
         "group_programs": ",".join(programs),
+        "copy_program": copies,
+        "copy_command": copy_command,
+        "copy_comment": copy_comment,
     }
     try:
         source = template.read_text()

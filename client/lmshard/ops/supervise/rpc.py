@@ -1,5 +1,6 @@
 """Talking to a running supervisord through its XML-RPC interface on its unix socket: whether it
-runs, what its processes are doing, and waiting until every shard owner answers a ping."""
+runs, what its processes are doing, and waiting until every shard owner (on a replica host:
+every replica of this host's copies) answers a ping."""
 
 from __future__ import annotations
 
@@ -59,9 +60,28 @@ shard_process = owner_program
 
 
 def shard_of_process(info: dict[str, Any]) -> int | None:
-    """The shard number of an owner's process info, None for other processes."""
-    match = re.fullmatch(r"shard_(\d+)", info["name"])
+    """The shard number of an owner's (or a replica host's replica's) process info, None for
+    other processes."""
+    match = re.fullmatch(r"(?:shard|replica)_(\d+)", info["name"])
     return int(match.group(1)) if info["group"] == GROUP and match else None
+
+
+def copy_health(config: Config, client: Client, shard: int) -> dict[str, Any]:
+    """The health of this host's copy of ``shard``: its owner's ping answer, or on a replica
+    host (``replica.local``) its replica's. ShardUnavailable when it does not answer."""
+    if not config.replica_local:
+        return client.ping(shard)
+    from lmshardd.membership import ping_members
+
+    t = time.perf_counter()
+    a = ping_members(config, shard, [config.replica_local], PING_TIMEOUT_MS / 1000)
+    answer = a[config.replica_local]
+    if answer.health is None:
+        raise ShardUnavailable(f"shard {shard}'s copy {config.replica_local} does not answer: "
+                               f"{answer.error}")
+    h = dict(answer.health)
+    h["rtt_ms"] = (time.perf_counter() - t) * 1000
+    return h
 
 
 def health_client(config: Config) -> Client:
@@ -102,7 +122,7 @@ def wait_until_up(
     shown = -1
     with health_client(config) as client:
         while True:
-            look = _Look.take(files)
+            look = _Look.take(config, files)
             others_ok = look.others_running()
             for shard in range(config.shards):
                 if look.owner_answers(client, shard, answered=shard in up):
@@ -122,16 +142,19 @@ def wait_until_up(
 class _Look:
     """One look at supervisord's processes while waiting for the service to come up."""
 
-    def __init__(self, files: SupervisorFiles, infos: list[dict[str, Any]]) -> None:
+    def __init__(self, config: Config, files: SupervisorFiles,
+                 infos: list[dict[str, Any]]) -> None:
+        self.config = config
+        self.local = config.replica_local
         self.files = files
         self.by_shard = {shard_of_process(i): i for i in infos}
         self.others = [i for i in infos
                        if i["group"] in (GROUP, ALERTS) and shard_of_process(i) is None]
 
     @classmethod
-    def take(cls, files: SupervisorFiles) -> _Look:
+    def take(cls, config: Config, files: SupervisorFiles) -> _Look:
         try:
-            return cls(files, process_infos(files))
+            return cls(config, files, process_infos(files))
         except (OSError, xmlrpc.client.Error) as exc:
             raise SupervisorError(f"supervisord stopped answering on {files.socket}: {exc}; "
                                   f"see {files.logfile}") from exc
@@ -150,7 +173,10 @@ class _Look:
         could not start it."""
         info = self.by_shard.get(shard)
         if info is None:
-            raise SupervisorError(f"supervisord has no process {shard_process(shard)}",
+            name = shard_process(shard)
+            if config_local := self.local:
+                name = f"{GROUP}:replica_{shard:02d} (replica {config_local})"
+            raise SupervisorError(f"supervisord has no process {name}",
                                   hint=f"regenerate {self.files.conf}: lmshard supervisord-conf")
         if info["statename"] == "FATAL":
             raise _not_up(shard, info, "could not be started (FATAL)")
@@ -159,7 +185,7 @@ class _Look:
         if info["statename"] != "RUNNING":
             return False
         try:
-            return bool(client.ping(shard)["pid"] == info["pid"])
+            return bool(copy_health(self.config, client, shard)["pid"] == info["pid"])
         except ShardUnavailable:
             return False
 
