@@ -65,7 +65,7 @@ def test_owner_flushes_only_what_was_committed_and_once_more_when_it_stops(
 ) -> None:
     from lmshardd.owner import ShardOwner
 
-    cl = Cluster(tmp_path, shards=1, flush_interval=60.0)
+    cl = Cluster(tmp_path, shards=1, flush_interval=60.0)  # its config only: no processes
     owner = ShardOwner(cl.config, 0)
     try:
         assert owner.env.flags()["sync"] is False  # no fsync per commit
@@ -82,13 +82,15 @@ def test_owner_flushes_only_what_was_committed_and_once_more_when_it_stops(
         assert owner.counters.flushes == 1
     finally:
         owner.close()
+        cl.stop()  # removes its run directory
     assert owner.counters.flushes == 2  # the clean stop flushed the put
 
 
 def test_owner_with_fsync_per_commit_says_so(tmp_path: Path) -> None:
     from lmshardd.owner import ShardOwner
 
-    owner = ShardOwner(Cluster(tmp_path, shards=1).config, 0)
+    cl = Cluster(tmp_path, shards=1)
+    owner = ShardOwner(cl.config, 0)
     try:
         assert owner.env.flags()["sync"] is True
         health = owner.health()
@@ -96,6 +98,7 @@ def test_owner_with_fsync_per_commit_says_so(tmp_path: Path) -> None:
         assert owner.counters.flushes == 0
     finally:
         owner.close()
+        cl.stop()
 
 
 # -- real owner processes ------------------------------------------------------------------
