@@ -65,6 +65,10 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload("lookup", "unique-index lookup", "lookups/s", "lookup"),
     Workload("put1", "acked single put, 1 client", "puts/s", "put"),
     Workload("put8", "acked single put, 8 clients", "puts/s", "put"),
+    Workload("put1_sec", "acked single put, 1 client, fsync each second", "puts/s", "put",
+             ("redis", "lmshard")),
+    Workload("put8_sec", "acked single put, 8 clients, fsync each second", "puts/s", "put",
+             ("redis", "lmshard")),
     Workload("mixed", "mixed 90% get / 10% put, 4 processes", "ops/s", "op"),
     Workload("ts_append", "time series append, 1,000 points a call", "points/s", "append"),
     Workload("ts_range", "time series range query", "points/s", "query"),
@@ -212,12 +216,15 @@ class Round:
             shutil.rmtree(base, ignore_errors=True)
 
     def run(self, system: System, workload: str | None, fn_name: str,
-            specs: list[dict[str, Any]], servers: list[int] | None = None) -> Sample | None:
-        """Run one workload's workers; record the sample under ``workload`` (None: a fill)."""
+            specs: list[dict[str, Any]], servers: list[int] | None = None,
+            base: dict[str, Any] | None = None) -> Sample | None:
+        """Run one workload's workers; record the sample under ``workload`` (None: a fill).
+        Each worker's spec is ``base`` (default: the system's spec this round) plus its own."""
         fn = system.workload(fn_name)
         if fn is None:
             return None
-        specs = [dict(self.specs[system.key], **s) for s in specs]
+        base = self.specs[system.key] if base is None else base
+        specs = [dict(base, **s) for s in specs]
         t = time.perf_counter()
         sample = run_workers(fn, specs, system.servers() if servers is None else servers)
         if workload is None:
@@ -281,6 +288,8 @@ class Round:
             finally:
                 for system in self.systems:
                     system.durable_writes(False)
+        if sel.wants("put1_sec", "put8_sec"):
+            self.every_second_puts()
 
     def writes(self) -> None:
         sz, sel = self.sz, self.sel
@@ -302,6 +311,22 @@ class Round:
             self.each("ts_range", "ts_range", lambda k: [
                 {"seed": 15, "count": sz.ts_queries, "series": sz.ts_series, "points": points,
                  "window": min(sz.ts_window, points // 2)}])
+
+    def every_second_puts(self) -> None:
+        """Acked single puts with an fsync each second instead of each commit: lmshard's own
+        service with ``durability.flush_interval = 1``, Redis with ``appendfsync everysec``."""
+        sz = self.sz
+        for system in self.systems:
+            if system.key not in BY_KEY["put1_sec"].systems:
+                continue
+            with system.every_second() as base:
+                if self.sel.wants("put1_sec"):
+                    self.run(system, "put1_sec", "put_acked",
+                             [{"start": 3 * 10**9, "count": sz.put1}], base=base)
+                if self.sel.wants("put8_sec"):
+                    self.run(system, "put8_sec", "put_acked", [
+                        {"start": 3 * 10**9 + 10**7 * (i + 1), "count": sz.put8_each}
+                        for i in range(8)], base=base)
 
     def remote_gets(self) -> None:
         for system in self.systems:

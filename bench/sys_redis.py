@@ -2,10 +2,12 @@
 
 The suite starts its own ``redis-server`` (no persistence, unix socket only) in a temporary
 directory; the acked-write workloads switch it to ``appendonly yes`` + ``appendfsync always`` so
-an acknowledged SET is on disk, like an lmshard put. Layout: ``r<8-byte id>`` -> CBOR record;
-users ``u<id>`` plus ``e:<email>`` -> id; each event series a sorted set (score = sequence,
-member = CBOR value); each time series chunk ``t:<series><start>`` -> NumPy bytes, with a
-sorted set ``ti:<series>`` of chunk starts to find them.
+an acknowledged SET is on disk, like an lmshard put (the fsync-each-second puts to
+``appendfsync everysec``, like lmshard's ``durability.flush_interval = 1``). Layout:
+``r<8-byte id>`` -> CBOR record; users ``u<id>`` plus ``e:<email>`` -> id; each event series a
+sorted set (score = sequence, member = CBOR value); each time series chunk
+``t:<series><start>`` -> NumPy bytes, with a sorted set ``ti:<series>`` of chunk starts to find
+them.
 """
 
 from __future__ import annotations
@@ -295,12 +297,13 @@ class RedisServer:
         assert self.proc is not None
         return self.proc.pid
 
-    def durable(self, on: bool) -> None:
-        """``appendonly yes`` + ``appendfsync always`` (every acked write fsynced), or off."""
+    def durable(self, on: bool, fsync: str = "always") -> None:
+        """``appendonly yes`` + ``appendfsync always`` (every acked write fsynced; ``fsync``
+        "everysec": an fsync a second, an ack once written to the OS), or off."""
         r = _client({"socket": self.socket})
         if on:
             r.config_set("appendonly", "yes")
-            r.config_set("appendfsync", "always")
+            r.config_set("appendfsync", fsync)
             deadline = time.monotonic() + 60
             while r.info("persistence").get("aof_rewrite_in_progress") and \
                     time.monotonic() < deadline:

@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -50,6 +52,11 @@ class System:
 
     def durable_writes(self, on: bool) -> None:
         """Switch to the durability acked-write workloads use (only Redis has two modes)."""
+
+    def every_second(self) -> AbstractContextManager[dict[str, Any]]:
+        """For the block: acked writes fsynced once a second, not each (Redis's appendfsync
+        everysec); the spec workers get then. Only Redis and lmshard have it."""
+        raise NotImplementedError(f"{self.label} has no fsync-each-second mode")
 
     def workload(self, name: str) -> Any:
         return getattr(self.module, name, None)
@@ -122,6 +129,14 @@ class Redis(System):
     def durable_writes(self, on: bool) -> None:
         self.server.durable(on)
 
+    @contextmanager
+    def every_second(self) -> Iterator[dict[str, Any]]:
+        self.server.durable(True, fsync="everysec")
+        try:
+            yield {"socket": self.server.socket}
+        finally:
+            self.server.durable(False)
+
 
 class Lmshard(System):
     key, label, module_name = "lmshard", "lmshard", "bench.sys_lmshard"
@@ -158,6 +173,19 @@ class Lmshard(System):
             timeout_ms=30000, retries=2, **self.settings)
         self.service.start()
         return {"config": str(self.service.config_path)}
+
+    @contextmanager
+    def every_second(self) -> Iterator[dict[str, Any]]:
+        """A second service beside this one, with ``durability.flush_interval = 1``, for the
+        block (its owners are ``servers()`` meanwhile)."""
+        main, settings = self.service, self.settings
+        self.service, self.settings = None, dict(settings, flush_interval=1.0)
+        try:
+            yield self.start(main.base.parent / "every-second")
+        finally:
+            if self.service is not None:
+                self.service.stop()
+            self.service, self.settings = main, settings
 
     def start_readers(self) -> None:
         """Start the reader pool (``lmshardd readers --index I``); wait until each answers."""

@@ -34,7 +34,7 @@ from lmshard.members import HOME, Member
 from lmshard.shard_identity import check_shard_identity, identity_records
 from lmshard.store import Store, grow_map
 from lmshard.txn import ReadTxn, WriteTxn
-from lmshardd import stats
+from lmshardd import flushing, stats
 from lmshardd.changes import ChangesChannel
 from lmshardd.channels import CHANNEL_FACTORIES, Channel
 from lmshardd.grouping import ActiveWriters, wait_readable
@@ -86,7 +86,7 @@ class ShardOwner:
             self.schema,
             map_size=config.map_size,
             max_map_size=config.max_map_size,
-            sync=config.sync,
+            sync=flushing.sync_each_commit(config),
             metasync=config.metasync,
             max_readers=config.max_readers,
             on_open=self._check_identity,
@@ -108,7 +108,8 @@ class ShardOwner:
         self._commit_avg = 0.0
         self._writers = ActiveWriters(ACTIVE_WRITER_WINDOW)
         self.disk_full = DiskFullWatch(str(self.path), shard)
-        self.channels: list[Channel] = []
+        flusher = flushing.make_channel(self)
+        self.channels: list[Channel] = [] if flusher is None else [flusher]
         self.ctx: zmq.Context[Any] = zmq.Context.instance()
         self.sock: zmq.Socket[bytes] | None = None
         self._unpack = msgpack.Unpacker  # keeps the import honest for type checkers
@@ -468,6 +469,7 @@ class ShardOwner:
             "max_readers": info["max_readers"],
             "uptime": time.time() - self.counters.started,
             "last_commit": self.counters.last_commit_time,
+            **flushing.durability(self.env, self.config, self.counters),
             "disk_full": self.disk_full.as_dict(),
             "changes": stats_wire.changes_summary(self.changes_stats()),
         }

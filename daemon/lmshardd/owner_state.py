@@ -34,6 +34,10 @@ class OwnerCounters:
     bad_frames: int = 0
     last_txn_id: int = 0
     last_commit_time: float = 0.0
+    flushes: int = 0
+    """Flushes to disk by ``durability.flush_interval`` (``lmshardd.flushing``)."""
+    last_flush_time: float = 0.0
+    """Unix time of the last of them; 0 if none."""
     expired_rows: int = 0
     """Rows of tables with ttl deleted by the sweep (``lmshardd.expiry``)."""
     expiry_cpu_seconds: float = 0.0

@@ -58,15 +58,18 @@ class Boolean(Kind):
 
 
 class Seconds(Kind):
-    """A finite number of seconds, at least ``lo``."""
+    """A finite number of seconds, at least ``lo``; ``off``: 0 too, meaning the feature is
+    off."""
 
-    def __init__(self, lo: float) -> None:
-        self.lo = lo
+    def __init__(self, lo: float, *, off: bool = False) -> None:
+        self.lo, self.off = lo, off
 
     def read(self, raw: Any, key: str, reader: Reader) -> Any:
-        expected = f"a number of seconds >= {self.lo}"
+        expected = f"a number of seconds >= {self.lo}" + (", or 0 (off)" if self.off else "")
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
             raise reader.error(key, f"got {describe(raw)}; expected {expected}")
+        if self.off and raw == 0:
+            return 0.0
         if not 0 < raw < float("inf") or raw < self.lo:
             raise reader.error(key, f"got {raw!r}; expected {expected}")
         return float(raw)

@@ -64,6 +64,8 @@ MAX_SLOTS = 65536
 """Upper bound for ``slots``: keeps slot maps small (one entry per slot) and digests cheap."""
 MIN_STATS_INTERVAL = 0.01
 """Shortest stats interval, in seconds: shorter would make the owners spin publishing."""
+MIN_FLUSH_INTERVAL = 0.001
+"""Shortest flush interval, in seconds (0 turns flushing by interval off)."""
 MAX_TIMEOUT_MS = 3_600_000
 """Longest client timeout: one hour (ZeroMQ timeouts are C ints of milliseconds)."""
 DEFAULT_READER_SLOTS = 126
@@ -186,13 +188,25 @@ class Config:
         "host.")
     sync: bool = setting(
         "durability.sync", Boolean(), True,
-        "fsync the data on every commit. false: an OS crash or power loss may lose the last "
-        "commits (never corrupts the store). An ack always means \"committed under this "
-        "setting\".")
+        "fsync the data on every commit (or every flush_interval). false: never fsync, the OS "
+        "writes back when it likes; an OS crash or power loss may lose the commits it had not "
+        "written, and on a filesystem that does not keep the order of writes may damage the "
+        "store (LMDB's MDB_NOSYNC). A crash of the owner alone loses nothing in any mode. An "
+        "ack always means \"committed under these settings\" (docs/operations.md, "
+        "Durability).")
     metasync: bool = setting(
         "durability.metasync", Boolean(), True,
-        "fsync the meta page on every commit. false: an OS crash may undo the last commit. Only "
-        "matters when sync is true.")
+        "fsync the meta page on every commit. false: an OS crash may undo the last commit (the "
+        "store stays consistent). Only matters when sync is true and flush_interval is 0.")
+    flush_interval: float = setting(
+        "durability.flush_interval", Seconds(MIN_FLUSH_INTERVAL, off=True), 0,
+        "Seconds between flushes to disk instead of an fsync per commit (Redis's appendfsync "
+        "everysec is 1); 0: off, every commit is fsynced. > 0: a commit is acked once written "
+        "to the OS, so a crash of the owner loses nothing, and the owner flushes when the last "
+        "flush is this old (on a clean stop too); an OS crash or power loss may lose the "
+        "commits of the last interval (a little more when the owner is idle, up to 0.1 s), "
+        "and on a filesystem that does not keep the order of writes may damage the store "
+        "(LMDB's MDB_NOSYNC). Needs sync and metasync true.")
     replicas_required: int = setting(
         "durability.replicas", Integer(0, 16), 0,
         "Replicas (replica.names) that must have a commit durably before its owner acks it. "
@@ -468,6 +482,7 @@ def build_config(raw: Mapping[str, Any], *, file: Path | None, base_dir: Path) -
         raise reader.error("durability.replicas", f"got {config.replicas_required}, but "
                            f"replica.names lists {len(config.replica_names)} replicas; expected "
                            "at most as many as there are replicas")
+    check_durability(config)
     return config
 
 
@@ -536,3 +551,20 @@ def check_reader_endpoints(config: Config) -> None:
                 hint=f"{spread}: leave those free, e.g. give readers.endpoint a port range of "
                 "its own",
             )
+
+
+def check_durability(config: Config) -> None:
+    """ConfigError (key ``durability.flush_interval``) for a flush interval beside ``sync`` or
+    ``metasync`` false: the interval takes the place of the fsync per commit those two tune,
+    and ``sync = false`` means never to flush at all."""
+    if not config.flush_interval:
+        return
+    for key, on in (("durability.sync", config.sync), ("durability.metasync", config.metasync)):
+        if not on:
+            raise ConfigError(
+                f"durability.flush_interval = {config.flush_interval:g} needs {key} = true; "
+                f"got {key} = false",
+                key="durability.flush_interval", file=config.path,
+                hint="flush_interval > 0 flushes every that many seconds instead of every "
+                "commit, sync = false never flushes, metasync = false still flushes every "
+                f"commit: set flush_interval = 0, or {key} = true")
