@@ -27,6 +27,7 @@ import zmq
 from lmshard import protocol, security
 from lmshard.config import Config, load_config
 from lmshard.errors import Error, error_from_wire
+from lmshard.members import HOME
 from lmshard.ops.command import EXIT_FAILED, EXIT_OK, EXIT_USAGE, config_option, say
 
 PROMOTE_TIMEOUT = 30.0
@@ -90,8 +91,9 @@ def cmd_failover(args: argparse.Namespace) -> int:
     if not 0 <= shard < config.shards:
         return _fail(f"--shard {shard} is not in 0..{config.shards - 1} (config {config.path})",
                      EXIT_USAGE)
-    if name not in config.replica_names:
+    if name not in (HOME, *config.replica_names):
         return _fail(f"--to {name!r} is not one of replica.names {list(config.replica_names)} "
+                     f"(or {HOME!r}, the shard's own copy, once it is a replica) "
                      f"(config {config.path})", EXIT_USAGE)
     m = _membership()
     answers = m.ping_members(config, shard, timeout=args.timeout)
@@ -160,7 +162,9 @@ def add_parsers(subparsers: Any) -> None:
         "the shard at its own endpoints. Refuses while another copy answers as primary, "
         "unless --force.")
     p.add_argument("--shard", type=int, required=True, help="shard number, from 0")
-    p.add_argument("--to", required=True, metavar="REPLICA", help="one of replica.names")
+    p.add_argument("--to", required=True, metavar="REPLICA",
+                   help=f"one of replica.names, or {HOME} (the shard's own copy, when it "
+                   "rejoined as a replica after an earlier failover)")
     p.add_argument("--force", action="store_true",
                    help="promote even though the current primary still answers")
     p.add_argument("--timeout", type=float, default=1.0,
