@@ -218,6 +218,13 @@ def test_replica_follows_a_writer_load_and_ends_identical(svc: Any) -> None:
     assert count[1] == 0 and count[2] > 0
     refused = request(member.endpoint, put_frame(3, "x", 1))
     assert refused[1] == 90 and refused[2][2:] == ["home", 1]
+    copies = lmshard_cli("copies", "-c", str(s.config_path))
+    assert copies.returncode == 0, copies
+    lines = [line.split() for line in copies.stdout.splitlines()]
+    assert [(ln[1], ln[2], ln[3]) for ln in lines] == [
+        ("0", "home", "primary"), ("0", R, "replica"), ("1", "home", "primary"),
+        ("1", R, "replica")]
+    assert all("caught up" in line for line in copies.stdout.splitlines()[1::2])
     reps.stop()
     s.stop()
     rows = [assert_identical(s.config, shard) for shard in range(2)]
@@ -337,6 +344,8 @@ def test_failover_promotes_the_replica_and_the_old_owner_rejoins(svc: Any) -> No
     assert h is not None and h.get("epoch", 2) == 2 and h.get("role", "primary") == "primary"
     ok = request(member.endpoint, put_frame(1, "after", 2))
     assert ok[1] == 0, ok
+    again = lmshard_cli("failover", "--shard", "0", "--to", R, "-c", str(s.config_path))
+    assert again.returncode == 1 and "is not a replica" in again.stderr, again
     # The old home owner comes back: it finds r1 primary at a higher epoch and follows it.
     s.start(0)
     wait_for("home follows r1", partial(following, s.config, 0, "home"))
@@ -348,12 +357,24 @@ def test_failover_promotes_the_replica_and_the_old_owner_rejoins(svc: Any) -> No
     ok = request(member.endpoint, put_frame(2, "later", 4))
     assert ok[1] == 0, ok
     wait_for("home caught up", lambda: caught_up(s.config, 0, "home", R))
+    # And back home: r1's process stops, home takes over at epoch 3, r1 rejoins as a replica.
+    reps.kill(0, signal.SIGTERM)
+    out = lmshard_cli("failover", "--shard", "0", "--to", "home", "-c", str(s.config_path))
+    assert out.returncode == 0 and "epoch 3" in out.stdout, out
+    reps.start(0)
+    wait_for("r1 follows home", partial(following, s.config, 0, R))
+    back = health(s.config, 0, R)
+    assert back is not None and (back["role"], back["primary"], back["epoch"]) == (
+        "replica", "home", 3)
+    ok = request(s.config.member(0).endpoint, put_frame(1, "home again", 5))
+    assert ok[1] == 0, ok
+    wait_for("r1 caught up", lambda: caught_up(s.config, 0))
     reps.stop()
     s.stop()
     assert_identical(s.config, 0, "home", R)
     t = schema.tables["counters"]
     rows = dict(copy_contents(s.config.member(0).dir)[t.db_name])
-    for key in ("before", "after", "later"):
+    for key in ("before", "after", "later", "home again"):
         assert t.key.encode(key) in rows
 
 
