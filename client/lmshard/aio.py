@@ -51,6 +51,7 @@ from lmshard.protocol import (
     incr_delta,
     next_page,
 )
+from lmshard.reads import NOT_HERE
 from lmshard.schema import Schema
 from lmshard.txn import TableRef, key_bounds, seconds_left, value_hash
 from lmshard.watch import SILENCE, Change, ServiceWatch, watch_filter
@@ -151,11 +152,13 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
         ct = self.tables[table]
         kb = ct.kenc(key)
         shard = ct.shard(key, kb)
-        hit = ct.local[shard] or self._local.handles(ct, shard)
+        hit = ct.local[shard]
         if hit is not None:  # a read of this process's map: no await, no thread
             data = point_get(hit[0], hit[1], kb)
         else:
-            data = await self._remote_one(shard, GET.request_for(ct.tid, kb))
+            data = self._local.row(ct, shard, kb)
+            if data is NOT_HERE:
+                data = await self._remote_one(shard, GET.request_for(ct.tid, kb))
         if ct.expiring:
             return ct.value(data, default)
         return default if data is None else ct.loads(data)
@@ -165,10 +168,10 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
         check_fork()
         kb = ct.kenc(key)
         shard = ct.shard(key, kb)
-        hit = self._local.handles(ct, shard)
-        data = (point_get(hit[0], hit[1], kb) if hit is not None
-                else await self._remote_one(shard, GET.request_for(ct.tid, kb)))
-        return live_row(data) if ct.expiring else data
+        data = self._local.row(ct, shard, kb)
+        if data is NOT_HERE:
+            data = await self._remote_one(shard, GET.request_for(ct.tid, kb))
+        return live_row(data) if ct.expiring else data  # type: ignore[no-any-return]
 
     async def get_hash(self, table: TableRef, key: Any) -> bytes | None:
         """The stored value's hash, for ``cas(..., expected_hash=)``."""
@@ -220,7 +223,8 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
                     where: Callable[[Any], bool] | None) -> AsyncIterator[tuple[Any, Any]]:
         stores = [self._local.get(s) for s in shards]
         if all(st is not None for st in stores):  # the sync client's scan, as it is
-            streams = [calls.local_rows(st, ct, lo, hi, reverse) for st in stores if st]
+            streams = [calls.local_rows(self._local, s, st, ct, lo, hi, reverse)
+                       for s, st in zip(shards, stores, strict=True) if st]
             rows = calls.scan_rows(ct, streams, reverse, where, limit)
             try:
                 for n, row in enumerate(rows, 1):
@@ -231,7 +235,8 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
                 _close(rows)  # ends the read transactions
             return
         merged = _merge([
-            _local_async(calls.local_rows(st, ct, lo, hi, reverse)) if st is not None
+            _local_async(calls.local_rows(self._local, s, st, ct, lo, hi, reverse))
+            if st is not None
             else self._remote_rows(s, ct.tid, lo, hi, reverse)
             for s, st in zip(shards, stores, strict=True)], reverse)
         if limit is not None and limit <= 0:

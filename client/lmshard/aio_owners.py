@@ -39,8 +39,14 @@ import zmq
 
 from lmshard.client_counters import ClientCounters
 from lmshard.config import Config
-from lmshard.connections import OwnerSockets, breaker_open, silent_owner
-from lmshard.errors import ProtocolError, ShardUnavailable, TransactionError, error_from_wire
+from lmshard.connections import OwnerSockets, ShardCopies, breaker_open, silent_owner
+from lmshard.errors import (
+    Error,
+    ProtocolError,
+    ShardUnavailable,
+    TransactionError,
+    error_from_wire,
+)
 from lmshard.protocol import ZERO_COPY_MIN, pack_request, unpack_frame
 
 log = logging.getLogger("lmshard.client")
@@ -100,6 +106,10 @@ class AsyncOwnerConnections(OwnerSockets):
         self.timeout_ms = timeout_ms
         self.retries = retries
         self.breaker_ms = breaker_ms
+        self.copies = ShardCopies(config)
+        """The shards' copies: requests go to each shard's home and carry the highest epoch
+        seen; this client does not move a shard to another copy after a failover."""
+        self.on_ack = None
         self._open_until = [0.0] * config.shards
         """Per shard: until when (loop time) calls fail at once, the circuit breaker of the
         sync client's connections; 0.0 while the shard answers."""
@@ -169,7 +179,7 @@ class AsyncOwnerConnections(OwnerSockets):
         try:
             sh.seq += 1
             seq = sh.seq
-            frame = pack_request(code, lane, seq, body)
+            frame = pack_request(code, lane, seq, body, self.copies.epochs[shard])
             future: asyncio.Future[Any] = sh.loop.create_future()
             sh.inflight[seq] = _Request(frame, future, sh.loop.time() + self.timeout_ms / 1000)
             if sh.timer is None:
@@ -182,6 +192,8 @@ class AsyncOwnerConnections(OwnerSockets):
                 sh.inflight.pop(seq, None)  # cancelled: never resent; a late reply is dropped
             if self._open_until[shard]:
                 self._open_until[shard] = 0.0  # the probe got through
+            if write and not isinstance(reply, Error):
+                self.note_ack(shard, reply)
             return reply
         finally:
             if lane is not None:
