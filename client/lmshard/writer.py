@@ -256,9 +256,12 @@ class WriterStreams:
         """Reconnect and resend every unacknowledged batch of the stream, oldest first (to the
         copy that is primary now, when it ``moved``: with a fresh count of attempts)."""
         owners = self._owners
-        st.attempts = 1 if moved else st.attempts + 1
-        if st.attempts > owners.retries and self._moved(st, None):
-            st.attempts = 1
+        if moved:
+            st.attempts = 0
+        else:
+            st.attempts += 1
+            if st.attempts > owners.retries and self._moved(st, None):
+                st.attempts = 0
         if st.attempts > owners.retries:
             raise ShardUnavailable(
                 f"shard {st.shard} at {owners.endpoint(st.shard)}: {why}, "
