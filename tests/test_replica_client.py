@@ -180,8 +180,8 @@ def test_writes_move_to_the_promoted_copy_and_a_resent_batch_applies_once(
             c.put(records, 2, {"name": "after"})
             assert c.incr(counters, "hits", 1) == 6
             assert c.owners.endpoint(0) == cluster.config.member(0, "b").endpoint
-            with c.batch() as batch:  # a batch follows too
-                batch.put(records, 3, {"name": "batched"})
+            with cluster.client(timeout_ms=300, retries=1) as c2, c2.batch() as batch:
+                batch.put(records, 3, {"name": "batched"})  # a batch follows too
         finally:
             _stop(b)
     rows = _rows(cluster.config.member(0, "b").dir, records)
