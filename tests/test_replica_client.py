@@ -258,6 +258,37 @@ def test_a_silent_owner_with_no_primary_elsewhere_fails_as_before(cluster: Clust
         assert c.owners.endpoint(0) == cluster.config.endpoint(0)  # nowhere to move to
 
 
+def test_async_client_follows_the_shard_to_the_promoted_copy(cluster: Cluster) -> None:
+    import asyncio
+
+    import lmshard.aio
+
+    cluster.start()
+    records, counters = schemas.records, schemas.counters
+
+    async def main() -> None:
+        async with lmshard.aio.connect(cluster.config, timeout_ms=300, retries=1,
+                                       local_reads=False) as db:
+            await db.put(records, 1, {"name": "before"})
+            cluster.kill(0, signal.SIGTERM)
+            _copy_home_to(cluster, "b", PROMOTED)
+            b = _serve_copy(cluster, "b")
+            try:
+                # Many writes in flight when the shard moves: each is sent to b once more
+                # under its own lane and number, and applied there once.
+                await asyncio.gather(*(db.put(records, k, {"name": f"r{k}"})
+                                       for k in range(2, 12)),
+                                     *(db.incr(counters, "hits") for _ in range(10)))
+                assert await db.get(records, 11) == {"name": "r11"}
+            finally:
+                _stop(b)
+
+    asyncio.run(main())
+    b_dir = cluster.config.member(0, "b").dir
+    assert sorted(_rows(b_dir, records)) == list(range(1, 12))
+    assert _rows(b_dir, counters) == {"hits": 10}
+
+
 # -- reads on a replica host -----------------------------------------------------------------
 
 
