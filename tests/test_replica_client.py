@@ -9,6 +9,7 @@ replica that lags and then catches up.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -259,8 +260,6 @@ def test_a_silent_owner_with_no_primary_elsewhere_fails_as_before(cluster: Clust
 
 
 def test_async_client_follows_the_shard_to_the_promoted_copy(cluster: Cluster) -> None:
-    import asyncio
-
     import lmshard.aio
 
     cluster.start()
@@ -331,6 +330,42 @@ def test_replica_host_reads_wait_for_the_clients_own_write(cluster: Cluster) -> 
         assert time.monotonic() - t >= 0.2
         catch_up.join()
         assert d.get_many(records, [1, 2]) == [{"name": "new"}, {"name": "only-on-b"}]
+
+    # The async client waits the same way, without holding up its event loop.
+    asyncio.run(_async_reads_wait(cluster, replica_host, b_dir))
+
+
+async def _async_reads_wait(cluster: Cluster, replica_host: Any, b_dir: Path) -> None:
+    import lmshard.aio
+
+    records = schemas.records
+    async with lmshard.aio.connect(replica_host, schemas.schema) as db:
+        await db.put(records, 4, {"name": "four"})
+        with pytest.raises(ReplicaBehind):
+            await db.get(records, 4)
+        with pytest.raises(ReplicaBehind):
+            await db.get_many(records, [4])
+    slow = dataclasses.replace(replica_host, replica_wait=30.0)
+    async with lmshard.aio.connect(slow, schemas.schema) as db:
+        await db.put(records, 5, {"name": "five"})
+        with cluster.client() as home_host:
+            last = home_host.ping(0)["txn_id"]
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        ticker = asyncio.create_task(tick())
+        catch_up = threading.Timer(0.3, _write_rows, (b_dir, {4: "four", 5: "five"}, last))
+        catch_up.start()
+        assert await db.get(records, 5) == {"name": "five"}
+        catch_up.join()
+        ticker.cancel()
+        assert ticks >= 10  # the loop ran while the read waited
+        assert await db.get_many(records, [4, 1]) == [{"name": "four"}, {"name": "new"}]
 
 
 def _connect(config: Any) -> Any:

@@ -171,27 +171,45 @@ class LocalShards:
     def _caught_up(self, shard: int, st: Store) -> ReadTxn:
         waited_until: float | None = None
         while True:
-            ack = self.unseen[shard]
             r = ReadTxn(begin_read(st.env), st.tables)
-            if ack is None:
-                return r
-            have = self._has(st, r.txn)
-            if have >= ack:
-                with self._lock:
-                    if self.unseen[shard] == ack:
-                        self.unseen[shard] = None
+            have = self._look(shard, st, r)
+            if have is None:
                 return r
             r.end()
             now = time.monotonic()
             if waited_until is None:
                 waited_until = now + self.config.replica_wait
             if now >= waited_until:
-                raise ReplicaBehind(
-                    f"shard {shard}: this host's copy ({self.member!r}, {st.path}) has not "
-                    f"applied this client's last write (epoch {ack[0]}, txn {ack[1]}) within "
-                    f"{self.config.replica_wait:g} s (client.replica_wait); it has epoch "
-                    f"{have[0]}, txn {have[1]}")
+                raise self.behind(shard, st, have)
             time.sleep(min(REPLICA_POLL_S, waited_until - now))
+
+    def look(self, shard: int, st: Store) -> tuple[int, int] | None:
+        """One look, in a read transaction of its own, whether this host's copy (``st``) has
+        the shard's last ack: None when it has (a later read sees it too: the copy only moves
+        on), else ``(epoch, txn id)`` of what it has (the async client waits with this)."""
+        with st.read() as r:
+            return self._look(shard, st, r)
+
+    def _look(self, shard: int, st: Store, r: ReadTxn) -> tuple[int, int] | None:
+        ack = self.unseen[shard]
+        if ack is None:
+            return None
+        have = self._has(st, r.txn)
+        if have < ack:
+            return have
+        with self._lock:
+            if self.unseen[shard] == ack:
+                self.unseen[shard] = None
+        return None
+
+    def behind(self, shard: int, st: Store, have: tuple[int, int]) -> ReplicaBehind:
+        """The error of a read that waited ``client.replica_wait`` in vain for the copy."""
+        ack = self.unseen[shard] or (0, 0)
+        return ReplicaBehind(
+            f"shard {shard}: this host's copy ({self.member!r}, {st.path}) has not applied "
+            f"this client's last write (epoch {ack[0]}, txn {ack[1]}) within "
+            f"{self.config.replica_wait:g} s (client.replica_wait); it has epoch {have[0]}, "
+            f"txn {have[1]}")
 
     def _has(self, st: Store, txn: Any) -> tuple[int, int]:
         """``(epoch, txn id)`` of the last primary transaction the copy open in ``st`` has,
