@@ -29,7 +29,7 @@ import zmq
 from lmshard.connections import ping_copies
 from lmshard.errors import DeadlineExceeded, ReplicaBehind, ShardUnavailable
 from lmshard.members import PRIMARY, REPLICA, MemberState, state_records
-from lmshard.protocol import OP_INCR, WRITE, incr_delta, op, pack_request, unpack_frame
+from lmshard.protocol import OP_INCR, PING, WRITE, incr_delta, op, pack_request, unpack_frame
 from lmshard.store_meta import MAX_DBS, META_DB
 from tests import schemas
 from tests.cluster import Cluster, env_for_children, wait_for
@@ -55,7 +55,7 @@ import zmq
 from lmshard.errors import NotPrimary
 from lmshard.protocol import PING, pack_error, pack_reply, unpack_request
 
-endpoint, seen = sys.argv[1], sys.argv[2]
+endpoint, seen, names = sys.argv[1], sys.argv[2], sys.argv[3] or None
 sock = zmq.Context().socket(zmq.ROUTER)
 sock.bind(endpoint)
 with open(seen, "a") as out:
@@ -68,12 +68,12 @@ with open(seen, "a") as out:
             reply = pack_reply(seq, 0, {"member": "home", "role": "replica", "epoch": 2,
                                         "primary": "b"})
         else:
-            reply = pack_error(seq, NotPrimary("shard 0: this copy follows b", primary="b",
-                                               epoch=2))
+            reply = pack_error(seq, NotPrimary("shard 0: not primary", primary=names, epoch=2))
         sock.send_multipart([ident, reply])
 """
-"""Answers at the home's endpoint as a copy that follows b answers: writes with NotPrimary
-naming b, pings with a replica's health; it writes down (command code, epoch) of each request."""
+"""Answers at the home's endpoint as a copy that follows b answers: writes with NotPrimary (naming
+the copy given, or none: an owner fenced off), pings with a replica's health; it writes down
+(command code, epoch) of each request."""
 
 
 @pytest.fixture
@@ -190,14 +190,15 @@ def test_writes_move_to_the_promoted_copy_and_a_resent_batch_applies_once(
     assert _rows(cluster.config.member(0, "b").dir, counters) == {"hits": 6}
 
 
-def test_not_primary_naming_a_copy_moves_there_without_a_search(cluster: Cluster) -> None:
+@pytest.mark.parametrize("names", ["b", ""])
+def test_not_primary_moves_to_the_copy_named_or_found(cluster: Cluster, names: str) -> None:
     b_dir = cluster.config.member(0, "b").dir
     b_dir.mkdir(parents=True)
     _write_meta(b_dir, state_records(PROMOTED))
     seen = cluster.base / "seen.jsonl"
     b = _serve_copy(cluster, "b")
-    home = _start(cluster, ["-c", NOT_PRIMARY_COPY, cluster.config.endpoint(0), str(seen)],
-                  "home.log")
+    home = _start(cluster, ["-c", NOT_PRIMARY_COPY, cluster.config.endpoint(0), str(seen),
+                            names], "home.log")
     wait_for("the home's socket", Path(cluster.config.endpoint(0)[len("ipc://"):]).exists)
     try:
         with cluster.client(timeout_ms=2000, retries=1, local_reads=False) as c:
@@ -209,7 +210,8 @@ def test_not_primary_naming_a_copy_moves_there_without_a_search(cluster: Cluster
         _stop(b)
         _stop(home)
     asked = [json.loads(line) for line in seen.read_text().splitlines()]
-    assert asked == [[WRITE.code, 0]], asked  # one write, no ping: then b
+    # One write; then b (no ping when the answer names it; else after pinging every copy).
+    assert asked == ([[WRITE.code, 0]] if names else [[WRITE.code, 0], [PING.code, 0]]), asked
     assert sorted(_rows(b_dir, schemas.records)) == [1, 2]
 
 
