@@ -34,8 +34,6 @@ from lmshard.store_meta import MAX_DBS, META_DB
 from tests import schemas
 from tests.cluster import Cluster, env_for_children, wait_for
 
-CLIENTS_DB = b"__clients__"  # the owner's client records (lmshardd.owner.CLIENTS_DB)
-
 OWNER_OF_COPY = """
 import sys
 from lmshard.config import load_config
