@@ -51,6 +51,7 @@ from lmshard.protocol import (
     incr_delta,
     next_page,
 )
+from lmshard.reads import NOT_HERE, REPLICA_POLL_S
 from lmshard.schema import Schema
 from lmshard.txn import TableRef, key_bounds, seconds_left, value_hash
 from lmshard.watch import SILENCE, Change, ServiceWatch, watch_filter
@@ -151,11 +152,15 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
         ct = self.tables[table]
         kb = ct.kenc(key)
         shard = ct.shard(key, kb)
-        hit = ct.local[shard] or self._local.handles(ct, shard)
+        hit = ct.local[shard]
         if hit is not None:  # a read of this process's map: no await, no thread
             data = point_get(hit[0], hit[1], kb)
         else:
-            data = await self._remote_one(shard, GET.request_for(ct.tid, kb))
+            if self._local.unseen[shard] is not None:
+                await self._caught_up(shard)
+            data = self._local.row(ct, shard, kb)
+            if data is NOT_HERE:
+                data = await self._remote_one(shard, GET.request_for(ct.tid, kb))
         if ct.expiring:
             return ct.value(data, default)
         return default if data is None else ct.loads(data)
@@ -165,10 +170,33 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
         check_fork()
         kb = ct.kenc(key)
         shard = ct.shard(key, kb)
-        hit = self._local.handles(ct, shard)
-        data = (point_get(hit[0], hit[1], kb) if hit is not None
-                else await self._remote_one(shard, GET.request_for(ct.tid, kb)))
-        return live_row(data) if ct.expiring else data
+        if self._local.unseen[shard] is not None:
+            await self._caught_up(shard)
+        data = self._local.row(ct, shard, kb)
+        if data is NOT_HERE:
+            data = await self._remote_one(shard, GET.request_for(ct.tid, kb))
+        return live_row(data) if ct.expiring else data  # type: ignore[no-any-return]
+
+    async def _caught_up(self, shard: int) -> None:
+        """On a replica host: wait, without blocking the loop, until this host's copy of
+        ``shard`` has this client's last write to it; ReplicaBehind after
+        ``client.replica_wait`` (``lmshard.reads``)."""
+        local = self._local
+        st = local.get(shard)
+        if st is None:
+            return
+        until = time.monotonic() + self.config.replica_wait
+        while (have := local.look(shard, st)) is not None:
+            if time.monotonic() >= until:
+                raise local.behind(shard, st, have)
+            await asyncio.sleep(REPLICA_POLL_S)
+
+    async def _all_caught_up(self) -> None:
+        """``_caught_up`` for every shard with a write this host's copy may not have yet."""
+        if any(self._local.unseen):
+            for shard, ack in enumerate(self._local.unseen):
+                if ack is not None:
+                    await self._caught_up(shard)
 
     async def get_hash(self, table: TableRef, key: Any) -> bytes | None:
         """The stored value's hash, for ``cas(..., expected_hash=)``."""
@@ -184,6 +212,7 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
 
     async def get_many(self, table: TableRef, keys: Any, default: Any = None) -> list[Any]:
         check_fork()
+        await self._all_caught_up()
         plan = calls.GetMany(self._local, self.tables[table], keys, default)
         return plan.fill(await self._remote_many(plan.remote))
 
@@ -194,6 +223,7 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
     async def count(self, table: TableRef, prefix: Any = None, start: Any = None,
                     end: Any = None) -> int:
         check_fork()
+        await self._all_caught_up()
         plan = calls.Count(self._local, self.tables[table], prefix, start, end)
         return plan.fill(await self._remote_many(plan.remote))
 
@@ -201,6 +231,7 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
                      ) -> list[tuple[Any, Any]]:
         """Rows by index value, from every shard the table lives on, in key order."""
         check_fork()
+        await self._all_caught_up()
         plan = calls.Lookup(self._local, self.tables[table], index, value, prefix)
         return plan.fill(await self._remote_many(plan.remote))
 
@@ -218,9 +249,11 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
     async def _scan(self, ct: ClientTable, shards: list[int], lo: bytes | None,
                     hi: bytes | None, reverse: bool, limit: int | None,
                     where: Callable[[Any], bool] | None) -> AsyncIterator[tuple[Any, Any]]:
+        await self._all_caught_up()
         stores = [self._local.get(s) for s in shards]
         if all(st is not None for st in stores):  # the sync client's scan, as it is
-            streams = [calls.local_rows(st, ct, lo, hi, reverse) for st in stores if st]
+            streams = [calls.local_rows(self._local, s, st, ct, lo, hi, reverse)
+                       for s, st in zip(shards, stores, strict=True) if st]
             rows = calls.scan_rows(ct, streams, reverse, where, limit)
             try:
                 for n, row in enumerate(rows, 1):
@@ -231,7 +264,8 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
                 _close(rows)  # ends the read transactions
             return
         merged = _merge([
-            _local_async(calls.local_rows(st, ct, lo, hi, reverse)) if st is not None
+            _local_async(calls.local_rows(self._local, s, st, ct, lo, hi, reverse))
+            if st is not None
             else self._remote_rows(s, ct.tid, lo, hi, reverse)
             for s, st in zip(shards, stores, strict=True)], reverse)
         if limit is not None and limit <= 0:

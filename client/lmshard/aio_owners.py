@@ -19,6 +19,11 @@ Lazy Pirate. When a request goes unanswered for ``timeout_ms``, the socket is re
 request still awaited is resent on the new one (a request not answered after ``retries``
 resends fails with ``ShardUnavailable``: applied or not, as with the sync client).
 
+Failover. As the sync client's (``lmshard.connections``): a ``NotPrimary`` answer, or a request
+unanswered through every retry, moves the shard's socket to the copy that is primary now (named
+by the answer, or found by pinging every copy, in a worker thread); every request in flight to
+the shard is resent there under its own lane and number, and the one that met the answer too.
+
 Cancellation. A coroutine cancelled (or timed out by ``asyncio.timeout``) before its request is
 sent sends nothing. Cancelled after: the request stays in the socket and may be applied, once;
 it is never resent; its reply, if it comes, is read and dropped; its lane is free again at once.
@@ -39,8 +44,15 @@ import zmq
 
 from lmshard.client_counters import ClientCounters
 from lmshard.config import Config
-from lmshard.connections import OwnerSockets, breaker_open, silent_owner
-from lmshard.errors import ProtocolError, ShardUnavailable, TransactionError, error_from_wire
+from lmshard.connections import SEARCH_MS, OwnerSockets, ShardCopies, breaker_open, silent_owner
+from lmshard.errors import (
+    Error,
+    NotPrimary,
+    ProtocolError,
+    ShardUnavailable,
+    TransactionError,
+    error_from_wire,
+)
 from lmshard.protocol import ZERO_COPY_MIN, pack_request, unpack_frame
 
 log = logging.getLogger("lmshard.client")
@@ -75,10 +87,12 @@ class _ShardSocket:
     """One shard's DEALER socket on one event loop, the requests in flight on it by sequence
     number (oldest first), and its lanes."""
 
-    def __init__(self, shard: int, sock: zmq.Socket[bytes], loop: asyncio.AbstractEventLoop
-                 ) -> None:
+    def __init__(self, shard: int, sock: zmq.Socket[bytes], endpoint: str,
+                 loop: asyncio.AbstractEventLoop) -> None:
         self.shard = shard
         self.sock = sock
+        self.endpoint = endpoint
+        """The endpoint of the copy the socket is connected to."""
         self.fd = sock.fileno()
         self.loop = loop
         self.seq = 0
@@ -100,6 +114,9 @@ class AsyncOwnerConnections(OwnerSockets):
         self.timeout_ms = timeout_ms
         self.retries = retries
         self.breaker_ms = breaker_ms
+        self.copies = ShardCopies(config)
+        """The copy each shard's requests go to, and the highest epoch seen."""
+        self.on_ack = None
         self._open_until = [0.0] * config.shards
         """Per shard: until when (loop time) calls fail at once, the circuit breaker of the
         sync client's connections; 0.0 while the shard answers."""
@@ -115,7 +132,8 @@ class AsyncOwnerConnections(OwnerSockets):
         if sh is None or sh.loop is not loop:
             if sh is not None:
                 self._drop(sh)
-            sh = self._shards[shard] = _ShardSocket(shard, self.socket(shard), loop)
+            sh = self._shards[shard] = _ShardSocket(shard, self.socket(shard),
+                                                    self.copies.endpoints[shard], loop)
             loop.add_reader(sh.fd, self._take_replies, sh)
         return sh
 
@@ -169,23 +187,66 @@ class AsyncOwnerConnections(OwnerSockets):
         try:
             sh.seq += 1
             seq = sh.seq
-            frame = pack_request(code, lane, seq, body)
-            future: asyncio.Future[Any] = sh.loop.create_future()
-            sh.inflight[seq] = _Request(frame, future, sh.loop.time() + self.timeout_ms / 1000)
-            if sh.timer is None:
-                sh.timer = sh.loop.call_at(sh.inflight[next(iter(sh.inflight))].deadline,
-                                           self._check_deadlines, sh)
-            self._send(sh, frame)
-            try:
-                reply = await future
-            finally:
-                sh.inflight.pop(seq, None)  # cancelled: never resent; a late reply is dropped
+            moves = 0
+            while True:
+                sent_to = sh.endpoint
+                frame = pack_request(code, lane, seq, body, self.copies.epochs[shard])
+                try:
+                    reply = await self._exchange(sh, seq, frame)
+                except ShardUnavailable:  # silent through every retry
+                    if moves > len(self.config.replica_names) or not await self._follow(
+                            sh, sent_to, None):
+                        raise
+                else:
+                    if (not isinstance(reply, NotPrimary)
+                            or moves > len(self.config.replica_names)
+                            or not await self._follow(sh, sent_to, reply)):
+                        break
+                moves += 1  # the same request, same lane and number, to the new copy
             if self._open_until[shard]:
                 self._open_until[shard] = 0.0  # the probe got through
+            if write and not isinstance(reply, Error):
+                self.note_ack(shard, reply)
             return reply
         finally:
             if lane is not None:
                 self._release(sh, lane)
+
+    async def _exchange(self, sh: _ShardSocket, seq: int, frame: bytes) -> Any:
+        """Send request ``seq`` and await its reply (resent on a new socket after each
+        timeout); ShardUnavailable after every retry."""
+        future: asyncio.Future[Any] = sh.loop.create_future()
+        sh.inflight[seq] = _Request(frame, future, sh.loop.time() + self.timeout_ms / 1000)
+        if sh.timer is None:
+            sh.timer = sh.loop.call_at(sh.inflight[next(iter(sh.inflight))].deadline,
+                                       self._check_deadlines, sh)
+        self._send(sh, frame)
+        try:
+            return await future
+        finally:
+            sh.inflight.pop(seq, None)  # cancelled: never resent; a late reply is dropped
+
+    async def _follow(self, sh: _ShardSocket, sent_to: str, answer: NotPrimary | None
+                      ) -> bool:
+        """After ``answer`` (None: silence) from the copy at ``sent_to``, move the shard to
+        the copy that is primary now (``ShardCopies.target``, its ping in a worker thread),
+        unless another request moved it already; whether it moved. The socket then goes to
+        the new copy, with every request in flight."""
+        shard = sh.shard
+        if not self.copies.replicated:
+            return False
+        if self.copies.endpoints[shard] == sent_to:
+            name = await sh.loop.run_in_executor(
+                None, self.copies.target, shard, answer, self.context(),
+                min(self.timeout_ms, SEARCH_MS))
+            if self.copies.endpoints[shard] == sent_to:  # (no other request moved it meanwhile)
+                if name is None:
+                    return False
+                self.copies.move(shard, name)
+                self._open_until[shard] = 0.0  # the breaker was the old copy's
+        if sh.endpoint != self.copies.endpoints[shard]:
+            self._reconnect(sh)
+        return True
 
     async def requests(self, parts: dict[int, tuple[int, Any]], *, write: bool,
                        silent_ok: bool = False) -> dict[int, Any]:
@@ -274,12 +335,18 @@ class AsyncOwnerConnections(OwnerSockets):
             log.info("shard %d did not answer in %d ms: reconnecting, resending %d requests "
                      "from sequence %d", sh.shard, self.timeout_ms, len(sh.inflight),
                      next(iter(sh.inflight)))
+        self._reconnect(sh)
+
+    def _reconnect(self, sh: _ShardSocket) -> None:
+        """A new socket to the shard's current copy; every request in flight resent on it,
+        oldest first."""
         sh.loop.remove_reader(sh.fd)
         sh.sock.close(linger=0)
+        sh.endpoint = self.copies.endpoints[sh.shard]
         sh.sock = self.socket(sh.shard)
         sh.fd = sh.sock.fileno()
         sh.loop.add_reader(sh.fd, self._take_replies, sh)
-        deadline = now + self.timeout_ms / 1000
+        deadline = sh.loop.time() + self.timeout_ms / 1000
         for req in list(sh.inflight.values()):
             req.deadline = deadline
             self._send(sh, req.frame)

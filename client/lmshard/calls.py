@@ -42,6 +42,7 @@ class OwnerLinks(Protocol):
 
     timeout_ms: int
     retries: int
+    on_ack: Callable[[int, str, int, int], None] | None
 
     def reset_after_fork(self) -> None: ...
 
@@ -82,7 +83,9 @@ class ClientCore(Generic[Owners]):
         """The connections to the shard owners and the requests over them."""
         self._local = LocalShards(
             self.config, self.schema,
-            enabled=self.config.local_reads if local_reads is None else local_reads)
+            enabled=self.config.local_reads if local_reads is None else local_reads,
+            tables=self.tables)
+        self.owners.on_ack = self._local.note_ack  # read-your-writes on a replica host
         on_fork_in_child(self.reset_after_fork)
 
     @property
@@ -171,7 +174,7 @@ class GetMany:
                         (shard, GET_MANY.request_for(ct.tid, [kb for _, kb in chunk])))
                 continue
             out, loads = self.out, ct.loads
-            with st.read() as r:
+            with local.read(shard, st) as r:
                 for i, kb in items:
                     data = r.get_raw(ct.table, kb)
                     if data is not None:
@@ -199,7 +202,7 @@ class Count:
             if st is None:
                 self.remote.append((shard, COUNT.request_for(ct.tid, lo, hi)))
                 continue
-            with st.read() as r:
+            with local.read(shard, st) as r:
                 self.total += r.count_raw(ct.table, lo, hi)
 
     def fill(self, replies: list[Any]) -> int:
@@ -225,7 +228,7 @@ class Lookup:
             if st is None:
                 self.remote.append((shard, LOOKUP.request_for(ct.tid, index, ivb, prefix)))
                 continue
-            with st.read() as r:
+            with local.read(shard, st) as r:
                 self.rows.extend(r.lookup_rows_raw(ct.table, index, ivb, prefix))
 
     def fill(self, replies: list[Any]) -> list[tuple[Any, Any]]:
@@ -236,10 +239,11 @@ class Lookup:
         return [(ct.kdec(k), ct.loads(v)) for k, v in self.rows]
 
 
-def local_rows(st: Store, ct: ClientTable, lo: bytes | None, hi: bytes | None, reverse: bool
-               ) -> Iterator[tuple[bytes, bytes]]:
-    """One shard's encoded rows with ``lo <= key < hi``, from this process's map."""
-    with st.read() as r:
+def local_rows(local: LocalShards, shard: int, st: Store, ct: ClientTable, lo: bytes | None,
+               hi: bytes | None, reverse: bool) -> Iterator[tuple[bytes, bytes]]:
+    """One shard's encoded rows with ``lo <= key < hi``, from this process's map of it
+    (``st``, as ``local.get`` returned it)."""
+    with local.read(shard, st) as r:
         yield from r.scan_raw(ct.table, lo, hi, reverse)
 
 

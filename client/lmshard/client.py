@@ -39,7 +39,7 @@ from lmshard.protocol import (
     WRITE,
     incr_delta,
 )
-from lmshard.reads import RemoteReads
+from lmshard.reads import NOT_HERE, RemoteReads
 from lmshard.schema import Schema
 from lmshard.txn import TableRef, key_bounds, seconds_left, value_hash
 from lmshard.watch import ServiceWatch, watch_filter
@@ -185,13 +185,12 @@ class Client(calls.ClientCore[OwnerConnections]):
         return default if data is None else ct.loads(data)
 
     def _row(self, ct: ClientTable, shard: int, kb: bytes) -> bytes | None:
-        """A row's stored bytes: from the shard's files, opened here now if they can be, or
-        over the wire."""
-        hit = self._local.handles(ct, shard)
-        if hit is not None:
-            return point_get(hit[0], hit[1], kb)
-        data: bytes | None = self._remote.one(shard, GET.request_for(ct.tid, kb))
-        return data
+        """A row's stored bytes: from the shard's files, opened here now if they can be (after
+        the copy has this client's last write, on a replica host), or over the wire."""
+        data = self._local.row(ct, shard, kb)
+        if data is NOT_HERE:
+            data = self._remote.one(shard, GET.request_for(ct.tid, kb))
+        return data  # type: ignore[no-any-return]
 
     def _live(self, ct: ClientTable, key: Any) -> bytes | None:
         """The row's stored bytes, None when there is none (or it expired)."""
@@ -226,7 +225,7 @@ class Client(calls.ClientCore[OwnerConnections]):
         st = self._local.get(shard)
         if st is None:
             return self._remote.scan(shard, ct.tid, lo, hi, reverse)
-        return calls.local_rows(st, ct, lo, hi, reverse)
+        return calls.local_rows(self._local, shard, st, ct, lo, hi, reverse)
 
     def scan(self, table: TableRef, prefix: Any = None, start: Any = None, end: Any = None,
              reverse: bool = False, limit: int | None = None,

@@ -14,6 +14,15 @@ Two more bounds keep a web request from waiting on a shard it cannot have: a dea
 (``Client.deadline``, per thread), past which a call fails with DeadlineExceeded whatever its
 retries had left; and a circuit breaker per shard: once a shard failed to answer a request through
 every retry, calls to it fail at once for ``breaker_ms``, then one call goes through as a probe.
+
+Following a failover (``ShardCopies``). A shard has copies: its home and, with ``replica.names``,
+one per replica; one of them is the primary. Each shard's requests go to the copy the client
+believes is primary (home at first) and carry the highest epoch of the shard the client has seen.
+A ``NotPrimary`` answer naming the primary moves the shard's requests to that copy; one that
+names none, or a request the current copy left unanswered through every retry, makes the client
+ping every copy of the shard and move to the primary with the highest epoch. Either way the same
+request (same client id and sequence number) is sent to the new copy, which holds the replicated
+client records, so a write the old copy applied is answered from its record, not applied again.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -31,8 +41,16 @@ import zmq
 from lmshard import security
 from lmshard.client_counters import ClientCounters
 from lmshard.config import SUPERVISOR_SOCKET, Config, owner_program
-from lmshard.errors import DeadlineExceeded, ShardUnavailable, TransactionError, error_from_wire
-from lmshard.protocol import ZERO_COPY_MIN, pack_request, unpack_frame
+from lmshard.errors import (
+    DeadlineExceeded,
+    Error,
+    NotPrimary,
+    ShardUnavailable,
+    TransactionError,
+    error_from_wire,
+)
+from lmshard.members import FIRST_EPOCH, HOME, PRIMARY
+from lmshard.protocol import PING, ZERO_COPY_MIN, pack_request, unpack_frame
 
 log = logging.getLogger("lmshard.client")
 
@@ -51,9 +69,18 @@ BREAKER_MIN_WAIT = 0.1
 opens the shard's breaker too: a deadline shorter than the retries must not let every call
 wait it out."""
 """supervisord states of a program that is not running and not about to."""
+SEARCH_MS = 500
+"""Longest wait for the copies of a shard to answer the ping that looks for its primary (less
+when timeout_ms or the call's deadline is shorter)."""
 
 _SILENT = object()
 """What an attempt returns when no reply came in time."""
+_GONE = object()
+"""What an attempt returns when the owner's socket file is missing (the owner is not running)."""
+
+
+def _ipc_path(endpoint: str) -> str | None:
+    return endpoint[len("ipc://"):] if endpoint.startswith("ipc:///") else None
 
 
 def _file_missing(path: str) -> bool:
@@ -82,36 +109,142 @@ def _supervisor_state(socket_path: str, shard: int) -> str | None:
         return None
 
 
-def owner_socket(ctx: zmq.Context[Any], config: Config, shard: int) -> zmq.Socket[bytes]:
-    """A new DEALER socket connected to shard ``shard``'s owner, secured as the config says
-    (the sync and the async client's)."""
+def owner_socket(ctx: zmq.Context[Any], config: Config, endpoint: str) -> zmq.Socket[bytes]:
+    """A new DEALER socket connected to ``endpoint`` (a copy of a shard), secured as the config
+    says (the sync and the async client's)."""
     sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    endpoint = config.endpoint(shard)
     security.secure_client(sock, config, endpoint)
     sock.connect(endpoint)
     return sock
 
 
-def silent_owner(config: Config, shard: int, timeout_ms: int, retries: int
-                 ) -> ShardUnavailable:
-    """The error of a request shard ``shard``'s owner left unanswered through every retry."""
+def silent_owner(config: Config, shard: int, timeout_ms: int, retries: int,
+                 endpoint: str | None = None) -> ShardUnavailable:
+    """The error of a request shard ``shard``'s owner (at ``endpoint``, default its home's) left
+    unanswered through every retry."""
+    endpoint = endpoint or config.endpoint(shard)
     return ShardUnavailable(
-        f"shard {shard} at {config.endpoint(shard)} did not answer within {timeout_ms} ms, "
-        f"{retries + 1} attempts" + security.auth_hint(config, config.endpoint(shard)),
+        f"shard {shard} at {endpoint} did not answer within {timeout_ms} ms, "
+        f"{retries + 1} attempts" + security.auth_hint(config, endpoint),
         hint="check that the shard owner runs: lmshard status; its log names the cause",
     )
 
 
-def breaker_open(config: Config, shard: int, left_s: float, why: str) -> ShardUnavailable:
+def breaker_open(config: Config, shard: int, left_s: float, why: str,
+                 endpoint: str | None = None) -> ShardUnavailable:
     """The error of a call to shard ``shard`` while its breaker is open for ``left_s`` more
     seconds; ``why`` says what opened it."""
     return ShardUnavailable(
-        f"shard {shard} at {config.endpoint(shard)} left a recent request unanswered {why}: "
+        f"shard {shard} at {endpoint or config.endpoint(shard)} left a recent request "
+        f"unanswered {why}: "
         f"calls to it fail at once for {left_s * 1000:.0f} ms more (client.breaker_ms), then "
         "one goes through to see whether it is back",
         hint="check that the shard owner runs: lmshard status; calls to other shards are not "
              "affected")
+
+
+def ping_copies(ctx: zmq.Context[Any], config: Config, shard: int, timeout_ms: int
+                ) -> dict[str, dict[str, Any]]:
+    """Ping every copy of shard ``shard`` at once and wait up to ``timeout_ms`` for their
+    health; ``{copy name: health}`` of those that answered. A copy whose ipc socket file is
+    missing is not running and is not waited for."""
+    socks: dict[zmq.Socket[bytes], str] = {}
+    poller = zmq.Poller()
+    code, body = PING.request_for()
+    try:
+        for m in config.members(shard):
+            if m.endpoint.startswith("ipc:///") and _file_missing(m.endpoint[len("ipc://"):]):
+                continue
+            sock = owner_socket(ctx, config, m.endpoint)
+            socks[sock] = m.name
+            poller.register(sock, zmq.POLLIN)
+            try:
+                sock.send(pack_request(code, None, 1, body), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+        found: dict[str, dict[str, Any]] = {}
+        until = time.monotonic() + timeout_ms / 1000
+        while len(found) < len(socks):
+            left = until - time.monotonic()
+            if left <= 0:
+                break
+            for sock, _ in poller.poll(max(1, int(left * 1000))):
+                _, status, reply = unpack_frame(sock.recv())
+                if status == 0 and isinstance(reply, dict):
+                    found[socks[sock]] = reply
+                poller.unregister(sock)
+        return found
+    finally:
+        for sock in socks:
+            sock.close(linger=0)
+
+
+def primary_of(healths: dict[str, dict[str, Any]]) -> tuple[str | None, int]:
+    """Of the copies' health answers: the copy that says it is primary at the highest epoch
+    (None if none does), and the highest epoch any reports. An owner that reports no role
+    (written before replicas) is a primary at the first epoch."""
+    best: tuple[int, str] | None = None
+    top = 0
+    for name, h in healths.items():
+        epoch = h.get("epoch")
+        epoch = epoch if type(epoch) is int else FIRST_EPOCH
+        top = max(top, epoch)
+        if h.get("role", PRIMARY) == PRIMARY and (best is None or epoch > best[0]):
+            best = (epoch, name)
+    return (None if best is None else best[1]), top
+
+
+class ShardCopies:
+    """Per shard: the copy a client believes is primary (its name and request endpoint) and the
+    highest epoch of the shard seen, from acks, NotPrimary answers and pings."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.names: list[str] = [HOME] * config.shards
+        """The copy each shard's requests go to."""
+        self.endpoints: list[str] = [config.endpoint(s) for s in range(config.shards)]
+        """That copy's request endpoint."""
+        self.epochs: list[int] = [0] * config.shards
+        """The highest epoch seen per shard (0: none yet); requests carry it."""
+        self.replicated = bool(config.replica_names)
+        """Whether the shards have copies to move to."""
+
+    def saw_epoch(self, shard: int, epoch: Any) -> None:
+        if type(epoch) is int and epoch > self.epochs[shard]:
+            self.epochs[shard] = epoch
+
+    def ack_epoch(self, shard: int, body: Any) -> int:
+        """The epoch of a write's ack ``[txn id, results, epoch]`` (noted as seen); an ack of
+        an owner that sends none belongs to the highest epoch seen (the first if none)."""
+        if len(body) > 2:
+            self.saw_epoch(shard, body[2])
+        return self.epochs[shard] or FIRST_EPOCH
+
+    def move(self, shard: int, name: str) -> None:
+        """Send shard ``shard``'s requests to copy ``name`` from now on."""
+        endpoint = self.config.member(shard, name).endpoint
+        log.warning("shard %d: copy %r at %s is its primary now (epoch %d); requests go there",
+                    shard, name, endpoint, self.epochs[shard])
+        self.names[shard] = name
+        self.endpoints[shard] = endpoint
+
+    def target(self, shard: int, answer: NotPrimary | None, ctx: zmq.Context[Any],
+               wait_ms: int) -> str | None:
+        """Where shard ``shard``'s requests should go after ``answer`` (a NotPrimary, or None:
+        the current copy did not answer): the copy it names, else the primary found by pinging
+        every copy for up to ``wait_ms``; None when that is the current copy or none is found."""
+        if not self.replicated:
+            return None
+        name: str | None = None
+        if answer is not None:
+            self.saw_epoch(shard, answer.epoch)
+            if answer.primary in (HOME, *self.config.replica_names):
+                name = answer.primary
+        if name is None and wait_ms > 0:
+            name, top = primary_of(ping_copies(ctx, self.config, shard, wait_ms))
+            self.saw_epoch(shard, top)
+        return None if name == self.names[shard] else name
 
 
 class OwnerSockets:
@@ -119,28 +252,53 @@ class OwnerSockets:
     connections; also what a writer's streams ask for)."""
 
     config: Config
+    copies: ShardCopies
+    on_ack: Callable[[int, str, int, int], None] | None
+    """Told of every write's ack: (shard, the copy that acked, its epoch, its txn id)."""
     _ctx: zmq.Context[Any] | None
     _closed: bool
 
     def endpoint(self, shard: int) -> str:
-        return self.config.endpoint(shard)
+        """The request endpoint of the copy the shard's requests go to."""
+        return self.copies.endpoints[shard]
 
-    def socket(self, shard: int) -> zmq.Socket[bytes]:
-        """A new DEALER socket connected to the shard's owner (a writer stream's own)."""
+    def epoch(self, shard: int) -> int:
+        """The highest epoch of the shard seen, which requests carry (0: none yet)."""
+        return self.copies.epochs[shard]
+
+    def context(self) -> zmq.Context[Any]:
         if self._closed:
             raise TransactionError("this client is closed", hint="connect again")
         if self._ctx is None:
             self._ctx = zmq.Context()
-        return owner_socket(self._ctx, self.config, shard)
+        return self._ctx
+
+    def socket(self, shard: int) -> zmq.Socket[bytes]:
+        """A new DEALER socket connected to the shard's current copy (a writer stream's own)."""
+        return owner_socket(self.context(), self.config, self.copies.endpoints[shard])
+
+    def note_ack(self, shard: int, body: Any) -> None:
+        """Note a write's ack ``[txn id, results(, epoch)]``: its epoch, and tell ``on_ack``."""
+        epoch = self.copies.ack_epoch(shard, body)
+        if self.on_ack is not None:
+            self.on_ack(shard, self.copies.names[shard], epoch, body[0])
+
+    def follow(self, shard: int, answer: NotPrimary | None) -> bool:
+        """After ``answer`` from the shard's copy (None: it stayed silent), move the shard's
+        requests to the copy that is primary now, if another one is; whether they moved.
+        (This transport does not follow: False.)"""
+        return False
 
 
 class _Conn:
     """One thread's DEALER socket to one shard owner, with its own sequence numbers."""
 
-    __slots__ = ("sock", "seq", "gone")
+    __slots__ = ("sock", "endpoint", "seq", "gone")
 
-    def __init__(self, sock: zmq.Socket[bytes]) -> None:
+    def __init__(self, sock: zmq.Socket[bytes], endpoint: str) -> None:
         self.sock = sock
+        self.endpoint = endpoint
+        """The copy's endpoint the socket is connected to."""
         self.seq = 0
         self.gone = False
         """The owner's socket file was missing when the last request failed: the next request
@@ -157,13 +315,14 @@ class OwnerConnections(OwnerSockets):
         self.timeout_ms = timeout_ms
         self.retries = retries
         self.breaker_ms = breaker_ms
+        self.copies = ShardCopies(config)
+        self.on_ack = None
         self._open_until = [0.0] * config.shards
         """Per shard: until when (monotonic) calls fail at once; 0.0 while the shard answers."""
         self._deadlines = threading.local()
         self._stopped_seen: dict[int, tuple[float, bool]] = {}
         self._ipc_paths: list[str | None] = [
-            ep[len("ipc://"):] if ep.startswith("ipc:///") else None
-            for ep in map(config.endpoint, range(config.shards))]
+            _ipc_path(ep) for ep in map(config.endpoint, range(config.shards))]
         """Per shard, the owner's socket file when its endpoint is ipc, else None."""
         self._supervisor_socket = os.fspath(config.run_dir / SUPERVISOR_SOCKET)
         self._ctx: zmq.Context[Any] | None = None
@@ -190,11 +349,15 @@ class OwnerConnections(OwnerSockets):
         conns = self._conns()
         conn = conns.get(shard)
         if conn is None:
-            conn = conns[shard] = _Conn(self.socket(shard))
+            conn = conns[shard] = _Conn(self.socket(shard), self.copies.endpoints[shard])
+        elif conn.endpoint is not self.copies.endpoints[shard]:
+            self._reconnect(shard, conn)  # another thread moved the shard to another copy
+            conn.gone = False
         return conn
 
     def _reconnect(self, shard: int, conn: _Conn) -> None:
         conn.sock.close(linger=0)
+        conn.endpoint = self.copies.endpoints[shard]
         conn.sock = self.socket(shard)
 
     # -- one request -------------------------------------------------------------------------
@@ -213,7 +376,29 @@ class OwnerConnections(OwnerSockets):
         until = getattr(self._deadlines, "at", None)
         conn.seq += 1
         seq = conn.seq
-        frame = pack_request(code, self._tls.client_id if write else None, seq, body)
+        cid = self._tls.client_id if write else None
+        moves = 0
+        while True:
+            frame = pack_request(code, cid, seq, body, self.copies.epochs[shard])
+            reply = self._exchange(shard, conn, seq, frame, until, write)
+            if reply is _SILENT or reply is _GONE or isinstance(reply, NotPrimary):
+                answer = reply if isinstance(reply, NotPrimary) else None
+                if moves <= len(self.config.replica_names) and self._follow(shard, conn, answer):
+                    moves += 1
+                    continue  # the same request, same sequence number, to the new copy
+                if reply is _SILENT:
+                    raise self._trip(shard)
+                if reply is _GONE:
+                    raise self._gone(shard)
+            elif write and not isinstance(reply, Error):
+                self.note_ack(shard, reply)
+            return reply
+
+    def _exchange(self, shard: int, conn: _Conn, seq: int, frame: bytes, until: float | None,
+                  write: bool) -> Any:
+        """Send ``frame`` and wait for its reply, resending it on a fresh socket after each
+        timeout; the reply, or _SILENT after every retry, or _GONE when the owner is not
+        running."""
         sent_at = time.monotonic()
         for attempt in range(self.retries + 1):
             wait_ms = self.timeout_ms
@@ -224,20 +409,50 @@ class OwnerConnections(OwnerSockets):
                         self._trip_after_wait(shard, sent_at)
                     raise self._past_deadline(shard, sent=attempt > 0, write=write)
             reply = self._attempt(shard, conn, seq, frame, wait_ms)
+            if reply is _GONE:
+                return reply
             if reply is not _SILENT:
                 if self._open_until[shard]:
                     self._open_until[shard] = 0.0  # the probe got through
                 return reply
             self._note_silence(attempt, [(shard, seq)])
             self._reconnect(shard, conn)
-        raise self._trip(shard)
+        return _SILENT
+
+    def follow(self, shard: int, answer: NotPrimary | None) -> bool:
+        """After ``answer`` from the shard's copy (None: it stayed silent, or is not running),
+        move the shard's requests to the copy that is primary now, if another one is
+        (``ShardCopies.target``; the search keeps this thread's deadline); whether they moved.
+        The breaker, which was the old copy's, is closed."""
+        wait_ms = min(self.timeout_ms, SEARCH_MS)
+        until = getattr(self._deadlines, "at", None)
+        if until is not None:
+            wait_ms = min(wait_ms, int((until - time.monotonic()) * 1000))
+        name = self.copies.target(shard, answer, self.context(), wait_ms)
+        if name is None:
+            return False
+        self.copies.move(shard, name)
+        self._ipc_paths[shard] = _ipc_path(self.copies.endpoints[shard])
+        self._open_until[shard] = 0.0
+        self._stopped_seen.pop(shard, None)
+        return True
+
+    def _follow(self, shard: int, conn: _Conn, answer: NotPrimary | None) -> bool:
+        """``follow``, and this thread's socket to the shard reconnected to the new copy."""
+        if not self.follow(shard, answer):
+            return False
+        self._reconnect(shard, conn)
+        conn.gone = False
+        return True
 
     def _may_send(self, shard: int, conn: _Conn) -> None:
         """Raise ShardUnavailable at once for an owner that was not there last time and still
-        is not, or while the shard's breaker is open."""
+        is not (unless another copy is primary now: the shard moves there), or while the
+        shard's breaker is open."""
         if conn.gone:
             if self._socket_missing(shard):
-                raise self._gone(shard)
+                if not self._follow(shard, conn, None):
+                    raise self._gone(shard)
             conn.gone = False
         if self._open_until[shard]:
             self._breaker(shard)
@@ -265,7 +480,7 @@ class OwnerConnections(OwnerSockets):
                 if self._socket_missing(shard, recheck=True):
                     conn.gone = True
                     self._reconnect(shard, conn)  # drops the queued request: none applies
-                    raise self._gone(shard) from None
+                    return _GONE
                 wait_ms = int((deadline - time.monotonic()) * 1000)
                 continue
             rseq, status, rbody = unpack_frame(reply)
@@ -323,7 +538,48 @@ class OwnerConnections(OwnerSockets):
             if attempt < self.retries:
                 for s in pending:
                     self._reconnect(s, conns[s])
+        self._settle(parts, conns, seqs, results, pending, gone, write, until)
         return self._outcome(conns, results, pending, gone, silent_ok)
+
+    def _settle(self, parts: dict[int, tuple[int, Any]], conns: dict[int, _Conn],
+                seqs: dict[int, int], results: dict[int, Any], pending: set[int],
+                gone: set[int], write: bool, until: float | None) -> None:
+        """Follow the shards that moved to another copy (``_follow_moves``); note the acks."""
+        if self.copies.replicated:
+            self._follow_moves(parts, conns, seqs, results, pending, gone, write, until)
+        if write:
+            for s, r in results.items():
+                if not isinstance(r, Error):
+                    self.note_ack(s, r)
+
+    def _follow_moves(self, parts: dict[int, tuple[int, Any]], conns: dict[int, _Conn],
+                      seqs: dict[int, int], results: dict[int, Any], pending: set[int],
+                      gone: set[int], write: bool, until: float | None) -> None:
+        """For each shard that answered NotPrimary, stayed silent or is not running: when
+        another copy is primary now, move there and send it the same request (same sequence
+        number); its reply goes in ``results``."""
+        moved = sorted(s for s in parts if isinstance(results.get(s), NotPrimary)
+                       or s in pending or s in gone)
+        cid = self._tls.client_id if write else None
+        for s in moved:
+            code, body = parts[s]
+            conn = conns[s]
+            answer = results.get(s)
+            for _ in range(len(self.config.replica_names) + 1):
+                if not self._follow(s, conn, answer if isinstance(answer, NotPrimary) else None):
+                    break
+                pending.discard(s)
+                gone.discard(s)
+                frame = pack_request(code, cid, seqs[s], body, self.copies.epochs[s])
+                answer = self._exchange(s, conn, seqs[s], frame, until, write)
+                if answer is _SILENT:
+                    pending.add(s)
+                elif answer is _GONE:
+                    gone.add(s)
+                else:
+                    results[s] = answer
+                    if not isinstance(answer, NotPrimary):
+                        break
 
     def _frames(self, parts: dict[int, tuple[int, Any]], conns: dict[int, _Conn], write: bool
                 ) -> tuple[dict[int, bytes], dict[int, int]]:
@@ -336,7 +592,7 @@ class OwnerConnections(OwnerSockets):
             conn = conns[s]
             conn.seq += 1
             seqs[s] = conn.seq
-            frames[s] = pack_request(code, cid, conn.seq, body)
+            frames[s] = pack_request(code, cid, conn.seq, body, self.copies.epochs[s])
         return frames, seqs
 
     def _gave_up(self, conns: dict[int, _Conn], pending: set[int], write: bool,
@@ -439,7 +695,7 @@ class OwnerConnections(OwnerSockets):
             time.sleep(PROBE_RECHECK_S)
             if not _file_missing(path):
                 return False
-        if _file_missing(self._supervisor_socket):
+        if self.copies.names[shard] != HOME or _file_missing(self._supervisor_socket):
             return True
         return self._owner_stopped(shard) and _file_missing(path)
 
@@ -497,7 +753,8 @@ class OwnerConnections(OwnerSockets):
         self.counters.mine()["unavailable"] += 1
         left = max(0.0, self._open_until[shard] - time.monotonic())
         return breaker_open(self.config, shard, left,
-                            "(through every retry, or past its deadline)")
+                            "(through every retry, or past its deadline)",
+                            self.copies.endpoints[shard])
 
     def set_deadline(self, at: float | None) -> float | None:
         """Make ``at`` (monotonic seconds, or None) this thread's deadline; the one before."""
@@ -520,7 +777,7 @@ class OwnerConnections(OwnerSockets):
     def _gone(self, shard: int) -> ShardUnavailable:
         self.counters.mine()["unavailable"] += 1
         return ShardUnavailable(
-            f"shard {shard} at {self.config.endpoint(shard)} is not running: its socket file "
+            f"shard {shard} at {self.copies.endpoints[shard]} is not running: its socket file "
             f"{self._ipc_paths[shard]} does not exist (failed at once, not after "
             f"{self.timeout_ms} ms x {self.retries + 1} attempts)",
             hint="start the service with `lmshard up`; `lmshard status` shows which shard "
@@ -529,7 +786,8 @@ class OwnerConnections(OwnerSockets):
 
     def _unavailable(self, shard: int) -> ShardUnavailable:
         self.counters.mine()["unavailable"] += 1
-        return silent_owner(self.config, shard, self.timeout_ms, self.retries)
+        return silent_owner(self.config, shard, self.timeout_ms, self.retries,
+                            self.copies.endpoints[shard])
 
     # -- lifetime ----------------------------------------------------------------------------
 

@@ -4,41 +4,88 @@ On the owners' host a client opens each shard's environment read-only, once per 
 first use (``LocalShards``); reads there are plain LMDB reads, no IPC. A shard whose files cannot
 be opened here (another host, ``local_reads = false``) is read over the wire (``RemoteReads``):
 through the reader pool when the service runs one, else from the shard's owner.
+
+On a replica host (``replica.local``) the environments opened are that replica's copies, which
+follow the primary with some lag. Read-your-writes: a client keeps, per shard, the ``(epoch, txn
+id)`` of its last ack from a copy other than this host's, until a read sees it; a read of that
+shard compares it, inside the read transaction that serves the read, with what the copy has
+(``lmshard.members``: ``(replica_applied_epoch, replica_applied)``, or ``(epoch, txn id)`` of a
+copy that is primary itself), and waits for the copy (a new read transaction each try) up to
+``client.replica_wait``, then raises ReplicaBehind. A read of a shard with no such ack waits for
+nothing; on the owners' host every ack comes from the copy read here, so none is kept.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from lmshard.client_tables import ClientTable
+import lmdb
+
+from lmshard.client_tables import ClientTable, ClientTables
 from lmshard.config import Config
 from lmshard.connections import OwnerConnections
-from lmshard.errors import Error
+from lmshard.errors import Error, ReplicaBehind
+from lmshard.map_growth import begin_read
+from lmshard.members import PRIMARY, read_state
+from lmshard.point_get import point_get
 from lmshard.protocol import READ_CODES, SCAN, paged_scan
 from lmshard.remote import ReaderPool
 from lmshard.schema import Schema
 from lmshard.store import Store
+from lmshard.store_meta import META_DB
+from lmshard.txn import ReadTxn
 
 log = logging.getLogger("lmshard.client")
 
 Request = tuple[int, Any]
 """A request's (command code, body), built by its command (``Command.request_for``)."""
 
+NOT_HERE = object()
+"""``LocalShards.row`` of a shard not open here: read it over the wire."""
+REPLICA_POLL_S = 0.002
+"""How long a read that waits for this host's replica to have the client's last write sleeps
+between two looks (each in a new read transaction)."""
+
+
+class _Meta:
+    """A copy's meta records as ``members.read_state`` reads them, inside one read txn."""
+
+    __slots__ = ("txn", "db")
+
+    def __init__(self, txn: Any, db: Any) -> None:
+        self.txn = txn
+        self.db = db
+
+    def get(self, key: bytes) -> bytes | None:
+        value: bytes | None = self.txn.get(key, db=self.db)
+        return value
+
 
 class LocalShards:
-    """The shards' environments opened read-only in this process; None for a shard read over
-    the wire."""
+    """The shards' environments opened read-only in this process (this host's copy of each:
+    ``config.local_member``); None for a shard read over the wire. And, per shard, the last
+    ack a read must see (``note_ack``)."""
 
-    def __init__(self, config: Config, schema: Schema, *, enabled: bool) -> None:
+    def __init__(self, config: Config, schema: Schema, *, enabled: bool,
+                 tables: ClientTables | None = None) -> None:
         self.config = config
         self.schema = schema
         self.enabled = enabled
+        self.member = config.local_member
+        """The copy this host holds, which local reads open."""
+        self._tables = tables.each() if tables is not None else []
         self._stores: list[Store | None] = [None] * config.shards
         self._remote_only: set[int] = set()
         self._lock = threading.Lock()
+        self.unseen: list[tuple[int, int] | None] = [None] * config.shards
+        """Per shard, ``(epoch, txn id)`` of the last ack from another copy that no read here
+        has seen yet; None when a read waits for nothing."""
+        self._meta_dbs: dict[int, tuple[lmdb.Environment, Any]] = {}
 
     def get(self, shard: int) -> Store | None:
         """The shard's store opened read-only here (opened now if need be), or None."""
@@ -52,7 +99,7 @@ class LocalShards:
         return st
 
     def _open(self, shard: int) -> Store | None:
-        path = self.config.shard_dir(shard)
+        path = self.config.member(shard, self.member).dir
         try:
             st = Store(path, self.schema, readonly=True, max_readers=self.config.max_readers)
         except Error as exc:
@@ -65,16 +112,122 @@ class LocalShards:
 
     def handles(self, ct: ClientTable, shard: int) -> tuple[Any, Any] | None:
         """(environment, database) of table ``ct`` on ``shard`` when the shard is open here,
-        kept in ``ct.local`` for the point gets that follow; None: read over the wire."""
+        kept in ``ct.local`` for the point gets that follow; None: read over the wire, or (when
+        ``get`` has the store) through ``read``, as a read must wait for an ack."""
         st = self.get(shard)
-        if st is None:
+        if st is None or self.unseen[shard] is not None:
             return None
         hit = ct.local[shard] = (st.env, st.tables[ct.table].db)
+        if self.unseen[shard] is not None:  # an ack came in meanwhile: note_ack may have
+            ct.local[shard] = None           # cleared ct.local before the line above
+            return None
         return hit
+
+    def row(self, ct: ClientTable, shard: int, key: bytes) -> Any:
+        """The stored bytes under the encoded ``key`` (None: no row) of table ``ct`` in this
+        host's copy of ``shard``; NOT_HERE when the shard is not open here."""
+        hit = self.handles(ct, shard)
+        if hit is not None:
+            return point_get(hit[0], hit[1], key)
+        st = self.get(shard)
+        if st is None:
+            return NOT_HERE
+        with self.read(shard, st) as r:
+            return r.txn.get(key, db=st.tables[ct.table].db)
+
+    # -- read-your-writes on a replica host --------------------------------------------------
+
+    def note_ack(self, shard: int, copy: str, epoch: int, txn_id: int) -> None:
+        """A write to ``shard`` was acked by copy ``copy`` at ``(epoch, txn_id)``: unless that
+        is the copy read here (which had it before it acked), reads of the shard must see it
+        first. (The point gets' handles in ``ct.local`` are dropped until one has.)"""
+        if copy == self.member:
+            if self.unseen[shard] is not None:
+                self.unseen[shard] = None
+            return
+        with self._lock:
+            before = self.unseen[shard]
+            if before is None or (epoch, txn_id) > before:
+                self.unseen[shard] = (epoch, txn_id)
+        if before is None:
+            for ct in self._tables:
+                ct.local[shard] = None
+
+    @contextmanager
+    def read(self, shard: int, st: Store) -> Iterator[ReadTxn]:
+        """A read transaction on ``st`` (this host's copy of ``shard``) that sees this client's
+        last ack of the shard; ReplicaBehind when the copy does not have it within
+        ``client.replica_wait``."""
+        if self.unseen[shard] is None:
+            with st.read() as r:
+                yield r
+            return
+        r = self._caught_up(shard, st)
+        try:
+            yield r
+        finally:
+            r.end()
+
+    def _caught_up(self, shard: int, st: Store) -> ReadTxn:
+        waited_until: float | None = None
+        while True:
+            r = ReadTxn(begin_read(st.env), st.tables)
+            have = self._look(shard, st, r)
+            if have is None:
+                return r
+            r.end()
+            now = time.monotonic()
+            if waited_until is None:
+                waited_until = now + self.config.replica_wait
+            if now >= waited_until:
+                raise self.behind(shard, st, have)
+            time.sleep(min(REPLICA_POLL_S, waited_until - now))
+
+    def look(self, shard: int, st: Store) -> tuple[int, int] | None:
+        """One look, in a read transaction of its own, whether this host's copy (``st``) has
+        the shard's last ack: None when it has (a later read sees it too: the copy only moves
+        on), else ``(epoch, txn id)`` of what it has (the async client waits with this)."""
+        with st.read() as r:
+            return self._look(shard, st, r)
+
+    def _look(self, shard: int, st: Store, r: ReadTxn) -> tuple[int, int] | None:
+        ack = self.unseen[shard]
+        if ack is None:
+            return None
+        have = self._has(st, r.txn)
+        if have < ack:
+            return have
+        with self._lock:
+            if self.unseen[shard] == ack:
+                self.unseen[shard] = None
+        return None
+
+    def behind(self, shard: int, st: Store, have: tuple[int, int]) -> ReplicaBehind:
+        """The error of a read that waited ``client.replica_wait`` in vain for the copy."""
+        ack = self.unseen[shard] or (0, 0)
+        return ReplicaBehind(
+            f"shard {shard}: this host's copy ({self.member!r}, {st.path}) has not applied "
+            f"this client's last write (epoch {ack[0]}, txn {ack[1]}) within "
+            f"{self.config.replica_wait:g} s (client.replica_wait); it has epoch {have[0]}, "
+            f"txn {have[1]}")
+
+    def _has(self, st: Store, txn: Any) -> tuple[int, int]:
+        """``(epoch, txn id)`` of the last primary transaction the copy open in ``st`` has,
+        as its meta records say inside ``txn``."""
+        env = st.env
+        cached = self._meta_dbs.get(id(st))
+        if cached is None or cached[0] is not env:
+            # Not in ``txn``: a handle opened in a transaction that is aborted is closed.
+            cached = self._meta_dbs[id(st)] = (env, env.open_db(META_DB, create=False))
+        state = read_state(_Meta(txn, cached[1]), self.member)
+        if state.role == PRIMARY:
+            return state.epoch, int(txn.id())
+        return state.applied_epoch, state.applied
 
     def reset_after_fork(self) -> None:
         """The child's stores reopen their environments; its lock is its own."""
         self._lock = threading.Lock()
+        self._meta_dbs = {}
 
     def close(self) -> None:
         for st in self._stores:

@@ -14,6 +14,12 @@ they were sent even when a connection breaks: a batch that arrives after a lost 
 The owner keeps the replies of a stream's last ``PIPELINE_WINDOW`` batches, so a resent batch that
 was applied is answered again and not applied twice.
 
+After a failover (a ``NotPrimary`` answer, or a shard silent through every retry while another
+copy is primary now: ``OwnerConnections.follow``) the stream moves to the new primary and resends
+every unacknowledged batch there, oldest first, as after a broken connection: the new primary
+holds the replicated client records, so it answers the batches the old one applied from their
+kept replies.
+
 Each batch is atomic on its shard. A batch the owner refuses (a unique violation, a bad value)
 is applied not at all, and the stream goes on; the writer raises ``BatchesFailed`` naming the
 refused batches at its next call (``put``, ``flush`` or the end of the ``with`` block).
@@ -33,6 +39,7 @@ from lmshard.client_tables import ClientTables
 from lmshard.errors import (
     BatchesFailed,
     Error,
+    NotPrimary,
     OutOfOrder,
     ShardUnavailable,
     TransactionError,
@@ -48,6 +55,7 @@ from lmshard.protocol import (
     ZERO_COPY_MIN,
     incr_delta,
     op,
+    pack_request,
     unpack_frame,
 )
 from lmshard.txn import TableRef
@@ -75,6 +83,12 @@ class StreamOwners(Protocol):
 
     def endpoint(self, shard: int) -> str: ...
 
+    def epoch(self, shard: int) -> int: ...
+
+    def note_ack(self, shard: int, body: Any) -> None: ...
+
+    def follow(self, shard: int, answer: NotPrimary | None) -> bool: ...
+
 
 class WriterClient(Protocol):
     """What a ``Writer`` uses of its client: the tables (encoding and routing) and the owner
@@ -87,17 +101,20 @@ class WriterClient(Protocol):
     def owners(self) -> StreamOwners: ...
 
 _OUT_OF_ORDER = OutOfOrder.code
+_NOT_PRIMARY = NotPrimary.code
 
 
 class _Stream:
     """One shard's ordered stream of batches: buffer, socket, and what is in flight."""
 
-    __slots__ = ("shard", "cid", "sock", "seq", "buf", "inflight", "attempts")
+    __slots__ = ("shard", "cid", "sock", "endpoint", "seq", "buf", "inflight", "attempts")
 
-    def __init__(self, shard: int, sock: zmq.Socket[bytes]) -> None:
+    def __init__(self, shard: int, sock: zmq.Socket[bytes], endpoint: str) -> None:
         self.shard = shard
         self.cid = uuid.uuid4().bytes
         self.sock = sock
+        self.endpoint = endpoint
+        """The endpoint of the copy the socket is connected to."""
         self.seq = 0
         self.buf: list[list[Any]] = []
         # seq -> [frame, ops, deadline], in the order sent (dicts keep insertion order)
@@ -154,7 +171,8 @@ class WriterStreams:
             if self._closed:
                 raise TransactionError("this writer is closed",
                                        hint="open another: client.writer()")
-            st = self._streams[shard] = _Stream(shard, self._owners.socket(shard))
+            st = self._streams[shard] = _Stream(shard, self._owners.socket(shard),
+                                                self._owners.endpoint(shard))
         return st
 
     def _launch(self, st: _Stream) -> None:
@@ -162,7 +180,8 @@ class WriterStreams:
         ops, st.buf = st.buf, []
         after = st.seq
         st.seq += 1
-        frame = WRITE_AFTER.frame(st.cid, st.seq, after, ops)
+        frame = pack_request(WRITE_AFTER.code, st.cid, st.seq, WRITE_AFTER.build(after, ops),
+                             self._owners.epoch(st.shard))
         deadline = time.monotonic() + self._owners.timeout_ms / 1000
         st.inflight[st.seq] = [frame, ops, deadline]
         counters = self._owners.counters.mine()
@@ -210,21 +229,39 @@ class WriterStreams:
             if status == _OUT_OF_ORDER:
                 self._resend(st, "a batch of the stream was lost")
                 return  # the old socket is gone, with whatever else it held
+            if status == _NOT_PRIMARY and self._moved(st, error_from_wire(status, *body)):
+                self._resend(st, "the copy it wrote to is not the primary now", moved=True)
+                return
             del st.inflight[seq]
             if seq < min(st.inflight, default=seq + 1):
                 st.attempts = 0
             if status == 0:
                 self.committed += 1
                 self.ops_committed += len(entry[1])
+                self._owners.note_ack(st.shard, body)
             else:
                 err = error_from_wire(status, *body)
                 self._owners.counters.mine()["batches_failed"] += 1
                 self._failed.append((st.shard, len(entry[1]), err))
 
-    def _resend(self, st: _Stream, why: str) -> None:
-        """Reconnect and resend every unacknowledged batch of the stream, oldest first."""
+    def _moved(self, st: _Stream, answer: Error | None) -> bool:
+        """Whether the stream's shard is served by another copy now: it was moved already (by
+        another call), or ``answer`` (a NotPrimary, or None: silence) moves it."""
+        if st.endpoint != self._owners.endpoint(st.shard):
+            return True
+        return ((answer is None or isinstance(answer, NotPrimary))
+                and self._owners.follow(st.shard, answer))
+
+    def _resend(self, st: _Stream, why: str, moved: bool = False) -> None:
+        """Reconnect and resend every unacknowledged batch of the stream, oldest first (to the
+        copy that is primary now, when it ``moved``: with a fresh count of attempts)."""
         owners = self._owners
-        st.attempts += 1
+        if moved:
+            st.attempts = 0
+        else:
+            st.attempts += 1
+            if st.attempts > owners.retries and self._moved(st, None):
+                st.attempts = 0
         if st.attempts > owners.retries:
             raise ShardUnavailable(
                 f"shard {st.shard} at {owners.endpoint(st.shard)}: {why}, "
@@ -236,6 +273,7 @@ class WriterStreams:
         log.info("shard %d: %s: reconnecting, resending %d batches from sequence %d",
                  st.shard, why, len(st.inflight), next(iter(st.inflight)))
         st.sock.close(linger=0)
+        st.endpoint = owners.endpoint(st.shard)
         st.sock = owners.socket(st.shard)
         deadline = time.monotonic() + owners.timeout_ms / 1000
         for entry in st.inflight.values():
