@@ -243,9 +243,15 @@ def topic(shard: int) -> bytes:
     return TOPIC_PREFIX + str(shard).encode()
 
 
+LATER_FIELDS: dict[str, Any] = {"changes": None, "epoch": None, "replication": None}
+"""``stat`` fields added after the first owners published: nil when a body lacks them (a reader
+takes an older owner's message as if each were off; a sender may leave them out)."""
+
+
 def encode(shard: int, body: Mapping[str, Any]) -> list[bytes]:
-    """The frames to publish for ``body``, a ``stat`` message of ``shard``."""
-    return [topic(shard), pack_map(STAT, body)]
+    """The frames to publish for ``body``, a ``stat`` message of ``shard`` (``LATER_FIELDS``
+    it lacks are nil)."""
+    return [topic(shard), pack_map(STAT, {**LATER_FIELDS, **body})]
 
 
 def topic_shard(head: bytes) -> int:
@@ -274,9 +280,8 @@ def decode(frames: list[bytes], shard: int | None = None) -> dict[str, Any]:
         raise ValueError(f"format version {body.get('v')!r}, expected {FORMAT_VERSION}")
     if body.get("shard") != n:
         raise ValueError(f"body names shard {body.get('shard')!r}, the topic {n}")
-    body.setdefault("changes", None)  # an owner from before the change log: as if it were off
-    body.setdefault("epoch", None)  # an owner from before replicas
-    body.setdefault("replication", None)
+    for name, default in LATER_FIELDS.items():  # an owner from before the change log, replicas
+        body.setdefault(name, default)
     check_map(STAT, body)
     return body
 
