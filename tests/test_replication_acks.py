@@ -23,7 +23,7 @@ import zmq
 from lmshard import protocol
 from lmshard.changes import CLIENTS_TABLE_ID
 from lmshard.changes_wire import ERROR, STARTED
-from lmshard.errors import NotPrimary, ProtocolError, ReplicaTimeout
+from lmshard.errors import ConflictError, NotPrimary, ProtocolError, ReplicaTimeout
 from lmshard.protocol import PING, WRITE
 from tests.cluster import Cluster
 from tests.replica_follower import Follower
@@ -96,6 +96,14 @@ def test_an_ack_waits_until_a_replica_applied_its_transaction(held: Cluster) -> 
         assert w.reply(0.5) is None  # committed, streamed, not acked
         with held.client() as c:  # other requests are answered meanwhile
             assert c.ping(0)["txn_id"] >= txn
+        failing = Writer(held)  # and a batch that fails is answered at once: nothing to wait for
+        try:
+            op = protocol.op(protocol.OP_CAS, BLOBS, kb, [b"new", 0, None])  # must be absent
+            failing.sock.send(WRITE.frame(failing.cid, 1, [op]))
+            refused = failing.reply(5.0)
+            assert refused is not None and refused[1] == ConflictError.code, refused
+        finally:
+            failing.close()
         f.applied(txn - 1)
         assert w.reply(0.5) is None  # an earlier transaction does not cover it
         f.applied(txn)
@@ -265,3 +273,28 @@ def test_replicate_from_a_name_not_configured_is_refused(held: Cluster) -> None:
             assert c.ping(0)["replicas"] == {}
     finally:
         f.close()
+
+
+def test_applied_past_what_was_sent_is_refused_and_releases_nothing(held: Cluster) -> None:
+    f, w = Follower(held.config), Writer(held)
+    try:
+        assert f.replicate().message is STARTED
+        w.put(1, 40, b"x")
+        f.until("the write's CHANGES", lambda: f.changes)
+        (txn,) = f.changes
+        f.applied(txn + 100)
+        deadline = time.monotonic() + 5.0
+        msg = f.recv(5.0)
+        while msg is not None and msg.message is not ERROR and time.monotonic() < deadline:
+            msg = f.recv(1.0)  # PROGRESS heartbeats meanwhile
+        assert msg is not None and msg.message is ERROR, msg
+        assert "was not sent yet" in msg.values[1]
+        assert w.reply(0.5) is None  # still held
+        # The replica follows again (same name, new follow) and applies it: the ack goes.
+        assert f.replicate(f.history, txn).message is STARTED
+        f.applied(txn)
+        reply = w.reply(5.0)
+        assert reply is not None and reply[1] == 0 and reply[2][0] == txn
+    finally:
+        f.close()
+        w.close()
