@@ -58,6 +58,9 @@ CLIENTS_TABLE_ID = bytes(16)
 """The table id under which a record logged for replicas carries a client's last sequence
 record (key: the client id, value: the owner's ``__clients__`` record): a copy that takes over
 the shard then answers a resent batch once, as the owner would. Never shown to watchers."""
+CLIENTS_MARK = _packb(CLIENTS_TABLE_ID)
+"""How ``CLIENTS_TABLE_ID`` looks packed in a record: a record without these bytes holds no
+client record, and a watch of everything may be sent it as it is stored."""
 
 Effect = tuple[bytes, bytes, bytes | None]
 """One logged change: ``(table id, key, value or None for a delete)``, all encoded."""
@@ -319,12 +322,13 @@ def _single(p: Position) -> str:
 def filter_effects(effects: list[list[Any]], first: int, tables: frozenset[bytes] | None,
                    prefix: bytes | None) -> tuple[list[int], list[list[Any]]]:
     """The effects from index ``first`` on that match a watch (its table ids, a key prefix),
-    with their indexes in the record."""
+    with their indexes in the record. Client records (``CLIENTS_TABLE_ID``) are for replicas
+    and never match."""
     idx: list[int] = []
     out: list[list[Any]] = []
     for i in range(first, len(effects)):
         e = effects[i]
-        if tables is not None and e[0] not in tables:
+        if e[0] == CLIENTS_TABLE_ID or (tables is not None and e[0] not in tables):
             continue
         if prefix is not None and not e[1].startswith(prefix):
             continue

@@ -78,6 +78,12 @@ def a_map(v: Any) -> bool:
     return isinstance(v, dict)
 
 
+def replication_map(v: Any) -> bool:
+    """The owner's replication numbers: a map whose ``replicas`` maps names to maps."""
+    return isinstance(v, dict) and isinstance(v.get("replicas"), dict) and all(
+        isinstance(k, str) and isinstance(r, dict) for k, r in v["replicas"].items())
+
+
 # -- map bodies ----------------------------------------------------------------------------------
 
 
@@ -185,6 +191,13 @@ STAT = STATS.declare(1, "stat", "owner", (
     _F("changes", wire.optional(a_map), "the change log (nil when it is off): bytes, records, "
        "oldest_txn and newest_txn (nil when empty), floor, retain, retain_seconds, sent_changes, "
        "bad_frames, and watchers, a list of {watch, lag_txns, lag_seconds, credit, messages}"),
+    _F("epoch", wire.optional(wire.uint), "the shard's epoch as this owner knows it (1, then +1 "
+       "at every failover; nil from an owner before replicas)"),
+    _F("replication", wire.optional(replication_map), "nil without replica.names: else "
+       "required (durability.replicas), timeout, held (write acks waiting for replicas), "
+       "timeouts (acks answered ReplicaTimeout, since the owner started), confirmed (the last "
+       "txn enough replicas applied), and replicas, a map of replica name to {applied, "
+       "lag_txns, lag_seconds, last_heard}"),
     _F("dropped", wire.uint, "messages the owner could not queue (counted, never waited for)"),
     _F("publish_seconds", number, "seconds the owner took to build this message"),
 ), """
@@ -208,6 +221,17 @@ def changes_summary(log: Mapping[str, Any] | None) -> dict[str, Any] | None:
             "sent_changes": log.get("sent_changes", 0)}
 
 
+def worst_replica(replication: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The replica furthest behind in a ``stat`` message's ``replication`` (by lag in
+    seconds, then transactions), with its ``name``; None without replicas."""
+    replicas = (replication or {}).get("replicas") or {}
+    if not replicas:
+        return None
+    name, r = max(replicas.items(), key=lambda kv: (kv[1].get("lag_seconds", 0.0),
+                                                    kv[1].get("lag_txns", 0)))
+    return {"name": name, **r}
+
+
 def stats_enabled(environ: Mapping[str, str] | None = None) -> bool:
     """False when :data:`ENV_SWITCH` switches an owner's publishing off."""
     value = (os.environ if environ is None else environ).get(ENV_SWITCH, "1")
@@ -219,9 +243,15 @@ def topic(shard: int) -> bytes:
     return TOPIC_PREFIX + str(shard).encode()
 
 
+LATER_FIELDS: dict[str, Any] = {"changes": None, "epoch": None, "replication": None}
+"""``stat`` fields added after the first owners published: nil when a body lacks them (a reader
+takes an older owner's message as if each were off; a sender may leave them out)."""
+
+
 def encode(shard: int, body: Mapping[str, Any]) -> list[bytes]:
-    """The frames to publish for ``body``, a ``stat`` message of ``shard``."""
-    return [topic(shard), pack_map(STAT, body)]
+    """The frames to publish for ``body``, a ``stat`` message of ``shard`` (``LATER_FIELDS``
+    it lacks are nil)."""
+    return [topic(shard), pack_map(STAT, {**LATER_FIELDS, **body})]
 
 
 def topic_shard(head: bytes) -> int:
@@ -250,7 +280,8 @@ def decode(frames: list[bytes], shard: int | None = None) -> dict[str, Any]:
         raise ValueError(f"format version {body.get('v')!r}, expected {FORMAT_VERSION}")
     if body.get("shard") != n:
         raise ValueError(f"body names shard {body.get('shard')!r}, the topic {n}")
-    body.setdefault("changes", None)  # an owner from before the change log: as if it were off
+    for name, default in LATER_FIELDS.items():  # an owner from before the change log, replicas
+        body.setdefault(name, default)
     check_map(STAT, body)
     return body
 

@@ -9,6 +9,12 @@ asks the loop for another turn at once while some watcher is behind. A watcher w
 is simply not sent to: it catches up from the log when credit comes, or gets COMPACTED once its
 position is trimmed away. The owner's memory never holds more than one turn's records.
 
+Replicas follow the same way (REPLICATE): a watch of everything, sent each record as it is
+stored, with the client records watchers never see (``lmshard.changes.CLIENTS_TABLE_ID``); what
+they report applied (APPLIED) goes to the owner's ``lmshardd.replication.Replication``, which
+releases the write acks waiting for them. A watch of everything is sent a record as it is stored
+only while the record holds no client record; otherwise it is filtered like any other watch.
+
 The socket is a ROUTER with ROUTER_MANDATORY: a send to a watcher whose connection is gone
 fails at once and the watch is dropped. Messages are declared in ``lmshard.changes_wire``.
 """
@@ -27,6 +33,7 @@ import zmq
 
 from lmshard import security
 from lmshard.changes import (
+    CLIENTS_MARK,
     ChangeLog,
     Position,
     filter_effects,
@@ -34,6 +41,7 @@ from lmshard.changes import (
     record_time,
 )
 from lmshard.changes_wire import (
+    APPLIED,
     CANCEL,
     CHANGES,
     COMPACTED,
@@ -41,6 +49,7 @@ from lmshard.changes_wire import (
     ERROR,
     MAX_CREDIT,
     PROGRESS,
+    REPLICATE,
     STARTED,
     WATCH,
     decode,
@@ -66,6 +75,15 @@ IDLE_DROP = 300.0
 without a word, or stopped reading for good)."""
 
 _packb = msgpack.Packer(use_bin_type=True).pack
+_REPLICA_CODES = (REPLICATE.code, APPLIED.code)
+
+
+def _sender(frame: bytes) -> str:
+    """Who sends a frame: "replica" for REPLICATE and APPLIED, else "watcher" (``decode``
+    checks the frame, this only looks at the code's byte)."""
+    if len(frame) > 2 and 0x90 <= frame[1] <= 0x9F and frame[2] in _REPLICA_CODES:
+        return "replica"
+    return "watcher"
 
 
 def make_channel(owner: Any) -> ChangesChannel | None:
@@ -90,6 +108,8 @@ class Watcher:
     seq: int = 0
     last_sent: float = field(default_factory=time.monotonic)
     sent_messages: int = 0
+    replica: str | None = None
+    """The replica's name for a REPLICATE follow (sent client records too); None for a watch."""
 
     @property
     def all_changes(self) -> bool:
@@ -117,6 +137,9 @@ class ChangesChannel:
         self.sock = sock
         self.endpoint = endpoint
         self.watchers: dict[tuple[bytes, int], Watcher] = {}
+        self.replica_names: tuple[str, ...] = tuple(owner.config.replica_names)
+        self.clients_logged: bool = bool(owner.log_clients)
+        """Records may hold client records: a watch of everything is checked for them."""
         self.bad_frames = 0
         self.sent_changes = 0
         self._filtered: dict[tuple[Any, ...], tuple[Any, list[int] | None, int]] = {}
@@ -141,7 +164,7 @@ class ChangesChannel:
                 continue
             ident = frames[0]
             try:
-                msg = decode(frames[1:], "watcher")
+                msg = decode(frames[1:], _sender(frames[1]))
             except Error as exc:
                 self.bad_frames += 1
                 self._send(ident, [pack(ERROR, 0, exc.code, exc.message, exc.hint or None)])
@@ -203,9 +226,47 @@ class ChangesChannel:
             w.credit += values[0]
         elif m is CANCEL:
             self.watchers.pop(key, None)
+        elif m is REPLICATE:
+            self._replicate(ident, wid, *values)
+        elif m is APPLIED:
+            self._applied(key, values[0])
+
+    def _replicate(self, ident: bytes, wid: int, name: str, history: str, txn: int,
+                   credit: int) -> None:
+        """REPLICATE: follow everything from (history, txn, 0) as replica ``name``; the
+        replica's earlier follow, if any, ends."""
+        replication = self.owner.replication
+        if replication is None or name not in self.replica_names:
+            configured = ", ".join(self.replica_names) or "none"
+            raise ProtocolError(
+                f"{name!r} is not a replica of shard {self.shard} (replica.names: {configured})",
+                hint="start the replica with one of the names in replica.names of the owner's "
+                "config")
+        old = replication.progress.get(name)
+        if old is not None and (old.ident, old.wid) != (ident, wid):
+            self.watchers.pop((old.ident, old.wid), None)
+        self._watch(ident, wid, history, txn, 0, None, None, credit, replica=name)
+        w = self.watchers.get((ident, wid))
+        if w is not None:  # it has applied what comes before its position in our history
+            replication.follow(name, ident, wid, w.txn - 1 if history else 0)
+
+    def _applied(self, key: tuple[bytes, int], txn: int) -> None:
+        """APPLIED: the replica following as ``key`` has applied the log up to ``txn``."""
+        w = self.watchers.get(key)
+        if w is None or w.replica is None:
+            raise ProtocolError(f"APPLIED for follow {key[1]}, which this owner does not serve "
+                                "(the owner restarted, or the follow ended)",
+                                hint="send REPLICATE again from the first transaction not applied")
+        if txn >= w.txn:
+            raise ProtocolError(f"APPLIED({txn}): transaction {txn} was not sent yet (the "
+                                f"follow is at {w.txn})")
+        replication = self.owner.replication
+        assert replication is not None
+        replication.applied(w.replica, txn)
 
     def _watch(self, ident: bytes, wid: int, history: str, txn: int | None, n: int,
-               tables: list[bytes] | None, prefix: bytes | None, credit: int) -> None:
+               tables: list[bytes] | None, prefix: bytes | None, credit: int, *,
+               replica: str | None = None) -> None:
         if prefix is not None and (tables is None or len(tables) != 1):
             raise ProtocolError("a key prefix needs exactly one table")
         self.watchers.pop((ident, wid), None)
@@ -227,7 +288,7 @@ class ChangesChannel:
                                     exc.message)])
             return
         w = Watcher(ident, wid, None if tables is None else frozenset(tables), prefix,
-                    pos.txn, pos.n, credit)
+                    pos.txn, pos.n, credit, replica=replica)
         self.watchers[(ident, wid)] = w
         self._send(ident, [pack(STARTED, wid, pos.history, pos.txn, pos.n)])
 
@@ -284,7 +345,8 @@ class ChangesChannel:
 
     def _send_record(self, w: Watcher, txn_id: int, record: bytes, now: float) -> None:
         first = w.n if txn_id == w.txn else 0
-        if w.all_changes and first == 0:
+        if first == 0 and (w.replica is not None or (w.all_changes and not (
+                self.clients_logged and CLIENTS_MARK in record))):
             data: bytes | memoryview = memoryview(record)[8:]
             indexes = None
             count = -1
@@ -347,6 +409,8 @@ class ChangesChannel:
             records = int(txn.stat(self.changes.db)["entries"])
             watchers = []
             for w in self.watchers.values():
+                if w.replica is not None:
+                    continue  # the owner's replication stats show replicas
                 lag_txns = max(0, last + 1 - w.txn)
                 lag_s = 0.0
                 if lag_txns:

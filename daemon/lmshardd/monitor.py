@@ -125,6 +125,7 @@ def metric_families(snap: dict[str, Any]) -> list[Metric]:
     rows = GaugeMetricFamily("lmshard_table_rows", "rows in a table on the shard",
                              labels=["shard", "table"])
     changes = ChangeLogFamilies()
+    replicas = ReplicaFamilies()
 
     for entry in snap["shards"]:
         sl = [str(entry["shard"])]
@@ -161,8 +162,10 @@ def metric_families(snap: dict[str, Any]) -> list[Metric]:
         for table, n in sorted(s["tables"].items()):
             rows.add_metric([sl[0], table], n)
         changes.add(sl[0], s.get("changes"))
+        replicas.add(sl[0], s.get("epoch"), s.get("replication"))
     return [shards, up, age, received, bad, *counters.values(), latency, latency_max, group,
-            per_batch, depth, depth_max, *gauges.values(), rows, *changes.families()]
+            per_batch, depth, depth_max, *gauges.values(), rows, *changes.families(),
+            *replicas.families()]
 
 
 class ChangeLogFamilies:
@@ -204,6 +207,49 @@ class ChangeLogFamilies:
     def families(self) -> list[Metric]:
         return [*self.gauges.values(), self.sent]
 
+
+class ReplicaFamilies:
+    """The shard's epoch and the ``lmshard_replica_*`` series: how far each replica has applied
+    the shard's log, and the write acks waiting for replicas (``durability.replicas``)."""
+
+    def __init__(self) -> None:
+        replica_l = ["shard", "replica"]
+        self.epoch = GaugeMetricFamily(
+            "lmshard_shard_epoch", "the shard's epoch as its owner knows it (1, then +1 at every "
+            "failover)", labels=["shard"])
+        self.applied = GaugeMetricFamily(
+            "lmshard_replica_applied_txn", "the owner's last transaction id the replica has "
+            "applied durably", labels=replica_l)
+        self.lag_txns = GaugeMetricFamily(
+            "lmshard_replica_lag_txns", "transactions committed on the owner that the replica "
+            "has not applied", labels=replica_l)
+        self.lag_seconds = GaugeMetricFamily(
+            "lmshard_replica_lag_seconds", "age of the oldest commit the replica has not "
+            "applied (0 when caught up)", labels=replica_l)
+        self.held = GaugeMetricFamily(
+            "lmshard_replica_acks_held", "write acks waiting for durability.replicas replicas",
+            labels=["shard"])
+        self.timeouts = Metric("lmshard_replica_timeouts", "write acks answered ReplicaTimeout "
+                               "(too few replicas confirmed in durability.replica_timeout)",
+                               "counter")
+
+    def add(self, shard: str, epoch: int | None, replication: dict[str, Any] | None) -> None:
+        """One shard's numbers; no replica series without replica.names."""
+        if epoch is not None:
+            self.epoch.add_metric([shard], epoch)
+        if not replication:
+            return
+        self.held.add_metric([shard], replication.get("held", 0))
+        self.timeouts.add_sample(self.timeouts.name + "_total", {"shard": shard},
+                                 replication.get("timeouts", 0))
+        for name, r in sorted((replication.get("replicas") or {}).items()):
+            self.applied.add_metric([shard, name], r.get("applied", 0))
+            self.lag_txns.add_metric([shard, name], r.get("lag_txns", 0))
+            self.lag_seconds.add_metric([shard, name], r.get("lag_seconds", 0.0))
+
+    def families(self) -> list[Metric]:
+        return [self.epoch, self.applied, self.lag_txns, self.lag_seconds, self.held,
+                self.timeouts]
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,13 @@ LMDB write transaction (group commit), each batch in a nested transaction so a f
 fails alone, commit, then answer each batch with its outcome and the txn id it committed in.
 The last applied sequence number per client, with its reply, is written in the same transaction,
 so a retried batch is answered again but applied once.
+
+With replicas (``replica.names``) each commit's change-log record also carries the client
+records it wrote, so a copy that takes over answers a resent batch as this owner would; with
+``durability.replicas = k`` the successful replies wait for k replicas (``lmshardd.replication``).
+Every successful write reply carries the shard's epoch; a request from a later epoch means the
+shard was failed over: the owner answers it ``NotPrimary``, accepts no more writes and exits
+with status ``FENCED_EXIT``.
 """
 
 from __future__ import annotations
@@ -21,16 +28,17 @@ import msgpack
 import zmq
 
 from lmshard import protocol, security, stats_wire
-from lmshard.changes import ChangeLog
+from lmshard.changes import CLIENTS_TABLE_ID, ChangeLog, record_time
 from lmshard.config import Config
 from lmshard.errors import (
     Error,
     InternalError,
+    NotPrimary,
     OutOfOrder,
     ProtocolError,
     StoreFull,
 )
-from lmshard.members import HOME, Member
+from lmshard.members import HOME, META_ROLE, Member, MemberState, read_state, state_records
 from lmshard.shard_identity import check_shard_identity, identity_records
 from lmshard.store import Store, grow_map
 from lmshard.txn import ReadTxn, WriteTxn
@@ -40,6 +48,7 @@ from lmshardd.channels import CHANNEL_FACTORIES, Channel
 from lmshardd.grouping import ActiveWriters, wait_readable
 from lmshardd.hangup import report_hangup
 from lmshardd.owner_state import DiskFullWatch, OwnerCounters
+from lmshardd.replication import Replication, not_primary
 
 log = logging.getLogger("lmshardd.owner")
 
@@ -47,6 +56,9 @@ WriteBatches = list[tuple[bytes, bytes | None, int, list[protocol.Op]]]
 """Write batches drained for one group commit: (peer identity, client id, seq, checked ops)."""
 Outcome = tuple[int, Any]
 """A batch's reply before it is packed: (status, body)."""
+Replies = list[tuple[bytes, bytes, int]]
+"""A group's replies: (peer identity, reply frame, the txn id a successful write reply waits
+for replicas to apply, or 0 for an error)."""
 
 MAX_GROUP = 1024
 """Most requests drained into one group commit."""
@@ -64,6 +76,11 @@ GROUP_LINGER_MAX = 0.001
 ACTIVE_WRITER_WINDOW = 0.1
 """Seconds a client counts as an active writer after its last batch; the owner stops waiting
 for a group to fill once it holds a batch from each."""
+EPOCH_FIELD = 5
+"""Where a client record keeps the epoch of its reply: [seq, status, reply, older replies, time,
+epoch]."""
+FENCED_EXIT = 3
+"""``lmshardd owner``'s exit status after a request from a later epoch fenced it."""
 _SNDMORE = int(zmq.SNDMORE)
 
 
@@ -81,6 +98,8 @@ class ShardOwner:
         self.schema = schema if schema is not None else config.load_schema()
         self.schema.check_sharded(config.shards)
         self.path = self.member.dir
+        self.state: MemberState = read_state({}, member)
+        """This copy's role and epoch (``lmshard.members``), read from meta when it opens."""
         self.store = Store(
             self.path,
             self.schema,
@@ -108,6 +127,20 @@ class ShardOwner:
         self._commit_avg = 0.0
         self._writers = ActiveWriters(ACTIVE_WRITER_WINDOW)
         self.disk_full = DiskFullWatch(str(self.path), shard)
+        self.fenced = False
+        """A request from a later epoch came: this owner accepts no more writes and stops."""
+        self._fenced_by = 0
+        self.log_clients = bool(config.replica_names) and self.changes is not None
+        """Client records go into the change log (for replicas), beside the batches' effects."""
+        self.replication: Replication | None = None
+        if config.replica_names:
+            self.replication = Replication(shard, config.replicas_required,
+                                           config.replica_timeout, self._send_reply)
+            if self.changes is None:
+                log.error("shard %d: replica.names is set but the change log is off ([changes] "
+                          "enabled = false): replicas cannot follow this shard", shard)
+        self.holding = self.replication is not None and config.replicas_required > 0
+        """Successful write replies wait for durability.replicas replicas."""
         flusher = flushing.make_channel(self)
         self.channels: list[Channel] = [] if flusher is None else [flusher]
         self.ctx: zmq.Context[Any] = zmq.Context.instance()
@@ -121,6 +154,14 @@ class ShardOwner:
         check_shard_identity(self.config, self.shard, self.schema, meta, self.path)
         for key, value in identity_records(self.config, self.shard).items():
             txn.put(key, value, db=meta_db)
+        self.state = read_state(meta, self.member.name)
+        if META_ROLE not in meta:  # a new copy: its defaults, recorded
+            for key, value in state_records(self.state).items():
+                txn.put(key, value, db=meta_db)
+
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
 
     # -- serving -----------------------------------------------------------------------------
 
@@ -195,6 +236,8 @@ class ShardOwner:
         READER_CHECK_INTERVAL a reader_check(); when the next check is due."""
         for ch in self.channels:
             ch.tick(now)
+        if self.holding and self.replication is not None and self.replication.held:
+            self.replication.tick(now)
         if self.hangup:
             self.hangup = False
             report_hangup(self.config, f"shard_{self.shard:02d}", log)
@@ -224,16 +267,28 @@ class ShardOwner:
                         break
                     n += self._drain(sock, writes, others, MAX_GROUP - n)
                 self._writers.note(writes, now)
-            self._group_avg += (len(writes) - self._group_avg) * 0.2
-            started = time.perf_counter()
-            replies = self.commit_group(writes)
-            self._commit_avg += (time.perf_counter() - started - self._commit_avg) * 0.2
-            for ident, reply in replies:
-                sock.send(ident, _SNDMORE)
-                sock.send(reply)
+            self._commit_and_answer(sock, writes)
         for ident, seq, cmd, args in others:
             sock.send_multipart([ident, self.answer(seq, cmd, args)])
         return n
+
+    def _commit_and_answer(self, sock: zmq.Socket[bytes], writes: WriteBatches) -> None:
+        """Group-commit ``writes`` and send (or, for replicas, hold) the replies. An owner that
+        a request fenced while they were drained commits none of them."""
+        if self.fenced:
+            self._refuse_fenced(sock, writes)
+            return
+        self._group_avg += (len(writes) - self._group_avg) * 0.2
+        started = time.perf_counter()
+        replies = self.commit_group(writes)
+        self._commit_avg += (time.perf_counter() - started - self._commit_avg) * 0.2
+        if self.holding:
+            assert self.replication is not None
+            self.replication.answer(replies, [w[2] for w in writes], time.monotonic())
+            return
+        for ident, reply, _txn in replies:
+            sock.send(ident, _SNDMORE)
+            sock.send(reply)
 
     def _drain(
         self, sock: zmq.Socket[bytes], writes: WriteBatches,
@@ -254,7 +309,10 @@ class ShardOwner:
             ident, frame = frames[0], frames[-1]
             seq = 0
             try:
-                code, client_id, seq, body, _epoch = protocol.unpack_request(frame)
+                code, client_id, seq, body, epoch = protocol.unpack_request(frame)
+                if epoch > self.state.epoch or self.fenced:
+                    sock.send_multipart([ident, protocol.pack_error(seq, self._fence(epoch))])
+                    continue
                 cmd = protocol.BY_CODE.get(code)
                 if cmd is None:
                     raise ProtocolError(f"unknown command code {code}")
@@ -274,9 +332,36 @@ class ShardOwner:
                 others.append((ident, seq, cmd, args))
         return n
 
-    def commit_group(
-        self, batches: WriteBatches
-    ) -> list[tuple[bytes, bytes]]:
+    def _fence(self, epoch: int) -> NotPrimary:
+        """A request from ``epoch`` (or any request once fenced): the first one above this
+        owner's epoch fences it (no more writes, held acks refused, the loop stops); the
+        answer for the request."""
+        if not self.fenced and epoch > self.state.epoch:
+            self.fenced = True
+            self.stopping = True
+            self._fenced_by = epoch
+            log.error("shard %d: a request from epoch %d came to this owner at epoch %d: the "
+                      "shard was failed over to another copy; accepting no more writes and "
+                      "stopping (exit status %d)", self.shard, epoch, self.state.epoch,
+                      FENCED_EXIT)
+            if self.replication is not None:
+                self.replication.refuse_held(
+                    not_primary(self.shard, self.state.epoch, epoch))
+        return not_primary(self.shard, self.state.epoch, max(epoch, self._fenced_by))
+
+    def _refuse_fenced(self, sock: zmq.Socket[bytes], writes: WriteBatches) -> None:
+        """Answer write batches drained before the request that fenced the owner: none of
+        them is applied."""
+        err = self._fence(0)
+        for ident, _cid, seq, _ops in writes:
+            sock.send_multipart([ident, protocol.pack_error(seq, err)])
+
+    def _send_reply(self, ident: bytes, frame: bytes) -> None:
+        """Send a reply released later (held for replicas) on the request socket."""
+        if self.sock is not None:
+            self.sock.send_multipart([ident, frame])
+
+    def commit_group(self, batches: WriteBatches) -> Replies:
         """Apply every batch in one write transaction; the replies to send after commit."""
         started = time.perf_counter()
         while True:
@@ -303,11 +388,22 @@ class ShardOwner:
                 txn.abort()
                 raise
         self._count_commit(batches, txn_id, time.perf_counter() - started)
-        replies = []
+        return self._replies(batches, outcomes, txn_id)
+
+    def _replies(self, batches: WriteBatches, outcomes: list[Outcome], txn_id: int) -> Replies:
+        """The replies to a group committed in ``txn_id``: a successful one carries the txn id
+        and the epoch."""
+        replies: Replies = []
+        epoch = self.state.epoch
         for (ident, _cid, seq, _ops), (status, body) in zip(batches, outcomes, strict=True):
-            if status == 0 and body[0] is None:
-                body = [txn_id, body[1]]
-            replies.append((ident, protocol.pack_reply(seq, status, body)))
+            if status:
+                replies.append((ident, protocol.pack_reply(seq, status, body), 0))
+                continue
+            if body[0] is None:  # applied long ago: at the latest in this commit
+                body = [txn_id, body[1], epoch]
+            elif len(body) == 2:
+                body = [body[0], body[1], epoch]
+            replies.append((ident, protocol.pack_reply(seq, 0, body), body[0]))
         return replies
 
     def _count_commit(self, batches: WriteBatches, txn_id: int, seconds: float) -> None:
@@ -319,16 +415,18 @@ class ShardOwner:
         c.last_commit_time = time.time()
         c.commit_seconds.append(seconds)
         c.group_sizes.append(len(batches))
+        if self.replication is not None:
+            self.replication.committed(txn_id, c.last_commit_time)
         for ch in self.channels:
             ch.after_commit(len(batches), sum(len(b[3]) for b in batches), seconds)
         if len(c.commit_seconds) > 4096:
             del c.commit_seconds[:2048], c.group_sizes[:2048]
 
-    def _refuse_group(self, batches: WriteBatches, err: Error) -> list[tuple[bytes, bytes]]:
+    def _refuse_group(self, batches: WriteBatches, err: Error) -> Replies:
         """The replies to a group that was not committed: each batch gets ``err``, but a
         resent batch that an earlier commit applied gets its kept reply (an error would say
         it was not applied)."""
-        replies = []
+        replies: Replies = []
         with self.env.begin() as txn:
             for ident, cid, seq, _ops in batches:
                 rec = None if cid is None else txn.get(cid, db=self.clients_db)
@@ -336,16 +434,20 @@ class ShardOwner:
                     last_seq, status, body, *more = msgpack.unpackb(rec, raw=False)
                     if seq <= last_seq:
                         status, body = _replay(seq, last_seq, status, body, more)
-                        if status == 0 and body[0] is None:
-                            body = [txn.id(), body[1]]  # applied in this commit or before
-                        replies.append((ident, protocol.pack_reply(seq, status, body)))
+                        if status:
+                            replies.append((ident, protocol.pack_reply(seq, status, body), 0))
+                            continue
+                        if body[0] is None:  # applied in this commit or before
+                            body = [txn.id(), body[1]]
+                        if len(body) == 2:
+                            body = [body[0], body[1], self.state.epoch]
+                        replies.append((ident, protocol.pack_reply(seq, 0, body), body[0]))
                         continue
                 self.counters.failed_batches += 1
-                replies.append((ident, protocol.pack_error(seq, err)))
+                replies.append((ident, protocol.pack_error(seq, err), 0))
         return replies
 
-    def _refuse_for_disk(self, batches: WriteBatches, exc: lmdb.Error
-                         ) -> list[tuple[bytes, bytes]]:
+    def _refuse_for_disk(self, batches: WriteBatches, exc: lmdb.Error) -> Replies:
         """Refuse a group whose commit failed for a full disk (raise ``exc`` if it failed for
         another reason). The disk fills while LMDB writes or syncs the transaction's pages,
         before the meta page that would make them visible: nothing of the group is, the
@@ -362,6 +464,8 @@ class ShardOwner:
         outcomes: list[Outcome] = []
         txn_id = txn.id()
         now = int(time.time())
+        log_clients = self.log_clients and effects is not None
+        epoch = self.state.epoch
         for _ident, cid, seq, ops in batches:
             after = ops.after if type(ops) is protocol.OrderedOps else None
             refused, window = self._admit(txn, cid, seq, after)
@@ -369,9 +473,13 @@ class ShardOwner:
                 outcomes.append(refused)
                 continue
             outcome = self._apply_batch(txn, txn_id, cid, ops, effects)
-            if cid is not None:  # [seq, status, reply, older replies of a stream, when]
-                kept = [seq, outcome[0], protocol.stored_reply(*outcome), window, now]
-                txn.put(cid, msgpack.packb(kept, use_bin_type=True), db=self.clients_db)
+            if cid is not None:  # [seq, status, reply, older replies of a stream, when, epoch]
+                kept = [seq, outcome[0], protocol.stored_reply(*outcome), window, now, epoch]
+                packed = msgpack.packb(kept, use_bin_type=True)
+                txn.put(cid, packed, db=self.clients_db)
+                if log_clients:  # after the batch's own effects; assert for the type checker
+                    assert effects is not None
+                    effects.append([CLIENTS_TABLE_ID, cid, packed])
             outcomes.append(outcome)
         return outcomes
 
@@ -472,6 +580,11 @@ class ShardOwner:
             **flushing.durability(self.env, self.config, self.counters),
             "disk_full": self.disk_full.as_dict(),
             "changes": stats_wire.changes_summary(self.changes_stats()),
+            "member": self.member.name,
+            "role": self.state.role,
+            "epoch": self.state.epoch,
+            "primary": self.state.primary,
+            "replicas": self.replicas_status(info["last_txnid"]),
         }
 
     def stats(self) -> dict[str, Any]:
@@ -481,7 +594,32 @@ class ShardOwner:
         changes = self.changes_stats()
         if changes is not None:
             s["changes"] = changes
+        s["epoch"] = self.state.epoch
+        s["replication"] = self.replication_stats()
         return s
+
+    def replication_stats(self, last_txn: int | None = None) -> dict[str, Any] | None:
+        """Acks required, held and timed out, and each replica's progress
+        (``Replication.summary``); None without replica.names."""
+        if self.replication is None:
+            return None
+        last = self.env.info()["last_txnid"] if last_txn is None else last_txn
+        return self.replication.summary(last, self._oldest_unapplied)
+
+    def replicas_status(self, last_txn: int) -> dict[str, Any]:
+        """Each replica's ``{applied, lag_txns, lag_seconds, last_heard}`` (PING's
+        ``replicas``); empty without replica.names."""
+        if self.replication is None:
+            return {}
+        return self.replication.replicas(last_txn, self._oldest_unapplied)
+
+    def _oldest_unapplied(self, applied: int) -> float | None:
+        """The commit time of the first change-log record after ``applied``; None if none."""
+        if self.changes is None:
+            return None
+        with self.env.begin() as txn:
+            records = self.changes.read(txn, applied + 1, max_records=1)
+        return record_time(records[0][1]) if records else None
 
     def changes_stats(self) -> dict[str, Any] | None:
         """The change feed's ``ChangesChannel.stats()``; None when the log is off."""
@@ -522,11 +660,20 @@ def _replay(seq: int, last_seq: int, status: int, body: Any, more: list[Any]
             ) -> tuple[int, Any]:
     """The reply to a batch this client sent before: the kept one, or "applied long ago"."""
     if seq == last_seq:
-        return status, protocol.replayed_reply(status, body)
+        return status, _with_epoch(status, protocol.replayed_reply(status, body), more)
     for old_seq, old_status, old_body in _older_replies(more):
         if old_seq == seq:
-            return old_status, protocol.replayed_reply(old_status, old_body)
+            return old_status, _with_epoch(old_status, protocol.replayed_reply(old_status,
+                                                                               old_body), more)
     return 0, [None, None]  # long since applied; its reply is no longer kept
+
+
+def _with_epoch(status: int, body: Any, more: list[Any]) -> Any:
+    """A kept successful reply with the epoch its record was written at (records written
+    before they kept one: as it was; the owner adds its own epoch)."""
+    if status == 0 and len(more) > EPOCH_FIELD - 3 and type(body) is list and len(body) == 2:
+        return [body[0], body[1], more[EPOCH_FIELD - 3]]
+    return body
 
 
 def run_owner(config: Config, shard: int) -> int:
@@ -545,4 +692,4 @@ def run_owner(config: Config, shard: int) -> int:
         owner.close()
         return 2
     owner.serve_forever()
-    return 0
+    return FENCED_EXIT if owner.fenced else 0

@@ -268,5 +268,7 @@ class StatsChannel:
             "last_txn_id": info["last_txnid"],
             "last_commit_time": c.last_commit_time,
             "changes": owner.changes_stats(),
+            "epoch": owner.state.epoch,
+            "replication": owner.replication_stats(info["last_txnid"]),
             "dropped": self.dropped,
         }

@@ -14,6 +14,7 @@ is drawn.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterable
@@ -29,6 +30,7 @@ from lmshard.ops.stats_table import (
     table_rows,
 )
 from lmshard.stats_board import StatsBoard, StatsSubscriber, collect, query_monitor
+from lmshard.stats_wire import worst_replica
 
 EXIT_STALE = 1
 """``lmshard stats`` exit status when some shard is stale or never reported."""
@@ -81,7 +83,7 @@ class TopColumn:
     header: str
     width: int
     """Cells the column keeps even when its content is narrower (a steady layout)."""
-    priority: int
+    priority: float
     """0 is the last column dropped as the terminal narrows; the highest number goes first."""
     cell: Callable[[dict[str, Any], dict[str, Any]], str]
     """The cell's text, from the snapshot's entry and its :func:`shard_row`."""
@@ -92,6 +94,19 @@ class TopColumn:
 
 def _cells(name: str) -> Callable[[dict[str, Any], dict[str, Any]], str]:
     return lambda entry, row: str(row["cells"][name])
+
+
+def _replica_lag(entry: dict[str, Any], row: dict[str, Any]) -> str:
+    """The replica furthest behind: transactions and seconds not applied ("-" for none)."""
+    s = entry.get("stats") or {}
+    worst = worst_replica(s.get("replication")) if entry.get("up") else None
+    if worst is None:
+        return "-"
+    return f"{worst.get('lag_txns', 0)} {worst.get('lag_seconds', 0.0):.1f}s"
+
+
+def _has_replicas(entry: dict[str, Any]) -> bool:
+    return bool(((entry.get("stats") or {}).get("replication") or {}).get("replicas"))
 
 
 def _trend(entry: dict[str, Any], row: dict[str, Any]) -> str:
@@ -120,12 +135,31 @@ TOP_COLUMNS: tuple[TopColumn, ...] = (
     TopColumn("writes/s trend", 16, 15, _trend, justify="left"),
 )
 """``lmshard top``'s shard table, in display order: every column of :data:`COLUMNS` and the
-trend. On a narrow terminal whole columns are dropped, highest ``priority`` first, until the
+trend, and when some shard has replicas the worst replica's lag (transactions and seconds not
+applied). On a narrow terminal whole columns are dropped, highest ``priority`` first, until the
 rest fits; a header is never shortened. At 80 columns shard, state, writes/s, batches/s, commit
 latency and map %max remain."""
 
+REPLICA_LAG = TopColumn("replica lag", 11, 2.5, _replica_lag)
+"""Shown after state when some shard has replicas: its worst replica's lag, transactions and
+seconds not applied. It goes after writes/s, before batches/s, which then goes after map %max:
+at 80 columns it takes batches/s's place."""
 
-def fit_columns(widths: list[int], priorities: list[int], available: int,
+
+def top_columns(replicas: bool) -> list[TopColumn]:
+    """The shard table's columns: :data:`TOP_COLUMNS`, and with ``replicas``
+    :data:`REPLICA_LAG`."""
+    if not replicas:
+        return list(TOP_COLUMNS)
+    out = []
+    for col in TOP_COLUMNS:
+        out.append(dataclasses.replace(col, priority=5.5) if col.header == "batches/s" else col)
+        if col.header == "state":
+            out.append(REPLICA_LAG)
+    return out
+
+
+def fit_columns(widths: list[int], priorities: list[float], available: int,
                 keep: int = 1) -> list[int]:
     """Which columns fit in ``available`` cells (their indices, in display order).
 
@@ -159,17 +193,18 @@ def shard_table(snap: dict[str, Any], width: int) -> Any:
     from rich.cells import cell_len
     from rich.text import Text
 
+    columns = top_columns(any(_has_replicas(entry) for entry in snap["shards"]))
     rows = [(entry, shard_row(entry)) for entry in snap["shards"]]
-    texts = [[col.cell(entry, row) for col in TOP_COLUMNS] for entry, row in rows]
+    texts = [[col.cell(entry, row) for col in columns] for entry, row in rows]
     widths = [max([col.width, cell_len(col.header), *(cell_len(t[i]) for t in texts)])
-              for i, col in enumerate(TOP_COLUMNS)]
-    shown = fit_columns(widths, [col.priority for col in TOP_COLUMNS], width, keep=2)
-    table = _fixed_table([TOP_COLUMNS[i].header for i in shown],
-                         [TOP_COLUMNS[i].justify for i in shown], [widths[i] for i in shown])
+              for i, col in enumerate(columns)]
+    shown = fit_columns(widths, [col.priority for col in columns], width, keep=2)
+    table = _fixed_table([columns[i].header for i in shown],
+                         [columns[i].justify for i in shown], [widths[i] for i in shown])
     for (_entry, row), cells in zip(rows, texts, strict=True):
         styled = []
         for i in shown:
-            style = TOP_COLUMNS[i].style
+            style = columns[i].style
             styled.append(Text(cells[i], style=style(row) if style else ""))
         table.add_row(*styled, style="" if row["up"] else "dim")
     return table
