@@ -31,7 +31,6 @@ from lmshard.changes import CHANGES_DB
 from lmshard.config import Config
 from lmshard.named_dbs import named_dbs
 from lmshard.store_meta import MAX_DBS, META_DB
-from lmshardd import replica as replica_mod
 from lmshardd.membership import ping_members
 from tests.cluster import Cluster, env_for_children, lmshard_cli, wait_for
 from tests.schemas import schema
@@ -98,8 +97,6 @@ def copy_contents(path: Path) -> dict[bytes, list[tuple[bytes, bytes]]]:
     """Every named database of the copy at ``path`` but its change log and meta database:
     the tables, their indexes and expiry indexes, and the clients' records."""
     skip = {CHANGES_DB, META_DB}
-    if not replica_mod.FOLLOW_WITH_REPLICATE:
-        skip.add(b"__clients__")  # a WATCH feed carries no client records
     env = lmdb.open(str(path), readonly=True, max_dbs=MAX_DBS, lock=False)
     out = {}
     try:

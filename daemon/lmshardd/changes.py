@@ -56,6 +56,7 @@ from lmshard.changes_wire import (
     pack,
 )
 from lmshard.errors import ChangesCompacted, Error, LimitExceeded, ProtocolError
+from lmshard.members import HOME
 from lmshard.protocol import ZERO_COPY_MIN
 
 log = logging.getLogger("lmshardd.changes")
@@ -137,7 +138,10 @@ class ChangesChannel:
         self.sock = sock
         self.endpoint = endpoint
         self.watchers: dict[tuple[bytes, int], Watcher] = {}
-        self.replica_names: tuple[str, ...] = tuple(owner.config.replica_names)
+        self.replica_names: tuple[str, ...] = tuple(
+            n for n in (HOME, *owner.config.replica_names) if n != owner.member.name)
+        """The copies that may follow this one: every copy of the shard but its own (after a
+        failover the home copy follows the promoted one)."""
         self.clients_logged: bool = bool(owner.log_clients)
         """Records may hold client records: a watch of everything is checked for them."""
         self.bad_frames = 0
@@ -239,7 +243,8 @@ class ChangesChannel:
         if replication is None or name not in self.replica_names:
             configured = ", ".join(self.replica_names) or "none"
             raise ProtocolError(
-                f"{name!r} is not a replica of shard {self.shard} (replica.names: {configured})",
+                f"{name!r} is not a copy of shard {self.shard} that may follow this one "
+                f"({configured} may)",
                 hint="start the replica with one of the names in replica.names of the owner's "
                 "config")
         old = replication.progress.get(name)

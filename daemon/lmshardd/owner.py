@@ -676,20 +676,27 @@ def _with_epoch(status: int, body: Any, more: list[Any]) -> Any:
     return body
 
 
-def run_owner(config: Config, shard: int) -> int:
-    """Entry point of ``lmshardd owner``: serve until told to stop; the exit status."""
+def run_owner(config: Config, shard: int, member: str = HOME) -> int:
+    """Entry point of ``lmshardd owner`` (and of a replica's copy that is the shard's primary):
+    serve copy ``member`` of ``shard`` until told to stop; the exit status."""
+    where = "" if member == HOME else f" ({member})"
     try:
-        owner = ShardOwner(config, shard)
+        owner = ShardOwner(config, shard, member=member)
     except Error as exc:
-        log.error("shard %d cannot start: %s", shard, exc)
+        log.error("shard %d%s cannot start: %s", shard, where, exc)
         return 2
     owner.install_signal_handlers()
     try:
         owner.load_channels()
         owner.bind()
     except Error as exc:  # e.g. ConfigError: a network endpoint without CURVE keys
-        log.error("shard %d cannot serve: %s", shard, exc)
+        log.error("shard %d%s cannot serve: %s", shard, where, exc)
         owner.close()
         return 2
+    return serve(owner)
+
+
+def serve(owner: ShardOwner) -> int:
+    """Serve until told to stop (or fenced by a later epoch); the exit status."""
     owner.serve_forever()
     return FENCED_EXIT if owner.fenced else 0

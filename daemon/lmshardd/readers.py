@@ -78,7 +78,7 @@ class ShardView:
         self.config = config
         self.shard = shard
         self.schema = schema
-        self.path = config.shard_dir(shard)
+        self.path = config.member(shard, config.local_member).dir  # this host's copy
         self._store: Store | None = None
         self._failed_at = 0.0
         self._failure: Error | None = None

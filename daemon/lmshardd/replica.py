@@ -54,7 +54,6 @@ from lmshard.changes_wire import (
     PROGRESS,
     REPLICATE,
     STARTED,
-    WATCH,
     decode,
     pack,
 )
@@ -86,14 +85,10 @@ from lmshard.store_meta import MAX_DBS, META_DB
 from lmshard.txn import WriteTxn
 from lmshardd import stats
 from lmshardd.membership import decide_start, ping_members, primary_of
-from lmshardd.owner import CLIENTS_DB, ShardOwner
+from lmshardd.owner import CLIENTS_DB, ShardOwner, run_owner, serve
 
 log = logging.getLogger("lmshardd.replica")
 
-FOLLOW_WITH_REPLICATE = False
-"""Follow with REPLICATE (the owner then also logs the clients' records for this copy and
-counts its APPLIED); False follows with a WATCH of every table, for owners that predate
-REPLICATE."""
 CREDIT_WINDOW = 64
 """Messages the primary may send before the replica grants more (half a window at a time)."""
 SILENCE = 3.0
@@ -510,9 +505,7 @@ class Replica:
     def _follow_frame(self, txn: int) -> bytes:
         """The message that starts following the primary's log at ``txn``."""
         s = self.state
-        if FOLLOW_WITH_REPLICATE:
-            return pack(REPLICATE, self.wid, self.name, s.replica_history, txn, CREDIT_WINDOW)
-        return pack(WATCH, self.wid, s.replica_history, txn, 0, None, None, CREDIT_WINDOW)
+        return pack(REPLICATE, self.wid, self.name, s.replica_history, txn, CREDIT_WINDOW)
 
     def _close_feed(self) -> None:
         if self.feed is not None:
@@ -661,7 +654,7 @@ class Replica:
         self._tell_applied(txn_id)
 
     def _tell_applied(self, txn_id: int) -> None:
-        if FOLLOW_WITH_REPLICATE and self.feed is not None:
+        if self.feed is not None:
             self.feed.send(pack(APPLIED, self.wid, txn_id))
 
     # -- promotion -------------------------------------------------------------------------------
@@ -781,26 +774,6 @@ def _fsync_dir(path: Path) -> None:
 # -- entry points ------------------------------------------------------------------------------
 
 
-def serve_owner(config: Config, shard: int, name: str) -> int:
-    """Serve copy ``name`` of ``shard`` as its owner (what ``run_owner`` does for the home
-    copy); the exit status."""
-    try:
-        owner = ShardOwner(config, shard, member=name)
-    except Error as exc:
-        log.error("shard %d (%s) cannot start: %s", shard, name, exc)
-        return 2
-    owner.install_signal_handlers()
-    try:
-        owner.load_channels()
-        owner.bind()
-    except Error as exc:
-        log.error("shard %d (%s) cannot serve: %s", shard, name, exc)
-        owner.close()
-        return 2
-    owner.serve_forever()
-    return 0
-
-
 def run_copy(config: Config, shard: int, name: str) -> int:
     """Entry point of ``lmshardd owner`` (the home copy) and ``lmshardd replica``: decide this
     copy's role (``decide_start``), then serve as owner or follow as replica; the exit
@@ -810,7 +783,7 @@ def run_copy(config: Config, shard: int, name: str) -> int:
              "owner" if decision.owner else f"replica of {decision.state.primary}",
              decision.reason)
     if decision.owner:
-        return serve_owner(config, shard, name)
+        return run_owner(config, shard, name)
     try:
         replica = Replica(config, shard, name, decision.state)
     except Error as exc:
@@ -829,5 +802,4 @@ def run_copy(config: Config, shard: int, name: str) -> int:
         return 0
     owner.install_signal_handlers()
     replica.stopping = False
-    owner.serve_forever()
-    return 0
+    return serve(owner)
