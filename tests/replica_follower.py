@@ -1,10 +1,10 @@
 """A minimal follower of an owner's change log as a replica: REPLICATE, CREDIT and APPLIED over a
 real DEALER socket on the owner's changes endpoint.
 
-It stands in for ``lmshardd replica`` in the owner-side tests of replication (acks held for
-replicas, client records in the log, replica lag) only because that process is being written
-alongside and is not in the tree yet; once it is, those tests should run the real replica and
-this module should go. It applies nothing: a test decides when it says APPLIED.
+The owner-side tests of replication use it where they need what a real replica
+(``lmshardd replica``, tested in tests/test_replica.py) never does on cue: say APPLIED exactly
+when the test decides, late, never, or for a transaction it was not sent, follow under a name
+that is not configured, or hold the raw records to inspect. It applies nothing.
 """
 
 from __future__ import annotations

@@ -29,7 +29,9 @@ import zmq
 from lmshard import protocol
 from lmshard.changes import CHANGES_DB
 from lmshard.config import Config
+from lmshard.errors import ReplicaTimeout
 from lmshard.named_dbs import named_dbs
+from lmshard.store import Store
 from lmshard.store_meta import MAX_DBS, META_DB
 from lmshardd.membership import ping_members
 from tests.cluster import Cluster, env_for_children, lmshard_cli, wait_for
@@ -407,3 +409,47 @@ def test_a_replica_hosts_supervisord_runs_replicas_in_place_of_owners(tmp_path: 
             assert done.returncode == 0, done.stderr
     finally:
         shutil.rmtree(run, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_with_one_required_replica_an_ack_means_the_replica_has_it(tmp_path: Path) -> None:
+    """durability.replicas = 1 with a real replica: acked writes are on the replica's disk
+    when the owner dies; a replica paused (SIGSTOP) past replica_timeout makes writes fail
+    with ReplicaTimeout, committed on the owner only; resent after it resumes, the same batch
+    is acked and applied once."""
+    s = Cluster(tmp_path, shards=1, replica_names=[R], replica_data_dir=str(tmp_path / "rep"),
+                replicas_required=1, replica_timeout=1.0)
+    s.start()
+    reps = Replicas(s)
+    try:
+        reps.start()
+        wait_for("replica following", partial(following, s.config, 0))
+        with s.client(timeout_ms=4000, retries=0) as c:
+            for _ in range(200):
+                c.incr("counters", "acked")
+            reps.procs[0].send_signal(signal.SIGSTOP)
+            t = schema.tables["counters"]
+            frame = protocol.WRITE.frame(uuid.uuid4().bytes, 1, [protocol.op(
+                protocol.OP_INCR, t.table_id.bytes, t.key.encode("paused"), 1)])
+            refused = request(s.config.endpoint(0), frame, 10.0)
+            assert refused[1] == ReplicaTimeout.code, refused
+            assert "1 replica" in refused[2][0] or "replicas" in refused[2][0], refused
+            # Committed on the owner all the same: its reply is kept for a resend.
+            assert c.get("counters", "paused") == 1
+            reps.procs[0].send_signal(signal.SIGCONT)
+            # The same batch again (same client id and sequence number): answered once the
+            # replica has it, not applied a second time.
+            reply = request(s.config.endpoint(0), frame, 10.0)
+            assert reply[1] == 0, reply
+            assert c.get("counters", "paused") == 1
+            assert c.get("counters", "acked") == 200
+        s.kill(0)  # the owner dies: every acked write must be on the replica's disk
+        reps.stop()
+        with Store(s.config.member(0, R).dir, schema, readonly=True) as st, st.read() as r:
+            assert r.get("counters", "acked") == 200
+            assert r.get("counters", "paused") == 1
+    finally:
+        if reps.procs:
+            reps.procs[0].send_signal(signal.SIGCONT)
+        reps.stop()
+        s.stop()
