@@ -145,6 +145,8 @@ class ChangesChannel:
         self.clients_logged: bool = bool(owner.log_clients)
         """Records may hold client records: a watch of everything is checked for them."""
         self.bad_frames = 0
+        self.stale_reads = 0
+        """Catch-up reads that did not see the last commit yet (read again next turn)."""
         self.sent_changes = 0
         self._filtered: dict[tuple[Any, ...], tuple[Any, list[int] | None, int]] = {}
         """This turn's messages by (txn, first change, tables, prefix): watchers with the same
@@ -326,6 +328,12 @@ class ChangesChannel:
         read: dict[int, list[tuple[int, bytes]]] = {}
         self._filtered.clear()
         with self.env.begin() as txn:
+            # The end a watcher may be moved to when the log has nothing more for it: what this
+            # read sees, never more. A read begun right after a commit can map the meta page
+            # before it (a snapshot is never older than its own txn id, but can be older than
+            # the last commit); moving a watcher to ``last`` then would skip that commit's
+            # record for good.
+            last = self._visible_end(txn, last)
             for w in sorted(behind, key=lambda w: w.txn):
                 if budget_records <= 0 or budget_bytes <= 0:
                     break
@@ -347,6 +355,18 @@ class ChangesChannel:
                             w.txn, w.n = last + 1, 0
                             self._progress(w, now)
         self._filtered.clear()  # what a turn read is not kept past it
+
+    def _visible_end(self, txn: Any, last: int) -> int:
+        """The last transaction read ``txn`` sees: ``last``, or less when it does not see the
+        last commit yet (then the next turn reads again at once)."""
+        visible = int(txn.id())
+        if visible >= last:
+            return last
+        self.stale_reads += 1
+        log.debug("shard %d: the log read sees txn %d, the last commit is %d", self.shard,
+                  visible, last)
+        self.owner.hurry = True
+        return visible
 
     def _send_record(self, w: Watcher, txn_id: int, record: bytes, now: float) -> None:
         first = w.n if txn_id == w.txn else 0
@@ -437,4 +457,5 @@ class ChangesChannel:
             "watchers": watchers,
             "sent_changes": self.sent_changes,
             "bad_frames": self.bad_frames,
+            "stale_reads": self.stale_reads,
         }
