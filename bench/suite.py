@@ -168,7 +168,7 @@ class Selection:
     """What ``--only`` picked: workloads, systems, and whether the scaling and change log
     tables run."""
 
-    EXTRAS = ("scaling", "changes")
+    EXTRAS = ("scaling", "changes", "replicas")
 
     def __init__(self, only: Sequence[str] | None) -> None:
         names = [n.strip() for item in only or () for n in item.split(",") if n.strip()]
@@ -177,12 +177,14 @@ class Selection:
         if unknown:
             raise SystemExit(
                 f"bench: unknown name(s) for --only: {', '.join(unknown)}; workloads: "
-                f"{', '.join(BY_KEY)}; systems: {', '.join(SYSTEM_KEYS)}; or scaling, changes")
+                f"{', '.join(BY_KEY)}; systems: {', '.join(SYSTEM_KEYS)}; or scaling, changes, "
+                "replicas")
         wl = [n for n in names if n in BY_KEY]
         sy = [n for n in names if n in SYSTEM_KEYS]
         whole = not names or (not wl and "lmshard" in sy)
         self.scaling = "scaling" in names or whole
         self.changes = "changes" in names or whole
+        self.replicas = "replicas" in names or whole
         extras_only = bool(names) and all(n in self.EXTRAS for n in names)
         self.workloads = set(wl) if wl else (set() if extras_only else set(BY_KEY))
         self.systems = set(sy) if sy else set(SYSTEM_KEYS)
@@ -442,6 +444,11 @@ def run(args: argparse.Namespace) -> int:
 
             # A/B on a noisy machine: at least 3 alternations, 7 in a full run.
             changes = change_log.run(sizes, max(3, 2 * rounds + 1), tmp)
+        replicas = None
+        if sel.replicas and "lmshard" in sel.systems:  # local gets on a replica, acks, lag
+            from bench import replicas as replicas_bench
+
+            replicas = replicas_bench.run(quick, max(2, rounds), tmp)
         ttl = None
         if sel.everything:  # point gets on a table with ttl vs a plain one; expiry's CPU
             from bench import ttl as ttl_bench
@@ -464,6 +471,7 @@ def run(args: argparse.Namespace) -> int:
         "scaling": scaling,
         "aio": aio,
         "changes": changes,
+        "replicas": replicas,
     }
     summary["targets"] = report.targets(summary)
     report.print_all(summary)
@@ -475,6 +483,10 @@ def run(args: argparse.Namespace) -> int:
         from bench import ttl as ttl_bench
 
         ttl_bench.print_summary(ttl)
+    if replicas is not None:
+        from bench import replicas as replicas_bench
+
+        replicas_bench.print_summary(replicas)
     if out_dir is not None:
         written = report.write(summary, out_dir, DOCS / "performance.md" if out_dir == PERF
                                else out_dir / "performance.md")
