@@ -94,13 +94,11 @@ class ReplicatedService:
         return self._health("home", timeout_ms)
 
     def _health(self, copy: str, timeout_ms: int) -> list[dict[str, Any] | None]:
-        import zmq
-
-        from lmshard.connections import ping_copies
+        from lmshard.copies import ping_copies
 
         cfg = self.svc.service.config
-        ctx: zmq.Context[Any] = zmq.Context.instance()
-        return [ping_copies(ctx, cfg, n, timeout_ms).get(copy) for n in range(cfg.shards)]
+        return [ping_copies(cfg, n, [copy], timeout_ms / 1000)[copy].health
+                for n in range(cfg.shards)]
 
     def servers(self) -> list[int]:
         return self.svc.servers()

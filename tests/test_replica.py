@@ -29,11 +29,11 @@ import zmq
 from lmshard import protocol
 from lmshard.changes import CHANGES_DB
 from lmshard.config import Config
+from lmshard.copies import ping_copies
 from lmshard.errors import ReplicaTimeout
 from lmshard.named_dbs import named_dbs
 from lmshard.store import Store
 from lmshard.store_meta import MAX_DBS, META_DB
-from lmshardd.membership import ping_members
 from tests.cluster import Cluster, env_for_children, lmshard_cli, wait_for
 from tests.schemas import schema
 
@@ -82,7 +82,7 @@ class Replicas:
 
 
 def health(config: Config, shard: int, member: str) -> dict[str, Any] | None:
-    return ping_members(config, shard, [member], timeout=2.0)[member].health
+    return ping_copies(config, shard, [member], timeout=2.0)[member].health
 
 
 def following(config: Config, shard: int, member: str = R) -> bool:

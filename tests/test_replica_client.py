@@ -26,7 +26,7 @@ import lmdb
 import pytest
 import zmq
 
-from lmshard.connections import ping_copies
+from lmshard.copies import ping_copies
 from lmshard.errors import DeadlineExceeded, ReplicaBehind, ShardUnavailable
 from lmshard.members import PRIMARY, REPLICA, MemberState, state_records
 from lmshard.protocol import OP_INCR, PING, WRITE, incr_delta, op, pack_request, unpack_frame
@@ -134,7 +134,7 @@ def _serve_copy(cluster: Cluster, name: str) -> subprocess.Popen[bytes]:
     try:
         def up() -> bool:
             assert proc.poll() is None, (cluster.base / f"owner-{name}.log").read_text()
-            return name in ping_copies(ctx, cluster.config, 0, 200)
+            return ping_copies(cluster.config, 0, [name], 0.2, ctx)[name].health is not None
         wait_for(f"copy {name} to serve", up)
     finally:
         ctx.destroy(linger=0)

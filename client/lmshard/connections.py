@@ -41,6 +41,7 @@ import zmq
 from lmshard import security
 from lmshard.client_counters import ClientCounters
 from lmshard.config import SUPERVISOR_SOCKET, Config, owner_program
+from lmshard.copies import file_missing, highest_epoch, owner_socket, ping_copies, primary_of
 from lmshard.errors import (
     DeadlineExceeded,
     Error,
@@ -49,8 +50,8 @@ from lmshard.errors import (
     TransactionError,
     error_from_wire,
 )
-from lmshard.members import FIRST_EPOCH, HOME, PRIMARY
-from lmshard.protocol import PING, ZERO_COPY_MIN, pack_request, unpack_frame
+from lmshard.members import FIRST_EPOCH, HOME
+from lmshard.protocol import ZERO_COPY_MIN, pack_request, unpack_frame
 
 log = logging.getLogger("lmshard.client")
 
@@ -83,16 +84,6 @@ def _ipc_path(endpoint: str) -> str | None:
     return endpoint[len("ipc://"):] if endpoint.startswith("ipc:///") else None
 
 
-def _file_missing(path: str) -> bool:
-    try:
-        os.stat(path)
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False  # e.g. no permission to look: let the request find out
-    return False
-
-
 def _supervisor_state(socket_path: str, shard: int) -> str | None:
     """The state supervisord (on its unix socket) reports for shard ``shard``'s owner, e.g.
     "RUNNING" or "STOPPED"; None when it cannot tell."""
@@ -107,16 +98,6 @@ def _supervisor_state(socket_path: str, shard: int) -> str | None:
         return str(info["statename"])
     except (OSError, xmlrpc.client.Error, KeyError, TypeError):
         return None
-
-
-def owner_socket(ctx: zmq.Context[Any], config: Config, endpoint: str) -> zmq.Socket[bytes]:
-    """A new DEALER socket connected to ``endpoint`` (a copy of a shard), secured as the config
-    says (the sync and the async client's)."""
-    sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    security.secure_client(sock, config, endpoint)
-    sock.connect(endpoint)
-    return sock
 
 
 def silent_owner(config: Config, shard: int, timeout_ms: int, retries: int,
@@ -142,57 +123,6 @@ def breaker_open(config: Config, shard: int, left_s: float, why: str,
         "one goes through to see whether it is back",
         hint="check that the shard owner runs: lmshard status; calls to other shards are not "
              "affected")
-
-
-def ping_copies(ctx: zmq.Context[Any], config: Config, shard: int, timeout_ms: int
-                ) -> dict[str, dict[str, Any]]:
-    """Ping every copy of shard ``shard`` at once and wait up to ``timeout_ms`` for their
-    health; ``{copy name: health}`` of those that answered. A copy whose ipc socket file is
-    missing is not running and is not waited for."""
-    socks: dict[zmq.Socket[bytes], str] = {}
-    poller = zmq.Poller()
-    code, body = PING.request_for()
-    try:
-        for m in config.members(shard):
-            if m.endpoint.startswith("ipc:///") and _file_missing(m.endpoint[len("ipc://"):]):
-                continue
-            sock = owner_socket(ctx, config, m.endpoint)
-            socks[sock] = m.name
-            poller.register(sock, zmq.POLLIN)
-            try:
-                sock.send(pack_request(code, None, 1, body), zmq.NOBLOCK)
-            except zmq.Again:
-                pass
-        found: dict[str, dict[str, Any]] = {}
-        until = time.monotonic() + timeout_ms / 1000
-        while len(found) < len(socks):
-            left = until - time.monotonic()
-            if left <= 0:
-                break
-            for sock, _ in poller.poll(max(1, int(left * 1000))):
-                _, status, reply = unpack_frame(sock.recv())
-                if status == 0 and isinstance(reply, dict):
-                    found[socks[sock]] = reply
-                poller.unregister(sock)
-        return found
-    finally:
-        for sock in socks:
-            sock.close(linger=0)
-
-
-def primary_of(healths: dict[str, dict[str, Any]]) -> tuple[str | None, int]:
-    """Of the copies' health answers: the copy that says it is primary at the highest epoch
-    (None if none does), and the highest epoch any reports. An owner that reports no role
-    (written before replicas) is a primary at the first epoch."""
-    best: tuple[int, str] | None = None
-    top = 0
-    for name, h in healths.items():
-        epoch = h.get("epoch")
-        epoch = epoch if type(epoch) is int else FIRST_EPOCH
-        top = max(top, epoch)
-        if h.get("role", PRIMARY) == PRIMARY and (best is None or epoch > best[0]):
-            best = (epoch, name)
-    return (None if best is None else best[1]), top
 
 
 class ShardCopies:
@@ -242,8 +172,10 @@ class ShardCopies:
             if answer.primary in (HOME, *self.config.replica_names):
                 name = answer.primary
         if name is None and wait_ms > 0:
-            name, top = primary_of(ping_copies(ctx, self.config, shard, wait_ms))
-            self.saw_epoch(shard, top)
+            answers = ping_copies(self.config, shard, timeout=wait_ms / 1000, ctx=ctx)
+            self.saw_epoch(shard, highest_epoch(answers))
+            best = primary_of(answers)
+            name = None if best is None else best.member
         return None if name == self.names[shard] else name
 
 
@@ -689,15 +621,15 @@ class OwnerConnections(OwnerSockets):
         ``recheck``: look twice, PROBE_RECHECK_S apart, as an owner starting over a crashed
         one's file removes that file just before it binds its own."""
         path = self._ipc_paths[shard]
-        if path is None or not _file_missing(path):
+        if path is None or not file_missing(path):
             return False
         if recheck:
             time.sleep(PROBE_RECHECK_S)
-            if not _file_missing(path):
+            if not file_missing(path):
                 return False
-        if self.copies.names[shard] != HOME or _file_missing(self._supervisor_socket):
+        if self.copies.names[shard] != HOME or file_missing(self._supervisor_socket):
             return True
-        return self._owner_stopped(shard) and _file_missing(path)
+        return self._owner_stopped(shard) and file_missing(path)
 
     def _owner_stopped(self, shard: int) -> bool:
         """Whether supervisord reports shard ``shard``'s owner stopped, and still does a

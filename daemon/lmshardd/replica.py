@@ -58,6 +58,7 @@ from lmshard.changes_wire import (
     pack,
 )
 from lmshard.config import Config
+from lmshard.copies import ping_copies, primary_of
 from lmshard.errors import (
     ChangesCompacted,
     Error,
@@ -84,7 +85,7 @@ from lmshard.store import Store
 from lmshard.store_meta import MAX_DBS, META_DB
 from lmshard.txn import WriteTxn
 from lmshardd import stats
-from lmshardd.membership import decide_start, ping_members, primary_of
+from lmshardd.membership import decide_start
 from lmshardd.owner import CLIENTS_DB, ShardOwner, run_owner, serve
 
 log = logging.getLogger("lmshardd.replica")
@@ -347,7 +348,7 @@ class Replica:
     def _find_primary(self) -> None:
         """Ask every other copy; follow the one that is primary at the highest epoch."""
         others = [m.name for m in self.config.members(self.shard) if m.name != self.name]
-        top = primary_of(ping_members(self.config, self.shard, others))
+        top = primary_of(ping_copies(self.config, self.shard, others))
         if top is None or (top.member == self.state.primary and top.epoch <= self.state.epoch):
             return
         if top.epoch < self.state.epoch:
@@ -670,7 +671,7 @@ class Replica:
         self.phase = PROMOTING
         self._close_feed()
         others = [m.name for m in self.config.members(self.shard) if m.name != self.name]
-        answers = ping_members(self.config, self.shard, others)
+        answers = ping_copies(self.config, self.shard, others)
         epoch = max([self.state.epoch, *(a.epoch for a in answers.values())]) + 1
         lag = max(0, self.primary_last - self.state.applied)
         applied, old = self.state.applied, self.state.primary

@@ -26,19 +26,13 @@ import zmq
 
 from lmshard import protocol, security
 from lmshard.config import Config, load_config
+from lmshard.copies import ping_copies, primary_of
 from lmshard.errors import Error, error_from_wire
 from lmshard.members import HOME
 from lmshard.ops.command import EXIT_FAILED, EXIT_OK, EXIT_USAGE, config_option, say
 
 PROMOTE_TIMEOUT = 30.0
 """Seconds ``failover`` waits for the promoted replica to answer that it serves."""
-
-
-def _membership() -> Any:
-    # The daemon's module asks the copies; imported when used (lmshard alone never needs it).
-    from lmshardd import membership
-
-    return membership
 
 
 def _fail(message: str, status: int = EXIT_FAILED) -> int:
@@ -49,10 +43,9 @@ def _fail(message: str, status: int = EXIT_FAILED) -> int:
 def copies_status(config: Config) -> list[dict[str, Any]]:
     """Every copy of every shard with what it answers to PING (``health`` None and ``error``
     when it does not answer)."""
-    ping_members = _membership().ping_members
     out = []
     for shard in range(config.shards):
-        for name, a in ping_members(config, shard).items():
+        for name, a in ping_copies(config, shard).items():
             out.append({"shard": shard, "member": name, "endpoint": a.endpoint,
                         "role": a.role, "epoch": a.epoch if a.health else None,
                         "health": a.health, "error": a.error})
@@ -95,8 +88,7 @@ def cmd_failover(args: argparse.Namespace) -> int:
         return _fail(f"--to {name!r} is not one of replica.names {list(config.replica_names)} "
                      f"(or {HOME!r}, the shard's own copy, once it is a replica) "
                      f"(config {config.path})", EXIT_USAGE)
-    m = _membership()
-    answers = m.ping_members(config, shard, timeout=args.timeout)
+    answers = ping_copies(config, shard, timeout=args.timeout)
     target = answers[name]
     if target.health is None:
         return _fail(f"{name}'s copy of shard {shard} does not answer ({target.error}); is "
@@ -105,7 +97,7 @@ def cmd_failover(args: argparse.Namespace) -> int:
         return _fail(f"{name}'s copy of shard {shard} is not a replica: it is {target.role} "
                      f"at epoch {target.epoch}; nothing to do")
     applied = target.health["applied"]
-    primary = m.primary_of(answers, exclude=name)
+    primary = primary_of(answers, exclude=name)
     if primary is not None and primary.health is not None:
         ahead = max(0, int(primary.health.get("txn_id", 0)) - applied)
         text = (f"{primary.member} still answers as shard {shard}'s primary at epoch "

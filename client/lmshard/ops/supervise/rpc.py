@@ -71,10 +71,10 @@ def copy_health(config: Config, client: Client, shard: int) -> dict[str, Any]:
     host (``replica.local``) its replica's. ShardUnavailable when it does not answer."""
     if not config.replica_local:
         return client.ping(shard)
-    from lmshardd.membership import ping_members
+    from lmshard.copies import ping_copies
 
     t = time.perf_counter()
-    a = ping_members(config, shard, [config.replica_local], PING_TIMEOUT_MS / 1000)
+    a = ping_copies(config, shard, [config.replica_local], PING_TIMEOUT_MS / 1000)
     answer = a[config.replica_local]
     if answer.health is None:
         raise ShardUnavailable(f"shard {shard}'s copy {config.replica_local} does not answer: "
