@@ -40,13 +40,19 @@ def read_meta(path: str | os.PathLike[str]) -> dict[bytes, bytes] | None:
     env = lmdb.open(os.fspath(path), readonly=True, lock=False, max_dbs=MAX_DBS, subdir=True)
     try:
         with env.begin() as txn:
-            try:
-                meta_db = env.open_db(META_DB, txn=txn, create=False)
-            except lmdb.NotFoundError:
-                return {}
-            return dict(txn.cursor(db=meta_db).iternext())
+            return meta_records(env, txn)
     finally:
         env.close()
+
+
+def meta_records(env: lmdb.Environment, txn: lmdb.Transaction) -> dict[bytes, bytes]:
+    """The meta records of the environment ``env`` as ``txn`` sees them; empty if it has
+    none."""
+    try:
+        db = env.open_db(META_DB, txn=txn, create=False)
+    except lmdb.NotFoundError:
+        return {}
+    return {bytes(k): bytes(v) for k, v in txn.cursor(db=db).iternext()}
 
 
 def check_stored_schema(schema: Schema, meta: dict[bytes, bytes], path: Any) -> int:

@@ -8,31 +8,18 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import lmdb
-
 from lmshard.config import Config
 from lmshard.copies import PING_TIMEOUT, ping_copies, primary_of
 from lmshard.members import HOME, PRIMARY, REPLICA, MemberState, read_state
-from lmshard.store_meta import MAX_DBS, META_DB
+from lmshard.store_meta import read_meta
 
 log = logging.getLogger("lmshardd.membership")
 
 def read_member_state(path: Path, name: str) -> tuple[MemberState, bool]:
     """What copy ``name``'s environment at ``path`` records about its role (``read_state``),
     and whether the environment exists (the defaults when it does not)."""
-    if not (path / "data.mdb").exists():
-        return read_state({}, name), False
-    env = lmdb.open(str(path), readonly=True, max_dbs=MAX_DBS, lock=True)
-    try:
-        with env.begin() as txn:
-            try:
-                db = env.open_db(META_DB, txn=txn, create=False)
-            except lmdb.NotFoundError:
-                return read_state({}, name), True
-            meta = {bytes(k): bytes(v) for k, v in txn.cursor(db=db).iternext()}
-    finally:
-        env.close()
-    return read_state(meta, name), True
+    meta = read_meta(path)
+    return read_state(meta or {}, name), meta is not None
 
 
 @dataclass(frozen=True)

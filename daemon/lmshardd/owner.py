@@ -166,19 +166,9 @@ class ShardOwner:
     # -- serving -----------------------------------------------------------------------------
 
     def bind(self) -> None:
-        sock = self.ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 1000)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
-        sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_SIZE + 1024)
-        endpoint = self.member.endpoint
-        if endpoint.startswith("ipc://"):
-            os.makedirs(os.path.dirname(endpoint[6:]), mode=0o700, exist_ok=True)
-        security.secure_server(sock, self.config, endpoint)
-        sock.bind(endpoint)
-        self.sock = sock
-        log.info("shard %d serving %s on %s (pid %d)", self.shard, self.path, endpoint,
-                 os.getpid())
+        self.sock = request_socket(self.ctx, self.config, self.member.endpoint)
+        log.info("shard %d serving %s on %s (pid %d)", self.shard, self.path,
+                 self.member.endpoint, os.getpid())
 
     def add_channel(self, channel: Channel) -> None:
         self.channels.append(channel)
@@ -643,6 +633,21 @@ class ShardOwner:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(endpoint[6:])
         self.store.close()
+
+
+def request_socket(ctx: zmq.Context[Any], config: Config, endpoint: str) -> zmq.Socket[bytes]:
+    """The ROUTER a copy of a shard answers requests on at ``endpoint`` (an owner's, and a
+    replica's, which the owner it may become takes over), bound."""
+    sock: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.setsockopt(zmq.RCVHWM, 100_000)
+    sock.setsockopt(zmq.SNDHWM, 100_000)
+    sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_SIZE + 1024)
+    if endpoint.startswith("ipc://"):
+        os.makedirs(os.path.dirname(endpoint[6:]), mode=0o700, exist_ok=True)
+    security.secure_server(sock, config, endpoint)
+    sock.bind(endpoint)
+    return sock
 
 
 def _refusal(err: Error) -> Outcome:

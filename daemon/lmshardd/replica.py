@@ -82,11 +82,11 @@ from lmshard.members import (
 from lmshard.named_dbs import named_dbs
 from lmshard.shard_identity import check_shard_identity, identity_records
 from lmshard.store import Store
-from lmshard.store_meta import MAX_DBS, META_DB
+from lmshard.store_meta import MAX_DBS, META_DB, meta_records
 from lmshard.txn import WriteTxn
 from lmshardd import stats
 from lmshardd.membership import decide_start
-from lmshardd.owner import CLIENTS_DB, ShardOwner, run_owner, serve
+from lmshardd.owner import CLIENTS_DB, ShardOwner, request_socket, run_owner, serve
 
 log = logging.getLogger("lmshardd.replica")
 
@@ -209,17 +209,8 @@ class Replica:
     def bind(self) -> None:
         """Bind the copy's request endpoint, with the options an owner's socket has (the owner
         this process may become takes it over)."""
-        sock = self.ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 1000)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
-        sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_SIZE + 1024)
         endpoint = self.member.endpoint
-        if endpoint.startswith("ipc://"):
-            os.makedirs(os.path.dirname(endpoint[6:]), mode=0o700, exist_ok=True)
-        security.secure_server(sock, self.config, endpoint)
-        sock.bind(endpoint)
-        self.sock = sock
+        self.sock = request_socket(self.ctx, self.config, endpoint)
         log.info("shard %d: replica %s of %s at %s (pid %d), copy %s", self.shard, self.name,
                  self.state.primary, endpoint, os.getpid(), self.member.dir)
 
@@ -402,7 +393,7 @@ class Replica:
     def _install(self, path: Path, txn_id: int, primary: str) -> None:
         """Make the snapshot file at ``path`` (the primary's copy at ``txn_id``) this copy."""
         with _open_file(path, readonly=True) as snap, snap.begin() as txn:
-            meta = _meta_of(snap, txn)
+            meta = meta_records(snap, txn)
         if meta.get(META_ON) != b"1" or not meta.get(META_HISTORY):
             raise Error(f"shard {self.shard}: {primary} keeps no change log to follow",
                         hint="switch [changes] enabled on for every copy of the shard")
@@ -749,14 +740,6 @@ def _open_file(path: Path, *, readonly: bool) -> Any:
         yield env
     finally:
         env.close()
-
-
-def _meta_of(env: lmdb.Environment, txn: lmdb.Transaction) -> dict[bytes, bytes]:
-    try:
-        db = env.open_db(META_DB, txn=txn, create=False)
-    except lmdb.NotFoundError:
-        return {}
-    return {bytes(k): bytes(v) for k, v in txn.cursor(db=db).iternext()}
 
 
 def _put_state(txn: lmdb.Transaction, meta_db: Any, state: MemberState) -> None:

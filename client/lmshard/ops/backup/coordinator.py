@@ -56,7 +56,7 @@ from lmshard.backup_wire import (
 )
 from lmshard.config import Config, ConfigError
 from lmshard.errors import BackupError, Error, ProtocolError
-from lmshard.ops.backup.copies import fsync_dir, open_copy, read_meta, write_durably
+from lmshard.ops.backup.copies import fsync_dir, open_copy, write_durably
 from lmshard.ops.backup.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -67,6 +67,7 @@ from lmshard.ops.backup.manifest import (
     shard_file_name,
 )
 from lmshard.ops.backup.progress import QUIET, Progress
+from lmshard.store_meta import meta_records
 from lmshard.units import format_bytes
 from lmshard.wire import Message
 
@@ -517,7 +518,7 @@ def _copy_schema(ln: _ShardLink, digest: str) -> Any:
     another shard or was written under another slot map than ``digest``."""
     assert ln.path is not None
     with open_copy(ln.path) as env, env.begin() as txn:
-        meta = read_meta(env, txn)
+        meta = meta_records(env, txn)
     if meta.get(b"shard_id", str(ln.shard).encode()) != str(ln.shard).encode():
         raise BackupError(f"shard {ln.shard}'s data says it is shard "
                           f"{meta[b'shard_id'].decode()}")

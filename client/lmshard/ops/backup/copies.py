@@ -17,7 +17,7 @@ import lmdb
 
 from lmshard.errors import BackupError
 from lmshard.ops.backup.progress import QUIET, Progress
-from lmshard.store_meta import MAX_DBS, META_DB
+from lmshard.store_meta import MAX_DBS
 
 READ_BLOCK = 4 * 2**20
 """Bytes read at a time when hashing or copying a backup file: 4 MiB."""
@@ -50,15 +50,6 @@ def open_copy(path: Path) -> Iterator[lmdb.Environment]:
         yield env
     finally:
         env.close()
-
-
-def read_meta(env: lmdb.Environment, txn: lmdb.Transaction) -> dict[bytes, bytes]:
-    """The copy's meta table (shard id, slot map digest, schema); empty if it has none."""
-    try:
-        db = env.open_db(META_DB, txn=txn, create=False)
-    except lmdb.NotFoundError:
-        return {}
-    return {bytes(k): bytes(v) for k, v in txn.cursor(db=db).iternext()}
 
 
 def write_durably(path: Path, data: bytes) -> None:

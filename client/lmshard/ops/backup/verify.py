@@ -20,10 +20,11 @@ from lmshard.config.schema_import import import_schema
 from lmshard.errors import BackupError, ConfigError
 from lmshard.index_check import verify_indexes
 from lmshard.named_dbs import named_dbs
-from lmshard.ops.backup.copies import hash_file, open_copy, read_meta
+from lmshard.ops.backup.copies import hash_file, open_copy
 from lmshard.ops.backup.manifest import MANIFEST_NAME, Manifest, ShardFile, find_backup
 from lmshard.ops.backup.progress import QUIET, Progress
 from lmshard.schema import Schema
+from lmshard.store_meta import meta_records
 from lmshard.txn import ReadTxn
 
 MAX_ROW_PROBLEMS = 100
@@ -93,7 +94,7 @@ def _verify_shard(report: VerifyReport, sf: ShardFile, schema: Schema | None,
         return
     try:
         with open_copy(f) as env, env.begin() as txn:
-            found = _check_meta(read_meta(env, txn), sf.shard, report.manifest)
+            found = _check_meta(meta_records(env, txn), sf.shard, report.manifest)
             counts, walked = _walk(env, txn, schema)
     except (BackupError, lmdb.Error) as exc:
         report.problems.append(f"shard {sf.shard}: {exc}")
