@@ -31,6 +31,7 @@ from lmshard.changes import CHANGES_DB
 from lmshard.config import Config
 from lmshard.copies import ping_copies
 from lmshard.errors import ReplicaTimeout
+from lmshard.local_service import terminate
 from lmshard.named_dbs import named_dbs
 from lmshard.store import Store
 from lmshard.store_meta import MAX_DBS, META_DB
@@ -70,15 +71,7 @@ class Replicas:
         proc.wait(timeout=30)
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(self.procs.values())
 
 
 def health(config: Config, shard: int, member: str) -> dict[str, Any] | None:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,15 +95,7 @@ class LocalService:
 
     def stop(self) -> None:
         """SIGTERM every owner (SIGKILL after 20 s) and remove the run directory."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(self.procs.values())
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalService:
@@ -116,3 +108,18 @@ class LocalService:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def terminate(procs: Iterable[subprocess.Popen[bytes]], grace: float = 20.0) -> None:
+    """SIGTERM each process still running, then wait for all; SIGKILL one still there after
+    ``grace`` seconds."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
