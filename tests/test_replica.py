@@ -336,6 +336,11 @@ def test_failover_promotes_the_replica_and_the_old_owner_rejoins(svc: Any) -> No
     assert h is not None and h.get("epoch", 2) == 2 and h.get("role", "primary") == "primary"
     ok = request(member.endpoint, put_frame(1, "after", 2))
     assert ok[1] == 0, ok
+    # A client and a watch find the new primary by themselves.
+    with s.client() as c, c.watch("counters", since="now") as w:
+        c.put("counters", "watched", 7)
+        ch = w.get(10)
+        assert ch is not None and (ch.key, ch.value, ch.shard) == ("watched", 7, 0), ch
     again = lmshard_cli("failover", "--shard", "0", "--to", R, "-c", str(s.config_path))
     assert again.returncode == 1 and "is not a replica" in again.stderr, again
     # The old home owner comes back: it finds r1 primary at a higher epoch and follows it.

@@ -334,6 +334,9 @@ class ServiceWatch(Watch):
         self._prefix = prefix
         self._poller = zmq.Poller()
         self._feeds = [_Feed(s, config.changes_endpoint(s)) for s in range(shards)]
+        if config.replica_names:  # a failover may have moved a shard: watch its primary
+            for f in self._feeds:
+                self._locate(f)
         self._starting = isinstance(wanted, str)
         for f in self._feeds:
             f.pos = wanted if isinstance(wanted, str) else wanted[f.shard]
@@ -379,6 +382,15 @@ class ServiceWatch(Watch):
 
     # -- connections -----------------------------------------------------------------------------
 
+    def _locate(self, f: _Feed) -> None:
+        """Point ``f`` at the change feed of the copy of its shard that is primary now (ask
+        every copy: ``lmshard.copies``); left as it is when none says it is."""
+        from lmshard.copies import ping_copies, primary_of
+
+        best = primary_of(ping_copies(self._config, f.shard, ctx=self._ctx))
+        if best is not None:
+            f.endpoint = self._config.member(f.shard, best.member).changes_endpoint
+
     def _subscribe(self, f: _Feed) -> None:
         """(Re)start the watch on shard ``f.shard`` from ``f.pos`` on a new connection: what the
         old one still had in flight is dropped with it."""
@@ -422,8 +434,10 @@ class ServiceWatch(Watch):
                     self._drain(f)
             now = time.monotonic()
             for f in self._feeds:
-                if now - f.heard > SILENCE:
-                    self._subscribe(f)  # the owner went away, or the connection did
+                if now - f.heard > SILENCE:  # the owner went away, or the connection did
+                    if self._config.replica_names:
+                        self._locate(f)  # perhaps to another copy, after a failover
+                    self._subscribe(f)
             if deadline is not None and now >= deadline:
                 return
 
