@@ -231,8 +231,11 @@ def remove_stale_sockets(config: Config, files: SupervisorFiles) -> list[Path]:
 
 
 def _ipc_paths(config: Config) -> list[Path]:
-    """Every ipc socket file the service binds, each reader's included."""
-    eps = [ep for _key, ep in config.all_endpoints()] + config.reader_endpoints()
+    """Every ipc socket file the service binds on this host: this host's copy of each shard's
+    (``replica.local``), each reader's and the monitor's."""
+    eps = [ep for n in range(config.shards)
+           for ep in config.member(n, config.local_member).endpoints()]
+    eps += [*config.reader_endpoints(), config.monitor_endpoint]
     return sorted({Path(ep[len("ipc://"):]) for ep in eps if ep.startswith("ipc://")})
 
 
