@@ -451,3 +451,25 @@ def test_with_one_required_replica_an_ack_means_the_replica_has_it(tmp_path: Pat
             reps.procs[0].send_signal(signal.SIGCONT)
         reps.stop()
         s.stop()
+
+
+def test_a_write_no_replica_confirms_fails_with_replica_timeout_not_a_silent_owner(
+        tmp_path: Path) -> None:
+    """Acks that wait for a replica take up to replica_timeout, longer than the client's
+    timeout here: the client waits for the owner's answer (ReplicaTimeout) instead of giving
+    the owner up as silent, and the write is committed on the owner."""
+    s = Cluster(tmp_path, shards=1, replica_names=[R], replica_data_dir=str(tmp_path / "rep"),
+                replicas_required=1, replica_timeout=1.0)
+    s.start()
+    try:
+        with s.client(timeout_ms=300, retries=1) as c:
+            with pytest.raises(ReplicaTimeout):
+                c.put("counters", "lonely", 1)
+            with pytest.raises(ReplicaTimeout):
+                with c.batch() as b:
+                    b.put("counters", "lonelier", 2)
+                    b.put("blobs", 1, b"x")
+        with s.client(local_reads=False) as c:
+            assert c.get("counters", "lonely") == 1
+    finally:
+        s.stop()

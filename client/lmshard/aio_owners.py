@@ -44,7 +44,14 @@ import zmq
 
 from lmshard.client_counters import ClientCounters
 from lmshard.config import Config
-from lmshard.connections import SEARCH_MS, OwnerSockets, ShardCopies, breaker_open, silent_owner
+from lmshard.connections import (
+    SEARCH_MS,
+    OwnerSockets,
+    ShardCopies,
+    breaker_open,
+    silent_owner,
+    write_wait_ms,
+)
 from lmshard.errors import (
     Error,
     NotPrimary,
@@ -65,12 +72,15 @@ client id the owner records once, so they are few and reused.)"""
 class _Request:
     """A request in flight: its frame (resent as is), the future awaiting its reply."""
 
-    __slots__ = ("frame", "future", "deadline", "attempts")
+    __slots__ = ("frame", "future", "wait_s", "deadline", "attempts")
 
-    def __init__(self, frame: bytes, future: asyncio.Future[Any], deadline: float) -> None:
+    def __init__(self, frame: bytes, future: asyncio.Future[Any], wait_s: float, now: float
+                 ) -> None:
         self.frame = frame
         self.future = future
-        self.deadline = deadline
+        self.wait_s = wait_s
+        """How long an attempt waits for the reply (a write's includes replica_timeout)."""
+        self.deadline = now + wait_s
         self.attempts = 0
 
 
@@ -112,6 +122,7 @@ class AsyncOwnerConnections(OwnerSockets):
         self.config = config
         self.counters = counters
         self.timeout_ms = timeout_ms
+        self.write_timeout_ms = write_wait_ms(config, timeout_ms)
         self.retries = retries
         self.breaker_ms = breaker_ms
         self.copies = ShardCopies(config)
@@ -192,7 +203,7 @@ class AsyncOwnerConnections(OwnerSockets):
                 sent_to = sh.endpoint
                 frame = pack_request(code, lane, seq, body, self.copies.epochs[shard])
                 try:
-                    reply = await self._exchange(sh, seq, frame)
+                    reply = await self._exchange(sh, seq, frame, write)
                 except ShardUnavailable:  # silent through every retry
                     if moves > len(self.config.replica_names) or not await self._follow(
                             sh, sent_to, None):
@@ -212,11 +223,12 @@ class AsyncOwnerConnections(OwnerSockets):
             if lane is not None:
                 self._release(sh, lane)
 
-    async def _exchange(self, sh: _ShardSocket, seq: int, frame: bytes) -> Any:
+    async def _exchange(self, sh: _ShardSocket, seq: int, frame: bytes, write: bool) -> Any:
         """Send request ``seq`` and await its reply (resent on a new socket after each
         timeout); ShardUnavailable after every retry."""
         future: asyncio.Future[Any] = sh.loop.create_future()
-        sh.inflight[seq] = _Request(frame, future, sh.loop.time() + self.timeout_ms / 1000)
+        wait_ms = self.write_timeout_ms if write else self.timeout_ms
+        sh.inflight[seq] = _Request(frame, future, wait_ms / 1000, sh.loop.time())
         if sh.timer is None:
             sh.timer = sh.loop.call_at(sh.inflight[next(iter(sh.inflight))].deadline,
                                        self._check_deadlines, sh)
@@ -346,9 +358,9 @@ class AsyncOwnerConnections(OwnerSockets):
         sh.sock = self.socket(sh.shard)
         sh.fd = sh.sock.fileno()
         sh.loop.add_reader(sh.fd, self._take_replies, sh)
-        deadline = sh.loop.time() + self.timeout_ms / 1000
+        now = sh.loop.time()
         for req in list(sh.inflight.values()):
-            req.deadline = deadline
+            req.deadline = now + req.wait_s
             self._send(sh, req.frame)
 
     def _breaker(self, sh: _ShardSocket) -> None:

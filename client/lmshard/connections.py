@@ -100,6 +100,15 @@ def _supervisor_state(socket_path: str, shard: int) -> str | None:
         return None
 
 
+def write_wait_ms(config: Config, timeout_ms: int) -> int:
+    """How long a write waits for its ack before it is resent: ``timeout_ms``, plus
+    ``durability.replica_timeout`` when acks wait for replicas (the owner answers a write its
+    replicas did not confirm only once that has passed, with ReplicaTimeout)."""
+    if not config.replicas_required:
+        return timeout_ms
+    return timeout_ms + math.ceil(config.replica_timeout * 1000)
+
+
 def silent_owner(config: Config, shard: int, timeout_ms: int, retries: int,
                  endpoint: str | None = None) -> ShardUnavailable:
     """The error of a request shard ``shard``'s owner (at ``endpoint``, default its home's) left
@@ -245,6 +254,7 @@ class OwnerConnections(OwnerSockets):
         self.config = config
         self.counters = counters
         self.timeout_ms = timeout_ms
+        self.write_timeout_ms = write_wait_ms(config, timeout_ms)
         self.retries = retries
         self.breaker_ms = breaker_ms
         self.copies = ShardCopies(config)
@@ -333,7 +343,7 @@ class OwnerConnections(OwnerSockets):
         running."""
         sent_at = time.monotonic()
         for attempt in range(self.retries + 1):
-            wait_ms = self.timeout_ms
+            wait_ms = self.write_timeout_ms if write else self.timeout_ms
             if until is not None:
                 wait_ms = min(wait_ms, math.ceil((until - time.monotonic()) * 1000))
                 if wait_ms <= 0:  # (a resend's socket is fresh: no late reply is read)
@@ -453,7 +463,7 @@ class OwnerConnections(OwnerSockets):
         for attempt in range(self.retries + 1):
             if not pending:
                 break
-            wait_s = self._wait_s(until)
+            wait_s = self._wait_s(until, write)
             if wait_s <= 0:
                 if attempt > 0:
                     raise self._gave_up(conns, pending, write, sent_at)
@@ -536,10 +546,10 @@ class OwnerConnections(OwnerSockets):
             self._trip_after_wait(s, sent_at)
         return self._past_deadline(min(pending), sent=True, write=write)
 
-    def _wait_s(self, until: float | None) -> float:
-        """How long an attempt may wait: timeout_ms, or less to keep this thread's deadline
-        (<= 0 once it has passed)."""
-        wait_s = self.timeout_ms / 1000
+    def _wait_s(self, until: float | None, write: bool) -> float:
+        """How long an attempt may wait: timeout_ms (a write: ``write_wait_ms``), or less to
+        keep this thread's deadline (<= 0 once it has passed)."""
+        wait_s = (self.write_timeout_ms if write else self.timeout_ms) / 1000
         if until is not None:
             wait_s = min(wait_s, until - time.monotonic())
         return wait_s

@@ -74,7 +74,7 @@ class StreamOwners(Protocol):
     def counters(self) -> ClientCounters: ...
 
     @property
-    def timeout_ms(self) -> int: ...
+    def write_timeout_ms(self) -> int: ...
 
     @property
     def retries(self) -> int: ...
@@ -182,7 +182,7 @@ class WriterStreams:
         st.seq += 1
         frame = pack_request(WRITE_AFTER.code, st.cid, st.seq, WRITE_AFTER.build(after, ops),
                              self._owners.epoch(st.shard))
-        deadline = time.monotonic() + self._owners.timeout_ms / 1000
+        deadline = time.monotonic() + self._owners.write_timeout_ms / 1000
         st.inflight[st.seq] = [frame, ops, deadline]
         counters = self._owners.counters.mine()
         counters["batches_sent"] += 1
@@ -212,7 +212,7 @@ class WriterStreams:
         for st in active:
             if st.inflight and next(iter(st.inflight.values()))[2] <= now:
                 self._owners.counters.mine()["timeouts"] += 1
-                self._resend(st, f"no answer in {self._owners.timeout_ms} ms")
+                self._resend(st, f"no answer in {self._owners.write_timeout_ms} ms")
 
     def _receive(self, st: _Stream) -> None:
         """Take every reply waiting on the stream's socket."""
@@ -275,7 +275,7 @@ class WriterStreams:
         st.sock.close(linger=0)
         st.endpoint = owners.endpoint(st.shard)
         st.sock = owners.socket(st.shard)
-        deadline = time.monotonic() + owners.timeout_ms / 1000
+        deadline = time.monotonic() + owners.write_timeout_ms / 1000
         for entry in st.inflight.values():
             entry[2] = deadline
             self._transmit(st, entry[0])
