@@ -38,6 +38,8 @@ class OwnerCounters:
     """Flushes to disk by ``durability.flush_interval`` (``lmshardd.flushing``)."""
     last_flush_time: float = 0.0
     """Unix time of the last of them; 0 if none."""
+    stale_reads: int = 0
+    """Read commands whose first snapshot did not see the last commit (begun again)."""
     expired_rows: int = 0
     """Rows of tables with ttl deleted by the sweep (``lmshardd.expiry``)."""
     expiry_cpu_seconds: float = 0.0

@@ -61,10 +61,16 @@ def _error_table() -> list[str]:
     return lines
 
 
+ORDER = ("requests", "changes", "backup", "stats", "monitor")
+"""The order channels are rendered in (whichever module a process imported first); a channel
+not listed comes last."""
+
+
 def render_markdown() -> str:
     """The text of docs/protocol.md."""
     lines = _header()
-    for ch in wire.CHANNELS.values():
+    order = {name: i for i, name in enumerate(ORDER)}
+    for ch in sorted(wire.CHANNELS.values(), key=lambda c: order.get(c.name, len(ORDER))):
         lines.append(ch.markdown())
         if ch is REQUESTS:
             lines += ["### Commands of the request channel", ""]
