@@ -151,6 +151,11 @@ class ChangeLog:
         self.history = ""
         self.floor = 0
         self._psize = env.stat()["psize"]
+        self._check_bytes = max(1, min(64 * 2**10, retain // 16))
+        self._check_seconds = min(1.0, retain_seconds / 4)
+        self._unchecked = 0
+        self._next_check = 0.0
+        self._more_to_trim = False
 
     def open(self, txn: lmdb.Transaction, meta_db: Any, meta: dict[bytes, bytes],
              enabled: bool) -> bool:
@@ -216,11 +221,22 @@ class ChangeLog:
 
     def append(self, txn: lmdb.Transaction, txn_id: int, effects: list[Any]) -> None:
         """Record ``effects`` as transaction ``txn_id``'s (nothing when there are none), and
-        trim the old end of the log if it is past its retention."""
+        trim the old end of the log if it is past its retention: looked at once the records
+        appended since the last look add up to a sixteenth of ``retain`` (at most 64 KiB), a
+        quarter of ``retain_seconds`` (at most 1 s) has passed, or the last look left more to
+        trim; not on every commit (its page count and oldest record cost more than the
+        append)."""
         if not effects:
             return
-        txn.put(_U64.pack(txn_id), pack_record(effects), db=self.db)
-        self.trim(txn)
+        record = pack_record(effects)
+        txn.put(_U64.pack(txn_id), record, db=self.db)
+        self._unchecked += len(record) + 24
+        now = time.time()
+        if (self._unchecked >= self._check_bytes or now >= self._next_check
+                or self._more_to_trim):
+            self._unchecked = 0
+            self._next_check = now + self._check_seconds
+            self._more_to_trim = self.trim(txn, now) >= TRIM_STEP
 
     def trim(self, txn: lmdb.Transaction, now: float | None = None) -> int:
         """Drop up to TRIM_STEP of the oldest records while the log is over its size or age
