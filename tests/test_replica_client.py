@@ -259,6 +259,25 @@ def test_a_silent_owner_with_no_primary_elsewhere_fails_as_before(cluster: Clust
         assert c.owners.endpoint(0) == cluster.config.endpoint(0)  # nowhere to move to
 
 
+def test_a_silent_owner_is_left_for_the_primary_after_one_timeout(cluster: Cluster) -> None:
+    """A host that dies leaves its owner silent (no socket file goes away across hosts): the
+    client asks the copies after the first unanswered attempt, not after every retry."""
+    cluster.start()
+    with cluster.client(timeout_ms=300, retries=5, breaker_ms=0, local_reads=False) as c:
+        c.put(schemas.records, 1, {"name": "one"})
+        os.kill(cluster.pid(0), signal.SIGSTOP)  # the home stays silent
+        _copy_home_to(cluster, "b", PROMOTED)
+        b = _serve_copy(cluster, "b")
+        try:
+            before = c.counters()["timeouts"]
+            c.put(schemas.records, 2, {"name": "two"})
+            assert c.counters()["timeouts"] - before == 1  # one attempt, then the search
+            assert c.owners.endpoint(0) == cluster.config.member(0, "b").endpoint
+        finally:
+            _stop(b)
+            cluster.kill(0, signal.SIGKILL)
+
+
 def test_async_client_follows_the_shard_to_the_promoted_copy(cluster: Cluster) -> None:
     import lmshard.aio
 

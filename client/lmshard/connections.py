@@ -78,6 +78,8 @@ _SILENT = object()
 """What an attempt returns when no reply came in time."""
 _GONE = object()
 """What an attempt returns when the owner's socket file is missing (the owner is not running)."""
+_MOVED = object()
+"""What an exchange returns when, after a timeout, the shard moved to another copy."""
 
 
 def _ipc_path(endpoint: str) -> str | None:
@@ -322,7 +324,11 @@ class OwnerConnections(OwnerSockets):
         moves = 0
         while True:
             frame = pack_request(code, cid, seq, body, self.copies.epochs[shard])
-            reply = self._exchange(shard, conn, seq, frame, until, write)
+            reply = self._exchange(shard, conn, seq, frame, until, write,
+                                   search=moves <= len(self.config.replica_names))
+            if reply is _MOVED:
+                moves += 1
+                continue  # the same request, same sequence number, to the new copy
             if reply is _SILENT or reply is _GONE or isinstance(reply, NotPrimary):
                 answer = reply if isinstance(reply, NotPrimary) else None
                 if moves <= len(self.config.replica_names) and self._follow(shard, conn, answer):
@@ -337,10 +343,12 @@ class OwnerConnections(OwnerSockets):
             return reply
 
     def _exchange(self, shard: int, conn: _Conn, seq: int, frame: bytes, until: float | None,
-                  write: bool) -> Any:
+                  write: bool, search: bool = False) -> Any:
         """Send ``frame`` and wait for its reply, resending it on a fresh socket after each
         timeout; the reply, or _SILENT after every retry, or _GONE when the owner is not
-        running."""
+        running. With ``search`` and replicas, a timeout first asks the copies whether another
+        owns the shard now: then the shard moves there and the answer is _MOVED (a failover
+        is found after one timeout, not after every retry)."""
         sent_at = time.monotonic()
         for attempt in range(self.retries + 1):
             wait_ms = self.write_timeout_ms if write else self.timeout_ms
@@ -358,6 +366,8 @@ class OwnerConnections(OwnerSockets):
                     self._open_until[shard] = 0.0  # the probe got through
                 return reply
             self._note_silence(attempt, [(shard, seq)])
+            if search and self.copies.replicated and self._follow(shard, conn, None):
+                return _MOVED
             self._reconnect(shard, conn)
         return _SILENT
 
