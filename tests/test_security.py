@@ -54,7 +54,14 @@ def ctx() -> Iterator[zmq.Context[Any]]:
         yield context
     finally:
         zap.stop_authenticator(context)
-        context.destroy(linger=0)
+        # Not destroy(): it would close the handshake monitors' sockets under their threads
+        # (libzmq aborts). Close the rest; term() ends the monitor threads, which close theirs.
+        monitors = {id(m) for s in list(context._sockets)
+                    if (m := getattr(s, "_monitor_socket", None)) is not None}
+        for s in list(context._sockets):
+            if id(s) not in monitors and not s.closed:
+                s.close(linger=0)
+        context.term()
 
 
 # -- which endpoints need CURVE -----------------------------------------------------------------
