@@ -386,18 +386,20 @@ class ShardOwner:
     def _replies(self, batches: WriteBatches, outcomes: list[Outcome], txn_id: int) -> Replies:
         """The replies to a group committed in ``txn_id``: a successful one carries the txn id
         and the epoch."""
-        replies: Replies = []
-        epoch = self.state.epoch
-        for (ident, _cid, seq, _ops), (status, body) in zip(batches, outcomes, strict=True):
-            if status:
-                replies.append((ident, protocol.pack_reply(seq, status, body), 0))
-                continue
-            if body[0] is None:  # applied long ago: at the latest in this commit
-                body = [txn_id, body[1], epoch]
-            elif len(body) == 2:
-                body = [body[0], body[1], epoch]
-            replies.append((ident, protocol.pack_reply(seq, 0, body), body[0]))
-        return replies
+        return [self._reply(ident, seq, status, body, txn_id)
+                for (ident, _cid, seq, _ops), (status, body)
+                in zip(batches, outcomes, strict=True)]
+
+    def _reply(self, ident: bytes, seq: int, status: int, body: Any, txn_id: int
+               ) -> tuple[bytes, bytes, int]:
+        """One batch's reply: an error as it is; a success with its txn id (``txn_id`` when
+        it was applied long ago: at the latest in that commit) and the epoch it carries (this
+        owner's when its kept reply has none), and that txn id to wait for replicas on."""
+        if status:
+            return ident, protocol.pack_reply(seq, status, body), 0
+        txn = txn_id if body[0] is None else body[0]
+        epoch = body[2] if len(body) > 2 else self.state.epoch
+        return ident, protocol.pack_reply(seq, 0, [txn, body[1], epoch]), txn
 
     def _count_commit(self, batches: WriteBatches, txn_id: int, seconds: float) -> None:
         """Count a commit and tell the channels; end a full disk's spell."""
@@ -427,14 +429,7 @@ class ShardOwner:
                     last_seq, status, body, *more = msgpack.unpackb(rec, raw=False)
                     if seq <= last_seq:
                         status, body = _replay(seq, last_seq, status, body, more)
-                        if status:
-                            replies.append((ident, protocol.pack_reply(seq, status, body), 0))
-                            continue
-                        if body[0] is None:  # applied in this commit or before
-                            body = [txn.id(), body[1]]
-                        if len(body) == 2:
-                            body = [body[0], body[1], self.state.epoch]
-                        replies.append((ident, protocol.pack_reply(seq, 0, body), body[0]))
+                        replies.append(self._reply(ident, seq, status, body, txn.id()))
                         continue
                 self.counters.failed_batches += 1
                 replies.append((ident, protocol.pack_error(seq, err), 0))
