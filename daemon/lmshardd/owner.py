@@ -572,19 +572,11 @@ class ShardOwner:
         return r
 
     def health(self) -> dict[str, Any]:
-        info = self.env.info()
-        psize = self.env.stat()["psize"]
+        env = stats.map_health(self.env, self.config.max_map_size)
         return {
             "shard": self.shard,
             "pid": os.getpid(),
-            "txn_id": info["last_txnid"],
-            "map_size": info["map_size"],
-            "map_used": (info["last_pgno"] + 1) * psize,
-            "max_map_size": self.config.max_map_size,
-            # slots held now, as /metrics shows them; num_readers is only a high-water mark
-            "readers": stats.reader_slots(self.env)[0],
-            "readers_high_water": info["num_readers"],
-            "max_readers": info["max_readers"],
+            **env,
             "uptime": time.time() - self.counters.started,
             "last_commit": self.counters.last_commit_time,
             **flushing.durability(self.env, self.config, self.counters),
@@ -594,7 +586,7 @@ class ShardOwner:
             "role": self.state.role,
             "epoch": self.state.epoch,
             "primary": self.state.primary,
-            "replicas": self.replicas_status(info["last_txnid"]),
+            "replicas": self.replicas_status(env["txn_id"]),
         }
 
     def stats(self) -> dict[str, Any]:

@@ -325,13 +325,7 @@ class Replica:
             "last_commit": None, "disk_full": None, "changes": None,
         }
         if self.store is not None:
-            env = self.store.env
-            info = env.info()
-            psize = env.stat()["psize"]
-            h.update(txn_id=info["last_txnid"], map_size=info["map_size"],
-                     map_used=(info["last_pgno"] + 1) * psize,
-                     max_map_size=self.config.max_map_size,
-                     readers=stats.reader_slots(env)[0], max_readers=info["max_readers"])
+            h.update(stats.map_health(self.store.env, self.config.max_map_size))
         return h
 
     # -- finding the primary ---------------------------------------------------------------------

@@ -94,6 +94,22 @@ def weighted_quantiles(pairs: list[tuple[float, int]]) -> dict[str, float | None
     return out
 
 
+def map_health(env: Any, max_map_size: int) -> dict[str, Any]:
+    """What a copy's ping says of its environment: last txn id, map size and use, reader
+    slots (held now, as /metrics shows them; num_readers is only a high-water mark)."""
+    info = env.info()
+    psize = env.stat()["psize"]
+    return {
+        "txn_id": info["last_txnid"],
+        "map_size": info["map_size"],
+        "map_used": (info["last_pgno"] + 1) * psize,
+        "max_map_size": max_map_size,
+        "readers": reader_slots(env)[0],
+        "readers_high_water": info["num_readers"],
+        "max_readers": info["max_readers"],
+    }
+
+
 def reader_slots(env: lmdb.Environment) -> tuple[int, int]:
     """(slots held, slots in a read transaction) from LMDB's reader table.
 
