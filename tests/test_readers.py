@@ -414,7 +414,7 @@ def test_a_bad_or_stale_reply_is_asked_again_not_raised(tmp_path: Path) -> None:
             if not router.poll(50):
                 continue
             ident, frame = router.recv_multipart()
-            _code, _cid, seq, (_shard, _rcode, (_tid, key)), _epoch = protocol.unpack_request(frame)
+            _code, _cid, seq, (_shard, _rcode, (_tid, key)), *_ = protocol.unpack_request(frame)
             wrong = first.get(key) if key not in seen else None
             seen.add(key)
             router.send_multipart([ident, wrong(seq) if wrong else

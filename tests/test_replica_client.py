@@ -59,7 +59,7 @@ sock.bind(endpoint)
 with open(seen, "a") as out:
     while True:
         ident, frame = sock.recv_multipart()
-        code, cid, seq, body, epoch = unpack_request(frame)
+        code, cid, seq, body, epoch, _version = unpack_request(frame)
         out.write(json.dumps([code, epoch]) + "\\n")
         out.flush()
         if code == PING.code:

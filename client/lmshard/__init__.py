@@ -33,6 +33,8 @@ from lmshard.errors import (
     SchemaError,
     SchemaMismatch,
     ShardUnavailable,
+    SlotMoved,
+    SlotsMoving,
     StoreFull,
     TransactionError,
     TTLError,
@@ -57,4 +59,5 @@ __all__ = [
     "UnknownTable", "WriteTxn", "flatbuffers_codec", "get_codec", "open", "register_codec",
     "value_hash", "DeadlineExceeded", "Change", "ChangesCompacted", "InvalidCursor", "Watch",
     "TTLError", "NotPrimary", "ReplicaTimeout", "ReplicaBehind",
+    "SlotMoved", "SlotsMoving",
 ]

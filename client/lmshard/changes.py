@@ -58,7 +58,19 @@ CLIENTS_TABLE_ID = bytes(16)
 """The table id under which a record logged for replicas carries a client's last sequence
 record (key: the client id, value: the owner's ``__clients__`` record): a copy that takes over
 the shard then answers a resent batch once, as the owner would. Never shown to watchers."""
+SLOTS_TABLE_ID = bytes(15) + b"\x01"
+"""The table id under which a record logged for replicas carries the shard's new slot state
+(key ``b""``, value the msgpack of ``SlotState.to_wire()``, ``lmshard.slot_state``), so a copy
+that takes over serves by the same slot map. Never shown to watchers."""
+MOVED = 1
+"""The fourth field of an effect ``[table id, key, value, MOVED]`` that a re-shard wrote while it
+moved rows between shards (``lmshard reshard``): replicas apply it; watchers never see it, since
+no row changed."""
 CLIENTS_MARK = _packb(CLIENTS_TABLE_ID)
+SLOTS_MARK = _packb(SLOTS_TABLE_ID)
+"""How ``SLOTS_TABLE_ID`` looks packed in a record. A record with ``MOVED`` effects also holds
+an effect ``[SLOTS_TABLE_ID, b"moved", nil]``, so a record without these bytes holds nothing a
+watcher must not see but client records."""
 """How ``CLIENTS_TABLE_ID`` looks packed in a record: a record without these bytes holds no
 client record, and a watch of everything may be sent it as it is stored."""
 
@@ -338,13 +350,15 @@ def _single(p: Position) -> str:
 def filter_effects(effects: list[list[Any]], first: int, tables: frozenset[bytes] | None,
                    prefix: bytes | None) -> tuple[list[int], list[list[Any]]]:
     """The effects from index ``first`` on that match a watch (its table ids, a key prefix),
-    with their indexes in the record. Client records (``CLIENTS_TABLE_ID``) are for replicas
-    and never match."""
+    with their indexes in the record. Client records (``CLIENTS_TABLE_ID``), slot states
+    (``SLOTS_TABLE_ID``) and rows a re-shard moved (``MOVED``) are for replicas and never
+    match."""
     idx: list[int] = []
     out: list[list[Any]] = []
     for i in range(first, len(effects)):
         e = effects[i]
-        if e[0] == CLIENTS_TABLE_ID or (tables is not None and e[0] not in tables):
+        if (e[0] == CLIENTS_TABLE_ID or e[0] == SLOTS_TABLE_ID or len(e) > 3
+                or (tables is not None and e[0] not in tables)):
             continue
         if prefix is not None and not e[1].startswith(prefix):
             continue

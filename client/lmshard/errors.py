@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 
 class Error(Exception):
@@ -268,6 +269,40 @@ class ReplicaBehind(Error):
     hint = "check the replica's lag (lmshard status), or read through the owner"
 
 
+class SlotMoved(Error):
+    """A request routed by an older slot map reached a shard that no longer owns (some of) its
+    keys: a re-shard moved their slots (``lmshard reshard``). ``version`` and ``map`` are the
+    shard's slot map (``SlotMap.to_dict()``). Nothing was applied; the client library adopts
+    the map and sends the request where its keys live now, and raises this only when it
+    cannot."""
+
+    code = 93
+    hint = "the client library follows moved slots by itself; check lmshard reshard --status"
+
+    def __init__(self, message: str, *, version: int = 0, map: dict[str, Any] | None = None,
+                 hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.version = version
+        self.map = map
+
+    def wire_fields(self) -> list[object]:
+        return [self.version, self.map]
+
+    def take_wire_fields(self, fields: tuple[object, ...]) -> None:
+        version, m = (*fields, 0, None)[:2]
+        self.version = version if type(version) is int else 0
+        self.map = m if isinstance(m, dict) else None
+
+
+class SlotsMoving(Error):
+    """A write touched slots whose move to another shard is switching over (writes to them wait
+    a few milliseconds). Nothing was applied; the client library waits and sends it again, and
+    raises this only past its timeout."""
+
+    code = 94
+    hint = "a re-shard is switching these slots (lmshard reshard --status); send it again"
+
+
 class BatchesFailed(Error):
     """Batches a pipelined writer sent were refused by their shards; every other batch of the
     stream was applied.
@@ -337,7 +372,7 @@ ERRORS: tuple[type[Error], ...] = (
     BatchesFailed, DeadlineExceeded,                                   # 6x the wire
     BackupError,                                                       # 7x backup and restore
     ChangesCompacted, InvalidCursor,                                   # 8x the change feed
-    NotPrimary, ReplicaTimeout, ReplicaBehind,                         # 9x replicas
+    NotPrimary, ReplicaTimeout, ReplicaBehind, SlotMoved, SlotsMoving,  # 9x copies, slots
     InternalError,
 )
 """Every error class with its wire code, in code order: the table both sides share."""

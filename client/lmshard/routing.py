@@ -71,7 +71,8 @@ class SlotMap:
     __slots__ = ("_shards", "_slots", "_assignment")
 
     def __init__(
-        self, shards: int, slots: int = DEFAULT_SLOTS, assignment: Sequence[int] | None = None
+        self, shards: int, slots: int = DEFAULT_SLOTS, assignment: Sequence[int] | None = None,
+        *, empty_ok: bool = False,
     ) -> None:
         if not _is_int(shards) or shards < 1:
             raise ValueError(f"slot map: shards must be an integer >= 1, got {shards!r}")
@@ -96,7 +97,7 @@ class SlotMap:
                         f"number from 0 to {shards - 1}"
                     )
             owned = set(table)
-            if len(owned) != shards:
+            if len(owned) != shards and not empty_ok:
                 missing = sorted(set(range(shards)) - owned)
                 raise ValueError(
                     f"slot map: shard(s) {missing} own no slot; every shard must own at least one"
@@ -173,11 +174,13 @@ class SlotMap:
         return {"shards": self._shards, "slots": self._slots, "runs": self.runs()}
 
     @classmethod
-    def from_runs(cls, shards: int, slots: int, runs: Iterable[Sequence[int]]) -> SlotMap:
+    def from_runs(cls, shards: int, slots: int, runs: Iterable[Sequence[int]], *,
+                  empty_ok: bool = False) -> SlotMap:
         """Build a map from runs ``[start, end (exclusive), shard]`` (see the module docstring).
 
         Runs must be sorted, contiguous and cover slots ``0 .. slots - 1``; adjacent runs may
-        name the same shard. Raises ``ValueError`` naming the offending run.
+        name the same shard. Raises ``ValueError`` naming the offending run. ``empty_ok``: a
+        shard may own no slot (a shard being added or emptied by a re-shard).
         """
         if not _is_int(slots) or slots < 1:
             raise ValueError(f"slot map: slots must be an integer >= 1, got {slots!r}")
@@ -208,10 +211,10 @@ class SlotMap:
             raise ValueError(
                 f"slot map: runs cover slots 0 to {len(table) - 1}, expected 0 to {slots - 1}"
             )
-        return cls(shards, slots, table)
+        return cls(shards, slots, table, empty_ok=empty_ok)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SlotMap:
+    def from_dict(cls, data: Mapping[str, Any], *, empty_ok: bool = False) -> SlotMap:
         """Inverse of ``to_dict()``; raises ``ValueError`` on any malformed input."""
         if not isinstance(data, Mapping):
             raise ValueError(f"slot map: expected a mapping, got {type(data).__name__}")
@@ -226,7 +229,7 @@ class SlotMap:
         runs = data["runs"]
         if isinstance(runs, (str, bytes)) or not isinstance(runs, Sequence):
             raise ValueError(f"slot map: runs must be a list, got {type(runs).__name__}")
-        return cls.from_runs(data["shards"], data["slots"], runs)
+        return cls.from_runs(data["shards"], data["slots"], runs, empty_ok=empty_ok)
 
     def digest(self) -> str:
         """Return the SHA-256 hex digest of a canonical encoding; equal maps, equal digests."""
@@ -252,7 +255,11 @@ class SlotMap:
         return f"SlotMap(shards={self._shards}, slots={self._slots}, {kind})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (SlotMap, (self._shards, self._slots, self._assignment))
+        return (_rebuild, (self._shards, self._slots, self._assignment))
+
+
+def _rebuild(shards: int, slots: int, assignment: tuple[int, ...]) -> SlotMap:
+    return SlotMap(shards, slots, assignment, empty_ok=True)
 
 
 KeyRouter = Callable[[Any, bytes], int]
@@ -269,16 +276,36 @@ class TableRoute:
     scan, count or lookup must read.
     """
 
-    __slots__ = ("pinned", "shard", "shards", "_leading", "_shard_of", "_kprefix")
+    __slots__ = ("pinned", "shard", "shards", "slot", "needs_key", "_leading", "_shard_of",
+                 "_kprefix", "_slots")
 
     def __init__(self, table: Table, slot_map: SlotMap) -> None:
         self.shards = slot_map.shards
         self._shard_of = slot_map.shard_of
+        self._slots = slot_map.slots
         self._leading = table.shard_prefix
         self._kprefix = table.key.encode_prefix
         self.pinned: int | None = slot_map.shard_of(table.table_id.bytes) if table.pinned else None
         """The one shard of a pinned table, else None."""
         self.shard: KeyRouter = self._key_router(table, slot_map)
+        self.slot: KeyRouter = self._slot_router(table)
+        self.needs_key = not table.pinned and (
+            self._leading is not None or table.shard_key is not None)
+        """A row's slot depends on its decoded key (``shard_key``), not only on its encoding."""
+        """The slot of a row from its key and the key's encoding (a pinned table's rows: the
+        slot of its table id): what a re-shard moves, and what an owner checks it owns."""
+
+    def _slot_router(self, table: Table) -> KeyRouter:
+        slots, shard_key = self._slots, table.shard_key
+        if table.pinned:
+            pinned_slot = slot_of(table.table_id.bytes, slots)
+            return lambda key, kb: pinned_slot
+        if self._leading is not None:
+            n, kprefix = self._leading, self._kprefix
+            return lambda key, kb: slot_of(kprefix(tuple(key[:n])), slots)
+        if shard_key is not None:
+            return lambda key, kb: slot_of(encode_index_value(shard_key(key)), slots)
+        return lambda key, kb: (((_crc32(kb) * _GOLDEN) & 0xFFFFFFFF) >> 16) % slots
 
     def _key_router(self, table: Table, slot_map: SlotMap) -> KeyRouter:
         pinned, shard_of, shard_key = self.pinned, slot_map.shard_of, table.shard_key

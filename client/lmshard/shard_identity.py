@@ -16,6 +16,7 @@ import cbor2
 
 from lmshard.config import Config
 from lmshard.errors import SchemaMismatch
+from lmshard.slot_state import META_VERSION, check_slot_state, config_state
 
 
 def check_shard_identity(config: Config, shard: int, schema: Any, meta: dict[bytes, bytes],
@@ -27,12 +28,7 @@ def check_shard_identity(config: Config, shard: int, schema: Any, meta: dict[byt
             f"{path} holds shard {meta[b'shard_id'].decode()}, the config says shard {shard}",
             hint="check data_dir and the shard number; never move shard directories",
         )
-    if b"slot_map" in meta and meta[b"slot_map"] != config.slot_map.digest().encode():
-        raise SchemaMismatch(
-            f"{path} was written with a different slot map than the config's",
-            hint="restore the slot map the data was written with; changing it needs a "
-            "migration of rows between shards",
-        )
+    check_slot_state(config, meta, path)
     for t in schema.tables.values():
         record = meta.get(b"table/" + str(t.table_id).encode())
         was = cbor2.loads(record).get("placement") if record else None
@@ -46,10 +42,13 @@ def check_shard_identity(config: Config, shard: int, schema: Any, meta: dict[byt
             )
 
 
-def identity_records(config: Config, shard: int) -> dict[bytes, bytes]:
-    """The records an owner writes into shard ``shard``'s meta database when it opens it."""
-    return {
-        b"shard_id": str(shard).encode(),
-        b"slot_map": config.slot_map.digest().encode(),
-        b"shards": str(config.shards).encode(),
-    }
+def identity_records(config: Config, shard: int,
+                     meta: dict[bytes, bytes] | None = None) -> dict[bytes, bytes]:
+    """The records an owner writes into shard ``shard``'s meta database when it opens it
+    (``meta``: the records it has): its number, and the config's slot map as the shard's
+    slot state unless the shard records one already (``lmshard.slot_state``)."""
+    records = {b"shard_id": str(shard).encode()}
+    if meta is None or META_VERSION not in meta:
+        records.update(config_state(config).records())
+        records[b"shards"] = str(config.shards).encode()
+    return records

@@ -34,6 +34,7 @@ import zmq
 from lmshard import security
 from lmshard.changes import (
     CLIENTS_MARK,
+    SLOTS_MARK,
     ChangeLog,
     Position,
     filter_effects,
@@ -371,7 +372,7 @@ class ChangesChannel:
     def _send_record(self, w: Watcher, txn_id: int, record: bytes, now: float) -> None:
         first = w.n if txn_id == w.txn else 0
         if first == 0 and (w.replica is not None or (w.all_changes and not (
-                self.clients_logged and CLIENTS_MARK in record))):
+                (self.clients_logged and CLIENTS_MARK in record) or SLOTS_MARK in record))):
             data: bytes | memoryview = memoryview(record)[8:]
             indexes = None
             count = -1

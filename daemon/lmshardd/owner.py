@@ -155,7 +155,7 @@ class ShardOwner:
     ) -> None:
         """Refuse to serve a shard directory that belongs to another shard or slot map."""
         check_shard_identity(self.config, self.shard, self.schema, meta, self.path)
-        for key, value in identity_records(self.config, self.shard).items():
+        for key, value in identity_records(self.config, self.shard, meta).items():
             txn.put(key, value, db=meta_db)
         self.state = read_state(meta, self.member.name)
         if META_ROLE not in meta:  # a new copy: its defaults, recorded
@@ -302,7 +302,7 @@ class ShardOwner:
             ident, frame = frames[0], frames[-1]
             seq = 0
             try:
-                code, client_id, seq, body, epoch = protocol.unpack_request(frame)
+                code, client_id, seq, body, epoch, map_version = protocol.unpack_request(frame)
                 if epoch > self.state.epoch or self.fenced:
                     sock.send_multipart([ident, protocol.pack_error(seq, self._fence(epoch))])
                     continue

@@ -183,7 +183,7 @@ class Reader:
         self.counters.requests += 1
         seq = 0
         try:
-            code, _client_id, seq, body, _epoch = protocol.unpack_request(frame)
+            code, _client_id, seq, body, _epoch, _version = protocol.unpack_request(frame)
             if code == PING.code:
                 if body is not None:
                     raise ProtocolError("ping takes no body")

@@ -43,7 +43,14 @@ import msgpack
 import zmq
 
 from lmshard import protocol, security
-from lmshard.changes import CHANGES_DB, CLIENTS_TABLE_ID, META_FLOOR, META_HISTORY, META_ON
+from lmshard.changes import (
+    CHANGES_DB,
+    CLIENTS_TABLE_ID,
+    META_FLOOR,
+    META_HISTORY,
+    META_ON,
+    SLOTS_TABLE_ID,
+)
 from lmshard.changes_wire import (
     APPLIED,
     CANCEL,
@@ -81,6 +88,7 @@ from lmshard.members import (
 )
 from lmshard.named_dbs import named_dbs
 from lmshard.shard_identity import check_shard_identity, identity_records
+from lmshard.slot_state import SlotState
 from lmshard.store import Store
 from lmshard.store_meta import MAX_DBS, META_DB, meta_records
 from lmshard.txn import WriteTxn
@@ -172,7 +180,7 @@ class Replica:
     def _check_identity(self, txn: lmdb.Transaction, meta_db: Any,
                         meta: dict[bytes, bytes]) -> None:
         check_shard_identity(self.config, self.shard, self.schema, meta, self.member.dir)
-        for key, value in identity_records(self.config, self.shard).items():
+        for key, value in identity_records(self.config, self.shard, meta).items():
             txn.put(key, value, db=meta_db)
 
     def _read_state(self) -> MemberState:
@@ -276,7 +284,7 @@ class Replica:
     def _answer(self, ident: bytes, frame: bytes) -> bytes | None:
         seq = 0
         try:
-            code, _cid, seq, body, epoch = protocol.unpack_request(frame)
+            code, _cid, seq, body, epoch, _version = protocol.unpack_request(frame)
             cmd = protocol.BY_CODE.get(code)
             if cmd is None:
                 raise ProtocolError(f"unknown command code {code}")
@@ -599,21 +607,8 @@ class Replica:
 
         def apply(txn: lmdb.Transaction) -> None:
             w = WriteTxn(txn, tables)
-            for tid, key, value in effects:
-                if tid == CLIENTS_TABLE_ID:
-                    if value is None:
-                        txn.delete(key, db=self.clients_db)
-                    else:
-                        txn.put(key, value, db=self.clients_db)
-                    continue
-                b = tables.by_tid.get(tid)
-                if b is None:
-                    raise ReplicaDiverged(f"txn {txn_id} of {self.state.primary} changes a "
-                                          f"table this schema does not know ({tid.hex()})")
-                if value is None:
-                    w.delete_raw(b, key)
-                else:
-                    w.put_raw(b, key, value)
+            for e in effects:
+                self._apply_effect(txn, w, txn_id, e)
             if changes is not None and changes.enabled:
                 changes.append(txn, txn.id(), effects)
             txn.put(META_REPLICA_APPLIED, str(txn_id).encode(), db=self.meta_db)
@@ -630,6 +625,32 @@ class Replica:
         self.state = state
         self.applied_txns += 1
         self._tell_applied(txn_id)
+
+    def _apply_effect(self, txn: lmdb.Transaction, w: WriteTxn, txn_id: int,
+                      e: list[Any]) -> None:
+        """Apply one effect of primary transaction ``txn_id``: a row's put or delete (a row a
+        re-shard moved has a 4th field), a client record, or the shard's new slot state."""
+        tid, key, value = e[0], e[1], e[2]
+        if tid == CLIENTS_TABLE_ID:
+            if value is None:
+                txn.delete(key, db=self.clients_db)
+            else:
+                txn.put(key, value, db=self.clients_db)
+            return
+        if tid == SLOTS_TABLE_ID:  # the shard's new slot state, or the marker of moved rows
+            if value is not None:
+                slots = SlotState.from_wire(msgpack.unpackb(value, raw=False))
+                for mk, mv in slots.records().items():
+                    txn.put(mk, mv, db=self.meta_db)
+            return
+        b = w.tables.by_tid.get(tid)
+        if b is None:
+            raise ReplicaDiverged(f"txn {txn_id} of {self.state.primary} changes a "
+                                  f"table this schema does not know ({tid.hex()})")
+        if value is None:
+            w.delete_raw(b, key)
+        else:
+            w.put_raw(b, key, value)
 
     def _mark_applied(self, txn_id: int) -> None:
         """Every transaction of the primary up to ``txn_id`` is applied (those after the last

@@ -269,6 +269,17 @@ class SlotRuns(Kind):
         return value.runs() if isinstance(value, SlotMap) else super().from_keyword(value)
 
 
+class MapVersion(Integer):
+    """The slot map's version (``lmshard.slot_state``): 0 until a re-shard, and left out when
+    written while it is."""
+
+    def __init__(self) -> None:
+        super().__init__(0, 2**62)
+
+    def write(self, value: Any, setting: Setting, out: WriteContext) -> Any:
+        return value or None
+
+
 REPLICA_ROLES = ("write", "stat", "backup", "changes")
 """The endpoints of one copy of a shard, in the order ``{port}`` counts them: its request
 endpoint, then those of its stats, backup and change-feed channels."""

@@ -33,6 +33,7 @@ from lmshard.config.kinds import (
     Integer,
     LocalPath,
     LocalPaths,
+    MapVersion,
     ReplicaEndpoint,
     ReplicaLocal,
     ReplicaNames,
@@ -151,7 +152,8 @@ class Config:
     shards: int = setting(
         "shards", Integer(1, MAX_SHARDS), 4,
         f"Number of shards (LMDB environments, one owner process each), 1 to {MAX_SHARDS}. "
-        "Fixed once data exists: changing it needs a re-shard.")
+        "Changed on a running service by `lmshard reshard --shards M`, which moves slots "
+        "between shards and updates this file.")
     slots: int = setting(
         "slots", Integer(1, MAX_SLOTS, at_least="shards"), DEFAULT_SLOTS,
         "Hash slots keys are spread over (a key's partition bytes -> crc32 -> slot -> shard), "
@@ -307,6 +309,12 @@ class Config:
         "sorted, contiguous, cover every slot and give every shard at least one slot. Left out: "
         "the even contiguous split, which for 4 shards x 1024 slots is the one shown here.",
         example="[[0, 256, 0], [256, 512, 1], [512, 768, 2], [768, 1024, 3]]")
+    slot_map_version: int = setting(
+        "slot_map.version", MapVersion(), 0,
+        "Version of slot_map.runs: `lmshard reshard` records each move as a new version in "
+        "every shard and writes the last one here when it is done. A shard that records a "
+        "later version serves by its own map (a re-shard is under way); one that records an "
+        "earlier version is refused.", example="0")
     curve: CurveConfig | None = table_of(CurveConfig)
     """The ``[curve]`` table; None when the file has none."""
     replica_base_port: int | None = setting(

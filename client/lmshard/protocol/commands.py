@@ -23,6 +23,8 @@ from lmshard.keys import MAX_KEY_SIZE
 from lmshard.protocol.frames import pack_request
 from lmshard.protocol.ops import (
     MAX_OPS_PER_BATCH,
+    OP_DELETE,
+    OP_PUT,
     Op,
     bound_table,
     checked_bound,
@@ -410,8 +412,51 @@ def promote() -> None:
     return None
 
 
+def _v_slot_state(tables: TableMap, body: Any) -> Any:
+    need(body is None or isinstance(body, dict), "slot_state body is nil or a slot state map")
+    return body
+
+
+@command("slot_state", 31, request="nil, or map: version, map (slots, shards, runs), frozen, "
+         "incoming, outgoing (each [[first slot, end slot], ...])",
+         reply="map: shard, state (the same map), txn (the owner's last txn id)",
+         validate=_v_slot_state)
+def slot_state(state: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Admin (``lmshard reshard``): nil reads the owner's slot state; a state records it in
+    the shard's meta database in one write transaction (and its change log, for replicas)
+    and the owner serves by it from then on: writes to ``frozen`` slots are answered
+    SlotsMoving, writes routed by an older map to slots it does not own SlotMoved, and rows
+    of ``incoming`` and ``outgoing`` slots are never read. A state of a lower version than
+    the shard's is refused (ProtocolError)."""
+    return state
+
+
+class MovedOps(list[Op]):
+    """The validated ops of a ``move_rows`` batch: puts and deletes a re-shard makes."""
+
+    __slots__ = ()
+
+
+def _v_move_rows(tables: TableMap, body: Any) -> MovedOps:
+    ops = validate_ops(tables, body)
+    need(all(o[0] in (OP_PUT, OP_DELETE) for o in ops), "move_rows carries puts and deletes")
+    return MovedOps(ops)
+
+
+@command("move_rows", 32, request=OPS.doc, reply="[txn id, [result per op]]", writes=True,
+         validate=_v_move_rows)
+def move_rows(ops: list[list[Any]]) -> list[list[Any]]:
+    """Admin (``lmshard reshard``): a batch of puts (1) and deletes (2) of rows, stored as
+    they are (a table with ttl: with their expiry), applied like ``write`` (once per client id
+    and sequence number), but only to rows of the shard's ``incoming`` slots (copying them
+    here) or ``outgoing`` slots (dropping them here); any other row fails the batch with
+    ProtocolError. Watchers never see these changes; replicas apply them."""
+    return ops
+
+
 PING, WRITE, WRITE_AFTER, GET, GET_MANY, SCAN, LOOKUP, COUNT, READ, STATS, PROMOTE = (
     ping, write, write_after, get, get_many, scan, lookup, count, read, stats, promote)
+SLOT_STATE, MOVE_ROWS = slot_state, move_rows
 READ_CODES = frozenset(COMMANDS[name].code for name in READ_COMMANDS)
 """The codes of ``READ_COMMANDS``."""
 

@@ -2,7 +2,8 @@
 
 - request: ``[command code, client id (16 bytes or nil), sequence number, body]``, optionally
   followed by the highest epoch of the shard the client has seen (``lmshard.members``; left
-  out while it knows none)
+  out while it knows none) and then the version of the slot map it routed by
+  (``lmshard.slot_state``; left out while it is 0, the epoch then 0 when it has none)
 - reply:   ``[sequence number, status, body]``; status 0 is success, any other value is an
   error code from ``lmshard.errors`` and the body is ``[message, hint]``.
 
@@ -34,9 +35,12 @@ _unpackb = msgpack.unpackb
 
 
 def pack_request(code: int, client_id: bytes | None, seq: int, body: Any,
-                 epoch: int = 0) -> bytes:
+                 epoch: int = 0, map_version: int = 0) -> bytes:
     """A request frame; build ``code`` and ``body`` with the command (``Command.frame``).
-    ``epoch``: the highest epoch of the shard the sender has seen (0: none)."""
+    ``epoch``: the highest epoch of the shard the sender has seen (0: none); ``map_version``:
+    the version of the slot map it routed the request by."""
+    if map_version:
+        return VERSION_BYTE + _packb([code, client_id, seq, body, epoch, map_version])
     if epoch:
         return VERSION_BYTE + _packb([code, client_id, seq, body, epoch])
     return VERSION_BYTE + _packb([code, client_id, seq, body])
@@ -76,18 +80,22 @@ def unpack_frame(frame: bytes, max_size: int = MAX_FRAME_SIZE) -> list[Any]:
 
 
 def unpack_request(frame: bytes, max_size: int = MAX_FRAME_SIZE
-                   ) -> tuple[int, Any, int, Any, int]:
-    """``(code, client_id, seq, body, epoch)``; the seq is 0 when it cannot be read, the
-    epoch 0 when the request carries none."""
+                   ) -> tuple[int, Any, int, Any, int, int]:
+    """``(code, client_id, seq, body, epoch, map_version)``; the seq is 0 when it cannot be
+    read, the epoch and map version 0 when the request carries none."""
     msg = unpack_frame(frame, max_size)
+    epoch = map_version = 0
+    if len(msg) == 6:
+        map_version = msg.pop()
+        if type(map_version) is not int or not 0 <= map_version < 2**63:
+            raise ProtocolError(
+                f"slot map version must be a non-negative int, not {map_version!r:.40}")
     if len(msg) == 5:
         epoch = msg.pop()
         if type(epoch) is not int or not 0 <= epoch < 2**63:
             raise ProtocolError(f"epoch must be a non-negative int, not {epoch!r:.40}")
-    elif len(msg) == 4:
-        epoch = 0
-    else:
-        raise ProtocolError(f"a request has 4 or 5 fields, this one {len(msg)}")
+    elif len(msg) != 4:
+        raise ProtocolError(f"a request has 4 to 6 fields, this one {len(msg)}")
     code, client_id, seq, body = msg
     if type(seq) is not int or not 0 <= seq < 2**63:
         raise ProtocolError(f"sequence number must be a non-negative int, not {seq!r:.40}")
@@ -95,4 +103,4 @@ def unpack_request(frame: bytes, max_size: int = MAX_FRAME_SIZE
         raise ProtocolError(f"command code must be an int, not {code!r:.40}")
     if client_id is not None and (type(client_id) is not bytes or len(client_id) != 16):
         raise ProtocolError("client id must be 16 bytes or nil")
-    return code, client_id, seq, body, epoch
+    return code, client_id, seq, body, epoch, map_version
