@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from lmshard.errors import SchemaMismatch
-from lmshard.routing import SlotMap
+from lmshard.routing import SlotMap, TableRoute
 
 __all__ = [
     "META_DIGEST", "META_MAP", "META_MOVES", "META_VERSION", "SlotState", "check_slot_state",
-    "read_slot_state", "slot_ranges", "slots_from_ranges",
+    "RowSlots", "config_state", "read_slot_state", "slot_ranges", "slots_from_ranges",
 ]
 
 META_VERSION = b"slot_map_version"
@@ -185,3 +185,24 @@ def check_slot_state(config: Any, meta: Mapping[bytes, bytes], path: Path | str)
             hint="use the config the data was written with, or finish the re-shard that "
             "wrote this config (lmshard reshard --status)")
     return state
+
+
+class RowSlots:
+    """The slot of a stored row, per table, under one slot map: what an owner checks a write
+    against, and how reads skip foreign rows. A row's slot depends on its table's placement
+    (``TableRoute.slot``): a pinned table's rows are all in the slot of its table id, a
+    ``shard_key`` table's in the slot of its shard key (the key is decoded for it)."""
+
+    __slots__ = ("map", "_routes")
+
+    def __init__(self, slot_map: SlotMap) -> None:
+        self.map = slot_map
+        self._routes: dict[bytes, TableRoute] = {}
+
+    def slot(self, b: Any, kb: bytes) -> int:
+        """The slot of the row with encoded key ``kb`` in bound table ``b``
+        (``lmshard.bound_tables.BoundTable``)."""
+        route = self._routes.get(b.tid)
+        if route is None:
+            route = self._routes[b.tid] = TableRoute(b.table, self.map)
+        return route.slot(b.kdec(kb) if route.needs_key else None, kb)

@@ -253,7 +253,10 @@ class SlotRuns(Kind):
             raise reader.error(key, f"got {describe(raw)}; expected an array of [start, end, "
                                     "shard]")
         try:
-            return SlotMap.from_runs(shards, slots, raw)
+            # A map a re-shard wrote (version > 0) may leave a shard it adds or empties
+            # without slots; a hand-written one gives each shard some.
+            empty_ok = bool(reader.value("slot_map.version"))
+            return SlotMap.from_runs(shards, slots, raw, empty_ok=empty_ok)
         except ValueError as exc:
             raise reader.error(
                 key,

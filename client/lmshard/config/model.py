@@ -306,7 +306,9 @@ class Config:
     slot_map: SlotMap = setting(
         "slot_map.runs", SlotRuns(), None,
         "Optional explicit slot map: runs [first slot, end slot (exclusive), shard] that are "
-        "sorted, contiguous, cover every slot and give every shard at least one slot. Left out: "
+        "sorted, contiguous, cover every slot and give every shard at least one slot (a map "
+        "`lmshard reshard` wrote, version > 0, may leave a shard it adds or empties without). "
+        "Left out: "
         "the even contiguous split, which for 4 shards x 1024 slots is the one shown here.",
         example="[[0, 256, 0], [256, 512, 1], [512, 768, 2], [768, 1024, 3]]")
     slot_map_version: int = setting(
