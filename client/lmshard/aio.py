@@ -34,9 +34,9 @@ from lmshard.bound_tables import live_row
 from lmshard.calls import RemoteParts
 from lmshard.client_tables import ClientTable, ClientTables
 from lmshard.config import Config
-from lmshard.errors import ConflictError, Error, TransactionError
+from lmshard.errors import ConflictError, Error, SlotMoved, TransactionError
 from lmshard.forksafe import check_fork
-from lmshard.point_get import point_get
+from lmshard.point_get import SLOTS_CHANGED, point_get
 from lmshard.protocol import (
     GET,
     OP_DELETE,
@@ -53,6 +53,7 @@ from lmshard.protocol import (
 )
 from lmshard.reads import NOT_HERE, REPLICA_POLL_S
 from lmshard.schema import Schema
+from lmshard.slot_routes import follow_moved
 from lmshard.txn import TableRef, key_bounds, seconds_left, value_hash
 from lmshard.watch import SILENCE, Change, ServiceWatch, watch_filter
 
@@ -83,24 +84,40 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
 
     async def _write_one(self, ct: ClientTable, key: Any, code: int, arg: Any) -> Any:
         check_fork()
+        version = self.routes.version  # before routing: a request never claims a newer map
         shard, ops = calls.one_op(ct, key, code, arg)
         counters = self._counts.mine()
-        counters["batches_sent"] += 1
-        counters["ops_sent"] += 1
-        r = await self.owners.request(shard, WRITE.code, ops, write=True)
+        while True:
+            counters["batches_sent"] += 1
+            counters["ops_sent"] += 1
+            r = await self.owners.request(shard, WRITE.code, ops, write=True,
+                                          map_version=version)
+            if not follow_moved(self.routes, r, version):
+                break
+            version = self.routes.version  # the slot moved: a new request where it lives now
+            shard = self.tables.shard_of_op(ops[0])
         if isinstance(r, Error):
             counters["batches_failed"] += 1
         return calls.op_result(r)
 
-    async def _send_parts(self, parts: dict[int, list[list[Any]]]) -> dict[int, PartOutcome]:
+    async def _send_parts(self, parts: dict[int, list[list[Any]]], version: int
+                          ) -> dict[int, PartOutcome]:
+        """As ``Client._send_parts``."""
         check_fork()
         counters = self._counts.mine()
-        counters["batches_sent"] += len(parts)
-        counters["ops_sent"] += sum(len(p) for p in parts.values())
-        replies = await self.owners.requests(
-            {s: WRITE.request_for(ops) for s, ops in parts.items()}, write=True)
-        counters["batches_failed"] += sum(isinstance(r, Error) for r in replies.values())
-        return calls.part_outcomes(replies)
+        routed = calls.RoutedParts(self.tables, parts, version)
+        while True:
+            now = routed.requests()
+            counters["batches_sent"] += len(now)
+            counters["ops_sent"] += sum(len(p) for p in now.values())
+            replies = await self.owners.requests(
+                {s: WRITE.request_for(ops) for s, ops in now.items()}, write=True,
+                map_version=routed.version)
+            if not routed.take(replies):
+                break
+        outcomes = routed.outcomes()
+        counters["batches_failed"] += sum(o[0] is not None for o in outcomes.values())
+        return outcomes
 
     async def put(self, table: TableRef, key: Any, value: Any, ttl: float | None = None
                   ) -> None:
@@ -151,16 +168,12 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
         check_fork()
         ct = self.tables[table]
         kb = ct.kenc(key)
-        shard = ct.shard(key, kb)
-        hit = ct.local[shard]
-        if hit is not None:  # a read of this process's map: no await, no thread
-            data = point_get(hit[0], hit[1], kb)
-        else:
-            if self._local.unseen[shard] is not None:
-                await self._caught_up(shard)
-            data = self._local.row(ct, shard, kb)
-            if data is NOT_HERE:
-                data = await self._remote_one(shard, GET.request_for(ct.tid, kb))
+        version = self.routes.version_bytes  # before routing: a newer map is never assumed
+        hit = ct.local[ct.shard(key, kb)]
+        # A read of this process's map: no await, no thread.
+        data = SLOTS_CHANGED if hit is None else point_get(hit[0], hit[1], kb, hit[2], version)
+        if data is SLOTS_CHANGED:
+            data = await self._row(ct, key, kb)
         if ct.expiring:
             return ct.value(data, default)
         return default if data is None else ct.loads(data)
@@ -168,14 +181,28 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
     async def _live(self, ct: ClientTable, key: Any) -> bytes | None:
         """The row's stored bytes, None when there is none (or it expired)."""
         check_fork()
-        kb = ct.kenc(key)
-        shard = ct.shard(key, kb)
-        if self._local.unseen[shard] is not None:
-            await self._caught_up(shard)
-        data = self._local.row(ct, shard, kb)
-        if data is NOT_HERE:
-            data = await self._remote_one(shard, GET.request_for(ct.tid, kb))
+        data = await self._row(ct, key, ct.kenc(key))
         return live_row(data) if ct.expiring else data  # type: ignore[no-any-return]
+
+    async def _row(self, ct: ClientTable, key: Any, kb: bytes) -> Any:
+        """A row's stored bytes (None: none), as ``Client._row``: routed again when the shard
+        read says a re-shard moved on."""
+        routes = self.routes
+        while True:
+            generation, version = routes.generation, routes.version
+            shard = ct.shard(key, kb)
+            if self._local.unseen[shard] is not None:
+                await self._caught_up(shard)
+            data = self._local.row(ct, shard, kb)
+            if routes.generation != generation:
+                continue  # the shard recorded a newer map, now adopted: route again
+            if data is not NOT_HERE:
+                return data
+            try:
+                return await self._remote_one(shard, GET.request_for(ct.tid, kb), version)
+            except SlotMoved as exc:
+                if not follow_moved(routes, exc, version):
+                    raise
 
     async def _caught_up(self, shard: int) -> None:
         """On a replica host: wait, without blocking the loop, until this host's copy of
@@ -213,7 +240,9 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
     async def get_many(self, table: TableRef, keys: Any, default: Any = None) -> list[Any]:
         check_fork()
         await self._all_caught_up()
-        plan = calls.GetMany(self._local, self.tables[table], keys, default)
+        keys = list(keys)
+        plan = calls.routed(self.routes, lambda: calls.GetMany(
+            self._local, self.tables[table], keys, default))
         return plan.fill(await self._remote_many(plan.remote))
 
     async def exists(self, table: TableRef, key: Any) -> bool:
@@ -224,7 +253,8 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
                     end: Any = None) -> int:
         check_fork()
         await self._all_caught_up()
-        plan = calls.Count(self._local, self.tables[table], prefix, start, end)
+        plan = calls.routed(self.routes, lambda: calls.Count(
+            self._local, self.tables[table], prefix, start, end))
         return plan.fill(await self._remote_many(plan.remote))
 
     async def lookup(self, table: TableRef, index: str, value: Any, prefix: bool = False
@@ -232,7 +262,8 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
         """Rows by index value, from every shard the table lives on, in key order."""
         check_fork()
         await self._all_caught_up()
-        plan = calls.Lookup(self._local, self.tables[table], index, value, prefix)
+        plan = calls.routed(self.routes, lambda: calls.Lookup(
+            self._local, self.tables[table], index, value, prefix))
         return plan.fill(await self._remote_many(plan.remote))
 
     def scan(self, table: TableRef, prefix: Any = None, start: Any = None, end: Any = None,
@@ -294,10 +325,12 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
                 return
             lo, hi = bounds
 
-    async def _remote_one(self, shard: int, request: tuple[int, Any]) -> Any:
+    async def _remote_one(self, shard: int, request: tuple[int, Any], map_version: int = 0
+                          ) -> Any:
         check_fork()
         self._counts.mine()["remote_reads"] += 1
-        r = await self.owners.request(shard, request[0], request[1], write=False)
+        r = await self.owners.request(shard, request[0], request[1], write=False,
+                                      map_version=map_version)
         if isinstance(r, Error):
             raise r
         return r
@@ -376,8 +409,7 @@ class AsyncBatch(Batch):
     the same per-shard outcome), sent by ``async with`` or ``await batch.commit()``."""
 
     def __init__(self, tables: ClientTables,
-                 send_parts: Callable[[dict[int, list[list[Any]]]],
-                                      Any]) -> None:
+                 send_parts: Callable[[dict[int, list[list[Any]]], int], Any]) -> None:
         super().__init__(tables, _sent_by_commit)
         self._asend_parts = send_parts
 
@@ -385,7 +417,7 @@ class AsyncBatch(Batch):
         """Send every shard's part and wait for the outcomes (what the end of the ``async
         with`` block does); the first error when no part committed, BatchPartiallyApplied
         when some did."""
-        self.settle(await self._asend_parts(self._parts))
+        self.settle(await self._asend_parts(self._parts, self.map_version))
 
     async def __aenter__(self) -> AsyncBatch:
         return self
@@ -395,7 +427,8 @@ class AsyncBatch(Batch):
             await self.commit()
 
 
-def _sent_by_commit(parts: dict[int, list[list[Any]]]) -> dict[int, PartOutcome]:
+def _sent_by_commit(parts: dict[int, list[list[Any]]], version: int
+                    ) -> dict[int, PartOutcome]:
     raise TransactionError("an async batch is sent by `async with` or `await batch.commit()`")
 
 

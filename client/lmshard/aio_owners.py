@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import deque
 from typing import Any
@@ -57,10 +58,12 @@ from lmshard.errors import (
     NotPrimary,
     ProtocolError,
     ShardUnavailable,
+    SlotsMoving,
     TransactionError,
     error_from_wire,
 )
 from lmshard.protocol import ZERO_COPY_MIN, pack_request, unpack_frame
+from lmshard.slot_routes import moving_waits
 
 log = logging.getLogger("lmshard.client")
 
@@ -82,6 +85,23 @@ class _Request:
         """How long an attempt waits for the reply (a write's includes replica_timeout)."""
         self.deadline = now + wait_s
         self.attempts = 0
+
+
+class _MovingWaits:
+    """The waits of a write answered SlotsMoving before each resend
+    (``slot_routes.moving_waits``), for up to ``limit_s`` seconds in all."""
+
+    def __init__(self, limit_s: float) -> None:
+        self._waits = moving_waits()
+        self._until = time.monotonic() + limit_s
+
+    async def over(self) -> bool:
+        """Wait the next wait; False (at once) when the time is up."""
+        left = self._until - time.monotonic()
+        if left <= 0:
+            return False
+        await asyncio.sleep(min(next(self._waits), left))
+        return True
 
 
 class _Silent:
@@ -134,6 +154,9 @@ class AsyncOwnerConnections(OwnerSockets):
         self._ctx: zmq.Context[Any] | None = None
         self._shards: dict[int, _ShardSocket] = {}
         self._closed = False
+
+    def _grow_arrays(self, config: Config) -> None:
+        self._open_until.extend([0.0] * (config.shards - len(self._open_until)))
 
     # -- sockets -----------------------------------------------------------------------------
 
@@ -188,32 +211,20 @@ class AsyncOwnerConnections(OwnerSockets):
 
     # -- requests ----------------------------------------------------------------------------
 
-    async def request(self, shard: int, code: int, body: Any, *, write: bool) -> Any:
+    async def request(self, shard: int, code: int, body: Any, *, write: bool,
+                      map_version: int = 0) -> Any:
         """Send one request and await its reply body (or the Error the owner answered with);
-        ShardUnavailable when the owner stays silent through every retry."""
+        ShardUnavailable when the owner stays silent through every retry. ``map_version``:
+        the version of the slot map the request was routed by; a write answered SlotsMoving
+        is sent again (same lane and number) after a short wait, until it is not or as long
+        as the retries would wait for a silent owner."""
         sh = self._shard(shard)
         if self._open_until[shard]:
             self._breaker(sh)
         lane = await self._lane(sh) if write else None
         try:
             sh.seq += 1
-            seq = sh.seq
-            moves = 0
-            while True:
-                sent_to = sh.endpoint
-                frame = pack_request(code, lane, seq, body, self.copies.epochs[shard])
-                try:
-                    reply = await self._exchange(sh, seq, frame, write)
-                except ShardUnavailable:  # silent through every retry
-                    if moves > len(self.config.replica_names) or not await self._follow(
-                            sh, sent_to, None):
-                        raise
-                else:
-                    if (not isinstance(reply, NotPrimary)
-                            or moves > len(self.config.replica_names)
-                            or not await self._follow(sh, sent_to, reply)):
-                        break
-                moves += 1  # the same request, same lane and number, to the new copy
+            reply = await self._answer(sh, lane, sh.seq, code, body, write, map_version)
             if self._open_until[shard]:
                 self._open_until[shard] = 0.0  # the probe got through
             if write and not isinstance(reply, Error):
@@ -222,6 +233,36 @@ class AsyncOwnerConnections(OwnerSockets):
         finally:
             if lane is not None:
                 self._release(sh, lane)
+
+    async def _answer(self, sh: _ShardSocket, lane: bytes | None, seq: int, code: int,
+                      body: Any, write: bool, map_version: int) -> Any:
+        """The answer to request ``seq``: sent, and sent again to the copy that is primary
+        now after a NotPrimary answer or silence, and after a wait while it is SlotsMoving."""
+        shard = sh.shard
+        moves = 0
+        waits: _MovingWaits | None = None
+        while True:
+            sent_to = sh.endpoint
+            frame = pack_request(code, lane, seq, body, self.copies.epochs[shard],
+                                 map_version)
+            try:
+                reply = await self._exchange(sh, seq, frame, write)
+            except ShardUnavailable:  # silent through every retry
+                if moves > len(self.config.replica_names) or not await self._follow(
+                        sh, sent_to, None):
+                    raise
+            else:
+                if type(reply) is SlotsMoving and write:
+                    waits = waits or _MovingWaits(
+                        self.write_timeout_ms * (self.retries + 1) / 1000)
+                    if await waits.over():
+                        continue  # the same request, same lane and number
+                if (not isinstance(reply, NotPrimary)
+                        or moves > len(self.config.replica_names)
+                        or not await self._follow(sh, sent_to, reply)):
+                    break
+            moves += 1  # the same request, same lane and number, to the new copy
+        return reply
 
     async def _exchange(self, sh: _ShardSocket, seq: int, frame: bytes, write: bool) -> Any:
         """Send request ``seq`` and await its reply (resent on a new socket after each
@@ -261,13 +302,14 @@ class AsyncOwnerConnections(OwnerSockets):
         return True
 
     async def requests(self, parts: dict[int, tuple[int, Any]], *, write: bool,
-                       silent_ok: bool = False) -> dict[int, Any]:
+                       silent_ok: bool = False, map_version: int = 0) -> dict[int, Any]:
         """Requests ``shard -> (code, body)`` to several shards at once; every reply body (or
         Error). A shard silent through every retry raises ShardUnavailable once all others
         answered (with ``silent_ok``, gets it as its result)."""
         async def settled(shard: int, code: int, body: Any) -> Any:
             try:
-                return await self.request(shard, code, body, write=write)
+                return await self.request(shard, code, body, write=write,
+                                          map_version=map_version)
             except ShardUnavailable as exc:
                 return _Silent(exc)
 

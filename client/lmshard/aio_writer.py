@@ -44,11 +44,13 @@ class AsyncWriter(WriterStreams):
     async def flush(self) -> None:
         """Send every buffered op and wait until every batch in flight is acknowledged;
         BatchesFailed if a shard refused any batch since the last call that raised."""
-        for st in self._streams.values():
-            if st.buf:
-                await self._send(st)
-        while self._active():
-            await self._pump()
+        while True:
+            for st in list(self._streams.values()):
+                while st.buf:
+                    await self._send(st)
+            if not self._rerouting and not self._active():
+                break
+            await self._pump()  # (ops routed again land in the buffers: sent on the next round)
         self._raise_failed()
 
     async def __aenter__(self) -> AsyncWriter:
@@ -63,15 +65,17 @@ class AsyncWriter(WriterStreams):
 
     async def _send(self, st: _Stream) -> None:
         self._raise_failed()
-        while len(st.inflight) >= self.window:
+        while self._rerouting or len(st.inflight) >= self.window:
             await self._pump()
             self._raise_failed()
-        self._launch(st)
+        if st.buf:  # (routing again may have moved its ops to other streams)
+            self._launch(st)
 
     async def _pump(self) -> None:
         """Wait for replies (up to the earliest deadline); handle them and any timeout."""
         active = self._active()
         if not active:
+            self._reroute()
             return
         await readable([st.sock for st in active], self._wait_ms(active) / 1000)
         for st in active:

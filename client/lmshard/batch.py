@@ -26,8 +26,9 @@ from lmshard.txn import TableRef
 
 PartOutcome = tuple[Error | None, Any]
 """A shard's part of a batch: (None, reply body ``[txn id, results]``) or (its Error, None)."""
-SendParts = Callable[[dict[int, list[list[Any]]]], dict[int, PartOutcome]]
-"""Sends each shard's ops as one write and returns each shard's outcome."""
+SendParts = Callable[[dict[int, list[list[Any]]], int], dict[int, PartOutcome]]
+"""Sends each shard's ops as one write, routed by the slot map of the version given, and returns
+each shard's outcome."""
 
 
 class Batch:
@@ -40,6 +41,8 @@ class Batch:
     def __init__(self, tables: ClientTables, send_parts: SendParts) -> None:
         self._tables = tables
         self._send_parts = send_parts
+        self.map_version = tables.routes.version
+        """The version of the slot map the ops are routed by (read before the first is)."""
         self._parts: dict[int, list[list[Any]]] = {}
         self._order: list[tuple[int, int]] = []
         self.results: list[Any] = []
@@ -99,7 +102,7 @@ class Batch:
         """Send every shard's part and wait for the outcomes (what the end of the ``with``
         block does); the first error when no part committed, BatchPartiallyApplied when
         some did."""
-        self.settle(self._send_parts(self._parts))
+        self.settle(self._send_parts(self._parts, self.map_version))
 
     def settle(self, outcomes: dict[int, PartOutcome]) -> None:
         """Take each shard's outcome: ``results`` and ``txn_ids``, or raise the error (the

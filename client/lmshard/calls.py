@@ -26,7 +26,9 @@ from lmshard.forksafe import on_fork_in_child
 from lmshard.keys import encode_index_value
 from lmshard.protocol import COUNT, GET_MANY, LOOKUP, op
 from lmshard.reads import LocalShards, Request
+from lmshard.routing import SlotMap
 from lmshard.schema import Schema
+from lmshard.slot_routes import SlotRoutes, follow_moved, grown_config
 from lmshard.store import Store
 from lmshard.txn import TableRef, filtered_rows, index_prefix, key_bounds
 
@@ -45,6 +47,8 @@ class OwnerLinks(Protocol):
     on_ack: Callable[[int, str, int, int], None] | None
 
     def reset_after_fork(self) -> None: ...
+
+    def grow(self, config: Config) -> None: ...
 
 
 Owners = TypeVar("Owners", bound=OwnerLinks)
@@ -70,9 +74,10 @@ class ClientCore(Generic[Owners]):
         self.config = config if isinstance(config, Config) else load_config(config)
         self.schema = schema if schema is not None else self.config.load_schema()
         self.schema.check_sharded(self.config.shards)
-        self.slot_map = self.config.slot_map
-        self.shards = self.config.shards
-        self.tables = ClientTables(self.schema, self.slot_map)
+        self.routes = SlotRoutes.of_config(self.config)
+        """The slot map this client routes by (the config's until a re-shard moves on)."""
+        self.routes.listen(self._grow)  # first: the shards exist before anything routes there
+        self.tables = ClientTables(self.schema, self.routes)
         """The schema's tables by ``Table``, name or UUID: encoders, decoders and route."""
         self._counts = ClientCounters()
         self.owners: Owners = owners_class(
@@ -84,9 +89,28 @@ class ClientCore(Generic[Owners]):
         self._local = LocalShards(
             self.config, self.schema,
             enabled=self.config.local_reads if local_reads is None else local_reads,
-            tables=self.tables)
+            tables=self.tables, routes=self.routes)
         self.owners.on_ack = self._local.note_ack  # read-your-writes on a replica host
         on_fork_in_child(self.reset_after_fork)
+
+    @property
+    def slot_map(self) -> SlotMap:
+        """The slot map this client routes by."""
+        return self.routes.map
+
+    @property
+    def shards(self) -> int:
+        """How many shards the slot map names."""
+        return self.routes.shards
+
+    def _grow(self, slot_map: SlotMap) -> None:
+        """A newer slot map names more shards than the config: connect to them too."""
+        if slot_map.shards <= self.config.shards:
+            return
+        config = grown_config(self.config, slot_map.shards)
+        self.owners.grow(config)
+        self._local.grow(config)
+        self.config = config
 
     @property
     def timeout_ms(self) -> int:
@@ -147,7 +171,92 @@ def part_outcomes(replies: dict[int, Any]) -> dict[int, PartOutcome]:
     return {s: (r, None) if isinstance(r, Error) else (None, r) for s, r in replies.items()}
 
 
+class RoutedParts:
+    """A write's per-shard parts (``Batch``) followed through re-shards, for both clients:
+    parts refused with SlotMoved are routed again under the adopted map and sent as new
+    requests (``take`` says when), and ``outcomes`` puts each part's results back in the
+    order of its ops, under the shard it was first sent to."""
+
+    def __init__(self, tables: ClientTables, parts: dict[int, list[list[Any]]],
+                 version: int) -> None:
+        self.tables = tables
+        self.parts = parts
+        self.version = version
+        """The version of the map the requests of this round were routed by."""
+        self._pieces: dict[int, list[tuple[int, list[int]]]] = {
+            s: [(s, list(range(len(ops))))] for s, ops in parts.items()}
+        self._results: dict[int, list[Any]] = {s: [None] * len(ops) for s, ops in parts.items()}
+        self._txn: dict[int, int] = {}
+        self._errors: dict[int, Error] = {}
+
+    def requests(self) -> dict[int, list[list[Any]]]:
+        """The ops to send now, per shard."""
+        return {t: [self.parts[s][i] for s, idx in pieces for i in idx]
+                for t, pieces in self._pieces.items()}
+
+    def take(self, replies: dict[int, Any]) -> bool:
+        """Take the replies to ``requests()``; whether some ops were routed again (send
+        ``requests()`` once more)."""
+        moved: list[tuple[int, list[int]]] = []
+        for t, r in replies.items():
+            if follow_moved(self.tables.routes, r, self.version):
+                moved.extend(self._pieces[t])
+            else:
+                self._settle(self._pieces[t], r)
+        self._pieces = {}
+        if not moved:
+            return False
+        self.version = self.tables.routes.version
+        shard_of = self.tables.shard_of_op
+        for s, idx in moved:
+            by_shard: dict[int, list[int]] = {}
+            for i in idx:
+                by_shard.setdefault(shard_of(self.parts[s][i]), []).append(i)
+            for t, ii in by_shard.items():
+                self._pieces.setdefault(t, []).append((s, ii))
+        return True
+
+    def _settle(self, pieces: list[tuple[int, list[int]]], reply: Any) -> None:
+        """Take one request's reply (a body or an Error) for the pieces of parts it held."""
+        if isinstance(reply, Error):
+            for s, _ in pieces:
+                self._errors.setdefault(s, reply)
+            return
+        results = iter(reply[1])
+        for s, idx in pieces:
+            self._txn.setdefault(s, reply[0])
+            for i in idx:
+                self._results[s][i] = next(results)
+
+    def outcomes(self) -> dict[int, PartOutcome]:
+        """Each part's outcome, as ``Batch.settle`` takes it."""
+        return {s: (self._errors[s], None) if s in self._errors
+                else (None, [self._txn[s], self._results[s]]) for s in self.parts}
+
+
 # -- reads over several shards -----------------------------------------------------------------
+
+Plan = TypeVar("Plan")
+
+END: Any = object()
+"""A scan's first row when there is none."""
+
+
+def routed(routes: SlotRoutes, make: Callable[[], Plan]) -> Plan:
+    """``make()`` (a read plan: its local reads done, its remote requests listed), made again
+    while a shard it read recorded a newer slot map (adopted by the read: routes moved on)."""
+    while True:
+        generation = routes.generation
+        plan = make()
+        if routes.generation == generation:
+            return plan
+
+
+def close_rows(rows: Iterator[Any]) -> None:
+    """End a generator of rows now (and its read transaction), not when it is collected."""
+    close = getattr(rows, "close", None)
+    if close is not None:
+        close()
 
 
 class GetMany:
@@ -175,7 +284,10 @@ class GetMany:
                 continue
             out, loads = self.out, ct.loads
             with local.read(shard, st) as r:
+                foreign = local.foreign(shard, st, r.txn)
                 for i, kb in items:
+                    if foreign is not None and not foreign.keep(ct, kb):
+                        continue
                     data = r.get_raw(ct.table, kb)
                     if data is not None:
                         out[i] = loads(data)
@@ -203,7 +315,11 @@ class Count:
                 self.remote.append((shard, COUNT.request_for(ct.tid, lo, hi)))
                 continue
             with local.read(shard, st) as r:
-                self.total += r.count_raw(ct.table, lo, hi)
+                foreign = local.foreign(shard, st, r.txn)
+                if foreign is None:
+                    self.total += r.count_raw(ct.table, lo, hi)
+                else:  # a re-shard moves slots: count the rows of this shard's own
+                    self.total += sum(1 for _ in foreign.rows(ct, r.scan_raw(ct.table, lo, hi)))
 
     def fill(self, replies: list[Any]) -> int:
         return self.total + sum(int(n) for n in replies)
@@ -229,7 +345,9 @@ class Lookup:
                 self.remote.append((shard, LOOKUP.request_for(ct.tid, index, ivb, prefix)))
                 continue
             with local.read(shard, st) as r:
-                self.rows.extend(r.lookup_rows_raw(ct.table, index, ivb, prefix))
+                foreign = local.foreign(shard, st, r.txn)
+                rows = r.lookup_rows_raw(ct.table, index, ivb, prefix)
+                self.rows.extend(rows if foreign is None else foreign.rows(ct, rows))
 
     def fill(self, replies: list[Any]) -> list[tuple[Any, Any]]:
         ct = self.ct
@@ -244,7 +362,9 @@ def local_rows(local: LocalShards, shard: int, st: Store, ct: ClientTable, lo: b
     """One shard's encoded rows with ``lo <= key < hi``, from this process's map of it
     (``st``, as ``local.get`` returned it)."""
     with local.read(shard, st) as r:
-        yield from r.scan_raw(ct.table, lo, hi, reverse)
+        foreign = local.foreign(shard, st, r.txn)
+        rows = r.scan_raw(ct.table, lo, hi, reverse)
+        yield from rows if foreign is None else foreign.rows(ct, rows)
 
 
 def scan_rows(ct: ClientTable, streams: list[Iterator[tuple[bytes, bytes]]], reverse: bool,

@@ -25,9 +25,9 @@ from lmshard.bound_tables import live_row
 from lmshard.client_tables import ClientTable
 from lmshard.config import Config
 from lmshard.connections import OwnerConnections
-from lmshard.errors import ConflictError, Error, TransactionError
+from lmshard.errors import ConflictError, Error, SlotMoved, TransactionError
 from lmshard.forksafe import check_fork
-from lmshard.point_get import point_get
+from lmshard.point_get import SLOTS_CHANGED, point_get
 from lmshard.protocol import (
     GET,
     OP_DELETE,
@@ -41,6 +41,7 @@ from lmshard.protocol import (
 )
 from lmshard.reads import NOT_HERE, RemoteReads
 from lmshard.schema import Schema
+from lmshard.slot_routes import follow_moved
 from lmshard.txn import TableRef, key_bounds, seconds_left, value_hash
 from lmshard.watch import ServiceWatch, watch_filter
 from lmshard.writer import Writer
@@ -104,24 +105,40 @@ class Client(calls.ClientCore[OwnerConnections]):
 
     # -- writes ------------------------------------------------------------------------------
 
-    def _send_parts(self, parts: dict[int, list[list[Any]]]) -> dict[int, PartOutcome]:
-        """Each shard's ops as one write, all shards at once; each shard's outcome."""
+    def _send_parts(self, parts: dict[int, list[list[Any]]], version: int
+                    ) -> dict[int, PartOutcome]:
+        """Each shard's ops (routed by the map of ``version``) as one write, all shards at
+        once; each shard's outcome. Ops a shard refused because a re-shard moved their slots
+        are sent where they live now (``calls.RoutedParts``)."""
         check_fork()
         counters = self._counts.mine()
-        counters["batches_sent"] += len(parts)
-        counters["ops_sent"] += sum(len(p) for p in parts.values())
-        replies = self.owners.requests(
-            {s: WRITE.request_for(ops) for s, ops in parts.items()}, write=True)
-        counters["batches_failed"] += sum(isinstance(r, Error) for r in replies.values())
-        return calls.part_outcomes(replies)
+        routed = calls.RoutedParts(self.tables, parts, version)
+        while True:
+            now = routed.requests()
+            counters["batches_sent"] += len(now)
+            counters["ops_sent"] += sum(len(p) for p in now.values())
+            replies = self.owners.requests(
+                {s: WRITE.request_for(ops) for s, ops in now.items()}, write=True,
+                map_version=routed.version)
+            if not routed.take(replies):
+                break
+        outcomes = routed.outcomes()
+        counters["batches_failed"] += sum(o[0] is not None for o in outcomes.values())
+        return outcomes
 
     def _write_one(self, ct: ClientTable, key: Any, code: int, arg: Any) -> Any:
         check_fork()
+        version = self.routes.version  # before routing: a request never claims a newer map
         shard, ops = calls.one_op(ct, key, code, arg)
         counters = self._counts.mine()
-        counters["batches_sent"] += 1
-        counters["ops_sent"] += 1
-        r = self.owners.request(shard, WRITE.code, ops, write=True)
+        while True:
+            counters["batches_sent"] += 1
+            counters["ops_sent"] += 1
+            r = self.owners.request(shard, WRITE.code, ops, write=True, map_version=version)
+            if not follow_moved(self.routes, r, version):
+                break
+            version = self.routes.version  # the slot moved: a new request where it lives now
+            shard = self.tables.shard_of_op(ops[0])
         if isinstance(r, Error):
             counters["batches_failed"] += 1
         return calls.op_result(r)
@@ -177,26 +194,40 @@ class Client(calls.ClientCore[OwnerConnections]):
         check_fork()
         ct = self.tables[table]
         kb = ct.kenc(key)
-        shard = ct.shard(key, kb)
-        hit = ct.local[shard]  # the hot path: one read txn on this process's open environment
-        data = point_get(hit[0], hit[1], kb) if hit is not None else self._row(ct, shard, kb)
+        version = self.routes.version_bytes  # before routing: a newer map is never assumed
+        hit = ct.local[ct.shard(key, kb)]
+        # The hot path: one read txn on this process's open environment.
+        data = SLOTS_CHANGED if hit is None else point_get(hit[0], hit[1], kb, hit[2], version)
+        if data is SLOTS_CHANGED:
+            data = self._row(ct, key, kb)
         if ct.expiring:
             return ct.value(data, default)
         return default if data is None else ct.loads(data)
 
-    def _row(self, ct: ClientTable, shard: int, kb: bytes) -> bytes | None:
+    def _row(self, ct: ClientTable, key: Any, kb: bytes) -> bytes | None:
         """A row's stored bytes: from the shard's files, opened here now if they can be (after
-        the copy has this client's last write, on a replica host), or over the wire."""
-        data = self._local.row(ct, shard, kb)
-        if data is NOT_HERE:
-            data = self._remote.one(shard, GET.request_for(ct.tid, kb))
-        return data  # type: ignore[no-any-return]
+        the copy has this client's last write, on a replica host), or over the wire; routed
+        again when the shard read says a re-shard moved on."""
+        routes = self.routes
+        while True:
+            generation, version = routes.generation, routes.version
+            shard = ct.shard(key, kb)
+            data = self._local.row(ct, shard, kb)
+            if routes.generation != generation:
+                continue  # the shard recorded a newer map, now adopted: route again
+            if data is not NOT_HERE:
+                return data  # type: ignore[no-any-return]
+            try:
+                return self._remote.one(shard, GET.request_for(ct.tid, kb),  # type: ignore[no-any-return]
+                                        map_version=version)
+            except SlotMoved as exc:
+                if not follow_moved(routes, exc, version):
+                    raise
 
     def _live(self, ct: ClientTable, key: Any) -> bytes | None:
         """The row's stored bytes, None when there is none (or it expired)."""
         check_fork()
-        kb = ct.kenc(key)
-        data = self._row(ct, ct.shard(key, kb), kb)
+        data = self._row(ct, key, ct.kenc(key))
         return live_row(data) if ct.expiring else data
 
     def get_hash(self, table: TableRef, key: Any) -> bytes | None:
@@ -213,7 +244,9 @@ class Client(calls.ClientCore[OwnerConnections]):
 
     def get_many(self, table: TableRef, keys: Any, default: Any = None) -> list[Any]:
         check_fork()
-        plan = calls.GetMany(self._local, self.tables[table], keys, default)
+        keys = list(keys)
+        plan = calls.routed(self.routes, lambda: calls.GetMany(
+            self._local, self.tables[table], keys, default))
         return plan.fill(self._remote.many(plan.remote) if plan.remote else [])
 
     def exists(self, table: TableRef, key: Any) -> bool:
@@ -227,6 +260,22 @@ class Client(calls.ClientCore[OwnerConnections]):
             return self._remote.scan(shard, ct.tid, lo, hi, reverse)
         return calls.local_rows(self._local, shard, st, ct, lo, hi, reverse)
 
+    def _scan_rows(self, ct: ClientTable, prefix: Any, lo: bytes | None, hi: bytes | None,
+                   reverse: bool, limit: int | None, where: Callable[[Any], bool] | None
+                   ) -> tuple[Any, Iterator[tuple[Any, Any]]]:
+        """The first row of a scan (``calls.END`` if none) and the rest, from shards that
+        all read under one slot map: a shard that recorded a newer one makes the scan start
+        again under it (every shard's first row is read before the first is returned)."""
+        while True:
+            generation = self.routes.generation
+            streams = [self._raw_range(s, ct, lo, hi, reverse)
+                       for s in ct.route.shards_for(prefix)]
+            rows = calls.scan_rows(ct, streams, reverse, where, limit)
+            first = next(rows, calls.END)
+            if self.routes.generation == generation:
+                return first, rows
+            for stream in streams:
+                calls.close_rows(stream)
     def scan(self, table: TableRef, prefix: Any = None, start: Any = None, end: Any = None,
              reverse: bool = False, limit: int | None = None,
              where: Callable[[Any], bool] | None = None) -> Iterator[tuple[Any, Any]]:
@@ -234,21 +283,24 @@ class Client(calls.ClientCore[OwnerConnections]):
         check_fork()
         ct = self.tables[table]
         lo, hi = key_bounds(ct, prefix, start, end)
-        streams = [self._raw_range(s, ct, lo, hi, reverse)
-                   for s in ct.route.shards_for(prefix)]
-        yield from calls.scan_rows(ct, streams, reverse, where, limit)
+        first, rows = self._scan_rows(ct, prefix, lo, hi, reverse, limit, where)
+        if first is not calls.END:
+            yield first
+            yield from rows
 
     def count(self, table: TableRef, prefix: Any = None, start: Any = None,
               end: Any = None) -> int:
         check_fork()
-        plan = calls.Count(self._local, self.tables[table], prefix, start, end)
+        plan = calls.routed(self.routes, lambda: calls.Count(
+            self._local, self.tables[table], prefix, start, end))
         return plan.fill(self._remote.many(plan.remote))
 
     def lookup(self, table: TableRef, index: str, value: Any, prefix: bool = False
                ) -> list[tuple[Any, Any]]:
         """Rows by index value, from every shard the table lives on, in key order."""
         check_fork()
-        plan = calls.Lookup(self._local, self.tables[table], index, value, prefix)
+        plan = calls.routed(self.routes, lambda: calls.Lookup(
+            self._local, self.tables[table], index, value, prefix))
         return plan.fill(self._remote.many(plan.remote))
 
     # -- the service -------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 A ``ClientTable`` is the schema's ``BoundTable`` (key and value encoders, decoders) without an
 environment of its own (``db`` is None: a client reads many shards, each has its own handles,
 kept in ``local``), plus the table's ``TableRoute`` and its 16-byte wire id. ``ClientTables``
-finds one by ``Table``, name or UUID, and names the known tables when it does not.
+finds one by ``Table``, name or UUID, and names the known tables when it does not; it follows
+the client's slot map (``lmshard.slot_routes``): each newer map adopted rebuilds every table's
+route, and a map with more shards grows ``local``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 from lmshard.errors import UnknownTable
 from lmshard.routing import KeyRouter, SlotMap, TableRoute
 from lmshard.schema import Schema, Table
+from lmshard.slot_routes import SlotRoutes
 from lmshard.txn import BoundTable
 
 
@@ -28,9 +31,17 @@ class ClientTable(BoundTable):
         self.route = TableRoute(table, slot_map)
         self.shard: KeyRouter = self.route.shard
         """``route.shard``, one attribute away: the put and get paths call it for every key."""
-        self.local: list[tuple[Any, Any] | None] = [None] * slot_map.shards
-        """Per shard, (environment, database) of this table once the shard is open in this
-        process: the point get's fast path. Cleared after fork and on close."""
+        self.local: list[tuple[Any, Any, Any] | None] = [None] * slot_map.shards
+        """Per shard, (environment, database, meta database) of this table once the shard is
+        open in this process: the point get's fast path. Cleared after fork and on close."""
+
+    def reroute(self, slot_map: SlotMap) -> None:
+        """Route by ``slot_map`` from now on (a newer map the client adopted)."""
+        if slot_map.shards > len(self.local):
+            self.local = self.local + [None] * (slot_map.shards - len(self.local))
+        route = TableRoute(self.table, slot_map)
+        self.shard = route.shard
+        self.route = route
 
     def forget_local(self) -> None:
         """Drop the handles of this process's open shards (after fork, on close)."""
@@ -41,11 +52,29 @@ class ClientTables(dict[Any, ClientTable]):
     """``Table``, table name or table UUID -> ``ClientTable``; UnknownTable naming the known
     tables for anything else."""
 
-    def __init__(self, schema: Schema, slot_map: SlotMap) -> None:
+    def __init__(self, schema: Schema, routes: SlotRoutes | SlotMap) -> None:
         super().__init__()
         self.schema = schema
+        if isinstance(routes, SlotMap):
+            routes = SlotRoutes(0, routes)
+        self.routes = routes
+        """The client's current slot map, which the tables' routes follow."""
+        self._by_tid: dict[bytes, ClientTable] = {}
         for t in schema.tables.values():
-            self[t] = self[t.name] = self[t.table_id] = ClientTable(t, slot_map)
+            ct = self[t] = self[t.name] = self[t.table_id] = ClientTable(t, routes.map)
+            self._by_tid[ct.tid] = ct
+        routes.listen(self._reroute)
+
+    def _reroute(self, slot_map: SlotMap) -> None:
+        for ct in self.each():
+            ct.reroute(slot_map)
+
+    def shard_of_op(self, op: list[Any]) -> int:
+        """The shard an encoded write op ``[code, table id, key bytes, arg]`` goes to under
+        the current map."""
+        ct = self._by_tid[op[1]]
+        kb = op[2]
+        return ct.shard(ct.kdec(kb) if ct.route.needs_key else None, kb)
 
     def __missing__(self, ref: Any) -> ClientTable:
         raise UnknownTable(

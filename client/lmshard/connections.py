@@ -47,11 +47,13 @@ from lmshard.errors import (
     Error,
     NotPrimary,
     ShardUnavailable,
+    SlotsMoving,
     TransactionError,
     error_from_wire,
 )
 from lmshard.members import FIRST_EPOCH, HOME
 from lmshard.protocol import ZERO_COPY_MIN, pack_request, unpack_frame
+from lmshard.slot_routes import moving_waits
 
 log = logging.getLogger("lmshard.client")
 
@@ -151,6 +153,14 @@ class ShardCopies:
         self.replicated = bool(config.replica_names)
         """Whether the shards have copies to move to."""
 
+    def grow(self, config: Config) -> None:
+        """Take the shards ``config`` has beyond these (a re-shard added them)."""
+        for s in range(len(self.names), config.shards):
+            self.names.append(HOME)
+            self.endpoints.append(config.endpoint(s))
+            self.epochs.append(0)
+        self.config = config
+
     def saw_epoch(self, shard: int, epoch: Any) -> None:
         if type(epoch) is int and epoch > self.epochs[shard]:
             self.epochs[shard] = epoch
@@ -232,6 +242,16 @@ class OwnerSockets:
         (This transport does not follow: False.)"""
         return False
 
+    def grow(self, config: Config) -> None:
+        """Connect to the shards ``config`` has beyond the current one's (a re-shard added
+        them: ``lmshard.slot_routes.grown_config``)."""
+        self.copies.grow(config)
+        self._grow_arrays(config)
+        self.config = config
+
+    def _grow_arrays(self, config: Config) -> None:
+        """Grow the transport's own per-shard arrays to ``config.shards``."""
+
 
 class _Conn:
     """One thread's DEALER socket to one shard owner, with its own sequence numbers."""
@@ -273,6 +293,11 @@ class OwnerConnections(OwnerSockets):
         self._tls = threading.local()
         self._closed = False
 
+    def _grow_arrays(self, config: Config) -> None:
+        for s in range(len(self._open_until), config.shards):
+            self._open_until.append(0.0)
+            self._ipc_paths.append(_ipc_path(config.endpoint(s)))
+
     # -- sockets -----------------------------------------------------------------------------
 
     @property
@@ -306,9 +331,13 @@ class OwnerConnections(OwnerSockets):
 
     # -- one request -------------------------------------------------------------------------
 
-    def request(self, shard: int, code: int, body: Any, *, write: bool) -> Any:
+    def request(self, shard: int, code: int, body: Any, *, write: bool,
+                map_version: int = 0) -> Any:
         """Send one request to one shard and wait for its reply body (or the Error the owner
         answered with), with Lazy Pirate retries; ShardUnavailable when it stays silent.
+        ``map_version``: the version of the slot map the request was routed by; a write the
+        owner answers SlotsMoving is sent again (``_moving``) until it is not, or its time
+        is up.
 
         The one-shard case of ``requests``, kept lean: it is every single put's path. The
         wait is a blocking recv under RCVTIMEO (one poll inside libzmq); ``Socket.poll`` would
@@ -322,25 +351,49 @@ class OwnerConnections(OwnerSockets):
         seq = conn.seq
         cid = self._tls.client_id if write else None
         moves = 0
+        waits = None
         while True:
-            frame = pack_request(code, cid, seq, body, self.copies.epochs[shard])
+            frame = pack_request(code, cid, seq, body, self.copies.epochs[shard], map_version)
             reply = self._exchange(shard, conn, seq, frame, until, write,
                                    search=moves <= len(self.config.replica_names))
-            if reply is _MOVED:
+            if type(reply) is SlotsMoving:
+                waits = waits or self._moving_waits(until, write)
+                if next(waits):
+                    continue  # the same request, same sequence number, once the move is done
+            if reply is _MOVED or self._moved_copy(shard, conn, reply, moves):
                 moves += 1
                 continue  # the same request, same sequence number, to the new copy
-            if reply is _SILENT or reply is _GONE or isinstance(reply, NotPrimary):
-                answer = reply if isinstance(reply, NotPrimary) else None
-                if moves <= len(self.config.replica_names) and self._follow(shard, conn, answer):
-                    moves += 1
-                    continue  # the same request, same sequence number, to the new copy
-                if reply is _SILENT:
-                    raise self._trip(shard)
-                if reply is _GONE:
-                    raise self._gone(shard)
-            elif write and not isinstance(reply, Error):
+            if reply is _SILENT:
+                raise self._trip(shard)
+            if reply is _GONE:
+                raise self._gone(shard)
+            if write and not isinstance(reply, Error):
                 self.note_ack(shard, reply)
             return reply
+
+    def _moved_copy(self, shard: int, conn: _Conn, reply: Any, moves: int) -> bool:
+        """Whether, after ``reply`` (silence, a missing owner, NotPrimary), the shard moved to
+        another copy (``_follow``), which the request goes to next."""
+        if reply is _SILENT or reply is _GONE or isinstance(reply, NotPrimary):
+            answer = reply if isinstance(reply, NotPrimary) else None
+            return moves <= len(self.config.replica_names) and self._follow(shard, conn, answer)
+        return False
+
+    def _moving_waits(self, until: float | None, write: bool) -> Any:
+        """Yields, before each resend of a request answered SlotsMoving, True after waiting
+        (``slot_routes.moving_waits``), or False when the call's time is up: its deadline, or
+        as long as its retries would have waited for a silent owner."""
+        give_up = time.monotonic() + (
+            self.write_timeout_ms if write else self.timeout_ms) * (self.retries + 1) / 1000
+        if until is not None:
+            give_up = min(give_up, until)
+        for wait in moving_waits():
+            left = give_up - time.monotonic()
+            if left <= 0:
+                yield False
+                return
+            time.sleep(min(wait, left))
+            yield True
 
     def _exchange(self, shard: int, conn: _Conn, seq: int, frame: bytes, until: float | None,
                   write: bool, search: bool = False) -> Any:
@@ -454,9 +507,10 @@ class OwnerConnections(OwnerSockets):
     # -- requests to several shards at once --------------------------------------------------
 
     def requests(self, parts: dict[int, tuple[int, Any]], *, write: bool,
-                 silent_ok: bool = False) -> dict[int, Any]:
+                 silent_ok: bool = False, map_version: int = 0) -> dict[int, Any]:
         """Send requests ``shard -> (code, body)`` to several shards at once, wait for every
-        reply.
+        reply; routed by the slot map of ``map_version``, and writes answered SlotsMoving
+        sent again as ``request`` does.
 
         Returns shard -> reply body, or shard -> Error for a shard that answered with an
         error; a shard that stays silent through every retry raises ShardUnavailable (or,
@@ -466,7 +520,7 @@ class OwnerConnections(OwnerSockets):
         gone = {s for s in parts if conns[s].gone and self._still_gone(s, conns[s])}
         blocked = self._blocked_of(parts, gone, silent_ok)
         until = getattr(self._deadlines, "at", None)
-        frames, seqs = self._frames(parts, conns, write)
+        frames, seqs = self._frames(parts, conns, write, map_version)
         sent_at = time.monotonic()
         results: dict[int, Any] = {s: self._open(s) for s in blocked}
         pending = set(parts) - gone - blocked
@@ -490,15 +544,35 @@ class OwnerConnections(OwnerSockets):
             if attempt < self.retries:
                 for s in pending:
                     self._reconnect(s, conns[s])
-        self._settle(parts, conns, seqs, results, pending, gone, write, until)
+        self._settle(parts, conns, seqs, results, pending, gone, write, until, map_version)
         return self._outcome(conns, results, pending, gone, silent_ok)
 
     def _settle(self, parts: dict[int, tuple[int, Any]], conns: dict[int, _Conn],
                 seqs: dict[int, int], results: dict[int, Any], pending: set[int],
-                gone: set[int], write: bool, until: float | None) -> None:
-        """Follow the shards that moved to another copy (``_follow_moves``); note the acks."""
+                gone: set[int], write: bool, until: float | None, map_version: int) -> None:
+        """Follow the shards that moved to another copy (``_follow_moves``); send the writes
+        answered SlotsMoving again until they are not; note the acks."""
         if self.copies.replicated:
-            self._follow_moves(parts, conns, seqs, results, pending, gone, write, until)
+            self._follow_moves(parts, conns, seqs, results, pending, gone, write, until,
+                               map_version)
+        moving = sorted(s for s, r in results.items() if type(r) is SlotsMoving)
+        if moving and write:
+            waits = self._moving_waits(until, write)
+            cid = self._tls.client_id
+            while moving and next(waits):
+                for s in moving:
+                    code, body = parts[s]
+                    frame = pack_request(code, cid, seqs[s], body, self.copies.epochs[s],
+                                         map_version)
+                    answer = self._exchange(s, conns[s], seqs[s], frame, until, write)
+                    if answer is _SILENT:
+                        pending.add(s)
+                    elif answer is _GONE:
+                        gone.add(s)
+                    else:
+                        results[s] = answer
+                moving = [s for s in moving if type(results.get(s)) is SlotsMoving
+                          and s not in pending and s not in gone]
         if write:
             for s, r in results.items():
                 if not isinstance(r, Error):
@@ -506,7 +580,8 @@ class OwnerConnections(OwnerSockets):
 
     def _follow_moves(self, parts: dict[int, tuple[int, Any]], conns: dict[int, _Conn],
                       seqs: dict[int, int], results: dict[int, Any], pending: set[int],
-                      gone: set[int], write: bool, until: float | None) -> None:
+                      gone: set[int], write: bool, until: float | None,
+                      map_version: int) -> None:
         """For each shard that answered NotPrimary, stayed silent or is not running: when
         another copy is primary now, move there and send it the same request (same sequence
         number); its reply goes in ``results``."""
@@ -522,7 +597,8 @@ class OwnerConnections(OwnerSockets):
                     break
                 pending.discard(s)
                 gone.discard(s)
-                frame = pack_request(code, cid, seqs[s], body, self.copies.epochs[s])
+                frame = pack_request(code, cid, seqs[s], body, self.copies.epochs[s],
+                                     map_version)
                 answer = self._exchange(s, conn, seqs[s], frame, until, write)
                 if answer is _SILENT:
                     pending.add(s)
@@ -533,8 +609,8 @@ class OwnerConnections(OwnerSockets):
                     if not isinstance(answer, NotPrimary):
                         break
 
-    def _frames(self, parts: dict[int, tuple[int, Any]], conns: dict[int, _Conn], write: bool
-                ) -> tuple[dict[int, bytes], dict[int, int]]:
+    def _frames(self, parts: dict[int, tuple[int, Any]], conns: dict[int, _Conn], write: bool,
+                map_version: int) -> tuple[dict[int, bytes], dict[int, int]]:
         """Each shard's request frame under its connection's next sequence number; the
         frames and the numbers."""
         cid = self._tls.client_id if write else None
@@ -544,7 +620,8 @@ class OwnerConnections(OwnerSockets):
             conn = conns[s]
             conn.seq += 1
             seqs[s] = conn.seq
-            frames[s] = pack_request(code, cid, conn.seq, body, self.copies.epochs[s])
+            frames[s] = pack_request(code, cid, conn.seq, body, self.copies.epochs[s],
+                                     map_version)
         return frames, seqs
 
     def _gave_up(self, conns: dict[int, _Conn], pending: set[int], write: bool,

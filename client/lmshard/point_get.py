@@ -3,6 +3,11 @@
 Begin a read transaction, get, abort: no generator, no ``ReadTxn``, a spare transaction handle
 reused by py-lmdb. When another process grew the map, ``begin`` raises ``MapResizedError``;
 the reader adopts the new size (``map_growth.begin_read``) and begins again.
+
+The shard's slot map version (meta record ``slot_map_version``) is read in the same snapshot
+and compared, as bytes, with the version the client routes by: when they differ (a re-shard
+moved on), the answer is ``SLOTS_CHANGED`` and the client reads the row the careful way
+(``LocalShards.row``: the shard's map adopted if newer, its foreign slots skipped).
 """
 
 from __future__ import annotations
@@ -12,14 +17,23 @@ from typing import Any
 import lmdb
 
 from lmshard.map_growth import begin_read
+from lmshard.slot_state import META_VERSION
+
+SLOTS_CHANGED: Any = object()
+"""``point_get``'s answer when the shard records another slot map version than expected."""
 
 
-def point_get(env: lmdb.Environment, db: Any, key: bytes) -> bytes | None:
-    """The bytes stored under the encoded ``key`` in database ``db`` of ``env``, or None."""
+def point_get(env: lmdb.Environment, db: Any, key: bytes, meta: Any = None,
+              version: bytes | None = None) -> Any:
+    """The bytes stored under the encoded ``key`` in database ``db`` of ``env``, or None; with
+    ``meta`` (the meta database), SLOTS_CHANGED when its ``slot_map_version`` is not
+    ``version``."""
     try:
         txn = env.begin(db=db)
     except lmdb.MapResizedError:
         txn = begin_read(env)
     data: bytes | None = txn.get(key, db=db)
+    if meta is not None and txn.get(META_VERSION, db=meta) != version:
+        data = SLOTS_CHANGED
     txn.abort()
     return data

@@ -13,6 +13,11 @@ shard compares it, inside the read transaction that serves the read, with what t
 copy that is primary itself), and waits for the copy (a new read transaction each try) up to
 ``client.replica_wait``, then raises ReplicaBehind. A read of a shard with no such ack waits for
 nothing; on the owners' host every ack comes from the copy read here, so none is kept.
+
+Re-sharding. A local read also reads the shard's slot state in its read transaction
+(``lmshard.slot_state``; ``slot_map_version`` and ``slot_moves``): a newer map than the client's
+is adopted (``SlotRoutes.adopt``; the caller routes again when ``routes.generation`` moved),
+and the rows of slots the shard must not serve (``slot_routes.ForeignRows``) are skipped.
 """
 
 from __future__ import annotations
@@ -32,10 +37,13 @@ from lmshard.connections import OwnerConnections
 from lmshard.errors import Error, ReplicaBehind
 from lmshard.map_growth import begin_read
 from lmshard.members import PRIMARY, read_state
-from lmshard.point_get import point_get
+from lmshard.point_get import SLOTS_CHANGED, point_get
 from lmshard.protocol import READ_CODES, SCAN, paged_scan
 from lmshard.remote import ReaderPool
+from lmshard.routing import SlotMap
 from lmshard.schema import Schema
+from lmshard.slot_routes import ForeignRows, SlotRoutes, shard_view
+from lmshard.slot_state import META_MAP, META_MOVES, META_VERSION, SlotState, read_slot_state
 from lmshard.store import Store
 from lmshard.store_meta import META_DB
 from lmshard.txn import ReadTxn
@@ -72,8 +80,12 @@ class LocalShards:
     ack a read must see (``note_ack``)."""
 
     def __init__(self, config: Config, schema: Schema, *, enabled: bool,
-                 tables: ClientTables | None = None) -> None:
+                 tables: ClientTables | None = None, routes: SlotRoutes | None = None) -> None:
         self.config = config
+        self.routes = routes if routes is not None else SlotRoutes.of_config(config)
+        """The slot map the client routes by, which reads check the shards' against."""
+        self._views: dict[tuple[int, bytes | None, bytes | None, int], ForeignRows | None] = {}
+        self._states: dict[tuple[bytes | None, bytes | None, bytes | None], SlotState] = {}
         self.schema = schema
         self.enabled = enabled
         self.member = config.local_member
@@ -86,6 +98,16 @@ class LocalShards:
         """Per shard, ``(epoch, txn id)`` of the last ack from another copy that no read here
         has seen yet; None when a read waits for nothing."""
         self._meta_dbs: dict[int, tuple[lmdb.Environment, Any]] = {}
+
+    def grow(self, config: Config) -> None:
+        """Read the shards ``config`` has beyond the current one's too (a re-shard added
+        them)."""
+        with self._lock:
+            extra = config.shards - len(self._stores)
+            if extra > 0:
+                self._stores = self._stores + [None] * extra
+                self.unseen = self.unseen + [None] * extra
+            self.config = config
 
     def get(self, shard: int) -> Store | None:
         """The shard's store opened read-only here (opened now if need be), or None."""
@@ -110,14 +132,15 @@ class LocalShards:
         self._stores[shard] = st
         return st
 
-    def handles(self, ct: ClientTable, shard: int) -> tuple[Any, Any] | None:
-        """(environment, database) of table ``ct`` on ``shard`` when the shard is open here,
-        kept in ``ct.local`` for the point gets that follow; None: read over the wire, or (when
+    def handles(self, ct: ClientTable, shard: int) -> tuple[Any, Any, Any] | None:
+        """(environment, database, meta database) of table ``ct`` on ``shard`` when the shard
+        is open here, kept in ``ct.local`` for the point gets that follow; None: read over the
+        wire, or (when
         ``get`` has the store) through ``read``, as a read must wait for an ack."""
         st = self.get(shard)
         if st is None or self.unseen[shard] is not None:
             return None
-        hit = ct.local[shard] = (st.env, st.tables[ct.table].db)
+        hit = ct.local[shard] = (st.env, st.tables[ct.table].db, self.meta_db(st))
         if self.unseen[shard] is not None:  # an ack came in meanwhile: note_ack may have
             ct.local[shard] = None           # cleared ct.local before the line above
             return None
@@ -128,12 +151,56 @@ class LocalShards:
         host's copy of ``shard``; NOT_HERE when the shard is not open here."""
         hit = self.handles(ct, shard)
         if hit is not None:
-            return point_get(hit[0], hit[1], key)
+            data = point_get(hit[0], hit[1], key, hit[2], self.routes.version_bytes)
+            if data is not SLOTS_CHANGED:
+                return data
         st = self.get(shard)
         if st is None:
             return NOT_HERE
         with self.read(shard, st) as r:
+            foreign = self.foreign(shard, st, r.txn)
+            if foreign is not None and not foreign.keep(ct, key):
+                return None
             return r.txn.get(key, db=st.tables[ct.table].db)
+
+    # -- re-sharding -------------------------------------------------------------------------
+
+    def meta_db(self, st: Store) -> Any:
+        """The meta database handle of ``st``'s environment."""
+        env = st.env
+        cached = self._meta_dbs.get(id(st))
+        if cached is None or cached[0] is not env:
+            # Not in a read txn: a handle opened in a transaction that is aborted is closed.
+            cached = self._meta_dbs[id(st)] = (env, env.open_db(META_DB, create=False))
+        return cached[1]
+
+    def foreign(self, shard: int, st: Store, txn: Any) -> ForeignRows | None:
+        """The rows a read of ``shard`` in ``txn`` skips (None: none), from the shard's slot
+        state in that txn; a newer map than the client's is adopted (the caller routes again
+        when ``routes.generation`` moved)."""
+        db = self.meta_db(st)
+        routes = self.routes
+        version = txn.get(META_VERSION, db=db)
+        moves = txn.get(META_MOVES, db=db)
+        if version == routes.version_bytes and moves in (None, _NO_MOVES):
+            return None
+        key = (shard, version, moves, routes.generation)
+        if key in self._views:
+            return self._views[key]
+        skey = (version, txn.get(META_MAP, db=db), moves)
+        state = self._states.get(skey)
+        if state is None:
+            records = {k: v for k, v in zip((META_VERSION, META_MAP, META_MOVES), skey,
+                                            strict=True) if v is not None}
+            state = read_slot_state(records, self.config)
+            if len(self._states) > 64:
+                self._states.clear()
+            self._states[skey] = state
+        view = shard_view(shard, state, routes)
+        if len(self._views) > 256:
+            self._views.clear()
+        self._views[(shard, version, moves, routes.generation)] = view
+        return view
 
     # -- read-your-writes on a replica host --------------------------------------------------
 
@@ -214,12 +281,7 @@ class LocalShards:
     def _has(self, st: Store, txn: Any) -> tuple[int, int]:
         """``(epoch, txn id)`` of the last primary transaction the copy open in ``st`` has,
         as its meta records say inside ``txn``."""
-        env = st.env
-        cached = self._meta_dbs.get(id(st))
-        if cached is None or cached[0] is not env:
-            # Not in ``txn``: a handle opened in a transaction that is aborted is closed.
-            cached = self._meta_dbs[id(st)] = (env, env.open_db(META_DB, create=False))
-        state = read_state(_Meta(txn, cached[1]), self.member)
+        state = read_state(_Meta(txn, self.meta_db(st)), self.member)
         if state.role == PRIMARY:
             return state.epoch, int(txn.id())
         return state.applied_epoch, state.applied
@@ -234,6 +296,10 @@ class LocalShards:
             if st is not None:
                 st.close()
         self._stores = [None] * self.config.shards
+
+
+_NO_MOVES = SlotState(0, SlotMap(1, 1)).records()[META_MOVES]
+"""The ``slot_moves`` record of a shard that moves no slots."""
 
 
 class RemoteReads:
@@ -254,16 +320,19 @@ class RemoteReads:
                 if self._pool is None:
                     self._pool = ReaderPool(self.config, timeout_ms=self.owners.timeout_ms,
                                             retries=self.owners.retries)
+        if self._pool is not None and self._pool.shards < self.owners.config.shards:
+            self._pool.shards = self.owners.config.shards  # a re-shard added shards
         return self._pool
 
-    def one(self, shard: int, request: Request) -> Any:
-        """The reply body of one read (or ping) for one shard; raises the Error answered."""
+    def one(self, shard: int, request: Request, map_version: int = 0) -> Any:
+        """The reply body of one read (or ping) for one shard, routed by the slot map of
+        ``map_version``; raises the Error answered."""
         self.owners.counters.mine()["remote_reads"] += 1
         code, body = request
         pool = self.pool() if code in READ_CODES else None
         if pool is not None:
-            return pool.request(shard, code, body)
-        r = self.owners.request(shard, code, body, write=False)
+            return pool.request(shard, code, body, map_version=map_version)
+        r = self.owners.request(shard, code, body, write=False, map_version=map_version)
         if isinstance(r, Error):
             raise r
         return r

@@ -160,8 +160,10 @@ class ReaderPool:
 
     # -- requests ----------------------------------------------------------------------------
 
-    def request(self, shard: int, code: int, body: Any) -> Any:
-        """One read command for one shard; its reply body."""
+    def request(self, shard: int, code: int, body: Any, *, map_version: int = 0) -> Any:
+        """One read command for one shard, routed by the slot map of ``map_version`` (a shard
+        that recorded a newer one answers SlotMoved for a key it does not hold); its reply
+        body."""
         check_fork()
         conn: _PoolConn | None = getattr(self._tls, "conn", None)
         sock = conn.socks[conn.home] if conn is not None else None
@@ -174,7 +176,8 @@ class ReaderPool:
         # The common case, kept lean: the home reader is connected and answers in time.
         assert conn is not None
         self.counters["requests"] += 1
-        seq, frame = self._frame(conn, *READ.request_for(shard, code, body))
+        seq, frame = self._frame(conn, *READ.request_for(shard, code, body),
+                                 map_version=map_version)
         try:
             sock.send(frame, zmq.NOBLOCK, len(frame) < protocol.ZERO_COPY_MIN)
         except zmq.Again:  # not connected any more: the full path picks another reader
@@ -278,9 +281,10 @@ class ReaderPool:
                 s.close(linger=0)
         return {i: out.get(i) for i in range(len(self.endpoints))}
 
-    def _frame(self, conn: _PoolConn, code: int, body: Any) -> tuple[int, bytes]:
+    def _frame(self, conn: _PoolConn, code: int, body: Any, map_version: int = 0
+               ) -> tuple[int, bytes]:
         conn.seq += 1
-        frame = protocol.pack_request(code, None, conn.seq, body)
+        frame = protocol.pack_request(code, None, conn.seq, body, 0, map_version)
         if len(frame) > protocol.MAX_FRAME_SIZE:
             raise LimitExceeded(
                 f"request of {len(frame):,} bytes is over the frame limit of "

@@ -23,6 +23,16 @@ kept replies.
 Each batch is atomic on its shard. A batch the owner refuses (a unique violation, a bad value)
 is applied not at all, and the stream goes on; the writer raises ``BatchesFailed`` naming the
 refused batches at its next call (``put``, ``flush`` or the end of the ``with`` block).
+
+Re-sharding (``lmshard.slot_routes``). Batches carry the version of the slot map the writer
+routes by. A batch refused with ``SlotMoved`` was not applied and writes no client record, so
+the stream's later batches come back OutOfOrder: the writer adopts the newer map, sends nothing
+more until every batch in flight is answered, then routes the refused batches' ops and every
+buffered op again (each old stream's ops in their order) and sends them as new batches; the
+refused stream's next batch follows the last one its shard applied. A batch refused with
+``SlotsMoving`` holds its stream: after a short wait the unanswered batches are sent again as
+they were (same sequence numbers), until the move switches (``SlotsMoving`` is raised when it
+takes longer than the retries would wait for a silent owner).
 """
 
 from __future__ import annotations
@@ -42,6 +52,8 @@ from lmshard.errors import (
     NotPrimary,
     OutOfOrder,
     ShardUnavailable,
+    SlotMoved,
+    SlotsMoving,
     TransactionError,
     error_from_wire,
 )
@@ -58,6 +70,7 @@ from lmshard.protocol import (
     pack_request,
     unpack_frame,
 )
+from lmshard.slot_routes import follow_moved, moving_waits
 from lmshard.txn import TableRef
 
 if TYPE_CHECKING:
@@ -102,12 +115,16 @@ class WriterClient(Protocol):
 
 _OUT_OF_ORDER = OutOfOrder.code
 _NOT_PRIMARY = NotPrimary.code
+_SLOT_MOVED = SlotMoved.code
+_SLOTS_MOVING = SlotsMoving.code
+_RESHARD_ANSWERS = frozenset({_SLOT_MOVED, _SLOTS_MOVING, _OUT_OF_ORDER})
 
 
 class _Stream:
     """One shard's ordered stream of batches: buffer, socket, and what is in flight."""
 
-    __slots__ = ("shard", "cid", "sock", "endpoint", "seq", "buf", "inflight", "attempts")
+    __slots__ = ("shard", "cid", "sock", "endpoint", "seq", "after", "buf", "inflight",
+                 "attempts", "refused", "hold_until", "holding_since", "waits")
 
     def __init__(self, shard: int, sock: zmq.Socket[bytes], endpoint: str) -> None:
         self.shard = shard
@@ -116,10 +133,20 @@ class _Stream:
         self.endpoint = endpoint
         """The endpoint of the copy the socket is connected to."""
         self.seq = 0
+        self.after = 0
+        """The batch the next one follows: the last sent, or after a SlotMoved refusal the
+        last the shard applied."""
         self.buf: list[list[Any]] = []
-        # seq -> [frame, ops, deadline], in the order sent (dicts keep insertion order)
+        # seq -> [frame, ops, deadline, after, map version], in the order sent (dicts keep
+        # insertion order)
         self.inflight: dict[int, list[Any]] = {}
         self.attempts = 0
+        self.refused: list[tuple[int, list[Any]]] = []
+        """(seq, entry) of batches a re-shard made this shard refuse, to route again."""
+        self.hold_until: float | None = None
+        """While a move switches slots of a batch in flight (SlotsMoving): when to resend."""
+        self.holding_since = 0.0
+        self.waits: Any = None
 
 
 class WriterStreams:
@@ -138,6 +165,12 @@ class WriterStreams:
                 f"window must be an int in 1..{PIPELINE_WINDOW} (batches in flight "
                 f"per shard), not {window!r}")
         self._tables = client.tables
+        self._routes = client.tables.routes
+        self._version = self._routes.version
+        """The version of the slot map the buffered ops were routed by (no newer)."""
+        self._rerouting = False
+        """A batch was refused with SlotMoved: nothing is sent until every batch in flight
+        is answered, then the refused and buffered ops are routed again."""
         self._owners = client.owners
         self.batch_size = batch_size
         self.window = window
@@ -176,14 +209,20 @@ class WriterStreams:
         return st
 
     def _launch(self, st: _Stream) -> None:
-        """Send the stream's buffer as its next batch (the window has room)."""
-        ops, st.buf = st.buf, []
-        after = st.seq
+        """Send the stream's buffer (up to batch_size ops of it) as its next batch (the window
+        has room)."""
+        if len(st.buf) > self.batch_size:
+            ops, st.buf = st.buf[:self.batch_size], st.buf[self.batch_size:]
+        else:
+            ops, st.buf = st.buf, []
+        after = st.after
         st.seq += 1
+        st.after = st.seq
+        version = self._version
         frame = pack_request(WRITE_AFTER.code, st.cid, st.seq, WRITE_AFTER.build(after, ops),
-                             self._owners.epoch(st.shard))
+                             self._owners.epoch(st.shard), version)
         deadline = time.monotonic() + self._owners.write_timeout_ms / 1000
-        st.inflight[st.seq] = [frame, ops, deadline]
+        st.inflight[st.seq] = [frame, ops, deadline, after, version]
         counters = self._owners.counters.mine()
         counters["batches_sent"] += 1
         counters["ops_sent"] += len(ops)
@@ -207,12 +246,87 @@ class WriterStreams:
         return max(0, int((first - time.monotonic()) * 1000) + 1)
 
     def _expire(self, active: list[_Stream]) -> None:
-        """Resend the batches of each stream whose oldest batch went unanswered too long."""
+        """Resend the batches of each stream whose oldest batch went unanswered too long (or
+        whose wait for a move to switch is over); route again once a refusal's stream and
+        every other are answered."""
         now = time.monotonic()
         for st in active:
-            if st.inflight and next(iter(st.inflight.values()))[2] <= now:
+            if st.hold_until is not None:
+                if now >= st.hold_until:
+                    st.hold_until = None
+                    self._resend(st, "slots of a batch were switching to another shard",
+                                 moved=True)
+            elif st.inflight and next(iter(st.inflight.values()))[2] <= now:
                 self._owners.counters.mine()["timeouts"] += 1
                 self._resend(st, f"no answer in {self._owners.write_timeout_ms} ms")
+        self._reroute()
+
+    def _reroute(self) -> None:
+        """Once every batch in flight is answered after a SlotMoved refusal: route the refused
+        batches' ops and the buffered ops again under the current map (each stream's in its
+        order, the refused before the buffered), into the streams' buffers."""
+        if not self._rerouting or any(st.inflight for st in self._streams.values()):
+            return
+        self._rerouting = False
+        version = self._routes.version  # before routing: batches never claim a newer map
+        pending: list[list[Any]] = []
+        for st in list(self._streams.values()):
+            if st.refused:
+                st.refused.sort(key=lambda r: r[0])
+                st.after = st.refused[0][1][3]  # the last batch the shard applied
+                for _, entry in st.refused:
+                    pending.extend(entry[1])
+                st.refused = []
+            pending.extend(st.buf)
+            st.buf = []
+        self._version = version
+        shard_of = self._tables.shard_of_op
+        for o in pending:
+            self._stream(shard_of(o)).buf.append(o)
+        log.info("%d ops routed again under slot map version %d", len(pending), version)
+
+    def _reshard_answer(self, st: _Stream, seq: int, entry: list[Any], status: int,
+                        body: Any) -> bool:
+        """Take an answer a re-shard may explain (SlotMoved, SlotsMoving, OutOfOrder after
+        either); whether it was."""
+        if status == _SLOT_MOVED:
+            err = error_from_wire(status, *body)
+            if not follow_moved(self._routes, err, entry[4]):
+                raise err
+            self._refuse(st, seq, entry)
+        elif status == _SLOTS_MOVING:
+            self._hold(st)  # sent again, as it is, once the wait is over
+        elif st.refused:
+            self._refuse(st, seq, entry)  # it follows a refused batch
+        elif st.hold_until is None:
+            return False  # a batch was lost
+        return True
+
+    def _refuse(self, st: _Stream, seq: int, entry: list[Any]) -> None:
+        """Batch ``seq`` of the stream was not applied because a re-shard moved slots of its
+        stream's batches: route it again (``_reroute``)."""
+        del st.inflight[seq]
+        st.refused.append((seq, entry))
+        self._rerouting = True
+
+    def _hold(self, st: _Stream) -> None:
+        """A batch of the stream met slots switching to another shard (SlotsMoving): resend
+        the stream's batches after a short wait; SlotsMoving when the switch takes longer than
+        the retries would wait for a silent owner."""
+        now = time.monotonic()
+        if st.waits is None:
+            st.waits = moving_waits()
+            st.holding_since = now
+        elif now - st.holding_since > (
+                self._owners.write_timeout_ms * (self._owners.retries + 1) / 1000):
+            raise SlotsMoving(
+                f"shard {st.shard}: slots of a batch of this writer are still switching to "
+                f"another shard after {now - st.holding_since:.1f} s; "
+                f"{len(st.inflight)} batches are unacknowledged (each applied fully or not "
+                "at all)", hint="check the re-shard: lmshard reshard --status")
+        st.hold_until = now + next(st.waits)
+        for entry in st.inflight.values():
+            entry[2] = st.hold_until
 
     def _receive(self, st: _Stream) -> None:
         """Take every reply waiting on the stream's socket."""
@@ -226,6 +340,9 @@ class WriterStreams:
             entry = st.inflight.get(seq)
             if entry is None:
                 continue  # the answer to a batch sent twice: the first answer was taken
+            if status in _RESHARD_ANSWERS and self._reshard_answer(st, seq, entry, status,
+                                                                   body):
+                continue
             if status == _OUT_OF_ORDER:
                 self._resend(st, "a batch of the stream was lost")
                 return  # the old socket is gone, with whatever else it held
@@ -235,6 +352,7 @@ class WriterStreams:
             del st.inflight[seq]
             if seq < min(st.inflight, default=seq + 1):
                 st.attempts = 0
+                st.waits = None
             if status == 0:
                 self.committed += 1
                 self.ops_committed += len(entry[1])
@@ -326,11 +444,13 @@ class Writer(WriterStreams):
     def flush(self) -> None:
         """Send every buffered op and wait until every batch in flight is acknowledged;
         BatchesFailed if a shard refused any batch since the last call that raised."""
-        for st in self._streams.values():
-            if st.buf:
-                self._send(st)
-        while any(st.inflight for st in self._streams.values()):
-            self._pump()
+        while True:
+            for st in list(self._streams.values()):
+                while st.buf:
+                    self._send(st)
+            if not self._rerouting and not self._active():
+                break
+            self._pump()  # (ops routed again land in the buffers: sent on the next round)
         self._raise_failed()
 
     def __enter__(self) -> Writer:
@@ -345,15 +465,17 @@ class Writer(WriterStreams):
 
     def _send(self, st: _Stream) -> None:
         self._raise_failed()
-        while len(st.inflight) >= self.window:
+        while self._rerouting or len(st.inflight) >= self.window:
             self._pump()
             self._raise_failed()
-        self._launch(st)
+        if st.buf:  # (routing again may have moved its ops to other streams)
+            self._launch(st)
 
     def _pump(self) -> None:
         """Wait for replies (up to the earliest deadline); handle them and any timeout."""
         active = self._active()
         if not active:
+            self._reroute()
             return
         wait_ms = self._wait_ms(active)
         if len(active) == 1:
