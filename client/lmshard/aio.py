@@ -283,9 +283,11 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
         await self._all_caught_up()
         stores = [self._local.get(s) for s in shards]
         if all(st is not None for st in stores):  # the sync client's scan, as it is
-            streams = [calls.local_rows(self._local, s, st, ct, lo, hi, reverse)
-                       for s, st in zip(shards, stores, strict=True) if st]
-            rows = calls.scan_rows(ct, streams, reverse, where, limit)
+            rows = calls.routed_rows(
+                self.routes, lambda: [
+                    calls.local_rows(self._local, s, st, ct, lo, hi, reverse)
+                    for s, st in zip(shards, stores, strict=True) if st],
+                ct, reverse, where, limit)
             try:
                 for n, row in enumerate(rows, 1):
                     yield row

@@ -238,8 +238,7 @@ class RoutedParts:
 
 Plan = TypeVar("Plan")
 
-END: Any = object()
-"""A scan's first row when there is none."""
+_END: Any = object()
 
 
 def routed(routes: SlotRoutes, make: Callable[[], Plan]) -> Plan:
@@ -257,6 +256,27 @@ def close_rows(rows: Iterator[Any]) -> None:
     close = getattr(rows, "close", None)
     if close is not None:
         close()
+
+
+def routed_rows(routes: SlotRoutes,
+                streams_of: Callable[[], list[Iterator[tuple[bytes, bytes]]]],
+                ct: ClientTable, reverse: bool, where: Callable[[Any], bool] | None,
+                limit: int | None) -> Iterator[tuple[Any, Any]]:
+    """``scan_rows`` of the shards' streams (``streams_of()``), read under one slot map: when
+    a shard read recorded a newer one (adopted: routes moved on) before the first row, the
+    scan starts again under it. (The merge reads every stream's first row for its first.)"""
+    while True:
+        generation = routes.generation
+        streams = streams_of()
+        rows = scan_rows(ct, streams, reverse, where, limit)
+        first = next(rows, _END)
+        if routes.generation == generation:
+            break
+        for stream in streams:
+            close_rows(stream)
+    if first is not _END:
+        yield first
+        yield from rows
 
 
 class GetMany:

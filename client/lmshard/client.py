@@ -260,22 +260,6 @@ class Client(calls.ClientCore[OwnerConnections]):
             return self._remote.scan(shard, ct.tid, lo, hi, reverse)
         return calls.local_rows(self._local, shard, st, ct, lo, hi, reverse)
 
-    def _scan_rows(self, ct: ClientTable, prefix: Any, lo: bytes | None, hi: bytes | None,
-                   reverse: bool, limit: int | None, where: Callable[[Any], bool] | None
-                   ) -> tuple[Any, Iterator[tuple[Any, Any]]]:
-        """The first row of a scan (``calls.END`` if none) and the rest, from shards that
-        all read under one slot map: a shard that recorded a newer one makes the scan start
-        again under it (every shard's first row is read before the first is returned)."""
-        while True:
-            generation = self.routes.generation
-            streams = [self._raw_range(s, ct, lo, hi, reverse)
-                       for s in ct.route.shards_for(prefix)]
-            rows = calls.scan_rows(ct, streams, reverse, where, limit)
-            first = next(rows, calls.END)
-            if self.routes.generation == generation:
-                return first, rows
-            for stream in streams:
-                calls.close_rows(stream)
     def scan(self, table: TableRef, prefix: Any = None, start: Any = None, end: Any = None,
              reverse: bool = False, limit: int | None = None,
              where: Callable[[Any], bool] | None = None) -> Iterator[tuple[Any, Any]]:
@@ -283,10 +267,10 @@ class Client(calls.ClientCore[OwnerConnections]):
         check_fork()
         ct = self.tables[table]
         lo, hi = key_bounds(ct, prefix, start, end)
-        first, rows = self._scan_rows(ct, prefix, lo, hi, reverse, limit, where)
-        if first is not calls.END:
-            yield first
-            yield from rows
+        yield from calls.routed_rows(
+            self.routes, lambda: [self._raw_range(s, ct, lo, hi, reverse)
+                                  for s in ct.route.shards_for(prefix)],
+            ct, reverse, where, limit)
 
     def count(self, table: TableRef, prefix: Any = None, start: Any = None,
               end: Any = None) -> int:

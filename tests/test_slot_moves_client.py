@@ -1,0 +1,291 @@
+"""Clients across a re-shard (``lmshard.slot_routes``): real owners, slots moved by hand.
+
+The test drives one move the way ``lmshard reshard`` does, command by command (``slot_state``,
+``move_rows``): slots S of shard 0 become incoming on shard 1, frozen on shard 0, are copied, and
+switch to shard 1 under map version 1 (shard 1 first, then shard 0 with S outgoing), then shard
+0's copies are dropped. Clients that still route by version 0 write and read meanwhile: their
+writes land once where the slot lives, their reads never see a row of a slot the shard read does
+not serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import lmshard.aio
+from lmshard import Client
+from lmshard.errors import Error
+from lmshard.protocol import MOVE_ROWS, OP_DELETE, OP_PUT, SLOT_STATE
+from lmshard.routing import SlotMap
+from lmshard.slot_state import RowSlots, SlotState
+from tests.cluster import Cluster
+
+MOVED = frozenset(range(0, 128))
+"""The slots moved: the first quarter of shard 0's (slots 0..511 of 1024 with 2 shards)."""
+
+
+class HandMove:
+    """One move of MOVED from shard 0 to shard 1, step by step, through an admin client."""
+
+    def __init__(self, service: Cluster) -> None:
+        self.service = service
+        self.admin = service.client()
+        self.old = service.config.slot_map
+        table = list(self.old.assignment)
+        for s in MOVED:
+            table[s] = 1
+        self.new = SlotMap(self.old.shards, self.old.slots, table, empty_ok=True)
+
+    def record(self, shard: int, state: SlotState) -> None:
+        r = self.admin.owners.request(shard, SLOT_STATE.code, state.to_wire(), write=True)
+        assert not isinstance(r, Error), r
+
+    def move_rows(self, shard: int, ops: list[list[Any]]) -> None:
+        if ops:
+            r = self.admin.owners.request(shard, MOVE_ROWS.code, ops, write=True)
+            assert not isinstance(r, Error), r
+
+    def moved_rows(self, shard: int) -> list[list[Any]]:
+        """[table id, key bytes, stored bytes] of every row of MOVED on ``shard``, read from
+        its files as they are (no slot filter)."""
+        st = self.admin.local_store(shard)
+        assert st is not None
+        slots = RowSlots(self.old)
+        out = []
+        with st.read() as r:
+            for ct in self.admin.tables.each():
+                out.extend([ct.tid, k, v] for k, v in r.scan_raw(ct.table)
+                           if slots.slot(ct, k) in MOVED)
+        return out
+
+    def incoming(self) -> None:
+        self.record(1, SlotState(0, self.old, incoming=MOVED))
+
+    def freeze(self) -> None:
+        self.record(0, SlotState(0, self.old, frozen=MOVED))
+
+    def copy(self) -> None:
+        self.move_rows(1, [[OP_PUT, tid, k, v] for tid, k, v in self.moved_rows(0)])
+
+    def switch(self) -> None:
+        self.record(1, SlotState(1, self.new))
+        self.record(0, SlotState(1, self.new, outgoing=MOVED))
+
+    def drop(self) -> None:
+        self.move_rows(0, [[OP_DELETE, tid, k, None] for tid, k, _ in self.moved_rows(0)])
+        self.record(0, SlotState(1, self.new))
+
+    def all_of_it(self) -> None:
+        self.incoming()
+        self.freeze()
+        self.copy()
+        self.switch()
+        self.drop()
+
+    def raw(self, shard: int, table: str, key: Any) -> bytes | None:
+        """The stored bytes of a row on ``shard``'s files, unfiltered."""
+        ct = self.admin.table(table)
+        st = self.admin.local_store(shard)
+        assert st is not None
+        with st.read() as r:
+            return r.get_raw(ct.table, ct.kenc(key))
+
+    def close(self) -> None:
+        self.admin.close()
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Cluster]:
+    with Cluster(tmp_path, shards=2, sync=False) as svc:
+        yield svc
+
+
+@pytest.fixture
+def move(service: Cluster) -> Iterator[HandMove]:
+    m = HandMove(service)
+    yield m
+    m.close()
+
+
+def keys_where(c: Client, table: str, want: Any, n: int) -> list[str]:
+    """``n`` counter keys whose slot (under the config's map) satisfies ``want(slot)``."""
+    ct = c.table(table)
+    out = []
+    i = 0
+    while len(out) < n:
+        key = f"k{i}"
+        if want(ct.route.slot(key, ct.kenc(key))):
+            out.append(key)
+        i += 1
+    return out
+
+
+def moved_keys(c: Client, n: int) -> list[str]:
+    return keys_where(c, "counters", lambda s: s in MOVED, n)
+
+
+def kept_keys(c: Client, shard: int, n: int) -> list[str]:
+    return keys_where(c, "counters", lambda s: s not in MOVED and s * 2 // 1024 == shard, n)
+
+
+def test_a_write_by_the_old_map_lands_once_on_the_new_shard(service: Cluster,
+                                                             move: HandMove) -> None:
+    with service.client() as c:
+        [k] = moved_keys(c, 1)
+        c.incr("counters", k, 5)
+        move.incoming()
+        move.freeze()
+        move.copy()
+        move.switch()
+        assert c.routes.version == 0
+        assert c.incr("counters", k, 1) == 6
+        assert c.routes.version == 1 and c.routes.map == move.new
+        assert move.raw(1, "counters", k) == c.table("counters").dumps(6)
+        assert move.raw(0, "counters", k) == c.table("counters").dumps(5)  # not written there
+        assert c.get("counters", k) == 6
+
+
+def test_a_batch_over_both_shards_is_routed_again(service: Cluster, move: HandMove) -> None:
+    with service.client() as c:
+        moved, [on0], [on1] = moved_keys(c, 3), kept_keys(c, 0, 1), kept_keys(c, 1, 1)
+        move.all_of_it()
+        with c.batch() as b:
+            for k in [moved[0], on0, moved[1], on1, moved[2]]:
+                b.incr("counters", k, 1)
+        assert b.results == [1, 1, 1, 1, 1]
+        assert c.routes.version == 1
+    with service.client() as fresh:
+        assert [fresh.get("counters", k) for k in [*moved, on0, on1]] == [1] * 5
+    for k in moved:
+        assert move.raw(0, "counters", k) is None
+
+
+def test_a_write_to_a_frozen_slot_waits_for_the_switch(service: Cluster, move: HandMove) -> None:
+    with service.client() as c:
+        [k] = moved_keys(c, 1)
+        c.incr("counters", k, 1)
+        move.incoming()
+        move.freeze()
+        result: list[Any] = []
+        t = threading.Thread(target=lambda: result.append(c.incr("counters", k, 1)))
+        t.start()
+        time.sleep(0.3)
+        assert t.is_alive() and not result  # waiting, not applied
+        move.copy()
+        move.switch()
+        t.join(10)
+        assert result == [2]
+        assert move.raw(1, "counters", k) == c.table("counters").dumps(2)
+        assert move.raw(0, "counters", k) == c.table("counters").dumps(1)
+
+
+def test_local_reads_serve_each_row_from_the_shard_that_owns_it(service: Cluster,
+                                                                 move: HandMove) -> None:
+    c = service.client()
+    try:
+        moved, kept = moved_keys(c, 4), kept_keys(c, 1, 2)
+        for i, k in enumerate(moved + kept):
+            c.put("counters", k, i)
+        ct = c.table("counters")
+        ghost = moved_keys(c, 5)[4]  # a row of a moved slot that only the copy has
+        move.incoming()
+        move.freeze()
+        move.copy()
+        move.move_rows(1, [[OP_PUT, ct.tid, ct.kenc(ghost), ct.dumps(99)]])
+        # Before the switch: shard 1's copies are not read.
+        assert c.get("counters", ghost) is None
+        assert c.count("counters") == 6
+        assert dict(c.scan("counters")) == {k: i for i, k in enumerate(moved + kept)}
+        assert c.get_many("counters", [ghost, moved[0]]) == [None, 0]
+        move.switch()
+        # After it: shard 0's rows of the moved slots are not read, even by a client that
+        # still routes by the old map (it learns the new one from the shard's records).
+        with service.client() as other:
+            other.put("counters", moved[0], 100)  # only on shard 1: shard 0 keeps the old 0
+            other.delete("counters", moved[1])
+        assert c.routes.version == 0
+        assert c.get("counters", moved[0]) == 100
+        assert c.routes.version == 1
+        assert c.get("counters", moved[1]) is None
+        assert c.get("counters", ghost) == 99
+        want = {k: i for i, k in enumerate(moved + kept)} | {moved[0]: 100, ghost: 99}
+        del want[moved[1]]
+        assert dict(c.scan("counters")) == want
+        assert c.count("counters") == len(want)
+        assert move.raw(0, "counters", moved[1]) is not None  # still there, never read
+    finally:
+        c.close()
+
+
+def test_local_reads_of_a_client_that_learns_the_map_from_a_scan(service: Cluster,
+                                                                  move: HandMove) -> None:
+    with service.client() as c:
+        moved = moved_keys(c, 3)
+        for k in moved:
+            c.put("counters", k, 1)
+        move.all_of_it()
+        assert c.routes.version == 0
+        assert c.count("counters") == 3
+        assert sorted(c.scan("counters")) == sorted((k, 1) for k in moved)
+
+
+def test_the_pipelined_writer_applies_every_op_once_across_a_switch(service: Cluster,
+                                                                    move: HandMove) -> None:
+    c = service.client()
+    try:
+        keys = moved_keys(c, 12) + kept_keys(c, 0, 6) + kept_keys(c, 1, 6)
+        done = threading.Event()
+
+        def mover() -> None:
+            time.sleep(0.1)
+            move.incoming()
+            move.freeze()
+            time.sleep(0.05)  # writes to the moved slots wait meanwhile
+            move.copy()
+            move.switch()
+            move.drop()
+            done.set()
+
+        t = threading.Thread(target=mover)
+        rounds = 0
+        with c.writer(batch_size=7, window=4) as w:
+            t.start()
+            while not done.is_set() or rounds < 5:
+                for k in keys:
+                    w.incr("counters", k, 1)
+                rounds += 1
+                if rounds > 5000:
+                    break
+        t.join(10)
+        assert done.is_set()
+        assert c.routes.version == 1
+        with service.client() as fresh:
+            assert fresh.get_many("counters", keys) == [rounds] * len(keys)
+    finally:
+        c.close()
+
+
+def test_the_async_client_follows_a_moved_slot(service: Cluster, move: HandMove) -> None:
+    async def main() -> None:
+        async with lmshard.aio.connect(service.config) as ac:
+            ct = ac.table("counters")
+            k = next(f"k{i}" for i in range(10_000)
+                     if ct.route.slot(f"k{i}", ct.kenc(f"k{i}")) in MOVED)
+            assert await ac.incr("counters", k, 2) == 2
+            move.all_of_it()
+            assert await ac.incr("counters", k, 1) == 3
+            assert ac.routes.version == 1
+            assert await ac.get("counters", k) == 3
+
+    asyncio.run(main())
+    with service.client() as fresh:
+        assert fresh.routes.version == 0
+        k = moved_keys(fresh, 1)[0]
+        assert fresh.get("counters", k) == 3
