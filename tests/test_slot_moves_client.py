@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+import lmshard
 import lmshard.aio
 from lmshard import Client
 from lmshard.errors import Error
@@ -289,3 +290,26 @@ def test_the_async_client_follows_a_moved_slot(service: Cluster, move: HandMove)
         assert fresh.routes.version == 0
         k = moved_keys(fresh, 1)[0]
         assert fresh.get("counters", k) == 3
+
+
+def test_a_map_with_more_shards_than_the_config_is_followed(tmp_path: Path) -> None:
+    with Cluster(tmp_path / "svc", shards=3, slot_map_version=1) as svc:
+        # A client whose config file was written before the service grew to 3 shards.
+        text = svc.config_path.read_text()
+        old_file = tmp_path / "two-shards.toml"
+        old_file.write_text(text.replace("shards = 3\n", "shards = 2\n")
+                            .replace("version = 1\n", "version = 0\n"))
+        with lmshard.connect(old_file) as c:
+            assert c.shards == 2
+            new = SlotMap(3, 1024)
+            ct = c.table("counters")
+            k = next(f"k{i}" for i in range(10_000)
+                     if new.assignment[ct.route.slot(f"k{i}", ct.kenc(f"k{i}"))] == 2)
+            assert c.incr("counters", k, 3) == 3
+            assert (c.shards, c.routes.version) == (3, 1)
+            assert c.get("counters", k) == 3
+        with lmshard.connect(old_file) as reader:  # learns it from shard 0's records
+            assert reader.get("counters", k) == 3
+            assert reader.shards == 3
+        with svc.client() as fresh:
+            assert fresh.get("counters", k) == 3

@@ -36,7 +36,7 @@ from lmshard.client_tables import ClientTable, ClientTables
 from lmshard.config import Config
 from lmshard.errors import ConflictError, Error, SlotMoved, TransactionError
 from lmshard.forksafe import check_fork
-from lmshard.point_get import SLOTS_CHANGED, point_get
+from lmshard.point_get import SLOTS_CHANGED, routed_get
 from lmshard.protocol import (
     GET,
     OP_DELETE,
@@ -171,7 +171,7 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
         version = self.routes.version_bytes  # before routing: a newer map is never assumed
         hit = ct.local[ct.shard(key, kb)]
         # A read of this process's map: no await, no thread.
-        data = SLOTS_CHANGED if hit is None else point_get(hit[0], hit[1], kb, hit[2], version)
+        data = SLOTS_CHANGED if hit is None else routed_get(hit[0], hit[1], kb, hit[2], version)
         if data is SLOTS_CHANGED:
             data = await self._row(ct, key, kb)
         if ct.expiring:

@@ -27,7 +27,7 @@ from lmshard.config import Config
 from lmshard.connections import OwnerConnections
 from lmshard.errors import ConflictError, Error, SlotMoved, TransactionError
 from lmshard.forksafe import check_fork
-from lmshard.point_get import SLOTS_CHANGED, point_get
+from lmshard.point_get import SLOTS_CHANGED, routed_get
 from lmshard.protocol import (
     GET,
     OP_DELETE,
@@ -197,7 +197,7 @@ class Client(calls.ClientCore[OwnerConnections]):
         version = self.routes.version_bytes  # before routing: a newer map is never assumed
         hit = ct.local[ct.shard(key, kb)]
         # The hot path: one read txn on this process's open environment.
-        data = SLOTS_CHANGED if hit is None else point_get(hit[0], hit[1], kb, hit[2], version)
+        data = SLOTS_CHANGED if hit is None else routed_get(hit[0], hit[1], kb, hit[2], version)
         if data is SLOTS_CHANGED:
             data = self._row(ct, key, kb)
         if ct.expiring:

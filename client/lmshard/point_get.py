@@ -23,17 +23,24 @@ SLOTS_CHANGED: Any = object()
 """``point_get``'s answer when the shard records another slot map version than expected."""
 
 
-def point_get(env: lmdb.Environment, db: Any, key: bytes, meta: Any = None,
-              version: bytes | None = None) -> Any:
-    """The bytes stored under the encoded ``key`` in database ``db`` of ``env``, or None; with
-    ``meta`` (the meta database), SLOTS_CHANGED when its ``slot_map_version`` is not
-    ``version``."""
+def point_get(env: lmdb.Environment, db: Any, key: bytes) -> bytes | None:
+    """The bytes stored under the encoded ``key`` in database ``db`` of ``env``, or None."""
     try:
         txn = env.begin(db=db)
     except lmdb.MapResizedError:
         txn = begin_read(env)
     data: bytes | None = txn.get(key, db=db)
-    if meta is not None and txn.get(META_VERSION, db=meta) != version:
-        data = SLOTS_CHANGED
+    txn.abort()
+    return data
+
+
+def routed_get(env: lmdb.Environment, db: Any, key: bytes, meta: Any, version: bytes) -> Any:
+    """``point_get`` of a client: SLOTS_CHANGED instead when the shard's ``slot_map_version``
+    (in meta database ``meta``, same snapshot) is not ``version``, the client's."""
+    try:
+        txn = env.begin(db=db)
+    except lmdb.MapResizedError:
+        txn = begin_read(env)
+    data = txn.get(key, db=db) if txn.get(META_VERSION, db=meta) == version else SLOTS_CHANGED
     txn.abort()
     return data

@@ -37,7 +37,7 @@ from lmshard.connections import OwnerConnections
 from lmshard.errors import Error, ReplicaBehind
 from lmshard.map_growth import begin_read
 from lmshard.members import PRIMARY, read_state
-from lmshard.point_get import SLOTS_CHANGED, point_get
+from lmshard.point_get import SLOTS_CHANGED, routed_get
 from lmshard.protocol import READ_CODES, SCAN, paged_scan
 from lmshard.remote import ReaderPool
 from lmshard.routing import SlotMap
@@ -151,7 +151,7 @@ class LocalShards:
         host's copy of ``shard``; NOT_HERE when the shard is not open here."""
         hit = self.handles(ct, shard)
         if hit is not None:
-            data = point_get(hit[0], hit[1], key, hit[2], self.routes.version_bytes)
+            data = routed_get(hit[0], hit[1], key, hit[2], self.routes.version_bytes)
             if data is not SLOTS_CHANGED:
                 return data
         st = self.get(shard)
