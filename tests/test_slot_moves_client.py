@@ -313,3 +313,25 @@ def test_a_map_with_more_shards_than_the_config_is_followed(tmp_path: Path) -> N
             assert reader.shards == 3
         with svc.client() as fresh:
             assert fresh.get("counters", k) == 3
+
+
+def test_slot_routes_adopt_only_a_newer_map_and_reroute_the_tables() -> None:
+    from lmshard.client_tables import ClientTables
+    from lmshard.slot_routes import SlotRoutes
+    from tests.schemas import schema
+
+    routes = SlotRoutes(3, SlotMap(2, 1024))
+    tables = ClientTables(schema, routes)
+    seen: list[SlotMap] = []
+    routes.listen(seen.append)
+    ct = tables["counters"]
+    k = next(f"k{i}" for i in range(10_000) if ct.route.slot(f"k{i}", ct.kenc(f"k{i}")) in MOVED)
+    assert ct.shard(k, ct.kenc(k)) == 0
+    moved = SlotMap(3, 1024, [2 if s in MOVED else s * 2 // 1024 for s in range(1024)])
+    assert not routes.adopt(3, moved) and not routes.adopt(2, moved)
+    assert ct.shard(k, ct.kenc(k)) == 0 and routes.generation == 0 and not seen
+    assert routes.adopt(4, moved)
+    assert (routes.version, routes.version_bytes, routes.generation) == (4, b"4", 1)
+    assert seen == [moved] and routes.shards == 3
+    assert ct.shard(k, ct.kenc(k)) == 2 and len(ct.local) == 3
+    assert tables.shard_of_op([0, ct.tid, ct.kenc(k), None]) == 2

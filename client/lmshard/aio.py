@@ -274,19 +274,24 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
         check_fork()
         ct = self.tables[table]
         lo, hi = key_bounds(ct, prefix, start, end)
-        shards = ct.route.shards_for(prefix)
-        return self._scan(ct, shards, lo, hi, reverse, limit, where)
+        return self._scan(ct, prefix, lo, hi, reverse, limit, where)
 
-    async def _scan(self, ct: ClientTable, shards: list[int], lo: bytes | None,
+    def _local_streams(self, ct: ClientTable, prefix: Any, lo: bytes | None, hi: bytes | None,
+                       reverse: bool) -> list[Iterator[tuple[bytes, bytes]]]:
+        """The scan's rows of each shard it reads under the current map, all mapped here."""
+        local = self._local
+        return [calls.local_rows(local, s, st, ct, lo, hi, reverse)
+                for s in ct.route.shards_for(prefix) if (st := local.get(s)) is not None]
+
+    async def _scan(self, ct: ClientTable, prefix: Any, lo: bytes | None,
                     hi: bytes | None, reverse: bool, limit: int | None,
                     where: Callable[[Any], bool] | None) -> AsyncIterator[tuple[Any, Any]]:
         await self._all_caught_up()
+        shards = ct.route.shards_for(prefix)
         stores = [self._local.get(s) for s in shards]
         if all(st is not None for st in stores):  # the sync client's scan, as it is
             rows = calls.routed_rows(
-                self.routes, lambda: [
-                    calls.local_rows(self._local, s, st, ct, lo, hi, reverse)
-                    for s, st in zip(shards, stores, strict=True) if st],
+                self.routes, lambda: self._local_streams(ct, prefix, lo, hi, reverse),
                 ct, reverse, where, limit)
             try:
                 for n, row in enumerate(rows, 1):
