@@ -241,9 +241,8 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
         check_fork()
         await self._all_caught_up()
         keys = list(keys)
-        plan = calls.routed(self.routes, lambda: calls.GetMany(
-            self._local, self.tables[table], keys, default))
-        return plan.fill(await self._remote_many(plan.remote))
+        return await self._read_planned(  # type: ignore[no-any-return]
+            lambda: calls.GetMany(self._local, self.tables[table], keys, default))
 
     async def exists(self, table: TableRef, key: Any) -> bool:
         marker = object()
@@ -253,18 +252,29 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
                     end: Any = None) -> int:
         check_fork()
         await self._all_caught_up()
-        plan = calls.routed(self.routes, lambda: calls.Count(
-            self._local, self.tables[table], prefix, start, end))
-        return plan.fill(await self._remote_many(plan.remote))
+        return int(await self._read_planned(
+            lambda: calls.Count(self._local, self.tables[table], prefix, start, end)))
 
     async def lookup(self, table: TableRef, index: str, value: Any, prefix: bool = False
                      ) -> list[tuple[Any, Any]]:
         """Rows by index value, from every shard the table lives on, in key order."""
         check_fork()
         await self._all_caught_up()
-        plan = calls.routed(self.routes, lambda: calls.Lookup(
-            self._local, self.tables[table], index, value, prefix))
-        return plan.fill(await self._remote_many(plan.remote))
+        return await self._read_planned(  # type: ignore[no-any-return]
+            lambda: calls.Lookup(self._local, self.tables[table], index, value, prefix))
+
+    async def _read_planned(self, make: Callable[[], calls.ReadPlan]) -> Any:
+        """As ``calls.read_planned``: the plan's answer, made again under the newer map an
+        owner answered SlotMoved with."""
+        while True:
+            plan, version = calls.routed(self.routes, make)
+            try:
+                replies = await self._remote_many(plan.remote, version)
+            except SlotMoved as exc:
+                if not follow_moved(self.routes, exc, version):
+                    raise
+                continue
+            return plan.fill(replies)
 
     def scan(self, table: TableRef, prefix: Any = None, start: Any = None, end: Any = None,
              reverse: bool = False, limit: int | None = None,
@@ -291,7 +301,7 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
         stores = [self._local.get(s) for s in shards]
         if all(st is not None for st in stores):  # the sync client's scan, as it is
             rows = calls.routed_rows(
-                self.routes, lambda: self._local_streams(ct, prefix, lo, hi, reverse),
+                self.routes, lambda version: self._local_streams(ct, prefix, lo, hi, reverse),
                 ct, reverse, where, limit)
             try:
                 for n, row in enumerate(rows, 1):
@@ -304,7 +314,7 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
         merged = _merge([
             _local_async(calls.local_rows(self._local, s, st, ct, lo, hi, reverse))
             if st is not None
-            else self._remote_rows(s, ct.tid, lo, hi, reverse)
+            else self._remote_rows(s, ct.tid, lo, hi, reverse, self.routes.version)
             for s, st in zip(shards, stores, strict=True)], reverse)
         if limit is not None and limit <= 0:
             return
@@ -319,12 +329,12 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
                 return
 
     async def _remote_rows(self, shard: int, tid: bytes, lo: bytes | None, hi: bytes | None,
-                           reverse: bool) -> AsyncIterator[tuple[bytes, bytes]]:
+                           reverse: bool, version: int) -> AsyncIterator[tuple[bytes, bytes]]:
         """One shard's encoded rows over the wire, a ``scan`` page at a time (the pages of
-        ``protocol.paged_scan``)."""
+        ``protocol.paged_scan``), routed by the slot map of ``version``."""
         while True:
             items, more = await self._remote_one(
-                shard, SCAN.request_for(tid, lo, hi, reverse, SCAN_PAGE))
+                shard, SCAN.request_for(tid, lo, hi, reverse, SCAN_PAGE), version)
             for k, v in items:
                 yield k, v
             bounds = next_page(items[-1][0], lo, hi, reverse) if more and items else None
@@ -342,12 +352,12 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
             raise r
         return r
 
-    async def _remote_many(self, parts: RemoteParts) -> list[Any]:
+    async def _remote_many(self, parts: RemoteParts, version: int = 0) -> list[Any]:
         if not parts:
             return []
         if len(parts) == 1:
-            return [await self._remote_one(*parts[0])]
-        return list(await asyncio.gather(*(self._remote_one(s, r) for s, r in parts)))
+            return [await self._remote_one(*parts[0], version)]
+        return list(await asyncio.gather(*(self._remote_one(s, r, version) for s, r in parts)))
 
     # -- the service -------------------------------------------------------------------------
 

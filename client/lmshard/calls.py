@@ -21,7 +21,7 @@ from lmshard.batch import PartOutcome
 from lmshard.client_counters import ClientCounters
 from lmshard.client_tables import ClientTable, ClientTables
 from lmshard.config import Config, load_config
-from lmshard.errors import Error, UnknownIndex
+from lmshard.errors import Error, SlotMoved, UnknownIndex
 from lmshard.forksafe import on_fork_in_child
 from lmshard.keys import encode_index_value
 from lmshard.protocol import COUNT, GET_MANY, LOOKUP, op
@@ -236,19 +236,44 @@ class RoutedParts:
 
 # -- reads over several shards -----------------------------------------------------------------
 
-Plan = TypeVar("Plan")
+class ReadPlan(Protocol):
+    """A read over several shards (``GetMany``, ``Count``, ``Lookup``): its local reads done,
+    its remote requests listed; ``fill`` makes the answer of their replies."""
+
+    remote: RemoteParts
+
+    def fill(self, replies: list[Any]) -> Any: ...
+
+
+Plan = TypeVar("Plan", bound=ReadPlan)
 
 _END: Any = object()
 
 
-def routed(routes: SlotRoutes, make: Callable[[], Plan]) -> Plan:
-    """``make()`` (a read plan: its local reads done, its remote requests listed), made again
-    while a shard it read recorded a newer slot map (adopted by the read: routes moved on)."""
+def routed(routes: SlotRoutes, make: Callable[[], Plan]) -> tuple[Plan, int]:
+    """``make()`` and the version of the slot map it was routed by, made again while a shard
+    it read recorded a newer map (adopted by the read: routes moved on)."""
     while True:
-        generation = routes.generation
+        generation, version = routes.generation, routes.version
         plan = make()
         if routes.generation == generation:
-            return plan
+            return plan, version
+
+
+def read_planned(routes: SlotRoutes, make: Callable[[], Plan],
+                 many: Callable[[RemoteParts, int], list[Any]]) -> Any:
+    """The answer of the read plan ``make()`` (``routed``), its remote requests sent by
+    ``many(parts, map version)``; made again under the newer map an owner answered SlotMoved
+    with."""
+    while True:
+        plan, version = routed(routes, make)
+        try:
+            replies = many(plan.remote, version) if plan.remote else []
+        except SlotMoved as exc:
+            if not follow_moved(routes, exc, version):
+                raise
+            continue
+        return plan.fill(replies)
 
 
 def close_rows(rows: Iterator[Any]) -> None:
@@ -259,17 +284,23 @@ def close_rows(rows: Iterator[Any]) -> None:
 
 
 def routed_rows(routes: SlotRoutes,
-                streams_of: Callable[[], list[Iterator[tuple[bytes, bytes]]]],
+                streams_of: Callable[[int], list[Iterator[tuple[bytes, bytes]]]],
                 ct: ClientTable, reverse: bool, where: Callable[[Any], bool] | None,
                 limit: int | None) -> Iterator[tuple[Any, Any]]:
-    """``scan_rows`` of the shards' streams (``streams_of()``), read under one slot map: when
-    a shard read recorded a newer one (adopted: routes moved on) before the first row, the
-    scan starts again under it. (The merge reads every stream's first row for its first.)"""
+    """``scan_rows`` of the shards' streams (``streams_of(map version)``), read under one slot
+    map: when a shard read recorded a newer one (adopted: routes moved on), or an owner
+    answered SlotMoved, before the first row, the scan starts again under the newer map. (The
+    merge reads every stream's first row for its first.)"""
     while True:
-        generation = routes.generation
-        streams = streams_of()
+        generation, version = routes.generation, routes.version
+        streams = streams_of(version)
         rows = scan_rows(ct, streams, reverse, where, limit)
-        first = next(rows, _END)
+        try:
+            first = next(rows, _END)
+        except SlotMoved as exc:
+            if not follow_moved(routes, exc, version):
+                raise
+            first = _END
         if routes.generation == generation:
             break
         for stream in streams:

@@ -245,19 +245,18 @@ class Client(calls.ClientCore[OwnerConnections]):
     def get_many(self, table: TableRef, keys: Any, default: Any = None) -> list[Any]:
         check_fork()
         keys = list(keys)
-        plan = calls.routed(self.routes, lambda: calls.GetMany(
-            self._local, self.tables[table], keys, default))
-        return plan.fill(self._remote.many(plan.remote) if plan.remote else [])
+        return calls.read_planned(self.routes, lambda: calls.GetMany(  # type: ignore[no-any-return]
+            self._local, self.tables[table], keys, default), self._remote.many)
 
     def exists(self, table: TableRef, key: Any) -> bool:
         marker = object()
         return self.get(table, key, marker) is not marker
 
     def _raw_range(self, shard: int, ct: ClientTable, lo: bytes | None, hi: bytes | None,
-                   reverse: bool) -> Iterator[tuple[bytes, bytes]]:
+                   reverse: bool, version: int) -> Iterator[tuple[bytes, bytes]]:
         st = self._local.get(shard)
         if st is None:
-            return self._remote.scan(shard, ct.tid, lo, hi, reverse)
+            return self._remote.scan(shard, ct.tid, lo, hi, reverse, version)
         return calls.local_rows(self._local, shard, st, ct, lo, hi, reverse)
 
     def scan(self, table: TableRef, prefix: Any = None, start: Any = None, end: Any = None,
@@ -268,24 +267,22 @@ class Client(calls.ClientCore[OwnerConnections]):
         ct = self.tables[table]
         lo, hi = key_bounds(ct, prefix, start, end)
         yield from calls.routed_rows(
-            self.routes, lambda: [self._raw_range(s, ct, lo, hi, reverse)
-                                  for s in ct.route.shards_for(prefix)],
+            self.routes, lambda version: [self._raw_range(s, ct, lo, hi, reverse, version)
+                                          for s in ct.route.shards_for(prefix)],
             ct, reverse, where, limit)
 
     def count(self, table: TableRef, prefix: Any = None, start: Any = None,
               end: Any = None) -> int:
         check_fork()
-        plan = calls.routed(self.routes, lambda: calls.Count(
-            self._local, self.tables[table], prefix, start, end))
-        return plan.fill(self._remote.many(plan.remote))
+        return int(calls.read_planned(self.routes, lambda: calls.Count(
+            self._local, self.tables[table], prefix, start, end), self._remote.many))
 
     def lookup(self, table: TableRef, index: str, value: Any, prefix: bool = False
                ) -> list[tuple[Any, Any]]:
         """Rows by index value, from every shard the table lives on, in key order."""
         check_fork()
-        plan = calls.routed(self.routes, lambda: calls.Lookup(
-            self._local, self.tables[table], index, value, prefix))
-        return plan.fill(self._remote.many(plan.remote))
+        return calls.read_planned(self.routes, lambda: calls.Lookup(  # type: ignore[no-any-return]
+            self._local, self.tables[table], index, value, prefix), self._remote.many)
 
     # -- the service -------------------------------------------------------------------------
 

@@ -337,27 +337,29 @@ class RemoteReads:
             raise r
         return r
 
-    def many(self, parts: list[tuple[int, Request]]) -> list[Any]:
-        """Several reads (shard, request), sent at once through the pool (or one owner at a
-        time); their reply bodies in order."""
+    def many(self, parts: list[tuple[int, Request]], map_version: int = 0) -> list[Any]:
+        """Several reads (shard, request) routed by the slot map of ``map_version``, sent at
+        once through the pool (or one owner at a time); their reply bodies in order."""
         pool = self.pool()
         if pool is None:
-            return [self.one(shard, request) for shard, request in parts]
+            return [self.one(shard, request, map_version) for shard, request in parts]
         self.owners.counters.mine()["remote_reads"] += len(parts)
-        replies = pool.requests([(shard, code, body) for shard, (code, body) in parts])
+        replies = pool.requests([(shard, code, body) for shard, (code, body) in parts],
+                                map_version=map_version)
         for r in replies:
             if isinstance(r, Error):
                 raise r
         return replies
 
     def scan(self, shard: int, table_id: bytes, lo: bytes | None, hi: bytes | None,
-             reverse: bool) -> Iterator[tuple[bytes, bytes]]:
-        """Encoded (key, value) of one shard with ``lo <= key < hi``, a page at a time."""
+             reverse: bool, map_version: int = 0) -> Iterator[tuple[bytes, bytes]]:
+        """Encoded (key, value) of one shard with ``lo <= key < hi``, a page at a time,
+        routed by the slot map of ``map_version``."""
         pool = self.pool()
         if pool is not None:
             self.owners.counters.mine()["remote_reads"] += 1
-            return pool.scan(shard, table_id, lo, hi, reverse)
-        return paged_scan(lambda body: self.one(shard, (SCAN.code, body)),
+            return pool.scan(shard, table_id, lo, hi, reverse, map_version=map_version)
+        return paged_scan(lambda body: self.one(shard, (SCAN.code, body), map_version),
                           table_id, lo, hi, reverse)
 
     def reset_after_fork(self) -> None:

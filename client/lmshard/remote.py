@@ -220,9 +220,11 @@ class ReaderPool:
             raise r
         return r
 
-    def requests(self, parts: Sequence[tuple[int, int, Any]]) -> list[Any]:
-        """Several read commands at once (they go to different readers); their reply bodies
-        in order, or the Error a reader answered with in place of a body."""
+    def requests(self, parts: Sequence[tuple[int, int, Any]], *, map_version: int = 0
+                 ) -> list[Any]:
+        """Several read commands at once (they go to different readers), routed by the slot
+        map of ``map_version``; their reply bodies in order, or the Error a reader answered
+        with in place of a body."""
         check_fork()
         if not parts:
             return []
@@ -233,7 +235,8 @@ class ReaderPool:
                 raise ValueError(f"shard {shard!r} out of range 0..{self.shards - 1}")
             if code not in READ_CODES:
                 raise ValueError(f"the reader pool serves only {', '.join(READ_COMMANDS)}")
-            frames.append(self._frame(conn, *READ.request_for(shard, code, body)))
+            frames.append(self._frame(conn, *READ.request_for(shard, code, body),
+                                      map_version=map_version))
         self.counters["requests"] += len(frames)
         return self._exchange(conn, frames, parts)
 
@@ -382,12 +385,13 @@ class ReaderPool:
     # -- paged scans -------------------------------------------------------------------------
 
     def scan(self, shard: int, table_id: bytes, lo: bytes | None = None,
-             hi: bytes | None = None, reverse: bool = False, page: int = SCAN_PAGE
-             ) -> Iterator[tuple[bytes, bytes]]:
+             hi: bytes | None = None, reverse: bool = False, page: int = SCAN_PAGE,
+             *, map_version: int = 0) -> Iterator[tuple[bytes, bytes]]:
         """Encoded (key, value) pairs of one shard with ``lo <= key < hi``, fetched a page at
         a time. Each page is its own snapshot: rows written between pages may or may not
         show up, rows are never repeated or skipped out of key order."""
-        return paged_scan(lambda body: self.request(shard, SCAN.code, body),
+        return paged_scan(lambda body: self.request(shard, SCAN.code, body,
+                                                    map_version=map_version),
                           table_id, lo, hi, reverse, page)
 
     # -- lifetime ----------------------------------------------------------------------------
