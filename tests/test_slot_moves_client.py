@@ -11,6 +11,7 @@ not serve.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -45,7 +46,7 @@ class HandMove:
         self.new = SlotMap(self.old.shards, self.old.slots, table, empty_ok=True)
 
     def record(self, shard: int, state: SlotState) -> None:
-        r = self.admin.owners.request(shard, SLOT_STATE.code, state.to_wire(), write=True)
+        r = self.admin.owners.request(shard, SLOT_STATE.code, state.to_wire(), write=False)
         assert not isinstance(r, Error), r
 
     def move_rows(self, shard: int, ops: list[list[Any]]) -> None:
@@ -237,8 +238,9 @@ def test_local_reads_of_a_client_that_learns_the_map_from_a_scan(service: Cluste
         assert sorted(c.scan("counters")) == sorted((k, 1) for k in moved)
 
 
-def test_the_pipelined_writer_applies_every_op_once_across_a_switch(service: Cluster,
-                                                                    move: HandMove) -> None:
+def test_the_pipelined_writer_applies_every_op_once_across_a_switch(
+        service: Cluster, move: HandMove, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="lmshard.writer")
     c = service.client()
     try:
         keys = moved_keys(c, 12) + kept_keys(c, 0, 6) + kept_keys(c, 1, 6)
@@ -269,6 +271,9 @@ def test_the_pipelined_writer_applies_every_op_once_across_a_switch(service: Clu
         assert c.routes.version == 1
         with service.client() as fresh:
             assert fresh.get_many("counters", keys) == [rounds] * len(keys)
+        said = " ".join(r.getMessage() for r in caplog.records)
+        assert "switching to another shard" in said  # batches waited while frozen
+        assert "routed again under slot map version 1" in said  # and were refused after
     finally:
         c.close()
 
@@ -311,6 +316,15 @@ def test_a_map_with_more_shards_than_the_config_is_followed(tmp_path: Path) -> N
         with lmshard.connect(old_file) as reader:  # learns it from shard 0's records
             assert reader.get("counters", k) == 3
             assert reader.shards == 3
+        many = [f"m{i}" for i in range(30)]
+        with svc.client() as fresh:
+            for m in many:
+                fresh.put("items", int(m[1:]), {"group": "g"})
+        with lmshard.connect(old_file) as counter:  # plans 2 shards, reads 3 once it knows
+            assert counter.count("items") == 30
+            assert len(counter.lookup("items", "by_group", "g")) == 30
+        with lmshard.connect(old_file) as scanner:
+            assert len(list(scanner.scan("items"))) == 30
         with svc.client() as fresh:
             assert fresh.get("counters", k) == 3
 
