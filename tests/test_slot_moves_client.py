@@ -34,11 +34,16 @@ MOVED = frozenset(range(0, 128))
 
 
 class HandMove:
-    """One move of MOVED from shard 0 to shard 1, step by step, through an admin client."""
+    """One move of MOVED from shard 0 to shard 1, step by step, through an admin client that
+    reads nothing in-process: a process maps a shard's files once, and the client under test
+    (``files``) must map them itself (its reads are what the tests check). The rows to copy and
+    check are read from the files as that client mapped them, without any filter."""
 
     def __init__(self, service: Cluster) -> None:
         self.service = service
-        self.admin = service.client()
+        self.admin = service.client(local_reads=False)
+        self.files: Any = None
+        """The client under test, whose mapped files are read here."""
         self.old = service.config.slot_map
         table = list(self.old.assignment)
         for s in MOVED:
@@ -57,7 +62,7 @@ class HandMove:
     def moved_rows(self, shard: int) -> list[list[Any]]:
         """[table id, key bytes, stored bytes] of every row of MOVED on ``shard``, read from
         its files as they are (no slot filter)."""
-        st = self.admin.local_store(shard)
+        st = self.files.local_store(shard)
         assert st is not None
         slots = RowSlots(self.old)
         out = []
@@ -94,7 +99,7 @@ class HandMove:
     def raw(self, shard: int, table: str, key: Any) -> bytes | None:
         """The stored bytes of a row on ``shard``'s files, unfiltered."""
         ct = self.admin.table(table)
-        st = self.admin.local_store(shard)
+        st = self.files.local_store(shard)
         assert st is not None
         with st.read() as r:
             return r.get_raw(ct.table, ct.kenc(key))
@@ -140,6 +145,7 @@ def kept_keys(c: Client, shard: int, n: int) -> list[str]:
 def test_a_write_by_the_old_map_lands_once_on_the_new_shard(service: Cluster,
                                                              move: HandMove) -> None:
     with service.client() as c:
+        move.files = c
         [k] = moved_keys(c, 1)
         c.incr("counters", k, 5)
         move.incoming()
@@ -156,6 +162,7 @@ def test_a_write_by_the_old_map_lands_once_on_the_new_shard(service: Cluster,
 
 def test_a_batch_over_both_shards_is_routed_again(service: Cluster, move: HandMove) -> None:
     with service.client() as c:
+        move.files = c
         moved, [on0], [on1] = moved_keys(c, 3), kept_keys(c, 0, 1), kept_keys(c, 1, 1)
         move.all_of_it()
         with c.batch() as b:
@@ -163,14 +170,14 @@ def test_a_batch_over_both_shards_is_routed_again(service: Cluster, move: HandMo
                 b.incr("counters", k, 1)
         assert b.results == [1, 1, 1, 1, 1]
         assert c.routes.version == 1
-    with service.client() as fresh:
-        assert [fresh.get("counters", k) for k in [*moved, on0, on1]] == [1] * 5
-    for k in moved:
-        assert move.raw(0, "counters", k) is None
+        assert [c.get("counters", k) for k in [*moved, on0, on1]] == [1] * 5
+        for k in moved:
+            assert move.raw(0, "counters", k) is None
 
 
 def test_a_write_to_a_frozen_slot_waits_for_the_switch(service: Cluster, move: HandMove) -> None:
     with service.client() as c:
+        move.files = c
         [k] = moved_keys(c, 1)
         c.incr("counters", k, 1)
         move.incoming()
@@ -191,6 +198,7 @@ def test_a_write_to_a_frozen_slot_waits_for_the_switch(service: Cluster, move: H
 def test_local_reads_serve_each_row_from_the_shard_that_owns_it(service: Cluster,
                                                                  move: HandMove) -> None:
     c = service.client()
+    move.files = c
     try:
         moved, kept = moved_keys(c, 4), kept_keys(c, 1, 2)
         for i, k in enumerate(moved + kept):
@@ -222,6 +230,7 @@ def test_local_reads_serve_each_row_from_the_shard_that_owns_it(service: Cluster
         assert dict(c.scan("counters")) == want
         assert c.count("counters") == len(want)
         assert move.raw(0, "counters", moved[1]) is not None  # still there, never read
+        assert c.counters()["remote_reads"] == 0  # every read above was this process's own
     finally:
         c.close()
 
@@ -229,6 +238,7 @@ def test_local_reads_serve_each_row_from_the_shard_that_owns_it(service: Cluster
 def test_local_reads_of_a_client_that_learns_the_map_from_a_scan(service: Cluster,
                                                                   move: HandMove) -> None:
     with service.client() as c:
+        move.files = c
         moved = moved_keys(c, 3)
         for k in moved:
             c.put("counters", k, 1)
@@ -242,6 +252,7 @@ def test_the_pipelined_writer_applies_every_op_once_across_a_switch(
         service: Cluster, move: HandMove, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="lmshard.writer")
     c = service.client()
+    move.files = c
     try:
         keys = moved_keys(c, 12) + kept_keys(c, 0, 6) + kept_keys(c, 1, 6)
         done = threading.Event()
@@ -281,6 +292,7 @@ def test_the_pipelined_writer_applies_every_op_once_across_a_switch(
 def test_the_async_client_follows_a_moved_slot(service: Cluster, move: HandMove) -> None:
     async def main() -> None:
         async with lmshard.aio.connect(service.config) as ac:
+            move.files = ac
             ct = ac.table("counters")
             k = next(f"k{i}" for i in range(10_000)
                      if ct.route.slot(f"k{i}", ct.kenc(f"k{i}")) in MOVED)
