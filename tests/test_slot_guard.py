@@ -15,7 +15,7 @@ import zmq
 
 from lmshard import protocol
 from lmshard.errors import ProtocolError, SlotMoved, SlotsMoving, error_from_wire
-from lmshard.protocol import COUNT, GET, GET_MANY, MOVE_ROWS, PING, SCAN, SLOT_STATE, WRITE
+from lmshard.protocol import COUNT, GET, GET_MANY, MOVE_ROWS, PING, READ, SCAN, SLOT_STATE, WRITE
 from lmshard.routing import SlotMap, TableRoute
 from lmshard.slot_state import SlotState
 from tests.cluster import Cluster
@@ -226,3 +226,69 @@ def test_the_slot_state_outlives_an_owner_restart(two: Cluster) -> None:
     assert a.state() == state
     refused(a.call(WRITE, [put(kb)], rv=3), SlotMoved)
     a.close()
+
+
+def test_the_reader_pool_reads_by_the_shards_slot_state(tmp_path: Path) -> None:
+    from lmshard.remote import reader_endpoint
+    from tests.test_readers import Readers
+
+    cluster = Cluster(tmp_path, shards=2, readers=1)
+    readers = Readers(cluster)
+    try:
+        cluster.start()
+        readers.start()
+        m = cluster.config.slot_map
+        a, b = Wire(cluster, 0), Wire(cluster, 1)
+        _, kb, s = key_in(m, 0)
+        _, other_kb, _ = key_in(m, 0, avoid=frozenset({s}))
+        a.ok(WRITE, [put(kb, b"moving"), put(other_kb, b"staying")])
+        pool = zmq.Context.instance().socket(zmq.DEALER)
+        pool.setsockopt(zmq.LINGER, 0)
+        pool.setsockopt(zmq.RCVTIMEO, 10_000)
+        pool.connect(reader_endpoint(cluster.config, 0))
+
+        def read(shard: int, cmd: protocol.Command, body: Any, rv: int = 0) -> tuple[int, Any]:
+            pool.send(protocol.pack_request(READ.code, None, 1, [shard, cmd.code, body], 0, rv))
+            _, status, reply = protocol.unpack_frame(pool.recv())
+            return status, reply
+
+        assert read(0, COUNT, [TID, None, None]) == (0, 2)
+        assert read(1, COUNT, [TID, None, None]) == (0, 0)
+        # Moving slots without a new version: the next read sees them.
+        b.record(SlotState(0, m, incoming=frozenset({s})))
+        b.ok(MOVE_ROWS, [put(kb, b"moving")], cid=uuid.uuid4().bytes, seq=1)
+        assert read(1, COUNT, [TID, None, None]) == (0, 0)
+        assert read(1, SCAN, [TID, None, None, False, 10]) == (0, [[], False])
+        m2 = moved_to(m, frozenset({s}), 1)
+        b.record(SlotState(1, m2))
+        a.record(SlotState(1, m2, outgoing=frozenset({s})))
+        refused(read(0, GET, [TID, kb]), SlotMoved)
+        assert read(0, GET, [TID, kb], rv=1) == (0, None)
+        assert read(0, GET, [TID, other_kb], rv=0) == (0, b"staying")
+        assert read(0, COUNT, [TID, None, None], rv=1) == (0, 1)
+        assert read(1, GET, [TID, kb], rv=1) == (0, b"moving")
+        pool.close()
+        a.close()
+        b.close()
+    finally:
+        readers.stop()
+        cluster.stop()
+
+
+def test_watchers_never_see_moved_rows_nor_slot_states(two: Cluster) -> None:
+    m = two.config.slot_map
+    b = Wire(two, 1)
+    _, kb, s = key_in(m, 0)
+    _, own_kb, _ = key_in(m, 1)
+    with two.client() as c, c.watch() as w:
+        b.record(SlotState(0, m, incoming=frozenset({s})))
+        b.ok(MOVE_ROWS, [put(kb, b"moved")], cid=uuid.uuid4().bytes, seq=1)
+        b.ok(WRITE, [put(own_kb, b"written")])
+        b.ok(MOVE_ROWS, [delete(kb)], cid=uuid.uuid4().bytes, seq=1)
+        b.record(SlotState(0, m))
+        b.ok(WRITE, [delete(own_kb)])
+        seen = []
+        while (change := w.get(2.0)) is not None:
+            seen.append((change.table, change.value))
+        assert seen == [("blobs", b"written"), ("blobs", None)]
+    b.close()
