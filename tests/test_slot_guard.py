@@ -292,3 +292,42 @@ def test_watchers_never_see_moved_rows_nor_slot_states(two: Cluster) -> None:
             seen.append((change.table, change.value))
         assert seen == [("blobs", b"written"), ("blobs", None)]
     b.close()
+
+
+def test_a_replica_applies_slot_states_and_moved_rows(tmp_path: Path) -> None:
+    from functools import partial
+
+    from lmshard.slot_state import read_slot_state
+    from lmshard.store_meta import read_meta
+    from tests.cluster import wait_for
+    from tests.test_replica import R, Replicas, assert_identical, caught_up, following
+
+    svc = Cluster(tmp_path, shards=2, replica_names=[R], replica_data_dir=str(tmp_path / "rep"))
+    reps = Replicas(svc)
+    try:
+        svc.start()
+        reps.start(1)
+        wait_for("replica following", partial(following, svc.config, 1))
+        m = svc.config.slot_map
+        b = Wire(svc, 1)
+        k, kb, s = key_in(m, 0)
+        _, gone_kb, s2 = key_in(m, 0, start=k + 1, avoid=frozenset({s}))
+        moving = frozenset({s, s2})
+        b.record(SlotState(0, m, incoming=moving))
+        cid = uuid.uuid4().bytes
+        b.ok(MOVE_ROWS, [put(kb, b"moved"), put(gone_kb, b"dropped")], cid=cid, seq=1)
+        b.ok(MOVE_ROWS, [delete(gone_kb)], cid=cid, seq=2)
+        m2 = moved_to(m, moving, 1)
+        switched = SlotState(1, m2)
+        b.record(switched)
+        wait_for("replica caught up", partial(caught_up, svc.config, 1))
+        b.close()
+        reps.stop()
+        svc.stop()
+        assert_identical(svc.config, 1)
+        replica_meta = read_meta(svc.config.member(1, R).dir)
+        assert replica_meta is not None
+        assert read_slot_state(replica_meta, svc.config) == switched
+    finally:
+        reps.stop()
+        svc.stop()
