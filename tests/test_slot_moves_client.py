@@ -178,21 +178,35 @@ def test_a_batch_over_both_shards_is_routed_again(service: Cluster, move: HandMo
 def test_a_write_to_a_frozen_slot_waits_for_the_switch(service: Cluster, move: HandMove) -> None:
     with service.client() as c:
         move.files = c
-        [k] = moved_keys(c, 1)
+        k, k2 = moved_keys(c, 2)
+        [on1] = kept_keys(c, 1, 1)
         c.incr("counters", k, 1)
         move.incoming()
         move.freeze()
         result: list[Any] = []
-        t = threading.Thread(target=lambda: result.append(c.incr("counters", k, 1)))
-        t.start()
+
+        def in_a_batch() -> None:
+            with c.batch() as b:
+                b.incr("counters", k2, 1)
+                b.incr("counters", on1, 1)
+            result.append(b.results)
+
+        threads = [threading.Thread(target=lambda: result.append(c.incr("counters", k, 1))),
+                   threading.Thread(target=in_a_batch)]
+        for t in threads:
+            t.start()
         time.sleep(0.3)
-        assert t.is_alive() and not result  # waiting, not applied
+        assert all(t.is_alive() for t in threads) and not result  # waiting, not applied
+        assert c.get("counters", on1) == 1  # the batch's part for shard 1 is applied
         move.copy()
         move.switch()
-        t.join(10)
-        assert result == [2]
+        for t in threads:
+            t.join(10)
+        assert sorted(result, key=str) == [2, [1, 1]]
         assert move.raw(1, "counters", k) == c.table("counters").dumps(2)
         assert move.raw(0, "counters", k) == c.table("counters").dumps(1)
+        assert move.raw(1, "counters", k2) == c.table("counters").dumps(1)
+        assert move.raw(0, "counters", k2) is None
 
 
 def test_local_reads_serve_each_row_from_the_shard_that_owns_it(service: Cluster,
