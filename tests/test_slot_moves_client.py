@@ -375,3 +375,40 @@ def test_slot_routes_adopt_only_a_newer_map_and_reroute_the_tables() -> None:
     assert seen == [moved] and routes.shards == 3
     assert ct.shard(k, ct.kenc(k)) == 2 and len(ct.local) == 3
     assert tables.shard_of_op([0, ct.tid, ct.kenc(k), None]) == 2
+
+
+def test_the_async_writer_applies_every_op_once_across_a_switch(service: Cluster,
+                                                                move: HandMove) -> None:
+    done = threading.Event()
+
+    def mover() -> None:
+        time.sleep(0.1)
+        move.incoming()
+        move.freeze()
+        time.sleep(0.05)
+        move.copy()
+        move.switch()
+        move.drop()
+        done.set()
+
+    async def main() -> int:
+        async with lmshard.aio.connect(service.config) as ac:
+            move.files = ac
+            ct = ac.table("counters")
+            keys = [f"k{i}" for i in range(40)]
+            assert any(ct.route.slot(k, ct.kenc(k)) in MOVED for k in keys)
+            t = threading.Thread(target=mover)
+            rounds = 0
+            async with ac.writer(batch_size=7, window=4) as w:
+                t.start()
+                while (not done.is_set() or rounds < 5) and rounds < 5000:
+                    for k in keys:
+                        await w.incr("counters", k, 1)
+                    rounds += 1
+                    await asyncio.sleep(0)
+            t.join(10)
+            assert done.is_set() and ac.routes.version == 1
+            assert await ac.get_many("counters", keys) == [rounds] * len(keys)
+            return rounds
+
+    assert asyncio.run(main()) >= 5
