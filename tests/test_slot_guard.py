@@ -15,11 +15,23 @@ import zmq
 
 from lmshard import protocol
 from lmshard.errors import ProtocolError, SlotMoved, SlotsMoving, error_from_wire
-from lmshard.protocol import COUNT, GET, GET_MANY, MOVE_ROWS, PING, READ, SCAN, SLOT_STATE, WRITE
+from lmshard.index_values import encode_index_value
+from lmshard.protocol import (
+    COUNT,
+    GET,
+    GET_MANY,
+    LOOKUP,
+    MOVE_ROWS,
+    PING,
+    READ,
+    SCAN,
+    SLOT_STATE,
+    WRITE,
+)
 from lmshard.routing import SlotMap, TableRoute
 from lmshard.slot_state import SlotState
 from tests.cluster import Cluster
-from tests.schemas import blobs
+from tests.schemas import blobs, items
 
 TID = blobs.table_id.bytes
 
@@ -155,6 +167,26 @@ def test_reads_skip_foreign_rows_and_send_stale_readers_on(two: Cluster) -> None
     assert a.ok(SCAN, [TID, None, None, False, 10], rv=1) == [[[other_kb, b"staying"]], False]
     assert a.ok(SCAN, [TID, None, None, False, 1], rv=1) == [[[other_kb, b"staying"]], False]
     assert a.ok(COUNT, [TID, None, None], rv=1) == 1
+    a.close()
+
+
+def test_lookups_skip_foreign_rows(two: Cluster) -> None:
+    m = two.config.slot_map
+    a = Wire(two, 0)
+    k, kb, s = key_in(m, 0)
+    other, other_kb, _ = key_in(m, 0, avoid=frozenset({s}))
+    assert items.key.encode(k) == kb  # the same key kind: the same slot
+    tid = items.table_id.bytes
+    group = items.value.dumps({"group": "g"})
+    a.ok(WRITE, [protocol.op(protocol.OP_PUT, tid, kb, group),
+                 protocol.op(protocol.OP_PUT, tid, other_kb, group)])
+    by_group = [tid, "by_group", encode_index_value("g"), False]
+    assert len(a.ok(LOOKUP, by_group)) == 2
+    a.record(SlotState(0, m, frozen=frozenset({s})))
+    assert len(a.ok(LOOKUP, by_group)) == 2  # frozen rows are still the shard's
+    a.record(SlotState(1, moved_to(m, frozenset({s}), 1), outgoing=frozenset({s})))
+    refused(a.call(LOOKUP, by_group), SlotMoved)
+    assert a.ok(LOOKUP, by_group, rv=1) == [[other_kb, group]]
     a.close()
 
 
@@ -317,10 +349,18 @@ def test_a_replica_applies_slot_states_and_moved_rows(tmp_path: Path) -> None:
         cid = uuid.uuid4().bytes
         b.ok(MOVE_ROWS, [put(kb, b"moved"), put(gone_kb, b"dropped")], cid=cid, seq=1)
         b.ok(MOVE_ROWS, [delete(gone_kb)], cid=cid, seq=2)
+        wait_for("replica caught up", partial(caught_up, svc.config, 1))
+        replica = Wire(svc, 1)
+        replica.sock.disconnect(svc.config.endpoint(1))
+        replica.sock.connect(svc.config.member(1, R).endpoint)
+        assert replica.ok(COUNT, [TID, None, None]) == 0  # the copy's reads skip them too
         m2 = moved_to(m, moving, 1)
         switched = SlotState(1, m2)
         b.record(switched)
         wait_for("replica caught up", partial(caught_up, svc.config, 1))
+        assert replica.ok(GET, [TID, kb]) == b"moved"
+        refused(replica.call(GET, [TID, key_in(m2, 0)[1]]), SlotMoved)  # routed by version 0
+        replica.close()
         b.close()
         reps.stop()
         svc.stop()

@@ -141,6 +141,7 @@ class ShardOwner:
         self._commit_avg = 0.0
         self._writers = ActiveWriters(ACTIVE_WRITER_WINDOW)
         self.disk_full = DiskFullWatch(str(self.path), shard)
+        self._moved_logged = False  # the record being built holds the moved rows' marker
         self.fenced = False
         """A request from a later epoch came: this owner accepts no more writes and stops."""
         self._fenced_by = 0
@@ -477,29 +478,19 @@ class ShardOwner:
         now = int(time.time())
         log_clients = self.log_clients and effects is not None
         epoch = self.state.epoch
-        guard = self.guard
-        floor = guard.floor
-        moved_mark = effects is not None
+        floor = self.guard.floor
+        self._moved_logged = False
         for _ident, cid, seq, ops, rv in batches:
             after = ops.after if type(ops) is protocol.OrderedOps else None
             refused, window = self._admit(txn, cid, seq, after)
-            if refused is None and rv < floor:
-                err = guard.refusal(ops, rv)
-                if err is not None:
-                    self.counters.failed_batches += 1
-                    refused = _refusal(err)
             if refused is not None:
                 outcomes.append(refused)
                 continue
-            if rv == MOVE_ROWS_VERSION:
-                moved: list[Any] | None = None if effects is None else []
-                outcome = self._apply_batch(txn, txn_id, cid, ops, moved)
-                if moved:
-                    assert effects is not None
-                    if moved_mark:  # once per record: what tells watchers' feeds to look
-                        moved_mark = False
-                        effects.append([SLOTS_TABLE_ID, b"moved", None])
-                    effects.extend([tid, kb, vb, MOVED] for tid, kb, vb in moved)
+            if rv < floor:  # a re-shard concerns this shard or the request's map is older
+                outcome, keep = self._apply_checked(txn, txn_id, cid, ops, rv, effects)
+                if not keep:
+                    outcomes.append(outcome)
+                    continue
             else:
                 outcome = self._apply_batch(txn, txn_id, cid, ops, effects)
             if cid is not None:  # [seq, status, reply, older replies of a stream, when, epoch]
@@ -511,6 +502,28 @@ class ShardOwner:
                     effects.append([CLIENTS_TABLE_ID, cid, packed])
             outcomes.append(outcome)
         return outcomes
+
+    def _apply_checked(self, txn: lmdb.Transaction, txn_id: int, cid: bytes | None,
+                       ops: list[protocol.Op], rv: int, effects: list[Any] | None
+                       ) -> tuple[Outcome, bool]:
+        """Batch ``ops``, routed by map version ``rv``, checked against the slot state first
+        (``SlotGuard.refusal``): (its outcome, whether it keeps a client record; a batch the
+        slots refuse keeps none, so it is refused again if sent again). A ``move_rows`` batch
+        is logged as moved rows, with one ``[SLOTS_TABLE_ID, b"moved", nil]`` per record."""
+        err = self.guard.refusal(ops, rv)
+        if err is not None:
+            self.counters.failed_batches += 1
+            return _refusal(err), False
+        if rv != MOVE_ROWS_VERSION:
+            return self._apply_batch(txn, txn_id, cid, ops, effects), True
+        moved: list[Any] | None = None if effects is None else []
+        outcome = self._apply_batch(txn, txn_id, cid, ops, moved)
+        if moved and effects is not None:
+            if not self._moved_logged:  # what tells watchers' feeds to look at the record
+                self._moved_logged = True
+                effects.append([SLOTS_TABLE_ID, b"moved", None])
+            effects.extend([tid, kb, vb, MOVED] for tid, kb, vb in moved)
+        return outcome, True
 
     def _admit(self, txn: lmdb.Transaction, cid: bytes | None, seq: int, after: int | None
                ) -> tuple[Outcome | None, list[Any]]:

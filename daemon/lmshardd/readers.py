@@ -40,12 +40,12 @@ from lmshard.errors import (
 )
 from lmshard.protocol import PING, READ, READ_COMMANDS, Command, read_parts
 from lmshard.remote import reader_endpoints
-from lmshard.slot_state import META_MAP, META_MOVES, META_VERSION, check_slot_state, read_slot_state
+from lmshard.slot_state import check_slot_state
 from lmshard.store import META_DB, Store
 from lmshard.store_meta import meta_records
 from lmshard.txn import ReadTxn, TableMap
 from lmshardd.hangup import report_hangup
-from lmshardd.slot_guard import SlotGuard, read_guarded
+from lmshardd.slot_guard import RecordedSlots, SlotGuard, read_guarded
 
 log = logging.getLogger("lmshardd.readers")
 
@@ -87,9 +87,7 @@ class ShardView:
         self._failed_at = 0.0
         self._failure: Error | None = None
         self._meta_db: Any = None
-        self._guard: SlotGuard | None = None
-        self._seen: tuple[object, object] = (None, None)
-        """The ``slot_map_version`` and ``slot_moves`` records ``_guard`` was built from."""
+        self._slots = RecordedSlots(shard, config)
 
     def store(self) -> Store:
         if self._store is not None:
@@ -131,20 +129,10 @@ class ShardView:
                 f"{self.path} holds shard {shard_id.decode()}, the config says {self.shard}",
                 hint="check data_dir; never move shard directories")
         check_slot_state(self.config, meta, self.path)
-        self._guard = None
 
     def guard(self, txn: lmdb.Transaction) -> SlotGuard:
-        """The shard's slot state as snapshot ``txn`` sees it: two small reads of the meta
-        database, and the state parsed again only when the owner recorded another."""
-        meta = self._meta_db
-        seen = (txn.get(META_VERSION, db=meta), txn.get(META_MOVES, db=meta))
-        guard = self._guard
-        if guard is None or seen != self._seen:
-            records = {k: bytes(v) for k in (META_VERSION, META_MAP, META_MOVES)
-                       if (v := txn.get(k, db=meta)) is not None}
-            guard = self._guard = SlotGuard(self.shard, read_slot_state(records, self.config))
-            self._seen = seen
-        return guard
+        """The shard's slot state as snapshot ``txn`` sees it (``RecordedSlots``)."""
+        return self._slots.guard(txn, self._meta_db)
 
     def forget_failure(self) -> None:
         """Let the next request try to open the shard at once."""
@@ -154,7 +142,6 @@ class ShardView:
         if self._store is not None:
             self._store.close()
             self._store = None
-            self._guard = None
 
 
 class Reader:

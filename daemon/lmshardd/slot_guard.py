@@ -23,16 +23,22 @@ slots owned by the shard and foreign ones not (``check_new_state``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from lmshard.errors import Error, ProtocolError, SlotMoved, SlotsMoving
 from lmshard.protocol import COUNT, GET, GET_MANY, LOOKUP, SCAN, Command, MovedOps
 from lmshard.protocol.ops import OP_DELETE, Op
-from lmshard.slot_state import RowSlots, SlotState
+from lmshard.slot_state import (
+    META_MAP,
+    META_MOVES,
+    META_VERSION,
+    RowSlots,
+    SlotState,
+    read_slot_state,
+)
 from lmshard.txn import ReadTxn
 
-__all__ = ["MOVE_ROWS_VERSION", "SlotGuard", "check_new_state", "read_guarded"]
+__all__ = ["MOVE_ROWS_VERSION", "RecordedSlots", "SlotGuard", "check_new_state", "read_guarded"]
 
 MOVE_ROWS_VERSION = -1
 """The map version a ``move_rows`` batch is drained with: below every shard's, so the write
@@ -114,6 +120,32 @@ class SlotGuard:
         return {"version": self.state.version, **self.state.moves_dict()}
 
 
+class RecordedSlots:
+    """Shard ``shard``'s slot state as a process that reads its environment (the reader pool,
+    a replica) finds it in each snapshot: two small reads of the meta database per request,
+    and the state parsed again only when the owner recorded another."""
+
+    __slots__ = ("shard", "config", "_guard", "_seen")
+
+    def __init__(self, shard: int, config: Any) -> None:
+        self.shard = shard
+        self.config = config
+        self._guard: SlotGuard | None = None
+        self._seen: tuple[object, object] = (None, None)
+        """The ``slot_map_version`` and ``slot_moves`` records ``_guard`` was built from."""
+
+    def guard(self, txn: Any, meta_db: Any) -> SlotGuard:
+        """The guard of the state snapshot ``txn`` sees in meta database ``meta_db``."""
+        seen = (txn.get(META_VERSION, db=meta_db), txn.get(META_MOVES, db=meta_db))
+        guard = self._guard
+        if guard is None or seen != self._seen:
+            records = {k: bytes(v) for k in (META_VERSION, META_MAP, META_MOVES)
+                       if (v := txn.get(k, db=meta_db)) is not None}
+            guard = self._guard = SlotGuard(self.shard, read_slot_state(records, self.config))
+            self._seen = seen
+        return guard
+
+
 def check_new_state(shard: int, old: SlotState, data: Any) -> SlotState:
     """The state of a ``slot_state`` body, if shard ``shard`` at ``old`` may record it;
     ProtocolError otherwise (the shard keeps ``old``)."""
@@ -150,9 +182,6 @@ def check_new_state(shard: int, old: SlotState, data: Any) -> SlotState:
     if new.incoming & new.outgoing:
         raise ProtocolError("slot_state: a slot both incoming and outgoing")
     return new
-
-
-Handle = Callable[[ReadTxn, Any], Any]
 
 
 def read_guarded(guard: SlotGuard, cmd: Command, args: Any, rv: int, r: ReadTxn) -> Any:
