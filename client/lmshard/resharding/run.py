@@ -75,6 +75,19 @@ def refuse_under_way(config: Config, states: dict[int, SlotState] | None = None)
                 f"file back in {config.run_dir}, or bring the config up to the shards' map")
 
 
+def check_request(config: Config, *, shards: int | None, move: str | None, to: int | None
+                  ) -> None:
+    """PlanError for a request no map makes sense of (checked before the owners are asked)."""
+    if shards is not None:
+        top = min(MAX_SHARDS, config.slots)
+        if not 1 <= shards <= top:
+            raise PlanError(f"--shards {shards} is out of range: expected 1 to {top}")
+    elif move is not None:
+        parse_range(move, config.slots)
+        if to is None:
+            raise PlanError("--move FIRST-LAST needs --to SHARD")
+
+
 def plan(config: Config, current: SlotMap, *, shards: int | None, move: str | None,
          to: int | None) -> ReshardState:
     """The state of a new re-shard of ``current`` (the map every shard records)."""
@@ -114,6 +127,8 @@ class Reshard:
 
     def start(self, *, shards: int | None, move: str | None, to: int | None) -> None:
         """Plan and carry out a new re-shard."""
+        check_request(self.config, shards=shards, move=move, to=to)
+        refuse_under_way(self.config)
         with self._admin(self.config.shards) as admin:
             states = admin.states(range(self.config.shards))
             refuse_under_way(self.config, states)
