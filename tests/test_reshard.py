@@ -199,7 +199,8 @@ def check_rows(config: Config, rows: dict[tuple[str, Any], Any]) -> SlotMap:
 # -- moves between real owners -----------------------------------------------------------------
 
 
-def reshard(config_path: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def reshard(config_path: Path, *args: str, timeout: float = 120
+            ) -> subprocess.CompletedProcess[str]:
     """``lmshard reshard ARGS -c CONFIG`` as an operator runs it."""
     done = subprocess.run([sys.executable, "-m", "lmshard.ops.cli", "reshard", *args, "-c",
                            str(config_path)], capture_output=True, text=True, timeout=timeout,

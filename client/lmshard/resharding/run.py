@@ -78,6 +78,10 @@ def refuse_under_way(config: Config, states: dict[int, SlotState] | None = None)
 def check_request(config: Config, *, shards: int | None, move: str | None, to: int | None
                   ) -> None:
     """PlanError for a request no map makes sense of (checked before the owners are asked)."""
+    if not config.changes_enabled:
+        raise PlanError("a re-shard follows each source shard's change log, and [changes] "
+                        "enabled is false", hint="switch the change log on (it starts with "
+                        "the owners' next start), then re-shard")
     if shards is not None:
         top = min(MAX_SHARDS, config.slots)
         if not 1 <= shards <= top:
