@@ -160,6 +160,18 @@ def fill(config: Config, n: int = 60) -> dict[tuple[str, Any], Any]:
     return rows
 
 
+def change(config: Config, rows: dict[tuple[str, Any], Any]) -> None:
+    """Update, delete and add rows (what a catch-up must replay)."""
+    with lmshard.connect(config, schemas.schema) as c:
+        for i in range(0, 60, 3):
+            c.put("items", i, {"group": 9, "n": -i})
+            rows["items", i] = {"group": 9, "n": -i}
+            c.delete("records", i)
+            del rows["records", i]
+            c.put("events", ("new", i), {"n": i})
+            rows["events", ("new", i)] = {"n": i}
+
+
 def check_rows(config: Config, rows: dict[tuple[str, Any], Any]) -> SlotMap:
     """Every shard records the config's map; each row is in the shard its slot is on, once;
     a fresh client reads every row, the index and the count. The map."""
@@ -236,7 +248,6 @@ def test_move_a_slot_range_under_supervisord(supervised: Path) -> None:
     assert "shard 1   version 1      813 slots" in status.stdout, status.stdout
 
 
-@pytest.mark.slow
 def test_grow_two_to_four_and_shrink_back(supervised: Path) -> None:
     config = load_config(supervised)
     rows = fill(config)
@@ -308,6 +319,8 @@ def test_killed_mid_move_then_resume_leaves_every_row_in_one_shard(
     rows = fill(owners.config)
     killed_at(owners.config_path, phase, records)
     assert load_state(state_path(owners.config)) is not None
+    if phase in ("copy", "catchup"):  # not frozen yet: writes go on
+        change(owners.config, rows)
     done = reshard(owners.config_path, "--resume")
     assert done.returncode == 0, done.stdout + done.stderr
     after = check_rows(owners.config, rows)
@@ -328,3 +341,19 @@ def test_rollback_of_an_unswitched_move(owners: Cluster) -> None:
     assert done.returncode == 1 and "can no longer be rolled back" in done.stderr
     assert reshard(owners.config_path, "--resume").returncode == 0
     check_rows(owners.config, rows)
+
+
+def test_backup_refused_while_a_shard_records_moving_slots(owners: Cluster,
+                                                           tmp_path: Path) -> None:
+    fill(owners.config)
+    killed_at(owners.config_path, "catchup")
+    path = state_path(owners.config)
+    with pytest.raises(BackupError, match="a re-shard is under way"):
+        take_backup(owners.config, tmp_path / "backups")
+    path.rename(tmp_path / "aside.json")  # the state file lost: the shards still tell
+    with pytest.raises(BackupError, match="shard 1 records slot map version 0 \\(incoming 0-300"):
+        take_backup(owners.config, tmp_path / "backups")
+    assert not any((tmp_path / "backups").iterdir())
+    (tmp_path / "aside.json").rename(path)
+    assert reshard(owners.config_path, "--rollback").returncode == 0
+    assert take_backup(owners.config, tmp_path / "backups").path.exists()

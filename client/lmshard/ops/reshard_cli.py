@@ -72,7 +72,7 @@ class BarProgress:
 def print_status(config: Config, as_json: bool) -> int:
     """``--status``: the state file and each shard's slot state (``slot_state`` read)."""
     state = under_way(config)
-    shards = max(config.shards, *((state.shards, state.old_shards) if state else ()))
+    shards = max([config.shards, *((state.shards, state.old_shards) if state else ())])
     rows: list[dict[str, Any]] = []
     with OwnerAdmin(config_naming(config, shards), retries=0) as admin:
         for n in range(shards):
