@@ -32,17 +32,22 @@ PLAIN_INTERVAL = 1.0
 
 
 class PlainProgress:
-    """Progress as a line per step and second: ``copy: 12000 rows``."""
+    """Progress as plain lines: one per step and second while it runs (``copy: 12000 rows``),
+    one when it is done (``copy: 45000 of 45000``)."""
 
     def __init__(self) -> None:
         self._last: dict[str, float] = {}
 
     def __call__(self, what: str, done: int, total: int) -> None:
         now = time.monotonic()
-        if now - self._last.get(what, 0.0) < PLAIN_INTERVAL:
+        finished = total and done >= total
+        if not finished and now - self._last.get(what, now) < PLAIN_INTERVAL:
+            self._last.setdefault(what, now)
             return
         self._last[what] = now
-        say(f"  {what}: {done} of {total}" if total else f"  {what}: {done} rows")
+        if finished:
+            self._last.pop(what, None)
+        say(f"  {what}: {done} of {total}" if total else f"  {what}: {done} so far")
 
     def close(self) -> None:
         pass

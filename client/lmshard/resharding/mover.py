@@ -48,7 +48,8 @@ CATCHUP_ROUNDS = 50
 the catch-up replays): the rest is replayed while frozen."""
 
 Report = Callable[[str, int, int], None]
-"""Progress of a move: ``(what, done, total)``; total 0 when unknown."""
+"""Progress of a move: ``(what, done, total)``; total 0 while unknown, ``done == total`` when
+the step is done. Rows for the copy and the deletes, txn ids for the catch-up."""
 
 
 class MoveError(ReshardError):
@@ -187,12 +188,12 @@ class Mover:
         slot_map = self.admin.state(move.source)[0].map
         snapshot = None
         done = 0
-        self.report("copy", 0, 0)
         for snap, page in self._rows(move.source, move.slots, slot_map):
             snapshot = snap
             self.admin.move_rows(move.dest, page)
             done += len(page)
             self.report("copy", done, 0)
+        self.report("copy", done, done)
         if snapshot is None:
             with self.store(move.source).read() as r:
                 snapshot = int(r.txn.id())
@@ -206,6 +207,7 @@ class Mover:
             pages = [[[OP_DELETE, op[1], op[2], None] for op in page]
                      for _, page in self._rows(shard, slots, slot_map)]
             if not pages:
+                self.report(what, done, done)
                 return
             for ops in pages:
                 self.admin.move_rows(shard, ops)
@@ -252,7 +254,7 @@ class Mover:
                 self.save()
             behind = last - (self.state.replayed or 0)
             self.report("catch-up" if until is None else "frozen catch-up",
-                        self.state.replayed or 0, last)
+                        self.state.replayed or 0, last if until is None else until)
             if until is not None:
                 if not records or records[-1][0] >= until:
                     if (self.state.replayed or 0) < until:
