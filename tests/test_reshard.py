@@ -321,6 +321,9 @@ def test_killed_mid_move_then_resume_leaves_every_row_in_one_shard(
     assert load_state(state_path(owners.config)) is not None
     if phase in ("copy", "catchup"):  # not frozen yet: writes go on
         change(owners.config, rows)
+    if records:  # and an owner restarted meanwhile
+        owners.kill(0)
+        owners.start(0)
     done = reshard(owners.config_path, "--resume")
     assert done.returncode == 0, done.stdout + done.stderr
     after = check_rows(owners.config, rows)

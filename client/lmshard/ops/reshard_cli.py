@@ -79,7 +79,7 @@ def print_status(config: Config, as_json: bool) -> int:
     state = under_way(config)
     shards = max([config.shards, *((state.shards, state.old_shards) if state else ())])
     rows: list[dict[str, Any]] = []
-    with OwnerAdmin(config_naming(config, shards), retries=0) as admin:
+    with OwnerAdmin(config_naming(config, shards), retries=0, owner_wait=0) as admin:
         for n in range(shards):
             try:
                 st, txn = admin.state(n)

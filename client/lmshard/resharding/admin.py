@@ -9,6 +9,7 @@ so ``slot_state`` goes without one.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from lmshard.client_counters import ClientCounters
@@ -18,16 +19,21 @@ from lmshard.errors import Error, ShardUnavailable
 from lmshard.protocol import MOVE_ROWS, SLOT_STATE
 from lmshard.slot_state import SlotState
 
-ADMIN_RETRIES = 10
-"""Retries of one request after a timeout: an owner restarted by supervisord (or by hand)
-takes a second or two to answer again, and the re-shard waits for it rather than stop."""
+ADMIN_RETRIES = 3
+"""Retries of one request after a timeout (same request, same sequence number)."""
+OWNER_WAIT = 60.0
+"""Seconds a request waits for an owner that is not running (restarting under supervisord,
+or by hand) before the re-shard stops; a request to it is then sent anew, which is safe: a
+slot state or a batch of moved rows applied twice leaves the same rows."""
 
 
 class OwnerAdmin:
     """Admin requests to the owners of ``config`` (which names every shard involved)."""
 
-    def __init__(self, config: Config, *, retries: int = ADMIN_RETRIES) -> None:
+    def __init__(self, config: Config, *, retries: int = ADMIN_RETRIES,
+                 owner_wait: float = OWNER_WAIT) -> None:
         self.config = config
+        self.owner_wait = owner_wait
         self.owners = OwnerConnections(config, ClientCounters(), timeout_ms=config.timeout_ms,
                                        retries=retries)
 
@@ -41,10 +47,18 @@ class OwnerAdmin:
         self.close()
 
     def _call(self, shard: int, code: int, body: Any, *, write: bool) -> Any:
-        reply = self.owners.request(shard, code, body, write=write)
-        if isinstance(reply, Error):
-            raise reply
-        return reply
+        deadline = time.monotonic() + self.owner_wait
+        while True:
+            try:
+                reply = self.owners.request(shard, code, body, write=write)
+            except ShardUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+                continue
+            if isinstance(reply, Error):
+                raise reply
+            return reply
 
     def state(self, shard: int) -> tuple[SlotState, int]:
         """Shard ``shard``'s slot state and its last txn id."""
