@@ -158,10 +158,11 @@ class Mover:
             return txn
         return self.admin.record(shard, new)
 
-    def _rows(self, shard: int, slots: frozenset[int], slot_map: SlotMap
-              ) -> Iterator[tuple[int, list[list[Any]]]]:
-        """Pages of ``[op, table id, key, stored row]`` for the rows of ``slots`` in one read
-        snapshot of ``shard``, each with the snapshot's txn id."""
+    def _rows(self, shard: int, slots: frozenset[int], slot_map: SlotMap, *,
+              values: bool = True) -> Iterator[tuple[int, list[list[Any]]]]:
+        """Pages of ``[put, table id, key, stored row]`` (``values`` False: ``[delete, table
+        id, key, nil]``) for the rows of ``slots`` in one read snapshot of ``shard``, each
+        with the snapshot's txn id."""
         st = self.store(shard)
         row_slots = RowSlots(slot_map)
         with st.read() as r:
@@ -174,8 +175,9 @@ class Mover:
                     kb = bytes(kb)
                     if row_slots.slot(b, kb) not in slots:
                         continue
-                    page.append([OP_PUT, b.tid, kb, bytes(vb)])
-                    size += len(kb) + len(vb)
+                    page.append([OP_PUT, b.tid, kb, bytes(vb)] if values
+                                else [OP_DELETE, b.tid, kb, None])
+                    size += len(kb) + (len(vb) if values else 0)
                     if len(page) >= PAGE_OPS or size >= PAGE_BYTES:
                         yield snapshot, page
                         page, size = [], 0
@@ -200,19 +202,19 @@ class Mover:
         return snapshot
 
     def _delete_all(self, shard: int, slots: frozenset[int], what: str) -> None:
-        """Delete every row of ``slots`` from ``shard`` (step 2, step 7, a rollback)."""
+        """Delete every row of ``slots`` from ``shard`` (step 2, step 7, a rollback), page by
+        page from a snapshot, until a snapshot holds none."""
         slot_map = self.admin.state(shard)[0].map
         done = 0
         while True:
-            pages = [[[OP_DELETE, op[1], op[2], None] for op in page]
-                     for _, page in self._rows(shard, slots, slot_map)]
-            if not pages:
-                self.report(what, done, done)
-                return
-            for ops in pages:
+            before = done
+            for _, ops in self._rows(shard, slots, slot_map, values=False):
                 self.admin.move_rows(shard, ops)
                 done += len(ops)
                 self.report(what, done, 0)
+            if done == before:
+                self.report(what, done, done)
+                return
 
     def _log_holds(self, shard: int, txn_id: int) -> bool:
         """Whether ``shard``'s change log still holds every record from ``txn_id`` on."""
