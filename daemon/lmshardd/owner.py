@@ -28,7 +28,7 @@ import msgpack
 import zmq
 
 from lmshard import protocol, security, stats_wire
-from lmshard.changes import CLIENTS_TABLE_ID, ChangeLog, record_time
+from lmshard.changes import CLIENTS_TABLE_ID, MOVED, SLOTS_TABLE_ID, ChangeLog, record_time
 from lmshard.config import Config
 from lmshard.errors import (
     Error,
@@ -41,7 +41,9 @@ from lmshard.errors import (
 from lmshard.map_growth import begin_read
 from lmshard.members import HOME, META_ROLE, Member, MemberState, read_state, state_records
 from lmshard.shard_identity import check_shard_identity, identity_records
+from lmshard.slot_state import SlotState, check_slot_state
 from lmshard.store import Store, grow_map
+from lmshard.store_meta import META_DB
 from lmshard.txn import ReadTxn, WriteTxn
 from lmshardd import flushing, stats
 from lmshardd.changes import ChangesChannel
@@ -50,11 +52,16 @@ from lmshardd.grouping import ActiveWriters, wait_readable
 from lmshardd.hangup import report_hangup
 from lmshardd.owner_state import DiskFullWatch, OwnerCounters
 from lmshardd.replication import Replication, not_primary
+from lmshardd.slot_guard import MOVE_ROWS_VERSION, SlotGuard, check_new_state, read_guarded
 
 log = logging.getLogger("lmshardd.owner")
 
-WriteBatches = list[tuple[bytes, bytes | None, int, list[protocol.Op]]]
-"""Write batches drained for one group commit: (peer identity, client id, seq, checked ops)."""
+WriteBatches = list[tuple[bytes, bytes | None, int, list[protocol.Op], int]]
+"""Write batches drained for one group commit: (peer identity, client id, seq, checked ops,
+the slot map version the request was routed by; ``MOVE_ROWS_VERSION`` for ``move_rows``)."""
+Others = list[tuple[bytes, int, protocol.Command, Any, int]]
+"""Requests drained beside the writes: (peer identity, seq, command, checked body, map
+version)."""
 Outcome = tuple[int, Any]
 """A batch's reply before it is packed: (status, body)."""
 Replies = list[tuple[bytes, bytes, int]]
@@ -103,6 +110,9 @@ class ShardOwner:
         self.path = self.member.dir
         self.state: MemberState = read_state({}, member)
         """This copy's role and epoch (``lmshard.members``), read from meta when it opens."""
+        self.guard = SlotGuard(shard, SlotState(config.slot_map_version, config.slot_map))
+        """The shard's slot state and what it means for requests (``lmshardd.slot_guard``),
+        read from meta when it opens and replaced by each ``slot_state`` it records."""
         self.store = Store(
             self.path,
             self.schema,
@@ -121,6 +131,7 @@ class ShardOwner:
         self.env = self.store.env
         self.tables = self.store.tables
         self.clients_db = self.env.open_db(CLIENTS_DB)
+        self.meta_db = self.env.open_db(META_DB, create=False)
         self.counters = OwnerCounters(last_txn_id=self.env.info()["last_txnid"])
         self.stopping = False
         self.hangup = False
@@ -130,6 +141,7 @@ class ShardOwner:
         self._commit_avg = 0.0
         self._writers = ActiveWriters(ACTIVE_WRITER_WINDOW)
         self.disk_full = DiskFullWatch(str(self.path), shard)
+        self._moved_logged = False  # the record being built holds the moved rows' marker
         self.fenced = False
         """A request from a later epoch came: this owner accepts no more writes and stops."""
         self._fenced_by = 0
@@ -155,6 +167,7 @@ class ShardOwner:
     ) -> None:
         """Refuse to serve a shard directory that belongs to another shard or slot map."""
         check_shard_identity(self.config, self.shard, self.schema, meta, self.path)
+        self.guard = SlotGuard(self.shard, check_slot_state(self.config, meta, self.path))
         for key, value in identity_records(self.config, self.shard, meta).items():
             txn.put(key, value, db=meta_db)
         self.state = read_state(meta, self.member.name)
@@ -165,6 +178,11 @@ class ShardOwner:
     @property
     def epoch(self) -> int:
         return self.state.epoch
+
+    @property
+    def slots(self) -> SlotState:
+        """The slot state this owner serves by (``lmshard.slot_state``)."""
+        return self.guard.state
 
     # -- serving -----------------------------------------------------------------------------
 
@@ -244,7 +262,7 @@ class ShardOwner:
     def serve_once(self, sock: zmq.Socket[bytes]) -> int:
         """Drain waiting requests, group-commit the writes, answer everything. Returns count."""
         writes: WriteBatches = []
-        others: list[tuple[bytes, int, protocol.Command, Any]] = []
+        others: Others = []
         n = self._drain(sock, writes, others, MAX_GROUP)
         if writes:
             now = time.monotonic()
@@ -261,8 +279,11 @@ class ShardOwner:
                     n += self._drain(sock, writes, others, MAX_GROUP - n)
                 self._writers.note(writes, now)
             self._commit_and_answer(sock, writes)
-        for ident, seq, cmd, args in others:
-            sock.send_multipart([ident, self.answer(seq, cmd, args)])
+        for ident, seq, cmd, args, rv in others:
+            if cmd is protocol.SLOT_STATE and args is not None:
+                self._record_slot_state(sock, ident, seq, args)
+                continue
+            sock.send_multipart([ident, self.answer(seq, cmd, args, rv)])
         return n
 
     def _commit_and_answer(self, sock: zmq.Socket[bytes], writes: WriteBatches) -> None:
@@ -285,7 +306,7 @@ class ShardOwner:
 
     def _drain(
         self, sock: zmq.Socket[bytes], writes: WriteBatches,
-        others: list[tuple[bytes, int, protocol.Command, Any]], limit: int,
+        others: Others, limit: int,
     ) -> int:
         """Take every request waiting on the socket (up to ``limit``); answer bad ones at once."""
         n = 0
@@ -320,9 +341,10 @@ class ShardOwner:
                 sock.send_multipart([ident, protocol.pack_error(seq, err)])
                 continue
             if cmd.writes:
-                writes.append((ident, client_id, seq, args))
+                rv = MOVE_ROWS_VERSION if cmd is protocol.MOVE_ROWS else map_version
+                writes.append((ident, client_id, seq, args, rv))
             else:
-                others.append((ident, seq, cmd, args))
+                others.append((ident, seq, cmd, args, map_version))
         return n
 
     def _fence(self, epoch: int) -> NotPrimary:
@@ -346,7 +368,7 @@ class ShardOwner:
         """Answer write batches drained before the request that fenced the owner: none of
         them is applied."""
         err = self._fence(0)
-        for ident, _cid, seq, _ops in writes:
+        for ident, _cid, seq, _ops, _rv in writes:
             sock.send_multipart([ident, protocol.pack_error(seq, err)])
 
     def _send_reply(self, ident: bytes, frame: bytes) -> None:
@@ -387,7 +409,7 @@ class ShardOwner:
         """The replies to a group committed in ``txn_id``: a successful one carries the txn id
         and the epoch."""
         return [self._reply(ident, seq, status, body, txn_id)
-                for (ident, _cid, seq, _ops), (status, body)
+                for (ident, _cid, seq, _ops, _rv), (status, body)
                 in zip(batches, outcomes, strict=True)]
 
     def _reply(self, ident: bytes, seq: int, status: int, body: Any, txn_id: int
@@ -423,7 +445,7 @@ class ShardOwner:
         it was not applied)."""
         replies: Replies = []
         with self.env.begin() as txn:
-            for ident, cid, seq, _ops in batches:
+            for ident, cid, seq, _ops, _rv in batches:
                 rec = None if cid is None else txn.get(cid, db=self.clients_db)
                 if rec is not None:
                     last_seq, status, body, *more = msgpack.unpackb(rec, raw=False)
@@ -448,19 +470,29 @@ class ShardOwner:
     def _apply_all(self, txn: lmdb.Transaction, batches: WriteBatches,
                    effects: list[Any] | None) -> list[Outcome]:
         """Each batch in its own nested transaction, its client record beside it; what the
-        applied batches changed is appended to ``effects`` (unless None) for the change log."""
+        applied batches changed is appended to ``effects`` (unless None) for the change log.
+        A batch is checked against the shard's slot state after its client record (a batch
+        applied before a move is answered as it was), and refused without one."""
         outcomes: list[Outcome] = []
         txn_id = txn.id()
         now = int(time.time())
         log_clients = self.log_clients and effects is not None
         epoch = self.state.epoch
-        for _ident, cid, seq, ops in batches:
+        floor = self.guard.floor
+        self._moved_logged = False
+        for _ident, cid, seq, ops, rv in batches:
             after = ops.after if type(ops) is protocol.OrderedOps else None
             refused, window = self._admit(txn, cid, seq, after)
             if refused is not None:
                 outcomes.append(refused)
                 continue
-            outcome = self._apply_batch(txn, txn_id, cid, ops, effects)
+            if rv < floor:  # a re-shard concerns this shard or the request's map is older
+                outcome, keep = self._apply_checked(txn, txn_id, cid, ops, rv, effects)
+                if not keep:
+                    outcomes.append(outcome)
+                    continue
+            else:
+                outcome = self._apply_batch(txn, txn_id, cid, ops, effects)
             if cid is not None:  # [seq, status, reply, older replies of a stream, when, epoch]
                 kept = [seq, outcome[0], protocol.stored_reply(*outcome), window, now, epoch]
                 packed = msgpack.packb(kept, use_bin_type=True)
@@ -470,6 +502,28 @@ class ShardOwner:
                     effects.append([CLIENTS_TABLE_ID, cid, packed])
             outcomes.append(outcome)
         return outcomes
+
+    def _apply_checked(self, txn: lmdb.Transaction, txn_id: int, cid: bytes | None,
+                       ops: list[protocol.Op], rv: int, effects: list[Any] | None
+                       ) -> tuple[Outcome, bool]:
+        """Batch ``ops``, routed by map version ``rv``, checked against the slot state first
+        (``SlotGuard.refusal``): (its outcome, whether it keeps a client record; a batch the
+        slots refuse keeps none, so it is refused again if sent again). A ``move_rows`` batch
+        is logged as moved rows, with one ``[SLOTS_TABLE_ID, b"moved", nil]`` per record."""
+        err = self.guard.refusal(ops, rv)
+        if err is not None:
+            self.counters.failed_batches += 1
+            return _refusal(err), False
+        if rv != MOVE_ROWS_VERSION:
+            return self._apply_batch(txn, txn_id, cid, ops, effects), True
+        moved: list[Any] | None = None if effects is None else []
+        outcome = self._apply_batch(txn, txn_id, cid, ops, moved)
+        if moved and effects is not None:
+            if not self._moved_logged:  # what tells watchers' feeds to look at the record
+                self._moved_logged = True
+                effects.append([SLOTS_TABLE_ID, b"moved", None])
+            effects.extend([tid, kb, vb, MOVED] for tid, kb, vb in moved)
+        return outcome, True
 
     def _admit(self, txn: lmdb.Transaction, cid: bytes | None, seq: int, after: int | None
                ) -> tuple[Outcome | None, list[Any]]:
@@ -528,14 +582,18 @@ class ShardOwner:
             effects.extend(changed)
         return 0, [txn_id, results]
 
-    def answer(self, seq: int, cmd: protocol.Command, args: Any) -> bytes:
-        """Serve a read command (or ping/stats) from a fresh snapshot."""
+    def answer(self, seq: int, cmd: protocol.Command, args: Any, rv: int) -> bytes:
+        """Serve a read command (or ping/stats, or a read of the slot state) from a fresh
+        snapshot, for a request routed by slot map version ``rv``."""
         self.counters.reads += 1
         try:
             if cmd is protocol.PING:
                 return protocol.pack_reply(seq, 0, self.health())
             if cmd is protocol.STATS:
                 return protocol.pack_reply(seq, 0, self.stats())
+            if cmd is protocol.SLOT_STATE:
+                return protocol.pack_reply(seq, 0, self._slot_state_reply(
+                    self.counters.last_txn_id))
             if cmd.handle is None:
                 return protocol.pack_error(seq, ProtocolError(
                     f"shard owners do not serve command {cmd.name!r}",
@@ -543,7 +601,7 @@ class ShardOwner:
                     "the read command itself to the shard's owner"))
             r = self._read()
             try:
-                return protocol.pack_reply(seq, 0, cmd.handle(r, args))
+                return protocol.pack_reply(seq, 0, read_guarded(self.guard, cmd, args, rv, r))
             finally:
                 r.end()
         except Error as exc:
@@ -551,6 +609,66 @@ class ShardOwner:
         except Exception as exc:
             log.exception("read command %s failed", cmd.name)
             return protocol.pack_error(seq, InternalError(f"{type(exc).__name__}: {exc}"))
+
+    def _slot_state_reply(self, txn_id: int) -> dict[str, Any]:
+        return {"shard": self.shard, "state": self.slots.to_wire(), "txn": txn_id}
+
+    def _record_slot_state(self, sock: zmq.Socket[bytes], ident: bytes, seq: int,
+                           body: Any) -> None:
+        """Record the slot state ``body`` (the ``slot_state`` command) in a write transaction
+        of its own, between groups, with its change-log effect for replicas; serve by it from
+        then on. The reply carries that transaction's id and, like a write's, waits for
+        ``durability.replicas`` replicas."""
+        try:
+            new = check_new_state(self.shard, self.slots, body)
+            txn_id = self._write_slot_state(new)
+        except Error as exc:
+            sock.send_multipart([ident, protocol.pack_error(seq, exc)])
+            return
+        if new != self.slots:
+            log.info("shard %d: %s recorded (txn %d)", self.shard, new.describe(), txn_id)
+        self.guard = SlotGuard(self.shard, new)
+        reply = protocol.pack_reply(seq, 0, self._slot_state_reply(txn_id))
+        if self.holding:
+            assert self.replication is not None
+            self.replication.answer([(ident, reply, txn_id)], [seq], time.monotonic())
+        else:
+            sock.send_multipart([ident, reply])
+
+    def _write_slot_state(self, new: SlotState) -> int:
+        """Commit ``new``'s meta records and its change-log effect, on disk whatever the
+        shard's durability (a switch forgotten in a crash would leave two shards owning the
+        same slots); the txn id."""
+        effect = [SLOTS_TABLE_ID, b"", msgpack.packb(new.to_wire(), use_bin_type=True)]
+        while True:
+            txn = self.env.begin(write=True)
+            try:
+                for key, value in new.records().items():
+                    txn.put(key, value, db=self.meta_db)
+                txn_id = txn.id()
+                if self.changes is not None:
+                    self.changes.append(txn, txn_id, [effect])
+                txn.commit()
+                break
+            except lmdb.MapFullError:
+                txn.abort()
+                grow_map(self.env, self.config.max_map_size, str(self.path))
+            except lmdb.Error as exc:
+                txn.abort()
+                full = self.disk_full.refused(exc, 1)
+                if full is None:
+                    raise
+                raise full from None
+            except BaseException:
+                txn.abort()
+                raise
+        if not self.env.flags()["sync"]:
+            self.env.sync(True)
+        c = self.counters
+        c.last_txn_id, c.last_commit_time = txn_id, time.time()
+        if self.replication is not None:
+            self.replication.committed(txn_id, c.last_commit_time)
+        return txn_id
 
     def _read(self) -> ReadTxn:
         """A read snapshot that sees this owner's last commit (the caller ends it). A read
@@ -587,6 +705,7 @@ class ShardOwner:
             "epoch": self.state.epoch,
             "primary": self.state.primary,
             "replicas": self.replicas_status(env["txn_id"]),
+            "slots": self.guard.summary(),
         }
 
     def stats(self) -> dict[str, Any]:
@@ -597,6 +716,7 @@ class ShardOwner:
         if changes is not None:
             s["changes"] = changes
         s["epoch"] = self.state.epoch
+        s["slot_version"] = self.slots.version
         s["replication"] = self.replication_stats()
         return s
 
@@ -663,8 +783,9 @@ def request_socket(ctx: zmq.Context[Any], config: Config, endpoint: str) -> zmq.
 
 
 def _refusal(err: Error) -> Outcome:
-    """The outcome of a batch refused with ``err``."""
-    return err.code, [err.message, err.hint]
+    """The outcome of a batch refused with ``err`` (with the fields it carries, like
+    SlotMoved's map)."""
+    return err.code, [err.message, err.hint, *err.wire_fields()]
 
 
 def _older_replies(more: list[Any]) -> list[Any]:

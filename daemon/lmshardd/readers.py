@@ -40,9 +40,12 @@ from lmshard.errors import (
 )
 from lmshard.protocol import PING, READ, READ_COMMANDS, Command, read_parts
 from lmshard.remote import reader_endpoints
+from lmshard.slot_state import check_slot_state
 from lmshard.store import META_DB, Store
+from lmshard.store_meta import meta_records
 from lmshard.txn import ReadTxn, TableMap
 from lmshardd.hangup import report_hangup
+from lmshardd.slot_guard import RecordedSlots, SlotGuard, read_guarded
 
 log = logging.getLogger("lmshardd.readers")
 
@@ -72,7 +75,8 @@ class ReaderCounters:
 
 class ShardView:
     """One shard opened read-only on first use; reopened after a failure, at most once per
-    REOPEN_INTERVAL."""
+    REOPEN_INTERVAL. Each read looks at the shard's slot state in its own snapshot
+    (``guard``)."""
 
     def __init__(self, config: Config, shard: int, schema: Any) -> None:
         self.config = config
@@ -82,6 +86,8 @@ class ShardView:
         self._store: Store | None = None
         self._failed_at = 0.0
         self._failure: Error | None = None
+        self._meta_db: Any = None
+        self._slots = RecordedSlots(shard, config)
 
     def store(self) -> Store:
         if self._store is not None:
@@ -111,20 +117,22 @@ class ShardView:
         return st
 
     def _check_identity(self, st: Store) -> None:
-        """Refuse to serve a directory the owner recorded as another shard or slot map."""
+        """Refuse to serve a directory the owner recorded as another shard, or whose slot
+        state the config may not serve (``check_slot_state``)."""
         env = st.env
         with env.begin() as txn:
-            meta = env.open_db(META_DB, txn=txn, create=False)
-            shard_id = txn.get(b"shard_id", db=meta)
-            slot_map = txn.get(b"slot_map", db=meta)
+            self._meta_db = env.open_db(META_DB, txn=txn, create=False)
+            meta = meta_records(env, txn)
+        shard_id = meta.get(b"shard_id")
         if shard_id is not None and shard_id != str(self.shard).encode():
             raise SchemaMismatch(
                 f"{self.path} holds shard {shard_id.decode()}, the config says {self.shard}",
                 hint="check data_dir; never move shard directories")
-        if slot_map is not None and slot_map != self.config.slot_map.digest().encode():
-            raise SchemaMismatch(
-                f"{self.path} was written with a different slot map than the config's",
-                hint="run the readers with the owners' config")
+        check_slot_state(self.config, meta, self.path)
+
+    def guard(self, txn: lmdb.Transaction) -> SlotGuard:
+        """The shard's slot state as snapshot ``txn`` sees it (``RecordedSlots``)."""
+        return self._slots.guard(txn, self._meta_db)
 
     def forget_failure(self) -> None:
         """Let the next request try to open the shard at once."""
@@ -183,7 +191,7 @@ class Reader:
         self.counters.requests += 1
         seq = 0
         try:
-            code, _client_id, seq, body, _epoch, _version = protocol.unpack_request(frame)
+            code, _client_id, seq, body, _epoch, rv = protocol.unpack_request(frame)
             if code == PING.code:
                 if body is not None:
                     raise ProtocolError("ping takes no body")
@@ -191,7 +199,7 @@ class Reader:
             shard, cmd, args = self._validated(code, body)
         except Exception as exc:  # validation must never take the reader down
             return self._refused(seq, exc)
-        return self._reply(seq, shard, cmd, args)
+        return self._reply(seq, shard, cmd, args, rv)
 
     def _validated(self, code: int, body: Any) -> tuple[int, Command, Any]:
         """The shard, read command and its checked arguments of a ``read`` request."""
@@ -215,11 +223,12 @@ class Reader:
         return protocol.pack_error(
             seq, ProtocolError(f"invalid request: {type(exc).__name__}: {exc}"))
 
-    def _reply(self, seq: int, shard: int, cmd: Command, args: Any) -> bytes:
-        """The reply to a checked read command: its body, or the error it ran into."""
+    def _reply(self, seq: int, shard: int, cmd: Command, args: Any, rv: int) -> bytes:
+        """The reply to a checked read command routed by slot map version ``rv``: its body,
+        or the error it ran into."""
         c = self.counters
         try:
-            reply = protocol.pack_reply(seq, 0, _run(self.shards[shard].store(), cmd, args))
+            reply = protocol.pack_reply(seq, 0, _run(self.shards[shard], cmd, args, rv))
         except Error as exc:
             c.errors += 1
             return protocol.pack_error(seq, exc)
@@ -318,18 +327,18 @@ def _tables(store: Store) -> TableMap:
     return store.tables
 
 
-def _run(store: Store, cmd: Command, args: Any) -> Any:
-    """``cmd``'s reply body in a fresh read snapshot of ``store``: ``Store.read`` without its
-    generator, a third of a get's cost on the reader."""
-    handle = cmd.handle
-    assert handle is not None  # every read command has a handler
+def _run(view: ShardView, cmd: Command, args: Any, rv: int) -> Any:
+    """``cmd``'s reply body in a fresh read snapshot of ``view``'s store, under the slot state
+    that snapshot sees (``read_guarded``): ``Store.read`` without its generator, a third of a
+    get's cost on the reader."""
+    store = view.store()
     try:
         txn = store.env.begin()
     except lmdb.MapResizedError:  # the owner grew the map: Store.read adopts the new size
         with store.read() as r:
-            return handle(r, args)
+            return read_guarded(view.guard(r.txn), cmd, args, rv, r)
     try:
-        return handle(ReadTxn(txn, _tables(store)), args)
+        return read_guarded(view.guard(txn), cmd, args, rv, ReadTxn(txn, _tables(store)))
     finally:
         txn.abort()
 

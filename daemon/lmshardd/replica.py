@@ -95,6 +95,7 @@ from lmshard.txn import WriteTxn
 from lmshardd import stats
 from lmshardd.membership import decide_start
 from lmshardd.owner import CLIENTS_DB, ShardOwner, request_socket, run_owner, serve
+from lmshardd.slot_guard import RecordedSlots, read_guarded
 
 log = logging.getLogger("lmshardd.replica")
 
@@ -138,6 +139,8 @@ class Replica:
         self.store: Store | None = None
         self.meta_db: Any = None
         self.clients_db: Any = None
+        self.slots = RecordedSlots(shard, config)
+        """The slot state the copy's reads go by, as its primary recorded it."""
         self.ctx: zmq.Context[Any] = zmq.Context.instance()
         self.sock: zmq.Socket[bytes] | None = None
         self.feed: zmq.Socket[bytes] | None = None
@@ -284,7 +287,7 @@ class Replica:
     def _answer(self, ident: bytes, frame: bytes) -> bytes | None:
         seq = 0
         try:
-            code, _cid, seq, body, epoch, _version = protocol.unpack_request(frame)
+            code, _cid, seq, body, epoch, rv = protocol.unpack_request(frame)
             cmd = protocol.BY_CODE.get(code)
             if cmd is None:
                 raise ProtocolError(f"unknown command code {code}")
@@ -312,7 +315,8 @@ class Replica:
             if cmd.handle is None:
                 raise ProtocolError(f"replicas do not serve command {cmd.name!r}")
             with self.store.read() as r:
-                return protocol.pack_reply(seq, 0, cmd.handle(r, args))
+                guard = self.slots.guard(r.txn, self.meta_db)
+                return protocol.pack_reply(seq, 0, read_guarded(guard, cmd, args, rv, r))
         except Error as exc:
             return protocol.pack_error(seq, exc)
         except Exception as exc:
