@@ -172,6 +172,24 @@ def change(config: Config, rows: dict[tuple[str, Any], Any]) -> None:
             rows["events", ("new", i)] = {"n": i}
 
 
+def delete_copied(config: Config, rows: dict[tuple[str, Any], Any], slots: range) -> int:
+    """Delete (at their owner) the rows of ``slots`` a killed move copied to shard 1 already:
+    the move's next attempt must not leave them there."""
+    slot_map = config.slot_map
+    keys = []
+    with Store(config.shard_dir(1), config.load_schema(), readonly=True) as store, \
+            store.read() as r:
+        row_slots = RowSlots(slot_map)
+        for b in store.tables.by_tid.values():
+            keys += [(b.name, b.kdec(bytes(kb))) for kb, _ in r.txn.cursor(db=b.db)
+                     if row_slots.slot(b, bytes(kb)) in slots]
+    with lmshard.connect(config, schemas.schema) as c:
+        for table, key in keys:
+            c.delete(table, key)
+            del rows[table, key]
+    return len(keys)
+
+
 def check_rows(config: Config, rows: dict[tuple[str, Any], Any]) -> SlotMap:
     """Every shard records the config's map; each row is in the shard its slot is on, once;
     a fresh client reads every row, the index and the count. The map."""
@@ -204,7 +222,8 @@ def check_rows(config: Config, rows: dict[tuple[str, Any], Any]) -> SlotMap:
         assert c.count("items") == len([k for k in rows if k[0] == "items"])
         assert len(c.lookup("items", "by_group", 3)) == len(
             [k for k, v in rows.items() if k[0] == "items" and v["group"] == 3])
-        assert c.lookup("users", "by_email", "u7@x")
+        for key, value in [(k, v) for k, v in rows.items() if k[0] == "users"][:5]:
+            assert [k for k, _ in c.lookup("users", "by_email", value["email"])] == [key[1]]
     return slot_map
 
 
@@ -267,30 +286,35 @@ def test_grow_two_to_four_and_shrink_back(supervised: Path) -> None:
 
 KILL_AT = """
 import os, signal, sys
-from lmshard.resharding import state
+from lmshard.resharding import mover, run, state
 from lmshard.resharding.admin import OwnerAdmin
-phase, after_records = sys.argv[1], int(sys.argv[2])
+kind, at = sys.argv[1], sys.argv[2]
+mover.PAGE_OPS = 10
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
 save = state.save_state
 def save_then_die(path, st):
     save(path, st)
-    if st.stage == "moves" and st.phase == phase and after_records == 0:
-        os.kill(os.getpid(), signal.SIGKILL)
-state.save_state = save_then_die
-import lmshard.resharding.run as run
+    if kind == "phase" and st.stage == "moves" and st.phase == at:
+        die()
 run.save_state = save_then_die
-import lmshard.resharding.mover
-record = OwnerAdmin.record
-calls = []
-def record_then_die(self, shard, st):
-    txn = record(self, shard, st)
-    calls.append(shard)
-    if after_records and len(calls) == after_records:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return txn
-OwnerAdmin.record = record_then_die
+calls = {"record": 0, "move_rows": 0}
+def then_die(name, method):
+    def call(self, shard, arg):
+        out = method(self, shard, arg)
+        calls[name] += 1
+        if kind == name and calls[name] == int(at):
+            die()
+        return out
+    return call
+OwnerAdmin.record = then_die("record", OwnerAdmin.record)
+OwnerAdmin.move_rows = then_die("move_rows", OwnerAdmin.move_rows)
 from lmshard.ops import cli
 sys.exit(cli.main(sys.argv[3:]))
 """
+"""``lmshard`` run with a SIGKILL to itself at a point: ``phase P`` (once the state file
+says P), ``record N`` (after the N-th slot state it recorded), ``move_rows N`` (after the N-th
+batch of rows it moved; 10 rows a batch)."""
 
 
 @pytest.fixture
@@ -303,25 +327,31 @@ def owners(tmp_path: Path) -> Iterator[Cluster]:
         c.stop()
 
 
-def killed_at(config_path: Path, phase: str, after_records: int = 0) -> None:
-    done = subprocess.run([sys.executable, "-c", KILL_AT, phase, str(after_records), "reshard",
+def killed_at(config_path: Path, kind: str, at: str) -> None:
+    done = subprocess.run([sys.executable, "-c", KILL_AT, kind, at, "reshard",
                            "--move", "0-300", "--to", "1", "-c", str(config_path)],
                           capture_output=True, text=True, timeout=120, env=env_for_children())
     assert done.returncode == -9, done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("phase, records", [
-    ("copy", 0), ("catchup", 0), ("frozen", 0), ("switch", 0), ("drop", 0),
-    ("switch", 4),  # killed after the destination and the source switched, before the rest
+@pytest.mark.parametrize("kind, at", [
+    ("phase", "copy"), ("phase", "catchup"), ("phase", "frozen"), ("phase", "switch"),
+    ("phase", "drop"),
+    ("move_rows", "3"),  # half-way through the copy
+    ("record", "4"),  # after the destination and the source switched, before the rest
 ])
 def test_killed_mid_move_then_resume_leaves_every_row_in_one_shard(
-        owners: Cluster, phase: str, records: int) -> None:
+        owners: Cluster, kind: str, at: str) -> None:
     rows = fill(owners.config)
-    killed_at(owners.config_path, phase, records)
-    assert load_state(state_path(owners.config)) is not None
+    killed_at(owners.config_path, kind, at)
+    state = load_state(state_path(owners.config))
+    assert state is not None
+    phase = state.phase
     if phase in ("copy", "catchup"):  # not frozen yet: writes go on
         change(owners.config, rows)
-    if records:  # and an owner restarted meanwhile
+    if kind == "move_rows":
+        assert delete_copied(owners.config, rows, range(0, 301)) == 30
+    if kind != "phase":  # and an owner restarted meanwhile
         owners.kill(0)
         owners.start(0)
     done = reshard(owners.config_path, "--resume")
@@ -332,14 +362,14 @@ def test_killed_mid_move_then_resume_leaves_every_row_in_one_shard(
 
 def test_rollback_of_an_unswitched_move(owners: Cluster) -> None:
     rows = fill(owners.config)
-    killed_at(owners.config_path, "frozen")
+    killed_at(owners.config_path, "phase", "frozen")
     done = reshard(owners.config_path, "--rollback")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "rolled back the move of slots 0-300" in done.stdout
     after = check_rows(owners.config, rows)
     assert after == owners.config.slot_map and not state_path(owners.config).exists()
     # A switched move cannot be rolled back; --resume finishes it.
-    killed_at(owners.config_path, "drop")
+    killed_at(owners.config_path, "phase", "drop")
     done = reshard(owners.config_path, "--rollback")
     assert done.returncode == 1 and "can no longer be rolled back" in done.stderr
     assert reshard(owners.config_path, "--resume").returncode == 0
@@ -349,7 +379,7 @@ def test_rollback_of_an_unswitched_move(owners: Cluster) -> None:
 def test_backup_refused_while_a_shard_records_moving_slots(owners: Cluster,
                                                            tmp_path: Path) -> None:
     fill(owners.config)
-    killed_at(owners.config_path, "catchup")
+    killed_at(owners.config_path, "phase", "catchup")
     path = state_path(owners.config)
     with pytest.raises(BackupError, match="a re-shard is under way"):
         take_backup(owners.config, tmp_path / "backups")
