@@ -135,7 +135,7 @@ def test_reshard_refuses_bad_usage_and_a_reshard_under_way(init_dir: Path,
         take_backup(config, init_dir.parent / "backups")
     assert cli.main(["reshard", "--status", "-c", str(init_dir)]) == 0
     out = capsys.readouterr().out
-    assert "re-shard under way: move 2 -> 2 shards" in out and "does not answer" in out
+    assert "re-shard under way: move of slots 0-9, stage start" in out and "does not answer" in out
 
 
 # -- rows and where they are -------------------------------------------------------------------

@@ -138,8 +138,8 @@ class Reshard:
             refuse_under_way(self.config, states)
             current = max(states.values(), key=lambda st: st.version).map
         state = plan(self.config, current, shards=shards, move=move, to=to)
-        self.say(f"re-shard: {state.kind} {state.old_shards} -> {state.shards} shards, "
-                 f"{len(state.moves)} moves")
+        self.say(f"re-shard: {state.what()}, {len(state.moves)} "
+                 f"move{'s' if len(state.moves) > 1 else ''}")
         for m in state.moves:
             self.say(f"  {m.describe()}")
         save_state(self.path, state)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lmshard.config import Config
-from lmshard.resharding.plan import Move
+from lmshard.resharding.plan import Move, show_slots
 
 STATE_FILE = "reshard.json"
 """Name of the state file, in the config's run directory."""
@@ -83,12 +83,18 @@ class ReshardState:
             raise ValueError(f"unknown stage {state.stage!r} or phase {state.phase!r}")
         return state
 
+    def what(self) -> str:
+        """``grow 4 -> 8 shards``, ``shrink 8 -> 4 shards``, ``move of slots 0-127``."""
+        if self.kind == "move":
+            return "move of slots " + show_slots(frozenset().union(*(m.slots for m in
+                                                                      self.moves)))
+        return f"{self.kind} {self.old_shards} -> {self.shards} shards"
+
     def describe(self) -> str:
         if self.stage != "moves":
-            return f"{self.kind} {self.old_shards} -> {self.shards} shards, stage {self.stage}"
-        return (f"{self.kind} {self.old_shards} -> {self.shards} shards, move "
-                f"{self.current + 1}/{len(self.moves)} ({self.move.describe()}), phase "
-                f"{self.phase}")
+            return f"{self.what()}, stage {self.stage}"
+        return (f"{self.what()}, move {self.current + 1}/{len(self.moves)} "
+                f"({self.move.describe()}), phase {self.phase}")
 
 
 def load_state(path: Path) -> ReshardState | None:
