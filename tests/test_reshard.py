@@ -121,6 +121,17 @@ def test_reshard_refuses_bad_usage_and_a_reshard_under_way(init_dir: Path,
     assert "expected 0 <= FIRST <= LAST <= 1023" in capsys.readouterr().err
     assert cli.main(["reshard", "--shards", "999", "-c", str(init_dir)]) == 2
     assert "out of range: expected 1 to 256" in capsys.readouterr().err
+    assert cli.main(["reshard", "--shards", "4", "-c", str(init_dir)]) == 1
+    assert "needs the service under supervisord" in capsys.readouterr().err
+    listed = init_dir.read_text().replace(
+        'endpoint = "ipc://{run_dir}/shard-{shard:02d}.sock"',
+        f'endpoint = ["ipc://{config.run_dir}/a.sock", "ipc://{config.run_dir}/b.sock"]')
+    init_dir.write_text(listed)
+    assert cli.main(["reshard", "--shards", "4", "-c", str(init_dir)]) == 2
+    assert "has 2 endpoints; expected one per shard (4)" in capsys.readouterr().err
+    init_dir.write_text(listed.replace(f'["ipc://{config.run_dir}/a.sock", '
+                                       f'"ipc://{config.run_dir}/b.sock"]',
+                                       '"ipc://{run_dir}/shard-{shard:02d}.sock"'))
     # No owner runs: said at once, nothing written.
     assert cli.main(["reshard", "--move", "0-9", "--to", "1", "-c", str(init_dir)]) == 1
     assert "does not answer" in capsys.readouterr().err

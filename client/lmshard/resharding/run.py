@@ -29,7 +29,6 @@ from lmshard.resharding.plan import (
 )
 from lmshard.resharding.service import (
     config_naming,
-    config_with,
     retire_dirs,
     supervised,
     update_supervisord,
@@ -86,6 +85,13 @@ def check_request(config: Config, *, shards: int | None, move: str | None, to: i
         top = min(MAX_SHARDS, config.slots)
         if not 1 <= shards <= top:
             raise PlanError(f"--shards {shards} is out of range: expected 1 to {top}")
+        if shards > config.shards:
+            # The config must describe the new shards (endpoints) before anything changes.
+            config_naming(config, shards)
+            if not supervised(config):
+                raise ReshardError("adding shards needs the service under supervisord (it "
+                                   "starts the new owners), and supervisord is not running",
+                                   hint="start it with `lmshard up`")
     elif move is not None:
         parse_range(move, config.slots)
         if to is None:
@@ -103,14 +109,6 @@ def plan(config: Config, current: SlotMap, *, shards: int | None, move: str | No
             raise PlanError("give --shards M, or --move FIRST-LAST --to SHARD")
         moves = plan_range(current, parse_range(move, current.slots), to)
         kind, shards = "move", current.shards
-    if kind == "grow":
-        # The config must describe the new shards (endpoints) before anything changes.
-        config_with(config, SlotMap(shards, current.slots,
-                                    current.assignment, empty_ok=True), 1)
-        if not supervised(config):
-            raise ReshardError("adding shards needs the service under supervisord (it starts "
-                               "the new owners), and supervisord is not running",
-                               hint="start it with `lmshard up`")
     return ReshardState(kind, current.shards, shards, current.slots, moves)
 
 
@@ -131,8 +129,8 @@ class Reshard:
 
     def start(self, *, shards: int | None, move: str | None, to: int | None) -> None:
         """Plan and carry out a new re-shard."""
-        check_request(self.config, shards=shards, move=move, to=to)
         refuse_under_way(self.config)
+        check_request(self.config, shards=shards, move=move, to=to)
         with OwnerAdmin(self.config, owner_wait=0) as admin:  # not running: said at once
             states = admin.states(range(self.config.shards))
             refuse_under_way(self.config, states)
