@@ -10,6 +10,7 @@ client.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -26,7 +27,7 @@ from lmshard.ops import cli
 from lmshard.ops.backup import take_backup
 from lmshard.resharding.plan import PlanError, apply_moves, parse_range, plan_range, plan_shards
 from lmshard.resharding.service import write_config
-from lmshard.resharding.state import ReshardState, load_state, save_state, state_path
+from lmshard.resharding.state import ReshardState, command_lock, load_state, save_state, state_path
 from lmshard.routing import SlotMap
 from lmshard.slot_state import RowSlots, read_slot_state
 from lmshard.store import Store
@@ -144,6 +145,10 @@ def test_reshard_refuses_bad_usage_and_a_reshard_under_way(init_dir: Path,
     assert "a re-shard is under way" in err and "--resume" in err
     with pytest.raises(BackupError, match="a re-shard is under way"):
         take_backup(config, init_dir.parent / "backups")
+    with command_lock(config):
+        assert cli.main(["reshard", "--resume", "-c", str(init_dir)]) == 1
+    assert f"another `lmshard reshard` runs for this service (pid {os.getpid()}" in \
+        capsys.readouterr().err
     assert cli.main(["reshard", "--status", "-c", str(init_dir)]) == 0
     out = capsys.readouterr().out
     assert "re-shard under way: move of slots 0-9, stage start" in out and "does not answer" in out

@@ -26,6 +26,7 @@ from lmshard.resharding.admin import OwnerAdmin
 from lmshard.resharding.plan import PlanError, show_slots
 from lmshard.resharding.run import Reshard, under_way
 from lmshard.resharding.service import config_naming
+from lmshard.resharding.state import command_lock
 
 PLAIN_INTERVAL = 1.0
 """Seconds between two plain progress lines of one step."""
@@ -121,19 +122,23 @@ def cmd_reshard(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     progress = BarProgress() if sys.stdout.isatty() else PlainProgress()
     try:
-        run = Reshard(config, say, progress)
-        if args.resume:
-            run.resume()
-        elif args.rollback:
-            run.rollback()
-        else:
-            run.start(shards=args.shards, move=args.move, to=args.to)
+        with command_lock(config):
+            _run(Reshard(config, say, progress), args)
     except PlanError as exc:
         print(f"lmshard: {exc}", file=sys.stderr)
         return EXIT_USAGE
     finally:
         progress.close()
     return EXIT_OK
+
+
+def _run(run: Reshard, args: argparse.Namespace) -> None:
+    if args.resume:
+        run.resume()
+    elif args.rollback:
+        run.rollback()
+    else:
+        run.start(shards=args.shards, move=args.move, to=args.to)
 
 
 def add_parsers(subparsers: Any) -> None:

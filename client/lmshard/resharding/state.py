@@ -9,17 +9,24 @@ where to go on from and ``--rollback`` what to undo, whenever the command was ki
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lmshard.config import Config
+from lmshard.resharding import ReshardError
 from lmshard.resharding.plan import Move, show_slots
 
 STATE_FILE = "reshard.json"
 """Name of the state file, in the config's run directory."""
+LOCK_FILE = "reshard.lock"
+"""Held (``flock``) by the one ``lmshard reshard`` that runs, in the run directory; the kernel
+lets go of it when that process ends, however it ends."""
 FORMAT = 1
 """Layout of the state file; another layout is refused."""
 
@@ -95,6 +102,28 @@ class ReshardState:
             return f"{self.what()}, stage {self.stage}"
         return (f"{self.what()}, move {self.current + 1}/{len(self.moves)} "
                 f"({self.move.describe()}), phase {self.phase}")
+
+
+@contextlib.contextmanager
+def command_lock(config: Config) -> Iterator[None]:
+    """Hold the re-shard lock of ``config``'s service; ReshardError if another command holds
+    it."""
+    path = config.run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            raise ReshardError(f"another `lmshard reshard` runs for this service (pid "
+                               f"{holder or '?'}, lock {path})",
+                               hint="wait for it, or stop it; --resume goes on from where it "
+                               "stopped") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def load_state(path: Path) -> ReshardState | None:
