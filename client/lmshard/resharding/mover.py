@@ -110,13 +110,15 @@ class Mover:
             self._phase("catchup")
         if s.phase == "catchup":
             self._catch_up(move, until=None)
+            # Chosen before the freeze, so the pause is not spent on it (only this command
+            # records versions: it holds the re-shard lock).
+            s.switch_version = max(st.version for st in self._all_states().values()) + 1
             self._phase("frozen")
         if s.phase == "frozen":
             if pause_from is None:
                 pause_from = time.perf_counter()
             frozen_at = self._update(move.source, frozen=move.slots)
             self._catch_up(move, until=frozen_at)
-            s.switch_version = max(st.version for st in self._all_states().values()) + 1
             self._phase("switch")
         if s.phase == "switch":
             pause_ms = self._switch(move, pause_from)
@@ -271,26 +273,25 @@ class Mover:
         source, then every other shard. The write pause in ms."""
         v = self.state.switch_version
         assert v is not None
-        states = self._all_states()
-        latest = max(states.values(), key=lambda st: st.version).map
+        dest, source = self.admin.state(move.dest)[0], self.admin.state(move.source)[0]
+        latest = max(dest, source, key=lambda st: st.version).map
         table = list(latest.assignment)
         for slot in move.slots:
             table[slot] = move.dest
         new_map = SlotMap(latest.shards, latest.slots, table, empty_ok=True)
 
-        def switch(shard: int, **sets: frozenset[int]) -> None:
-            st = states[shard]
+        def switch(shard: int, st: SlotState, **sets: frozenset[int]) -> None:
             want = replace(st, version=v, map=new_map, **sets)
             if st != want and st.version <= v:
                 self.admin.record(shard, want)
 
-        d, a = states[move.dest], states[move.source]
-        switch(move.dest, incoming=d.incoming - move.slots)
-        switch(move.source, frozen=a.frozen - move.slots, outgoing=a.outgoing | move.slots)
+        switch(move.dest, dest, incoming=dest.incoming - move.slots)
+        switch(move.source, source, frozen=source.frozen - move.slots,
+               outgoing=source.outgoing | move.slots)
         pause_ms = (time.perf_counter() - pause_from) * 1000 if pause_from else 0.0
-        for shard in states:
+        for shard, st in self._all_states().items():
             if shard not in (move.source, move.dest):
-                switch(shard)
+                switch(shard, st)
         return pause_ms
 
 

@@ -66,7 +66,7 @@ class ReshardState:
     """The last txn id of the source's change log applied to the destination (catchup and
     frozen phases)."""
     switch_version: int | None = None
-    """The map version the move under way switches to, chosen before the switch starts."""
+    """The map version the move under way switches to, chosen before the slots freeze."""
     pauses_ms: list[float] = field(default_factory=list)
     """The write pause of each finished move, in milliseconds."""
 
