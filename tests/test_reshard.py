@@ -25,6 +25,8 @@ from lmshard.config import Config, load_config
 from lmshard.errors import BackupError
 from lmshard.ops import cli
 from lmshard.ops.backup import take_backup
+from lmshard.ops.supervise.conf import SupervisorFiles
+from lmshard.ops.supervise.rpc import process_infos, shard_of_process
 from lmshard.resharding.plan import PlanError, apply_moves, parse_range, plan_range, plan_shards
 from lmshard.resharding.service import write_config
 from lmshard.resharding.state import ReshardState, command_lock, load_state, save_state, state_path
@@ -283,21 +285,35 @@ def test_move_a_slot_range_under_supervisord(supervised: Path) -> None:
     assert "shard 1   version 1      813 slots" in status.stdout, status.stdout
 
 
+def owner_pids(config_path: Path) -> dict[str, int]:
+    """Every shard owner supervisord runs, by name, with its pid (0: stopped)."""
+    infos = process_infos(SupervisorFiles.read(config_path.parent / "supervisord.conf"))
+    return {i["fullname"]: i["pid"] for i in infos if shard_of_process(i) is not None}
+
+
 def test_grow_two_to_four_and_shrink_back(supervised: Path) -> None:
     config = load_config(supervised)
     rows = fill(config)
+    before = owner_pids(supervised)
     done = reshard(supervised, "--shards", "4")
     assert done.returncode == 0, done.stdout + done.stderr
     grown = check_rows(load_config(supervised), rows)
     assert grown.shards == 4 and grown.slot_counts() == [256] * 4
+    pids = owner_pids(supervised)
+    assert {k: pids[k] for k in before} == before, "a running owner was restarted"
+    assert sorted(pids) == ["lmshard:shard_00", "lmshard:shard_01", "lmshard_02:shard_02",
+                            "lmshard_03:shard_03"] and all(pids.values())
+    assert cli.main(["status", "-c", str(supervised)]) == 0
     done = reshard(supervised, "--shards", "2")
     assert done.returncode == 0, done.stdout + done.stderr
     after = load_config(supervised)
     assert after.shards == 2 and after.slot_map.slot_counts() == [512, 512]
     check_rows(after, rows)
+    assert owner_pids(supervised) == before
     assert sorted(p.name for p in after.data_dir.iterdir()) == [
         "shard-00", "shard-01", f"shard-02.removed-{after.slot_map_version}",
         f"shard-03.removed-{after.slot_map_version}"]
+    assert not list((supervised.parent / "supervisord.d").glob("*.conf"))
 
 
 KILL_AT = """

@@ -31,7 +31,7 @@ from lmshard.resharding.service import (
     config_naming,
     retire_dirs,
     supervised,
-    update_supervisord,
+    sync_owners,
     write_config,
 )
 from lmshard.resharding.state import (
@@ -234,7 +234,7 @@ class Reshard:
                     admin.record(n, replace(st, version=version, map=wide))
         self.config = write_config(self.config, wide, version)
         self.say(f"wrote {self.config.path}: {state.shards} shards, slot map version {version}")
-        update_supervisord(self.config, self.say)
+        sync_owners(self.config, state.old_shards, self.say)
         self.say(f"shards {state.old_shards}..{state.shards - 1} are up")
 
     def _settle(self, state: ReshardState, states: dict[int, SlotState], *, final: bool) -> None:
@@ -262,7 +262,7 @@ class Reshard:
             self.say(f"wrote {self.config.path}: {slot_map.shards} shards, slot map version "
                      f"{version}")
             if supervised(self.config):
-                update_supervisord(self.config, self.say)
+                sync_owners(self.config, old.shards, self.say)
             for path in retire_dirs(self.config, slot_map.shards, old.shards, version):
                 self.say(f"shard directory {path.name[:8]} renamed to {path}")
 

@@ -2,27 +2,44 @@
 
 The config is rewritten by ``Config.to_toml`` (every key under its doc comment; the previous
 file is kept as ``lmshard.toml.old``) with ``shards``, ``slot_map.runs`` and ``slot_map.version``
-changed, after the new config was read back and checked. supervisord's config is then
-regenerated beside it and ``supervisorctl reread`` + ``update`` start the owners of added shards
-and stop those of removed ones. supervisord restarts every program of the group ``lmshard``
-whose config changed (the owners included, when the shard count changes): clients ride that
-out with their usual retries, and the re-shard waits until every owner answers again.
+changed, after the new config was read back and checked. Then the owners of added shards start
+under the running supervisord, or those of removed shards stop, without restarting any other
+owner (``sync_owners``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import tomllib
+import xmlrpc.client
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmshard.config import Config, ConfigError, load_config
+from lmshard.config import Config, ConfigError, load_config, owner_program
 from lmshard.config.model import build_config
 from lmshard.ops.supervise import SupervisorError
-from lmshard.ops.supervise.conf import refresh_supervisord_conf, service_files
+from lmshard.ops.supervise.conf import (
+    ADDED_GROUP,
+    GROUP,
+    SupervisorFiles,
+    added_owners,
+    configured_owners,
+    refresh_supervisord_conf,
+    remove_added_owners,
+    service_files,
+    write_added_owner,
+)
 from lmshard.ops.supervise.control import supervisorctl_command
-from lmshard.ops.supervise.rpc import supervisord_pid, wait_until_up
+from lmshard.ops.supervise.rpc import (
+    process_infos,
+    rpc,
+    shard_of_process,
+    supervisord_pid,
+    wait_until_up,
+)
 from lmshard.routing import SlotMap
 
 SUPERVISORCTL_TIMEOUT = 120.0
@@ -83,24 +100,68 @@ def supervised(config: Config) -> bool:
         return False
 
 
-def update_supervisord(config: Config, say: Any) -> None:
-    """Regenerate supervisord.conf for ``config``, ``supervisorctl reread`` and ``update``
-    (owners of added shards start, those of removed shards stop), and wait until every
-    owner of ``config`` answers."""
-    note = refresh_supervisord_conf(config)
-    if note:
-        say(note)
+def sync_owners(config: Config, previous: int, say: Callable[[str], None]) -> None:
+    """Start the owners of shards ``previous`` .. ``config.shards - 1`` (a grow) or stop those
+    of shards ``config.shards`` .. ``previous - 1`` (a shrink) under the running supervisord,
+    leaving the other owners alone; restart the reader pool and the monitor one process at a
+    time (they serve every shard of the config); wait until every owner answers.
+
+    supervisord restarts every process of a group whose config changed, so an added owner
+    runs in a group of its own (``ADDED_GROUP``, a file in ``supervisord.d/``), and a removed
+    owner of group ``lmshard`` is stopped and left out of supervisord.conf, which takes effect
+    at supervisord's next start (``lmshard up`` folds the added groups back into ``lmshard``).
+    """
     files = service_files(config)
-    for args in (["reread"], ["update"]):
-        done = subprocess.run(supervisorctl_command(files, args), capture_output=True,
-                              text=True, timeout=SUPERVISORCTL_TIMEOUT, stdin=subprocess.DEVNULL)
-        out = (done.stdout + done.stderr).strip()
-        if done.returncode != 0 and "No config updates" not in out:
-            raise SupervisorError(f"supervisorctl {' '.join(args)} exited {done.returncode}: "
-                                  f"{out}", hint=f"see {files.logfile}")
-        if out:
-            say(f"supervisorctl {args[0]}: {' '.join(out.split())}")
+    main = configured_owners(files.conf)
+    if config.shards > previous:
+        groups = [write_added_owner(config, n, files.log_dir)
+                  for n in range(max(previous, main), config.shards)]
+        _supervisorctl(files, ["reread"], say)
+        _supervisorctl(files, ["update", *groups], say)
+    elif config.shards < previous:
+        ctl = rpc(files).supervisor
+        added = set(added_owners(files.conf))
+        for n in range(config.shards, previous):
+            name = f"{ADDED_GROUP.format(shard=n)}:shard_{n:02d}" if n in added else \
+                owner_program(n)
+            with contextlib.suppress(xmlrpc.client.Fault):  # not running: nothing to stop
+                ctl.stopProcess(name)
+            say(f"stopped {name}")
+        gone = sorted(added & set(range(config.shards, previous)))
+        remove_added_owners(files.conf, gone)
+        if gone:
+            _supervisorctl(files, ["update", *(ADDED_GROUP.format(shard=n) for n in gone)],
+                           say)
+        if main > config.shards:
+            note = refresh_supervisord_conf(config)
+            if note:
+                say(f"{note}; supervisord runs by it from its next start")
+    else:
+        return
+    _restart_others(files, say)
     wait_until_up(config, files)
+
+
+def _supervisorctl(files: SupervisorFiles, args: list[str], say: Callable[[str], None]) -> None:
+    done = subprocess.run(supervisorctl_command(files, args), capture_output=True,
+                          text=True, timeout=SUPERVISORCTL_TIMEOUT, stdin=subprocess.DEVNULL)
+    out = (done.stdout + done.stderr).strip()
+    if done.returncode != 0:
+        raise SupervisorError(f"supervisorctl {' '.join(args)} exited {done.returncode}: "
+                              f"{out}", hint=f"see {files.logfile}")
+    if out:
+        say(f"supervisorctl {args[0]}: {' '.join(out.split())}")
+
+
+def _restart_others(files: SupervisorFiles, say: Callable[[str], None]) -> None:
+    """Restart the reader pool's processes and the monitor, one at a time."""
+    ctl = rpc(files).supervisor
+    for info in process_infos(files):
+        if info["group"] == GROUP and shard_of_process(info) is None \
+                and info["statename"] == "RUNNING":
+            ctl.stopProcess(info["fullname"])
+            ctl.startProcess(info["fullname"])
+            say(f"restarted {info['fullname']} (it serves the new shard count)")
 
 
 def retire_dirs(config: Config, first: int, last: int, version: int) -> list[Path]:
