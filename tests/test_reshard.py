@@ -422,3 +422,24 @@ def test_backup_refused_while_a_shard_records_moving_slots(owners: Cluster,
     (tmp_path / "aside.json").rename(path)
     assert reshard(owners.config_path, "--rollback").returncode == 0
     assert take_backup(owners.config, tmp_path / "backups").path.exists()
+
+
+@pytest.mark.slow
+def test_added_owner_folded_into_group_lmshard_by_up_then_removed(supervised: Path) -> None:
+    rows = fill(load_config(supervised))
+    assert reshard(supervised, "--shards", "3").returncode == 0
+    assert "lmshard_02:shard_02" in owner_pids(supervised)
+    for args in (["down"], ["up"]):
+        done = subprocess.run([sys.executable, "-m", "lmshard.ops.cli", *args, "-c",
+                               str(supervised)], capture_output=True, text=True, timeout=120,
+                              env=env_for_children())
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(owner_pids(supervised)) == [f"lmshard:shard_{n:02d}" for n in range(3)]
+    assert not list((supervised.parent / "supervisord.d").glob("*.conf"))
+    check_rows(load_config(supervised), rows)
+    kept = {k: v for k, v in owner_pids(supervised).items() if k != "lmshard:shard_02"}
+    done = reshard(supervised, "--shards", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert owner_pids(supervised) == {**kept, "lmshard:shard_02": 0}  # stopped, not restarted
+    assert "numprocs=2" in (supervised.parent / "supervisord.conf").read_text()
+    check_rows(load_config(supervised), rows)
