@@ -125,7 +125,9 @@ def test_reshard_refuses_bad_usage_and_a_reshard_under_way(init_dir: Path,
     assert cli.main(["reshard", "--shards", "999", "-c", str(init_dir)]) == 2
     assert "out of range: expected 1 to 256" in capsys.readouterr().err
     assert cli.main(["reshard", "--shards", "4", "-c", str(init_dir)]) == 1
-    assert "needs the service under supervisord" in capsys.readouterr().err
+    assert "adding shards needs the service under supervisord" in capsys.readouterr().err
+    assert cli.main(["reshard", "--shards", "1", "-c", str(init_dir)]) == 1
+    assert "removing shards needs the service under supervisord" in capsys.readouterr().err
     listed = init_dir.read_text().replace(
         'endpoint = "ipc://{run_dir}/shard-{shard:02d}.sock"',
         f'endpoint = ["ipc://{config.run_dir}/a.sock", "ipc://{config.run_dir}/b.sock"]')

@@ -88,10 +88,12 @@ def check_request(config: Config, *, shards: int | None, move: str | None, to: i
         if shards > config.shards:
             # The config must describe the new shards (endpoints) before anything changes.
             config_naming(config, shards)
-            if not supervised(config):
-                raise ReshardError("adding shards needs the service under supervisord (it "
-                                   "starts the new owners), and supervisord is not running",
-                                   hint="start it with `lmshard up`")
+        if shards != config.shards and not supervised(config):
+            what = "adding" if shards > config.shards else "removing"
+            raise ReshardError(f"{what} shards needs the service under supervisord (it "
+                               f"{'starts the new' if what == 'adding' else 'stops the removed'}"
+                               " owners), and supervisord is not running",
+                               hint="start it with `lmshard up`")
     elif move is not None:
         parse_range(move, config.slots)
         if to is None:
