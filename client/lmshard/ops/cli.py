@@ -9,9 +9,9 @@
     lmshard demo [-c CONFIG] [--workers N] [--seconds S]
 
 and ``stats``, ``top``, ``watch``, ``backup``, ``verify``, ``restore``, ``keys``,
-``bench``, ``failover`` and ``copies``. Each command lives in a module of ``lmshard.ops``
-that registers it with ``add_parsers``; this one puts them together and turns errors into
-exit statuses.
+``bench``, ``failover``, ``copies`` and ``reshard``. Each command lives in a module of
+``lmshard.ops`` that registers it with ``add_parsers``; this one puts them together and turns
+errors into exit statuses.
 
 Every command finds the config by ``-c``, then ``$LMSHARD_CONFIG``, then
 ``./config/lmshard.toml``; supervisord.conf is the file next to it. Exit status: 0 ok,
@@ -34,6 +34,7 @@ from lmshard.ops import (
     demo,
     keys_cli,
     replica_cli,
+    reshard_cli,
     service_cli,
     status,
     top,
@@ -44,6 +45,7 @@ from lmshard.ops.supervise import SupervisorError
 
 COMMAND_MODULES: tuple[ModuleType, ...] = (
     service_cli, status, demo, top, watch_cli, backup_cli, keys_cli, bench_cli, replica_cli,
+    reshard_cli,
 )
 """The modules of the ``lmshard`` commands, in the order ``lmshard --help`` lists them; each
 registers its commands with ``add_parsers(subparsers)`` and sets ``func``."""

@@ -15,6 +15,10 @@ It connects a DEALER to every owner's backup socket and
    granted (the ZeroMQ guide's file-transfer pattern), so memory stays bounded on both sides and
    the backup can go to another host;
 4. writes the manifest and renames ``.lmshard-<time>.partial`` to ``lmshard-<time>``.
+
+While ``lmshard reshard`` runs a backup is refused (BackupError): its state file is there, or a
+copy records moving slots or another slot map version than the config's (the re-shard started
+while the backup was cut).
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ from lmshard.ops.backup.manifest import (
     shard_file_name,
 )
 from lmshard.ops.backup.progress import QUIET, Progress
+from lmshard.resharding.state import state_path
+from lmshard.slot_state import META_VERSION, read_slot_state
 from lmshard.store_meta import meta_records
 from lmshard.units import format_bytes
 from lmshard.wire import Message
@@ -207,6 +213,7 @@ def take_backup(
         raise BackupError(f"chunk_size {chunk_size} is not in {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
     if cut_attempts < 1:
         raise BackupError(f"cut_attempts {cut_attempts}: try the cut at least once")
+    refuse_during_reshard(config)
     progress = progress or QUIET
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -491,6 +498,7 @@ def _manifest(config: Config, links: list[_ShardLink], created: datetime.datetim
     schemas = set()
     shards = []
     for ln in links:
+        _check_slot_state(config, ln)
         schemas.add(json.dumps(_copy_schema(ln, digest), sort_keys=True))
         shards.append(ShardFile(ln.shard, shard_file_name(ln.shard), ln.txn_id, ln.size,
                                 ln.sha.hexdigest(),
@@ -511,6 +519,33 @@ def _manifest(config: Config, links: list[_ShardLink], created: datetime.datetim
         barrier_ms=round(barrier_ms, 3) if barrier_ms is not None else None,
         lmshard_version=__version__,
     )
+
+
+def refuse_during_reshard(config: Config) -> None:
+    """BackupError while ``lmshard reshard`` runs (its state file is there): the shards' copies
+    would hold slots on two shards at once, or none."""
+    path = state_path(config)
+    if path.exists():
+        raise BackupError(f"a re-shard is under way ({path} is there): a backup now would "
+                          "hold the moving slots twice or not at all",
+                          hint="back up once `lmshard reshard` is done (`lmshard reshard "
+                          "--status` shows it), or finish it with --resume / --rollback")
+
+
+def _check_slot_state(config: Config, ln: _ShardLink) -> None:
+    """BackupError if ``ln``'s copy records moving slots or another slot map version than the
+    config's: a re-shard was under way when it was cut."""
+    assert ln.path is not None
+    with open_copy(ln.path) as env, env.begin() as txn:
+        meta = meta_records(env, txn)
+    if META_VERSION not in meta:
+        return
+    state = read_slot_state(meta, config)
+    if state.moving or state.version != config.slot_map_version:
+        raise BackupError(f"shard {ln.shard} records {state.describe()} and the config has "
+                          f"version {config.slot_map_version}: a re-shard is under way or "
+                          "did not finish", hint="back up once `lmshard reshard` is done "
+                          "(`lmshard reshard --status` shows where it stands)")
 
 
 def _copy_schema(ln: _ShardLink, digest: str) -> Any:

@@ -165,26 +165,100 @@ def render_supervisord_conf(
 
 def write_supervisord_conf(config: Config, *, log_dir: Path | None = None,
                            alerts: bool = True, out: Path | None = None) -> Path:
-    """Render and write the supervisord config (default: next to the lmshard config)."""
+    """Render and write the supervisord config (default: next to the lmshard config). It runs
+    every shard's owner, so the files of owners a re-shard added beside it go."""
     text = render_supervisord_conf(config, log_dir=log_dir, alerts=alerts)
     path = out or supervisord_conf_path(config)
     _write_atomically(path, text)
+    if out is None:
+        remove_added_owners(path.parent)
     return path
+
+
+# -- owners a re-shard adds while supervisord runs ----------------------------------------------
+
+ADDED_GROUP = GROUP + "_{shard:02d}"
+"""The supervisord group of the owner of a shard ``lmshard reshard`` added while supervisord
+ran (``lmshard_04:shard_04``): supervisord restarts every process of a group whose config
+changed, so a new owner gets a group of its own and the running owners are left alone."""
+ADDED_FILE = "lmshard-shard-{shard:02d}.conf"
+"""The file of such a group, in ``supervisord.d/`` beside supervisord.conf (included by it)."""
+_ADDED_RE = re.compile(r"lmshard-shard-(\d+)\.conf")
+
+
+def added_owners_dir(conf: Path) -> Path:
+    """Where the groups of added owners live: ``supervisord.d/`` beside ``conf``'s directory."""
+    return conf / "supervisord.d" if conf.is_dir() else conf.parent / "supervisord.d"
+
+
+def added_owners(conf_dir: Path) -> list[int]:
+    """The shards whose owners run in groups of their own (files in ``supervisord.d/``)."""
+    d = added_owners_dir(conf_dir)
+    found = [_ADDED_RE.fullmatch(p.name) for p in d.iterdir()] if d.is_dir() else []
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def remove_added_owners(conf_dir: Path, shards: list[int] | None = None) -> None:
+    """Remove the files of added owners (of ``shards``; all if None)."""
+    for n in added_owners(conf_dir) if shards is None else shards:
+        (added_owners_dir(conf_dir) / ADDED_FILE.format(shard=n)).unlink(missing_ok=True)
+
+
+def configured_owners(conf: Path) -> int:
+    """How many owners the group ``lmshard`` of the supervisord config ``conf`` runs."""
+    parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"))
+    parser.read(conf)
+    try:
+        return int(parser.get("program:shard", "numprocs"))
+    except (configparser.Error, ValueError) as exc:
+        raise SupervisorError(f"{conf}: no [program:shard] numprocs",
+                              hint="regenerate it: lmshard supervisord-conf") from exc
+
+
+def render_added_owner(config: Config, shard: int, *, log_dir: Path) -> str:
+    """The supervisord config of the group of shard ``shard``'s owner (``ADDED_GROUP``): the
+    program ``shard`` of the generated config, for that one shard."""
+    text = render_supervisord_conf(config, log_dir=log_dir)
+    match = re.search(r"^\[program:shard\]\n(.*?)(?=^\[|^;@|\Z)", text, re.M | re.S)
+    if match is None:
+        raise SupervisorError("the supervisord template has no [program:shard]")
+    body = match.group(1)
+    program = f"shard_{shard:02d}"
+    body = re.sub(r"^numprocs=.*$", "numprocs=1", body, flags=re.M)
+    body = re.sub(r"^numprocs_start=.*$", f"numprocs_start={shard}", body, flags=re.M)
+    body = body.replace("%(program_name)s_%(process_num)02d", program)
+    group = ADDED_GROUP.format(shard=shard)
+    return (f"; The owner of shard {shard}, added by `lmshard reshard` while supervisord ran, in "
+            f"a group of its own\n; ({group}: the running owners stay as they are). "
+            "`lmshard supervisord-conf` folds it into\n; group lmshard again.\n"
+            f"[group:{group}]\nprograms={program}\n\n[program:{program}]\n{body.rstrip()}\n")
+
+
+def write_added_owner(config: Config, shard: int, log_dir: Path) -> str:
+    """Write the group of shard ``shard``'s owner into ``supervisord.d/``; its group name."""
+    d = added_owners_dir(supervisord_conf_path(config))
+    d.mkdir(exist_ok=True)
+    _write_atomically(d / ADDED_FILE.format(shard=shard),
+                      render_added_owner(config, shard, log_dir=log_dir))
+    return ADDED_GROUP.format(shard=shard)
 
 
 def refresh_supervisord_conf(config: Config) -> str | None:
     """Rewrite the supervisord config next to ``config`` if it no longer matches what the
     config (and this lmshard) generates, keeping its log directory and alerts choice; the
-    previous file is kept as ``supervisord.conf.old``. A note for the operator if rewritten."""
+    previous file is kept as ``supervisord.conf.old``; the groups of owners a re-shard added
+    (``supervisord.d/lmshard-shard-NN.conf``) are folded into it. A note for the operator if
+    rewritten. Only while supervisord does not run."""
     path = supervisord_conf_path(config)
     files = SupervisorFiles.read(path)
     old = path.read_text()
     text = render_supervisord_conf(config, log_dir=files.log_dir,
                                    alerts="[eventlistener:lmshard_alerts]" in old)
-    if text == old:
+    if text == old and not added_owners(path.parent):
         return None
     _write_atomically(path.with_name(path.name + ".old"), old)
     _write_atomically(path, text)
+    remove_added_owners(path.parent)
     return (f"rewrote {path}: it did not match {config.path} (previous version kept as "
             f"{path.name}.old)")
 

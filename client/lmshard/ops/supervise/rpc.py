@@ -16,7 +16,7 @@ from lmshard.client import Client
 from lmshard.config import Config, owner_program
 from lmshard.errors import ShardUnavailable
 from lmshard.ops.supervise import SupervisorError
-from lmshard.ops.supervise.conf import ALERTS, GROUP, SupervisorFiles
+from lmshard.ops.supervise.conf import ADDED_GROUP, ALERTS, GROUP, SupervisorFiles
 from lmshard.schema import Schema
 
 UP_TIMEOUT = 60.0
@@ -61,9 +61,13 @@ shard_process = owner_program
 
 def shard_of_process(info: dict[str, Any]) -> int | None:
     """The shard number of an owner's (or a replica host's replica's) process info, None for
-    other processes."""
+    other processes. An owner ``lmshard reshard`` added while supervisord ran is in a group of
+    its own (``lmshard_04:shard_04``, ``lmshard.ops.supervise.conf.ADDED_GROUP``)."""
     match = re.fullmatch(r"(?:shard|replica)_(\d+)", info["name"])
-    return int(match.group(1)) if info["group"] == GROUP and match else None
+    if match is None:
+        return None
+    n = int(match.group(1))
+    return n if info["group"] in (GROUP, ADDED_GROUP.format(shard=n)) else None
 
 
 def copy_health(config: Config, client: Client, shard: int) -> dict[str, Any]:
