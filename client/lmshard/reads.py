@@ -23,6 +23,7 @@ and the rows of slots the shard must not serve (``slot_routes.ForeignRows``) are
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -125,6 +126,8 @@ class LocalShards:
         try:
             st = Store(path, self.schema, readonly=True, max_readers=self.config.max_readers)
         except Error as exc:
+            if not os.path.exists(os.path.join(path, "data.mdb")):
+                return None  # a shard a re-shard is adding: its owner creates it soon
             log.warning("shard %d: reading through the owner, the files at %s cannot "
                         "be opened here: %s", shard, path, exc)
             self._remote_only.add(shard)

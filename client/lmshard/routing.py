@@ -277,12 +277,15 @@ class TableRoute:
     """
 
     __slots__ = ("pinned", "shard", "shards", "slot", "needs_key", "_leading", "_shard_of",
-                 "_kprefix", "_slots")
+                 "_kprefix", "_slots", "_owning")
 
     def __init__(self, table: Table, slot_map: SlotMap) -> None:
         self.shards = slot_map.shards
         self._shard_of = slot_map.shard_of
         self._slots = slot_map.slots
+        self._owning = sorted(set(slot_map.assignment))
+        """The shards that own a slot: a shard a re-shard adds or empties holds no row to
+        read (the rows it is being given are not its own yet)."""
         self._leading = table.shard_prefix
         self._kprefix = table.key.encode_prefix
         self.pinned: int | None = slot_map.shard_of(table.table_id.bytes) if table.pinned else None
@@ -337,4 +340,4 @@ class TableRoute:
             p = prefix if isinstance(prefix, (tuple, list)) else (prefix,)
             if len(p) >= n:  # every row under the prefix has these leading elements
                 return [self.leading_shard(p)]
-        return list(range(self.shards))
+        return list(self._owning)

@@ -29,7 +29,7 @@ import lmdb
 import zmq
 
 from lmshard import protocol, security, zap
-from lmshard.config import Config
+from lmshard.config import MAX_SHARDS, Config, load_config
 from lmshard.errors import (
     Error,
     InternalError,
@@ -209,8 +209,30 @@ class Reader:
                 f"the reader pool does not serve command {name!r:.20}; it serves "
                 f"{', '.join(READ_COMMANDS)} (as command {READ.code}) and ping",
                 hint="send writes, stats and shard pings to the shard owner")
-        shard, cmd, inner = read_parts(body, self.config.shards)
+        shard, cmd, inner = read_parts(body, MAX_SHARDS)
+        if shard >= len(self.shards):
+            self._grow(shard)
         return shard, cmd, cmd.validate(_tables(self.shards[shard].store()), inner)
+
+    def _grow(self, shard: int) -> None:
+        """A read for a shard beyond this reader's config: a re-shard added shards and wrote
+        them into the config file; read it again and serve them too (ProtocolError when the
+        file does not name ``shard`` either)."""
+        config = self.config
+        if config.path is not None:
+            try:
+                config = load_config(config.path)
+            except Error as exc:
+                log.warning("cannot read %s again for shard %d: %s", config.path, shard, exc)
+        if shard >= config.shards:
+            raise ProtocolError(f"shard must be an int from 0 to {config.shards - 1}, not "
+                                f"{shard}", hint="the re-shard that adds it has not written "
+                                "the config file yet")
+        log.info("serving shards %d to %d too: the config file names %d shards now",
+                 len(self.shards), config.shards - 1, config.shards)
+        self.shards += [ShardView(config, n, self.schema)
+                        for n in range(len(self.shards), config.shards)]
+        self.config = config
 
     def _refused(self, seq: int, exc: Exception) -> bytes:
         """The error reply to a request that could not be read, checked or routed."""
