@@ -166,7 +166,9 @@ def _no_body(tables: TableMap, body: Any) -> None:
 
 
 @command("ping", 1, request="nil",
-         reply="map: shard, pid, txn_id, map_size, map_used, uptime", validate=_no_body)
+         reply="map: shard, pid, txn_id, map_size, map_used, uptime, ..., slots (the slot map "
+         "version and the slots moving: version, frozen, incoming, outgoing)",
+         validate=_no_body)
 def ping() -> None:
     """Liveness and health: answered by the owner's loop between commits, so a reply also
     proves the loop is not stuck. The owner fills in the reply itself. The reader pool answers
