@@ -1,7 +1,7 @@
 """What an online re-shard costs the clients of a running service: write pauses, put latency.
 
     python -m bench.suite --only reshard [--quick]      # as in `make bench`
-    python -m bench.reshard [--rounds 3] [--quick]
+    python -m bench.reshard [--rounds 3] [--quick] [--markdown]
 
 A real service under supervisord (``lmshard init`` + ``lmshard up``): 4 shard owners, fsync on,
 the change log on, filled through ``client.writer()`` with the suite's ~100-byte record until
@@ -244,7 +244,7 @@ def reshard_once(svc: SupervisedService, shards: int, baseline_s: float) -> dict
 
 
 def run(quick: bool, rounds: int, tmp: Path) -> dict[str, Any]:
-    started = time.time()
+    started, load_at_start = time.time(), os.getloadavg()[0]
     monitor = machine.LoadMonitor().start()
     base = Path(tempfile.mkdtemp(prefix="reshard-", dir=tmp))
     svc = SupervisedService(base / "svc")
@@ -297,7 +297,7 @@ def run(quick: bool, rounds: int, tmp: Path) -> dict[str, Any]:
                            "rows": rows, "mib": round(size / 2**20, 1),
                            "row_bytes": round(row_bytes, 1),
                            "fill_rows_per_s": round(rows / fill_s),
-                           "load": monitor.result()}
+                           "load": monitor.result(), "load_at_start": load_at_start}
     for what in ("grow", "shrink"):
         mine = [r for r in runs if r["what"] == what]
         during, before = [], []
@@ -360,14 +360,104 @@ def print_summary(r: dict[str, Any]) -> None:
               f"{q['per_s']}x (reported)")
 
 
+def _ms(d: dict[str, Any]) -> str:
+    return f"p50 {d['p50']} ms, p99 {d['p99']} ms, max {d['max']} ms"
+
+
+def markdown(r: dict[str, Any], when: str) -> list[str]:
+    """The Re-sharding section of docs/performance.md (bench/report.py writes it from the
+    suite's results; ``when`` says the date and the machine's load)."""
+    g, s = r["grow"], r["shrink"]
+
+    def both(fn: Any) -> list[str]:
+        return [fn(g), fn(s)]
+
+    rows = [
+        ["figure", f"{SHARDS} -> {GROWN} shards", f"{GROWN} -> {SHARDS} shards"],
+        ["moves (all rounds)", *both(lambda x: str(x["moves"]))],
+        ["time of the re-shard (per round)", *both(lambda x: ", ".join(f"{t} s" for t in
+                                                                        x["seconds"]))],
+        ["rows moved (median of the rounds)", *both(
+            lambda x: f"{x['rows_moved']:,} ({x['rows_moved'] * r['row_bytes'] / 2**20:,.0f} "
+            "MiB)")],
+        ["rows moved per second (reported)", *both(
+            lambda x: f"{x['rows_per_s']:,}/s ({x['mib_per_s']} MiB/s)")],
+        [f"**write pause per move** (target p99 <= {PAUSE_TARGET_MS:.0f} ms)", *both(
+            lambda x: f"{_ms(x['pause_ms'])}: "
+            f"{'PASS' if x['pause_ms']['p99'] <= PAUSE_TARGET_MS else 'MISS'}")],
+        ["its floor: three fsynced `slot_state` records on one owner", *both(
+            lambda x: f"median {x['floor_ms']['p50']} ms, p99 {x['floor_ms']['p99']} ms "
+            f"({x['floor_ms']['times']} times); median pause {x['pause_over_floor']}x that")],
+        ["client puts before (baseline window)", *both(
+            lambda x: f"{_ms(x['puts_before_ms'])}; {x['puts_before_ms']['per_s']:,} puts/s "
+            f"over {sum(x['baseline_s']):.1f} s")],
+        ["client puts during the re-shard", *both(
+            lambda x: f"{_ms(x['puts_during_ms'])}; {x['puts_during_ms']['per_s']:,} puts/s")],
+        ["during / before (reported)", *both(
+            lambda x: f"p50 {x['put_ratio']['p50']}x, p99 {x['put_ratio']['p99']}x, max "
+            f"{x['put_ratio']['max']}x, puts/s {x['put_ratio']['per_s']}x")],
+    ]
+    table = ["| " + " | ".join(rows[0]) + " |", "|---|---:|---:|"]
+    table += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    lines = ["## Re-sharding (bench/reshard.py)", ""]
+    if r["quick"]:
+        lines += ["> **Quick run** (`--quick`, 64 MiB): to be replaced by a full run "
+                  "(`python -m bench.reshard`, 1 GiB).", ""]
+    lines += [
+        "`python -m bench.suite --only reshard` (and `make bench`): a service under supervisord "
+        f"(`lmshard init` + `lmshard up`), {SHARDS} owners with fsync on, the `records` table "
+        f"filled through `client.writer()` to {r['rows']:,} rows of the suite's record "
+        f"({r['mib']:,} MiB of LMDB pages, {r['row_bytes']} bytes a row); then "
+        f"`lmshard reshard --shards {GROWN}` (half the rows move, {GROWN - SHARDS} moves) and "
+        f"`lmshard reshard --shards {SHARDS}` (they move back), {r['rounds']} round(s), while "
+        "one client process does acked single puts of new keys (`client.put`) throughout. "
+        "The baseline is the same client's puts in the window right before each re-shard, as "
+        "long as the last re-shard of that direction took (the first one's length is a "
+        f"guess). {when}.",
+        "",
+        *table,
+        "",
+        "The write pause is the reshard command's own figure per move, from the freeze of the "
+        "slots on the source to the source's record of the switch; only writes to the slots of "
+        f"that move ({1024 // GROWN} of 1,024 here) wait in it. Its floor is what the design "
+        "cannot go below: the three `slot_state` records of a pause (the source's freeze, the "
+        "destination's and the source's switch) each commit a write transaction and fsync it "
+        "before the owner answers; timed here as three records of an unchanged state on shard "
+        "0 through `lmshard.resharding.admin.OwnerAdmin`, right after each re-shard with the "
+        "client's puts running. The rest of a pause is the change log replayed while frozen "
+        "(when writes to the moving slots came in after the last catch-up round, as the "
+        "client's do here, that is one more commit with fsync, on the destination) and four "
+        "reads of the two shards' slot states by the command.",
+        "",
+        "The client's puts during a re-shard share the owners with the copy (`move_rows` "
+        "batches of up to 1,000 rows into the destination, each a commit with fsync) and the "
+        "drop on the source. A put meets a pause only when its key is in the moving slots "
+        "while they are frozen: with one client doing one put at a time, a few puts per "
+        "re-shard at most. So the puts' p99 and their lower rate during a re-shard are the "
+        "copy's load on the owners, not the pauses.",
+        "",
+    ]
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--markdown", action="store_true",
+                    help="print docs/performance.md's Re-sharding section afterwards too")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-reshard-") as tmp:
-        print_summary(run(args.quick, 1 if args.quick else args.rounds, Path(tmp)))
+        r = run(args.quick, 1 if args.quick else args.rounds, Path(tmp))
+    print_summary(r)
+    if args.markdown:
+        from bench.report import load_line
+
+        meta = {"load": r["load"], "machine": {"cores": os.cpu_count() or 1,
+                                               "load_at_start": [r["load_at_start"]]}}
+        when = time.strftime("%Y-%m-%d", time.gmtime(r["started"]))
+        print("\n" + "\n".join(markdown(r, f"{when}; {load_line(meta)}")))
 
 
 if __name__ == "__main__":
