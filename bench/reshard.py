@@ -25,8 +25,9 @@ alone for about as long as the last re-shard of that direction took (the baselin
   own on its owner, committed and fsynced before it answers. Measured on the same service
   while the client's puts run, right after each re-shard: three records of an unchanged state
   on shard 0 through ``lmshard.resharding.admin.OwnerAdmin``, 20 times; the median and p99 of
-  the three. The pause above that floor is the log replayed while frozen and the command's
-  round trips.
+  the three. The pause above that floor is mostly the command's own: two saves of its state
+  file (timed likewise: two ``save_state`` calls in the same run directory), the log replayed
+  while frozen, its round trips.
 """
 
 from __future__ import annotations
@@ -212,6 +213,31 @@ def floor_ms(toml: Path, times: int = FLOOR_TIMES) -> list[float]:
     return out
 
 
+def state_saves_ms(toml: Path, times: int = FLOOR_TIMES) -> list[float]:
+    """``times`` timings (ms) of two saves of a re-shard's state file (each written, fsynced,
+    renamed into place and its directory fsynced) in the service's run directory: the
+    command saves it twice inside a pause (after the frozen replay, and at the switch)."""
+    from lmshard.config import load_config
+    from lmshard.resharding.run import plan
+    from lmshard.resharding.state import save_state
+
+    config = load_config(toml)
+    other = GROWN if config.shards == SHARDS else SHARDS
+    state = plan(config, config.slot_map, shards=other, move=None, to=None)
+    path = config.run_dir / "bench-reshard-state.json"  # not the command's reshard.json
+    out = []
+    try:
+        save_state(path, state)
+        for _ in range(times):
+            t = time.perf_counter()
+            for _ in range(2):
+                save_state(path, state)
+            out.append((time.perf_counter() - t) * 1000)
+    finally:
+        path.unlink(missing_ok=True)
+    return out
+
+
 def lat_stats(lat: np.ndarray, seconds: float) -> dict[str, float]:
     """Percentiles (ms) of put latencies ``lat``, their count and rate over ``seconds``."""
     if len(lat) == 0:
@@ -251,6 +277,7 @@ def run(quick: bool, rounds: int, tmp: Path) -> dict[str, Any]:
     client: PutClient | None = None
     runs: list[dict[str, Any]] = []
     floors: dict[str, list[float]] = {"grow": [], "shrink": []}
+    saves: dict[str, list[float]] = {"grow": [], "shrink": []}
     try:
         spec = svc.start()
         target = FILL_BYTES[quick]
@@ -279,10 +306,12 @@ def run(quick: bool, rounds: int, tmp: Path) -> dict[str, Any]:
                 last[shards] = r["seconds"]
                 fl = floor_ms(svc.toml)
                 floors[what].extend(fl)
+                saves[what].extend(state_saves_ms(svc.toml))
                 runs.append(r)
                 print(f"    {r['seconds']:.1f} s, {r['rows_moved']:,} rows moved, pauses "
                       f"{', '.join(f'{p:.1f}' for p in r['pauses_ms'])} ms; three slot_state "
-                      f"records: median {np.median(fl):.1f} ms", flush=True)
+                      f"records: median {np.median(fl):.1f} ms; two state file saves: median "
+                      f"{np.median(saves[what][-FLOOR_TIMES:]):.1f} ms", flush=True)
         t, lat = client.finish()
         client = None
     finally:
@@ -322,6 +351,8 @@ def run(quick: bool, rounds: int, tmp: Path) -> dict[str, Any]:
             "pauses_ms": [round(p, 2) for p in pauses],
             "floor_ms": {"p50": round(float(np.median(fl)), 2),
                          "p99": round(float(np.percentile(fl, 99)), 2), "times": len(fl)},
+            "state_saves_ms": {"p50": round(float(np.median(saves[what])), 2),
+                               "p99": round(float(np.percentile(saves[what], 99)), 2)},
             "pause_over_floor": round(float(np.percentile(pauses, 50)) / float(np.median(fl)),
                                       1),
             "puts_during_ms": d, "puts_before_ms": b,
@@ -352,6 +383,9 @@ def print_summary(r: dict[str, Any]) -> None:
         print(f"    its floor, three fsynced slot_state records: median {f['p50']} ms, p99 "
               f"{f['p99']} ms ({f['times']} times); the median pause is "
               f"{g['pause_over_floor']}x that")
+        v = g["state_saves_ms"]
+        print(f"    the command's two saves of its state file in a pause: median {v['p50']} ms, "
+              f"p99 {v['p99']} ms")
         print(f"    client puts during: p50 {d['p50']} ms, p99 {d['p99']} ms, max {d['max']} ms, "
               f"{d['per_s']:,}/s ({d['puts']:,} puts in {g['seconds']} s)")
         print(f"    client puts before: p50 {b['p50']} ms, p99 {b['p99']} ms, max {b['max']} ms, "
@@ -388,6 +422,9 @@ def markdown(r: dict[str, Any], when: str) -> list[str]:
         ["its floor: three fsynced `slot_state` records on one owner", *both(
             lambda x: f"median {x['floor_ms']['p50']} ms, p99 {x['floor_ms']['p99']} ms "
             f"({x['floor_ms']['times']} times); median pause {x['pause_over_floor']}x that")],
+        ["the command's two saves of its state file in a pause", *both(
+            lambda x: f"median {x['state_saves_ms']['p50']} ms, p99 "
+            f"{x['state_saves_ms']['p99']} ms")],
         ["client puts before (baseline window)", *both(
             lambda x: f"{_ms(x['puts_before_ms'])}; {x['puts_before_ms']['per_s']:,} puts/s "
             f"over {sum(x['baseline_s']):.1f} s")],
@@ -400,9 +437,15 @@ def markdown(r: dict[str, Any], when: str) -> list[str]:
     table = ["| " + " | ".join(rows[0]) + " |", "|---|---:|---:|"]
     table += ["| " + " | ".join(row) + " |" for row in rows[1:]]
     lines = ["## Re-sharding (bench/reshard.py)", ""]
+    notes = []
     if r["quick"]:
-        lines += ["> **Quick run** (`--quick`, 64 MiB): to be replaced by a full run "
-                  "(`python -m bench.reshard`, 1 GiB).", ""]
+        notes.append("**Quick run** (`--quick`, 64 MiB): to be replaced by a full run "
+                     "(`python -m bench.reshard`, 1 GiB).")
+    if r["load"]["loaded"]:
+        notes.append("**Measured on a loaded machine**: pauses and put latencies are higher "
+                     "and noisier than on a quiet one.")
+    if notes:
+        lines += ["> " + " ".join(notes), ""]
     lines += [
         "`python -m bench.suite --only reshard` (and `make bench`): a service under supervisord "
         f"(`lmshard init` + `lmshard up`), {SHARDS} owners with fsync on, the `records` table "
@@ -424,10 +467,12 @@ def markdown(r: dict[str, Any], when: str) -> list[str]:
         "destination's and the source's switch) each commit a write transaction and fsync it "
         "before the owner answers; timed here as three records of an unchanged state on shard "
         "0 through `lmshard.resharding.admin.OwnerAdmin`, right after each re-shard with the "
-        "client's puts running. The rest of a pause is the change log replayed while frozen "
-        "(when writes to the moving slots came in after the last catch-up round, as the "
-        "client's do here, that is one more commit with fsync, on the destination) and four "
-        "reads of the two shards' slot states by the command.",
+        "client's puts running. The rest of a pause is the command's: two saves of its state "
+        "file (`<run_dir>/reshard.json`, each written, fsynced, renamed and its directory "
+        "fsynced: after the frozen replay and before the switch; timed the same way in the "
+        "same run directory), the change log replayed while frozen (when writes to the moving "
+        "slots came in after the last catch-up round, as the client's do here, one more commit "
+        "with fsync, on the destination) and four reads of the two shards' slot states.",
         "",
         "The client's puts during a re-shard share the owners with the copy (`move_rows` "
         "batches of up to 1,000 rows into the destination, each a commit with fsync) and the "
