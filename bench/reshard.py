@@ -251,22 +251,46 @@ def lat_stats(lat: np.ndarray, seconds: float) -> dict[str, float]:
 
 def reshard_once(svc: SupervisedService, shards: int, baseline_s: float) -> dict[str, Any]:
     """Let the puts run alone for ``baseline_s``, then ``lmshard reshard --shards SHARDS``; the
-    command's figures and the windows (monotonic s) of the baseline and the re-shard."""
+    command's figures, its output lines with the time each came (s into the re-shard), and
+    the windows (monotonic s) of the baseline and the re-shard."""
     b0 = time.monotonic()
     time.sleep(baseline_s)
     t0 = time.monotonic()
-    done = lmshard_cli(svc.toml, "reshard", "--shards", str(shards))
+    proc = subprocess.Popen([sys.executable, "-m", "lmshard.ops.cli", "reshard", "--shards",
+                             str(shards), "-c", str(svc.toml)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
+                            env=dict(_env(), PYTHONUNBUFFERED="1"))
+    assert proc.stdout is not None
+    lines = [(round(time.monotonic() - t0, 3), line.rstrip()) for line in proc.stdout]
+    proc.wait()
     t1 = time.monotonic()
+    if proc.returncode != 0:
+        raise RuntimeError(f"lmshard reshard --shards {shards} exited with {proc.returncode}:\n"
+                           + "\n".join(line for _, line in lines))
     pauses, copied = [], 0
-    for line in done.stdout.splitlines():
+    for _, line in lines:
         if m := PAUSE_LINE.search(line):
             pauses.append(float(m.group(4)))
         elif m := COPY_LINE.match(line):
             copied += int(m.group(2))
     if not pauses:
-        raise RuntimeError(f"lmshard reshard printed no write pause:\n{done.stdout}")
+        raise RuntimeError("lmshard reshard printed no write pause:\n"
+                           + "\n".join(line for _, line in lines))
     return {"shards": shards, "baseline_from": b0, "start": t0, "end": t1,
-            "seconds": t1 - t0, "pauses_ms": pauses, "rows_moved": copied}
+            "seconds": t1 - t0, "pauses_ms": pauses, "rows_moved": copied, "lines": lines}
+
+
+def slowest_put(r: dict[str, Any], t: np.ndarray, lat: np.ndarray) -> dict[str, Any]:
+    """The slowest put during re-shard ``r``: its latency, when it started (s into the
+    re-shard) and the command's last output line before it (what the re-shard was doing)."""
+    inside = np.flatnonzero((t >= r["start"]) & (t < r["end"]))
+    if len(inside) == 0:
+        return {}
+    i = inside[np.argmax(lat[inside])]
+    at = float(t[i]) - r["start"]
+    before = [line for s, line in r["lines"] if s <= at and line.strip()]
+    return {"ms": round(float(lat[i]), 1), "at_s": round(at, 2),
+            "after": before[-1].strip() if before else ""}
 
 
 def run(quick: bool, rounds: int, tmp: Path) -> dict[str, Any]:
@@ -340,6 +364,7 @@ def run(quick: bool, rounds: int, tmp: Path) -> dict[str, Any]:
         d = lat_stats(np.concatenate(during), sum(r["seconds"] for r in mine))
         b = lat_stats(np.concatenate(before), sum(windows))
         pauses = [p for r in mine for p in r["pauses_ms"]]
+        slow = max((slowest_put(r, t, lat) for r in mine), key=lambda x: x.get("ms", 0))
         fl = floors[what]
         secs = float(np.median([r["seconds"] for r in mine]))
         moved = int(np.median([r["rows_moved"] for r in mine]))
@@ -360,7 +385,7 @@ def run(quick: bool, rounds: int, tmp: Path) -> dict[str, Any]:
                           for k in ("p50", "p99", "max", "per_s")},
             "baseline_s": [round(w, 1) for w in windows],
             "seconds": [round(r["seconds"], 1) for r in mine],
-            "rows_moved": moved,
+            "rows_moved": moved, "slowest_put": slow,
             "rows_per_s": round(moved / secs),
             "mib_per_s": round(moved * row_bytes / 2**20 / secs, 1),
         }
@@ -390,6 +415,9 @@ def print_summary(r: dict[str, Any]) -> None:
               f"{d['per_s']:,}/s ({d['puts']:,} puts in {g['seconds']} s)")
         print(f"    client puts before: p50 {b['p50']} ms, p99 {b['p99']} ms, max {b['max']} ms, "
               f"{b['per_s']:,}/s ({b['puts']:,} puts in {g['baseline_s']} s)")
+        if sp := g.get("slowest_put"):
+            print(f"    the slowest put during: {sp['ms']} ms, {sp['at_s']} s into the re-shard, "
+                  f"after the line {sp['after']!r}")
         print(f"    during / before: p50 {q['p50']}x, p99 {q['p99']}x, max {q['max']}x, puts/s "
               f"{q['per_s']}x (reported)")
 
@@ -430,6 +458,9 @@ def markdown(r: dict[str, Any], when: str) -> list[str]:
             f"over {sum(x['baseline_s']):.1f} s")],
         ["client puts during the re-shard", *both(
             lambda x: f"{_ms(x['puts_during_ms'])}; {x['puts_during_ms']['per_s']:,} puts/s")],
+        ["the slowest put during: when, and the command's last line before it", *both(
+            lambda x: (f"{x['slowest_put']['ms']} ms, {x['slowest_put']['at_s']} s in, after "
+                       f"`{x['slowest_put']['after']}`") if x.get("slowest_put") else "")],
         ["during / before (reported)", *both(
             lambda x: f"p50 {x['put_ratio']['p50']}x, p99 {x['put_ratio']['p99']}x, max "
             f"{x['put_ratio']['max']}x, puts/s {x['put_ratio']['per_s']}x")],
