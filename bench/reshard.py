@@ -288,9 +288,10 @@ def slowest_put(r: dict[str, Any], t: np.ndarray, lat: np.ndarray) -> dict[str, 
         return {}
     i = inside[np.argmax(lat[inside])]
     at = float(t[i]) - r["start"]
-    before = [line for s, line in r["lines"] if s <= at and line.strip()]
+    before = [line.strip() for s, line in r["lines"] if s <= at and line.strip()]
+    after = before[-1] if before else ""
     return {"ms": round(float(lat[i]), 1), "at_s": round(at, 2),
-            "after": before[-1].strip() if before else ""}
+            "after": after if len(after) <= 70 else after[:67] + "..."}
 
 
 def run(quick: bool, rounds: int, tmp: Path) -> dict[str, Any]:
