@@ -510,6 +510,11 @@ def markdown(summary: dict[str, Any], chart: Path | None, md_dir: Path) -> str:
             md_table(change_target_rows(ch)),
             "",
         ]
+    rs = summary.get("reshard")
+    if rs:
+        from bench import reshard
+
+        lines += reshard.markdown(rs, f"{meta['date']}; {load_line(meta)}")
     notes = md_dir / "perf" / "notes.md"
     if notes.is_file():
         lines += [notes.read_text().rstrip(), ""]

@@ -168,7 +168,7 @@ class Selection:
     """What ``--only`` picked: workloads, systems, and whether the scaling and change log
     tables run."""
 
-    EXTRAS = ("scaling", "changes", "replicas")
+    EXTRAS = ("scaling", "changes", "replicas", "reshard")
 
     def __init__(self, only: Sequence[str] | None) -> None:
         names = [n.strip() for item in only or () for n in item.split(",") if n.strip()]
@@ -178,13 +178,14 @@ class Selection:
             raise SystemExit(
                 f"bench: unknown name(s) for --only: {', '.join(unknown)}; workloads: "
                 f"{', '.join(BY_KEY)}; systems: {', '.join(SYSTEM_KEYS)}; or scaling, changes, "
-                "replicas")
+                "replicas, reshard")
         wl = [n for n in names if n in BY_KEY]
         sy = [n for n in names if n in SYSTEM_KEYS]
         whole = not names or (not wl and "lmshard" in sy)
         self.scaling = "scaling" in names or whole
         self.changes = "changes" in names or whole
         self.replicas = "replicas" in names or whole
+        self.reshard = "reshard" in names or whole
         extras_only = bool(names) and all(n in self.EXTRAS for n in names)
         self.workloads = set(wl) if wl else (set() if extras_only else set(BY_KEY))
         self.systems = set(sy) if sy else set(SYSTEM_KEYS)
@@ -406,6 +407,8 @@ def run(args: argparse.Namespace) -> int:
               "batch size")
         print(f"{'changes':<18} the change log: writes with it on vs off, watch lag, owner CPU "
               "with watchers")
+        print(f"{'reshard':<18} lmshard reshard 4 -> 8 -> 4 shards under one client's puts: "
+              "write pause per move, put latency, rows moved per second")
         return 0
     sel = Selection(args.only)
     quick = bool(args.quick)
@@ -449,6 +452,11 @@ def run(args: argparse.Namespace) -> int:
             from bench import replicas as replicas_bench
 
             replicas = replicas_bench.run(quick, max(2, rounds), tmp)
+        reshard = None
+        if sel.reshard and "lmshard" in sel.systems:  # write pauses and put latency of a re-shard
+            from bench import reshard as reshard_bench
+
+            reshard = reshard_bench.run(quick, rounds, tmp)
         ttl = None
         if sel.everything:  # point gets on a table with ttl vs a plain one; expiry's CPU
             from bench import ttl as ttl_bench
@@ -472,6 +480,7 @@ def run(args: argparse.Namespace) -> int:
         "aio": aio,
         "changes": changes,
         "replicas": replicas,
+        "reshard": reshard,
     }
     summary["targets"] = report.targets(summary)
     report.print_all(summary)
@@ -487,6 +496,10 @@ def run(args: argparse.Namespace) -> int:
         from bench import replicas as replicas_bench
 
         replicas_bench.print_summary(replicas)
+    if reshard is not None:
+        from bench import reshard as reshard_bench
+
+        reshard_bench.print_summary(reshard)
     if out_dir is not None:
         written = report.write(summary, out_dir, DOCS / "performance.md" if out_dir == PERF
                                else out_dir / "performance.md")
