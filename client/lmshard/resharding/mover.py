@@ -231,7 +231,9 @@ class Mover:
     def _catch_up(self, move: Move, until: int | None) -> None:
         """Step 4 (``until`` None: until close behind) and step 5 (up to txn ``until``):
         replay the source's change log into the destination for the rows of the move's slots,
-        saving the position after each batch the destination applied."""
+        saving the position after each batch the destination applied (step 5: once, with the
+        switch phase that follows, so the write pause is not spent on it; a resume from
+        ``frozen`` replays the same records again, which ends the same)."""
         st = self.store(move.source)
         log = st.changes
         assert log is not None
@@ -240,11 +242,7 @@ class Mover:
         by_tid = st.tables.by_tid
         for _round in range(CATCHUP_ROUNDS if until is None else 1 << 30):
             start = (self.state.replayed or 0) + 1
-            if not self._log_holds(move.source, start):
-                raise MoveError(f"shard {move.source}'s change log no longer holds txn {start}: "
-                                "the copy fell behind its retention",
-                                hint="run `lmshard reshard --resume`: the move starts its copy "
-                                "again; raise [changes] retain if it happens again")
+            self._check_log_holds(move.source, start)
             with st.read() as r:
                 records = log.read(r.txn, start, max_records=256)
                 last = int(r.txn.id())
@@ -255,7 +253,8 @@ class Mover:
                 self.admin.move_rows(move.dest, ops)
             if records:
                 self.state.replayed = records[-1][0]
-                self.save()
+                if until is None:  # while frozen, saved once with the switch phase instead
+                    self.save()
             behind = last - (self.state.replayed or 0)
             self.report("catch-up" if until is None else "frozen catch-up",
                         self.state.replayed or 0, last if until is None else until)
@@ -263,10 +262,16 @@ class Mover:
                 if not records or records[-1][0] >= until:
                     if (self.state.replayed or 0) < until:
                         self.state.replayed = until
-                        self.save()
                     return
             elif len(records) < CLOSE_BEHIND and behind < CLOSE_BEHIND:
                 return
+
+    def _check_log_holds(self, shard: int, txn_id: int) -> None:
+        if not self._log_holds(shard, txn_id):
+            raise MoveError(f"shard {shard}'s change log no longer holds txn {txn_id}: the "
+                            "copy fell behind its retention",
+                            hint="run `lmshard reshard --resume`: the move starts its copy "
+                            "again; raise [changes] retain if it happens again")
 
     def _switch(self, move: Move, pause_from: float | None) -> float:
         """Step 6: record version V with the slots on the destination: the destination, the
