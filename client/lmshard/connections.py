@@ -565,12 +565,7 @@ class OwnerConnections(OwnerSockets):
                     frame = pack_request(code, cid, seqs[s], body, self.copies.epochs[s],
                                          map_version)
                     answer = self._exchange(s, conns[s], seqs[s], frame, until, write)
-                    if answer is _SILENT:
-                        pending.add(s)
-                    elif answer is _GONE:
-                        gone.add(s)
-                    else:
-                        results[s] = answer
+                    _sort_answer(s, answer, results, pending, gone)
                 moving = [s for s in moving if type(results.get(s)) is SlotsMoving
                           and s not in pending and s not in gone]
         if write:
@@ -600,14 +595,9 @@ class OwnerConnections(OwnerSockets):
                 frame = pack_request(code, cid, seqs[s], body, self.copies.epochs[s],
                                      map_version)
                 answer = self._exchange(s, conn, seqs[s], frame, until, write)
-                if answer is _SILENT:
-                    pending.add(s)
-                elif answer is _GONE:
-                    gone.add(s)
-                else:
-                    results[s] = answer
-                    if not isinstance(answer, NotPrimary):
-                        break
+                if _sort_answer(s, answer, results, pending, gone) and not isinstance(
+                        answer, NotPrimary):
+                    break
 
     def _frames(self, parts: dict[int, tuple[int, Any]], conns: dict[int, _Conn], write: bool,
                 map_version: int) -> tuple[dict[int, bytes], dict[int, int]]:
@@ -835,3 +825,17 @@ class OwnerConnections(OwnerSockets):
         if self._ctx is not None:
             self._ctx.term() if not conns else self._ctx.destroy(linger=0)
             self._ctx = None
+
+
+def _sort_answer(shard: int, answer: Any, results: dict[int, Any], pending: set[int],
+                 gone: set[int]) -> bool:
+    """File the answer of a request sent again to ``shard``: silence in ``pending``, a missing
+    socket in ``gone``, a reply in ``results``; whether it was a reply."""
+    if answer is _SILENT:
+        pending.add(shard)
+    elif answer is _GONE:
+        gone.add(shard)
+    else:
+        results[shard] = answer
+        return True
+    return False

@@ -10,7 +10,6 @@ owner (``sync_owners``).
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import tomllib
 import xmlrpc.client
@@ -20,6 +19,7 @@ from typing import Any
 
 from lmshard.config import Config, ConfigError, load_config, owner_program
 from lmshard.config.model import build_config
+from lmshard.ops.backup.copies import write_durably
 from lmshard.ops.supervise import SupervisorError
 from lmshard.ops.supervise.conf import (
     ADDED_GROUP,
@@ -80,12 +80,7 @@ def write_config(config: Config, slot_map: SlotMap, version: int) -> Config:
     assert path is not None
     old = path.with_name(path.name + ".old")
     old.write_text(path.read_text())
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_durably(path, text.encode())
     written = load_config(path)
     if written.shards != slot_map.shards or written.slot_map != slot_map:
         raise ConfigError(f"{path} did not read back as written", file=path)

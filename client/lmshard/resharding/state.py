@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lmshard.config import Config
+from lmshard.ops.backup.copies import fsync_dir, write_durably
 from lmshard.resharding import ReshardError
 from lmshard.resharding.plan import Move, show_slots
 
@@ -140,18 +141,8 @@ def load_state(path: Path) -> ReshardState | None:
 
 def save_state(path: Path, state: ReshardState) -> None:
     """Write ``state`` to ``path`` atomically and durably."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(state.to_json(), f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_durably(path, (json.dumps(state.to_json(), indent=1) + "\n").encode())
+    fsync_dir(path.parent)
 
 
 def remove_state(path: Path) -> None:

@@ -71,7 +71,6 @@ from lmshard.ops.backup.manifest import (
     shard_file_name,
 )
 from lmshard.ops.backup.progress import QUIET, Progress
-from lmshard.resharding.state import state_path
 from lmshard.slot_state import META_VERSION, read_slot_state
 from lmshard.store_meta import meta_records
 from lmshard.units import format_bytes
@@ -524,6 +523,8 @@ def _manifest(config: Config, links: list[_ShardLink], created: datetime.datetim
 def refuse_during_reshard(config: Config) -> None:
     """BackupError while ``lmshard reshard`` runs (its state file is there): the shards' copies
     would hold slots on two shards at once, or none."""
+    from lmshard.resharding.state import state_path  # it imports this package's files
+
     path = state_path(config)
     if path.exists():
         raise BackupError(f"a re-shard is under way ({path} is there): a backup now would "
