@@ -25,8 +25,8 @@ alone for about as long as the last re-shard of that direction took (the baselin
   own on its owner, committed and fsynced before it answers. Measured on the same service
   while the client's puts run, right after each re-shard: three records of an unchanged state
   on shard 0 through ``lmshard.resharding.admin.OwnerAdmin``, 20 times; the median and p99 of
-  the three. The pause above that floor is mostly the command's own: two saves of its state
-  file (timed likewise: two ``save_state`` calls in the same run directory), the log replayed
+  the three. The pause above that floor is mostly the command's own: one save of its state
+  file (timed likewise: a ``save_state`` call in the same run directory), the log replayed
   while frozen, its round trips.
 """
 
@@ -214,9 +214,9 @@ def floor_ms(toml: Path, times: int = FLOOR_TIMES) -> list[float]:
 
 
 def state_saves_ms(toml: Path, times: int = FLOOR_TIMES) -> list[float]:
-    """``times`` timings (ms) of two saves of a re-shard's state file (each written, fsynced,
-    renamed into place and its directory fsynced) in the service's run directory: the
-    command saves it twice inside a pause (after the frozen replay, and at the switch)."""
+    """``times`` timings (ms) of a save of a re-shard's state file (written, fsynced, renamed
+    into place and its directory fsynced) in the service's run directory: the command saves it
+    once inside a pause (the switch phase, with the position the frozen replay reached)."""
     from lmshard.config import load_config
     from lmshard.resharding.run import plan
     from lmshard.resharding.state import save_state
@@ -230,8 +230,7 @@ def state_saves_ms(toml: Path, times: int = FLOOR_TIMES) -> list[float]:
         save_state(path, state)
         for _ in range(times):
             t = time.perf_counter()
-            for _ in range(2):
-                save_state(path, state)
+            save_state(path, state)
             out.append((time.perf_counter() - t) * 1000)
     finally:
         path.unlink(missing_ok=True)
@@ -335,7 +334,7 @@ def run(quick: bool, rounds: int, tmp: Path) -> dict[str, Any]:
                 runs.append(r)
                 print(f"    {r['seconds']:.1f} s, {r['rows_moved']:,} rows moved, pauses "
                       f"{', '.join(f'{p:.1f}' for p in r['pauses_ms'])} ms; three slot_state "
-                      f"records: median {np.median(fl):.1f} ms; two state file saves: median "
+                      f"records: median {np.median(fl):.1f} ms; one state file save: median "
                       f"{np.median(saves[what][-FLOOR_TIMES:]):.1f} ms", flush=True)
         t, lat = client.finish()
         client = None
@@ -410,7 +409,7 @@ def print_summary(r: dict[str, Any]) -> None:
               f"{f['p99']} ms ({f['times']} times); the median pause is "
               f"{g['pause_over_floor']}x that")
         v = g["state_saves_ms"]
-        print(f"    the command's two saves of its state file in a pause: median {v['p50']} ms, "
+        print(f"    the command's save of its state file in a pause: median {v['p50']} ms, "
               f"p99 {v['p99']} ms")
         print(f"    client puts during: p50 {d['p50']} ms, p99 {d['p99']} ms, max {d['max']} ms, "
               f"{d['per_s']:,}/s ({d['puts']:,} puts in {g['seconds']} s)")
@@ -451,7 +450,7 @@ def markdown(r: dict[str, Any], when: str) -> list[str]:
         ["its floor: three fsynced `slot_state` records on one owner", *both(
             lambda x: f"median {x['floor_ms']['p50']} ms, p99 {x['floor_ms']['p99']} ms "
             f"({x['floor_ms']['times']} times); median pause {x['pause_over_floor']}x that")],
-        ["the command's two saves of its state file in a pause", *both(
+        ["the command's save of its state file in a pause", *both(
             lambda x: f"median {x['state_saves_ms']['p50']} ms, p99 "
             f"{x['state_saves_ms']['p99']} ms")],
         ["client puts before (baseline window)", *both(
@@ -499,12 +498,13 @@ def markdown(r: dict[str, Any], when: str) -> list[str]:
         "destination's and the source's switch) each commit a write transaction and fsync it "
         "before the owner answers; timed here as three records of an unchanged state on shard "
         "0 through `lmshard.resharding.admin.OwnerAdmin`, right after each re-shard with the "
-        "client's puts running. The rest of a pause is the command's: two saves of its state "
-        "file (`<run_dir>/reshard.json`, each written, fsynced, renamed and its directory "
-        "fsynced: after the frozen replay and before the switch; timed the same way in the "
-        "same run directory), the change log replayed while frozen (when writes to the moving "
-        "slots came in after the last catch-up round, as the client's do here, one more commit "
-        "with fsync, on the destination) and four reads of the two shards' slot states.",
+        "client's puts running. The rest of a pause is the command's: one save of its state "
+        "file (`<run_dir>/reshard.json`, written, fsynced, renamed and its directory "
+        "fsynced: the switch phase, with where the frozen replay got to; timed the same "
+        "way in the same run directory), the change log replayed while frozen (when writes "
+        "to the moving slots came in after the last catch-up round, as the client's do "
+        "here, one more commit with fsync, on the destination) and four reads of the two "
+        "shards' slot states.",
         "",
         "The client's puts during a re-shard share the owners with the copy (`move_rows` "
         "batches of up to 1,000 rows into the destination, each a commit with fsync) and the "
