@@ -171,7 +171,8 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
         version = self.routes.version_bytes  # before routing: a newer map is never assumed
         hit = ct.local[ct.shard(key, kb)]
         # A read of this process's map: no await, no thread.
-        data = SLOTS_CHANGED if hit is None else routed_get(hit[0], hit[1], kb, hit[2], version)
+        data = SLOTS_CHANGED if hit is None else routed_get(
+            hit[0], hit[1], kb, hit[2], version, hit[3])
         if data is SLOTS_CHANGED:
             data = await self._row(ct, key, kb)
         if ct.expiring:

@@ -197,7 +197,8 @@ class Client(calls.ClientCore[OwnerConnections]):
         version = self.routes.version_bytes  # before routing: a newer map is never assumed
         hit = ct.local[ct.shard(key, kb)]
         # The hot path: one read txn on this process's open environment.
-        data = SLOTS_CHANGED if hit is None else routed_get(hit[0], hit[1], kb, hit[2], version)
+        data = SLOTS_CHANGED if hit is None else routed_get(
+            hit[0], hit[1], kb, hit[2], version, hit[3])
         if data is SLOTS_CHANGED:
             data = self._row(ct, key, kb)
         if ct.expiring:

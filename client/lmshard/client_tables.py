@@ -31,9 +31,10 @@ class ClientTable(BoundTable):
         self.route = TableRoute(table, slot_map)
         self.shard: KeyRouter = self.route.shard
         """``route.shard``, one attribute away: the put and get paths call it for every key."""
-        self.local: list[tuple[Any, Any, Any] | None] = [None] * slot_map.shards
-        """Per shard, (environment, database, meta database) of this table once the shard is
-        open in this process: the point get's fast path. Cleared after fork and on close."""
+        self.local: list[tuple[Any, Any, Any, Any] | None] = [None] * slot_map.shards
+        """Per shard, (environment, database, meta database, the snapshot last checked) of this
+        table once the shard is open in this process: the point get's fast path
+        (``point_get.routed_get``). Cleared after fork and on close."""
 
     def reroute(self, slot_map: SlotMap) -> None:
         """Route by ``slot_map`` from now on (a newer map the client adopted)."""

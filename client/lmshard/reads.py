@@ -135,15 +135,16 @@ class LocalShards:
         self._stores[shard] = st
         return st
 
-    def handles(self, ct: ClientTable, shard: int) -> tuple[Any, Any, Any] | None:
-        """(environment, database, meta database) of table ``ct`` on ``shard`` when the shard
-        is open here, kept in ``ct.local`` for the point gets that follow; None: read over the
-        wire, or (when
-        ``get`` has the store) through ``read``, as a read must wait for an ack."""
+    def handles(self, ct: ClientTable, shard: int) -> tuple[Any, Any, Any, Any] | None:
+        """(environment, database, meta database, the snapshot last seen at the client's slot
+        map version: ``point_get.routed_get``) of table ``ct`` on ``shard`` when the shard is
+        open here, kept in ``ct.local`` for the point gets that follow; None: read over the
+        wire, or (when ``get`` has the store) through ``read``, as a read must wait for an
+        ack."""
         st = self.get(shard)
         if st is None or self.unseen[shard] is not None:
             return None
-        hit = ct.local[shard] = (st.env, st.tables[ct.table].db, self.meta_db(st))
+        hit = ct.local[shard] = (st.env, st.tables[ct.table].db, self.meta_db(st), [(-1, b"")])
         if self.unseen[shard] is not None:  # an ack came in meanwhile: note_ack may have
             ct.local[shard] = None           # cleared ct.local before the line above
             return None
@@ -154,7 +155,7 @@ class LocalShards:
         host's copy of ``shard``; NOT_HERE when the shard is not open here."""
         hit = self.handles(ct, shard)
         if hit is not None:
-            data = routed_get(hit[0], hit[1], key, hit[2], self.routes.version_bytes)
+            data = routed_get(hit[0], hit[1], key, hit[2], self.routes.version_bytes, hit[3])
             if data is not SLOTS_CHANGED:
                 return data
         st = self.get(shard)
