@@ -219,7 +219,7 @@ class Reshard:
         remove_state(self.path)
         if state.pauses_ms:
             self.say(f"write pauses per move: max {max(state.pauses_ms):.1f} ms, "
-                     f"{len(state.pauses_ms)} moves")
+                     f"{len(state.pauses_ms)} move{'s' if len(state.pauses_ms) != 1 else ''}")
         self.say(f"re-shard done: {state.shards} shards, slot map version "
                  f"{self.config.slot_map_version}")
 
