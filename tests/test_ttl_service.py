@@ -223,3 +223,40 @@ def test_a_restored_backup_keeps_expiry_times(service: TTLService, tmp_path: Pat
             assert c.get(sessions, "brief") is None and c.count(sessions) == 2
     finally:
         restored.stop()
+
+
+def test_no_row_sweep_on_a_shard_a_re_shard_moves_slots_into(service: TTLService) -> None:
+    """Rows copied into a shard's incoming slots are the source's to expire (its deletes are
+    replayed by the move): the destination's sweep waits until the move is done, so a watcher
+    never sees one row deleted twice."""
+    from dataclasses import replace
+
+    from lmshard.protocol import OP_PUT, op
+    from lmshard.resharding.admin import OwnerAdmin
+    from lmshard.slot_state import RowSlots
+
+    with service.client() as c, OwnerAdmin(service.config) as admin:
+        key = next(k for k in range(1, 10_000) if c.table(cache).shard(k, c.table(cache).kenc(k))
+                   == 0)
+        c.put(cache, key, {"g": 1}, ttl=0.5)
+        st = c.local_store(0)
+        assert st is not None
+        with st.read() as r:
+            stored = r.get_raw(cache, st.tables[cache].kenc(key))
+        b = st.tables[cache]
+        slot = RowSlots(c.slot_map).slot(b, b.kenc(key))
+        dest, _ = admin.state(1)
+        admin.record(1, replace(dest, incoming=frozenset({slot})))
+        admin.move_rows(1, [op(OP_PUT, cache.table_id.bytes, b.kenc(key), stored)])
+
+        def on_disk(shard: int) -> bool:
+            s = c.local_store(shard)
+            assert s is not None
+            with s.read() as r:
+                return r.txn.get(b.kenc(key), db=s.tables[cache].db) is not None
+
+        wait_for("the source's sweep", lambda: not on_disk(0), timeout=10)
+        time.sleep(1.0)  # five row sweep intervals: the destination's waits
+        assert on_disk(1)
+        admin.record(1, dest)  # the move given up: the rows are the shard's own again
+        wait_for("the destination's sweep", lambda: not on_disk(1), timeout=10)

@@ -129,7 +129,8 @@ class ExpiryChannel:
         pass
 
     def tick(self, now: float) -> None:
-        if self.expiring and now >= self.next_row_sweep and not self.owner.paused:
+        if (self.expiring and now >= self.next_row_sweep and not self.owner.paused
+                and not self._moving()):
             self._sweep_rows(now)
         if self.owner.paused or (not self.sweeping and now < self.next_sweep):
             return
@@ -147,6 +148,14 @@ class ExpiryChannel:
             self.sweeping = False
             self.deleted = 0
             self.next_sweep = now + SWEEP_INTERVAL
+
+    def _moving(self) -> bool:
+        """A re-shard is moving slots into or out of this shard: the rows of those slots are
+        not its own to expire (the owner of the slots sweeps them, and a move replays or drops
+        its deletes), so the row sweep waits until the move is done. Reads never return an
+        expired row meanwhile."""
+        guard = getattr(self.owner, "guard", None)
+        return guard is not None and bool(guard.state.foreign)
 
     def _sweep_rows(self, now: float) -> None:
         started = time.thread_time()
