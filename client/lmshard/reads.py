@@ -41,10 +41,9 @@ from lmshard.members import PRIMARY, read_state
 from lmshard.point_get import SLOTS_CHANGED, routed_get
 from lmshard.protocol import READ_CODES, SCAN, paged_scan
 from lmshard.remote import ReaderPool
-from lmshard.routing import SlotMap
 from lmshard.schema import Schema
 from lmshard.slot_routes import ForeignRows, SlotRoutes, shard_view
-from lmshard.slot_state import META_MAP, META_MOVES, META_VERSION, SlotState, read_slot_state
+from lmshard.slot_state import NO_MOVES, RecordedState
 from lmshard.store import Store
 from lmshard.store_meta import META_DB
 from lmshard.txn import ReadTxn
@@ -86,7 +85,8 @@ class LocalShards:
         self.routes = routes if routes is not None else SlotRoutes.of_config(config)
         """The slot map the client routes by, which reads check the shards' against."""
         self._views: dict[tuple[int, bytes | None, bytes | None, int], ForeignRows | None] = {}
-        self._states: dict[tuple[bytes | None, bytes | None, bytes | None], SlotState] = {}
+        self._recorded: dict[int, RecordedState] = {}
+        """Per shard, its slot state as this process's reads last found it."""
         self.schema = schema
         self.enabled = enabled
         self.member = config.local_member
@@ -184,26 +184,19 @@ class LocalShards:
         when ``routes.generation`` moved)."""
         db = self.meta_db(st)
         routes = self.routes
-        version = txn.get(META_VERSION, db=db)
-        moves = txn.get(META_MOVES, db=db)
-        if version == routes.version_bytes and moves in (None, _NO_MOVES):
+        version, moves = key = RecordedState.key(txn, db)
+        if version == routes.version_bytes and moves in (None, NO_MOVES):
             return None
-        key = (shard, version, moves, routes.generation)
-        if key in self._views:
-            return self._views[key]
-        skey = (version, txn.get(META_MAP, db=db), moves)
-        state = self._states.get(skey)
-        if state is None:
-            records = {k: v for k, v in zip((META_VERSION, META_MAP, META_MOVES), skey,
-                                            strict=True) if v is not None}
-            state = read_slot_state(records, self.config)
-            if len(self._states) > 64:
-                self._states.clear()
-            self._states[skey] = state
-        view = shard_view(shard, state, routes)
+        vkey = (shard, version, moves, routes.generation)
+        if vkey in self._views:
+            return self._views[vkey]
+        recorded = self._recorded.get(shard)
+        if recorded is None:
+            recorded = self._recorded[shard] = RecordedState(self.config)
+        view = shard_view(shard, recorded.state(txn, db, key), routes)
         if len(self._views) > 256:
             self._views.clear()
-        self._views[(shard, version, moves, routes.generation)] = view
+        self._views[vkey] = view
         return view
 
     # -- read-your-writes on a replica host --------------------------------------------------
@@ -301,9 +294,6 @@ class LocalShards:
                 st.close()
         self._stores = [None] * self.config.shards
 
-
-_NO_MOVES = SlotState(0, SlotMap(1, 1)).records()[META_MOVES]
-"""The ``slot_moves`` record of a shard that moves no slots."""
 
 
 class RemoteReads:

@@ -36,7 +36,8 @@ from lmshard.routing import SlotMap, TableRoute
 
 __all__ = [
     "META_DIGEST", "META_MAP", "META_MOVES", "META_VERSION", "SlotState", "check_slot_state",
-    "RowSlots", "config_state", "read_slot_state", "slot_ranges", "slots_from_ranges",
+    "NO_MOVES", "RecordedState", "RowSlots", "config_state", "read_slot_state", "slot_ranges",
+    "slots_from_ranges",
 ]
 
 META_VERSION = b"slot_map_version"
@@ -185,6 +186,45 @@ def check_slot_state(config: Any, meta: Mapping[bytes, bytes], path: Path | str)
             hint="use the config the data was written with, or finish the re-shard that "
             "wrote this config (lmshard reshard --status)")
     return state
+
+
+class RecordedState:
+    """One shard's slot state as a process that reads its environment finds it in each
+    snapshot (a client's local reads, the reader pool, a replica): ``key`` is two small meta
+    reads, the version and the moving slots, which say whether anything changed (a version
+    names one map); ``state`` reads the map and parses the records again only when the key is
+    not the one it last parsed."""
+
+    __slots__ = ("config", "_key", "_state")
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self._key: tuple[bytes | None, bytes | None] | None = None
+        self._state: SlotState | None = None
+
+    @staticmethod
+    def key(txn: Any, meta_db: Any) -> tuple[bytes | None, bytes | None]:
+        """(``slot_map_version``, ``slot_moves``) as snapshot ``txn`` sees them."""
+        version, moves = txn.get(META_VERSION, None, meta_db), txn.get(META_MOVES, None, meta_db)
+        return (None if version is None else bytes(version),
+                None if moves is None else bytes(moves))
+
+    def state(self, txn: Any, meta_db: Any,
+              key: tuple[bytes | None, bytes | None] | None = None) -> SlotState:
+        """The slot state snapshot ``txn`` sees (``key``: its ``key``, when already read)."""
+        if key is None:
+            key = self.key(txn, meta_db)
+        state = self._state
+        if state is None or key != self._key:
+            records = {k: bytes(v) for k in (META_VERSION, META_MAP, META_MOVES)
+                       if (v := txn.get(k, None, meta_db)) is not None}
+            state = self._state = read_slot_state(records, self.config)
+            self._key = key
+        return state
+
+
+NO_MOVES = _json({"frozen": [], "incoming": [], "outgoing": []})
+"""The ``slot_moves`` record of a shard that moves no slots."""
 
 
 class RowSlots:

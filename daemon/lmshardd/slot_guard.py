@@ -28,14 +28,7 @@ from typing import Any
 from lmshard.errors import Error, ProtocolError, SlotMoved, SlotsMoving
 from lmshard.protocol import COUNT, GET, GET_MANY, LOOKUP, SCAN, Command, MovedOps
 from lmshard.protocol.ops import OP_DELETE, Op
-from lmshard.slot_state import (
-    META_MAP,
-    META_MOVES,
-    META_VERSION,
-    RowSlots,
-    SlotState,
-    read_slot_state,
-)
+from lmshard.slot_state import RecordedState, RowSlots, SlotState
 from lmshard.txn import ReadTxn
 
 __all__ = ["MOVE_ROWS_VERSION", "RecordedSlots", "SlotGuard", "check_new_state", "read_guarded"]
@@ -122,27 +115,25 @@ class SlotGuard:
 
 class RecordedSlots:
     """Shard ``shard``'s slot state as a process that reads its environment (the reader pool,
-    a replica) finds it in each snapshot: two small reads of the meta database per request,
-    and the state parsed again only when the owner recorded another."""
+    a replica) finds it in each snapshot (``slot_state.RecordedState``), as a guard, built
+    again only when the owner recorded another state."""
 
-    __slots__ = ("shard", "config", "_guard", "_seen")
+    __slots__ = ("shard", "_recorded", "_guard", "_seen")
 
     def __init__(self, shard: int, config: Any) -> None:
         self.shard = shard
-        self.config = config
+        self._recorded = RecordedState(config)
         self._guard: SlotGuard | None = None
-        self._seen: tuple[object, object] = (None, None)
-        """The ``slot_map_version`` and ``slot_moves`` records ``_guard`` was built from."""
+        self._seen: SlotState | None = None
+        """The state ``_guard`` was built from."""
 
     def guard(self, txn: Any, meta_db: Any) -> SlotGuard:
         """The guard of the state snapshot ``txn`` sees in meta database ``meta_db``."""
-        seen = (txn.get(META_VERSION, db=meta_db), txn.get(META_MOVES, db=meta_db))
+        state = self._recorded.state(txn, meta_db)
         guard = self._guard
-        if guard is None or seen != self._seen:
-            records = {k: bytes(v) for k in (META_VERSION, META_MAP, META_MOVES)
-                       if (v := txn.get(k, db=meta_db)) is not None}
-            guard = self._guard = SlotGuard(self.shard, read_slot_state(records, self.config))
-            self._seen = seen
+        if guard is None or state is not self._seen:
+            guard = self._guard = SlotGuard(self.shard, state)
+            self._seen = state
         return guard
 
 
