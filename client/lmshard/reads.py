@@ -17,7 +17,7 @@ nothing; on the owners' host every ack comes from the copy read here, so none is
 Re-sharding. A local read also reads the shard's slot state in its read transaction
 (``lmshard.slot_state``; ``slot_map_version`` and ``slot_moves``): a newer map than the client's
 is adopted (``SlotRoutes.adopt``; the caller routes again when ``routes.generation`` moved),
-and the rows of slots the shard must not serve (``slot_routes.ForeignRows``) are skipped.
+and the rows of slots the shard must not serve (``slot_state.ForeignRows``) are skipped.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from lmshard.point_get import SLOTS_CHANGED, routed_get
 from lmshard.protocol import READ_CODES, SCAN, paged_scan
 from lmshard.remote import ReaderPool
 from lmshard.schema import Schema
-from lmshard.slot_routes import ForeignRows, SlotRoutes, shard_view
-from lmshard.slot_state import NO_MOVES, RecordedState
+from lmshard.slot_routes import SlotRoutes, shard_view
+from lmshard.slot_state import NO_MOVES, ForeignRows, RecordedState
 from lmshard.store import Store
 from lmshard.store_meta import META_DB
 from lmshard.txn import ReadTxn

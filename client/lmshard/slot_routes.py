@@ -26,19 +26,19 @@ from __future__ import annotations
 
 import threading
 import tomllib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from lmshard.config import Config
 from lmshard.config.model import build_config
 from lmshard.errors import ConfigError, SlotMoved
 from lmshard.routing import SlotMap, TableRoute
-from lmshard.slot_state import RowSlots, SlotState
+from lmshard.slot_state import ForeignRows, RowSlots, SlotState
 
 if TYPE_CHECKING:
     from lmshard.schema import Table
 
-__all__ = ["MOVING_FIRST_WAIT_S", "MOVING_MAX_WAIT_S", "ForeignRows", "SlotRoutes",
+__all__ = ["MOVING_FIRST_WAIT_S", "MOVING_MAX_WAIT_S", "SlotRoutes",
            "follow_moved", "grown_config", "moving_waits", "shard_view"]
 
 MOVING_FIRST_WAIT_S = 0.001
@@ -165,29 +165,6 @@ def grown_config(config: Config, shards: int) -> Config:
             "the config file the re-shard wrote") from exc
 
 
-class ForeignRows:
-    """The rows a read of one shard skips: those of ``slots``, the shard's foreign slots
-    (``SlotState.foreign``) and, while the shard records an older map than the client's, the
-    slots it still serves that the client's map gives to another shard."""
-
-    __slots__ = ("slots", "_rows")
-
-    def __init__(self, slots: frozenset[int], slot_map: SlotMap) -> None:
-        self.slots = slots
-        self._rows = RowSlots(slot_map)
-
-    def keep(self, b: Any, kb: bytes) -> bool:
-        """Whether the row with encoded key ``kb`` of bound table ``b`` is one to read."""
-        return self._rows.slot(b, kb) not in self.slots
-
-    def rows(self, b: Any, items: Iterable[tuple[bytes, bytes]]
-             ) -> Iterator[tuple[bytes, bytes]]:
-        """The (key, value) pairs of ``items`` to read."""
-        slot = self._rows.slot
-        skip = self.slots
-        return ((k, v) for k, v in items if slot(b, k) not in skip)
-
-
 def shard_view(shard: int, state: SlotState, routes: SlotRoutes) -> ForeignRows | None:
     """What a read of ``shard``, whose records say ``state``, skips under the client's map
     (adopting ``state``'s map first when it is newer); None: nothing."""
@@ -198,4 +175,4 @@ def shard_view(shard: int, state: SlotState, routes: SlotRoutes) -> ForeignRows 
         mine = routes.map.assignment
         skip.update(s for s, owner in enumerate(state.map.assignment)
                     if owner == shard and mine[s] != shard)
-    return ForeignRows(frozenset(skip), routes.map) if skip else None
+    return ForeignRows(frozenset(skip), RowSlots(routes.map)) if skip else None

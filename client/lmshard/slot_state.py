@@ -26,7 +26,7 @@ readers compare with the config's.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +36,8 @@ from lmshard.routing import SlotMap, TableRoute
 
 __all__ = [
     "META_DIGEST", "META_MAP", "META_MOVES", "META_VERSION", "SlotState", "check_slot_state",
-    "NO_MOVES", "RecordedState", "RowSlots", "config_state", "read_slot_state", "slot_ranges",
-    "slots_from_ranges",
+    "ForeignRows", "NO_MOVES", "RecordedState", "RowSlots", "config_state", "read_slot_state",
+    "slot_ranges", "slots_from_ranges",
 ]
 
 META_VERSION = b"slot_map_version"
@@ -246,3 +246,28 @@ class RowSlots:
         if route is None:
             route = self._routes[b.tid] = TableRoute(b.table, self.map)
         return route.slot(b.kdec(kb) if route.needs_key else None, kb)
+
+
+class ForeignRows:
+    """The rows a read of one shard skips: those of ``slots`` (the shard's foreign slots,
+    ``SlotState.foreign``, and for a client, while the shard records an older map than its
+    own, the slots the shard still serves that the client's map gives to another), by the
+    slot ``rows`` finds for each row. Owners, the reader pool, replicas and clients read with
+    one."""
+
+    __slots__ = ("slots", "_rows")
+
+    def __init__(self, slots: frozenset[int], rows: RowSlots) -> None:
+        self.slots = slots
+        self._rows = rows
+
+    def keep(self, b: Any, kb: bytes) -> bool:
+        """Whether the row with encoded key ``kb`` of bound table ``b`` is one to read."""
+        return self._rows.slot(b, kb) not in self.slots
+
+    def rows(self, b: Any, items: Iterable[tuple[bytes, bytes]]
+             ) -> Iterator[tuple[bytes, bytes]]:
+        """The (key, value) pairs of ``items`` to read."""
+        slot = self._rows.slot
+        skip = self.slots
+        return ((k, v) for k, v in items if slot(b, k) not in skip)

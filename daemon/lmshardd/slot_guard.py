@@ -28,7 +28,7 @@ from typing import Any
 from lmshard.errors import Error, ProtocolError, SlotMoved, SlotsMoving
 from lmshard.protocol import COUNT, GET, GET_MANY, LOOKUP, SCAN, Command, MovedOps
 from lmshard.protocol.ops import OP_DELETE, Op
-from lmshard.slot_state import RecordedState, RowSlots, SlotState
+from lmshard.slot_state import ForeignRows, RecordedState, RowSlots, SlotState
 from lmshard.txn import ReadTxn
 
 __all__ = ["MOVE_ROWS_VERSION", "RecordedSlots", "SlotGuard", "check_new_state", "read_guarded"]
@@ -43,7 +43,7 @@ NEVER = 2**63
 class SlotGuard:
     """Shard ``shard``'s slot state as its owner applies it to requests (see the module doc)."""
 
-    __slots__ = ("shard", "state", "rows", "floor", "foreign", "_wire_map")
+    __slots__ = ("shard", "state", "rows", "floor", "foreign", "skip", "_wire_map")
 
     def __init__(self, shard: int, state: SlotState) -> None:
         self.shard = shard
@@ -54,6 +54,8 @@ class SlotGuard:
         slots, needs no check of its keys."""
         self.foreign = state.foreign
         """Slots whose rows here reads skip (empty while no re-shard touches the shard)."""
+        self.skip = ForeignRows(state.foreign, self.rows)
+        """How reads skip them."""
         self._wire_map = state.map.to_dict()
 
     def moved(self, what: str, slot: int, rv: int) -> SlotMoved:
@@ -201,13 +203,10 @@ def read_guarded(guard: SlotGuard, cmd: Command, args: Any, rv: int, r: ReadTxn)
         return _scan(guard, r, args)
     if cmd is COUNT:
         b, lo, hi = args
-        skip = guard.foreign
-        slot_of = guard.rows.slot
-        return sum(1 for kb, _v in r.scan_raw(b.table, lo, hi, False)
-                   if slot_of(b, kb) not in skip)
+        return sum(1 for _ in guard.skip.rows(b, r.scan_raw(b.table, lo, hi, False)))
     if cmd is LOOKUP:
         b = args[0]
-        return [row for row in handle(r, args) if guard.rows.slot(b, row[0]) not in guard.foreign]
+        return [row for row in handle(r, args) if guard.skip.keep(b, row[0])]
     return handle(r, args)
 
 
@@ -238,11 +237,8 @@ def _pinned_here(guard: SlotGuard, b: Any) -> bool:
 def _scan(guard: SlotGuard, r: ReadTxn, args: tuple[Any, Any, Any, bool, int]) -> list[Any]:
     """A scan page without rows of foreign slots (``commands._h_scan`` otherwise)."""
     b, lo, hi, reverse, limit = args
-    skip, slot_of = guard.foreign, guard.rows.slot
     items: list[list[bytes]] = []
-    for kv in r.scan_raw(b.table, lo, hi, reverse):
-        if slot_of(b, kv[0]) in skip:
-            continue
+    for kv in guard.skip.rows(b, r.scan_raw(b.table, lo, hi, reverse)):
         if len(items) == limit:
             return [items, True]
         items.append(list(kv))
