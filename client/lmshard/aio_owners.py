@@ -253,8 +253,7 @@ class AsyncOwnerConnections(OwnerSockets):
                     raise
             else:
                 if type(reply) is SlotsMoving and write:
-                    waits = waits or _MovingWaits(
-                        self.write_timeout_ms * (self.retries + 1) / 1000)
+                    waits = waits or _MovingWaits(self.moving_limit_s(write))
                     if await waits.over():
                         continue  # the same request, same lane and number
                 if (not isinstance(reply, NotPrimary)

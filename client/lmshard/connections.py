@@ -208,8 +208,16 @@ class OwnerSockets:
     copies: ShardCopies
     on_ack: Callable[[int, str, int, int], None] | None
     """Told of every write's ack: (shard, the copy that acked, its epoch, its txn id)."""
+    timeout_ms: int
+    write_timeout_ms: int
+    retries: int
     _ctx: zmq.Context[Any] | None
     _closed: bool
+
+    def moving_limit_s(self, write: bool) -> float:
+        """How long a request answered SlotsMoving is sent again before the caller gets it:
+        as long as the retries would wait for a silent owner."""
+        return (self.write_timeout_ms if write else self.timeout_ms) * (self.retries + 1) / 1000
 
     def endpoint(self, shard: int) -> str:
         """The request endpoint of the copy the shard's requests go to."""
@@ -383,8 +391,7 @@ class OwnerConnections(OwnerSockets):
         """Yields, before each resend of a request answered SlotsMoving, True after waiting
         (``slot_routes.moving_waits``), or False when the call's time is up: its deadline, or
         as long as its retries would have waited for a silent owner."""
-        give_up = time.monotonic() + (
-            self.write_timeout_ms if write else self.timeout_ms) * (self.retries + 1) / 1000
+        give_up = time.monotonic() + self.moving_limit_s(write)
         if until is not None:
             give_up = min(give_up, until)
         for wait in moving_waits():

@@ -102,6 +102,8 @@ class StreamOwners(Protocol):
 
     def follow(self, shard: int, answer: NotPrimary | None) -> bool: ...
 
+    def moving_limit_s(self, write: bool) -> float: ...
+
 
 class WriterClient(Protocol):
     """What a ``Writer`` uses of its client: the tables (encoding and routing) and the owner
@@ -317,8 +319,7 @@ class WriterStreams:
         if st.waits is None:
             st.waits = moving_waits()
             st.holding_since = now
-        elif now - st.holding_since > (
-                self._owners.write_timeout_ms * (self._owners.retries + 1) / 1000):
+        elif now - st.holding_since > self._owners.moving_limit_s(True):
             raise SlotsMoving(
                 f"shard {st.shard}: slots of a batch of this writer are still switching to "
                 f"another shard after {now - st.holding_since:.1f} s; "
