@@ -41,6 +41,7 @@ from lmshard.ops.supervise.rpc import (
     wait_until_up,
 )
 from lmshard.routing import SlotMap
+from lmshard.slot_routes import grown_config
 
 SUPERVISORCTL_TIMEOUT = 120.0
 """Seconds ``supervisorctl update`` may take (it stops the programs whose config changed)."""
@@ -65,11 +66,9 @@ def config_with(config: Config, slot_map: SlotMap, version: int) -> tuple[Config
 
 def config_naming(config: Config, shards: int) -> Config:
     """``config`` naming at least ``shards`` shards, to reach them all (a re-shard under way
-    may have more shards than the file names yet)."""
-    if shards <= config.shards:
-        return config
-    wide = SlotMap(shards, config.slots, config.slot_map.assignment, empty_ok=True)
-    return config_with(config, wide, config.slot_map_version or 1)[0]
+    may have more shards than the file names yet): ``slot_routes.grown_config``, as clients
+    reach the shards a re-shard added."""
+    return config if shards <= config.shards else grown_config(config, shards)
 
 
 def write_config(config: Config, slot_map: SlotMap, version: int) -> Config:
