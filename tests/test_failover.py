@@ -161,7 +161,9 @@ def test_a_host_lost_under_load_loses_no_acked_write_and_comes_back_as_a_replica
         for s in range(SHARDS):
             daemon(ns_a, f"owner-{s}-again", cfg_a_path, "owner", "--shard", str(s))
         deadline = time.monotonic() + 60
-        while not _same_copies(cfg_b, addr_b):
+        # Until A's copies hold B's rows and A's owners recorded that they follow B: when no
+        # write came after the failover, the rows are the same before A's owners decided.
+        while not (_same_copies(cfg_b, addr_b) and _followers(cfg_b)):
             assert time.monotonic() < deadline, ("A's copies did not catch up with B's",
                                                  tails())
             time.sleep(0.5)
@@ -218,6 +220,14 @@ def _same_copies(cfg: Any, replica: str) -> bool:
     try:
         return all(_rows(cfg.member(s, replica).dir) == _rows(cfg.member(s).dir)
                    for s in range(SHARDS))
+    except lmdb.Error:
+        return False
+
+
+def _followers(cfg: Any) -> bool:
+    """Whether every home copy records that it is a replica (read while they run)."""
+    try:
+        return all(_state(cfg.member(s).dir)[0] == "replica" for s in range(SHARDS))
     except lmdb.Error:
         return False
 
