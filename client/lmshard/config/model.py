@@ -261,6 +261,13 @@ class Config:
     endpoints: tuple[str, ...] = setting(
         "shard.endpoint", ShardEndpoints("shard.base_port"), DEFAULT_SHARD_ENDPOINT,
         _ENDPOINTS_DOC + "Write endpoint of each shard owner (clients' DEALERs connect to it).")
+    unix_socket: bool = setting(
+        "shard.unix_socket", Boolean(), True,
+        "For an ipc shard.endpoint: the owner also listens on a plain unix stream socket (the "
+        "endpoint's path + \".u\"), and clients on its host send their one-at-a-time requests "
+        "(single puts, batches to one shard, reads by the owner) there, skipping ZeroMQ's I/O "
+        "threads; larger or concurrent requests still go through ZeroMQ. false: ZeroMQ only "
+        "(an owner without it is simply not reached this way).")
     stat_endpoints: tuple[str, ...] = setting(
         "shard.stat_endpoint", ShardEndpoints("shard.stat_base_port"), DEFAULT_STAT_ENDPOINT,
         "Stats PUB endpoint of each shard owner (topic stat.<shard>).")
