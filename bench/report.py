@@ -18,22 +18,53 @@ SYSTEMS = ("raw", "zlmdb", "redis", "lmshard")
 LABELS = {"raw": "raw py-lmdb", "zlmdb": "zlmdb", "redis": "Redis", "lmshard": "lmshard"}
 COLORS = {"raw": "#7f7f7f", "zlmdb": "#1f77b4", "redis": "#d62728", "lmshard": "#2ca02c"}
 
-# (name, (workload, system), (workload, system), at least)
+# (name, (workload, system), (workload, system), at least); system "floor" names a part of
+# the floors (bench.floors.PARTS), measured in the same rounds as the workloads.
 TARGETS: tuple[tuple[str, tuple[str, str], tuple[str, str], float], ...] = (
     ("local point gets vs raw py-lmdb", ("get", "lmshard"), ("get", "raw"), 0.8),
     ("local point gets vs zlmdb", ("get", "lmshard"), ("get", "zlmdb"), 1.5),
     ("local point gets vs Redis GET one-by-one", ("get", "lmshard"), ("get", "redis"), 40.0),
     ("local point gets vs Redis MGET of 1,000", ("get", "lmshard"), ("get_many", "redis"), 1.5),
-    ("batched inserts vs raw py-lmdb in-process", ("insert", "lmshard"), ("insert", "raw"), 0.6),
+    ("batched inserts, client.writer(), 1 client vs raw py-lmdb in-process",
+     ("insert", "lmshard"), ("insert", "raw"), 0.7),
     ("batched inserts vs zlmdb", ("insert", "lmshard"), ("insert", "zlmdb"), 1.0),
     ("batched inserts vs Redis pipelined SET", ("insert", "lmshard"), ("insert", "redis"), 2.0),
     ("full scan vs raw py-lmdb", ("scan", "lmshard"), ("scan", "raw"), 0.7),
     ("8 concurrent acked-put clients vs 1", ("put8", "lmshard"), ("put1", "lmshard"), 4.0),
+    ("acked single puts, 1 client vs raw py-lmdb", ("put1", "lmshard"), ("put1", "raw"), 0.75),
+    ("acked single puts, 8 clients vs Redis", ("put8", "lmshard"), ("put8", "redis"), 0.7),
+    ("acked single puts, 8 clients vs raw py-lmdb", ("put8", "lmshard"), ("put8", "raw"), 2.0),
+    ("mixed 90% get / 10% put, 4 processes vs raw py-lmdb", ("mixed", "lmshard"),
+     ("mixed", "raw"), 1.0),
+    ("unique-index lookup vs raw py-lmdb", ("lookup", "lmshard"), ("lookup", "raw"), 0.8),
+    ("get_many of 1,000 keys vs raw py-lmdb", ("get_many", "lmshard"), ("get_many", "raw"),
+     0.8),
+    ("time series append vs raw py-lmdb", ("ts_append", "lmshard"), ("ts_append", "raw"), 0.8),
+    ("remote get, reader pool vs the bare pyzmq round trip", ("remote_get", "lmshard"),
+     ("rtt_get", "floor"), 0.95),
     ("acked single puts, 1 client, fsync each second vs Redis everysec",
      ("put1_sec", "lmshard"), ("put1_sec", "redis"), 1.0),
     ("acked single puts, 8 clients, fsync each second vs Redis everysec",
      ("put8_sec", "lmshard"), ("put8_sec", "redis"), 1.0),
 )
+
+# (workload, its floor): "derived" (the workload's floor in bench.floors.DERIVED, from the
+# p50s of its parts), a part of bench.floors.PARTS, "raw" (raw py-lmdb in-process, measured as
+# a workload), or None (no floor measured). In the issue's order.
+FLOORS: tuple[tuple[str, str | None], ...] = (
+    ("put1", "derived"),
+    ("put8", None),
+    ("mixed", "raw"),
+    ("insert", "raw"),
+    ("lookup", "raw"),
+    ("get_many", "raw"),
+    ("ts_append", "raw"),
+    ("remote_get", "rtt_get"),
+    ("put1_sec", "derived"),
+    ("put8_sec", None),
+)
+WITHIN = 0.9
+"""A missed target counts as done when lmshard reaches this fraction of its floor."""
 
 
 def rate(x: float | None) -> str:
@@ -53,13 +84,24 @@ def _cell(w: dict[str, Any], system: str) -> dict[str, Any] | None:
     return c if c and "median" in c else None
 
 
+def _part(summary: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """A part of the floors (bench.floors.PARTS), or None when this run has none."""
+    return (summary.get("floors") or {}).get("parts", {}).get(key)
+
+
 def _median(summary: dict[str, Any], workload: str, system: str) -> float | None:
+    if system == "floor":
+        part = _part(summary, workload)
+        return None if part is None else float(part["median"])
     w = summary["workloads"].get(workload)
     c = _cell(w, system) if w else None
     return None if c is None else float(c["median"])
 
 
 def _rates(summary: dict[str, Any], workload: str, system: str) -> list[float]:
+    if system == "floor":
+        part = _part(summary, workload)
+        return [] if part is None else list(part["rates"])
     w = summary["workloads"].get(workload)
     c = _cell(w, system) if w else None
     return [] if c is None else list(c["rates"])
@@ -124,6 +166,84 @@ def target_rows(summary: dict[str, Any]) -> list[list[str]]:
         rows.append([t["target"], f"{t['goal']:g}x",
                      "-" if t["ratio"] is None else f"{t['ratio']:.2f}x", per or "-",
                      t["status"]])
+    return rows
+
+
+def floor_part_rows(fl: dict[str, Any]) -> list[list[str]]:
+    rows = [["floor part", "median ops/s", "p50 us", "p99 us", "p50 us per round"]]
+    for key, p in fl["parts"].items():
+        rows.append([f"{key}: {p['label']}", rate(p["median"]), _num(p["p50_us"]),
+                     _num(p["p99_us"]), ", ".join(_num(x) for x in p["p50_us_per_round"])])
+    return rows
+
+
+def _floor(summary: dict[str, Any], workload: str, kind: str | None
+           ) -> tuple[float | None, list[float], float | None, str]:
+    """(floor rate, per round, floor p50 us, what the floor is) of a workload."""
+    derived = (summary.get("floors") or {}).get("derived", {})
+    if kind is None:
+        return None, [], None, "none measured"
+    if kind == "raw":
+        w = summary["workloads"].get(workload)
+        c = _cell(w, "raw") if w else None
+        what = "raw py-lmdb in-process (the target's ratio)"
+        return (None, [], None, what) if c is None else (
+            float(c["median"]), list(c["rates"]), c["p50_us"], what)
+    if kind == "derived":
+        d = derived.get(workload)
+        return (None, [], None, "round trip + commit (p50s)") if d is None else (
+            d["rate"], list(d["rates"]), d["p50_us"], f"{d['what']} (p50s)")
+    part = _part(summary, kind)
+    what = "bare pyzmq round trip, get-sized"
+    return (None, [], None, what) if part is None else (
+        float(part["median"]), list(part["rates"]), part["p50_us"], what)
+
+
+def _status(summary: dict[str, Any], workload: str) -> str:
+    """PASS when every target of this workload against another system or a floor passes,
+    MISS when one misses, n/a when none was measured."""
+    got = [t["status"] for t in summary.get("targets", [])
+           if t["numerator"] == f"{workload}/lmshard"
+           and not t["denominator"].endswith("/lmshard") and t["status"] != "n/a"]
+    return "-" if not got else "MISS" if "MISS" in got else "PASS"
+
+
+def floors(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each workload of the issue's targets beside its floor: lmshard's median rate, the
+    floor's, lmshard as a fraction of it (of medians, and per round) and whether that is
+    within 10%."""
+    out = []
+    for workload, kind in FLOORS:
+        w = summary["workloads"].get(workload)
+        lm = _cell(w, "lmshard") if w else None
+        floor, per, floor_p50, what = _floor(summary, workload, kind)
+        entry: dict[str, Any] = {
+            "workload": workload, "label": w["label"] if w else workload,
+            "targets": _status(summary, workload), "floor_is": what,
+            "lmshard": None if lm is None else lm["median"],
+            "lmshard_p50_us": None if lm is None else lm["p50_us"], "floor": floor,
+            "floor_p50_us": floor_p50, "fraction": None, "per_round": [], "within": None}
+        if lm is not None and floor:
+            entry["fraction"] = round(lm["median"] / floor, 3)
+            entry["per_round"] = [round(a / b, 3) for a, b in zip(lm["rates"], per,
+                                                                  strict=False) if b]
+            entry["within"] = lm["median"] / floor >= WITHIN
+        out.append(entry)
+    return out
+
+
+def floor_rows(summary: dict[str, Any]) -> list[list[str]]:
+    rows = [["workload", "targets", "lmshard", "floor", "floor is", "of floor", "per round",
+             "p50 us lmshard / floor", "within 10%"]]
+    for f in floors(summary):
+        if f["lmshard"] is None and f["floor"] is None:
+            continue
+        p50 = (f"{_num(f['lmshard_p50_us'])} / {_num(f['floor_p50_us'])}"
+               if f["lmshard_p50_us"] is not None or f["floor_p50_us"] is not None else "-")
+        rows.append([f["label"], f["targets"], rate(f["lmshard"]), rate(f["floor"]),
+                     f["floor_is"], "-" if f["fraction"] is None else f"{f['fraction']:.2f}x",
+                     ", ".join(f"{x:.2f}" for x in f["per_round"]) or "-", p50,
+                     "-" if f["within"] is None else "yes" if f["within"] else "no"])
     return rows
 
 
@@ -264,6 +384,13 @@ def print_all(summary: dict[str, Any]) -> None:
         if any(t["status"] != "n/a" for t in summary["targets"]):
             print("\nTargets\n")
             print(text_table(target_rows(summary)))
+    fl = summary.get("floors")
+    if fl:
+        print("\nFloors: what the design cannot go below, measured in the same rounds "
+              "(bench.floors)\n")
+        print(text_table(floor_part_rows(fl)))
+        print()
+        print(text_table(floor_rows(summary)))
     sc = summary.get("scaling")
     if sc:
         print(f"\nScaling: batched writes, rows/s ({sc['rows']:,} new rows per cell, 1,000 "
