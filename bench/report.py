@@ -87,7 +87,8 @@ def _cell(w: dict[str, Any], system: str) -> dict[str, Any] | None:
 
 def _part(summary: dict[str, Any], key: str) -> dict[str, Any] | None:
     """A part of the floors (bench.floors.PARTS), or None when this run has none."""
-    return (summary.get("floors") or {}).get("parts", {}).get(key)
+    part: dict[str, Any] | None = (summary.get("floors") or {}).get("parts", {}).get(key)
+    return part
 
 
 def _median(summary: dict[str, Any], workload: str, system: str) -> float | None:
