@@ -18,22 +18,54 @@ SYSTEMS = ("raw", "zlmdb", "redis", "lmshard")
 LABELS = {"raw": "raw py-lmdb", "zlmdb": "zlmdb", "redis": "Redis", "lmshard": "lmshard"}
 COLORS = {"raw": "#7f7f7f", "zlmdb": "#1f77b4", "redis": "#d62728", "lmshard": "#2ca02c"}
 
-# (name, (workload, system), (workload, system), at least)
+# (name, (workload, system), (workload, system), at least); system "floor" names a part of
+# the floors (bench.floors.PARTS), measured in the same rounds as the workloads.
 TARGETS: tuple[tuple[str, tuple[str, str], tuple[str, str], float], ...] = (
     ("local point gets vs raw py-lmdb", ("get", "lmshard"), ("get", "raw"), 0.8),
     ("local point gets vs zlmdb", ("get", "lmshard"), ("get", "zlmdb"), 1.5),
     ("local point gets vs Redis GET one-by-one", ("get", "lmshard"), ("get", "redis"), 40.0),
     ("local point gets vs Redis MGET of 1,000", ("get", "lmshard"), ("get_many", "redis"), 1.5),
-    ("batched inserts vs raw py-lmdb in-process", ("insert", "lmshard"), ("insert", "raw"), 0.6),
+    ("batched inserts, client.writer(), 1 client vs raw py-lmdb in-process",
+     ("insert", "lmshard"), ("insert", "raw"), 0.7),
     ("batched inserts vs zlmdb", ("insert", "lmshard"), ("insert", "zlmdb"), 1.0),
     ("batched inserts vs Redis pipelined SET", ("insert", "lmshard"), ("insert", "redis"), 2.0),
     ("full scan vs raw py-lmdb", ("scan", "lmshard"), ("scan", "raw"), 0.7),
     ("8 concurrent acked-put clients vs 1", ("put8", "lmshard"), ("put1", "lmshard"), 4.0),
+    ("acked single puts, 1 client vs raw py-lmdb", ("put1", "lmshard"), ("put1", "raw"), 0.75),
+    ("acked single puts, 8 clients vs Redis", ("put8", "lmshard"), ("put8", "redis"), 0.7),
+    ("acked single puts, 8 clients vs raw py-lmdb", ("put8", "lmshard"), ("put8", "raw"), 2.0),
+    ("mixed 90% get / 10% put, 4 processes vs raw py-lmdb", ("mixed", "lmshard"),
+     ("mixed", "raw"), 1.0),
+    ("unique-index lookup vs raw py-lmdb", ("lookup", "lmshard"), ("lookup", "raw"), 0.8),
+    ("get_many of 1,000 keys vs raw py-lmdb", ("get_many", "lmshard"), ("get_many", "raw"),
+     0.8),
+    ("time series append vs raw py-lmdb", ("ts_append", "lmshard"), ("ts_append", "raw"), 0.8),
+    ("remote get, reader pool vs the bare pyzmq round trip", ("remote_get", "lmshard"),
+     ("rtt_get", "floor"), 0.95),
     ("acked single puts, 1 client, fsync each second vs Redis everysec",
      ("put1_sec", "lmshard"), ("put1_sec", "redis"), 1.0),
     ("acked single puts, 8 clients, fsync each second vs Redis everysec",
      ("put8_sec", "lmshard"), ("put8_sec", "redis"), 1.0),
 )
+
+# (workload, its floor, the denominators of its targets in TARGETS): the floor is "derived"
+# (the workload's floor in bench.floors.DERIVED, from the p50s of its parts), a part of
+# bench.floors.PARTS, "raw" (raw py-lmdb in-process, measured as a workload), or None (no
+# floor measured). In the issue's order.
+FLOORS: tuple[tuple[str, str | None, tuple[str, ...]], ...] = (
+    ("put1", "derived", ("put1/raw",)),
+    ("put8", None, ("put8/redis", "put8/raw")),
+    ("mixed", "raw", ("mixed/raw",)),
+    ("insert", "raw", ("insert/raw",)),
+    ("lookup", "raw", ("lookup/raw",)),
+    ("get_many", "raw", ("get_many/raw",)),
+    ("ts_append", "raw", ("ts_append/raw",)),
+    ("remote_get", "rtt_get", ("rtt_get/floor",)),
+    ("put1_sec", "derived", ("put1_sec/redis",)),
+    ("put8_sec", None, ("put8_sec/redis",)),
+)
+WITHIN = 0.9
+"""A missed target counts as done when lmshard reaches this fraction of its floor."""
 
 
 def rate(x: float | None) -> str:
@@ -53,13 +85,25 @@ def _cell(w: dict[str, Any], system: str) -> dict[str, Any] | None:
     return c if c and "median" in c else None
 
 
+def _part(summary: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """A part of the floors (bench.floors.PARTS), or None when this run has none."""
+    part: dict[str, Any] | None = (summary.get("floors") or {}).get("parts", {}).get(key)
+    return part
+
+
 def _median(summary: dict[str, Any], workload: str, system: str) -> float | None:
+    if system == "floor":
+        part = _part(summary, workload)
+        return None if part is None else float(part["median"])
     w = summary["workloads"].get(workload)
     c = _cell(w, system) if w else None
     return None if c is None else float(c["median"])
 
 
 def _rates(summary: dict[str, Any], workload: str, system: str) -> list[float]:
+    if system == "floor":
+        part = _part(summary, workload)
+        return [] if part is None else list(part["rates"])
     w = summary["workloads"].get(workload)
     c = _cell(w, system) if w else None
     return [] if c is None else list(c["rates"])
@@ -124,6 +168,88 @@ def target_rows(summary: dict[str, Any]) -> list[list[str]]:
         rows.append([t["target"], f"{t['goal']:g}x",
                      "-" if t["ratio"] is None else f"{t['ratio']:.2f}x", per or "-",
                      t["status"]])
+    return rows
+
+
+def floor_part_rows(fl: dict[str, Any]) -> list[list[str]]:
+    rows = [["floor part", "median ops/s", "p50 us", "p99 us", "p50 us per round"]]
+    for key, p in fl["parts"].items():
+        rows.append([f"{key}: {p['label']}", rate(p["median"]), _num(p["p50_us"]),
+                     _num(p["p99_us"]), ", ".join(_num(x) for x in p["p50_us_per_round"])])
+    return rows
+
+
+def _floor(summary: dict[str, Any], workload: str, kind: str | None
+           ) -> tuple[float | None, list[float], float | None, str]:
+    """(floor rate, per round, floor p50 us, what the floor is) of a workload."""
+    derived = (summary.get("floors") or {}).get("derived", {})
+    if kind is None:
+        return None, [], None, "none measured"
+    if kind == "raw":
+        w = summary["workloads"].get(workload)
+        c = _cell(w, "raw") if w else None
+        what = "raw py-lmdb in-process (the target's ratio)"
+        return (None, [], None, what) if c is None else (
+            float(c["median"]), list(c["rates"]), c["p50_us"], what)
+    if kind == "derived":
+        d = derived.get(workload)
+        return (None, [], None, "round trip + commit (p50s)") if d is None else (
+            d["rate"], list(d["rates"]), d["p50_us"], f"{d['what']} (p50s)")
+    part = _part(summary, kind)
+    what = "bare pyzmq round trip, get-sized"
+    return (None, [], None, what) if part is None else (
+        float(part["median"]), list(part["rates"]), part["p50_us"], what)
+
+
+def _verdicts(summary: dict[str, Any], workload: str, denominators: tuple[str, ...]) -> str:
+    """The workload's targets against these denominators, each as goal, baseline, ratio and
+    result (e.g. ">= 0.7x Redis: 0.39x MISS")."""
+    out = []
+    for t in summary.get("targets", []):
+        if t["numerator"] == f"{workload}/lmshard" and t["denominator"] in denominators:
+            system = t["denominator"].split("/")[1]
+            ratio = "" if t["ratio"] is None else f"{t['ratio']:.2f}x "
+            out.append(f">= {t['goal']:g}x {'floor' if system == 'floor' else LABELS[system]}"
+                       f": {ratio}{t['status']}")
+    return "; ".join(out) or "-"
+
+
+def floors(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each workload of the issue's targets that this run measured beside its floor:
+    lmshard's median rate, the floor's, lmshard as a fraction of it (of medians, and per
+    round) and whether that is within 10%."""
+    out = []
+    for workload, kind, denominators in FLOORS:
+        w = summary["workloads"].get(workload)
+        lm = _cell(w, "lmshard") if w else None
+        floor, per, floor_p50, what = _floor(summary, workload, kind)
+        if lm is None and floor is None:
+            continue
+        entry: dict[str, Any] = {
+            "workload": workload, "label": w["label"] if w else workload,
+            "targets": _verdicts(summary, workload, denominators), "floor_is": what,
+            "lmshard": None if lm is None else lm["median"],
+            "lmshard_p50_us": None if lm is None else lm["p50_us"], "floor": floor,
+            "floor_p50_us": floor_p50, "fraction": None, "per_round": [], "within": None}
+        if lm is not None and floor:
+            entry["fraction"] = round(lm["median"] / floor, 3)
+            entry["per_round"] = [round(a / b, 3) for a, b in zip(lm["rates"], per,
+                                                                  strict=False) if b]
+            entry["within"] = lm["median"] / floor >= WITHIN
+        out.append(entry)
+    return out
+
+
+def floor_rows(summary: dict[str, Any]) -> list[list[str]]:
+    rows = [["workload", "targets", "lmshard", "floor", "floor is", "of floor", "per round",
+             "p50 us lmshard / floor", "within 10%"]]
+    for f in floors(summary):
+        p50 = (f"{_num(f['lmshard_p50_us'])} / {_num(f['floor_p50_us'])}"
+               if f["lmshard_p50_us"] is not None or f["floor_p50_us"] is not None else "-")
+        rows.append([f["label"], f["targets"], rate(f["lmshard"]), rate(f["floor"]),
+                     f["floor_is"], "-" if f["fraction"] is None else f"{f['fraction']:.2f}x",
+                     ", ".join(f"{x:.2f}" for x in f["per_round"]) or "-", p50,
+                     "-" if f["within"] is None else "yes" if f["within"] else "no"])
     return rows
 
 
@@ -264,6 +390,13 @@ def print_all(summary: dict[str, Any]) -> None:
         if any(t["status"] != "n/a" for t in summary["targets"]):
             print("\nTargets\n")
             print(text_table(target_rows(summary)))
+    fl, beside = summary.get("floors"), floor_rows(summary)
+    if fl or len(beside) > 1:
+        print("\nFloors: what the design cannot go below, measured in the same rounds "
+              "(bench.floors; raw py-lmdb for the in-process workloads)\n")
+        if fl:
+            print(text_table(floor_part_rows(fl)) + "\n")
+        print(text_table(beside))
     sc = summary.get("scaling")
     if sc:
         print(f"\nScaling: batched writes, rows/s ({sc['rows']:,} new rows per cell, 1,000 "
@@ -346,6 +479,35 @@ def _versions(meta: dict[str, Any]) -> str:
     return "; ".join(x for x in parts + extra if x)
 
 
+def floors_markdown(summary: dict[str, Any]) -> list[str]:
+    """The Floors section: the parts measured, then each target's workload beside its floor."""
+    fl = summary.get("floors")
+    return [
+        "## Floors",
+        "",
+        "What the design cannot go below, measured in every round right before the acked "
+        "puts, in fresh worker processes as the workloads (`bench/floors.py`; `lmshard bench "
+        "--only floors` runs it alone, and it runs with put1, put1_sec and remote_get): a bare "
+        "pyzmq DEALER/ROUTER round trip over ipc between a client and an echo server process "
+        "(no lmshard), and an in-process raw py-lmdb write transaction of one row and a client "
+        "record in two named databases, in an environment holding one shard's share of the "
+        "records, with `sync=True` (an fsync per commit) and `sync=False`.",
+        "",
+        *([md_table(floor_part_rows(fl)), ""] if fl else ["(Not measured in this run.)", ""]),
+        "An acked single put is at least a round trip to its owner plus one commit: its floor "
+        "is 1 / (round trip p50 + commit p50), with fsync for the 1-client put, without for the "
+        "fsync-each-second one. A remote get through the reader pool is at least a round trip. "
+        "The in-process workloads' floor is raw py-lmdb, measured as a workload, so their "
+        "fraction is the target's own ratio. lmshard's rate is operations over the wall-clock "
+        "span, so its tail counts against it; its p50 beside the floor's shows the typical "
+        "operation. A missed target counts as done when lmshard reaches "
+        f"{WITHIN:.0%} of its floor.",
+        "",
+        md_table(floor_rows(summary)),
+        "",
+    ]
+
+
 def markdown(summary: dict[str, Any], chart: Path | None, md_dir: Path) -> str:
     meta, m = summary["meta"], summary["meta"]["machine"]
     sz = meta["sizes"]
@@ -380,6 +542,8 @@ def markdown(summary: dict[str, Any], chart: Path | None, md_dir: Path) -> str:
         "lmshard bench --quick            # 20,000 records, one round: checks that all runs",
         "lmshard bench --only get,insert  # some workloads (or systems, or `scaling`)",
         "python -m bench.suite --list     # the workload names",
+        "lmshard bench --only put1,put1_sec,remote_get,floors   # the single puts and "
+        "remote gets beside their floors",
         "```",
         "",
         "`make bench` installs the `bench` extra (zlmdb, redis-py, matplotlib) and, as root, "
@@ -436,6 +600,8 @@ def markdown(summary: dict[str, Any], chart: Path | None, md_dir: Path) -> str:
         "`appendonly yes` + `appendfsync everysec`. In both an ack means the write reached the "
         "OS, and an fsync a second puts it on disk: a crash of the server loses nothing, an OS "
         "crash about the last second.",
+        "- Floors: a bare pyzmq round trip and a raw py-lmdb commit of a row and a client "
+        "record, measured in each round beside the workloads; see Floors below.",
         "- Time series: lmshard's `TimeSeries` (1,024-point chunks, appends fill the tail "
         "chunk and compare-and-set the series head); the peers store each append of 1,000 "
         "points as one chunk of NumPy bytes keyed by (series, first timestamp) and find the "
@@ -457,8 +623,10 @@ def markdown(summary: dict[str, Any], chart: Path | None, md_dir: Path) -> str:
         lines += ["Skipped in this run:", ""]
         lines += [f"- {label} / {system}: {reason}" for label, system, reason in skipped]
         lines.append("")
-    lines += ["## Targets", "", md_table(target_rows(summary)), "",
-              "## Latency and memory", "", md_table(latency_rows(summary)), ""]
+    lines += ["## Targets", "", md_table(target_rows(summary)), ""]
+    if summary.get("floors") or len(floor_rows(summary)) > 1:
+        lines += floors_markdown(summary)
+    lines += ["## Latency and memory", "", md_table(latency_rows(summary)), ""]
     sc = summary.get("scaling")
     if sc:
         lines += [

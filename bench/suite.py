@@ -13,9 +13,15 @@ per operation (bench.timing). Prints medians over the rounds, p99 latencies, pea
 server and client, ratios against the baselines and each target with PASS/MISS; a full run
 writes docs/perf/results.json, docs/perf/ops.png and docs/performance.md.
 
+Each round also measures the floors (bench.floors): a bare pyzmq round trip and a raw py-lmdb
+commit of a row and its client record, with and without fsync, from which it prints each
+target beside the floor the design cannot go below (the single puts, the remote get) or beside
+raw py-lmdb (the in-process workloads), and how close lmshard comes to it.
+
 ``--only`` takes workload names (see ``--list``), system names (raw, zlmdb, redis, lmshard),
-``scaling`` or ``changes`` (the change log's cost and watch lag, bench.change_log); a run
-with ``--quick`` or ``--only`` writes nothing unless given ``--out``.
+``scaling``, ``changes`` (the change log's cost and watch lag, bench.change_log) or
+``floors`` (which also run whenever put1, put1_sec or remote_get do); a run with ``--quick``
+or ``--only`` writes nothing unless given ``--out``.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a file: make `bench` importable, here and in workers
     sys.path.insert(0, str(ROOT))
 
-from bench import machine, report  # noqa: E402
+from bench import floors, machine, report  # noqa: E402
 from bench.procs import Sample, run_workers  # noqa: E402
 from bench.systems import ALL, Lmshard, System  # noqa: E402
 
@@ -130,6 +136,8 @@ class Results:
     def __init__(self) -> None:
         self.samples: dict[str, dict[str, list[Sample]]] = {}
         self.skipped: dict[str, dict[str, str]] = {}
+        self.floors: dict[str, list[Sample]] = {}
+        """The floors' parts (bench.floors.PARTS) by key, a sample a round."""
 
     def add(self, workload: str, system: str, sample: Sample) -> None:
         self.samples.setdefault(workload, {}).setdefault(system, []).append(sample)
@@ -165,10 +173,12 @@ class Results:
 
 
 class Selection:
-    """What ``--only`` picked: workloads, systems, and whether the scaling and change log
-    tables run."""
+    """What ``--only`` picked: workloads, systems, and whether the floors, the scaling and
+    change log tables run."""
 
-    EXTRAS = ("scaling", "changes", "replicas", "reshard")
+    EXTRAS = ("scaling", "changes", "replicas", "reshard", "floors")
+    FLOORED = ("put1", "put1_sec", "remote_get")
+    """Workloads whose targets are judged against a floor measured apart (bench.floors)."""
 
     def __init__(self, only: Sequence[str] | None) -> None:
         names = [n.strip() for item in only or () for n in item.split(",") if n.strip()]
@@ -177,8 +187,8 @@ class Selection:
         if unknown:
             raise SystemExit(
                 f"bench: unknown name(s) for --only: {', '.join(unknown)}; workloads: "
-                f"{', '.join(BY_KEY)}; systems: {', '.join(SYSTEM_KEYS)}; or scaling, changes, "
-                "replicas, reshard")
+                f"{', '.join(BY_KEY)}; systems: {', '.join(SYSTEM_KEYS)}; or "
+                f"{', '.join(self.EXTRAS)}")
         wl = [n for n in names if n in BY_KEY]
         sy = [n for n in names if n in SYSTEM_KEYS]
         whole = not names or (not wl and "lmshard" in sy)
@@ -186,6 +196,7 @@ class Selection:
         self.changes = "changes" in names or whole
         self.replicas = "replicas" in names or whole
         self.reshard = "reshard" in names or whole
+        self.floors = "floors" in names or whole or any(w in wl for w in self.FLOORED)
         extras_only = bool(names) and all(n in self.EXTRAS for n in names)
         self.workloads = set(wl) if wl else (set() if extras_only else set(BY_KEY))
         self.systems = set(sy) if sy else set(SYSTEM_KEYS)
@@ -283,6 +294,8 @@ class Round:
             self.each(None, "fill_users", lambda k: [{"count": sz.users}])
             self.each("lookup", "lookup_unique", lambda k: [
                 {"seed": 14, "count": one(k, sz.users), "users": sz.users}])
+        if sel.floors:
+            self.measure_floors()
         if sel.wants("put1", "put8", "mixed", "ts_append", "ts_range"):
             for system in self.systems:
                 system.durable_writes(True)
@@ -314,6 +327,19 @@ class Round:
             self.each("ts_range", "ts_range", lambda k: [
                 {"seed": 15, "count": sz.ts_queries, "series": sz.ts_series, "points": points,
                  "window": min(sz.ts_window, points // 2)}])
+
+    def measure_floors(self) -> None:
+        """The floors' parts (bench.floors), in fresh workers as the workloads, right before
+        the acked puts they bound."""
+        sz = self.sz
+        for key, sample in floors.measure(self.tmp, round_trips=sz.remote_gets,
+                                          sync_commits=sz.put1, commits=sz.remote_gets,
+                                          fill=sz.rows // floors.SHARDS):
+            self.res.floors.setdefault(key, []).append(sample)
+            p50 = np.percentile(sample.latencies_ns, 50) / 1000
+            p99 = np.percentile(sample.latencies_ns, 99) / 1000
+            print(f"    {'floor':<12} {key:<16} {sample.rate:>12,.0f} {'ops/s':<10} "
+                  f"p50 {p50:>9,.1f} us  p99 {p99:>9,.1f} us", flush=True)
 
     def every_second_puts(self) -> None:
         """Acked single puts with an fsync each second instead of each commit: lmshard's own
@@ -409,6 +435,9 @@ def run(args: argparse.Namespace) -> int:
               "with watchers")
         print(f"{'reshard':<18} lmshard reshard 4 -> 8 -> 4 shards under one client's puts: "
               "write pause per move, put latency, rows moved per second")
+        print(f"{'floors':<18} what the design cannot go below: bare pyzmq round trips, raw "
+              "py-lmdb commits of a row + client record with and without fsync (also run with "
+              "put1, put1_sec, remote_get)")
         return 0
     sel = Selection(args.only)
     quick = bool(args.quick)
@@ -426,7 +455,8 @@ def run(args: argparse.Namespace) -> int:
         systems, missing = pick_systems(sel)
         for s in systems:
             info["packages"][s.key + "_version"] = s.version()
-        results = run_rounds(systems, sizes, sel, rounds, tmp) if sel.workloads else Results()
+        results = (run_rounds(systems if sel.workloads else [], sizes, sel, rounds, tmp)
+                   if sel.workloads or sel.floors else Results())
         for w in WORKLOADS:
             for key, reason in missing.items():
                 if sel.wants(w.key) and key in w.systems:
@@ -476,6 +506,7 @@ def run(args: argparse.Namespace) -> int:
             "skipped_systems": missing,
         },
         "workloads": results.summary(),
+        "floors": floors.summarize(results.floors),
         "scaling": scaling,
         "aio": aio,
         "changes": changes,
@@ -483,6 +514,8 @@ def run(args: argparse.Namespace) -> int:
         "reshard": reshard,
     }
     summary["targets"] = report.targets(summary)
+    if summary["floors"] is not None:
+        summary["floors"]["beside"] = report.floors(summary)
     report.print_all(summary)
     if aio is not None:
         from bench import aio_puts

@@ -1,0 +1,213 @@
+"""The floors: what lmshard's design cannot go below, measured in each round beside the workloads.
+
+    python -m bench.suite --only floors                      # the floors alone
+    python -m bench.suite --only put1,put1_sec,remote_get,floors
+
+An acked single put is at least a round trip from the client to its shard owner and one
+commit of the row and the client's sequence record; a remote get through the reader pool is
+at least a round trip to a reader. So each round measures, in fresh worker processes as the
+workloads (bench.procs), on the same machine and filesystem, seconds apart from them:
+
+- ``rtt_put`` / ``rtt_get``: a bare pyzmq DEALER/ROUTER round trip over ipc of a put-sized
+  and of a get-sized frame, one client process and one echo server process, no lmshard;
+- ``commit_sync`` / ``commit_nosync``: an in-process raw py-lmdb write transaction putting one
+  row (CBOR, encoded before the clock as the client sends it encoded) and a client record
+  (msgpack, packed inside the clock as the owner packs it) into two named databases, with
+  ``sync=True`` (an fsync per commit) and with ``sync=False`` (the flush-each-second mode's
+  floor: no flush at all); the environment holds one shard's share of the records first.
+
+From their p50s: the single put's floor is ``1 / (rtt_put + commit_sync)`` puts/s, the
+flush-each-second put's ``1 / (rtt_put + commit_nosync)``, and the remote get's is the
+``rtt_get`` rate itself. The in-process workloads (inserts, lookups, get_many, time series
+appends, the mixed fleet) have raw py-lmdb as their floor, which the suite measures anyway.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import timing
+from bench.procs import Run, Sample, context, run_workers
+from bench.schema import record
+
+PUT_REQUEST = 150
+"""Bytes of a single put's request frame (table id, key, ~115 B of CBOR, client id, seq)."""
+PUT_REPLY = 20
+"""Bytes of its ack (seq, status, txn id, epoch)."""
+GET_REQUEST = 41
+"""Bytes of a reader pool get request (as bench/remote_reads.py's floor)."""
+GET_REPLY = 91
+"""Bytes of a get's reply for a record of about 90 bytes."""
+SHARDS = 4
+"""The suite's lmshard service has this many shards; a commit floor's environment holds one
+shard's share of the records, as an owner's does."""
+WARM = 64
+"""Untimed round trips or commits before the clock starts."""
+ANSWER_MS = 10_000
+"""How long a round trip client waits for the echo server's first answer."""
+
+
+@dataclass(frozen=True)
+class Part:
+    key: str
+    label: str
+
+
+PARTS: tuple[Part, ...] = (
+    Part("rtt_put", f"bare pyzmq DEALER/ROUTER round trip, ipc, {PUT_REQUEST} B -> {PUT_REPLY} B"),
+    Part("rtt_get", f"bare pyzmq DEALER/ROUTER round trip, ipc, {GET_REQUEST} B -> {GET_REPLY} B"),
+    Part("commit_sync", "raw py-lmdb commit of a row + client record, sync=True"),
+    Part("commit_nosync", "raw py-lmdb commit of a row + client record, sync=False"),
+)
+BY_KEY = {p.key: p for p in PARTS}
+
+DERIVED: dict[str, tuple[str, str, str]] = {
+    "put1": ("rtt_put", "commit_sync", "round trip + commit with fsync"),
+    "put1_sec": ("rtt_put", "commit_nosync", "round trip + commit without fsync"),
+}
+"""Workload: (round trip part, commit part, what its floor is), a floor rate from their p50s."""
+
+
+# -- the workers -------------------------------------------------------------------------------
+
+
+def echo(endpoint: str, reply_size: int) -> None:
+    """The round trip's server: a ROUTER answering every request with ``reply_size`` bytes,
+    as an owner answers on its ROUTER; runs until terminated."""
+    import zmq
+
+    sock = zmq.Context().socket(zmq.ROUTER)
+    sock.bind(endpoint)
+    recv, send, reply = sock.recv_multipart, sock.send_multipart, b"\x00" * reply_size
+    while True:
+        ident, _ = recv()
+        send([ident, reply])
+
+
+def round_trip(spec: dict[str, Any]) -> Run:
+    """The round trip's client: a DEALER sending one frame of ``request`` bytes and waiting
+    (blocking) for the answer, ``count`` times, each timed."""
+    import zmq
+
+    sock = zmq.Context().socket(zmq.DEALER)
+    sock.connect(spec["endpoint"])
+    send, recv, frame = sock.send, sock.recv, b"\x01" * spec["request"]
+    for _ in range(WARM):
+        send(frame)
+        if not sock.poll(ANSWER_MS):
+            raise TimeoutError(f"the echo server at {spec['endpoint']} did not answer")
+        recv()
+
+    def op(_: int) -> None:
+        send(frame)
+        recv()
+
+    return lambda: timing.each(op, range(spec["count"]))
+
+
+def commit(spec: dict[str, Any]) -> Run:
+    """One write transaction per op: a row into ``records`` and its client record into
+    ``__clients__``, in an environment opened with ``sync`` and filled with ``fill`` rows."""
+    import cbor2
+    import lmdb
+    import msgpack
+
+    env = lmdb.open(spec["path"], map_size=1 << 30, max_dbs=4, sync=spec["sync"], lock=True)
+    with env.begin(write=True) as txn:
+        rows = env.open_db(b"records", txn=txn)
+        clients = env.open_db(b"__clients__", txn=txn)
+        for i in range(spec["fill"]):
+            txn.put(i.to_bytes(8, "big"), cbor2.dumps(record(i)), db=rows)
+    env.sync(True)
+    start, count = spec["start"], spec["count"]
+    puts = [(i.to_bytes(8, "big"), cbor2.dumps(record(i)))
+            for i in range(start, start + WARM + count)]
+    cid, begin, packb = b"c" * 16, env.begin, msgpack.packb
+    reply = b"\x00" * PUT_REPLY
+
+    def op(seq: int) -> None:
+        key, value = puts[seq]
+        with begin(write=True) as txn:
+            txn.put(key, value, db=rows)
+            txn.put(cid, packb([seq, 0, reply, [], int(time.time()), 1], use_bin_type=True),
+                    db=clients)
+
+    for seq in range(WARM):
+        op(seq)
+    return lambda: timing.each(op, range(WARM, WARM + count))
+
+
+# -- one round's measurements ------------------------------------------------------------------
+
+
+def measure(base: Path, round_trips: int, sync_commits: int, commits: int,
+            fill: int) -> Iterator[tuple[str, Sample]]:
+    """Each part once, in turn: ``round_trips`` round trips of each size, ``sync_commits``
+    commits with fsync and ``commits`` without, in a directory made under ``base``."""
+    with tempfile.TemporaryDirectory(prefix="floors-", dir=base) as name:
+        yield from _measure(Path(name), round_trips, sync_commits, commits, fill)
+
+
+def _measure(tmp: Path, round_trips: int, sync_commits: int, commits: int,
+             fill: int) -> Iterator[tuple[str, Sample]]:
+    for key, request, reply in (("rtt_put", PUT_REQUEST, PUT_REPLY),
+                                ("rtt_get", GET_REQUEST, GET_REPLY)):
+        endpoint = f"ipc://{tmp}/{key}.sock"
+        server = context().Process(target=echo, args=(endpoint, reply), daemon=True)
+        server.start()
+        try:
+            assert server.pid is not None
+            yield key, run_workers(round_trip, [{"endpoint": endpoint, "request": request,
+                                                 "count": round_trips}], [server.pid])
+        finally:
+            server.terminate()
+            server.join(timeout=10)
+    for key, sync, count in (("commit_sync", True, sync_commits),
+                             ("commit_nosync", False, commits)):
+        yield key, run_workers(commit, [{"path": str(tmp / key), "sync": sync, "fill": fill,
+                                         "start": 10**9, "count": count}])
+
+
+# -- the summary (results.json's "floors") -----------------------------------------------------
+
+
+def _p50_us(samples: list[Sample]) -> float:
+    return float(np.percentile(np.concatenate([s.latencies_ns for s in samples]), 50)) / 1000
+
+
+def summarize(samples: dict[str, list[Sample]]) -> dict[str, Any] | None:
+    """Each part's rates, p50 and p99 (pooled over rounds, and p50 per round), and the derived
+    floors: a rate from the p50s of their parts, pooled and per round."""
+    if not samples:
+        return None
+    parts: dict[str, Any] = {}
+    for p in PARTS:
+        got = samples.get(p.key)
+        if not got:
+            continue
+        lat = np.concatenate([s.latencies_ns for s in got])
+        p50, p99 = np.percentile(lat, [50, 99]) / 1000
+        parts[p.key] = {
+            "label": p.label, "rates": [round(s.rate, 1) for s in got],
+            "median": float(np.median([s.rate for s in got])), "p50_us": round(float(p50), 2),
+            "p99_us": round(float(p99), 2), "p50_us_per_round": [
+                round(_p50_us([s]), 2) for s in got], "ops": [s.ops for s in got]}
+    derived: dict[str, Any] = {}
+    for workload, (trip, commit_part, what) in DERIVED.items():
+        if trip not in parts or commit_part not in parts:
+            continue
+        a, b = parts[trip], parts[commit_part]
+        derived[workload] = {
+            "what": what, "parts": [trip, commit_part],
+            "p50_us": round(a["p50_us"] + b["p50_us"], 2),
+            "rate": round(1e6 / (a["p50_us"] + b["p50_us"]), 1),
+            "rates": [round(1e6 / (x + y), 1) for x, y in zip(
+                a["p50_us_per_round"], b["p50_us_per_round"], strict=False)]}
+    return {"parts": parts, "derived": derived}
