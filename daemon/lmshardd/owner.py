@@ -53,20 +53,23 @@ from lmshardd.hangup import report_hangup
 from lmshardd.owner_state import DiskFullWatch, OwnerCounters
 from lmshardd.replication import Replication, not_primary
 from lmshardd.slot_guard import MOVE_ROWS_VERSION, SlotGuard, check_new_state, read_guarded
+from lmshardd.unix_peers import UnixPeer, UnixServer, make_server
 
 log = logging.getLogger("lmshardd.owner")
 
-WriteBatches = list[tuple[bytes, bytes | None, int, list[protocol.Op], int]]
-"""Write batches drained for one group commit: (peer identity, client id, seq, checked ops,
-the slot map version the request was routed by; ``MOVE_ROWS_VERSION`` for ``move_rows``)."""
-Others = list[tuple[bytes, int, protocol.Command, Any, int]]
-"""Requests drained beside the writes: (peer identity, seq, command, checked body, map
-version)."""
+Peer = bytes | UnixPeer
+"""Who sent a request and gets its reply: a ROUTER peer's identity, or a client connection on
+the owner's unix socket (``lmshardd.unix_peers``)."""
+WriteBatches = list[tuple[Peer, bytes | None, int, list[protocol.Op], int]]
+"""Write batches drained for one group commit: (peer, client id, seq, checked ops, the slot
+map version the request was routed by; ``MOVE_ROWS_VERSION`` for ``move_rows``)."""
+Others = list[tuple[Peer, int, protocol.Command, Any, int]]
+"""Requests drained beside the writes: (peer, seq, command, checked body, map version)."""
 Outcome = tuple[int, Any]
 """A batch's reply before it is packed: (status, body)."""
-Replies = list[tuple[bytes, bytes, int]]
-"""A group's replies: (peer identity, reply frame, the txn id a successful write reply waits
-for replicas to apply, or 0 for an error)."""
+Replies = list[tuple[Peer, bytes, int]]
+"""A group's replies: (peer, reply frame, the txn id a successful write reply waits for
+replicas to apply, or 0 for an error)."""
 
 MAX_GROUP = 1024
 """Most requests drained into one group commit."""
@@ -90,6 +93,8 @@ epoch]."""
 FENCED_EXIT = 3
 """``lmshardd owner``'s exit status after a request from a later epoch fenced it."""
 _SNDMORE = int(zmq.SNDMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 STALE_READ_TRIES = 50
 """Most new reads a read command tries for one that sees the owner's last commit."""
 
@@ -160,6 +165,9 @@ class ShardOwner:
         self.channels: list[Channel] = [] if flusher is None else [flusher]
         self.ctx: zmq.Context[Any] = zmq.Context.instance()
         self.sock: zmq.Socket[bytes] | None = None
+        self.unix: UnixServer | None = None
+        """The unix socket same-host clients send one-at-a-time requests to (while serving,
+        with ``shard.unix_socket`` and an ipc endpoint)."""
         self._unpack = msgpack.Unpacker  # keeps the import honest for type checkers
 
     def _check_identity(
@@ -219,28 +227,45 @@ class ShardOwner:
             self.bind()
         assert self.sock is not None
         sock = self.sock
+        poller, paused_poller, extra = self._pollers(sock)
+        self.unix = unix = make_server(self.config, self.member.endpoint, poller)
+        next_check = time.monotonic() + READER_CHECK_INTERVAL
+        while not self.stopping:
+            wait = 0 if self.hurry else POLL_MS
+            self.hurry = False
+            ready = dict((paused_poller if self.paused else poller).poll(wait))
+            if extra:
+                for csock, ch in extra.items():
+                    if csock in ready:
+                        ch.on_readable(csock)
+            if self.paused:
+                pass
+            elif unix is None:
+                if sock in ready:
+                    self.serve_once(sock)
+            else:
+                unix.on_ready(ready)
+                if unix.frames or sock in ready:
+                    self.serve_once(sock, sock in ready)
+            next_check = self._between_turns(time.monotonic(), next_check)
+        log.info("shard %d stopping: last txn %d", self.shard, self.counters.last_txn_id)
+        self.close()
+
+    def _pollers(self, sock: zmq.Socket[bytes]
+                 ) -> tuple[zmq.Poller, zmq.Poller, dict[Any, Channel]]:
+        """The loop's poller (the request socket and the channels' sockets), the one it polls
+        while paused (the channels' alone: waiting writes must not wake the loop), and which
+        channel each channel socket is."""
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        paused_poller = zmq.Poller()  # while paused, waiting writes must not wake the loop
+        paused_poller = zmq.Poller()
         extra: dict[Any, Channel] = {}
         for ch in self.channels:
             for csock in ch.sockets():
                 poller.register(csock, zmq.POLLIN)
                 paused_poller.register(csock, zmq.POLLIN)
                 extra[csock] = ch
-        next_check = time.monotonic() + READER_CHECK_INTERVAL
-        while not self.stopping:
-            wait = 0 if self.hurry else POLL_MS
-            self.hurry = False
-            ready = dict((paused_poller if self.paused else poller).poll(wait))
-            for csock, ch in extra.items():
-                if csock in ready:
-                    ch.on_readable(csock)
-            if sock in ready and not self.paused:
-                self.serve_once(sock)
-            next_check = self._between_turns(time.monotonic(), next_check)
-        log.info("shard %d stopping: last txn %d", self.shard, self.counters.last_txn_id)
-        self.close()
+        return poller, paused_poller, extra
 
     def _between_turns(self, now: float, next_check: float) -> float:
         """After each turn of the loop: the channels' ticks, a SIGHUP report, and every
@@ -259,32 +284,59 @@ class ShardOwner:
             log.info("freed %d reader slots of dead processes", stale)
         return now + READER_CHECK_INTERVAL
 
-    def serve_once(self, sock: zmq.Socket[bytes]) -> int:
-        """Drain waiting requests, group-commit the writes, answer everything. Returns count."""
+    def serve_once(self, sock: zmq.Socket[bytes], router: bool = True) -> int:
+        """Drain waiting requests (the ROUTER's unless ``router`` is False, and those read from
+        the unix socket's clients), group-commit the writes, answer everything. Returns
+        count."""
         writes: WriteBatches = []
         others: Others = []
-        n = self._drain(sock, writes, others, MAX_GROUP)
+        n = self._drain(sock, writes, others, MAX_GROUP) if router else 0
+        unix = self.unix
+        if unix is not None and unix.frames:
+            n += self._take_unix(unix, writes, others, MAX_GROUP - n)
         if writes:
             now = time.monotonic()
             self._writers.note(writes, now)
             expected = self._writers.count(now)
             if len(writes) < expected and self._group_avg > GROUP_LINGER_THRESHOLD:
-                # Other writers are active: a moment's wait lets their next batches join this
-                # commit, so one fsync serves them all. It ends once each active writer is in.
-                deadline = now + min(GROUP_LINGER_MAX, self._commit_avg * GROUP_LINGER_FRACTION)
-                while len(writes) < expected and n < MAX_GROUP:
-                    left = deadline - time.monotonic()
-                    if left <= 0 or not wait_readable(sock, left):
-                        break
-                    n += self._drain(sock, writes, others, MAX_GROUP - n)
-                self._writers.note(writes, now)
+                n = self._linger(sock, writes, others, n, now, expected)
             self._commit_and_answer(sock, writes)
         for ident, seq, cmd, args, rv in others:
             if cmd is protocol.SLOT_STATE and args is not None:
                 self._record_slot_state(sock, ident, seq, args)
                 continue
-            sock.send_multipart([ident, self.answer(seq, cmd, args, rv)])
+            self._send(sock, ident, self.answer(seq, cmd, args, rv))
         return n
+
+    def _linger(self, sock: zmq.Socket[bytes], writes: WriteBatches, others: Others, n: int,
+                now: float, expected: int) -> int:
+        """Other writers are active: a moment's wait lets their next batches join this commit,
+        so one fsync serves them all. It ends once each active writer is in; the count of
+        requests drained."""
+        unix = self.unix
+        deadline = now + min(GROUP_LINGER_MAX, self._commit_avg * GROUP_LINGER_FRACTION)
+        while len(writes) < expected and n < MAX_GROUP:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if unix is None or not unix.peers:
+                if not wait_readable(sock, left):
+                    break
+            elif not unix.wait(sock, left):
+                break
+            n += self._drain(sock, writes, others, MAX_GROUP - n)
+            if unix is not None and unix.frames:
+                n += self._take_unix(unix, writes, others, MAX_GROUP - n)
+        self._writers.note(writes, now)
+        return n
+
+    def _send(self, sock: zmq.Socket[bytes], peer: Peer, frame: bytes) -> None:
+        """Send reply ``frame`` to ``peer``: a ROUTER identity, or a unix-socket client."""
+        if type(peer) is bytes:
+            sock.send(peer, _SNDMORE)
+            sock.send(frame)
+        else:
+            peer.send(frame)  # type: ignore[union-attr]
 
     def _commit_and_answer(self, sock: zmq.Socket[bytes], writes: WriteBatches) -> None:
         """Group-commit ``writes`` and send (or, for replicas, hold) the replies. An owner that
@@ -301,8 +353,11 @@ class ShardOwner:
             self.replication.answer(replies, [w[2] for w in writes], time.monotonic())
             return
         for ident, reply, _txn in replies:
-            sock.send(ident, _SNDMORE)
-            sock.send(reply)
+            if type(ident) is bytes:
+                sock.send(ident, _SNDMORE)
+                sock.send(reply)
+            else:
+                ident.send(reply)  # type: ignore[union-attr]
 
     def _drain(
         self, sock: zmq.Socket[bytes], writes: WriteBatches,
@@ -316,36 +371,55 @@ class ShardOwner:
             except zmq.Again:
                 break
             n += 1
-            if len(frames) != 2:
-                self.counters.bad_frames += 1
-                if len(frames) > 2 or not frames:
-                    continue  # not a DEALER peer speaking our protocol: drop it
-            ident, frame = frames[0], frames[-1]
-            seq = 0
-            try:
-                code, client_id, seq, body, epoch, map_version = protocol.unpack_request(frame)
-                if epoch > self.state.epoch or self.fenced:
-                    sock.send_multipart([ident, protocol.pack_error(seq, self._fence(epoch))])
-                    continue
-                cmd = protocol.BY_CODE.get(code)
-                if cmd is None:
-                    raise ProtocolError(f"unknown command code {code}")
-                args = cmd.validate(self.tables, body)
-            except Error as exc:
-                self.counters.bad_frames += 1
-                sock.send_multipart([ident, protocol.pack_error(seq, exc)])
-                continue
-            except Exception as exc:  # validation must never take the owner down
-                self.counters.bad_frames += 1
-                err = ProtocolError(f"invalid request: {type(exc).__name__}: {exc}")
-                sock.send_multipart([ident, protocol.pack_error(seq, err)])
-                continue
-            if cmd.writes:
-                rv = MOVE_ROWS_VERSION if cmd is protocol.MOVE_ROWS else map_version
-                writes.append((ident, client_id, seq, args, rv))
+            if len(frames) == 2:
+                self._take(sock, frames[0], frames[1], writes, others)
             else:
-                others.append((ident, seq, cmd, args, map_version))
+                self.counters.bad_frames += 1
+                if len(frames) == 1:  # the identity alone
+                    self._take(sock, frames[0], frames[0], writes, others)
+            if not int(sock.getsockopt(_EVENTS)) & _POLLIN:  # (cheaper than the next zmq.Again)
+                break
         return n
+
+    def _take_unix(self, unix: UnixServer, writes: WriteBatches, others: Others,
+                   limit: int) -> int:
+        """Take the requests read from the unix socket's clients (up to ``limit``)."""
+        frames = unix.frames
+        taken = frames[:limit]
+        del frames[:limit]
+        assert self.sock is not None
+        for peer, frame in taken:
+            self._take(self.sock, peer, frame, writes, others)
+        return len(taken)
+
+    def _take(self, sock: zmq.Socket[bytes], peer: Peer, frame: bytes, writes: WriteBatches,
+              others: Others) -> None:
+        """Decode and check one request: a write joins ``writes``, anything else ``others``;
+        a bad one, or any request once fenced, is answered at once."""
+        seq = 0
+        try:
+            code, client_id, seq, body, epoch, map_version = protocol.unpack_request(frame)
+            if epoch > self.state.epoch or self.fenced:
+                self._send(sock, peer, protocol.pack_error(seq, self._fence(epoch)))
+                return
+            cmd = protocol.BY_CODE.get(code)
+            if cmd is None:
+                raise ProtocolError(f"unknown command code {code}")
+            args = cmd.validate(self.tables, body)
+        except Error as exc:
+            self.counters.bad_frames += 1
+            self._send(sock, peer, protocol.pack_error(seq, exc))
+            return
+        except Exception as exc:  # validation must never take the owner down
+            self.counters.bad_frames += 1
+            err = ProtocolError(f"invalid request: {type(exc).__name__}: {exc}")
+            self._send(sock, peer, protocol.pack_error(seq, err))
+            return
+        if cmd.writes:
+            rv = MOVE_ROWS_VERSION if cmd is protocol.MOVE_ROWS else map_version
+            writes.append((peer, client_id, seq, args, rv))
+        else:
+            others.append((peer, seq, cmd, args, map_version))
 
     def _fence(self, epoch: int) -> NotPrimary:
         """A request from ``epoch`` (or any request once fenced): the first one above this
@@ -369,12 +443,12 @@ class ShardOwner:
         them is applied."""
         err = self._fence(0)
         for ident, _cid, seq, _ops, _rv in writes:
-            sock.send_multipart([ident, protocol.pack_error(seq, err)])
+            self._send(sock, ident, protocol.pack_error(seq, err))
 
-    def _send_reply(self, ident: bytes, frame: bytes) -> None:
-        """Send a reply released later (held for replicas) on the request socket."""
+    def _send_reply(self, ident: Peer, frame: bytes) -> None:
+        """Send a reply released later (held for replicas) to its peer."""
         if self.sock is not None:
-            self.sock.send_multipart([ident, frame])
+            self._send(self.sock, ident, frame)
 
     def commit_group(self, batches: WriteBatches) -> Replies:
         """Apply every batch in one write transaction; the replies to send after commit."""
@@ -412,8 +486,8 @@ class ShardOwner:
                 for (ident, _cid, seq, _ops, _rv), (status, body)
                 in zip(batches, outcomes, strict=True)]
 
-    def _reply(self, ident: bytes, seq: int, status: int, body: Any, txn_id: int
-               ) -> tuple[bytes, bytes, int]:
+    def _reply(self, ident: Peer, seq: int, status: int, body: Any, txn_id: int
+               ) -> tuple[Peer, bytes, int]:
         """One batch's reply: an error as it is; a success with its txn id (``txn_id`` when
         it was applied long ago: at the latest in that commit) and the epoch it carries (this
         owner's when its kept reply has none), and that txn id to wait for replicas on."""
@@ -613,7 +687,7 @@ class ShardOwner:
     def _slot_state_reply(self, txn_id: int) -> dict[str, Any]:
         return {"shard": self.shard, "state": self.slots.to_wire(), "txn": txn_id}
 
-    def _record_slot_state(self, sock: zmq.Socket[bytes], ident: bytes, seq: int,
+    def _record_slot_state(self, sock: zmq.Socket[bytes], ident: Peer, seq: int,
                            body: Any) -> None:
         """Record the slot state ``body`` (the ``slot_state`` command) in a write transaction
         of its own, between groups, with its change-log effect for replicas; serve by it from
@@ -623,7 +697,7 @@ class ShardOwner:
             new = check_new_state(self.shard, self.slots, body)
             txn_id = self._write_slot_state(new)
         except Error as exc:
-            sock.send_multipart([ident, protocol.pack_error(seq, exc)])
+            self._send(sock, ident, protocol.pack_error(seq, exc))
             return
         if new != self.slots:
             log.info("shard %d: %s recorded (txn %d)", self.shard, new.describe(), txn_id)
@@ -633,7 +707,7 @@ class ShardOwner:
             assert self.replication is not None
             self.replication.answer([(ident, reply, txn_id)], [seq], time.monotonic())
         else:
-            sock.send_multipart([ident, reply])
+            self._send(sock, ident, reply)
 
     def _write_slot_state(self, new: SlotState) -> int:
         """Commit ``new``'s meta records and its change-log effect, on disk whatever the
@@ -757,6 +831,9 @@ class ShardOwner:
         for ch in self.channels:
             ch.close()
         self.channels = []
+        if self.unix is not None:
+            self.unix.close()
+            self.unix = None
         if self.sock is not None:
             self.sock.close(linger=1000)
             self.sock = None

@@ -31,7 +31,8 @@ COMMIT_TIMES = 4096
 """Recent commits whose time is kept for the replicas' lag in seconds; a replica further
 behind is measured from the change log's record instead."""
 
-Send = Callable[[bytes, bytes], None]
+Send = Callable[[Any, bytes], None]
+"""Sends a released reply frame to its peer (a ROUTER identity or a unix-socket client)."""
 """Sends a reply frame to a peer of the owner's request socket: (peer identity, frame)."""
 
 
@@ -52,7 +53,8 @@ class ReplicaProgress:
 class HeldReply:
     """A successful write reply waiting for replicas."""
 
-    ident: bytes
+    ident: Any
+    """Its peer (``lmshardd.owner.Peer``)."""
     seq: int
     txn: int
     frame: bytes
@@ -103,7 +105,7 @@ class Replication:
 
     # -- held acks --------------------------------------------------------------------------
 
-    def answer(self, replies: list[tuple[bytes, bytes, int]], seqs: list[int],
+    def answer(self, replies: list[tuple[Any, bytes, int]], seqs: list[int],
                now: float) -> None:
         """Send each reply whose transaction (0: not a held kind, an error) enough replicas
         have applied; hold the others."""

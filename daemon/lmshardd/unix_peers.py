@@ -1,0 +1,229 @@
+"""An owner's plain unix stream socket: same-host clients' requests without ZeroMQ's threads.
+
+``lmshard.unix_wire`` says why and what goes over it: the request and reply frames of the
+ROUTER, each behind its length. ``UnixServer`` listens beside the owner's ROUTER, accepts
+clients, cuts what they send into frames (``take``) for the owner's loop, which serves them
+with the ROUTER's own code, and sends each reply back on its connection (``UnixPeer.send``),
+keeping what the socket does not take at once until it is writable: the loop never blocks on a
+slow or stopped client. A connection that sends a bad length, or closes, is dropped with the
+replies it had not read, as a ROUTER drops a gone peer's.
+
+Everything runs in the owner's loop thread; the sockets are registered on the loop's
+``zmq.Poller`` (POLLIN, and POLLOUT while a peer has replies left to send).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import socket
+import time
+from typing import Any
+
+import zmq
+
+from lmshard.unix_wire import HEADER, MAX_UNIX_FRAME, unix_path
+
+log = logging.getLogger("lmshardd.owner")
+
+_POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
+_EVENTS = int(zmq.EVENTS)
+_HEADER_SIZE = HEADER.size
+_unpack_header = HEADER.unpack_from
+_pack_header = HEADER.pack
+READ_SIZE = 256 * 1024
+"""Most bytes read from one connection at a time."""
+_FD_SETSIZE = 1024  # select() cannot wait on a higher descriptor
+
+
+class UnixPeer:
+    """One client connection: its socket, what came in short of a whole frame, what is left
+    to send."""
+
+    __slots__ = ("sock", "fd", "inbuf", "out", "server")
+
+    def __init__(self, sock: socket.socket, server: UnixServer) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.inbuf = b""
+        self.out = bytearray()
+        self.server: UnixServer | None = server
+
+    def send(self, frame: bytes) -> None:
+        """Send ``frame`` (a reply) behind its length; what the socket does not take now is
+        sent when it is writable. A gone client's replies are dropped."""
+        server = self.server
+        if server is None:
+            return
+        data = _pack_header(len(frame)) + frame
+        if self.out:
+            self.out += data
+            return
+        try:
+            n = self.sock.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            server.drop(self)
+            return
+        if n < len(data):
+            self.out += data[n:]
+            server.want_write(self)
+
+    def flush(self) -> bool:
+        """Send what is left; whether everything went."""
+        try:
+            n = self.sock.send(self.out)
+        except BlockingIOError:
+            return False
+        except OSError:
+            if self.server is not None:
+                self.server.drop(self)
+            return True
+        del self.out[:n]
+        return not self.out
+
+    def read(self, frames: list[tuple[UnixPeer, bytes]]) -> bool:
+        """Read what the client sent; each whole frame appended to ``frames`` as (this peer,
+        frame). False when the connection is over (closed, reset, or a bad length)."""
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False
+        buf = self.inbuf + data if self.inbuf else data
+        at, end = 0, len(buf)
+        while end - at >= _HEADER_SIZE:
+            (size,) = _unpack_header(buf, at)
+            if size > MAX_UNIX_FRAME:
+                log.warning("dropped a unix-socket client that sent a frame of %d bytes (the "
+                            "limit is %d)", size, MAX_UNIX_FRAME)
+                return False
+            stop = at + _HEADER_SIZE + size
+            if stop > end:
+                break
+            frames.append((self, buf[at + _HEADER_SIZE:stop]))
+            at = stop
+        self.inbuf = buf[at:] if at < end else b""
+        return True
+
+
+class UnixServer:
+    """The owner's unix socket at ``path`` and its clients, on the loop's ``poller``."""
+
+    def __init__(self, path: str, poller: zmq.Poller) -> None:
+        self.path = path
+        self.poller = poller
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a stale file of an owner that was killed
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(128)
+        self.listener.setblocking(False)
+        self.listen_fd = self.listener.fileno()
+        self.peers: dict[int, UnixPeer] = {}
+        """Connected clients by descriptor."""
+        self.frames: list[tuple[UnixPeer, bytes]] = []
+        """Frames read and not yet served: (peer, frame)."""
+        self.accepted = 0
+        poller.register(self.listen_fd, _POLLIN)
+
+    def on_ready(self, ready: dict[Any, int]) -> None:
+        """Handle what the loop's poll found: new clients, frames, room to send."""
+        peers = self.peers
+        for fd, ev in ready.items():
+            peer = peers.get(fd)
+            if peer is None:
+                continue
+            if ev & _POLLOUT and peer.out and peer.flush():
+                self.poller.modify(fd, _POLLIN)
+            if ev & _POLLIN and not peer.read(self.frames):
+                self.drop(peer)
+        if self.listen_fd in ready:
+            self._accept()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:  # e.g. out of descriptors: the client sees a refusal
+                log.warning("unix socket %s: accept failed: %s", self.path, exc)
+                return
+            sock.setblocking(False)
+            peer = UnixPeer(sock, self)
+            self.peers[peer.fd] = peer
+            self.poller.register(peer.fd, _POLLIN)
+            self.accepted += 1
+
+    def want_write(self, peer: UnixPeer) -> None:
+        if peer.fd in self.peers:
+            self.poller.modify(peer.fd, _POLLIN | _POLLOUT)
+
+    def drop(self, peer: UnixPeer) -> None:
+        """Close a client's connection; its unsent replies are dropped."""
+        if self.peers.pop(peer.fd, None) is not None:
+            self.poller.unregister(peer.fd)
+        peer.server = None
+        peer.out.clear()
+        peer.sock.close()
+
+    def wait(self, sock: zmq.Socket[bytes], timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a request on the ROUTER ``sock`` or on a client
+        connection (frames read are kept in ``frames``); whether something came.
+        (``lmshardd.grouping.wait_readable`` for the ROUTER and the clients together.)"""
+        deadline = time.monotonic() + timeout
+        zfd = int(sock.getsockopt(zmq.FD))
+        fds = [zfd, *self.peers]
+        while True:
+            if int(sock.getsockopt(_EVENTS)) & _POLLIN:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if max(fds) >= _FD_SETSIZE:
+                time.sleep(left)
+                continue
+            readable, _, _ = select.select(fds, [], [], left)
+            got = False
+            for fd in readable:
+                peer = self.peers.get(fd)
+                if peer is None:
+                    continue
+                before = len(self.frames)
+                if not peer.read(self.frames):
+                    self.drop(peer)
+                    fds.remove(fd)
+                got = got or len(self.frames) > before
+            if got:
+                return True
+
+    def close(self) -> None:
+        for peer in list(self.peers.values()):
+            self.drop(peer)
+        with contextlib.suppress(KeyError):
+            self.poller.unregister(self.listen_fd)
+        self.listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def make_server(config: Any, endpoint: str, poller: zmq.Poller) -> UnixServer | None:
+    """The unix socket beside the ROUTER at ``endpoint`` when ``shard.unix_socket`` is on and
+    the endpoint is ipc (None otherwise, or when it cannot be bound: clients then use ZeroMQ)."""
+    path = unix_path(endpoint) if config.unix_socket else None
+    if path is None:
+        return None
+    try:
+        return UnixServer(path, poller)
+    except OSError as exc:
+        log.warning("cannot listen on %s (%s): clients on this host use ZeroMQ only", path,
+                    exc)
+        return None
