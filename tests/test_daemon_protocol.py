@@ -93,6 +93,39 @@ def test_bad_batch_fails_alone_inside_one_group_commit(cluster: Cluster) -> None
         s.close()
 
 
+def test_a_batch_alone_in_its_commit_fails_whole_and_keeps_its_reply(cluster: Cluster) -> None:
+    # A group of one batch is applied in the commit's own transaction: when its last op fails,
+    # nothing of it may stay, and its failure is kept like any other reply.
+    with cluster.client() as c:
+        users = c.table("users")
+        shard = users.route.pinned
+        assert shard is not None
+        c.put("users", uuid.uuid4(), {"email": "alone@x.org"})
+        before = c.stats()["shards"][shard]["owner"]
+    tid = uuid.UUID(USERS_ID).bytes
+    first, second = uuid.uuid4(), uuid.uuid4()
+    ops = [protocol.op(protocol.OP_PUT, tid, first.bytes, users.dumps({"email": "new@x.org"})),
+           protocol.op(protocol.OP_PUT, tid, second.bytes, users.dumps({"email": "alone@x.org"}))]
+    cid = os.urandom(16)
+    sock = _dealer(cluster, shard)
+    sock.send(WRITE.frame(cid, 1, ops))
+    reply = _reply(sock)
+    assert reply[1] == UniqueViolation.code
+    sock.send(WRITE.frame(cid, 1, ops))  # sent again: the kept failure, not a second try
+    assert _reply(sock) == reply
+    with cluster.client() as c:
+        assert c.get("users", first) is None and c.get("users", second) is None
+        assert c.lookup("users", "by_email", "new@x.org") == []
+        after = c.stats()["shards"][shard]["owner"]
+    assert after["failed_batches"] == before["failed_batches"] + 1
+    assert after["duplicate_batches"] == before["duplicate_batches"] + 1
+    sock.send(WRITE.frame(cid, 2, ops[:1]))  # the next batch alone succeeds
+    assert _reply(sock)[1] == 0
+    with cluster.client() as c:
+        assert c.get("users", first) == {"email": "new@x.org"}
+    sock.close()
+
+
 def test_hostile_frames_get_typed_errors_and_the_owner_keeps_serving(cluster: Cluster) -> None:
     sock = _dealer(cluster, 0)
     good_tid = uuid.UUID(COUNTERS_ID).bytes
