@@ -10,16 +10,20 @@ workloads (bench.procs), on the same machine and filesystem, seconds apart from 
 
 - ``rtt_put`` / ``rtt_get``: a bare pyzmq DEALER/ROUTER round trip over ipc of a put-sized
   and of a get-sized frame, one client process and one echo server process, no lmshard;
+- ``rtt_unix_put``: the same put-sized exchange over a plain unix stream socket, each frame
+  behind its 4-byte length (``lmshard.unix_wire``), the way a same-host client's single put
+  reaches its owner (``shard.unix_socket``);
 - ``commit_sync`` / ``commit_nosync``: an in-process raw py-lmdb write transaction putting one
   row (CBOR, encoded before the clock as the client sends it encoded) and a client record
   (msgpack, packed inside the clock as the owner packs it) into two named databases, with
   ``sync=True`` (an fsync per commit) and with ``sync=False`` (the flush-each-second mode's
   floor: no flush at all); the environment holds one shard's share of the records first.
 
-From their p50s: the single put's floor is ``1 / (rtt_put + commit_sync)`` puts/s, the
-flush-each-second put's ``1 / (rtt_put + commit_nosync)``, and the remote get's is the
-``rtt_get`` rate itself. The in-process workloads (inserts, lookups, get_many, time series
-appends, the mixed fleet) have raw py-lmdb as their floor, which the suite measures anyway.
+From their p50s: the single put's floor is ``1 / (rtt_unix_put + commit_sync)`` puts/s, the
+flush-each-second put's ``1 / (rtt_unix_put + commit_nosync)``, and the remote get's is the
+``rtt_get`` rate itself (the reader pool speaks ZeroMQ). The in-process workloads (inserts,
+lookups, get_many, time series appends, the mixed fleet) have raw py-lmdb as their floor, which
+the suite measures anyway.
 """
 
 from __future__ import annotations
@@ -63,14 +67,15 @@ class Part:
 PARTS: tuple[Part, ...] = (
     Part("rtt_put", f"bare pyzmq DEALER/ROUTER round trip, ipc, {PUT_REQUEST} B -> {PUT_REPLY} B"),
     Part("rtt_get", f"bare pyzmq DEALER/ROUTER round trip, ipc, {GET_REQUEST} B -> {GET_REPLY} B"),
+    Part("rtt_unix_put", f"plain unix stream socket round trip, {PUT_REQUEST} B -> {PUT_REPLY} B"),
     Part("commit_sync", "raw py-lmdb commit of a row + client record, sync=True"),
     Part("commit_nosync", "raw py-lmdb commit of a row + client record, sync=False"),
 )
 BY_KEY = {p.key: p for p in PARTS}
 
 DERIVED: dict[str, tuple[str, str, str]] = {
-    "put1": ("rtt_put", "commit_sync", "round trip + commit with fsync"),
-    "put1_sec": ("rtt_put", "commit_nosync", "round trip + commit without fsync"),
+    "put1": ("rtt_unix_put", "commit_sync", "unix round trip + commit with fsync"),
+    "put1_sec": ("rtt_unix_put", "commit_nosync", "unix round trip + commit without fsync"),
 }
 """Workload: (round trip part, commit part, what its floor is), a floor rate from their p50s."""
 
@@ -109,6 +114,62 @@ def round_trip(spec: dict[str, Any]) -> Run:
         send(frame)
         recv()
 
+    return lambda: timing.each(op, range(spec["count"]))
+
+
+def unix_echo(path: str, reply_size: int) -> None:
+    """The unix round trip's server: answers every length-prefixed frame with ``reply_size``
+    bytes behind their length, as an owner answers on its unix socket; runs until terminated."""
+    import socket
+    import struct
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    header = struct.Struct(">I")
+    reply = header.pack(reply_size) + b"\x00" * reply_size
+    while True:
+        conn, _ = listener.accept()
+        buf = b""
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            buf += data
+            while len(buf) >= 4 and len(buf) >= 4 + header.unpack_from(buf)[0]:
+                buf = buf[4 + header.unpack_from(buf)[0]:]
+                conn.sendall(reply)
+        conn.close()
+
+
+def unix_round_trip(spec: dict[str, Any]) -> Run:
+    """The unix round trip's client: one frame of ``request`` bytes behind its length, then a
+    blocking read of the whole answer, ``count`` times, each timed."""
+    import socket
+    import struct
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    deadline = time.monotonic() + ANSWER_MS / 1000
+    while True:
+        try:
+            sock.connect(spec["path"])
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the echo server at {spec['path']} did not listen") from None
+            time.sleep(0.01)
+    frame = struct.pack(">I", spec["request"]) + b"\x01" * spec["request"]
+    want = 4 + PUT_REPLY
+    send, recv = sock.sendall, sock.recv
+
+    def op(_: int) -> None:
+        send(frame)
+        got = recv(65536)
+        while len(got) < want:
+            got += recv(65536)
+
+    for _ in range(WARM):
+        op(0)
     return lambda: timing.each(op, range(spec["count"]))
 
 
@@ -169,6 +230,16 @@ def _measure(tmp: Path, round_trips: int, sync_commits: int, commits: int,
         finally:
             server.terminate()
             server.join(timeout=10)
+    path = str(tmp / "rtt_unix_put.sock")
+    server = context().Process(target=unix_echo, args=(path, PUT_REPLY), daemon=True)
+    server.start()
+    try:
+        assert server.pid is not None
+        yield "rtt_unix_put", run_workers(unix_round_trip, [
+            {"path": path, "request": PUT_REQUEST, "count": round_trips}], [server.pid])
+    finally:
+        server.terminate()
+        server.join(timeout=10)
     for key, sync, count in (("commit_sync", True, sync_commits),
                              ("commit_nosync", False, commits)):
         yield key, run_workers(commit, [{"path": str(tmp / key), "sync": sync, "fill": fill,
