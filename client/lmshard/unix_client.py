@@ -45,7 +45,7 @@ class UnixStream:
     """A blocking unix stream connection to an owner's socket, sending request frames and
     receiving reply frames, each behind its length, with timeouts in milliseconds."""
 
-    __slots__ = ("path", "_sock", "_buf", "_recv_ms")
+    __slots__ = ("path", "_sock", "_buf", "_recv_ms", "__weakref__")
 
     def __init__(self, path: str, sock: socket.socket) -> None:
         self.path = path
@@ -165,6 +165,17 @@ class UnixStream:
     def _broken(self, why: str) -> StreamBroken:
         self.close()
         return StreamBroken(f"{self.path}: {why}")
+
+    def shutdown(self) -> None:
+        """End the connection for every user of it, as from another thread: the owner sees it
+        closed, and this side's next send or recv finds it broken (and closes it). Never in a
+        forked child on a connection of the parent: that ends the parent's too."""
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed meanwhile, or the owner had closed it
 
     def close(self) -> None:
         """Close the connection (any replies buffered are dropped); closing again does
