@@ -9,6 +9,7 @@ talk to both, and each side records which requests reached it.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 import threading
@@ -22,7 +23,7 @@ import zmq
 
 from lmshard.client_counters import ClientCounters
 from lmshard.config import Config
-from lmshard.connections import OwnerConnections
+from lmshard.connections import PROBE_MS, OwnerConnections
 from lmshard.forksafe import on_fork_in_child
 from lmshard.protocol import pack_reply, unpack_request
 from lmshard.unix_client import StreamBroken, UnixStream
@@ -203,13 +204,13 @@ def test_a_connection_closed_mid_request_is_resent_over_the_dealer(owner: Owner)
 
 def test_a_late_reply_for_an_earlier_sequence_is_skipped(owner: Owner) -> None:
     """A reply left over from an earlier request (one that timed out) is not taken for this
-    one's; and a reply may arrive in pieces."""
+    one's; and a reply may arrive in pieces, across the client's waits."""
     def stale_first(conn: socket.socket, seq: int, body: Any) -> None:
         framed = pack(reply_to(seq, body))
         conn.sendall(pack(reply_to(seq - 1, "stale")) + framed[:3])
         time.sleep(0.02)
         conn.sendall(framed[3:9])
-        time.sleep(0.02)
+        time.sleep(PROBE_MS / 1000 * 1.5)  # past the client's first wait
         conn.sendall(framed[9:])
 
     assert owner.request("one") == ["answered", 1, "one"]
@@ -229,6 +230,20 @@ def test_unix_socket_off_uses_zeromq_only(short_dir: Path) -> None:
         o.close()
 
 
+def exit_code(pid: int, timeout: float = 10.0) -> int | None:
+    """Child ``pid``'s exit code; None (and the child killed) if it is still running after
+    ``timeout`` seconds (a child stuck on its parent's sockets)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None
+
+
 def test_a_fork_child_opens_its_own_unix_connection(owner: Owner) -> None:
     on_fork_in_child(owner.owners.reset_after_fork)  # as a Client registers it
     assert owner.request("parent") == ["answered", 1, "parent"]
@@ -239,8 +254,7 @@ def test_a_fork_child_opens_its_own_unix_connection(owner: Owner) -> None:
             code = 0 if owner.request("child") == ["answered", 1, "child"] else 2
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert exit_code(pid) == 0
     assert owner.request("parent again") == ["answered", 2, "parent again"]
     by_body = {body: p for (_, _, body), p in zip(owner.unix.seen, owner.unix.peer_pids,
                                                   strict=True)}
