@@ -347,7 +347,7 @@ def test_real_owners_are_reached_over_their_unix_sockets(tmp_path: Path) -> None
                 c.put("blobs", i, b"w%d" % i)
             assert c.incr("counters", "hits", 9) == 10
             assert [c.get("blobs", i) for i in range(20)] == [b"w%d" % i for i in range(20)]
-            assert c.counters["timeouts"] == 0
+            assert c.counters()["timeouts"] == 0
     finally:
         cluster.stop()
 
