@@ -23,6 +23,17 @@ names none, or a request the current copy left unanswered through every retry, m
 ping every copy of the shard and move to the primary with the highest epoch. Either way the same
 request (same client id and sequence number) is sent to the new copy, which holds the replicated
 client records, so a write the old copy applied is answered from its record, not applied again.
+
+Same-host owners (``lmshard.unix_wire``). With ``shard.unix_socket`` on and an ipc endpoint, each
+thread's connection to an owner also has a plain unix stream connection to the owner's unix
+socket (``lmshard.unix_client``), and ``request`` sends its frame there when it is no longer than
+CLIENT_MAX_FRAME: the same frame, sequence number and waits as over the DEALER, without ZeroMQ's
+thread hand-offs. When that connection breaks (the owner stopped, was killed or restarted) the
+same frame goes over the DEALER within the same attempt (the owner applies a write once per
+client id and sequence number, so a frame that may have reached it can be sent again); a new
+unix connection is tried with the next fresh socket, or by a request at most once a
+UNIX_RETRY_S. Requests to several shards at once, the pipelined writer and the async client
+stay on ZeroMQ.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -54,6 +66,8 @@ from lmshard.errors import (
 from lmshard.members import FIRST_EPOCH, HOME
 from lmshard.protocol import ZERO_COPY_MIN, pack_request, unpack_frame
 from lmshard.slot_routes import moving_waits
+from lmshard.unix_client import StreamBroken, UnixStream
+from lmshard.unix_wire import CLIENT_MAX_FRAME, unix_path
 
 log = logging.getLogger("lmshard.client")
 
@@ -72,6 +86,10 @@ BREAKER_MIN_WAIT = 0.1
 opens the shard's breaker too: a deadline shorter than the retries must not let every call
 wait it out."""
 """supervisord states of a program that is not running and not about to."""
+UNIX_RETRY_S = 1.0
+"""A connection whose owner's unix socket did not take a connection, or whose unix connection
+broke, tries again on a request at most this often (seconds): an owner restarted with the
+socket is found again; until then requests go over the DEALER."""
 SEARCH_MS = 500
 """Longest wait for the copies of a shard to answer the ping that looks for its primary (less
 when timeout_ms or the call's deadline is shorter)."""
@@ -262,9 +280,10 @@ class OwnerSockets:
 
 
 class _Conn:
-    """One thread's DEALER socket to one shard owner, with its own sequence numbers."""
+    """One thread's DEALER socket to one shard owner, with its own sequence numbers, and its
+    unix connection to the owner when it has one."""
 
-    __slots__ = ("sock", "endpoint", "seq", "gone")
+    __slots__ = ("sock", "endpoint", "seq", "gone", "unix", "unix_path", "unix_retry_at")
 
     def __init__(self, sock: zmq.Socket[bytes], endpoint: str) -> None:
         self.sock = sock
@@ -274,6 +293,12 @@ class _Conn:
         self.gone = False
         """The owner's socket file was missing when the last request failed: the next request
         checks for it before sending anything."""
+        self.unix: UnixStream | None = None
+        """The unix connection to that copy's owner, if one is open."""
+        self.unix_path: str | None = None
+        """That owner's unix socket (None: ZeroMQ only, by config or endpoint)."""
+        self.unix_retry_at = 0.0
+        """When (monotonic) a request may next try to open the unix connection."""
 
 
 class OwnerConnections(OwnerSockets):
@@ -299,6 +324,10 @@ class OwnerConnections(OwnerSockets):
         self._supervisor_socket = os.fspath(config.run_dir / SUPERVISOR_SOCKET)
         self._ctx: zmq.Context[Any] | None = None
         self._tls = threading.local()
+        self._streams: weakref.WeakSet[UnixStream] = weakref.WeakSet()
+        """Every thread's unix connections (``close`` ends them all), in process _streams_pid."""
+        self._streams_pid = os.getpid()
+        self._streams_lock = threading.Lock()
         self._closed = False
 
     def _grow_arrays(self, config: Config) -> None:
@@ -327,6 +356,7 @@ class OwnerConnections(OwnerSockets):
         conn = conns.get(shard)
         if conn is None:
             conn = conns[shard] = _Conn(self.socket(shard), self.copies.endpoints[shard])
+            self._unix_to(conn)
         elif conn.endpoint is not self.copies.endpoints[shard]:
             self._reconnect(shard, conn)  # another thread moved the shard to another copy
             conn.gone = False
@@ -336,6 +366,31 @@ class OwnerConnections(OwnerSockets):
         conn.sock.close(linger=0)
         conn.endpoint = self.copies.endpoints[shard]
         conn.sock = self.socket(shard)
+        if conn.unix is not None:
+            conn.unix.close()
+        self._unix_to(conn)
+
+    def _unix_to(self, conn: _Conn) -> UnixStream | None:
+        """Open ``conn``'s unix connection to the owner at its endpoint, if the config allows
+        and the endpoint is ipc; None when there is none (then requests go over the DEALER,
+        and one tries again after UNIX_RETRY_S)."""
+        path = conn.unix_path = (unix_path(conn.endpoint) if self.config.unix_socket
+                                 else None)
+        conn.unix = None
+        if path is None:
+            return None
+        try:
+            stream = UnixStream.connect(path)
+        except OSError as exc:  # e.g. no permission: the DEALER still reaches the owner
+            log.debug("cannot connect to %s (%s): requests go through ZeroMQ", path, exc)
+            stream = None
+        if stream is None:
+            conn.unix_retry_at = time.monotonic() + UNIX_RETRY_S
+            return None
+        with self._streams_lock:
+            self._streams.add(stream)
+        conn.unix = stream
+        return stream
 
     # -- one request -------------------------------------------------------------------------
 
@@ -470,22 +525,51 @@ class OwnerConnections(OwnerSockets):
             self._breaker(shard)
 
     def _attempt(self, shard: int, conn: _Conn, seq: int, frame: bytes, wait_ms: int) -> Any:
-        """Send ``frame`` once and wait up to ``wait_ms`` for its reply; _SILENT if none."""
-        sock = conn.sock
+        """Send ``frame`` once and wait up to ``wait_ms`` for its reply; _SILENT if none. The
+        frame goes over the unix connection when there is one and it is no longer than
+        CLIENT_MAX_FRAME; if that connection breaks, over the DEALER for the rest of the wait."""
+        now = time.monotonic()
+        deadline = now + wait_ms / 1000
+        stream = conn.unix
+        if stream is None and conn.unix_path is not None and now >= conn.unix_retry_at:
+            stream = self._unix_to(conn)
+        if stream is not None and len(frame) <= CLIENT_MAX_FRAME:
+            try:
+                stream.send(frame, wait_ms)
+                return self._wait_reply(shard, conn, seq, stream, wait_ms, deadline)
+            except StreamBroken as exc:
+                log.debug("shard %d: %s; sending sequence %d through ZeroMQ", shard, exc, seq)
+                if conn.unix is stream:
+                    conn.unix = None
+                    conn.unix_retry_at = time.monotonic() + UNIX_RETRY_S
+                wait_ms = int((deadline - time.monotonic()) * 1000)
+                if wait_ms <= 0:
+                    return _SILENT
         try:
-            sock.send(frame, zmq.NOBLOCK, len(frame) < ZERO_COPY_MIN)
+            conn.sock.send(frame, zmq.NOBLOCK, len(frame) < ZERO_COPY_MIN)
         except zmq.Again:
             pass  # the queue to that peer is full: wait out the timeout, then retry
-        deadline = time.monotonic() + wait_ms / 1000
+        return self._wait_reply(shard, conn, seq, None, wait_ms, deadline)
+
+    def _wait_reply(self, shard: int, conn: _Conn, seq: int, stream: UnixStream | None,
+                    wait_ms: int, deadline: float) -> Any:
+        """Wait up to ``wait_ms`` (until ``deadline``) for the reply to ``seq`` on ``stream``,
+        or on the DEALER when None; _SILENT if none, _GONE when the owner is not running.
+        StreamBroken when the stream breaks."""
         probe = self._ipc_paths[shard] is not None
         while wait_ms > 0:
             # A first short wait, then (ipc) a look for the owner's socket file: a reply in
             # time costs nothing more than before.
             first = PROBE_MS if probe and wait_ms > PROBE_MS else wait_ms
-            sock.setsockopt(zmq.RCVTIMEO, first)
-            try:
-                reply = sock.recv()
-            except zmq.Again:
+            if stream is not None:
+                reply = stream.recv(first)
+            else:
+                conn.sock.setsockopt(zmq.RCVTIMEO, first)
+                try:
+                    reply = conn.sock.recv()
+                except zmq.Again:
+                    reply = None
+            if reply is None:
                 if first == wait_ms:
                     break
                 probe = False
@@ -818,16 +902,34 @@ class OwnerConnections(OwnerSockets):
     # -- lifetime ----------------------------------------------------------------------------
 
     def reset_after_fork(self) -> None:
-        """Forget the parent's context and sockets: they must not cross fork()."""
+        """Forget the parent's context and sockets: they must not cross fork(). This thread's
+        unix connections are closed (which closes only this process's copies of them; the
+        parent's stay open): a child opens its own."""
+        for conn in (getattr(self._tls, "conns", None) or {}).values():
+            if conn.unix is not None:
+                conn.unix.close()
         self._ctx = None
         self._tls = threading.local()
+        self._streams = weakref.WeakSet()
+        self._streams_pid = os.getpid()
+        self._streams_lock = threading.Lock()
 
     def close(self) -> None:
-        """Close this thread's sockets and the context (sockets of other threads with it)."""
+        """Close this thread's sockets and the context (sockets of other threads with it), and
+        every thread's unix connections (another thread's is shut down, so its next use
+        finds it broken, and closed by that thread)."""
         self._closed = True
         conns = getattr(self._tls, "conns", None) or {}
         for conn in conns.values():
             conn.sock.close(linger=0)
+            if conn.unix is not None:
+                conn.unix.close()
+                conn.unix = None
+        with self._streams_lock:
+            streams = list(self._streams) if self._streams_pid == os.getpid() else []
+            self._streams.clear()  # (in a child not reset yet: the parent's, left alone)
+        for stream in streams:
+            stream.shutdown()
         self._tls = threading.local()
         if self._ctx is not None:
             self._ctx.term() if not conns else self._ctx.destroy(linger=0)
