@@ -232,7 +232,9 @@ class ShardOwner:
         self.unix = unix = make_server(self.config, self.member.endpoint, poller)
         next_check = time.monotonic() + READER_CHECK_INTERVAL
         while not self.stopping:
-            wait = 0 if self.hurry else POLL_MS
+            # Frames read from unix clients and not served yet (a group was full): no wait.
+            pending = unix is not None and bool(unix.frames) and not self.paused
+            wait = 0 if self.hurry or pending else POLL_MS
             self.hurry = False
             ready = dict((paused_poller if self.paused else poller).poll(wait))
             if extra:
