@@ -27,7 +27,6 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import lmdb
@@ -74,6 +73,22 @@ class _Meta:
         return value
 
 
+class Snapshot:
+    """A read transaction as a context: the ``ReadTxn``, ended at the end of the block (a
+    class, not a generator: every local scan, count and lookup begins one)."""
+
+    __slots__ = ("r",)
+
+    def __init__(self, r: ReadTxn) -> None:
+        self.r = r
+
+    def __enter__(self) -> ReadTxn:
+        return self.r
+
+    def __exit__(self, *exc: object) -> None:
+        self.r.end()
+
+
 class LocalShards:
     """The shards' environments opened read-only in this process (this host's copy of each:
     ``config.local_member``); None for a shard read over the wire. And, per shard, the last
@@ -99,6 +114,9 @@ class LocalShards:
         """Per shard, ``(epoch, txn id)`` of the last ack from another copy that no read here
         has seen yet; None when a read waits for nothing."""
         self._meta_dbs: dict[int, tuple[lmdb.Environment, Any]] = {}
+        self._seen: dict[int, tuple[Any, int, int, ForeignRows | None]] = {}
+        """Per shard, the last snapshot ``foreign`` looked at: (environment, txn id, routes
+        generation, its answer), replaced whole (threads share it)."""
 
     def grow(self, config: Config) -> None:
         """Read the shards ``config`` has beyond the current one's too (a re-shard added
@@ -182,6 +200,16 @@ class LocalShards:
         """The rows a read of ``shard`` in ``txn`` skips (None: none), from the shard's slot
         state in that txn; a newer map than the client's is adopted (the caller routes again
         when ``routes.generation`` moved)."""
+        routes = self.routes
+        env, tid, generation = st.env, txn.id(), routes.generation
+        seen = self._seen.get(shard)
+        if seen is not None and seen[1] == tid and seen[0] is env and seen[2] == generation:
+            return seen[3]  # the same snapshot as the last read: the same records
+        view = self._foreign(shard, st, txn)
+        self._seen[shard] = (env, tid, generation, view)
+        return view
+
+    def _foreign(self, shard: int, st: Store, txn: Any) -> ForeignRows | None:
         db = self.meta_db(st)
         routes = self.routes
         version, moves = key = RecordedState.key(txn, db)
@@ -217,20 +245,13 @@ class LocalShards:
             for ct in self._tables:
                 ct.local[shard] = None
 
-    @contextmanager
-    def read(self, shard: int, st: Store) -> Iterator[ReadTxn]:
+    def read(self, shard: int, st: Store) -> Snapshot:
         """A read transaction on ``st`` (this host's copy of ``shard``) that sees this client's
-        last ack of the shard; ReplicaBehind when the copy does not have it within
-        ``client.replica_wait``."""
+        last ack of the shard, as a context; ReplicaBehind when the copy does not have it
+        within ``client.replica_wait``."""
         if self.unseen[shard] is None:
-            with st.read() as r:
-                yield r
-            return
-        r = self._caught_up(shard, st)
-        try:
-            yield r
-        finally:
-            r.end()
+            return Snapshot(ReadTxn(begin_read(st.env), st.tables))
+        return Snapshot(self._caught_up(shard, st))
 
     def _caught_up(self, shard: int, st: Store) -> ReadTxn:
         waited_until: float | None = None

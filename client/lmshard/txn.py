@@ -255,11 +255,11 @@ class ReadTxn:
         return out
 
     def _index_keys(self, bi: BoundIndex, ivb: bytes, prefix: bool) -> list[bytes]:
+        if not prefix and bi.unique:
+            rk = self._txn.get(ivb, db=bi.db)
+            return [] if rk is None else [rk]
         cur = self._txn.cursor(db=bi.db)
         if not prefix:
-            if bi.unique:
-                rk = self._txn.get(ivb, db=bi.db)
-                return [] if rk is None else [rk]
             if not cur.set_key(ivb):
                 return []
             return list(cur.iternext_dup(keys=False, values=True))
