@@ -17,10 +17,14 @@ workloads (bench.procs), on the same machine and filesystem, seconds apart from 
   row (CBOR, encoded before the clock as the client sends it encoded) and a client record
   (msgpack, packed inside the clock as the owner packs it) into two named databases, with
   ``sync=True`` (an fsync per commit) and with ``sync=False`` (the flush-each-second mode's
-  floor: no flush at all); the environment holds one shard's share of the records first.
+  floor: no flush at all); the environment holds one shard's share of the records first;
+- ``commit_log_sync`` / ``commit_log_nosync``: the same with a change-log record beside them
+  (msgpack of the row's effect under an 8-byte big-endian counter in a third database), as an
+  owner's commit writes one with ``[changes] enabled`` (the default): LMDB writes and flushes
+  every page a commit dirtied, so each database a commit touches costs pages in its flush.
 
-From their p50s: the single put's floor is ``1 / (rtt_unix_put + commit_sync)`` puts/s, the
-flush-each-second put's ``1 / (rtt_unix_put + commit_nosync)``, and the remote get's is the
+From their p50s: the single put's floor is ``1 / (rtt_unix_put + commit_log_sync)`` puts/s,
+the flush-each-second put's ``1 / (rtt_unix_put + commit_log_nosync)``, and the remote get's is the
 ``rtt_get`` rate itself (the reader pool speaks ZeroMQ). The in-process workloads (inserts,
 lookups, get_many, time series appends, the mixed fleet) have raw py-lmdb as their floor, which
 the suite measures anyway.
@@ -70,12 +74,15 @@ PARTS: tuple[Part, ...] = (
     Part("rtt_unix_put", f"plain unix stream socket round trip, {PUT_REQUEST} B -> {PUT_REPLY} B"),
     Part("commit_sync", "raw py-lmdb commit of a row + client record, sync=True"),
     Part("commit_nosync", "raw py-lmdb commit of a row + client record, sync=False"),
+    Part("commit_log_sync", "the same + a change-log record, sync=True"),
+    Part("commit_log_nosync", "the same + a change-log record, sync=False"),
 )
 BY_KEY = {p.key: p for p in PARTS}
 
 DERIVED: dict[str, tuple[str, str, str]] = {
-    "put1": ("rtt_unix_put", "commit_sync", "unix round trip + commit with fsync"),
-    "put1_sec": ("rtt_unix_put", "commit_nosync", "unix round trip + commit without fsync"),
+    "put1": ("rtt_unix_put", "commit_log_sync", "unix round trip + commit with log, fsync"),
+    "put1_sec": ("rtt_unix_put", "commit_log_nosync",
+                 "unix round trip + commit with log, no fsync"),
 }
 """Workload: (round trip part, commit part, what its floor is), a floor rate from their p50s."""
 
@@ -184,6 +191,7 @@ def commit(spec: dict[str, Any]) -> Run:
     with env.begin(write=True) as txn:
         rows = env.open_db(b"records", txn=txn)
         clients = env.open_db(b"__clients__", txn=txn)
+        changes = env.open_db(b"__changes__", txn=txn) if spec.get("log") else None
         for i in range(spec["fill"]):
             txn.put(i.to_bytes(8, "big"), cbor2.dumps(record(i)), db=rows)
     env.sync(True)
@@ -199,6 +207,10 @@ def commit(spec: dict[str, Any]) -> Run:
             txn.put(key, value, db=rows)
             txn.put(cid, packb([seq, 0, reply, [], int(time.time()), 1], use_bin_type=True),
                     db=clients)
+            if changes is not None:
+                txn.put(seq.to_bytes(8, "big"), packb(
+                    [int(time.time() * 1000), [[b"t" * 16, key, value]]], use_bin_type=True),
+                    db=changes)
 
     for seq in range(WARM):
         op(seq)
@@ -240,10 +252,12 @@ def _measure(tmp: Path, round_trips: int, sync_commits: int, commits: int,
     finally:
         server.terminate()
         server.join(timeout=10)
-    for key, sync, count in (("commit_sync", True, sync_commits),
-                             ("commit_nosync", False, commits)):
+    for key, sync, log, count in (("commit_sync", True, False, sync_commits),
+                                  ("commit_nosync", False, False, commits),
+                                  ("commit_log_sync", True, True, sync_commits),
+                                  ("commit_log_nosync", False, True, commits)):
         yield key, run_workers(commit, [{"path": str(tmp / key), "sync": sync, "fill": fill,
-                                         "start": 10**9, "count": count}])
+                                         "start": 10**9, "count": count, "log": log}])
 
 
 # -- the summary (results.json's "floors") -----------------------------------------------------
