@@ -53,6 +53,7 @@ import zmq
 from lmshard import security
 from lmshard.client_counters import ClientCounters
 from lmshard.config import SUPERVISOR_SOCKET, Config, owner_program
+from lmshard.contexts import OwnedContext
 from lmshard.copies import file_missing, highest_epoch, owner_socket, ping_copies, primary_of
 from lmshard.errors import (
     DeadlineExceeded,
@@ -249,7 +250,7 @@ class OwnerSockets:
         if self._closed:
             raise TransactionError("this client is closed", hint="connect again")
         if self._ctx is None:
-            self._ctx = zmq.Context()
+            self._ctx = OwnedContext()  # a client dropped unclosed must not hang the GC
         return self._ctx
 
     def socket(self, shard: int) -> zmq.Socket[bytes]:

@@ -30,6 +30,7 @@ import zmq
 
 from lmshard import protocol, security
 from lmshard.config import Config, ConfigError, check_reader_endpoints, derive_reader_endpoint
+from lmshard.contexts import OwnedContext
 from lmshard.errors import Error, LimitExceeded, ShardUnavailable, error_from_wire
 from lmshard.forksafe import check_fork, on_fork_in_child
 from lmshard.protocol import PING, READ, READ_CODES, READ_COMMANDS, SCAN, SCAN_PAGE, paged_scan
@@ -106,8 +107,8 @@ class ReaderPool:
         if self._closed:
             raise Error("this reader pool is closed", hint="make a new ReaderPool")
         if self._ctx is None:
-            self._ctx = zmq.Context()
-        sock = self._ctx.socket(zmq.DEALER)
+            self._ctx = OwnedContext()
+        sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         # Sends wait for a connection instead of queueing for a reader that is down.
         sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -255,7 +256,7 @@ class ReaderPool:
         """Every reader's health by index, None for a reader that does not answer in time."""
         timeout = self.timeout_ms if timeout_ms is None else timeout_ms
         if self._ctx is None:
-            self._ctx = zmq.Context()
+            self._ctx = OwnedContext()
         out: dict[int, dict[str, Any] | None] = {}
         socks = []
         try:
