@@ -333,22 +333,27 @@ class GetMany:
                     self.remote.append(
                         (shard, GET_MANY.request_for(ct.tid, [kb for _, kb in chunk])))
                 continue
-            out, loads = self.out, ct.loads
-            with local.read(shard, st) as r:
-                foreign = local.foreign(shard, st, r.txn)
-                if foreign is None and not st.tables[ct.table].expiring:
-                    get, db = r.txn.get, st.tables[ct.table].db  # the common case, inlined
-                    for i, kb in items:
-                        data = get(kb, None, db)
-                        if data is not None:
-                            out[i] = loads(data)
-                    continue
+            self._read(local, shard, st, items)
+
+    def _read(self, local: LocalShards, shard: int, st: Store,
+              items: list[tuple[int, bytes]]) -> None:
+        """Read ``items`` (position, encoded key) of ``shard`` from this process's map of it."""
+        ct, out, loads = self.ct, self.out, self.ct.loads
+        with local.read(shard, st) as r:
+            foreign = local.foreign(shard, st, r.txn)
+            if foreign is None and not st.tables[ct.table].expiring:
+                get, db = r.txn.get, st.tables[ct.table].db  # the common case, inlined
                 for i, kb in items:
-                    if foreign is not None and not foreign.keep(ct, kb):
-                        continue
-                    data = r.get_raw(ct.table, kb)
+                    data = get(kb, None, db)
                     if data is not None:
                         out[i] = loads(data)
+                return
+            for i, kb in items:
+                if foreign is not None and not foreign.keep(ct, kb):
+                    continue
+                data = r.get_raw(ct.table, kb)
+                if data is not None:
+                    out[i] = loads(data)
 
     def fill(self, replies: list[Any]) -> list[Any]:
         """Put the replies to ``remote`` in place; the answer."""

@@ -16,6 +16,7 @@ from lmshard.keys import MAX_KEY_SIZE
 from lmshard.protocol.commands import COMMANDS, MAX_SCAN_PAGE, REQUESTS, Command
 from lmshard.protocol.frames import MAX_FRAME_SIZE, PROTOCOL_VERSION
 from lmshard.protocol.ops import MAX_OPS_PER_BATCH, MAX_VALUE_SIZE
+from lmshard.unix_wire import UNIX_SUFFIX
 
 
 def _header() -> list[str]:
@@ -27,7 +28,10 @@ def _header() -> list[str]:
         "",
         f"Protocol version {PROTOCOL_VERSION}. Every frame of the request channel is one "
         "ZeroMQ frame: the version byte followed by one msgpack array. Clients use a DEALER "
-        "socket per shard owner; the owner a ROUTER.",
+        "socket per shard owner; the owner a ROUTER. An owner whose endpoint is ipc also "
+        "accepts the same frames on a unix stream socket at the endpoint's path + "
+        f"`{UNIX_SUFFIX}` (`shard.unix_socket`), each frame behind its length (4 bytes, big "
+        "endian), and answers each on the same connection.",
         "",
         "- request: `[command code, client id (16 bytes or nil), sequence number, body]`",
         "- reply: `[sequence number, status, body]`; status 0 is success, otherwise an error "
