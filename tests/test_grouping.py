@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,8 +16,10 @@ import zmq
 import lmshard
 import lmshardd.owner as owner_module
 from lmshard import protocol
+from lmshard.unix_wire import pack
 from lmshardd.grouping import ActiveWriters, wait_readable
 from lmshardd.owner import GROUP_LINGER_MAX, ShardOwner
+from lmshardd.unix_peers import UnixServer
 from tests.cluster import Cluster
 
 
@@ -70,6 +73,34 @@ def test_wait_readable_sees_waiting_and_arriving_messages(
     assert router.recv_multipart()[1] == b"two"
 
 
+def test_wait_readable_wakes_for_a_request_from_a_unix_socket_client(
+    pair: tuple[zmq.Socket[bytes], zmq.Socket[bytes]], tmp_path: Path,
+) -> None:
+    router, _ = pair
+    poller = zmq.Poller()
+    server = UnixServer(str(tmp_path / "owner.sock.u"), poller)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        client.connect(server.path)
+        while not server.peers:
+            server.on_ready(dict(poller.poll(1000)))
+        assert not wait_readable(router, 0.0005, server)
+        frame = protocol.PING.frame(None, 7)
+        client.sendall(pack(frame)[:3])  # part of a request does not end the wait
+        sender = threading.Timer(0.05, client.sendall, (pack(frame)[3:],))
+        sender.start()
+        try:
+            t = time.monotonic()
+            assert wait_readable(router, 5.0, server)
+            assert time.monotonic() - t < 4.0
+        finally:
+            sender.join()
+        assert [f for _, f in server.frames] == [frame]
+    finally:
+        client.close()
+        server.close()
+
+
 # --------------------------------------------------------------------------------------------
 # The owner's wait, in this process
 # --------------------------------------------------------------------------------------------
@@ -92,9 +123,9 @@ def test_owner_waits_only_for_active_writers_missing_from_the_group(
 ) -> None:
     waits: list[float] = []
 
-    def recording_wait(sock: zmq.Socket[bytes], timeout: float) -> bool:
+    def recording_wait(sock: zmq.Socket[bytes], timeout: float, more: Any = None) -> bool:
         waits.append(timeout)
-        return wait_readable(sock, timeout)
+        return wait_readable(sock, timeout, more)
 
     monkeypatch.setattr(owner_module, "wait_readable", recording_wait)
     owner._writers = ActiveWriters(window=60.0)  # no writer goes quiet during the test

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import select
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 
@@ -42,8 +42,22 @@ class ActiveWriters:
         return len(self._last)
 
 
-def wait_readable(sock: zmq.Socket[bytes], timeout: float) -> bool:
-    """Wait up to ``timeout`` seconds (sub-millisecond) for input on ``sock``; True if some.
+class MoreInput(Protocol):
+    """Plain sockets a group's wait also wakes for (the owner's unix-socket clients)."""
+
+    def fds(self) -> list[int]:
+        """Their descriptors now."""
+        ...
+
+    def take(self, readable: list[int]) -> bool:
+        """Read those of ``readable`` that are theirs; whether a request came."""
+        ...
+
+
+def wait_readable(sock: zmq.Socket[bytes], timeout: float, more: MoreInput | None = None
+                  ) -> bool:
+    """Wait up to ``timeout`` seconds (sub-millisecond) for input on ``sock`` (or a request
+    from ``more``); True if some.
 
     zmq_poll counts in whole milliseconds; this waits on the socket's ZMQ_FD with select(),
     which counts in microseconds. ZMQ_FD is edge-triggered: ZMQ_EVENTS is checked first (that
@@ -57,7 +71,10 @@ def wait_readable(sock: zmq.Socket[bytes], timeout: float) -> bool:
         left = deadline - time.monotonic()
         if left <= 0:
             return False
-        if fd < _FD_SETSIZE:
-            select.select([fd], [], [], left)
+        fds = [fd] if more is None else [fd, *more.fds()]
+        if max(fds) < _FD_SETSIZE:
+            readable, _, _ = select.select(fds, [], [], left)
+            if more is not None and readable and more.take(readable):
+                return True
         else:
             time.sleep(left)

@@ -322,10 +322,7 @@ class ShardOwner:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            if unix is None or not unix.peers:
-                if not wait_readable(sock, left):
-                    break
-            elif not unix.wait(sock, left):
+            if not wait_readable(sock, left, unix if unix is not None and unix.peers else None):
                 break
             n += self._drain(sock, writes, others, MAX_GROUP - n)
             if unix is not None and unix.frames:

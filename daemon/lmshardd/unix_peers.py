@@ -17,9 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import socket
-import time
 from typing import Any
 
 import zmq
@@ -30,13 +28,11 @@ log = logging.getLogger("lmshardd.owner")
 
 _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
-_EVENTS = int(zmq.EVENTS)
 _HEADER_SIZE = HEADER.size
 _unpack_header = HEADER.unpack_from
 _pack_header = HEADER.pack
 READ_SIZE = 256 * 1024
 """Most bytes read from one connection at a time."""
-_FD_SETSIZE = 1024  # select() cannot wait on a higher descriptor
 
 
 class UnixPeer:
@@ -175,35 +171,19 @@ class UnixServer:
         peer.out.clear()
         peer.sock.close()
 
-    def wait(self, sock: zmq.Socket[bytes], timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for a request on the ROUTER ``sock`` or on a client
-        connection (frames read are kept in ``frames``); whether something came.
-        (``lmshardd.grouping.wait_readable`` for the ROUTER and the clients together.)"""
-        deadline = time.monotonic() + timeout
-        zfd = int(sock.getsockopt(zmq.FD))
-        fds = [zfd, *self.peers]
-        while True:
-            if int(sock.getsockopt(_EVENTS)) & _POLLIN:
-                return True
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            if max(fds) >= _FD_SETSIZE:
-                time.sleep(left)
-                continue
-            readable, _, _ = select.select(fds, [], [], left)
-            got = False
-            for fd in readable:
-                peer = self.peers.get(fd)
-                if peer is None:
-                    continue
-                before = len(self.frames)
-                if not peer.read(self.frames):
-                    self.drop(peer)
-                    fds.remove(fd)
-                got = got or len(self.frames) > before
-            if got:
-                return True
+    def fds(self) -> list[int]:
+        """The clients' descriptors (``grouping.MoreInput``: a group's wait wakes for them)."""
+        return list(self.peers)
+
+    def take(self, readable: list[int]) -> bool:
+        """Read the clients among ``readable`` (frames kept in ``frames``); whether a whole
+        request came."""
+        before = len(self.frames)
+        for fd in readable:
+            peer = self.peers.get(fd)
+            if peer is not None and not peer.read(self.frames):
+                self.drop(peer)
+        return len(self.frames) > before
 
     def close(self) -> None:
         for peer in list(self.peers.values()):
