@@ -23,6 +23,18 @@ class Cluster(LocalService):
                          python_path=[str(REPO)], **overrides)
 
 
+def dealer(cluster: LocalService, shard: int) -> Any:
+    """A DEALER socket of this process's context connected to ``shard``'s owner, as a client's
+    (LINGER 0, a 5 s receive timeout), for tests that speak the wire protocol themselves."""
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    sock.connect(cluster.config.endpoint(shard))
+    return sock
+
+
 def lmshard_cli(*args: str, timeout: float = 120,
                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``lmshard ARGS`` in a new process, as an operator would (this repo's tests package

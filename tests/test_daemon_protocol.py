@@ -13,16 +13,8 @@ import zmq
 from lmshard import protocol
 from lmshard.errors import ProtocolError, UniqueViolation
 from lmshard.protocol import PING, SCAN, WRITE
-from tests.cluster import Cluster
+from tests.cluster import Cluster, dealer
 from tests.schemas import COUNTERS_ID, USERS_ID
-
-
-def _dealer(cluster: Cluster, shard: int) -> zmq.Socket[bytes]:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 5000)
-    sock.connect(cluster.config.endpoint(shard))
-    return sock
 
 
 def _reply(sock: zmq.Socket[bytes]) -> list:
@@ -41,12 +33,12 @@ def test_retried_batch_is_applied_once_and_answered_again(cluster: Cluster) -> N
     shard, op = _incr_op(cluster, "retry")
     cid = os.urandom(16)
     frame = WRITE.frame(cid, 7, [op])
-    sock = _dealer(cluster, shard)
+    sock = dealer(cluster, shard)
     sock.send(frame)
     first = _reply(sock)
     sock.close()
     # Lazy Pirate: a new socket (new identity) resends the very same sequence number.
-    sock = _dealer(cluster, shard)
+    sock = dealer(cluster, shard)
     sock.send(frame)
     second = _reply(sock)
     assert first[1] == 0 and first == second  # same txn id, same result: the cached reply
@@ -68,7 +60,7 @@ def test_bad_batch_fails_alone_inside_one_group_commit(cluster: Cluster) -> None
         taken = uuid.uuid4()
         c.put("users", taken, {"email": "taken@x.org"})
     tid = uuid.UUID(USERS_ID).bytes
-    socks = [_dealer(cluster, shard) for _ in range(5)]
+    socks = [dealer(cluster, shard) for _ in range(5)]
     keys = [uuid.uuid4() for _ in socks]
     for s in socks:  # connect every socket before the owner is paused
         s.send(PING.frame(None, 1))
@@ -107,7 +99,7 @@ def test_a_batch_alone_in_its_commit_fails_whole_and_keeps_its_reply(cluster: Cl
     ops = [protocol.op(protocol.OP_PUT, tid, first.bytes, users.dumps({"email": "new@x.org"})),
            protocol.op(protocol.OP_PUT, tid, second.bytes, users.dumps({"email": "alone@x.org"}))]
     cid = os.urandom(16)
-    sock = _dealer(cluster, shard)
+    sock = dealer(cluster, shard)
     sock.send(WRITE.frame(cid, 1, ops))
     reply = _reply(sock)
     assert reply[1] == UniqueViolation.code
@@ -127,7 +119,7 @@ def test_a_batch_alone_in_its_commit_fails_whole_and_keeps_its_reply(cluster: Cl
 
 
 def test_hostile_frames_get_typed_errors_and_the_owner_keeps_serving(cluster: Cluster) -> None:
-    sock = _dealer(cluster, 0)
+    sock = dealer(cluster, 0)
     good_tid = uuid.UUID(COUNTERS_ID).bytes
 
     def put(tid: bytes, key: bytes, value: object) -> list:

@@ -11,12 +11,10 @@ import time
 import uuid
 from pathlib import Path
 
-import zmq
-
 from lmshard import protocol
 from lmshard.protocol import PING, WRITE
 from lmshard.unix_wire import HEADER, pack, unix_path
-from tests.cluster import Cluster
+from tests.cluster import Cluster, dealer
 from tests.schemas import COUNTERS_ID
 
 
@@ -43,14 +41,6 @@ def _reply(s: socket.socket) -> list:
     return protocol.unpack_frame(_recv_exact(s, size))
 
 
-def _dealer(cluster: Cluster, shard: int) -> zmq.Socket[bytes]:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 5000)
-    sock.connect(cluster.config.endpoint(shard))
-    return sock
-
-
 def _incr(cluster: Cluster, key: str, delta: int = 5) -> tuple[int, list]:
     with cluster.client() as c:
         ct = c.table("counters")
@@ -68,9 +58,9 @@ def test_a_batch_sent_either_way_is_applied_once(cluster: Cluster) -> None:
     first = _reply(s)
     assert first[0] == 7 and first[1] == 0 and first[2][1] == [5]
     # The same (client id, seq) again through the ROUTER, then the unix socket: the kept reply.
-    dealer = _dealer(cluster, shard)
-    dealer.send(frame)
-    assert protocol.unpack_frame(dealer.recv()) == first
+    zsock = dealer(cluster, shard)
+    zsock.send(frame)
+    assert protocol.unpack_frame(zsock.recv()) == first
     s.sendall(pack(frame))
     assert _reply(s) == first
     s.sendall(pack(WRITE.frame(cid, 8, [op])))
@@ -78,7 +68,7 @@ def test_a_batch_sent_either_way_is_applied_once(cluster: Cluster) -> None:
     with cluster.client() as c:
         assert c.get("counters", "both-ways") == 10
     s.close()
-    dealer.close()
+    zsock.close()
 
 
 def test_requests_in_one_send_and_in_pieces_are_answered_in_order(cluster: Cluster) -> None:
@@ -101,20 +91,20 @@ def test_a_client_that_does_not_read_holds_no_one_up(cluster: Cluster) -> None:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     n = 20_000  # far more replies than the socket buffers hold
     s.sendall(b"".join(pack(PING.frame(None, seq)) for seq in range(1, n + 1)))
-    dealer = _dealer(cluster, 0)
+    zsock = dealer(cluster, 0)
     deadline = time.monotonic() + 10
     answered = 0
     while time.monotonic() < deadline and answered < 50:
         t = time.monotonic()
-        dealer.send(PING.frame(None, 1))
-        assert protocol.unpack_frame(dealer.recv())[1] == 0
+        zsock.send(PING.frame(None, 1))
+        assert protocol.unpack_frame(zsock.recv())[1] == 0
         assert time.monotonic() - t < 2, "the owner was held up by a client that does not read"
         answered += 1
     # The slow client gets every reply, in order, once it reads.
     seqs = [_reply(s)[0] for _ in range(n)]
     assert seqs == list(range(1, n + 1))
     s.close()
-    dealer.close()
+    zsock.close()
 
 
 def test_a_bad_length_drops_that_connection_alone(cluster: Cluster) -> None:

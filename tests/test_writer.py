@@ -19,16 +19,8 @@ from lmshard.errors import (
     ProtocolError,
     TransactionError,
 )
-from tests.cluster import Cluster
+from tests.cluster import Cluster, dealer
 from tests.schemas import COUNTERS_ID
-
-
-def _dealer(cluster: Cluster, shard: int) -> zmq.Socket[bytes]:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 5000)
-    sock.connect(cluster.config.endpoint(shard))
-    return sock
 
 
 def _ask(sock: zmq.Socket[bytes], cid: bytes | None, seq: int, after: int, ops: list) -> list:
@@ -43,7 +35,7 @@ def test_owner_applies_a_stream_in_order_and_replays_kept_replies(cluster: Clust
         shard = ct.shard("stream", kb)
     op = protocol.op(protocol.OP_INCR, uuid.UUID(COUNTERS_ID).bytes, kb, 5)
     cid = os.urandom(16)
-    sock = _dealer(cluster, shard)
+    sock = dealer(cluster, shard)
     # batch 2 before batch 1: refused, nothing applied
     seq, status, body = _ask(sock, cid, 2, 1, [op])
     assert (seq, status) == (2, OutOfOrder.code) and "nothing of batch 2" in body[0]
@@ -54,7 +46,7 @@ def test_owner_applies_a_stream_in_order_and_replays_kept_replies(cluster: Clust
     assert _ask(sock, cid, 3, 2, [op])[2][1] == [15]
     # a new connection resends batches 1 and 2: answered as the first time, not applied
     sock.close()
-    sock = _dealer(cluster, shard)
+    sock = dealer(cluster, shard)
     assert _ask(sock, cid, 1, 0, [op]) == first
     assert _ask(sock, cid, 2, 1, [op]) == second
     # a batch that follows one never applied is refused; the stream then goes on
