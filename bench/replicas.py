@@ -247,6 +247,65 @@ def print_summary(r: dict[str, Any]) -> None:
           f"samples (target p99 <= {LAG_TARGET_MS:.0f} ms: {ok})")
 
 
+def markdown(r: dict[str, Any], when: str) -> list[str]:
+    """The Replicas section of docs/performance.md (bench/report.py writes it from the suite's
+    results; ``when`` says the date and the machine's load)."""
+    g, p, lag = r["gets_per_s"], r["puts_per_s"], r["lag_ms"]
+    get_ok = "PASS" if r["replica_vs_owner"] >= GET_TARGET else "MISS"
+    lag_ok = "PASS" if lag["p99"] <= LAG_TARGET_MS else "MISS"
+    per_round = ", ".join(f"{x:.3f}" for x in r["replica_vs_owner_rounds"])
+    rows = [
+        ["figure", "value"],
+        ["point gets, one process reading the owner's copy", f"{g['owner']:,} gets/s"],
+        [f'point gets, one process reading the replica\'s copy (`replica.local = "{REPLICA}"`)',
+         f"{g['replica']:,} gets/s ({r['replica_vs_owner']:.3f}x; per round {per_round}; "
+         f"target >= {GET_TARGET}x: {get_ok})"],
+        ["the same keys through the reader pool (one reader), for scale",
+         f"{g['pool']:,} gets/s (the replica's local gets are {r['replica_vs_pool']:.0f}x "
+         "that)"],
+        ["acked single puts, `durability.replicas = 0`", f"{p['r0']:,} puts/s"],
+        ["acked single puts, `durability.replicas = 1`",
+         f"{p['r1']:,} puts/s ({r['puts_r1_vs_r0']:.3f}x: the cost of waiting for a replica's "
+         "fsync'd apply; reported)"],
+        [f"replica lag under batched inserts ({r['insert_rows_per_s']:,} rows/s through "
+         f"`client.writer()`), the owner's view sampled every {SAMPLE_EVERY * 1000:g} ms "
+         f"({lag['samples']:,} samples)",
+         f"p50 {lag['p50']:.1f} ms, p99 {lag['p99']:.1f} ms, max {lag['max']:.0f} ms (target "
+         f"p99 <= {LAG_TARGET_MS:.0f} ms: {lag_ok})"],
+    ]
+    table = ["| " + " | ".join(rows[0]) + " |", "|---|---:|"]
+    table += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    lines = ["## Replicas (bench/replicas.py)", ""]
+    if r["load"]["loaded"]:
+        lines += ["> **Measured on a loaded machine**: the rates are lower and the lag higher "
+                  "and noisier than on a quiet one.", ""]
+    rounds = r["replica_vs_owner_rounds"]
+    noise = (": the small difference is noise around 1.0x" if min(rounds) <= 1.0 <= max(rounds)
+             else "")
+    lines += [
+        "`python -m bench.suite --only replicas` (and `make bench`): two services side by side, "
+        "four owners each with fsync on, each with one replica of every shard on this same "
+        f'host (`replica.names = ["{REPLICA}"]`, four `lmshardd replica` processes, fsync on '
+        "too): one acks on the owner's commit (`durability.replicas = 0`), the other once the "
+        f"replica has the commit (`durability.replicas = 1`). {r['rows']:,} rows of the "
+        f"suite's record; {r['rounds']} rounds of {r['gets']:,} gets from each copy and "
+        f"{r['puts']:,} acked puts on each service, orders alternating, medians; {when}; "
+        f"during these rounds other processes used {r['load']['others_cores']:.2f} cores.",
+        "",
+        *table,
+        "",
+        "A replica's copy is an ordinary LMDB environment, so reads on its host take the same "
+        f"path as on the owner's host{noise}. The put figures carry the replica on this host: "
+        "it fsyncs every transaction it applies on the same disk (and both services run at "
+        "once); across hosts the replica's fsync is on its own disk, and the cost of "
+        "`durability.replicas = 1` is one network round trip plus the replica's apply and "
+        "fsync. The lag is how long ago the oldest commit the replica had not yet confirmed "
+        "was committed, as the owner sees it (`lmshard_replica_lag_seconds`).",
+        "",
+    ]
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -678,6 +678,16 @@ def markdown(summary: dict[str, Any], chart: Path | None, md_dir: Path) -> str:
             md_table(change_target_rows(ch)),
             "",
         ]
+    tt = summary.get("ttl")
+    if tt:
+        from bench import ttl
+
+        lines += ttl.markdown(tt, f"{meta['date']}; {load_line(meta)}")
+    rp = summary.get("replicas")
+    if rp:
+        from bench import replicas
+
+        lines += replicas.markdown(rp, f"{meta['date']}; {load_line(meta)}")
     rs = summary.get("reshard")
     if rs:
         from bench import reshard

@@ -510,6 +510,7 @@ def run(args: argparse.Namespace) -> int:
         "scaling": scaling,
         "aio": aio,
         "changes": changes,
+        "ttl": ttl,
         "replicas": replicas,
         "reshard": reshard,
     }
