@@ -537,7 +537,8 @@ def markdown(summary: dict[str, Any], chart: Path | None, md_dir: Path) -> str:
         "## How to run",
         "",
         "```",
-        "make bench                       # full run (7-15 minutes); rewrites this page",
+        f"make bench                       # full run (this one: "
+        f"{meta.get('wall_seconds', 0) / 60:.0f} minutes); rewrites this page",
         "make bench BENCH_ARGS=--quick    # the same, quick",
         "lmshard bench --quick            # 20,000 records, one round: checks that all runs",
         "lmshard bench --only get,insert  # some workloads (or systems, or `scaling`)",
