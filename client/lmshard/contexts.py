@@ -5,44 +5,40 @@ it, and term waits until every socket of the context is closed. The context trac
 by weak reference. When a client that was never closed is collected as part of a reference
 cycle, together with its context and sockets, the garbage collector clears those weak
 references before it finalizes anything: the context's finalizer finds no socket to close, and
-its term waits for sockets whose own finalizers only run after it returns. The process hangs in
-whatever allocation started the collection. ``OwnedContext`` also keeps its sockets by strong
-reference and closes each one still open before it terms.
+its term waits for sockets whose own finalizers only run after it returns. The process hung in
+whatever allocation started the collection.
+
+``OwnedContext`` closes the sockets it can still see and leaves the term to a short-lived
+thread: the collection goes on, the sockets' own finalizers close them, and the term returns.
+(Keeping the sockets by strong reference instead would keep sockets alive that their owners
+dropped, and an explicit term of the context would then wait for them.)
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 import zmq
+import zmq.sugar.context as _pyzmq_context
 
 
 class OwnedContext(zmq.Context):  # type: ignore[type-arg]
-    """A ``zmq.Context`` whose collection closes the sockets it made (see the module doc)."""
-
-    # pyzmq takes other attribute names for socket options: these are declared here.
-    _owned: list[Any] | None = None
-    _owned_lock: threading.Lock | None = None
-    _prune_at = 64
-
-    def socket(self, socket_type: int, **kwargs: Any) -> zmq.Socket[Any]:  # type: ignore[override]
-        sock: zmq.Socket[Any] = super().socket(socket_type, **kwargs)
-        if self._owned_lock is None:
-            self._owned_lock = threading.Lock()
-        with self._owned_lock:
-            owned = self._owned
-            if owned is None:
-                owned = self._owned = []
-            elif len(owned) >= self._prune_at:  # closed ones go; the list stays short
-                owned[:] = [s for s in owned if not s.closed]
-                self._prune_at = max(64, 2 * len(owned))
-            owned.append(sock)
-        return sock
+    """A ``zmq.Context`` whose collection never waits for its sockets (see the module doc)."""
 
     def __del__(self) -> None:
-        for sock in self._owned or ():
-            if not sock.closed:
+        if self._shadow or getattr(_pyzmq_context, "_exiting", False) or self.closed:
+            return
+        for sock in list(getattr(self, "_sockets", None) or ()):
+            if sock is not None and not sock.closed:
                 sock.close(linger=0)
-        self._owned = None
-        super().__del__()
+        try:
+            threading.Thread(target=self._term_quietly, name="lmshard-context-term",
+                             daemon=True).start()
+        except RuntimeError:  # the interpreter is shutting down: it ends the context itself
+            pass
+
+    def _term_quietly(self) -> None:
+        try:
+            self.term()
+        except zmq.ZMQError:
+            pass
