@@ -241,14 +241,10 @@ class ShardOwner:
                 for csock, ch in extra.items():
                     if csock in ready:
                         ch.on_readable(csock)
-            if self.paused:
-                pass
-            elif unix is None:
-                if sock in ready:
-                    self.serve_once(sock)
-            else:
-                unix.on_ready(ready)
-                if unix.frames or sock in ready:
+            if not self.paused:
+                if unix is not None:
+                    unix.on_ready(ready)
+                if sock in ready or (unix is not None and unix.frames):
                     self.serve_once(sock, sock in ready)
             next_check = self._between_turns(time.monotonic(), next_check)
         log.info("shard %d stopping: last txn %d", self.shard, self.counters.last_txn_id)
@@ -296,7 +292,7 @@ class ShardOwner:
         n = self._drain(sock, writes, others, MAX_GROUP) if router else 0
         unix = self.unix
         if unix is not None and unix.frames:
-            n += self._take_unix(unix, writes, others, MAX_GROUP - n)
+            n += self._take_unix(sock, unix, writes, others, MAX_GROUP - n)
         if writes:
             now = time.monotonic()
             self._writers.note(writes, now)
@@ -326,7 +322,7 @@ class ShardOwner:
                 break
             n += self._drain(sock, writes, others, MAX_GROUP - n)
             if unix is not None and unix.frames:
-                n += self._take_unix(unix, writes, others, MAX_GROUP - n)
+                n += self._take_unix(sock, unix, writes, others, MAX_GROUP - n)
         self._writers.note(writes, now)
         return n
 
@@ -353,11 +349,7 @@ class ShardOwner:
             self.replication.answer(replies, [w[2] for w in writes], time.monotonic())
             return
         for ident, reply, _txn in replies:
-            if type(ident) is bytes:
-                sock.send(ident, _SNDMORE)
-                sock.send(reply)
-            else:
-                ident.send(reply)  # type: ignore[union-attr]
+            self._send(sock, ident, reply)
 
     def _drain(
         self, sock: zmq.Socket[bytes], writes: WriteBatches,
@@ -381,15 +373,14 @@ class ShardOwner:
                 break
         return n
 
-    def _take_unix(self, unix: UnixServer, writes: WriteBatches, others: Others,
-                   limit: int) -> int:
+    def _take_unix(self, sock: zmq.Socket[bytes], unix: UnixServer, writes: WriteBatches,
+                   others: Others, limit: int) -> int:
         """Take the requests read from the unix socket's clients (up to ``limit``)."""
         frames = unix.frames
         taken = frames[:limit]
         del frames[:limit]
-        assert self.sock is not None
         for peer, frame in taken:
-            self._take(self.sock, peer, frame, writes, others)
+            self._take(sock, peer, frame, writes, others)
         return len(taken)
 
     def _take(self, sock: zmq.Socket[bytes], peer: Peer, frame: bytes, writes: WriteBatches,
@@ -641,8 +632,8 @@ class ShardOwner:
         group is applied in ``txn`` itself (a nested transaction costs a few microseconds); if
         it fails, ``_Failed`` has the group done again, nested."""
         c = self.counters
+        changed: list[Any] | None = None if effects is None else []
         if self._alone:
-            changed: list[Any] | None = None if effects is None else []
             try:
                 results = protocol.apply_ops(
                     WriteTxn(txn, self.tables, strict=True, log=changed), ops)
@@ -650,29 +641,24 @@ class ShardOwner:
                 raise
             except Exception:
                 raise _Failed() from None
-            c.batches += 1
-            c.ops += len(ops)
-            if effects is not None and changed:
-                effects.extend(changed)
-            return 0, [txn_id, results]
-        child = self.env.begin(write=True, parent=txn)
-        changed = None if effects is None else []
-        try:
-            results = protocol.apply_ops(
-                WriteTxn(child, self.tables, strict=True, log=changed), ops)
-            child.commit()
-        except (lmdb.MapFullError, lmdb.DiskError):  # the whole group is grown or refused
-            child.abort()
-            raise
-        except Error as exc:
-            child.abort()
-            c.failed_batches += 1
-            return _refusal(exc)
-        except Exception as exc:
-            child.abort()
-            log.exception("batch from client %s failed unexpectedly", cid and cid.hex())
-            c.failed_batches += 1
-            return _refusal(InternalError(f"{type(exc).__name__}: {exc}"))
+        else:
+            child = self.env.begin(write=True, parent=txn)
+            try:
+                results = protocol.apply_ops(
+                    WriteTxn(child, self.tables, strict=True, log=changed), ops)
+                child.commit()
+            except (lmdb.MapFullError, lmdb.DiskError):  # the whole group is grown or refused
+                child.abort()
+                raise
+            except Error as exc:
+                child.abort()
+                c.failed_batches += 1
+                return _refusal(exc)
+            except Exception as exc:
+                child.abort()
+                log.exception("batch from client %s failed unexpectedly", cid and cid.hex())
+                c.failed_batches += 1
+                return _refusal(InternalError(f"{type(exc).__name__}: {exc}"))
         c.batches += 1
         c.ops += len(ops)
         if effects is not None and changed:
