@@ -70,7 +70,8 @@ class UnixPeer:
             server.want_write(self)
 
     def flush(self) -> bool:
-        """Send what is left; whether everything went."""
+        """Send what is left; whether everything went (False too when the connection broke:
+        the peer is dropped)."""
         try:
             n = self.sock.send(self.out)
         except BlockingIOError:
@@ -78,7 +79,7 @@ class UnixPeer:
         except OSError:
             if self.server is not None:
                 self.server.drop(self)
-            return True
+            return False
         del self.out[:n]
         return not self.out
 
@@ -133,14 +134,17 @@ class UnixServer:
     def on_ready(self, ready: dict[Any, int]) -> None:
         """Handle what the loop's poll found: new clients, frames, room to send."""
         peers = self.peers
+        readable = []
         for fd, ev in ready.items():
             peer = peers.get(fd)
             if peer is None:
                 continue
             if ev & _POLLOUT and peer.out and peer.flush():
                 self.poller.modify(fd, _POLLIN)
-            if ev & _POLLIN and not peer.read(self.frames):
-                self.drop(peer)
+            if ev & _POLLIN:
+                readable.append(fd)
+        if readable:
+            self.take(readable)
         if self.listen_fd in ready:
             self._accept()
 
