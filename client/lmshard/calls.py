@@ -341,8 +341,9 @@ class GetMany:
         ct, out, loads = self.ct, self.out, self.ct.loads
         with local.read(shard, st) as r:
             foreign = local.foreign(shard, st, r.txn)
-            if foreign is None and not st.tables[ct.table].expiring:
-                get, db = r.txn.get, st.tables[ct.table].db  # the common case, inlined
+            b = st.tables[ct.table]
+            if foreign is None and not b.expiring:
+                get, db = r.txn.get, b.db  # the common case, inlined
                 for i, kb in items:
                     data = get(kb, None, db)
                     if data is not None:
