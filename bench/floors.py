@@ -230,28 +230,23 @@ def measure(base: Path, round_trips: int, sync_commits: int, commits: int,
 
 def _measure(tmp: Path, round_trips: int, sync_commits: int, commits: int,
              fill: int) -> Iterator[tuple[str, Sample]]:
-    for key, request, reply in (("rtt_put", PUT_REQUEST, PUT_REPLY),
-                                ("rtt_get", GET_REQUEST, GET_REPLY)):
-        endpoint = f"ipc://{tmp}/{key}.sock"
-        server = context().Process(target=echo, args=(endpoint, reply), daemon=True)
+    trips: list[tuple[str, Any, tuple[Any, ...], Any, dict[str, Any]]] = [
+        (key, echo, (f"ipc://{tmp}/{key}.sock", reply), round_trip,
+         {"endpoint": f"ipc://{tmp}/{key}.sock", "request": request})
+        for key, request, reply in (("rtt_put", PUT_REQUEST, PUT_REPLY),
+                                    ("rtt_get", GET_REQUEST, GET_REPLY))]
+    path = str(tmp / "rtt_unix_put.sock")
+    trips.append(("rtt_unix_put", unix_echo, (path, PUT_REPLY), unix_round_trip,
+                  {"path": path, "request": PUT_REQUEST}))
+    for key, serve, args, client, spec in trips:
+        server = context().Process(target=serve, args=args, daemon=True)
         server.start()
         try:
             assert server.pid is not None
-            yield key, run_workers(round_trip, [{"endpoint": endpoint, "request": request,
-                                                 "count": round_trips}], [server.pid])
+            yield key, run_workers(client, [dict(spec, count=round_trips)], [server.pid])
         finally:
             server.terminate()
             server.join(timeout=10)
-    path = str(tmp / "rtt_unix_put.sock")
-    server = context().Process(target=unix_echo, args=(path, PUT_REPLY), daemon=True)
-    server.start()
-    try:
-        assert server.pid is not None
-        yield "rtt_unix_put", run_workers(unix_round_trip, [
-            {"path": path, "request": PUT_REQUEST, "count": round_trips}], [server.pid])
-    finally:
-        server.terminate()
-        server.join(timeout=10)
     for key, sync, log, count in (("commit_sync", True, False, sync_commits),
                                   ("commit_nosync", False, False, commits),
                                   ("commit_log_sync", True, True, sync_commits),

@@ -195,8 +195,10 @@ def _floor(summary: dict[str, Any], workload: str, kind: str | None
         d = derived.get(workload)
         return (None, [], None, "round trip + commit (p50s)") if d is None else (
             d["rate"], list(d["rates"]), d["p50_us"], f"{d['what']} (p50s)")
+    from bench.floors import BY_KEY
+
     part = _part(summary, kind)
-    what = "bare pyzmq round trip, get-sized"
+    what = f"{kind}: {BY_KEY[kind].label}"
     return (None, [], None, what) if part is None else (
         float(part["median"]), list(part["rates"]), part["p50_us"], what)
 
@@ -487,16 +489,20 @@ def floors_markdown(summary: dict[str, Any]) -> list[str]:
         "",
         "What the design cannot go below, measured in every round right before the acked "
         "puts, in fresh worker processes as the workloads (`bench/floors.py`; `lmshard bench "
-        "--only floors` runs it alone, and it runs with put1, put1_sec and remote_get): a bare "
-        "pyzmq DEALER/ROUTER round trip over ipc between a client and an echo server process "
-        "(no lmshard), and an in-process raw py-lmdb write transaction of one row and a client "
-        "record in two named databases, in an environment holding one shard's share of the "
-        "records, with `sync=True` (an fsync per commit) and `sync=False`.",
+        "--only floors` runs it alone, and it runs with put1, put1_sec and remote_get): bare "
+        "round trips between a client and an echo server process (no lmshard), pyzmq "
+        "DEALER/ROUTER over ipc and a plain unix stream socket (the way a same-host single put "
+        "reaches its owner, `shard.unix_socket`), and in-process raw py-lmdb write "
+        "transactions of one row and a client record in two named databases, without and with "
+        "a change-log record in a third (as an owner commits by default), in an environment "
+        "holding one shard's share of the records, with `sync=True` (an fsync per commit) and "
+        "`sync=False`.",
         "",
         *([md_table(floor_part_rows(fl)), ""] if fl else ["(Not measured in this run.)", ""]),
         "An acked single put is at least a round trip to its owner plus one commit: its floor "
-        "is 1 / (round trip p50 + commit p50), with fsync for the 1-client put, without for the "
-        "fsync-each-second one. A remote get through the reader pool is at least a round trip. "
+        "is 1 / (unix round trip p50 + p50 of the commit with its change-log record), with "
+        "fsync for the 1-client put, without for the fsync-each-second one. A remote get "
+        "through the reader pool is at least a pyzmq round trip (the pool speaks ZeroMQ). "
         "The in-process workloads' floor is raw py-lmdb, measured as a workload, so their "
         "fraction is the target's own ratio. lmshard's rate is operations over the wall-clock "
         "span, so its tail counts against it; its p50 beside the floor's shows the typical "
@@ -601,8 +607,9 @@ def markdown(summary: dict[str, Any], chart: Path | None, md_dir: Path) -> str:
         "`appendonly yes` + `appendfsync everysec`. In both an ack means the write reached the "
         "OS, and an fsync a second puts it on disk: a crash of the server loses nothing, an OS "
         "crash about the last second.",
-        "- Floors: a bare pyzmq round trip and a raw py-lmdb commit of a row and a client "
-        "record, measured in each round beside the workloads; see Floors below.",
+        "- Floors: bare pyzmq and unix socket round trips and raw py-lmdb commits of a row "
+        "and a client record (with and without a change-log record), measured in each round "
+        "beside the workloads; see Floors below.",
         "- Time series: lmshard's `TimeSeries` (1,024-point chunks, appends fill the tail "
         "chunk and compare-and-set the series head); the peers store each append of 1,000 "
         "points as one chunk of NumPy bytes keyed by (series, first timestamp) and find the "
