@@ -37,6 +37,7 @@ import numpy as np
 
 from bench import machine, sys_lmshard
 from bench.procs import run_workers
+from bench.report import md_table
 from bench.systems import REPO, Lmshard
 
 REPLICA = "b"
@@ -273,8 +274,6 @@ def markdown(r: dict[str, Any], when: str) -> list[str]:
          f"p50 {lag['p50']:.1f} ms, p99 {lag['p99']:.1f} ms, max {lag['max']:.0f} ms (target "
          f"p99 <= {LAG_TARGET_MS:.0f} ms: {lag_ok})"],
     ]
-    table = ["| " + " | ".join(rows[0]) + " |", "|---|---:|"]
-    table += ["| " + " | ".join(row) + " |" for row in rows[1:]]
     lines = ["## Replicas (bench/replicas.py)", ""]
     if r["load"]["loaded"]:
         lines += ["> **Measured on a loaded machine**: the rates are lower and the lag higher "
@@ -292,7 +291,7 @@ def markdown(r: dict[str, Any], when: str) -> list[str]:
         f"{r['puts']:,} acked puts on each service, orders alternating, medians; {when}; "
         f"during these rounds other processes used {r['load']['others_cores']:.2f} cores.",
         "",
-        *table,
+        md_table(rows),
         "",
         "A replica's copy is an ordinary LMDB environment, so reads on its host take the same "
         f"path as on the owner's host{noise}. The put figures carry the replica on this host: "

@@ -47,6 +47,7 @@ import numpy as np
 
 from bench import machine, sys_lmshard
 from bench.procs import context, run_workers
+from bench.report import md_table
 from bench.systems import REPO
 
 SHARDS = 4
@@ -465,8 +466,6 @@ def markdown(r: dict[str, Any], when: str) -> list[str]:
             lambda x: f"p50 {x['put_ratio']['p50']}x, p99 {x['put_ratio']['p99']}x, max "
             f"{x['put_ratio']['max']}x, puts/s {x['put_ratio']['per_s']}x")],
     ]
-    table = ["| " + " | ".join(rows[0]) + " |", "|---|---:|---:|"]
-    table += ["| " + " | ".join(row) + " |" for row in rows[1:]]
     lines = ["## Re-sharding (bench/reshard.py)", ""]
     notes = []
     if r["quick"]:
@@ -489,7 +488,7 @@ def markdown(r: dict[str, Any], when: str) -> list[str]:
         "long as the last re-shard of that direction took (the first one's length is a "
         f"guess). {when}.",
         "",
-        *table,
+        md_table(rows),
         "",
         "The write pause is the reshard command's own figure per move, from the freeze of the "
         "slots on the source to the source's record of the switch; only writes to the slots of "

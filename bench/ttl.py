@@ -30,6 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import lmshard  # noqa: E402
+from bench.report import md_table  # noqa: E402
 from bench.schema import record  # noqa: E402
 from lmshard.testing import LocalService  # noqa: E402
 
@@ -161,8 +162,6 @@ def markdown(res: dict[str, Any], when: str) -> list[str]:
          f"{res['floor']:.3f}x"],
         ["owner CPU expiring rows", f"{res['cpu_ms_per_1000']:.1f} ms per 1,000 expired"],
     ]
-    table = ["| " + " | ".join(rows[0]) + " |", "|---|---:|"]
-    table += ["| " + " | ".join(row) + " |" for row in rows[1:]]
     check = (res["floor"] - res["ratio"]) * 100
     cost = ("The check itself (a clock read and one bytes comparison) takes the other "
             f"{check:.1f} points." if check > 0 else "The check itself (a clock read and one "
@@ -183,7 +182,7 @@ def markdown(res: dict[str, Any], when: str) -> list[str]:
         f"of {rounds} round{'s' if rounds != 1 else ''}; then {res['rows']:,} rows put to "
         f"expire within a second and the owners' sweep CPU read from their counters. {when}.",
         "",
-        *table,
+        md_table(rows),
         "",
         f"{floor}, only the 8-byte header (skipped with a copy of the rest) and the longer "
         f"rows, a get on the TTL table runs at {res['floor']:.3f}x in the same rounds. "
