@@ -14,6 +14,7 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,15 +40,17 @@ class HandMove:
     (``files``) must map them itself (its reads are what the tests check). The rows to copy and
     check are read from the files as that client mapped them, without any filter."""
 
-    def __init__(self, service: Cluster) -> None:
+    def __init__(self, service: Cluster, slots: frozenset[int] = MOVED, src: int = 0,
+                 dst: int = 1) -> None:
         self.service = service
+        self.slots, self.src, self.dst = slots, src, dst
         self.admin = service.client(local_reads=False)
         self.files: Any = None
         """The client under test, whose mapped files are read here."""
         self.old = service.config.slot_map
         table = list(self.old.assignment)
-        for s in MOVED:
-            table[s] = 1
+        for s in slots:
+            table[s] = dst
         self.new = SlotMap(self.old.shards, self.old.slots, table, empty_ok=True)
 
     def record(self, shard: int, state: SlotState) -> None:
@@ -60,8 +63,8 @@ class HandMove:
             assert not isinstance(r, Error), r
 
     def moved_rows(self, shard: int) -> list[list[Any]]:
-        """[table id, key bytes, stored bytes] of every row of MOVED on ``shard``, read from
-        its files as they are (no slot filter)."""
+        """[table id, key bytes, stored bytes] of every row of the slots moved on ``shard``,
+        read from its files as they are (no slot filter)."""
         st = self.files.local_store(shard)
         assert st is not None
         slots = RowSlots(self.old)
@@ -69,25 +72,26 @@ class HandMove:
         with st.read() as r:
             for ct in self.admin.tables.each():
                 out.extend([ct.tid, k, v] for k, v in r.scan_raw(ct.table)
-                           if slots.slot(ct, k) in MOVED)
+                           if slots.slot(ct, k) in self.slots)
         return out
 
     def incoming(self) -> None:
-        self.record(1, SlotState(0, self.old, incoming=MOVED))
+        self.record(self.dst, SlotState(0, self.old, incoming=self.slots))
 
     def freeze(self) -> None:
-        self.record(0, SlotState(0, self.old, frozen=MOVED))
+        self.record(self.src, SlotState(0, self.old, frozen=self.slots))
 
     def copy(self) -> None:
-        self.move_rows(1, [[OP_PUT, tid, k, v] for tid, k, v in self.moved_rows(0)])
+        self.move_rows(self.dst, [[OP_PUT, tid, k, v] for tid, k, v in self.moved_rows(self.src)])
 
     def switch(self) -> None:
-        self.record(1, SlotState(1, self.new))
-        self.record(0, SlotState(1, self.new, outgoing=MOVED))
+        self.record(self.dst, SlotState(1, self.new))
+        self.record(self.src, SlotState(1, self.new, outgoing=self.slots))
 
     def drop(self) -> None:
-        self.move_rows(0, [[OP_DELETE, tid, k, None] for tid, k, _ in self.moved_rows(0)])
-        self.record(0, SlotState(1, self.new))
+        self.move_rows(self.src, [[OP_DELETE, tid, k, None]
+                                  for tid, k, _ in self.moved_rows(self.src)])
+        self.record(self.src, SlotState(1, self.new))
 
     def all_of_it(self) -> None:
         self.incoming()
@@ -247,6 +251,33 @@ def test_local_reads_serve_each_row_from_the_shard_that_owns_it(service: Cluster
         assert c.counters()["remote_reads"] == 0  # every read above was this process's own
     finally:
         c.close()
+
+
+def test_a_unique_lookup_follows_a_pinned_table_to_its_new_shard(service: Cluster) -> None:
+    with service.client() as c:
+        route = c.table("users").route
+        slot = route.slot(None, b"")
+        src = route.only
+        assert src is not None and route.shards_for() == [src]
+        move = HandMove(service, frozenset({slot}), src, 1 - src)
+        move.files = c
+        try:
+            uid = uuid.uuid4()
+            c.put("users", uid, {"email": "a@x.org", "n": 1})
+            assert c.lookup("users", "by_email", "a@x.org") == [(uid, {"email": "a@x.org", "n": 1})]
+            move.incoming()
+            move.freeze()
+            move.copy()
+            move.switch()  # the old shard keeps its copy of the row (no drop): never read again
+            with service.client() as other:
+                other.put("users", uid, {"email": "a@x.org", "n": 2})  # on the new shard only
+            assert c.routes.version == 0
+            assert c.lookup("users", "by_email", "a@x.org") == [(uid, {"email": "a@x.org", "n": 2})]
+            assert c.routes.version == 1 and c.table("users").route.only == 1 - src
+            assert c.lookup("users", "by_email", "b@x.org") == []
+            assert c.counters()["remote_reads"] == 0
+        finally:
+            move.close()
 
 
 def test_local_reads_of_a_client_that_learns_the_map_from_a_scan(service: Cluster,

@@ -22,7 +22,7 @@ from lmshard.ops import backup
 from lmshard.testing import LocalService
 from tests.cluster import REPO, restore_into, wait_for
 from tests.test_readers import Readers
-from tests.ttl_schema import cache, sessions
+from tests.ttl_schema import cache, sessions, tokens
 
 RATE = 100_000 / 60
 """Rows expiring per second in the sweep drill: 100,000 a minute."""
@@ -124,6 +124,8 @@ def _check_reads(get: Any, get_many: Any, exists: Any, scan: Any, count: Any,
     assert count(sessions) == 20 and count(sessions, start="s00", end="s10") == 5
     assert lookup(sessions, "by_user", 1) == []
     assert [k for k, _ in lookup(sessions, "by_user", 0)] == live
+    assert lookup(tokens, "by_token", "gone") == []  # a unique index: the one-shard fast path
+    assert lookup(tokens, "by_token", "kept") == [(2, {"token": "kept"})]
     assert ttl(sessions, "s01") == 0.0 and 3500 < ttl(sessions, "s00") <= 3600
 
 
@@ -131,6 +133,8 @@ def _sessions(c: lmshard.Client, short: float) -> None:
     with c.batch() as b:
         for i in range(40):
             b.put(sessions, f"s{i:02d}", {"user": i % 2, "n": i}, ttl=short if i % 2 else None)
+    c.put(tokens, 1, {"token": "gone"}, ttl=short)
+    c.put(tokens, 2, {"token": "kept"})
 
 
 def test_every_client_read_path_hides_expired_rows_before_the_sweep(tmp_path: Path) -> None:
@@ -147,6 +151,7 @@ def test_every_client_read_path_hides_expired_rows_before_the_sweep(tmp_path: Pa
                 stopped.append(shard)
             time.sleep(1.1)
             assert _on_disk(local, sessions)["rows"] == 40  # still stored
+            assert _on_disk(local, tokens)["rows"] == 2
             for c in (local, pooled):
                 _check_reads(c.get, c.get_many, c.exists,
                              lambda *a, c=c, **k: list(c.scan(*a, **k)), c.count, c.lookup,
@@ -164,6 +169,8 @@ def test_every_client_read_path_hides_expired_rows_before_the_sweep(tmp_path: Pa
                 assert not await ac.exists(sessions, "s03") and await ac.exists(sessions, "s02")
                 assert await ac.count(sessions) == 20
                 assert await ac.lookup(sessions, "by_user", 1) == []
+                assert await ac.lookup(tokens, "by_token", "gone") == []
+                assert await ac.lookup(tokens, "by_token", "kept") == [(2, {"token": "kept"})]
                 assert await ac.ttl(sessions, "s01") == 0.0
 
         asyncio.run(through_async())

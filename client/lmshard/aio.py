@@ -36,7 +36,7 @@ from lmshard.client_tables import ClientTable, ClientTables
 from lmshard.config import Config
 from lmshard.errors import ConflictError, Error, SlotMoved, TransactionError
 from lmshard.forksafe import check_fork
-from lmshard.point_get import SLOTS_CHANGED, routed_get
+from lmshard.point_get import SLOTS_CHANGED, routed_get, unique_lookup
 from lmshard.protocol import (
     GET,
     OP_DELETE,
@@ -260,6 +260,10 @@ class AsyncClient(calls.ClientCore[AsyncOwnerConnections]):
                      ) -> list[tuple[Any, Any]]:
         """Rows by index value, from every shard the table lives on, in key order."""
         check_fork()
+        if not prefix and value is not None:
+            rows = unique_lookup(self._local, self.tables[table], index, value)
+            if rows is not None:
+                return rows  # type: ignore[no-any-return]
         await self._all_caught_up()
         return await self._read_planned(  # type: ignore[no-any-return]
             lambda: calls.Lookup(self._local, self.tables[table], index, value, prefix))

@@ -27,7 +27,7 @@ from lmshard.config import Config
 from lmshard.connections import OwnerConnections
 from lmshard.errors import ConflictError, Error, SlotMoved, TransactionError
 from lmshard.forksafe import check_fork
-from lmshard.point_get import SLOTS_CHANGED, routed_get
+from lmshard.point_get import SLOTS_CHANGED, routed_get, unique_lookup
 from lmshard.protocol import (
     GET,
     OP_DELETE,
@@ -282,6 +282,10 @@ class Client(calls.ClientCore[OwnerConnections]):
                ) -> list[tuple[Any, Any]]:
         """Rows by index value, from every shard the table lives on, in key order."""
         check_fork()
+        if not prefix and value is not None:
+            rows = unique_lookup(self._local, self.tables[table], index, value)
+            if rows is not None:
+                return rows  # type: ignore[no-any-return]
         return calls.read_planned(self.routes, lambda: calls.Lookup(  # type: ignore[no-any-return]
             self._local, self.tables[table], index, value, prefix), self._remote.many)
 

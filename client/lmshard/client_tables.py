@@ -18,6 +18,9 @@ from lmshard.schema import Schema, Table
 from lmshard.slot_routes import SlotRoutes
 from lmshard.txn import BoundTable
 
+LocalHandles = tuple[Any, Any, Any, list[tuple[int, bytes]], dict[str, Any]]
+"""A table's handles in one shard opened in this process (``LocalShards.handles``)."""
+
 
 class ClientTable(BoundTable):
     """A table as the client routes it: encoders and decoders (``BoundTable``), route, wire id."""
@@ -31,10 +34,11 @@ class ClientTable(BoundTable):
         self.route = TableRoute(table, slot_map)
         self.shard: KeyRouter = self.route.shard
         """``route.shard``, one attribute away: the put and get paths call it for every key."""
-        self.local: list[tuple[Any, Any, Any, Any] | None] = [None] * slot_map.shards
-        """Per shard, (environment, database, meta database, the snapshot last checked) of this
-        table once the shard is open in this process: the point get's fast path
-        (``point_get.routed_get``). Cleared after fork and on close."""
+        self.local: list[LocalHandles | None] = [None] * slot_map.shards
+        """Per shard, (environment, database, meta database, the snapshot last checked, unique
+        index databases by name) of this table once the shard is open in this process: the
+        point get's and unique lookup's fast path (``point_get``). Cleared after fork and on
+        close."""
 
     def reroute(self, slot_map: SlotMap) -> None:
         """Route by ``slot_map`` from now on (a newer map the client adopted)."""

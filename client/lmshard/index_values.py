@@ -190,7 +190,10 @@ def encode_index_value(value: Any) -> bytes:
     A scalar and its 1-tuple encode the same; see the module docstring for the tag order.
     """
     t = type(value)
-    if t is tuple or t is list:
+    enc = _IX_ENCODERS.get(t)  # a scalar of an exact type: its encoder, one lookup away
+    if enc is not None:
+        data = enc(value)
+    elif t is tuple or t is list:
         if not value:
             raise KeyEncodingError(
                 "index value is an empty tuple", hint="return a non-empty tuple, or None"

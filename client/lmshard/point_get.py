@@ -8,19 +8,28 @@ The shard's slot map version (meta record ``slot_map_version``) is read in the s
 and compared, as bytes, with the version the client routes by: when they differ (a re-shard
 moved on), the answer is ``SLOTS_CHANGED`` and the client reads the row the careful way
 (``LocalShards.row``: the shard's map adopted if newer, its foreign slots skipped).
+
+``unique_lookup`` is the same read for a unique index of a table that lives on one shard: the
+index entry and the row it names, two gets in one snapshot (``lookup``'s common case).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lmdb
 
+from lmshard.index_values import encode_index_value
 from lmshard.map_growth import begin_read
 from lmshard.slot_state import META_VERSION
 
+if TYPE_CHECKING:
+    from lmshard.client_tables import ClientTable
+    from lmshard.reads import LocalShards
+
 SLOTS_CHANGED: Any = object()
 """``point_get``'s answer when the shard records another slot map version than expected."""
+_EXPIRED: Any = object()
 
 
 def point_get(env: lmdb.Environment, db: Any, key: bytes) -> bytes | None:
@@ -56,11 +65,55 @@ def routed_get(env: lmdb.Environment, db: Any, key: bytes, meta: Any, version: b
         return data
     tid = txn.id()
     last = seen[0]
-    if last[0] != tid or last[1] is not version:
-        if txn.get(META_VERSION, None, meta) != version:
-            txn.abort()
-            return SLOTS_CHANGED
-        seen[0] = (tid, version)
+    if (last[0] != tid or last[1] is not version) and not _same_map(txn, meta, version, seen):
+        txn.abort()
+        return SLOTS_CHANGED
     data = txn.get(key)
     txn.abort()
     return data
+
+
+def unique_lookup(local: LocalShards, ct: ClientTable, index: str, value: Any) -> Any:
+    """``lookup`` of one value of a unique index of a table that lives on one shard open in
+    this process (``route.only``): the index entry and the row it names, two gets in one
+    snapshot, the slot map version checked as ``routed_get`` does; None when the read must go
+    the careful way (``calls.Lookup``: another table, index or shard, a newer slot map, a map
+    another process grew, a read that must wait for an ack)."""
+    version = local.routes.version_bytes  # before routing: a newer map is never assumed
+    shard = ct.route.only
+    if shard is None:
+        return None
+    hit = ct.local[shard]
+    if hit is None:
+        hit = local.handles(ct, shard)
+        if hit is None:
+            return None
+    ixdb = hit[4].get(index)
+    if ixdb is None:
+        return None
+    ivb = encode_index_value(value)
+    try:
+        txn = hit[0].begin(db=ixdb)
+    except lmdb.MapResizedError:
+        return None
+    seen = hit[3]
+    last = seen[0]
+    if (last[0] != txn.id() or last[1] is not version) and not _same_map(
+            txn, hit[2], version, seen):
+        txn.abort()
+        return None
+    rk = txn.get(ivb)
+    data = None if rk is None else txn.get(rk, None, hit[1])
+    txn.abort()
+    if data is None:
+        return []
+    v = ct.value(data, _EXPIRED)
+    return [] if v is _EXPIRED else [(ct.kdec(rk), v)]
+
+
+def _same_map(txn: Any, meta: Any, version: bytes, seen: list[tuple[int, bytes]]) -> bool:
+    """Whether snapshot ``txn`` records slot map ``version``; remembered in ``seen`` if so."""
+    if txn.get(META_VERSION, None, meta) != version:
+        return False
+    seen[0] = (txn.id(), version)
+    return True

@@ -31,7 +31,7 @@ from typing import Any
 
 import lmdb
 
-from lmshard.client_tables import ClientTable, ClientTables
+from lmshard.client_tables import ClientTable, ClientTables, LocalHandles
 from lmshard.config import Config
 from lmshard.connections import OwnerConnections
 from lmshard.errors import Error, ReplicaBehind
@@ -153,16 +153,19 @@ class LocalShards:
         self._stores[shard] = st
         return st
 
-    def handles(self, ct: ClientTable, shard: int) -> tuple[Any, Any, Any, Any] | None:
+    def handles(self, ct: ClientTable, shard: int) -> LocalHandles | None:
         """(environment, database, meta database, the snapshot last seen at the client's slot
-        map version: ``point_get.routed_get``) of table ``ct`` on ``shard`` when the shard is
-        open here, kept in ``ct.local`` for the point gets that follow; None: read over the
-        wire, or (when ``get`` has the store) through ``read``, as a read must wait for an
-        ack."""
+        map version: ``point_get.routed_get``, the unique indexes' databases by name) of table
+        ``ct`` on ``shard`` when the shard is open here, kept in ``ct.local`` for the point gets
+        and unique lookups that follow; None: read over the wire, or (when ``get`` has the
+        store) through ``read``, as a read must wait for an ack."""
         st = self.get(shard)
         if st is None or self.unseen[shard] is not None:
             return None
-        hit = ct.local[shard] = (st.env, st.tables[ct.table].db, self.meta_db(st), [(-1, b"")])
+        env = st.env  # first: after a fork it opens the environment again, and binds the tables
+        bt = st.tables[ct.table]
+        hit = ct.local[shard] = (env, bt.db, self.meta_db(st), [(-1, b"")],
+                                 {bi.name: bi.db for bi in bt.indexes if bi.unique})
         if self.unseen[shard] is not None:  # an ack came in meanwhile: note_ack may have
             ct.local[shard] = None           # cleared ct.local before the line above
             return None

@@ -276,8 +276,8 @@ class TableRoute:
     scan, count or lookup must read.
     """
 
-    __slots__ = ("pinned", "shard", "shards", "slot", "needs_key", "_leading", "_shard_of",
-                 "_kprefix", "_slots", "_owning")
+    __slots__ = ("pinned", "only", "shard", "shards", "slot", "needs_key", "_leading",
+                 "_shard_of", "_kprefix", "_slots", "_owning")
 
     def __init__(self, table: Table, slot_map: SlotMap) -> None:
         self.shards = slot_map.shards
@@ -290,13 +290,17 @@ class TableRoute:
         self._kprefix = table.key.encode_prefix
         self.pinned: int | None = slot_map.shard_of(table.table_id.bytes) if table.pinned else None
         """The one shard of a pinned table, else None."""
+        self.only: int | None = self.pinned if self.pinned is not None else (
+            self._owning[0] if len(self._owning) == 1 else None)
+        """The one shard every row of the table is on (pinned, or one shard owns every slot),
+        else None."""
         self.shard: KeyRouter = self._key_router(table, slot_map)
         self.slot: KeyRouter = self._slot_router(table)
+        """The slot of a row from its key and the key's encoding (a pinned table's rows: the
+        slot of its table id): what a re-shard moves, and what an owner checks it owns."""
         self.needs_key = not table.pinned and (
             self._leading is not None or table.shard_key is not None)
         """A row's slot depends on its decoded key (``shard_key``), not only on its encoding."""
-        """The slot of a row from its key and the key's encoding (a pinned table's rows: the
-        slot of its table id): what a re-shard moves, and what an owner checks it owns."""
 
     def _slot_router(self, table: Table) -> KeyRouter:
         slots, shard_key = self._slots, table.shard_key
