@@ -23,9 +23,15 @@ workloads (bench.procs), on the same machine and filesystem, seconds apart from 
   owner's commit writes one with ``[changes] enabled`` (the default): LMDB writes and flushes
   every page a commit dirtied, so each database a commit touches costs pages in its flush.
 
-From their p50s: the single put's floor is ``1 / (rtt_unix_put + commit_log_sync)`` puts/s,
-the flush-each-second put's ``1 / (rtt_unix_put + commit_log_nosync)``, and the remote get's is the
-``rtt_get`` rate itself (the reader pool speaks ZeroMQ). The in-process workloads (inserts,
+- ``served_sync`` / ``served_nosync``: the unix round trip again, to a server that makes the
+  ``commit_log`` commit before each answer: the smallest owner, with no lmshard code. Its rate
+  is the single put's floor (``served_nosync`` the flush-each-second put's): a round trip plus a
+  commit as they happen one after the other, with the wake-ups an fsync's wait costs the
+  client and the server, which neither part measured alone has.
+
+The parts' sum, ``1 / (rtt_unix_put + commit_log_sync)`` from their p50s, is kept beside it
+(``derived``). The remote get's floor is the ``rtt_get`` rate itself (the reader pool speaks
+ZeroMQ). The in-process workloads (inserts,
 lookups, get_many, time series appends, the mixed fleet) have raw py-lmdb as their floor, which
 the suite measures anyway.
 """
@@ -76,6 +82,9 @@ PARTS: tuple[Part, ...] = (
     Part("commit_nosync", "raw py-lmdb commit of a row + client record, sync=False"),
     Part("commit_log_sync", "the same + a change-log record, sync=True"),
     Part("commit_log_nosync", "the same + a change-log record, sync=False"),
+    Part("served_sync", "unix round trip to a server committing row + client record + "
+         "change-log record before each answer, sync=True"),
+    Part("served_nosync", "the same, sync=False"),
 )
 BY_KEY = {p.key: p for p in PARTS}
 
@@ -124,17 +133,24 @@ def round_trip(spec: dict[str, Any]) -> Run:
     return lambda: timing.each(op, range(spec["count"]))
 
 
-def unix_echo(path: str, reply_size: int) -> None:
+def unix_echo(path: str, reply_size: int, commit_spec: dict[str, Any] | None = None) -> None:
     """The unix round trip's server: answers every length-prefixed frame with ``reply_size``
-    bytes behind their length, as an owner answers on its unix socket; runs until terminated."""
+    bytes behind their length, as an owner answers on its unix socket; runs until terminated.
+    With ``commit_spec``, each answer only after one commit of ``_committer(commit_spec)`` (a
+    row, its client record and a change-log record): the smallest owner, whose round trip is
+    the single put's floor (the socket, the commit and the wake-ups around them, no lmshard
+    code)."""
     import socket
     import struct
 
+    commit_op = None if commit_spec is None else _committer(commit_spec)
+    ops = 0 if commit_spec is None else WARM + commit_spec["count"]
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(8)
     header = struct.Struct(">I")
     reply = header.pack(reply_size) + b"\x00" * reply_size
+    seq = 0
     while True:
         conn, _ = listener.accept()
         buf = b""
@@ -145,6 +161,9 @@ def unix_echo(path: str, reply_size: int) -> None:
             buf += data
             while len(buf) >= 4 and len(buf) >= 4 + header.unpack_from(buf)[0]:
                 buf = buf[4 + header.unpack_from(buf)[0]:]
+                if commit_op is not None:
+                    commit_op(seq % ops)
+                    seq += 1
                 conn.sendall(reply)
         conn.close()
 
@@ -180,9 +199,11 @@ def unix_round_trip(spec: dict[str, Any]) -> Run:
     return lambda: timing.each(op, range(spec["count"]))
 
 
-def commit(spec: dict[str, Any]) -> Run:
-    """One write transaction per op: a row into ``records`` and its client record into
-    ``__clients__``, in an environment opened with ``sync`` and filled with ``fill`` rows."""
+def _committer(spec: dict[str, Any]) -> Any:
+    """``op(seq)``: one write transaction putting a row into ``records`` and its client record
+    into ``__clients__`` (and with ``log`` a change-log record into ``__changes__``), in an
+    environment at ``path`` opened with ``sync`` and filled with ``fill`` rows first; rows
+    ``start``.. encoded before, as a client sends them encoded."""
     import cbor2
     import lmdb
     import msgpack
@@ -212,9 +233,15 @@ def commit(spec: dict[str, Any]) -> Run:
                     [int(time.time() * 1000), [[b"t" * 16, key, value]]], use_bin_type=True),
                     db=changes)
 
+    return op
+
+
+def commit(spec: dict[str, Any]) -> Run:
+    """One write transaction per op (``_committer``), in this process, each timed."""
+    op = _committer(spec)
     for seq in range(WARM):
         op(seq)
-    return lambda: timing.each(op, range(WARM, WARM + count))
+    return lambda: timing.each(op, range(WARM, WARM + spec["count"]))
 
 
 # -- one round's measurements ------------------------------------------------------------------
@@ -238,12 +265,19 @@ def _measure(tmp: Path, round_trips: int, sync_commits: int, commits: int,
     path = str(tmp / "rtt_unix_put.sock")
     trips.append(("rtt_unix_put", unix_echo, (path, PUT_REPLY), unix_round_trip,
                   {"path": path, "request": PUT_REQUEST}))
+    for key, sync, count in (("served_sync", True, sync_commits),
+                             ("served_nosync", False, commits)):
+        path = str(tmp / f"{key}.sock")
+        served = {"path": str(tmp / key), "sync": sync, "fill": fill, "start": 10**9,
+                  "count": count, "log": True}
+        trips.append((key, unix_echo, (path, PUT_REPLY, served), unix_round_trip,
+                      {"path": path, "request": PUT_REQUEST, "count": count}))
     for key, serve, args, client, spec in trips:
         server = context().Process(target=serve, args=args, daemon=True)
         server.start()
         try:
             assert server.pid is not None
-            yield key, run_workers(client, [dict(spec, count=round_trips)], [server.pid])
+            yield key, run_workers(client, [{"count": round_trips, **spec}], [server.pid])
         finally:
             server.terminate()
             server.join(timeout=10)
