@@ -607,7 +607,13 @@ class OwnerConnections(OwnerSockets):
         Returns shard -> reply body, or shard -> Error for a shard that answered with an
         error; a shard that stays silent through every retry raises ShardUnavailable (or,
         with ``silent_ok``, gets a ShardUnavailable as its result).
+
+        A request to one shard alone takes ``request``'s path (and so the unix connection to
+        an owner on this host): same replies, same errors.
         """
+        if len(parts) == 1 and not silent_ok:
+            ((shard, (code, body)),) = parts.items()
+            return {shard: self.request(shard, code, body, write=write, map_version=map_version)}
         conns = {s: self._conn(s) for s in parts}
         gone = {s for s in parts if conns[s].gone and self._still_gone(s, conns[s])}
         blocked = self._blocked_of(parts, gone, silent_ok)
