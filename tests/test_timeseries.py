@@ -49,12 +49,16 @@ def test_declares_a_table_keyed_by_series_and_timestamp() -> None:
 
 def test_range_concatenates_chunks_and_trims_exactly(setup) -> None:  # type: ignore[no-untyped-def]
     store, ticks, _ = setup
-    ts = np.arange(0, 30, 3, dtype=np.int64)  # 0, 3, ..., 27: chunks of 4 from 0, 12, 24
+    ts = np.arange(0, 30, 3, dtype=np.int64)  # 0, 3, ..., 27
     vs = ts * 1.5
-    ticks.append(store, "a", ts[:3], vs[:3])
-    ticks.append(store, "a", ts[3:], vs[3:])
+    ticks.append(store, "a", ts[:2], vs[:2])
+    ticks.append(store, "a", ts[2:3], vs[2:3])  # fits in the tail's room: into it
+    ticks.append(store, "a", ts[3:6], vs[3:6])  # 3 points, room for 1: a new chunk from 9
+    ticks.append(store, "a", ts[6:], vs[6:])  # a whole chunk's worth: a new chunk from 18
     chunk_starts = [k[1] for k, _ in store.scan("ticks", prefix=("a",))]
-    assert chunk_starts == [HEAD_TS, 0, 12, 24]  # the tail chunk was filled before a new one
+    assert chunk_starts == [HEAD_TS, 0, 9, 18]
+    assert [len(c["t"]) for _, c in store.scan("ticks", prefix=("a",), start=("a", 0))] == [
+        3, 3, 4]
     got_t, got_v = ticks.range(store, "a")
     assert got_t.tolist() == ts.tolist() and got_v.tolist() == vs.tolist()
     cases = [(None, None), (0, 30), (1, 29), (3, 27), (12, 24), (11, 13), (13, 14), (27, 28),
@@ -69,7 +73,7 @@ def test_range_concatenates_chunks_and_trims_exactly(setup) -> None:  # type: ig
         assert got_t.tolist() == ts[mask].tolist(), (start, end)
         assert got_v.tolist() == vs[mask].tolist(), (start, end)
         assert got_t.dtype == np.int64 and got_v.dtype == np.float64
-    assert ticks.info(store, "a") == {"last": 27, "tail_start": 24, "points": 10}
+    assert ticks.info(store, "a") == {"last": 27, "tail_start": 18, "points": 10}
     assert ticks.range(store, "nothing")[0].tolist() == []
 
 

@@ -7,10 +7,13 @@ the epoch, strictly increasing) and ``v`` (the declared dtype), so a chunk decod
 contiguous arrays without a copy. Reading a time range touches only the chunks that overlap it.
 
 Each series also has a head row (under the reserved timestamp ``HEAD_TS``) holding its last
-timestamp, where its tail chunk starts, and its point count. Appends fill the tail chunk up
-before starting a new one and change the head with a compare-and-set in the same batch, so two
-writers appending to one series at once cannot interleave their points: one of them retries,
-and its points must then still come after the other's.
+timestamp, where its tail chunk starts, and its point count. An append whose points all fit in
+the tail chunk's room goes into it (the tail is written again); a larger one starts new chunks
+and leaves the tail as it is, so a large append writes its own points once, not the tail's
+again too (each chunk written is also a change-log record and fsync'd bytes), while a stream
+of small appends still fills its chunks. Every append changes the head with a compare-and-set
+in the same batch, so two writers appending to one series at once cannot interleave their
+points: one of them retries, and its points must then still come after the other's.
 
 Writes go through ``store.batch()``, reads through ``store.read()`` where the store has read
 transactions (the embedded store) and through its ``get``/``scan`` otherwise (the daemon client).
@@ -308,7 +311,8 @@ class TimeSeries:
         head_key = (series, HEAD_TS)
         with _reading(store) as r:
             head = r.get(t, head_key)
-            tail = None if head is None else r.get(t, (series, int(head[1])))
+            # A tail holds a point at least: n >= size points never fit in its room.
+            tail = None if head is None or n >= size else r.get(t, (series, int(head[1])))
         if head is not None and ts[0] <= head[0]:
             raise OutOfOrder(
                 f"{t.name}[{series!r}]: the first timestamp {ts[0]} is not after the last "
@@ -316,11 +320,9 @@ class TimeSeries:
             )
         rows: list[tuple[int, np.ndarray]] = []
         pos = 0
-        if tail is not None and len(tail["t"]) < size:
-            pos = min(size - len(tail["t"]), n)
-            merged = self._chunk(
-                np.concatenate((tail["t"], ts[:pos])), np.concatenate((tail["v"], vs[:pos]))
-            )
+        if tail is not None and len(tail["t"]) + n <= size:  # all of it fits: into the tail
+            pos = n
+            merged = self._chunk(np.concatenate((tail["t"], ts)), np.concatenate((tail["v"], vs)))
             rows.append((int(head[1]), merged))
         for s in range(pos, n, size):
             rows.append((int(ts[s]), self._chunk(ts[s : s + size], vs[s : s + size])))
