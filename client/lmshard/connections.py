@@ -614,6 +614,10 @@ class OwnerConnections(OwnerSockets):
         if len(parts) == 1 and not silent_ok:
             ((shard, (code, body)),) = parts.items()
             return {shard: self.request(shard, code, body, write=write, map_version=map_version)}
+        return self._requests(parts, write, silent_ok, map_version)
+
+    def _requests(self, parts: dict[int, tuple[int, Any]], write: bool, silent_ok: bool,
+                  map_version: int) -> dict[int, Any]:
         conns = {s: self._conn(s) for s in parts}
         gone = {s for s in parts if conns[s].gone and self._still_gone(s, conns[s])}
         blocked = self._blocked_of(parts, gone, silent_ok)
