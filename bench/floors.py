@@ -29,11 +29,15 @@ workloads (bench.procs), on the same machine and filesystem, seconds apart from 
   commit as they happen one after the other, with the wake-ups an fsync's wait costs the
   client and the server, which neither part measured alone has.
 
-The parts' sum, ``1 / (rtt_unix_put + commit_log_sync)`` from their p50s, is kept beside it
-(``derived``). The remote get's floor is the ``rtt_get`` rate itself (the reader pool speaks
-ZeroMQ). The in-process workloads (inserts,
-lookups, get_many, time series appends, the mixed fleet) have raw py-lmdb as their floor, which
-the suite measures anyway.
+- ``served8_sync`` / ``served8_nosync``: the acked puts of 8 clients: 8 client processes,
+  each sending its puts to four such servers in turn (as its keys spread over four shards),
+  each server committing every request waiting on its connections in one transaction (a group
+  commit) before it answers them. The floor of the 8-client puts, with and without fsync.
+
+The single put's parts' sum, ``1 / (rtt_unix_put + commit_log_sync)`` from their p50s, is
+kept beside it (``derived``). The remote get's floor is the ``rtt_get`` rate itself (the reader
+pool speaks ZeroMQ). The in-process workloads (inserts, lookups, get_many, time series appends,
+the mixed fleet) have raw py-lmdb as their floor, which the suite measures anyway.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ GET_REQUEST = 41
 """Bytes of a reader pool get request (as bench/remote_reads.py's floor)."""
 GET_REPLY = 91
 """Bytes of a get's reply for a record of about 90 bytes."""
+GROUP_CLIENTS = 8
+"""Clients of the group-committing floor: as many as the 8-client acked puts have."""
 SHARDS = 4
 """The suite's lmshard service has this many shards; a commit floor's environment holds one
 shard's share of the records, as an owner's does."""
@@ -85,6 +91,9 @@ PARTS: tuple[Part, ...] = (
     Part("served_sync", "unix round trip to a server committing row + client record + "
          "change-log record before each answer, sync=True"),
     Part("served_nosync", "the same, sync=False"),
+    Part("served8_sync", f"{GROUP_CLIENTS} clients' unix round trips, spread over {SHARDS} "
+         "such servers that each commit every request waiting in one transaction, sync=True"),
+    Part("served8_nosync", "the same, sync=False"),
 )
 BY_KEY = {p.key: p for p in PARTS}
 
@@ -133,23 +142,31 @@ def round_trip(spec: dict[str, Any]) -> Run:
     return lambda: timing.each(op, range(spec["count"]))
 
 
+def _frames(buf: bytes) -> tuple[int, bytes]:
+    """(how many whole length-prefixed frames ``buf`` starts with, the bytes after them)."""
+    n, pos, size = 0, 0, len(buf)
+    while size - pos >= 4:
+        end = pos + 4 + int.from_bytes(buf[pos:pos + 4], "big")
+        if end > size:
+            break
+        n, pos = n + 1, end
+    return n, buf[pos:]
+
+
 def unix_echo(path: str, reply_size: int, commit_spec: dict[str, Any] | None = None) -> None:
     """The unix round trip's server: answers every length-prefixed frame with ``reply_size``
-    bytes behind their length, as an owner answers on its unix socket; runs until terminated.
-    With ``commit_spec``, each answer only after one commit of ``_committer(commit_spec)`` (a
-    row, its client record and a change-log record): the smallest owner, whose round trip is
-    the single put's floor (the socket, the commit and the wake-ups around them, no lmshard
-    code)."""
+    bytes behind their length, as an owner answers on its unix socket; one client at a time;
+    runs until terminated. With ``commit_spec``, each answer only after one commit of
+    ``_committer(commit_spec)`` (a row, its client record and a change-log record): the
+    smallest owner, whose round trip is the single put's floor (the socket, the commit and the
+    wake-ups around them, no lmshard code)."""
     import socket
-    import struct
 
-    commit_op = None if commit_spec is None else _committer(commit_spec)
-    ops = 0 if commit_spec is None else WARM + commit_spec["count"]
+    commit_group = None if commit_spec is None else _committer(commit_spec)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(8)
-    header = struct.Struct(">I")
-    reply = header.pack(reply_size) + b"\x00" * reply_size
+    reply = reply_size.to_bytes(4, "big") + b"\x00" * reply_size
     seq = 0
     while True:
         conn, _ = listener.accept()
@@ -158,37 +175,85 @@ def unix_echo(path: str, reply_size: int, commit_spec: dict[str, Any] | None = N
             data = conn.recv(65536)
             if not data:
                 break
-            buf += data
-            while len(buf) >= 4 and len(buf) >= 4 + header.unpack_from(buf)[0]:
-                buf = buf[4 + header.unpack_from(buf)[0]:]
-                if commit_op is not None:
-                    commit_op(seq % ops)
+            n, buf = _frames(buf + data)
+            for _ in range(n):
+                if commit_group is not None:
+                    commit_group([(0, seq)])
                     seq += 1
                 conn.sendall(reply)
         conn.close()
 
 
-def unix_round_trip(spec: dict[str, Any]) -> Run:
-    """The unix round trip's client: one frame of ``request`` bytes behind its length, then a
-    blocking read of the whole answer, ``count`` times, each timed."""
+def unix_group_server(path: str, commit_spec: dict[str, Any]) -> None:
+    """The smallest owner that commits as a group: every frame its clients have sent when it
+    looks (an epoll over their connections) goes into one commit of ``_committer(commit_spec)``,
+    then each is answered; runs until terminated. Several of them, with clients spreading
+    their requests over them, are the floor of many clients' single puts."""
+    import selectors
     import socket
-    import struct
+
+    commit_group = _committer(commit_spec)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ)
+    reply = PUT_REPLY.to_bytes(4, "big") + b"\x00" * PUT_REPLY
+    state: dict[Any, list[Any]] = {}  # connection -> [client number, next seq, buffered bytes]
+    while True:
+        group: list[tuple[int, int]] = []
+        answers: list[tuple[Any, int]] = []
+        for key, _ in sel.select():
+            conn = key.fileobj
+            if conn is listener:
+                conn, _ = listener.accept()
+                state[conn] = [len(state), 0, b""]
+                sel.register(conn, selectors.EVENT_READ)
+                continue
+            data = conn.recv(65536)  # type: ignore[union-attr]
+            if not data:
+                sel.unregister(conn)
+                conn.close()  # type: ignore[union-attr]
+                del state[conn]
+                continue
+            st = state[conn]
+            n, st[2] = _frames(st[2] + data)
+            group.extend((st[0], st[1] + i) for i in range(n))
+            st[1] += n
+            answers.append((conn, n))
+        if group:
+            commit_group(group)
+        for conn, n in answers:
+            conn.sendall(reply * n)
+
+
+def _unix_connect(path: str) -> Any:
+    import socket
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     deadline = time.monotonic() + ANSWER_MS / 1000
     while True:
         try:
-            sock.connect(spec["path"])
-            break
+            sock.connect(path)
+            return sock
         except (FileNotFoundError, ConnectionRefusedError):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the echo server at {spec['path']} did not listen") from None
+                raise TimeoutError(f"the server at {path} did not listen") from None
             time.sleep(0.01)
-    frame = struct.pack(">I", spec["request"]) + b"\x01" * spec["request"]
-    want = 4 + PUT_REPLY
-    send, recv = sock.sendall, sock.recv
 
-    def op(_: int) -> None:
+
+def unix_round_trip(spec: dict[str, Any]) -> Run:
+    """The unix round trip's client: one frame of ``request`` bytes behind its length, then a
+    blocking read of the whole answer, ``count`` times, each timed; to the server at ``path``,
+    or to each of ``paths`` in turn (as a client's puts spread over the shards)."""
+    socks = [_unix_connect(p) for p in spec.get("paths") or [spec["path"]]]
+    frame = spec["request"].to_bytes(4, "big") + b"\x01" * spec["request"]
+    want = 4 + PUT_REPLY
+    ends = [(s.sendall, s.recv) for s in socks]
+    n = len(ends)
+
+    def op(i: int) -> None:
+        send, recv = ends[i % n]
         send(frame)
         got = recv(65536)
         while len(got) < want:
@@ -200,10 +265,13 @@ def unix_round_trip(spec: dict[str, Any]) -> Run:
 
 
 def _committer(spec: dict[str, Any]) -> Any:
-    """``op(seq)``: one write transaction putting a row into ``records`` and its client record
-    into ``__clients__`` (and with ``log`` a change-log record into ``__changes__``), in an
-    environment at ``path`` opened with ``sync`` and filled with ``fill`` rows first; rows
-    ``start``.. encoded before, as a client sends them encoded."""
+    """``commit(group)``: one write transaction putting, for each ``(client, seq)`` of the
+    group, a row into ``records`` and the client's record into ``__clients__`` (and with
+    ``log`` a change-log record into ``__changes__``), in an environment at ``path`` opened with
+    ``sync`` and filled with ``fill`` rows first. Client c's seq-th row is row ``start + c *
+    10**7 + seq``, its value encoded before, as a client sends it encoded."""
+    import itertools
+
     import cbor2
     import lmdb
     import msgpack
@@ -216,29 +284,33 @@ def _committer(spec: dict[str, Any]) -> Any:
         for i in range(spec["fill"]):
             txn.put(i.to_bytes(8, "big"), cbor2.dumps(record(i)), db=rows)
     env.sync(True)
-    start, count = spec["start"], spec["count"]
-    puts = [(i.to_bytes(8, "big"), cbor2.dumps(record(i)))
-            for i in range(start, start + WARM + count)]
-    cid, begin, packb = b"c" * 16, env.begin, msgpack.packb
+    start, count = spec["start"], WARM + spec["count"]
+    values = [cbor2.dumps(record(start + i)) for i in range(count)]
+    begin, packb, log_ids = env.begin, msgpack.packb, itertools.count()
     reply = b"\x00" * PUT_REPLY
 
-    def op(seq: int) -> None:
-        key, value = puts[seq]
+    def commit_group(group: list[tuple[int, int]]) -> None:
         with begin(write=True) as txn:
-            txn.put(key, value, db=rows)
-            txn.put(cid, packb([seq, 0, reply, [], int(time.time()), 1], use_bin_type=True),
-                    db=clients)
-            if changes is not None:
-                txn.put(seq.to_bytes(8, "big"), packb(
-                    [int(time.time() * 1000), [[b"t" * 16, key, value]]], use_bin_type=True),
-                    db=changes)
+            for client, seq in group:
+                key, value = (start + client * 10**7 + seq).to_bytes(8, "big"), values[seq % count]
+                txn.put(key, value, db=rows)
+                txn.put(b"c%015d" % client, packb(
+                    [seq, 0, reply, [], int(time.time()), 1], use_bin_type=True), db=clients)
+                if changes is not None:
+                    txn.put(next(log_ids).to_bytes(8, "big"), packb(
+                        [int(time.time() * 1000), [[b"t" * 16, key, value]]],
+                        use_bin_type=True), db=changes)
 
-    return op
+    return commit_group
 
 
 def commit(spec: dict[str, Any]) -> Run:
     """One write transaction per op (``_committer``), in this process, each timed."""
-    op = _committer(spec)
+    commit_group = _committer(spec)
+
+    def op(seq: int) -> None:
+        commit_group([(0, seq)])
+
     for seq in range(WARM):
         op(seq)
     return lambda: timing.each(op, range(WARM, WARM + spec["count"]))
@@ -247,40 +319,54 @@ def commit(spec: dict[str, Any]) -> Run:
 # -- one round's measurements ------------------------------------------------------------------
 
 
-def measure(base: Path, round_trips: int, sync_commits: int, commits: int,
-            fill: int) -> Iterator[tuple[str, Sample]]:
+def measure(base: Path, round_trips: int, sync_commits: int, commits: int, fill: int,
+            group_each: int) -> Iterator[tuple[str, Sample]]:
     """Each part once, in turn: ``round_trips`` round trips of each size, ``sync_commits``
-    commits with fsync and ``commits`` without, in a directory made under ``base``."""
+    commits with fsync and ``commits`` without, ``group_each`` puts of each of GROUP_CLIENTS
+    clients to the group-committing servers; in a directory made under ``base``."""
     with tempfile.TemporaryDirectory(prefix="floors-", dir=base) as name:
-        yield from _measure(Path(name), round_trips, sync_commits, commits, fill)
+        yield from _measure(Path(name), round_trips, sync_commits, commits, fill, group_each)
 
 
-def _measure(tmp: Path, round_trips: int, sync_commits: int, commits: int,
-             fill: int) -> Iterator[tuple[str, Sample]]:
-    trips: list[tuple[str, Any, tuple[Any, ...], Any, dict[str, Any]]] = [
-        (key, echo, (f"ipc://{tmp}/{key}.sock", reply), round_trip,
-         {"endpoint": f"ipc://{tmp}/{key}.sock", "request": request})
+Servers = list[tuple[Any, tuple[Any, ...]]]
+"""A part's server processes: (function, arguments) each."""
+
+
+def _measure(tmp: Path, round_trips: int, sync_commits: int, commits: int, fill: int,
+             group_each: int) -> Iterator[tuple[str, Sample]]:
+    trips: list[tuple[str, Servers, Any, list[dict[str, Any]]]] = [
+        (key, [(echo, (f"ipc://{tmp}/{key}.sock", reply))], round_trip,
+         [{"endpoint": f"ipc://{tmp}/{key}.sock", "request": request, "count": round_trips}])
         for key, request, reply in (("rtt_put", PUT_REQUEST, PUT_REPLY),
                                     ("rtt_get", GET_REQUEST, GET_REPLY))]
     path = str(tmp / "rtt_unix_put.sock")
-    trips.append(("rtt_unix_put", unix_echo, (path, PUT_REPLY), unix_round_trip,
-                  {"path": path, "request": PUT_REQUEST}))
+    trips.append(("rtt_unix_put", [(unix_echo, (path, PUT_REPLY))], unix_round_trip,
+                  [{"path": path, "request": PUT_REQUEST, "count": round_trips}]))
     for key, sync, count in (("served_sync", True, sync_commits),
                              ("served_nosync", False, commits)):
         path = str(tmp / f"{key}.sock")
         served = {"path": str(tmp / key), "sync": sync, "fill": fill, "start": 10**9,
                   "count": count, "log": True}
-        trips.append((key, unix_echo, (path, PUT_REPLY, served), unix_round_trip,
-                      {"path": path, "request": PUT_REQUEST, "count": count}))
-    for key, serve, args, client, spec in trips:
-        server = context().Process(target=serve, args=args, daemon=True)
-        server.start()
+        trips.append((key, [(unix_echo, (path, PUT_REPLY, served))], unix_round_trip,
+                      [{"path": path, "request": PUT_REQUEST, "count": count}]))
+    for key, sync in (("served8_sync", True), ("served8_nosync", False)):
+        paths = [str(tmp / f"{key}-{n}.sock") for n in range(SHARDS)]
+        servers: Servers = [(unix_group_server, (p, {
+            "path": str(tmp / f"{key}-{n}"), "sync": sync, "fill": fill, "start": 10**9,
+            "count": group_each, "log": True})) for n, p in enumerate(paths)]
+        trips.append((key, servers, unix_round_trip, [
+            {"paths": paths[c % SHARDS:] + paths[:c % SHARDS], "request": PUT_REQUEST,
+             "count": group_each} for c in range(GROUP_CLIENTS)]))
+    for key, serve, client, specs in trips:
+        procs = [context().Process(target=f, args=args, daemon=True) for f, args in serve]
+        for proc in procs:
+            proc.start()
         try:
-            assert server.pid is not None
-            yield key, run_workers(client, [{"count": round_trips, **spec}], [server.pid])
+            yield key, run_workers(client, specs, [p.pid for p in procs if p.pid is not None])
         finally:
-            server.terminate()
-            server.join(timeout=10)
+            for proc in procs:
+                proc.terminate()
+                proc.join(timeout=10)
     for key, sync, log, count in (("commit_sync", True, False, sync_commits),
                                   ("commit_nosync", False, False, commits),
                                   ("commit_log_sync", True, True, sync_commits),
