@@ -107,6 +107,8 @@ def unique_lookup(local: LocalShards, ct: ClientTable, index: str, value: Any) -
     txn.abort()
     if data is None:
         return []
+    if not ct.expiring:
+        return [(ct.kdec(rk), ct.loads(data))]
     v = ct.value(data, _EXPIRED)
     return [] if v is _EXPIRED else [(ct.kdec(rk), v)]
 
