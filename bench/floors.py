@@ -29,6 +29,11 @@ workloads (bench.procs), on the same machine and filesystem, seconds apart from 
   commit as they happen one after the other, with the wake-ups an fsync's wait costs the
   client and the server, which neither part measured alone has.
 
+- ``served_chunk_sync``: the same for a time series append: a frame of a 1,000-point chunk
+  (16 KB) to a server that commits the chunk, the series' head row, the client record and a
+  change-log record of both, with fsync, before it answers; its rate is in points/s. (The raw
+  py-lmdb append of the suite writes the chunk alone, in-process.)
+
 - ``served8_sync`` / ``served8_nosync``: the acked puts of 8 clients: 8 client processes,
   each sending its puts to four such servers in turn (as its keys spread over four shards),
   each server committing every request waiting on its connections in one transaction (a group
@@ -63,6 +68,10 @@ GET_REQUEST = 41
 """Bytes of a reader pool get request (as bench/remote_reads.py's floor)."""
 GET_REPLY = 91
 """Bytes of a get's reply for a record of about 90 bytes."""
+CHUNK_POINTS = 1000
+"""Points of a time series append (the suite's ``TS_APPEND``)."""
+CHUNK_BYTES = CHUNK_POINTS * 16
+"""Bytes of its chunk: an int64 timestamp and a float64 value a point."""
 GROUP_CLIENTS = 8
 """Clients of the group-committing floor: as many as the 8-client acked puts have."""
 SHARDS = 4
@@ -94,6 +103,10 @@ PARTS: tuple[Part, ...] = (
     Part("served8_sync", f"{GROUP_CLIENTS} clients' unix round trips, spread over {SHARDS} "
          "such servers that each commit every request waiting in one transaction, sync=True"),
     Part("served8_nosync", "the same, sync=False"),
+    Part("served_chunk_sync", f"unix round trip of a {CHUNK_POINTS:,}-point time series "
+         f"append ({CHUNK_BYTES:,} B) to a server committing the chunk, the series head, a "
+         "client record and a change-log record of both before each answer, sync=True "
+         "(rate in points/s)"),
 )
 BY_KEY = {p.key: p for p in PARTS}
 
@@ -261,7 +274,8 @@ def unix_round_trip(spec: dict[str, Any]) -> Run:
 
     for _ in range(WARM):
         op(0)
-    return lambda: timing.each(op, range(spec["count"]))
+    count, items = spec["count"], spec.get("items_per_op", 1)
+    return lambda: (count * items, timing.each(op, range(count))[1])
 
 
 def _committer(spec: dict[str, Any]) -> Any:
@@ -285,21 +299,28 @@ def _committer(spec: dict[str, Any]) -> Any:
             txn.put(i.to_bytes(8, "big"), cbor2.dumps(record(i)), db=rows)
     env.sync(True)
     start, count = spec["start"], WARM + spec["count"]
-    values = [cbor2.dumps(record(start + i)) for i in range(count)]
+    chunk = spec.get("chunk")
+    values = ([cbor2.dumps(record(start + i)) for i in range(count)] if chunk is None
+              else [bytes(range(256)) * (chunk // 256) + b"\x00" * (chunk % 256)])
+    head = b"\x00" * 24 if chunk is not None else None
     begin, packb, log_ids = env.begin, msgpack.packb, itertools.count()
     reply = b"\x00" * PUT_REPLY
 
     def commit_group(group: list[tuple[int, int]]) -> None:
         with begin(write=True) as txn:
             for client, seq in group:
-                key, value = (start + client * 10**7 + seq).to_bytes(8, "big"), values[seq % count]
+                key = (start + client * 10**7 + seq).to_bytes(8, "big")
+                value = values[seq % len(values)]
+                effects = [[b"t" * 16, key, value]]
                 txn.put(key, value, db=rows)
+                if head is not None:  # a time series append: the chunk and the series' head
+                    txn.put(b"h%015d" % client, head, db=rows)
+                    effects.append([b"t" * 16, b"h%015d" % client, head])
                 txn.put(b"c%015d" % client, packb(
                     [seq, 0, reply, [], int(time.time()), 1], use_bin_type=True), db=clients)
                 if changes is not None:
                     txn.put(next(log_ids).to_bytes(8, "big"), packb(
-                        [int(time.time() * 1000), [[b"t" * 16, key, value]]],
-                        use_bin_type=True), db=changes)
+                        [int(time.time() * 1000), effects], use_bin_type=True), db=changes)
 
     return commit_group
 
@@ -320,12 +341,14 @@ def commit(spec: dict[str, Any]) -> Run:
 
 
 def measure(base: Path, round_trips: int, sync_commits: int, commits: int, fill: int,
-            group_each: int) -> Iterator[tuple[str, Sample]]:
+            group_each: int, appends: int) -> Iterator[tuple[str, Sample]]:
     """Each part once, in turn: ``round_trips`` round trips of each size, ``sync_commits``
     commits with fsync and ``commits`` without, ``group_each`` puts of each of GROUP_CLIENTS
-    clients to the group-committing servers; in a directory made under ``base``."""
+    clients to the group-committing servers, ``appends`` time series chunks; in a directory
+    made under ``base``."""
     with tempfile.TemporaryDirectory(prefix="floors-", dir=base) as name:
-        yield from _measure(Path(name), round_trips, sync_commits, commits, fill, group_each)
+        yield from _measure(Path(name), round_trips, sync_commits, commits, fill, group_each,
+                            appends)
 
 
 Servers = list[tuple[Any, tuple[Any, ...]]]
@@ -333,7 +356,7 @@ Servers = list[tuple[Any, tuple[Any, ...]]]
 
 
 def _measure(tmp: Path, round_trips: int, sync_commits: int, commits: int, fill: int,
-             group_each: int) -> Iterator[tuple[str, Sample]]:
+             group_each: int, appends: int) -> Iterator[tuple[str, Sample]]:
     trips: list[tuple[str, Servers, Any, list[dict[str, Any]]]] = [
         (key, [(echo, (f"ipc://{tmp}/{key}.sock", reply))], round_trip,
          [{"endpoint": f"ipc://{tmp}/{key}.sock", "request": request, "count": round_trips}])
@@ -349,6 +372,12 @@ def _measure(tmp: Path, round_trips: int, sync_commits: int, commits: int, fill:
                   "count": count, "log": True}
         trips.append((key, [(unix_echo, (path, PUT_REPLY, served))], unix_round_trip,
                       [{"path": path, "request": PUT_REQUEST, "count": count}]))
+    path = str(tmp / "served_chunk_sync.sock")
+    chunk_spec = {"path": str(tmp / "served_chunk_sync"), "sync": True, "fill": 0,
+                  "start": 10**9, "count": appends, "log": True, "chunk": CHUNK_BYTES}
+    trips.append(("served_chunk_sync", [(unix_echo, (path, PUT_REPLY, chunk_spec))],
+                  unix_round_trip, [{"path": path, "request": CHUNK_BYTES + 100,
+                                     "count": appends, "items_per_op": CHUNK_POINTS}]))
     for key, sync in (("served8_sync", True), ("served8_nosync", False)):
         paths = [str(tmp / f"{key}-{n}.sock") for n in range(SHARDS)]
         servers: Servers = [(unix_group_server, (p, {

@@ -509,12 +509,15 @@ def floors_markdown(summary: dict[str, Any]) -> list[str]:
         "costs, which neither part measured alone has (their p50s' sum is in the parts "
         "table's derived rows of results.json); the 8-client puts' floor is those 4 "
         "group-committing servers under 8 clients (`served8_sync`, `served8_nosync`). A "
-        "remote get "
+        "time series append goes to its shard's owner too: its floor is the unix round trip "
+        "of its chunk to such a server, which commits the chunk, the series head and their "
+        "change-log record (`served_chunk_sync`; the target's raw py-lmdb append writes the "
+        "chunk alone, in-process). A remote get "
         "through the reader pool is at least a pyzmq round trip (the pool speaks ZeroMQ). "
-        "The in-process workloads' floor is raw py-lmdb, measured as a workload, so their "
-        "fraction is the target's own ratio. lmshard's rate is operations over the wall-clock "
-        "span, so its tail counts against it; its p50 beside the floor's shows the typical "
-        "operation. A missed target counts as done when lmshard reaches "
+        "The other in-process workloads' floor is raw py-lmdb, measured as a workload, so "
+        "their fraction is the target's own ratio. lmshard's rate is operations over the "
+        "wall-clock span, so its tail counts against it; its p50 beside the floor's shows the "
+        "typical operation. A missed target counts as done when lmshard reaches "
         f"{WITHIN:.0%} of its floor.",
         "",
         md_table(floor_rows(summary)),

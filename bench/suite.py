@@ -20,7 +20,7 @@ raw py-lmdb (the in-process workloads), and how close lmshard comes to it.
 
 ``--only`` takes workload names (see ``--list``), system names (raw, zlmdb, redis, lmshard),
 ``scaling``, ``changes`` (the change log's cost and watch lag, bench.change_log) or
-``floors`` (which also run whenever put1, put1_sec, put8, put8_sec or remote_get do); a run
+``floors`` (which also run whenever the acked puts, ts_append or remote_get do); a run
 with ``--quick`` or ``--only`` writes nothing unless given ``--out``.
 """
 
@@ -177,7 +177,7 @@ class Selection:
     change log tables run."""
 
     EXTRAS = ("scaling", "changes", "replicas", "reshard", "floors")
-    FLOORED = ("put1", "put1_sec", "put8", "put8_sec", "remote_get")
+    FLOORED = ("put1", "put1_sec", "put8", "put8_sec", "ts_append", "remote_get")
     """Workloads whose targets are judged against a floor measured apart (bench.floors)."""
 
     def __init__(self, only: Sequence[str] | None) -> None:
@@ -335,7 +335,8 @@ class Round:
         for key, sample in floors.measure(self.tmp, round_trips=sz.remote_gets,
                                           sync_commits=sz.put1, commits=sz.remote_gets,
                                           fill=sz.rows // floors.SHARDS,
-                                          group_each=sz.put8_each):
+                                          group_each=sz.put8_each,
+                                          appends=sz.ts_points // TS_APPEND * sz.ts_series):
             self.res.floors.setdefault(key, []).append(sample)
             p50 = np.percentile(sample.latencies_ns, 50) / 1000
             p99 = np.percentile(sample.latencies_ns, 99) / 1000
