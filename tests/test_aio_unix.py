@@ -20,6 +20,7 @@ import pytest
 import lmshard.aio
 from lmshard.unix_wire import CLIENT_MAX_FRAME, unix_path
 from tests.cluster import Cluster
+from tests.test_aio import run
 from tests.test_unix_client import open_unix_connections
 
 
@@ -31,6 +32,11 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         paths = [unix_path(cl.config.endpoint(s)) for s in range(4)]
         assert all(p is not None and os.path.exists(p) for p in paths), paths
         yield cl
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 def owner_peers(cl: Cluster, shard: int) -> int:
@@ -49,7 +55,7 @@ def shard_of(c: lmshard.aio.AsyncClient, table: str, key: Any) -> int:
     return int(t.shard(key, t.kenc(key)))
 
 
-def test_single_requests_go_over_the_unix_socket(service: Cluster) -> None:
+def test_single_requests_go_over_the_unix_socket(service: Cluster, loop: str) -> None:
     before = [owner_peers(service, s) for s in range(4)]
 
     async def main() -> None:
@@ -62,34 +68,37 @@ def test_single_requests_go_over_the_unix_socket(service: Cluster) -> None:
                 assert sh.unix is not None and not sh.unix.closed, s
                 assert owner_peers(service, s) == before[s] + 1
                 sh.sock.close(linger=0)  # nothing more may go through ZeroMQ
-            assert await c.incr("counters", "over-unix", 3) == 3
-            assert await c.incr("counters", "over-unix") == 4
+            assert await c.incr("counters", f"over-unix-{loop}", 3) == 3
+            assert await c.incr("counters", f"over-unix-{loop}") == 4
             assert c.counters()["timeouts"] == 0
 
-    asyncio.run(main())
+    run(main, loop)
     time.sleep(0.2)  # the owners see the connections closed
     assert [owner_peers(service, s) for s in range(4)] == before
 
 
-def test_many_puts_in_flight_over_one_connection_are_applied_once(service: Cluster) -> None:
-    keys = [f"many-{k}" for k in range(50)]
+def test_many_puts_in_flight_over_one_connection_are_applied_once(service: Cluster,
+                                                                  loop: str) -> None:
+    keys = [f"many-{loop}-{k}" for k in range(50)]
+    base = {"asyncio": 100_000, "uvloop": 200_000}[loop]
 
     async def worker(c: lmshard.aio.AsyncClient, i: int) -> None:
         for j in range(10):
             await c.incr("counters", keys[(i + j) % len(keys)])
-            await c.put("records", 100_000 + i * 10 + j, {"w": i, "j": j})
+            await c.put("records", base + i * 10 + j, {"w": i, "j": j})
+            assert await c.incr("counters", f"many-own-{loop}-{i}") == j + 1  # its own reply
 
     async def main() -> None:
         async with lmshard.aio.connect(service.config) as c:
             await asyncio.gather(*(worker(c, i) for i in range(200)))
-            assert unix_sent(c) == 4000  # nothing resent, nothing over ZeroMQ
+            assert unix_sent(c) == 6000  # nothing resent, nothing over ZeroMQ
             assert await c.get_many("counters", keys) == [40] * len(keys)
-            rows = await c.get_many("records", range(100_000, 102_000))
+            rows = await c.get_many("records", range(base, base + 2000))
             assert [r["w"] * 10 + r["j"] for r in rows] == list(range(2000))
             assert all(len(sh.inflight) == 0 for sh in c.owners._shards.values())
             assert c.counters()["retries"] == 0
 
-    asyncio.run(main())
+    run(main, loop)
 
 
 def test_a_frame_over_the_limit_goes_over_zeromq(service: Cluster) -> None:
@@ -126,12 +135,13 @@ def test_config_off_opens_no_unix_connection(service: Cluster) -> None:
     asyncio.run(main())
 
 
-def test_a_broken_stream_resends_its_requests_over_zeromq_at_once(service: Cluster) -> None:
+def test_a_broken_stream_resends_its_requests_over_zeromq_at_once(service: Cluster,
+                                                                  loop: str) -> None:
     """Requests in flight on a stream that breaks go over the DEALER at once, not after a
     timeout; those the owner had read already are answered from its record, not applied
     again. (The owner is stopped while the client's end is shut down, so that each request
     is in both places.)"""
-    keys = [f"broken-{k}" for k in range(30)]
+    keys = [f"broken-{loop}-{k}" for k in range(30)]
 
     async def main() -> None:
         async with lmshard.aio.connect(service.config, timeout_ms=20_000, retries=0) as c:
@@ -147,7 +157,8 @@ def test_a_broken_stream_resends_its_requests_over_zeromq_at_once(service: Clust
                 await asyncio.sleep(0.05)
                 assert all(r.via is stream for r in sh.inflight.values())
                 assert len(sh.inflight) == len(mine)
-                stream._sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+                assert stream._sock is not None
+                stream._sock.shutdown(socket.SHUT_RDWR)
                 await asyncio.sleep(0.05)
                 assert stream.closed and sh.unix is None
                 assert all(r.via is None for r in sh.inflight.values())  # on the DEALER now
@@ -163,7 +174,7 @@ def test_a_broken_stream_resends_its_requests_over_zeromq_at_once(service: Clust
             await c.incr("counters", mine[0])
             assert sh.unix is not None and sh.unix is not stream
 
-    asyncio.run(main())
+    run(main, loop)
 
 
 def test_every_put_in_flight_on_the_stream_of_a_sigkilled_owner_completes_once(
@@ -176,8 +187,9 @@ def test_every_put_in_flight_on_the_stream_of_a_sigkilled_owner_completes_once(
         async def worker(c: lmshard.aio.AsyncClient, key: str, i: int) -> None:
             incrs[i] = 0
             while not stop.is_set():
-                await c.incr("counters", key)
+                n = await c.incr("counters", key)
                 incrs[i] += 1
+                assert n == incrs[i], (key, n, incrs[i])  # its own reply, applied once
 
         async def main() -> dict[str, int]:
             async with lmshard.aio.connect(cl.config, timeout_ms=500, retries=40) as c:
@@ -204,7 +216,7 @@ def test_every_put_in_flight_on_the_stream_of_a_sigkilled_owner_completes_once(
                 counts = await c.get_many("counters", keys)
                 assert counts == [incrs[i] for i in range(len(keys))]  # each acked incr once
                 assert sh.unix is not None and not sh.unix.closed  # a new connection
-                return c.counters()
+                return dict(c.counters())
 
         t = time.monotonic()
         counters = asyncio.run(main())
@@ -248,7 +260,8 @@ def _child(out: Any) -> None:
     c = _shared["client"]
 
     async def main() -> None:
-        out.put((await c.incr("counters", "unix-forked"), unix_sent(c)))
+        parents = _shared["stream"]
+        out.put((await c.incr("counters", "unix-forked"), unix_sent(c), parents.closed))
         await c.close()
 
     asyncio.run(main())
@@ -267,6 +280,7 @@ def test_a_forked_child_leaves_the_parents_connection_open(service: Cluster) -> 
             shard = shard_of(c, "counters", "unix-forked")
             stream = c.owners._shards[shard].unix
             assert stream is not None
+            _shared["stream"] = stream
             peers = owner_peers(service, shard)
             ctx = mp.get_context("fork")
             out = ctx.Queue()
@@ -274,7 +288,8 @@ def test_a_forked_child_leaves_the_parents_connection_open(service: Cluster) -> 
             p.start()
             await asyncio.get_running_loop().run_in_executor(None, p.join, 60)
             assert p.exitcode == 0
-            assert out.get(timeout=5) == (2, 1)  # over a connection of its own
+            # over a connection of its own; its copy of the parent's closed
+            assert out.get(timeout=5) == (2, 1, True)
             assert await c.incr("counters", "unix-forked") == 3
             assert c.owners._shards[shard].unix is stream and not stream.closed
             assert owner_peers(service, shard) == peers
