@@ -6,6 +6,19 @@ every reply waiting and resolves the future of its sequence number. Nothing wait
 request, so the coroutines of a process that write to one shard keep many writes in flight and
 the owner's group commit applies them together.
 
+Same-host owners (``lmshard.unix_wire``). With ``shard.unix_socket`` on and an ipc endpoint, a
+shard's socket also has a plain unix stream connection to the owner (``lmshard.aio_unix``),
+opened by the first request that can use it, and a request frame no longer than
+CLIENT_MAX_FRAME goes there instead of to the DEALER: the same frame under the same lane and
+number, without ZeroMQ's thread hand-offs. Its replies are read by a reader callback too and
+resolved by sequence number in the same place as the DEALER's, so a reply counts whichever way
+it came. When the connection breaks (the owner stopped, was killed or restarted), every request
+in flight on it is sent again over the DEALER at once, within its attempt (the owner applies a
+(client id, sequence) once, so a frame that may have reached it can be sent again); a new
+connection is tried by a request at most once a UNIX_RETRY_S, or with the next new socket.
+Larger frames, and everything that does not go through ``request`` (a writer's streams, watches)
+stay on ZeroMQ.
+
 Applied once. The owner keeps, per client id, the last sequence number it applied with its reply,
 and answers any request numbered at or below it from that record without applying it. That is
 safe for the sync client, which has one request in flight per client id and resends it until
@@ -15,21 +28,29 @@ counter per shard socket, so replies are told apart by number alone, and each la
 grow. A retry resends the same frame (same lane, same number), never new content under an old
 number.
 
-Lazy Pirate. When a request goes unanswered for ``timeout_ms``, the socket is replaced and every
-request still awaited is resent on the new one (a request not answered after ``retries``
-resends fails with ``ShardUnavailable``: applied or not, as with the sync client).
+Lazy Pirate. When a request goes unanswered for ``timeout_ms``, the socket (and the unix
+connection) is replaced and every request still awaited is resent on the new one (a request not
+answered after ``retries`` resends fails with ``ShardUnavailable``: applied or not, as with the
+sync client).
 
 Failover. As the sync client's (``lmshard.connections``): a ``NotPrimary`` answer, or a request
 unanswered through every retry, moves the shard's socket to the copy that is primary now (named
 by the answer, or found by pinging every copy, in a worker thread); every request in flight to
 the shard is resent there under its own lane and number, and the one that met the answer too.
+The unix connection is the old copy's: it is closed, and the new copy's opened when its
+endpoint is ipc.
 
 Cancellation. A coroutine cancelled (or timed out by ``asyncio.timeout``) before its request is
-sent sends nothing. Cancelled after: the request stays in the socket and may be applied, once;
-it is never resent; its reply, if it comes, is read and dropped; its lane is free again at once.
-A later request on that lane carries a higher number: if it overtakes the cancelled one (on a
-new socket after a retry), the owner answers the cancelled one from its record and does not
-apply it. So a cancelled write is applied once or not at all, and the client stays usable.
+sent sends nothing. Cancelled after: the request stays in the socket (or the unix connection)
+and may be applied, once; it is never resent (not when the unix connection breaks either); its
+reply, if it comes, is read and dropped; its lane is free again at once. A later request on that
+lane carries a higher number: if it overtakes the cancelled one (on a new socket after a retry),
+the owner answers the cancelled one from its record and does not apply it. So a cancelled write
+is applied once or not at all, and the client stays usable.
+
+Fork. A child forgets the parent's context and sockets and opens its own on first use; its
+copies of the parent's unix connections are closed (the parent's stay open, and stay on the
+parent's loop).
 """
 
 from __future__ import annotations
