@@ -224,6 +224,47 @@ def test_every_put_in_flight_on_the_stream_of_a_sigkilled_owner_completes_once(
         assert time.monotonic() - t < 120
 
 
+def test_the_unix_connection_follows_the_shard_to_the_promoted_copy(tmp_path: Path) -> None:
+    from tests.test_replica_client import PROMOTED, _copy_home_to, _rows, _serve_copy, _stop
+
+    cl = Cluster(tmp_path, shards=1, replica_names=["b"],
+                 replica_data_dir=str(tmp_path / "replicas"))
+    home_path = unix_path(cl.config.endpoint(0))
+    b_path = unix_path(cl.config.member(0, "b").endpoint)
+    assert home_path is not None and b_path is not None
+
+    async def main() -> None:
+        async with lmshard.aio.connect(cl.config, timeout_ms=300, retries=1,
+                                       local_reads=False) as db:
+            await db.put("records", 1, {"name": "before"})
+            sh = db.owners._shards[0]
+            home = sh.unix
+            assert home is not None and home.path == home_path
+            cl.kill(0, signal.SIGTERM)
+            _copy_home_to(cl, "b", PROMOTED)
+            b = _serve_copy(cl, "b")
+            try:
+                await asyncio.gather(*(db.put("records", k, {"name": f"r{k}"})
+                                       for k in range(2, 12)),
+                                     *(db.incr("counters", "hits") for _ in range(10)))
+                assert home.closed
+                assert sh.unix is not None and sh.unix.path == b_path
+                sent = sh.unix_sent
+                assert await db.get("records", 11) == {"name": "r11"}
+                assert sh.unix_sent == sent + 1 and open_unix_connections(b_path) == 1
+            finally:
+                _stop(b)
+
+    try:
+        cl.start()
+        asyncio.run(main())
+        b_dir = cl.config.member(0, "b").dir
+        assert sorted(_rows(b_dir, "records")) == list(range(1, 12))
+        assert _rows(b_dir, "counters") == {"hits": 10}
+    finally:
+        cl.stop()
+
+
 def test_a_cancelled_request_on_the_stream_is_applied_at_most_once(service: Cluster) -> None:
     keys = [f"cancel-unix-{k}" for k in range(60)]
 
