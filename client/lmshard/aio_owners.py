@@ -169,8 +169,8 @@ class _ShardSocket:
         self.aim(endpoint, unix_socket)
 
     def aim(self, endpoint: str, unix_socket: bool) -> None:
-        """Send to the copy at ``endpoint`` from now on: its unix connection is opened by the
-        next request (a connection to another copy is closed)."""
+        """Send to the copy at ``endpoint`` from now on (the same one after a timeout): the
+        unix connection open now is closed, and the next request opens one to that copy."""
         self.endpoint = endpoint
         if self.unix is not None:
             self.unix.close()
@@ -447,7 +447,8 @@ class AsyncOwnerConnections(OwnerSockets):
         if sh.unix is stream:
             sh.unix = None
             sh.unix_retry_at = sh.loop.time() + UNIX_RETRY_S
-        again = [req for req in sh.inflight.values() if req.via is stream]
+        again = [req for req in sh.inflight.values()
+                 if req.via is stream and not req.future.done()]
         log.debug("shard %d: %s; sending %d requests through ZeroMQ", sh.shard, why,
                   len(again))
         for req in again:
