@@ -6,6 +6,19 @@ every reply waiting and resolves the future of its sequence number. Nothing wait
 request, so the coroutines of a process that write to one shard keep many writes in flight and
 the owner's group commit applies them together.
 
+Same-host owners (``lmshard.unix_wire``). With ``shard.unix_socket`` on and an ipc endpoint, a
+shard's socket also has a plain unix stream connection to the owner (``lmshard.aio_unix``),
+opened by the first request that can use it, and a request frame no longer than
+CLIENT_MAX_FRAME goes there instead of to the DEALER: the same frame under the same lane and
+number, without ZeroMQ's thread hand-offs. Its replies are read by a reader callback too and
+resolved by sequence number in the same place as the DEALER's, so a reply counts whichever way
+it came. When the connection breaks (the owner stopped, was killed or restarted), every request
+in flight on it is sent again over the DEALER at once, within its attempt (the owner applies a
+(client id, sequence) once, so a frame that may have reached it can be sent again); a new
+connection is tried by a request at most once a UNIX_RETRY_S, or with the next new socket.
+Larger frames, and everything that does not go through ``request`` (a writer's streams, watches)
+stay on ZeroMQ.
+
 Applied once. The owner keeps, per client id, the last sequence number it applied with its reply,
 and answers any request numbered at or below it from that record without applying it. That is
 safe for the sync client, which has one request in flight per client id and resends it until
@@ -15,21 +28,29 @@ counter per shard socket, so replies are told apart by number alone, and each la
 grow. A retry resends the same frame (same lane, same number), never new content under an old
 number.
 
-Lazy Pirate. When a request goes unanswered for ``timeout_ms``, the socket is replaced and every
-request still awaited is resent on the new one (a request not answered after ``retries``
-resends fails with ``ShardUnavailable``: applied or not, as with the sync client).
+Lazy Pirate. When a request goes unanswered for ``timeout_ms``, the socket (and the unix
+connection) is replaced and every request still awaited is resent on the new one (a request not
+answered after ``retries`` resends fails with ``ShardUnavailable``: applied or not, as with the
+sync client).
 
 Failover. As the sync client's (``lmshard.connections``): a ``NotPrimary`` answer, or a request
 unanswered through every retry, moves the shard's socket to the copy that is primary now (named
 by the answer, or found by pinging every copy, in a worker thread); every request in flight to
 the shard is resent there under its own lane and number, and the one that met the answer too.
+The unix connection is the old copy's: it is closed, and the new copy's opened when its
+endpoint is ipc.
 
 Cancellation. A coroutine cancelled (or timed out by ``asyncio.timeout``) before its request is
-sent sends nothing. Cancelled after: the request stays in the socket and may be applied, once;
-it is never resent; its reply, if it comes, is read and dropped; its lane is free again at once.
-A later request on that lane carries a higher number: if it overtakes the cancelled one (on a
-new socket after a retry), the owner answers the cancelled one from its record and does not
-apply it. So a cancelled write is applied once or not at all, and the client stays usable.
+sent sends nothing. Cancelled after: the request stays in the socket (or the unix connection)
+and may be applied, once; it is never resent (not when the unix connection breaks either); its
+reply, if it comes, is read and dropped; its lane is free again at once. A later request on that
+lane carries a higher number: if it overtakes the cancelled one (on a new socket after a retry),
+the owner answers the cancelled one from its record and does not apply it. So a cancelled write
+is applied once or not at all, and the client stays usable.
+
+Fork. A child forgets the parent's context and sockets and opens its own on first use; its
+copies of the parent's unix connections are closed (the parent's stay open, and stay on the
+parent's loop).
 """
 
 from __future__ import annotations
@@ -43,10 +64,12 @@ from typing import Any
 
 import zmq
 
+from lmshard.aio_unix import AsyncUnixStream
 from lmshard.client_counters import ClientCounters
 from lmshard.config import Config
 from lmshard.connections import (
     SEARCH_MS,
+    UNIX_RETRY_S,
     OwnerSockets,
     ShardCopies,
     breaker_open,
@@ -64,6 +87,7 @@ from lmshard.errors import (
 )
 from lmshard.protocol import ZERO_COPY_MIN, pack_request, unpack_frame
 from lmshard.slot_routes import moving_waits
+from lmshard.unix_wire import CLIENT_MAX_FRAME, unix_path
 
 log = logging.getLogger("lmshard.client")
 
@@ -75,7 +99,7 @@ client id the owner records once, so they are few and reused.)"""
 class _Request:
     """A request in flight: its frame (resent as is), the future awaiting its reply."""
 
-    __slots__ = ("frame", "future", "wait_s", "deadline", "attempts")
+    __slots__ = ("frame", "future", "wait_s", "deadline", "attempts", "via")
 
     def __init__(self, frame: bytes, future: asyncio.Future[Any], wait_s: float, now: float
                  ) -> None:
@@ -85,6 +109,8 @@ class _Request:
         """How long an attempt waits for the reply (a write's includes replica_timeout)."""
         self.deadline = now + wait_s
         self.attempts = 0
+        self.via: AsyncUnixStream | None = None
+        """The unix connection it was last sent on (None: the DEALER)."""
 
 
 class _MovingWaits:
@@ -114,11 +140,12 @@ class _Silent:
 
 
 class _ShardSocket:
-    """One shard's DEALER socket on one event loop, the requests in flight on it by sequence
-    number (oldest first), and its lanes."""
+    """One shard's DEALER socket on one event loop, its unix connection to the owner when it
+    has one, the requests in flight on them by sequence number (oldest first), and its
+    lanes."""
 
     def __init__(self, shard: int, sock: zmq.Socket[bytes], endpoint: str,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, unix_socket: bool) -> None:
         self.shard = shard
         self.sock = sock
         self.endpoint = endpoint
@@ -131,6 +158,25 @@ class _ShardSocket:
         self.free: list[bytes] = []
         self.lanes = 0
         self.waiting: deque[asyncio.Future[bytes]] = deque()
+        self.unix: AsyncUnixStream | None = None
+        """The unix connection to the owner at ``endpoint``, if one is open."""
+        self.unix_path: str | None = None
+        """That owner's unix socket (None: ZeroMQ only, by config or endpoint)."""
+        self.unix_retry_at = 0.0
+        """When (loop time) a request may next try to open the unix connection."""
+        self.unix_sent = 0
+        """Frames sent over unix connections (resends included)."""
+        self.aim(endpoint, unix_socket)
+
+    def aim(self, endpoint: str, unix_socket: bool) -> None:
+        """Send to the copy at ``endpoint`` from now on (the same one after a timeout): the
+        unix connection open now is closed, and the next request opens one to that copy."""
+        self.endpoint = endpoint
+        if self.unix is not None:
+            self.unix.close()
+            self.unix = None
+        self.unix_path = unix_path(endpoint) if unix_socket else None
+        self.unix_retry_at = 0.0
 
 
 class AsyncOwnerConnections(OwnerSockets):
@@ -167,7 +213,8 @@ class AsyncOwnerConnections(OwnerSockets):
             if sh is not None:
                 self._drop(sh)
             sh = self._shards[shard] = _ShardSocket(shard, self.socket(shard),
-                                                    self.copies.endpoints[shard], loop)
+                                                    self.copies.endpoints[shard], loop,
+                                                    self.config.unix_socket)
             loop.add_reader(sh.fd, self._take_replies, sh)
         return sh
 
@@ -182,6 +229,9 @@ class AsyncOwnerConnections(OwnerSockets):
             sh.timer.cancel()
         sh.inflight.clear()
         sh.sock.close(linger=0)
+        if sh.unix is not None:
+            sh.unix.close()
+            sh.unix = None
 
     # -- lanes -------------------------------------------------------------------------------
 
@@ -268,11 +318,11 @@ class AsyncOwnerConnections(OwnerSockets):
         timeout); ShardUnavailable after every retry."""
         future: asyncio.Future[Any] = sh.loop.create_future()
         wait_ms = self.write_timeout_ms if write else self.timeout_ms
-        sh.inflight[seq] = _Request(frame, future, wait_ms / 1000, sh.loop.time())
+        req = sh.inflight[seq] = _Request(frame, future, wait_ms / 1000, sh.loop.time())
         if sh.timer is None:
             sh.timer = sh.loop.call_at(sh.inflight[next(iter(sh.inflight))].deadline,
                                        self._check_deadlines, sh)
-        self._send(sh, frame)
+        self._send(sh, req)
         try:
             return await future
         finally:
@@ -326,7 +376,18 @@ class AsyncOwnerConnections(OwnerSockets):
                 out[s] = r.error
         return out
 
-    def _send(self, sh: _ShardSocket, frame: bytes) -> None:
+    def _send(self, sh: _ShardSocket, req: _Request) -> None:
+        """Send ``req``'s frame over the shard's unix connection (opened now if there is none
+        and a try is due) when it is no longer than CLIENT_MAX_FRAME, else over the DEALER."""
+        frame = req.frame
+        if sh.unix_path is not None and len(frame) <= CLIENT_MAX_FRAME:
+            stream = sh.unix or self._open_unix(sh)
+            if stream is not None:
+                req.via = stream
+                sh.unix_sent += 1
+                stream.send(frame)  # (a break resends it over the DEALER: _unix_broken)
+                return
+        req.via = None
         try:
             sh.sock.send(frame, zmq.NOBLOCK, len(frame) < ZERO_COPY_MIN)
         except zmq.Again:
@@ -336,8 +397,8 @@ class AsyncOwnerConnections(OwnerSockets):
         self._take_replies(sh)
 
     def _take_replies(self, sh: _ShardSocket) -> None:
-        """Every reply waiting on the socket, each to the future of its sequence number."""
-        sock, inflight = sh.sock, sh.inflight
+        """Every reply waiting on the DEALER."""
+        sock = sh.sock
         while True:
             try:
                 frame = sock.recv(zmq.NOBLOCK)
@@ -345,15 +406,53 @@ class AsyncOwnerConnections(OwnerSockets):
                 return
             except zmq.ZMQError:
                 return  # closed under us (client closed)
-            try:
-                seq, status, body = unpack_frame(frame)
-            except (ProtocolError, ValueError, TypeError):
-                log.warning("shard %d: an unreadable reply was dropped", sh.shard)
-                continue
-            req = inflight.pop(seq, None)
-            if req is None or req.future.done():
-                continue  # the reply to a cancelled request, or a second reply to a retried one
-            req.future.set_result(body if status == 0 else error_from_wire(status, *body))
+            self._resolve(sh, frame)
+
+    def _resolve(self, sh: _ShardSocket, frame: bytes) -> None:
+        """A reply frame, whichever way it came, to the future of its sequence number."""
+        try:
+            seq, status, body = unpack_frame(frame)
+        except (ProtocolError, ValueError, TypeError):
+            log.warning("shard %d: an unreadable reply was dropped", sh.shard)
+            return
+        req = sh.inflight.pop(seq, None)
+        if req is None or req.future.done():
+            return  # the reply to a cancelled request, or a second reply to a resent one
+        req.future.set_result(body if status == 0 else error_from_wire(status, *body))
+
+    # -- the unix connection -----------------------------------------------------------------
+
+    def _open_unix(self, sh: _ShardSocket) -> AsyncUnixStream | None:
+        """Open the shard's unix connection, unless a try failed or one broke less than
+        UNIX_RETRY_S ago; None when there is none (the request goes over the DEALER)."""
+        path = sh.unix_path
+        now = sh.loop.time()
+        if path is None or now < sh.unix_retry_at:
+            return None
+        try:
+            stream = AsyncUnixStream.connect(path, sh.loop, lambda frame: self._resolve(sh, frame),
+                                             lambda s, why: self._unix_broken(sh, s, why))
+        except OSError as exc:  # e.g. no permission: the DEALER still reaches the owner
+            log.debug("cannot connect to %s (%s): requests go through ZeroMQ", path, exc)
+            stream = None
+        if stream is None:
+            sh.unix_retry_at = now + UNIX_RETRY_S
+        sh.unix = stream
+        return stream
+
+    def _unix_broken(self, sh: _ShardSocket, stream: AsyncUnixStream, why: str) -> None:
+        """The unix connection ``stream`` broke: every request in flight on it goes over the
+        DEALER now, in the same attempt (its frame may have reached the owner: the owner
+        applies a (client id, sequence) once, whichever way it came)."""
+        if sh.unix is stream:
+            sh.unix = None
+            sh.unix_retry_at = sh.loop.time() + UNIX_RETRY_S
+        again = [req for req in sh.inflight.values()
+                 if req.via is stream and not req.future.done()]
+        log.debug("shard %d: %s; sending %d requests through ZeroMQ", sh.shard, why,
+                  len(again))
+        for req in again:
+            self._send(sh, req)
 
     # -- Lazy Pirate -------------------------------------------------------------------------
 
@@ -391,18 +490,18 @@ class AsyncOwnerConnections(OwnerSockets):
         self._reconnect(sh)
 
     def _reconnect(self, sh: _ShardSocket) -> None:
-        """A new socket to the shard's current copy; every request in flight resent on it,
-        oldest first."""
+        """A new socket (and unix connection) to the shard's current copy; every request in
+        flight resent on it, oldest first."""
         sh.loop.remove_reader(sh.fd)
         sh.sock.close(linger=0)
-        sh.endpoint = self.copies.endpoints[sh.shard]
+        sh.aim(self.copies.endpoints[sh.shard], self.config.unix_socket)
         sh.sock = self.socket(sh.shard)
         sh.fd = sh.sock.fileno()
         sh.loop.add_reader(sh.fd, self._take_replies, sh)
         now = sh.loop.time()
         for req in list(sh.inflight.values()):
             req.deadline = now + req.wait_s
-            self._send(sh, req.frame)
+            self._send(sh, req)
 
     def _breaker(self, sh: _ShardSocket) -> None:
         """ShardUnavailable at once while the shard's breaker is open; when it has run out
@@ -420,7 +519,11 @@ class AsyncOwnerConnections(OwnerSockets):
     # -- lifetime ----------------------------------------------------------------------------
 
     def reset_after_fork(self) -> None:
-        """Forget the parent's context and sockets: they must not cross fork()."""
+        """Forget the parent's context and sockets: they must not cross fork(). This process's
+        copies of the unix connections' descriptors are closed (the parent's stay open)."""
+        for sh in self._shards.values():
+            if sh.unix is not None:
+                sh.unix.forget()
         self._ctx = None
         self._shards = {}
 

@@ -32,8 +32,8 @@ thread hand-offs. When that connection breaks (the owner stopped, was killed or 
 same frame goes over the DEALER within the same attempt (the owner applies a write once per
 client id and sequence number, so a frame that may have reached it can be sent again); a new
 unix connection is tried with the next fresh socket, or by a request at most once a
-UNIX_RETRY_S. Requests to several shards at once, the pipelined writer and the async client
-stay on ZeroMQ.
+UNIX_RETRY_S. Requests to several shards at once and the pipelined writer stay on ZeroMQ (the
+async client has its own unix connections: ``lmshard.aio_owners``).
 """
 
 from __future__ import annotations

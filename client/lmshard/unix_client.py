@@ -15,21 +15,13 @@ No reply within a wait is not a break: ``recv`` returns None and the stream stay
 
 from __future__ import annotations
 
-import errno
 import socket
 import struct
 
-from lmshard.unix_wire import HEADER, MAX_UNIX_FRAME
+from lmshard import unix_wire
+from lmshard.unix_wire import HEADER, FrameBuffer, FrameTooLong
 
-RECV_SIZE = 65536
-"""Bytes asked for per recv call while no larger frame is being read."""
-RECV_MAX = 2**20
-"""Most bytes asked for per recv call while a large frame is read (the rest comes in later
-calls): a larger buffer is allocated for each call, whatever arrives."""
 _SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
-_NO_OWNER = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN, errno.ENOTDIR})
-"""connect errors that mean no owner is listening there now (EAGAIN: its accept queue is
-full), rather than a problem to report."""
 _timeval = struct.Struct("@ll")
 
 
@@ -51,7 +43,7 @@ class UnixStream:
         self.path = path
         """The owner's unix socket."""
         self._sock: socket.socket | None = sock
-        self._buf: bytes | bytearray = b""
+        self._buf = FrameBuffer()
         """Bytes received and not yet returned: the start of the next reply, or more."""
         self._recv_ms = 0
         """The SO_RCVTIMEO set now, in ms (0: none yet)."""
@@ -61,16 +53,10 @@ class UnixStream:
         """A connection to the owner listening on ``path``; None at once when none is (no such
         file, nothing accepting on it, its accept queue full). Other errors (no permission)
         raise OSError."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)  # a full accept queue fails the connect, not waits
-            sock.connect(path)
-            sock.setblocking(True)
-        except OSError as exc:
-            sock.close()
-            if exc.errno in _NO_OWNER:
-                return None
-            raise
+        sock = unix_wire.connect(path)
+        if sock is None:
+            return None
+        sock.setblocking(True)
         return cls(path, sock)
 
     @property
@@ -119,48 +105,24 @@ class UnixStream:
             self._recv_ms = wait_ms
         while True:
             try:
-                chunk = sock.recv(self._ask())
+                chunk = sock.recv(self._buf.ask())
             except BlockingIOError:  # SO_RCVTIMEO ran out
                 return None
             except OSError as exc:
                 raise self._broken(f"recv: {exc}") from None
             if not chunk:
                 raise self._broken("the owner closed the connection")
-            self._add(chunk)
+            self._buf.add(chunk)
             frame = self._take()
             if frame is not None:
                 return frame
 
-    def _add(self, chunk: bytes) -> None:
-        buf = self._buf
-        if not buf:
-            self._buf = chunk
-        elif type(buf) is bytes:  # a frame in pieces: gather them in one growing buffer
-            self._buf = bytearray(buf) + chunk
-        else:
-            buf += chunk
-
     def _take(self) -> bytes | None:
-        """The first frame buffered, if it is all there (taken off the buffer)."""
-        buf = self._buf
-        if len(buf) < 4:
-            return None
-        size = HEADER.unpack_from(buf)[0] + 4
-        if len(buf) < size:
-            if size > MAX_UNIX_FRAME + 4:
-                raise self._broken(f"a reply of {size - 4:,} bytes is over the limit")
-            return None
-        self._buf = buf[size:]
-        return buf[4:size] if type(buf) is bytes else bytes(memoryview(buf)[4:size])
-
-    def _ask(self) -> int:
-        """How many bytes the next recv asks for: the rest of a large frame being read, up to
-        RECV_MAX, else RECV_SIZE."""
-        buf = self._buf
-        if len(buf) < 4:
-            return RECV_SIZE
-        missing: int = HEADER.unpack_from(buf)[0] + 4 - len(buf)
-        return min(max(RECV_SIZE, missing), RECV_MAX)
+        """The first frame buffered, if it is all there."""
+        try:
+            return self._buf.take()
+        except FrameTooLong as exc:
+            raise self._broken(str(exc)) from None
 
     def _broken(self, why: str) -> StreamBroken:
         self.close()
@@ -183,5 +145,5 @@ class UnixStream:
         sock = self._sock
         if sock is not None:
             self._sock = None
-            self._buf = b""
+            self._buf.clear()
             sock.close()
