@@ -99,10 +99,12 @@ PARTS: tuple[Part, ...] = (
     Part("commit_log_nosync", "the same + a change-log record, sync=False"),
     Part("served_sync", "unix round trip to a server committing row + client record + "
          "change-log record before each answer, sync=True"),
-    Part("served_nosync", "the same, sync=False"),
+    Part("served_nosync", "unix round trip to a server committing row + client record + "
+         "change-log record before each answer, sync=False"),
     Part("served8_sync", f"{GROUP_CLIENTS} clients' unix round trips, spread over {SHARDS} "
          "such servers that each commit every request waiting in one transaction, sync=True"),
-    Part("served8_nosync", "the same, sync=False"),
+    Part("served8_nosync", f"{GROUP_CLIENTS} clients' unix round trips, spread over {SHARDS} "
+         "such servers that each commit every request waiting in one transaction, sync=False"),
     Part("served_chunk_sync", f"unix round trip of a {CHUNK_POINTS:,}-point time series "
          f"append ({CHUNK_BYTES:,} B) to a server committing the chunk, the series head, a "
          "client record and a change-log record of both before each answer, sync=True "

@@ -59,7 +59,7 @@ FLOORS: tuple[tuple[str, str | None, tuple[str, ...]], ...] = (
     ("insert", "raw", ("insert/raw",)),
     ("lookup", "raw", ("lookup/raw",)),
     ("get_many", "raw", ("get_many/raw",)),
-    ("ts_append", "raw", ("ts_append/raw",)),
+    ("ts_append", "served_chunk_sync", ("ts_append/raw",)),
     ("remote_get", "rtt_get", ("rtt_get/floor",)),
     ("put1_sec", "served_nosync", ("put1_sec/redis",)),
     ("put8_sec", "served8_nosync", ("put8_sec/redis",)),
