@@ -33,7 +33,6 @@ behind is measured from the change log's record instead."""
 
 Send = Callable[[Any, bytes], None]
 """Sends a released reply frame to its peer (a ROUTER identity or a unix-socket client)."""
-"""Sends a reply frame to a peer of the owner's request socket: (peer identity, frame)."""
 
 
 @dataclass
