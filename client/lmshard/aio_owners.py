@@ -429,12 +429,8 @@ class AsyncOwnerConnections(OwnerSockets):
         now = sh.loop.time()
         if path is None or now < sh.unix_retry_at:
             return None
-        try:
-            stream = AsyncUnixStream.connect(path, sh.loop, lambda frame: self._resolve(sh, frame),
-                                             lambda s, why: self._unix_broken(sh, s, why))
-        except OSError as exc:  # e.g. no permission: the DEALER still reaches the owner
-            log.debug("cannot connect to %s (%s): requests go through ZeroMQ", path, exc)
-            stream = None
+        stream = AsyncUnixStream.connect(path, sh.loop, lambda frame: self._resolve(sh, frame),
+                                         lambda s, why: self._unix_broken(sh, s, why))
         if stream is None:
             sh.unix_retry_at = now + UNIX_RETRY_S
         sh.unix = stream

@@ -56,7 +56,7 @@ class AsyncUnixStream:
                 on_reply: Callable[[bytes], None],
                 on_broken: Callable[[AsyncUnixStream, str], None]) -> AsyncUnixStream | None:
         """A connection to the owner listening on ``path``, its replies read on ``loop``; None
-        at once when none is. Other errors (no permission) raise OSError."""
+        at once when there is none (``unix_wire.connect``)."""
         sock = unix_wire.connect(path)
         if sock is None:
             return None

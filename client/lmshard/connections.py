@@ -380,11 +380,7 @@ class OwnerConnections(OwnerSockets):
         conn.unix = None
         if path is None:
             return None
-        try:
-            stream = UnixStream.connect(path)
-        except OSError as exc:  # e.g. no permission: the DEALER still reaches the owner
-            log.debug("cannot connect to %s (%s): requests go through ZeroMQ", path, exc)
-            stream = None
+        stream = UnixStream.connect(path)
         if stream is None:
             conn.unix_retry_at = time.monotonic() + UNIX_RETRY_S
             return None

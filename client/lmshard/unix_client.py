@@ -50,9 +50,8 @@ class UnixStream:
 
     @classmethod
     def connect(cls, path: str) -> UnixStream | None:
-        """A connection to the owner listening on ``path``; None at once when none is (no such
-        file, nothing accepting on it, its accept queue full). Other errors (no permission)
-        raise OSError."""
+        """A connection to the owner listening on ``path``; None at once when there is none
+        (``unix_wire.connect``)."""
         sock = unix_wire.connect(path)
         if sock is None:
             return None

@@ -18,10 +18,13 @@ may be sent again over either one (the owner applies a (client id, sequence) onc
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import struct
 
 from lmshard.protocol import MAX_FRAME_SIZE
+
+log = logging.getLogger("lmshard.client")
 
 UNIX_SUFFIX = ".u"
 """Appended to an ipc endpoint's path: the owner's unix stream socket beside its ROUTER's."""
@@ -60,18 +63,19 @@ def pack(frame: bytes) -> bytes:
 
 
 def connect(path: str) -> socket.socket | None:
-    """A non-blocking connection to the owner listening on ``path``; None at once when none is
-    (no such file, nothing accepting on it, its accept queue full). Other errors (no
-    permission) raise OSError."""
+    """A non-blocking connection to the owner listening on ``path``; None at once when there
+    is none: no owner listens there now (no such file, nothing accepting on it, its accept
+    queue full), or the connect failed otherwise (no permission: logged). The caller's
+    requests then go through ZeroMQ, which reaches the same owner."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)  # a full accept queue fails the connect, not waits
         sock.connect(path)
     except OSError as exc:
         sock.close()
-        if exc.errno in _NO_OWNER:
-            return None
-        raise
+        if exc.errno not in _NO_OWNER:
+            log.debug("cannot connect to %s (%s): requests go through ZeroMQ", path, exc)
+        return None
     return sock
 
 
