@@ -24,7 +24,7 @@ import socket
 from collections.abc import Callable
 
 from lmshard import unix_wire
-from lmshard.unix_wire import HEADER, FrameBuffer, FrameTooLong
+from lmshard.unix_wire import FrameBuffer, FrameTooLong, pack
 
 _SEND_FLAGS = socket.MSG_NOSIGNAL
 
@@ -73,7 +73,7 @@ class AsyncUnixStream:
         sock = self._sock
         if sock is None:
             return
-        data = HEADER.pack(len(frame)) + frame
+        data = pack(frame)
         if self._out:
             self._out += data
             return
@@ -122,14 +122,14 @@ class AsyncUnixStream:
             return
         buf.add(chunk)
         on_reply = self._on_reply
-        while True:
-            try:
-                frame = buf.take()
-            except FrameTooLong as exc:
-                self._broken(str(exc))
-                return
-            if frame is None:
-                return
+        try:
+            frames = buf.take_all()
+        except FrameTooLong as exc:
+            for frame in exc.frames:
+                on_reply(frame)
+            self._broken(str(exc))
+            return
+        for frame in frames:
             on_reply(frame)
 
     def _broken(self, why: str) -> None:

@@ -19,7 +19,7 @@ import socket
 import struct
 
 from lmshard import unix_wire
-from lmshard.unix_wire import HEADER, FrameBuffer, FrameTooLong
+from lmshard.unix_wire import FrameBuffer, FrameTooLong, pack
 
 _SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 _timeval = struct.Struct("@ll")
@@ -69,7 +69,7 @@ class UnixStream:
         sock = self._sock
         if sock is None:
             raise StreamBroken(f"{self.path}: the connection is closed")
-        data = HEADER.pack(len(frame)) + frame
+        data = pack(frame)
         try:
             sent = sock.send(data, _SEND_FLAGS)
         except BlockingIOError:

@@ -21,6 +21,7 @@ import errno
 import logging
 import socket
 import struct
+from collections import deque
 
 from lmshard.protocol import MAX_FRAME_SIZE
 
@@ -57,9 +58,14 @@ def unix_path(endpoint: str) -> str | None:
     return path if len(path.encode()) <= MAX_PATH else None
 
 
+_HEADER_SIZE = HEADER.size
+_unpack_header = HEADER.unpack_from
+_pack_header = HEADER.pack
+
+
 def pack(frame: bytes) -> bytes:
     """``frame`` behind its length."""
-    return HEADER.pack(len(frame)) + frame
+    return _pack_header(len(frame)) + frame
 
 
 def connect(path: str) -> socket.socket | None:
@@ -80,17 +86,25 @@ def connect(path: str) -> socket.socket | None:
 
 
 class FrameTooLong(ValueError):
-    """A length header over MAX_UNIX_FRAME: the stream is not one to read on."""
+    """A length header over MAX_UNIX_FRAME: the stream is not one to read on. ``frames``: the
+    whole frames that came before it, taken off the buffer with it."""
+
+    def __init__(self, message: str, frames: list[bytes]) -> None:
+        super().__init__(message)
+        self.frames = frames
 
 
 class FrameBuffer:
-    """What a client received on its connection and has not taken: reply frames, whole or in
-    pieces (one may arrive in several reads, several in one)."""
+    """What one side received on a connection and has not taken: frames, whole or in pieces
+    (one may arrive in several reads, several in one). The owner and the async client take
+    every whole frame at once (``take_all``), the sync client one at a time (``take``)."""
 
-    __slots__ = ("_buf",)
+    __slots__ = ("_buf", "_ready")
 
     def __init__(self) -> None:
         self._buf: bytes | bytearray = b""
+        self._ready: deque[bytes] = deque()
+        """Whole frames cut off the buffer and not taken yet (``take``)."""
 
     def add(self, chunk: bytes) -> None:
         buf = self._buf
@@ -102,18 +116,55 @@ class FrameBuffer:
             buf += chunk
 
     def take(self) -> bytes | None:
-        """The first frame buffered, if it is all there (taken off the buffer); FrameTooLong
-        for a length over the limit."""
+        """The first whole frame buffered (taken off the buffer), None when none is all there;
+        FrameTooLong for a length over the limit, once the frames before it are taken."""
+        ready = self._ready
+        if not ready:
+            try:
+                ready.extend(self._cut())
+            except FrameTooLong as exc:
+                if not exc.frames:
+                    raise
+                ready.extend(exc.frames)  # the bad length is next: the next cut raises
+        return ready.popleft() if ready else None
+
+    def take_all(self) -> list[bytes]:
+        """Every whole frame buffered, in order (taken off the buffer); FrameTooLong for a
+        length over the limit (with the frames before it)."""
+        ready = self._ready
+        if not ready:
+            return self._cut()
+        before = list(ready)
+        ready.clear()
+        try:
+            return before + self._cut()
+        except FrameTooLong as exc:
+            exc.frames[:0] = before
+            raise
+
+    def _cut(self) -> list[bytes]:
+        """The whole frames at the start of the buffer, taken off it."""
         buf = self._buf
-        if len(buf) < 4:
-            return None
-        size = HEADER.unpack_from(buf)[0] + 4
-        if len(buf) < size:
-            if size > MAX_UNIX_FRAME + 4:
-                raise FrameTooLong(f"a reply of {size - 4:,} bytes is over the limit")
-            return None
-        self._buf = buf[size:]
-        return buf[4:size] if type(buf) is bytes else bytes(memoryview(buf)[4:size])
+        at, end = 0, len(buf)
+        out: list[bytes] = []
+        whole = type(buf) is bytes
+        try:
+            while end - at >= _HEADER_SIZE:
+                (size,) = _unpack_header(buf, at)
+                if size > MAX_UNIX_FRAME:
+                    raise FrameTooLong(f"a frame of {size:,} bytes is over the limit of "
+                                       f"{MAX_UNIX_FRAME:,} bytes", out)
+                stop = at + _HEADER_SIZE + size
+                if stop > end:
+                    break
+                start = at + _HEADER_SIZE
+                out.append(buf[start:stop] if whole  # type: ignore[arg-type]
+                           else bytes(memoryview(buf)[start:stop]))
+                at = stop
+        finally:
+            if at:
+                self._buf = buf[at:] if at < end else b""
+        return out
 
     def ask(self) -> int:
         """How many bytes the next recv asks for: the rest of a large frame being read, up to
@@ -126,3 +177,4 @@ class FrameBuffer:
 
     def clear(self) -> None:
         self._buf = b""
+        self._ready.clear()

@@ -22,15 +22,12 @@ from typing import Any
 
 import zmq
 
-from lmshard.unix_wire import HEADER, MAX_UNIX_FRAME, unix_path
+from lmshard.unix_wire import FrameBuffer, FrameTooLong, pack, unix_path
 
 log = logging.getLogger("lmshardd.owner")
 
 _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
-_HEADER_SIZE = HEADER.size
-_unpack_header = HEADER.unpack_from
-_pack_header = HEADER.pack
 READ_SIZE = 256 * 1024
 """Most bytes read from one connection at a time."""
 
@@ -44,7 +41,7 @@ class UnixPeer:
     def __init__(self, sock: socket.socket, server: UnixServer) -> None:
         self.sock = sock
         self.fd = sock.fileno()
-        self.inbuf = b""
+        self.inbuf = FrameBuffer()
         self.out = bytearray()
         self.server: UnixServer | None = server
 
@@ -54,7 +51,7 @@ class UnixPeer:
         server = self.server
         if server is None:
             return
-        data = _pack_header(len(frame)) + frame
+        data = pack(frame)
         if self.out:
             self.out += data
             return
@@ -94,20 +91,14 @@ class UnixPeer:
             return False
         if not data:
             return False
-        buf = self.inbuf + data if self.inbuf else data
-        at, end = 0, len(buf)
-        while end - at >= _HEADER_SIZE:
-            (size,) = _unpack_header(buf, at)
-            if size > MAX_UNIX_FRAME:
-                log.warning("dropped a unix-socket client that sent a frame of %d bytes (the "
-                            "limit is %d)", size, MAX_UNIX_FRAME)
-                return False
-            stop = at + _HEADER_SIZE + size
-            if stop > end:
-                break
-            frames.append((self, buf[at + _HEADER_SIZE:stop]))
-            at = stop
-        self.inbuf = buf[at:] if at < end else b""
+        self.inbuf.add(data)
+        try:
+            got = self.inbuf.take_all()
+        except FrameTooLong as exc:  # the frames before the bad length are served
+            frames.extend((self, frame) for frame in exc.frames)
+            log.warning("dropped a unix-socket client: %s", exc)
+            return False
+        frames.extend((self, frame) for frame in got)
         return True
 
 
