@@ -169,6 +169,7 @@ def test_a_broken_stream_resends_its_requests_over_zeromq_at_once(service: Clust
             assert time.monotonic() - started < 10  # not after timeout_ms
             assert await c.get_many("counters", mine) == [1] * len(mine)
             assert c.counters()["timeouts"] == 0
+            assert c.counters()["retries"] == len(mine)  # each counted as sent again
             # A second later, a new connection is opened by the next request.
             await asyncio.sleep(1.1)
             await c.incr("counters", mine[0])

@@ -1,5 +1,8 @@
 """What a client did in this process: batches and ops sent, retries, timeouts, remote reads.
 
+``retries`` counts requests sent again: after a timeout, and over ZeroMQ after the unix
+connection they were sent on broke (the owner applies a request once either way).
+
 Each thread adds to its own dict (``d[k] += 1`` from two threads at once can lose a count);
 ``total()`` adds them up, and folds the dicts of finished threads into one.
 """
