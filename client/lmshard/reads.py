@@ -45,7 +45,7 @@ from lmshard.slot_routes import SlotRoutes, shard_view
 from lmshard.slot_state import NO_MOVES, ForeignRows, RecordedState
 from lmshard.store import Store
 from lmshard.store_meta import META_DB
-from lmshard.txn import ReadTxn
+from lmshard.txn import ReadTxn, Snapshot
 
 log = logging.getLogger("lmshard.client")
 
@@ -71,22 +71,6 @@ class _Meta:
     def get(self, key: bytes) -> bytes | None:
         value: bytes | None = self.txn.get(key, db=self.db)
         return value
-
-
-class Snapshot:
-    """A read transaction as a context: the ``ReadTxn``, ended at the end of the block (a
-    class, not a generator: every local scan, count and lookup begins one)."""
-
-    __slots__ = ("r",)
-
-    def __init__(self, r: ReadTxn) -> None:
-        self.r = r
-
-    def __enter__(self) -> ReadTxn:
-        return self.r
-
-    def __exit__(self, *exc: object) -> None:
-        self.r.end()
 
 
 class LocalShards:
@@ -253,7 +237,7 @@ class LocalShards:
         last ack of the shard, as a context; ReplicaBehind when the copy does not have it
         within ``client.replica_wait``."""
         if self.unseen[shard] is None:
-            return Snapshot(ReadTxn(begin_read(st.env), st.tables))
+            return st.read()
         return Snapshot(self._caught_up(shard, st))
 
     def _caught_up(self, shard: int, st: Store) -> ReadTxn:

@@ -33,7 +33,7 @@ from lmshard.store_meta import (
     read_meta,
     record_schema,
 )
-from lmshard.txn import EXPIRE_STEP, ReadTxn, WriteTxn
+from lmshard.txn import EXPIRE_STEP, ReadTxn, Snapshot, WriteTxn
 from lmshard.watch import StoreWatch, watch_filter
 
 __all__ = [
@@ -299,16 +299,12 @@ class Store:
 
     # -- transactions ----------------------------------------------------------------------
 
-    @contextmanager
-    def read(self, buffers: bool = False) -> Iterator[ReadTxn]:
-        """A read snapshot. With ``buffers=True`` values are decoded straight from the map
-        (zero-copy; lazy FlatBuffers objects stay valid only inside the block)."""
+    def read(self, buffers: bool = False) -> Snapshot:
+        """A read snapshot, as a context. With ``buffers=True`` values are decoded straight
+        from the map (zero-copy; lazy FlatBuffers objects stay valid only inside the block)."""
         check_fork()
-        r = ReadTxn(begin_read(self._env or self._open_env(), buffers), self._tables)
-        try:
-            yield r
-        finally:
-            r.end()
+        return Snapshot(ReadTxn(begin_read(self._env or self._open_env(), buffers),
+                                self._tables))
 
     @contextmanager
     def write(self) -> Iterator[WriteTxn]:

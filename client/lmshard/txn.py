@@ -343,6 +343,23 @@ def _json_safe(v: Any) -> Any:
     return str(v)
 
 
+class Snapshot:
+    """A read transaction as a context: the ``ReadTxn``, ended at the end of the block (a
+    class, not a generator: every local read that is not a point get begins one). ``ReadTxn``
+    is not a context itself: ``with WriteTxn(...)`` would then end writes unseen."""
+
+    __slots__ = ("r",)
+
+    def __init__(self, r: ReadTxn) -> None:
+        self.r = r
+
+    def __enter__(self) -> ReadTxn:
+        return self.r
+
+    def __exit__(self, *exc: object) -> None:
+        self.r.end()
+
+
 class WriteTxn(ReadTxn):
     """Reads and writes inside one LMDB write transaction, indexes kept in step with rows.
 
