@@ -103,12 +103,16 @@ class ReaderPool:
 
     # -- sockets -----------------------------------------------------------------------------
 
+    def _context(self) -> zmq.Context[Any]:
+        """The pool's ZeroMQ context, made on first use (after fork: the child's own)."""
+        if self._ctx is None:
+            self._ctx = OwnedContext()
+        return self._ctx
+
     def _socket(self, endpoint: str) -> zmq.Socket[bytes]:
         if self._closed:
             raise Error("this reader pool is closed", hint="make a new ReaderPool")
-        if self._ctx is None:
-            self._ctx = OwnedContext()
-        sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
+        sock: zmq.Socket[bytes] = self._context().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         # Sends wait for a connection instead of queueing for a reader that is down.
         sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -255,13 +259,12 @@ class ReaderPool:
     def ping_each(self, timeout_ms: int | None = None) -> dict[int, dict[str, Any] | None]:
         """Every reader's health by index, None for a reader that does not answer in time."""
         timeout = self.timeout_ms if timeout_ms is None else timeout_ms
-        if self._ctx is None:
-            self._ctx = OwnedContext()
+        ctx = self._context()
         out: dict[int, dict[str, Any] | None] = {}
         socks = []
         try:
             for i, ep in enumerate(self.endpoints):
-                s = self._ctx.socket(zmq.DEALER)
+                s = ctx.socket(zmq.DEALER)
                 s.setsockopt(zmq.LINGER, 0)
                 socks.append(s)
                 security.secure_client(s, self.config, ep)
