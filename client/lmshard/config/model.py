@@ -264,9 +264,10 @@ class Config:
     unix_socket: bool = setting(
         "shard.unix_socket", Boolean(), True,
         "For an ipc shard.endpoint: the owner also listens on a plain unix stream socket (the "
-        "endpoint's path + \".u\"), and clients on its host send their one-at-a-time requests "
-        "(single puts, batches to one shard, reads by the owner) there, skipping ZeroMQ's I/O "
-        "threads; larger or concurrent requests still go through ZeroMQ. false: ZeroMQ only "
+        "endpoint's path + \".u\"), and clients on its host send their requests to one shard "
+        "(single puts, batches to one shard, reads by the owner; the async client's many in "
+        "flight too) there, skipping ZeroMQ's I/O threads; requests over 256 KiB, to several "
+        "shards at once, and the pipelined writer still go through ZeroMQ. false: ZeroMQ only "
         "(an owner without it is simply not reached this way).")
     stat_endpoints: tuple[str, ...] = setting(
         "shard.stat_endpoint", ShardEndpoints("shard.stat_base_port"), DEFAULT_STAT_ENDPOINT,
