@@ -48,11 +48,10 @@ TARGETS: tuple[tuple[str, tuple[str, str], tuple[str, str], float], ...] = (
      ("put8_sec", "lmshard"), ("put8_sec", "redis"), 1.0),
 )
 
-# (workload, its floor, the denominators of its targets in TARGETS): the floor is "derived"
-# (the workload's floor in bench.floors.DERIVED, from the p50s of its parts), a part of
-# bench.floors.PARTS, "raw" (raw py-lmdb in-process, measured as a workload), or None (no
-# floor measured). In the issue's order.
-FLOORS: tuple[tuple[str, str | None, tuple[str, ...]], ...] = (
+# (workload, its floor, the denominators of its targets in TARGETS): the floor is a part of
+# bench.floors.PARTS, or "raw" (raw py-lmdb in-process, measured as a workload). In the
+# issue's order.
+FLOORS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("put1", "served_sync", ("put1/raw",)),
     ("put8", "served8_sync", ("put8/redis", "put8/raw")),
     ("mixed", "raw", ("mixed/raw",)),
@@ -179,22 +178,15 @@ def floor_part_rows(fl: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def _floor(summary: dict[str, Any], workload: str, kind: str | None
+def _floor(summary: dict[str, Any], workload: str, kind: str
            ) -> tuple[float | None, list[float], float | None, str]:
     """(floor rate, per round, floor p50 us, what the floor is) of a workload."""
-    derived = (summary.get("floors") or {}).get("derived", {})
-    if kind is None:
-        return None, [], None, "none measured"
     if kind == "raw":
         w = summary["workloads"].get(workload)
         c = _cell(w, "raw") if w else None
         what = "raw py-lmdb in-process (the target's ratio)"
         return (None, [], None, what) if c is None else (
             float(c["median"]), list(c["rates"]), c["p50_us"], what)
-    if kind == "derived":
-        d = derived.get(workload)
-        return (None, [], None, "round trip + commit (p50s)") if d is None else (
-            d["rate"], list(d["rates"]), d["p50_us"], f"{d['what']} (p50s)")
     from bench.floors import BY_KEY
 
     part = _part(summary, kind)

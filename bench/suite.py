@@ -13,10 +13,11 @@ per operation (bench.timing). Prints medians over the rounds, p99 latencies, pea
 server and client, ratios against the baselines and each target with PASS/MISS; a full run
 writes docs/perf/results.json, docs/perf/ops.png and docs/performance.md.
 
-Each round also measures the floors (bench.floors): a bare pyzmq round trip and a raw py-lmdb
-commit of a row and its client record, with and without fsync, from which it prints each
-target beside the floor the design cannot go below (the single puts, the remote get) or beside
-raw py-lmdb (the in-process workloads), and how close lmshard comes to it.
+Each round also measures the floors (bench.floors): bare pyzmq and unix round trips, raw
+py-lmdb commits of what an owner commits, and round trips to the smallest servers that make
+those commits before they answer, from which it prints each target beside the floor the design
+cannot go below (the acked puts, the time series append, the remote get) or beside raw
+py-lmdb (the other in-process workloads), and how close lmshard comes to it.
 
 ``--only`` takes workload names (see ``--list``), system names (raw, zlmdb, redis, lmshard),
 ``scaling``, ``changes`` (the change log's cost and watch lag, bench.change_log) or
