@@ -27,7 +27,7 @@ from lmshard.connections import PROBE_MS, OwnerConnections
 from lmshard.forksafe import on_fork_in_child
 from lmshard.protocol import pack_reply, unpack_request
 from lmshard.unix_client import StreamBroken, UnixStream
-from lmshard.unix_wire import CLIENT_MAX_FRAME, HEADER, pack, unix_path
+from lmshard.unix_wire import CLIENT_MAX_FRAME, FrameBuffer, pack, unix_path
 from tests.cluster import Cluster
 
 Request = tuple[bytes | None, int, Any]
@@ -72,7 +72,7 @@ class UnixOwner:
 
     def _serve(self, conn: socket.socket) -> None:
         pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
-        buf = b""
+        buf = FrameBuffer()
         with conn:
             while True:
                 try:
@@ -81,10 +81,8 @@ class UnixOwner:
                     return
                 if not data:
                     return
-                buf += data
-                while len(buf) >= 4 and len(buf) >= 4 + HEADER.unpack_from(buf)[0]:
-                    size = 4 + HEADER.unpack_from(buf)[0]
-                    frame, buf = buf[4:size], buf[size:]
+                buf.add(data)
+                for frame in buf.take_all():
                     _, cid, seq, body, _, _ = unpack_request(frame)
                     self.seen.append((cid, seq, body))
                     self.peer_pids.append(pid)
