@@ -341,7 +341,9 @@ def test_every_acked_write_once_with_an_owner_sigkilled_mid_run(tmp_path: Path) 
 
         t = time.monotonic()
         counters = run(main)
-        assert counters["retries"] > 0  # the kill did land mid-write
+        # The kill did land mid-write: requests were sent again, at once over ZeroMQ from the
+        # broken unix connection, or after a timeout.
+        assert counters["unix_fallbacks"] + counters["retries"] > 0
         assert time.monotonic() - t < 120
 
 

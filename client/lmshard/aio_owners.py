@@ -447,7 +447,7 @@ class AsyncOwnerConnections(OwnerSockets):
                  if req.via is stream and not req.future.done()]
         log.debug("shard %d: %s; sending %d requests through ZeroMQ", sh.shard, why,
                   len(again))
-        self.counters.mine()["retries"] += len(again)  # the same frames, sent again
+        self.counters.mine()["unix_fallbacks"] += len(again)
         for req in again:
             self._send(sh, req)
 

@@ -1,7 +1,8 @@
 """What a client did in this process: batches and ops sent, retries, timeouts, remote reads.
 
-``retries`` counts requests sent again: after a timeout, and over ZeroMQ after the unix
-connection they were sent on broke (the owner applies a request once either way).
+``retries`` counts requests sent again after a timeout; ``unix_fallbacks`` those sent again at
+once over ZeroMQ because the unix connection they went on broke (the owner stopped, was killed
+or restarted); the owner applies a request once either way.
 
 Each thread adds to its own dict (``d[k] += 1`` from two threads at once can lose a count);
 ``total()`` adds them up, and folds the dicts of finished threads into one.
@@ -17,7 +18,7 @@ class ClientCounters:
     """The client's counters, one dict per thread; ``mine()`` to add, ``total()`` to read."""
 
     NAMES = ("batches_sent", "ops_sent", "retries", "timeouts", "remote_reads", "batches_failed",
-             "unavailable", "deadlines")
+             "unavailable", "deadlines", "unix_fallbacks")
 
     def __init__(self) -> None:
         self.reset()

@@ -536,7 +536,7 @@ class OwnerConnections(OwnerSockets):
                 return self._wait_reply(shard, conn, seq, stream, wait_ms, deadline)
             except StreamBroken as exc:
                 log.debug("shard %d: %s; sending sequence %d through ZeroMQ", shard, exc, seq)
-                self.counters.mine()["retries"] += 1  # the same frame, sent again
+                self.counters.mine()["unix_fallbacks"] += 1
                 if conn.unix is stream:
                     conn.unix = None
                     conn.unix_retry_at = time.monotonic() + UNIX_RETRY_S
